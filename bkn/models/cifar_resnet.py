@@ -1,0 +1,174 @@
+"""The paper's CIFAR ResNet (6n+2 layers, pre-activation), for any norm.
+
+Built as the authors' ``cifar-kn-microbatch.py`` builds it (He et al. 2016,
+"Identity Mappings in Deep Residual Networks" variant)::
+
+    conv0(16) - norm0 - relu - stage1(16, n blocks) - stage2(32) - stage3(64) - norm_last - relu - GAP - fc
+
+    block(l):  b1 = l                        (first block of the net: l is already normalized)
+               b1 = relu(norm_pre(l))        (every other block)
+               c1 = relu(norm1(conv1(b1)))   (conv1 has stride 2 when the width doubles)
+               c2 = conv2(c1)
+               return c2 + shortcut(l)       (shortcut: identity, or 2x2 average pool + zero channel padding)
+
+With ``norm="bkn"`` every norm but ``norm0`` gets a prior, wired exactly as the
+official code wires it (``transition`` picks how the statistics are propagated):
+
+* ``norm_pre`` of a block: the prior the block *input* carries (the statistics of
+  the previous block's sum);
+* ``norm1``: from the posterior of the norm that produced ``b1`` (``norm_pre``, or
+  ``norm0`` in the first block), through ReLU and ``conv1``;
+* the block output carries ``(m + m3, v + v3)``: the prior of the block input (for
+  the first block: ``norm0``'s posterior, as in the official code) plus the
+  statistics of ``norm1``'s posterior propagated through ReLU and ``conv2``. The
+  down-sampling shortcut pads these statistics with zeros. (The official code does
+  not reduce the variance for the average pool; the ``analytic`` transition does,
+  and starts the first block's shortcut from ``relu(norm0)`` instead.)
+* ``norm_last``: the prior carried by the last block's output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import norms, transitions
+from ..transitions import Moments
+
+
+def _carry(prior) -> Moments | None:
+    return None if prior is None else Moments(prior[0], prior[1])
+
+
+class _Block(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, first: bool, make_norm):
+        super().__init__()
+        self.first = first
+        self.increase = out_channels != in_channels
+        self.norm_pre = None if first else make_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 2 if self.increase else 1, 1, bias=False)
+        self.norm1 = make_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.relu = nn.ReLU()
+        self.pool = nn.AvgPool2d(2) if self.increase else None
+
+    def _shortcut(self, l: torch.Tensor) -> torch.Tensor:
+        if not self.increase:
+            return l
+        pad = l.shape[1] // 2
+        return nn.functional.pad(self.pool(l), (0, 0, 0, 0, pad, pad))
+
+    def forward(self, l: torch.Tensor, carried: Moments | None, source, chain) -> tuple[torch.Tensor, Moments | None, nn.Module]:
+        """``carried``: prior statistics of ``l``; ``source``: the last norm run before this block."""
+        if self.first:
+            b1, b1_norm = l, source
+        else:
+            b1 = self.relu(self._norm(self.norm_pre, l, carried if chain else None))
+            b1_norm = self.norm_pre
+        prior1 = chain.through_conv(b1_norm, b1, self.conv1) if chain else None
+        c1 = self.relu(self._norm(self.norm1, self.conv1(b1), prior1))
+        c2 = self.conv2(c1)
+        out_stats = None
+        if chain:
+            m3 = chain.through_conv(self.norm1, c1, self.conv2)
+            start = chain.block_input(carried, source, l) if self.first else carried
+            if start is not None and m3 is not None:
+                if self.increase:
+                    start = chain.pool_pad(start, self.pool, l.shape[1] // 2)
+                out_stats = start + m3
+        return c2 + self._shortcut(l), out_stats, self.norm1
+
+    @staticmethod
+    def _norm(layer: nn.Module, x: torch.Tensor, prior: Moments | None) -> torch.Tensor:
+        if prior is None:
+            return layer(x)
+        return layer(x, prior=(prior.mean, prior.var))
+
+
+class _Chain:
+    """The official wiring's statistic propagation, for one transition."""
+
+    def __init__(self, transition: str):
+        self.name = transition
+        self.t = transitions.get(transition)
+
+    def through_conv(self, norm: nn.Module, activation: torch.Tensor, conv: nn.Conv2d) -> Moments | None:
+        if norm.posterior is None:
+            return None
+        if self.t is None:  # identity: the previous posterior, if channels match
+            mean, var = norm.posterior
+            return Moments(mean, var) if mean.shape[-1] == conv.out_channels else None
+        state = self.t.after_norm(norm, tuple(activation.shape[2:]))
+        state = self.t.module(conv, self.t.relu(state))
+        return Moments(*self.t.to_prior(state))
+
+    def block_input(self, carried: Moments | None, source: nn.Module, l: torch.Tensor) -> Moments | None:
+        """Statistics added at the first block's shortcut."""
+        if self.name == "analytic":
+            return self.t.relu(self.t.after_norm(source, tuple(l.shape[2:])))
+        if source.posterior is None:
+            return None
+        return Moments(*source.posterior)  # official: norm0's pre-normalization posterior
+
+    def pool_pad(self, stats: Moments, pool: nn.AvgPool2d, pad: int) -> Moments:
+        if self.name == "analytic":
+            stats = Moments(stats.mean, stats.var / 4)  # 2x2 average of independent positions
+        return stats.pad_channels(pad, pad)
+
+
+class CifarResNet(nn.Module):
+    """Pre-activation CIFAR ResNet with ``6 * blocks_per_stage + 2`` layers.
+
+    Args:
+        blocks_per_stage: ``n`` (n=3: ResNet-20, n=5: ResNet-32 as the official scripts).
+        norm: a name of :func:`bkn.norms.names`; ``norm_options`` go to ``bkn.norms.create``
+            (for ``bkn``: ``p``, ``gain``, ``transition``, ``group_size``...).
+        num_classes, in_channels, width: classifier size, input channels, first stage width.
+    """
+
+    def __init__(self, blocks_per_stage: int = 3, norm: str = "bn", num_classes: int = 10,
+                 in_channels: int = 3, width: int = 16, **norm_options):
+        super().__init__()
+        if blocks_per_stage < 1:
+            raise ValueError(f"CifarResNet: blocks_per_stage must be >= 1, got {blocks_per_stage}")
+        self.norm_name = norm
+        make_norm = lambda c: norms.create(norm, c, **norm_options)  # noqa: E731
+        self.conv0 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.norm0 = make_norm(width)
+        blocks, channels = [], width
+        for stage in range(3):
+            out = width * 2 ** stage
+            for k in range(blocks_per_stage):
+                blocks.append(_Block(channels, out, first=(stage == 0 and k == 0), make_norm=make_norm))
+                channels = out
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_last = make_norm(channels)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(channels, num_classes)
+        self.transition = norm_options.get("transition", "official") if norm == "bkn" else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # variance_scaling(2.0, fan_out) as the official script
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def norm_layers(self) -> list[nn.Module]:
+        """Normalization layers in execution order (depth on an axis, for the probes)."""
+        out = [self.norm0]
+        for b in self.blocks:
+            out += ([b.norm_pre] if b.norm_pre is not None else []) + [b.norm1]
+        return out + [self.norm_last]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chain = _Chain(self.transition) if self.transition and self.training else None
+        l = self.relu(self.norm0(self.conv0(x)))
+        carried, source = None, self.norm0
+        for block in self.blocks:
+            l, carried, source = block(l, carried, source, chain)
+        l = _Block._norm(self.norm_last, l, carried if chain else None)
+        l = self.relu(l).mean((2, 3))
+        return self.fc(l)
+
+
+def cifar_resnet(depth: int = 20, norm: str = "bn", **kwargs) -> CifarResNet:
+    """``CifarResNet`` by depth (20, 32, 44, 56, 110, ...: depth = 6n + 2)."""
+    if (depth - 2) % 6 or depth < 8:
+        raise ValueError(f"cifar_resnet: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, ...), got {depth}")
+    return CifarResNet((depth - 2) // 6, norm, **kwargs)

@@ -1,0 +1,201 @@
+"""Closed-form propagation of per-channel moments (the ``analytic`` transition).
+
+Rules, each exact for independent Gaussian inputs and an approximation otherwise
+(the independence across positions and channels is the same assumption the
+official Monte-Carlo construction makes):
+
+* after a normalization layer with posterior ``(m, v)``: mean ``beta``,
+  variance ``gamma^2 * v / (v + eps)`` (the normalized-and-affine activation);
+* ReLU of N(mu, s^2): ``E = mu Phi(a) + s phi(a)``, ``E2 = (mu^2 + s^2) Phi(a) + mu s phi(a)``,
+  ``a = mu / s`` (rectified Gaussian);
+* convolution / linear with weights ``W``: mean ``sum_taps(W) @ mean + bias``,
+  variance ``sum_taps(W^2) @ var`` (zero-padding at borders ignored);
+* average pooling over ``A`` positions: mean kept, variance ``/ A``;
+* max pooling over ``A`` positions: Gaussian moment matching, mean ``mu + s e_A``,
+  variance ``s^2 d_A`` with ``e_A, d_A`` the mean and variance of the maximum of
+  ``A`` standard normals (numerical quadrature);
+* residual sums add means and variances; zero channel padding pads with zeros.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from .state import Moments, Sample
+
+_SQRT2 = math.sqrt(2.0)
+
+
+class Unsupported(Exception):
+    """A module or function the transition cannot propagate through."""
+
+
+def _ntuple(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pooled_spatial(spatial, kernel, stride, padding=0, dilation=1, ceil_mode=False):
+    n = len(spatial)
+    kernel, stride = _ntuple(kernel, n), _ntuple(stride if stride else kernel, n)
+    padding, dilation = _ntuple(padding, n), _ntuple(dilation, n)
+    out = []
+    for s, k, st, p, d in zip(spatial, kernel, stride, padding, dilation):
+        span = s + 2 * p - d * (k - 1) - 1
+        out.append((-(-span // st) if ceil_mode else span // st) + 1)
+    return tuple(out)
+
+
+@lru_cache(maxsize=64)
+def gaussian_max_moments(count: int) -> tuple[float, float]:
+    """Mean and variance of the maximum of ``count`` i.i.d. standard normals (quadrature)."""
+    x = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(x / _SQRT2))
+    density = count * pdf * cdf.pow(count - 1)
+    dx = float(x[1] - x[0])
+    mean = float((x * density).sum() * dx)
+    second = float((x * x * density).sum() * dx)
+    return mean, second - mean * mean
+
+
+def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    std = var.clamp_min(1e-20).sqrt()
+    a = mean / std
+    cdf = 0.5 * (1 + torch.erf(a / _SQRT2))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    first = mean * cdf + std * pdf
+    second = (mean * mean + var) * cdf + mean * std * pdf
+    return first, (second - first * first).clamp_min(0)
+
+
+_PROPAGATED = (
+    nn.ReLU, nn.modules.conv._ConvNd, nn.Linear,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)
+
+
+class Analytic:
+    """The ``analytic`` transition: deterministic moment propagation."""
+
+    name = "analytic"
+
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        """Whether a state can be propagated through ``module`` (both transitions share the list)."""
+        return isinstance(module, _PROPAGATED) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+
+    def after_norm(self, layer, spatial: tuple[int, ...]) -> Moments:
+        mean, var = layer.posterior
+        normalized_var = var / (var + layer.eps)
+        if layer.weight is None:
+            return Moments(torch.zeros_like(mean), normalized_var, tuple(spatial))
+        out_mean = layer.bias.to(mean.dtype).expand_as(mean)
+        return Moments(out_mean, layer.weight.to(var.dtype).square() * normalized_var, tuple(spatial))
+
+    def to_prior(self, state) -> tuple[torch.Tensor, torch.Tensor]:
+        m = state.moments() if isinstance(state, Sample) else state
+        return m.mean, m.var
+
+    def relu(self, state: Moments) -> Moments:
+        return Moments(*relu_moments(state.mean, state.var), state.spatial)
+
+    def add(self, a, b) -> Moments:
+        a = a.moments() if isinstance(a, Sample) else a
+        b = b.moments() if isinstance(b, Sample) else b
+        if a.mean.shape[-1] != b.mean.shape[-1]:
+            raise Unsupported(f"residual sum of {a.channels} and {b.channels} channels")
+        return a + b
+
+    def pad_channels(self, state, before: int, after: int) -> Moments:
+        state = state.moments() if isinstance(state, Sample) else state
+        return state.pad_channels(before, after)
+
+    def conv(self, conv: nn.modules.conv._ConvNd, state: Moments) -> Moments:
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+            raise Unsupported("transposed convolution")
+        w = conv.weight.to(state.mean.dtype)
+        taps = tuple(range(2, w.dim()))
+        w_sum, w2_sum = w.sum(taps), w.square().sum(taps)  # (O, I / groups)
+        groups, batch = conv.groups, state.mean.shape[0]
+        out_c, in_per = w_sum.shape
+        mean_in = state.mean.reshape(batch, groups, in_per)
+        var_in = state.var.reshape(batch, groups, in_per)
+        w_sum = w_sum.reshape(groups, out_c // groups, in_per)
+        w2_sum = w2_sum.reshape(groups, out_c // groups, in_per)
+        mean = torch.einsum("bgi,goi->bgo", mean_in, w_sum).reshape(batch, out_c)
+        var = torch.einsum("bgi,goi->bgo", var_in, w2_sum).reshape(batch, out_c)
+        if conv.bias is not None:
+            mean = mean + conv.bias.to(mean.dtype)
+        n = len(taps)
+        if conv.padding == "same":
+            spatial = state.spatial
+        else:
+            padding = (0,) * n if conv.padding == "valid" else _ntuple(conv.padding, n)
+            spatial = tuple(_conv_out(s, k, st, p, d) for s, k, st, p, d in zip(
+                state.spatial, conv.kernel_size, conv.stride, padding, conv.dilation))
+        return Moments(mean, var, spatial)
+
+    def linear(self, linear: nn.Linear, state: Moments) -> Moments:
+        if state.spatial and math.prod(state.spatial) != 1:
+            raise Unsupported("linear layer on spatial features")
+        w = linear.weight.to(state.mean.dtype)
+        mean = state.mean @ w.t()
+        if linear.bias is not None:
+            mean = mean + linear.bias.to(mean.dtype)
+        return Moments(mean, state.var @ w.square().t(), ())
+
+    def avg_pool(self, state: Moments, kernel, stride, padding=0, ceil_mode=False) -> Moments:
+        n = len(state.spatial)
+        area = math.prod(_ntuple(kernel, n))
+        return Moments(state.mean, state.var / area, pooled_spatial(state.spatial, kernel, stride, padding, 1, ceil_mode))
+
+    def adaptive_avg_pool(self, state: Moments, output_size) -> Moments:
+        n = len(state.spatial)
+        out = tuple(s if o is None else o for s, o in zip(state.spatial, _ntuple(output_size, n)))
+        area = math.prod(s / o for s, o in zip(state.spatial, out))
+        return Moments(state.mean, state.var / max(area, 1.0), out)
+
+    def max_pool(self, state: Moments, kernel, stride, padding=0, dilation=1, ceil_mode=False) -> Moments:
+        n = len(state.spatial)
+        area = math.prod(_ntuple(kernel, n))
+        e, d = gaussian_max_moments(area)
+        std = state.var.clamp_min(0).sqrt()
+        return Moments(state.mean + std * e, state.var * d,
+                       pooled_spatial(state.spatial, kernel, stride, padding, dilation, ceil_mode))
+
+    def flatten(self, state: Moments) -> Moments:
+        if state.spatial and math.prod(state.spatial) != 1:
+            raise Unsupported("flatten of spatial features (channels would mix with positions)")
+        return Moments(state.mean, state.var, ())
+
+    # -- dispatch on torch modules, shared with the Monte-Carlo transition ------------------
+    def module(self, module: nn.Module, state):
+        if isinstance(state, Sample):
+            state = state.moments()
+        if isinstance(module, nn.ReLU):
+            return self.relu(state)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return self.conv(module, state)
+        if isinstance(module, nn.Linear):
+            return self.linear(module, state)
+        if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+            return self.avg_pool(state, module.kernel_size, module.stride, module.padding, module.ceil_mode)
+        if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+            return self.adaptive_avg_pool(state, module.output_size)
+        if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+            return self.max_pool(state, module.kernel_size, module.stride, module.padding, module.dilation,
+                                 module.ceil_mode)
+        if isinstance(module, nn.Flatten):
+            return self.flatten(state)
+        if isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):
+            return state
+        raise Unsupported(type(module).__name__)

@@ -1,0 +1,118 @@
+"""Nox sessions for the bkn suite.
+
+    nox -s tests        pytest (posargs go to pytest: ``nox -s tests -- -k kalman -x``)
+    nox -s demo         short BKN-vs-BN comparison (posargs go to ``python -m bkn.demo``)
+    nox -s lint         ruff check (its own small venv, no torch)
+
+One venv for everything that needs torch
+----------------------------------------
+torch + torchvision weigh several GB, so every session that imports them (tests and demo
+now; accuracy, bench and report later) shares ONE virtual environment, ``.nox/torch``
+(under nox's ``--envdir``). Nox itself has no per-session venv location, so these
+sessions are declared with ``venv_backend="none"`` and :func:`torch_env` manages the
+shared venv explicitly:
+
+* it creates the venv on first use, with the interpreter nox runs under;
+* it runs ``pip install -e .[extras]`` only when needed: the venv records the sha256 of
+  ``pyproject.toml`` and the extras installed so far; when both still cover the request,
+  pip is not run at all (the code itself is an editable install, so edits under bkn/ need
+  no reinstall). A changed pyproject.toml triggers one ``pip install``, in which pip finds
+  torch already satisfied and does not reinstall it;
+* ``rm -rf .nox/torch`` starts from scratch.
+
+A new torch session is three lines::
+
+    @nox.session(venv_backend="none")
+    def accuracy(session):
+        torch_env(session, "analysis").run("-m", "bkn.accuracy", *session.posargs)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.reuse_venv = "yes"  # venvs nox itself manages (lint) are reused between runs
+nox.options.sessions = ["lint", "tests"]  # what a bare `nox` runs
+
+ROOT = pathlib.Path(__file__).resolve().parent
+STAMP = "bkn-install.json"
+
+
+class TorchEnv:
+    """The shared torch venv, as seen from one nox session."""
+
+    def __init__(self, session: nox.Session, location: pathlib.Path):
+        self.session = session
+        self.location = location
+        bindir = location / ("Scripts" if os.name == "nt" else "bin")
+        self.python = str(bindir / ("python.exe" if os.name == "nt" else "python"))
+        self.env = {
+            "VIRTUAL_ENV": str(location),
+            "PATH": os.pathsep.join([str(bindir), os.environ.get("PATH", "")]),
+        }
+
+    def run(self, *args: str, **kwargs) -> None:
+        """``python *args`` with the shared venv's interpreter (and its bin/ first on PATH)."""
+        env = {**self.env, **kwargs.pop("env", {})}
+        self.session.run(self.python, *args, env=env, external=True, **kwargs)
+
+
+def _python_works(python: str) -> bool:
+    try:
+        return subprocess.run([python, "-c", "import sys"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def torch_env(session: nox.Session, *extras: str) -> TorchEnv:
+    """Create or update the one venv shared by all torch sessions; install ``.[extras]`` there."""
+    location = (session.cache_dir.parent / "torch").resolve()  # <envdir>/torch, default .nox/torch
+    tenv = TorchEnv(session, location)
+    stamp_file = location / STAMP
+
+    if not _python_works(tenv.python):
+        session.log(f"Creating the shared torch venv in {location}")
+        session.run(sys.executable, "-m", "venv", "--clear", str(location), external=True)
+
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    try:
+        stamp = json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    have = set(stamp.get("extras", [])) if stamp.get("pyproject") == digest else None
+    if have is not None and set(extras) <= have:
+        session.log(f"Reusing the shared torch venv {location} (installed: .[{','.join(sorted(have))}])")
+        return tenv
+
+    want = sorted(set(extras) | (have or set()))
+    target = f".[{','.join(want)}]" if want else "."
+    stamp_file.unlink(missing_ok=True)  # an interrupted install must not look complete
+    tenv.run("-m", "pip", "install", "--disable-pip-version-check", "--progress-bar=off", "-e", target)
+    stamp_file.write_text(json.dumps({"pyproject": digest, "extras": want}) + "\n")
+    return tenv
+
+
+@nox.session(venv_backend="none")
+def tests(session: nox.Session) -> None:
+    """Run the test suite with pytest (posargs go to pytest)."""
+    torch_env(session, "test").run("-m", "pytest", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def demo(session: nox.Session) -> None:
+    """Print a short BKN-vs-BN comparison measured on this machine."""
+    torch_env(session).run("-m", "bkn.demo", *session.posargs)
+
+
+@nox.session(reuse_venv=True)
+def lint(session: nox.Session) -> None:
+    """ruff check (no torch needed)."""
+    session.install("ruff")
+    session.run("ruff", "check", *(session.posargs or ["."]))

@@ -1,0 +1,40 @@
+"""Shared test configuration: determinism, thread count, hypothesis profile."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+try:
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    # Deterministic (derandomized) and bounded: the property tests must not make the
+    # suite flaky or slow. HYPOTHESIS_PROFILE=thorough runs more examples.
+    settings.register_profile("default", derandomize=True, deadline=None, max_examples=40, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("thorough", derandomize=True, deadline=None, max_examples=500, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
+
+# Results must not depend on how many cores the test machine has.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same random state (torch, numpy, random)."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    yield
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
