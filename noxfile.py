@@ -24,7 +24,7 @@ A new torch session is three lines::
 
     @nox.session(venv_backend="none")
     def accuracy(session):
-        torch_env(session, "analysis").run("-m", "bkn.accuracy", *session.posargs)
+        torch_env(session, *EXTRAS).run("-m", "bkn.probes.accuracy", *session.posargs)
 """
 from __future__ import annotations
 
@@ -99,16 +99,43 @@ def torch_env(session: nox.Session, *extras: str) -> TorchEnv:
     return tenv
 
 
+EXTRAS = ("all",)  # one install covers every torch session: tests, bench, accuracy, report...
+
+
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite with pytest (posargs go to pytest)."""
-    torch_env(session, "test").run("-m", "pytest", *session.posargs)
+    torch_env(session, *EXTRAS).run("-m", "pytest", *session.posargs)
 
 
 @nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
     """Print a short BKN-vs-BN comparison measured on this machine."""
-    torch_env(session).run("-m", "bkn.demo", *session.posargs)
+    torch_env(session, *EXTRAS).run("-m", "bkn.demo", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """Quick asv run of the working tree (posargs: a benchmark filter regex)."""
+    session.error("bench: not implemented yet")  # OWNER: asv helper
+
+
+@nox.session(venv_backend="none")
+def accuracy(session: nox.Session) -> None:
+    """Accuracy probes: statistic drift vs the population statistics (``-- --full`` for the full sweep)."""
+    torch_env(session, *EXTRAS).run("-m", "bkn.probes.accuracy", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def convergence(session: nox.Session) -> None:
+    """Training probe: test accuracy vs normalization group size (``-- --quick`` for CI)."""
+    torch_env(session, *EXTRAS).run("-m", "bkn.probes.convergence", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def report(session: nox.Session) -> None:
+    """Self-contained HTML report from whatever results exist (posargs go to ``python -m analysis.report``)."""
+    torch_env(session, *EXTRAS).run("-m", "analysis.report", *session.posargs)
 
 
 @nox.session(reuse_venv=True)
