@@ -1,0 +1,1 @@
+"""Probes: command-line studies of the norms (accuracy of statistics, training)."""
