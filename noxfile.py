@@ -138,6 +138,12 @@ def report(session: nox.Session) -> None:
     torch_env(session, *EXTRAS).run("-m", "analysis.report", *session.posargs)
 
 
+@nox.session(venv_backend="none")
+def screenshot(session: nox.Session) -> None:
+    """Open the report in headless Chromium: check it loads cleanly and save a PNG screenshot."""
+    session.error("screenshot: not implemented yet")  # OWNER: report helper
+
+
 @nox.session(reuse_venv=True)
 def lint(session: nox.Session) -> None:
     """ruff check (no torch needed)."""
