@@ -206,14 +206,6 @@ def test_convert_transitions_run(transition):
         assert all(v for k, v in used.items() if k != "bn1")
 
 
-GROUP_VIEW_BUG = (
-    "bkn bug: with several groups the fused Function returns a view (y = y.flatten(0, 1) in "
-    "bkn/layers/_function.py _NormalizeWithStats.forward), so torchvision's in-place ops on a norm's output "
-    "(ReLU(inplace=True), 'out += identity') raise 'Output 0 of _NormalizeWithStats is a view and is being "
-    "modified inplace'")
-
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=GROUP_VIEW_BUG)
 @pytest.mark.parametrize("name", ["bkn", "bn", "brn"])
 def test_convert_group_size_resnet18(name):
     model = bkn.convert(_resnet(), name, group_size=2)
@@ -227,7 +219,7 @@ def test_convert_group_size_resnet18(name):
 
 
 class SmallResNet(nn.Module):
-    """Residual blocks without in-place ops (the group_size machinery apart from the bug above)."""
+    """Residual blocks without in-place ops, and a down-sampling shortcut."""
 
     def __init__(self):
         super().__init__()

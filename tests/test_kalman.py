@@ -441,10 +441,6 @@ def test_adaptive_gain_uses_estimates_before_the_current_batch():
     np.testing.assert_allclose(t2n(layer.gain.sample_mean_var), expected, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bkn bug: AdaptiveGain.p (bkn/layers/gain.py, the `p` property) computes U_obs = sample_mean_var "
-    "without dividing by group_size, unlike forward (U_obs = sample_mean_var / group_size), so it reports "
-    "the gain of a group of 1, not the gain the layer uses; FixedGain.p / LearnedGain.p are the gains used"))
 def test_adaptive_gain_p_property_is_the_gain_used():
     mu, x = _adaptive_data(n=64)
     layer = BatchKalmanNorm2d(3, gain="adaptive", group_size=8)
@@ -623,9 +619,6 @@ def test_channels_last_same_as_contiguous(with_prior, group_size):
     torch.testing.assert_close(b.running_var, a.running_var, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "bkn bug: with group_size (several groups) _NormalizeWithStats.forward returns y.flatten(0, 1), "
-    "a view, so an in-place op on the output (nn.ReLU(inplace=True)) raises RuntimeError"))
 @pytest.mark.parametrize("make", [
     lambda: (BatchKalmanNorm2d(3, group_size=2), {"prior": (torch.zeros(3), torch.ones(3))}),
     lambda: (BatchKalmanNorm2d(3, group_size=2), {}),
@@ -651,14 +644,6 @@ def test_ungrouped_output_supports_inplace_ops():
     torch.testing.assert_close(y.detach(), ref)
 
 
-CANCELLATION_BUG = (
-    "bkn bug (float32 accuracy): single-group observed variances are computed as sum(x * (x - shift)) / n "
-    "- m (m - shift) (bkn/layers/_moments.py shifted_sums/moments_from_sums, used with shift = prior mean in "
-    "_function.py _NormalizeWithStats.forward, and batch_moments() with shift = mean, used by BRN and the "
-    "adaptive gain), which cancels catastrophically when |mean| >> std: ~1% error at mean/std ~ 500 here, "
-    "~45% at 2000, 0 at mean 1000 / std 0.01; torch BN (and bkn with group_size) is exact to ~1e-7")
-
-
 def _observed_var(kind, x):
     if kind == "bkn_prior":  # shifted sums around a poor prior mean; the guard then uses them alone
         layer = BatchKalmanNorm2d(3, p=0.5)
@@ -678,9 +663,9 @@ def _observed_var(kind, x):
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("bkn_prior", marks=pytest.mark.xfail(strict=True, reason=CANCELLATION_BUG)),
-    pytest.param("bkn_adaptive", marks=pytest.mark.xfail(strict=True, reason=CANCELLATION_BUG)),
-    pytest.param("brn", marks=pytest.mark.xfail(strict=True, reason=CANCELLATION_BUG)),
+    "bkn_prior",
+    "bkn_adaptive",
+    "brn",
     "bkn_prior_grouped",
 ])
 def test_observed_variance_accurate_for_large_mean(kind):

@@ -35,8 +35,8 @@ import math
 import numpy as np
 import torch
 
-from ._moments import (_bn_backward, as_groups, batch_moments, moments_from_sums, per_channel_view,
-                       reduce_dims, shifted_sums)
+from ._moments import (_bn_backward, as_groups, batch_moments, ill_conditioned, moments_from_sums,
+                       per_channel_view, reduce_dims, shifted_sums)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -125,6 +125,13 @@ class per_channel:
         return np.sqrt(a) if isinstance(a, np.ndarray) else torch.sqrt(a)
 
 
+def _prior_ratio_sum(prior_var, obs_var) -> float:
+    """``sum(v_p / v_o)`` over groups and channels; a zero observed variance gives inf (or nan
+    for 0/0, which fails the guard's comparison) without numpy's divide warnings."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float((prior_var / obs_var).sum())
+
+
 class _NormalizeWithStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, guard, running):
@@ -144,13 +151,16 @@ class _NormalizeWithStats(torch.autograd.Function):
             mo, vo = moments_from_sums(arr(s1), arr(s2), arr(shift), x.numel() // x.shape[1])
             mo, vo = mo[None], vo[None]
             obs_mean, obs_var = arr.back(mo, s1), arr.back(vo, s1)
+            if ill_conditioned(mo, vo):  # |mean| >> std: the single pass lost precision
+                obs_mean, obs_var = batch_moments(x, groups)
+                mo, vo = arr(obs_mean), arr(obs_var)
         else:
             obs_mean, obs_var = batch_moments(x, groups)
             mo, vo = arr(obs_mean), arr(obs_var)
         p = arr(gain) if has_prior else 0.0
         d = None
         # The guard of the official code (a tf.cond there): one host-side comparison.
-        if has_prior and math.isfinite(guard) and float((vp / vo).sum()) >= guard * math.prod(vo.shape):
+        if has_prior and math.isfinite(guard) and _prior_ratio_sum(vp, vo) >= guard * math.prod(vo.shape):
             p = 0.0
         if isinstance(p, float) and p == 0.0:
             mean, var = obs_mean, obs_var
@@ -175,8 +185,11 @@ class _NormalizeWithStats(torch.autograd.Function):
             shift = -mean * scale
             if bias is not None:
                 shift = shift + bias
-            y = torch.addcmul(per_channel_view(shift, ndim), as_groups(x, groups), per_channel_view(scale, ndim))
-            y = y.flatten(0, 1).to(x.dtype)
+            # Written into a fresh (N, C, ...) tensor, not returned as a view of a (G, g, C, ...)
+            # one: callers apply in-place ops to a norm's output (ReLU(inplace=True), +=).
+            y = torch.empty_like(x)
+            torch.addcmul(per_channel_view(shift, ndim), as_groups(x, groups), per_channel_view(scale, ndim),
+                          out=as_groups(y, groups))
 
         ctx.save_for_backward(x, weight, obs_mean, obs_var, mean, var)
         ctx.groups, ctx.eps, ctx.arr = groups, eps, arr

@@ -21,6 +21,25 @@ import torch
 
 _bn_backward = torch.ops.aten.native_batch_norm_backward
 
+# The single-pass kernel computes ``S2 = sum(x (x - shift))`` as ``sum(x x) - shift S1`` and
+# returns ``S1 = sum(x)`` rounded to the input dtype, so a variance from them has a
+# relative rounding error of about 2 float_eps (1 + mean^2 / var), whatever the shift:
+# 45% at |mean| = 2000 std in float32. Where ``mean^2 > MOMENT_TOLERANCE * var`` in some
+# channel (|mean| > 3 std, error then below ~1e-6) the variance is recomputed from
+# ``x - mean`` (two passes, about 1.6x the cost). Ordinary activations never get there.
+MOMENT_TOLERANCE = 9.0
+
+
+def ill_conditioned(mean, var) -> bool:
+    """Whether single-pass moments lose precision in some channel (torch tensors or numpy arrays)."""
+    return bool((mean * mean > var * MOMENT_TOLERANCE).any())
+
+
+def centred_var(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Biased per-channel variance of a single-group ``x`` from ``x - mean`` (no cancellation), shape (C,)."""
+    dims = [0] + list(range(2, x.dim()))
+    return (x - mean.reshape([1, -1] + [1] * (x.dim() - 2)).to(x.dtype)).square_().mean(dims)
+
 
 def reduce_dims(ndim: int) -> list[int]:
     """Dimensions of a (G, g, C, *spatial) view that belong to one statistic."""
@@ -60,16 +79,25 @@ def moments_from_sums(s1, s2, shift, count: int):
 def batch_moments(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance per (group, channel), each of shape (G, C).
 
-    Two passes without cancellation: the mean, then ``sum(x (x - mean))``.
-    Statistics are accumulated in float32 at least (bfloat16/half inputs are
-    upcast for the reduction) so low-precision inputs keep precise moments.
+    One float group on the CPU: the mean, then ``sum(x (x - mean))`` in one native
+    pass, recomputed from ``x - mean`` where that is ill-conditioned (see
+    ``MOMENT_TOLERANCE``). On accelerators ``var_mean`` (one fast kernel). Groups and
+    low-precision inputs: centred, accumulated in float32 at least (bfloat16/half inputs
+    are upcast for the reduction) so they keep precise moments.
     """
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
     if groups == 1 and x.dtype == stat_dtype:
+        dims = [0] + list(range(2, x.dim()))
+        if x.device.type != "cpu":
+            var, mean = torch.var_mean(x, dims, correction=0)
+            return mean.unsqueeze(0), var.unsqueeze(0)
         count = x.numel() // x.shape[1]
-        mean = x.mean([0] + list(range(2, x.dim())))
+        mean = x.mean(dims)
         _, sq = shifted_sums(x, mean)
-        return mean.unsqueeze(0), (sq / count).unsqueeze(0)
+        var = sq / count
+        if ill_conditioned(mean, var):
+            var = centred_var(x, mean)
+        return mean.unsqueeze(0), var.unsqueeze(0)
     xg = as_groups(x, groups).to(stat_dtype)
     dims = reduce_dims(x.dim())
     mean = xg.mean(dims)

@@ -71,9 +71,11 @@ class AdaptiveGain(nn.Module):
         self.register_buffer("sample_mean_var", torch.zeros(num_features))
         self.register_buffer("innovation_sq", torch.zeros(num_features))
         self.register_buffer("initialised", torch.tensor(False))
+        self.group_size = 1  # of the last forward: U_obs shrinks with it, and ``p`` reports that gain
 
     @torch.no_grad()
     def forward(self, x, obs_mean, prior_mean, group_size):
+        self.group_size = group_size
         means = sample_means(x)
         innovation_sq = (obs_mean - prior_mean.to(obs_mean.dtype)).square().mean(0)
         spread = means.var(0, unbiased=True) if means.shape[0] > 1 else None
@@ -81,9 +83,7 @@ class AdaptiveGain(nn.Module):
             self.sample_mean_var.copy_(spread if spread is not None else torch.zeros_like(innovation_sq))
             self.innovation_sq.copy_(innovation_sq)
             self.initialised.fill_(True)
-        u_obs = self.sample_mean_var / group_size
-        u_prior = (self.innovation_sq - u_obs).clamp_min(0)
-        p = u_obs / (u_obs + u_prior).clamp_min(torch.finfo(u_obs.dtype).tiny)
+        p = self._gain(self.sample_mean_var / group_size)
         if self.training:
             if spread is not None:
                 self.sample_mean_var.lerp_(spread.to(self.sample_mean_var.dtype), self.momentum)
@@ -92,8 +92,12 @@ class AdaptiveGain(nn.Module):
 
     @property
     def p(self) -> torch.Tensor:
-        u_obs = self.sample_mean_var
-        return u_obs / (u_obs + (self.innovation_sq - u_obs).clamp_min(0)).clamp_min(1e-30)
+        """The per-channel gain a training forward at the last group size would use now."""
+        return self._gain(self.sample_mean_var / self.group_size)
+
+    def _gain(self, u_obs: torch.Tensor) -> torch.Tensor:
+        u_prior = (self.innovation_sq - u_obs).clamp_min(0)
+        return u_obs / (u_obs + u_prior).clamp_min(torch.finfo(u_obs.dtype).tiny)
 
 
 def make_gain(kind: str, p: float, num_features: int, momentum: float = 0.1) -> nn.Module:

@@ -60,7 +60,7 @@ import torch
 
 from ._base import BatchStatNorm, Dims1d, Dims2d, Dims3d
 from ._function import normalize_with_stats
-from ._moments import batch_moments
+from ._moments import batch_moments, centred_var, ill_conditioned
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
@@ -157,12 +157,6 @@ def _check_limits(owner: str, rmax, dmax) -> tuple[float, float]:
 # Tests switch it off to exercise the torch algebra (the path used on GPUs).
 _NUMPY_FAST_PATH = True
 
-# The fast path's single pass takes ``S1 = sum(x)`` and ``S2 = sum(x (x - mu))`` from one
-# native kernel, which computes ``S2`` as ``sum(x x) - mu S1``: the variance
-# ``S2 / n - m_o (m_o - mu)`` then has a relative rounding error of about
-# 2 float_eps (1 + m_o^2 / v_o), whatever the shift. Where ``m_o^2 > tolerance * v_o`` in some
-# channel (|mean| > 3 std), the variance is recomputed from ``x - m_o`` (about 1.6x the pass).
-_MOMENT_TOLERANCE = 9.0
 
 _bn_backward = torch.ops.aten.native_batch_norm_backward
 _NUMPY_DTYPES = (torch.float32, torch.float64)
@@ -203,25 +197,6 @@ class _Renorm(torch.autograd.Function):
             else:
                 dweight = torch.addcmul(dscale * r, dshift, d)
         return dx, dweight, dshift if need_b else None, None, None, None, None, None, None, None
-
-
-def _moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G, C) mean and biased variance, computed from ``x - mean`` (no cancellation).
-
-    Groups and low-precision inputs: :func:`bkn.layers._moments.batch_moments`, which
-    centres them. One float group: its single-group path takes ``sum(x x) - mean sum(x)``
-    (relative error ~ float_eps * mean^2 / var), so it is replaced by a centred pass here
-    (``var_mean`` on accelerators, where it is one fast kernel; two passes on the CPU).
-    """
-    if groups > 1 or x.dtype not in (torch.float32, torch.float64):
-        return batch_moments(x, groups)
-    dims = [0] + list(range(2, x.dim()))
-    if x.device.type != "cpu":
-        var, mean = torch.var_mean(x, dims, correction=0)
-    else:
-        mean = x.mean(dims)
-        var = (x - mean.view([1, -1] + [1] * (x.dim() - 2))).square_().mean(dims)
-    return mean.unsqueeze(0), var.unsqueeze(0)
 
 
 def _as_tensor(a, rows: bool = False) -> torch.Tensor:
@@ -360,7 +335,7 @@ class _BatchRenorm(BatchStatNorm):
             self.num_batches_tracked.add_(1)
             factor = self._ema_factor()
             with torch.no_grad():
-                mean, var = _moments(x, groups)
+                mean, var = batch_moments(x, groups)
                 std_b, r, d = self._corrections(mean, var, rmax, dmax, factor)
             raw = (mean, std_b, r, d)
             if single:
@@ -456,9 +431,8 @@ class _BatchRenorm(BatchStatNorm):
         np.subtract(mean, mu, out=dm)
         var *= inv_n
         var -= mean * dm
-        if (mean * mean > var * _MOMENT_TOLERANCE).any():  # |mean| >> std: recompute, centred
-            centred = x - s1.view([1, -1] + [1] * (x.dim() - 2))
-            s2 = centred.square_().mean([0] + list(range(2, x.dim())))
+        if ill_conditioned(mean, var):  # |mean| >> std: the single pass lost precision (see _moments)
+            s2 = centred_var(x, s1)
             var = s2.numpy()
         # (Passing the check implies var >= 0: mean^2 >= 0 > tolerance * var for a negative var.)
         np.add(var, eps, out=std_b)
