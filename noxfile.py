@@ -1,19 +1,25 @@
 """Nox sessions for the bkn suite.
 
+    nox -s main         the main job: quick benchmarks + quick accuracy probe + HTML report
     nox -s tests        pytest (posargs go to pytest: ``nox -s tests -- -k kalman -x``)
+    nox -s bench        quick asv run of the working tree (posargs: benchmark filters)
+    nox -s accuracy     statistic-drift probes (``-- --full``), then reports/accuracy.html
+    nox -s convergence  training probe (``-- --quick``), then reports/convergence.html
+    nox -s report       reports/report.html from whatever results exist
+    nox -s screenshot   check the report in headless Chromium, save reports/report.png
     nox -s demo         short BKN-vs-BN comparison (posargs go to ``python -m bkn.demo``)
     nox -s lint         ruff check (its own small venv, no torch)
 
 One venv for everything that needs torch
 ----------------------------------------
-torch + torchvision weigh several GB, so every session that imports them (tests and demo
-now; accuracy, bench and report later) shares ONE virtual environment, ``.nox/torch``
+torch + torchvision weigh several GB, so every session that imports them (all but lint)
+shares ONE virtual environment, ``.nox/torch``
 (under nox's ``--envdir``). Nox itself has no per-session venv location, so these
 sessions are declared with ``venv_backend="none"`` and :func:`torch_env` manages the
 shared venv explicitly:
 
 * it creates the venv on first use, with the interpreter nox runs under;
-* it runs ``pip install -e .[extras]`` only when needed: the venv records the sha256 of
+* it runs ``pip install -e .[all]`` only when needed: the venv records the sha256 of
   ``pyproject.toml`` and the extras installed so far; when both still cover the request,
   pip is not run at all (the code itself is an editable install, so edits under bkn/ need
   no reinstall). A changed pyproject.toml triggers one ``pip install``, in which pip finds
@@ -102,6 +108,31 @@ def torch_env(session: nox.Session, *extras: str) -> TorchEnv:
 EXTRAS = ("all",)  # one install covers every torch session: tests, bench, accuracy, report...
 
 
+def _render_page(session: nox.Session, tenv: TorchEnv, section: str) -> None:
+    """A probe session's own HTML page, ``reports/<section>.html`` (not after ``--help``)."""
+    if {"-h", "--help"} & set(session.posargs):
+        return
+    tenv.run("-m", "analysis.report", "--sections", f"env,{section}", "--title", f"bkn-suite: {section} probe",
+             "--out", f"reports/{section}.html")
+
+
+# The main job's benchmark subset: one layer family, the copy-bandwidth reference, the thread record.
+MAIN_BENCHMARKS = ("TimeForwardBackward", "TimeCopy", "TrackThreads")
+
+
+@nox.session(venv_backend="none")
+def main(session: nox.Session) -> None:
+    """The main job: quick benchmarks, the quick accuracy probe, then the HTML report (prints its path).
+
+    Runs the sessions ``bench -- TimeForwardBackward TimeCopy TrackThreads``, ``accuracy``
+    and ``report`` in that order; posargs go to the report (e.g. ``-- --fail-on-regression``).
+    """
+    torch_env(session, *EXTRAS)  # install once, before the queued sessions
+    session.notify("bench", posargs=list(MAIN_BENCHMARKS))
+    session.notify("accuracy", posargs=[])
+    session.notify("report", posargs=list(session.posargs))
+
+
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite with pytest (posargs go to pytest)."""
@@ -116,32 +147,57 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Quick asv run of the working tree (posargs: a benchmark filter regex)."""
-    session.error("bench: not implemented yet")  # OWNER: asv helper
+    """Quick asv run of the working tree (posargs: benchmark filter regexes, e.g. ``-- TimeForwardBackward``).
+
+    One sample per parameter set (``--quick``), recorded under ``.asv/results`` for HEAD's
+    hash (``--set-commit-hash``: the working tree is measured as HEAD), in the shared torch
+    venv (``--python=same``), with ``$BKN_BENCH_THREADS`` torch threads (default 1).
+    The full tracked run is plain ``asv run`` (see suites/README.md).
+    """
+    tenv = torch_env(session, *EXTRAS)
+    tenv.run("-m", "asv", "machine", "--yes")  # non-interactive; rewriting it each time is harmless
+    filters = [arg for pattern in session.posargs for arg in ("--bench", pattern)]
+    tenv.run("-m", "asv", "run", "--python=same", "--quick", "--record-samples", "--set-commit-hash=HEAD",
+             "--launch-method=forkserver", *filters,
+             env={"BKN_BENCH_THREADS": os.environ.get("BKN_BENCH_THREADS", "1")})
 
 
 @nox.session(venv_backend="none")
 def accuracy(session: nox.Session) -> None:
     """Accuracy probes: statistic drift vs the population statistics (``-- --full`` for the full sweep)."""
-    torch_env(session, *EXTRAS).run("-m", "bkn.probes.accuracy", *session.posargs)
+    tenv = torch_env(session, *EXTRAS)
+    tenv.run("-m", "bkn.probes.accuracy", *session.posargs)
+    _render_page(session, tenv, "accuracy")
 
 
 @nox.session(venv_backend="none")
 def convergence(session: nox.Session) -> None:
     """Training probe: test accuracy vs normalization group size (``-- --quick`` for CI)."""
-    torch_env(session, *EXTRAS).run("-m", "bkn.probes.convergence", *session.posargs)
+    tenv = torch_env(session, *EXTRAS)
+    tenv.run("-m", "bkn.probes.convergence", *session.posargs)
+    _render_page(session, tenv, "convergence")
 
 
 @nox.session(venv_backend="none")
 def report(session: nox.Session) -> None:
-    """Self-contained HTML report from whatever results exist (posargs go to ``python -m analysis.report``)."""
+    """Self-contained HTML report from whatever results exist (posargs: ``python -m analysis.report``).
+
+    Writes reports/report.html (+ reports/report_data/*.csv) and prints its path;
+    ``-- --base REV --head REV`` compares two commits, ``-- --fail-on-regression`` exits 1 on a
+    significant regression (CI gating), ``-- --help`` lists the rest.
+    """
     torch_env(session, *EXTRAS).run("-m", "analysis.report", *session.posargs)
 
 
 @nox.session(venv_backend="none")
 def screenshot(session: nox.Session) -> None:
-    """Open the report in headless Chromium: check it loads cleanly and save a PNG screenshot."""
-    session.error("screenshot: not implemented yet")  # OWNER: report helper
+    """Open the report in headless Chromium: check it loads cleanly and save a PNG screenshot.
+
+    ``nox -s screenshot`` checks reports/report.html and writes reports/report.png; posargs go to
+    ``python -m analysis.browser`` (``-- reports/other.html --screenshot out.png``). Needs Chromium
+    (Debian: ``apt-get install -y chromium``); exits non-zero on console errors or undecodable images.
+    """
+    torch_env(session, *EXTRAS).run("-m", "analysis.browser", *session.posargs)
 
 
 @nox.session(reuse_venv=True)

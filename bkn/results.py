@@ -77,6 +77,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[pathlib.Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = pathlib.Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp makes the file private; results are ordinary files
     try:
         yield tmp
         os.replace(tmp, target)

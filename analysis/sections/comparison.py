@@ -1,0 +1,142 @@
+"""Regressions section: verdicts between the baseline and head commits, trends of the flagged benchmarks."""
+from __future__ import annotations
+
+import pandas as pd
+
+from .. import plots
+from ..regressions import FLAGGED, default_pair, resolve_commit, trends, verdicts
+from .base import BENCH_COMMANDS, MAX_TABLE_ROWS, Inputs, Section, human, short_commit
+
+
+def _verdict_table(frame: pd.DataFrame, param_names: list[str]) -> list[dict]:
+    records = []
+    for _, r in frame.iterrows():
+        records.append(
+            {
+                "benchmark": r["benchmark"],
+                "params": r["param_key"],
+                "machine": r["machine"],
+                "base": human(r["base"], r["unit"]),
+                "head": human(r["head"], r["unit"]),
+                "ratio": "–" if pd.isna(r["ratio"]) else f"{r['ratio']:.3f}",
+                "p": "–" if pd.isna(r["p_value"]) else f"{r['p_value']:.2g}",
+                "significant": "–" if pd.isna(r["significant"]) else ("yes" if r["significant"] else "no"),
+                "method": r["method"],
+                "verdict": r["verdict"],
+            }
+        )
+    return records
+
+
+def build_regressions(inputs: Inputs) -> Section:
+    """Verdicts between the baseline and head commits for every benchmark, and trends of the flagged ones."""
+    section = Section("regressions", "Regressions across commits")
+    asv = inputs.asv
+    if asv.empty:
+        section.missing(f"asv results: nothing readable under {asv.root}", BENCH_COMMANDS)
+        return section
+    commits = asv.commits()["commit"].tolist()
+    try:
+        if inputs.base or inputs.head:
+            head = resolve_commit(inputs.head, commits, inputs.repo) if inputs.head else commits[-1]
+            if inputs.base:
+                base = resolve_commit(inputs.base, commits, inputs.repo)
+            else:
+                before = commits[: commits.index(head)]
+                if not before:
+                    raise ValueError(
+                        f"no commit with results before the head {short_commit(head)}; give --base explicitly"
+                    )
+                base = before[-1]
+            if base == head:
+                raise ValueError(f"--base and --head name the same commit {short_commit(base)}")
+        else:
+            pair = default_pair(asv)
+            if pair is None:
+                section.missing(
+                    f"asv results for a second commit (only {short_commit(commits[0])} has results under "
+                    f"{asv.root})",
+                    "`asv run --record-samples HEAD~1^!` (measure another commit), then "
+                    "`nox -s report -- --base HEAD~1 --head HEAD`",
+                )
+                return section
+            base, head = pair
+    except ValueError as exc:
+        inputs.errors.append(str(exc))
+        section.error(f"Cannot compare: {exc}")
+        return section
+
+    table = verdicts(asv, base, head, inputs.threshold, inputs.alpha)
+    section.data["verdicts"] = table
+    trend = trends(asv)
+    section.data["trends"] = trend
+    counts = table["verdict"].value_counts()
+    inputs.regressions_found = int(counts.get("regression", 0))
+    untested = int(counts.get("slower (untested)", 0) + counts.get("faster (untested)", 0))
+    section.summary = (
+        f"{short_commit(base)} → {short_commit(head)}: {inputs.regressions_found} significant "
+        f"regression(s), {int(counts.get('improvement', 0))} improvement(s), "
+        f"{int(counts.get('failed', 0))} failure(s)"
+        + (
+            f", {untested} change(s) beyond the threshold that could not be tested (single samples)"
+            if untested
+            else ""
+        )
+    )
+    section.text(
+        f"Baseline {short_commit(base)} vs head {short_commit(head)}: {len(table)} benchmark × parameter "
+        f"combinations. A change counts when head/base leaves [1/{1 + inputs.threshold:.2f}, "
+        f"{1 + inputs.threshold:.2f}] (threshold {inputs.threshold:.0%}) and the samples differ "
+        "significantly "
+        f"(two-sided Mann-Whitney U, p < {inputs.alpha:g}; without enough recorded samples, non-overlapping "
+        "99% confidence intervals; with a single sample significance is unknown)."
+    )
+    summary = counts.rename_axis("verdict").reset_index(name="count")
+    section.table(summary, "Verdicts, counted.")
+    section.blocks.append(
+        {
+            "kind": "summary",
+            "regressions": inputs.regressions_found,
+            "improvements": int(counts.get("improvement", 0)),
+        }
+    )
+    notable = table[~table["verdict"].isin(["unchanged", "skipped"])]
+    if not notable.empty:
+        more = (f" First {MAX_TABLE_ROWS} of {len(notable)}; all in regressions_verdicts.csv."
+                if len(notable) > MAX_TABLE_ROWS else "")
+        section.blocks.append(
+            {
+                "kind": "verdicts",
+                "rows": _verdict_table(notable.head(MAX_TABLE_ROWS), asv.param_names),
+                "collapsed": False,
+                "caption": "Every benchmark whose verdict is not 'unchanged', worst first." + more,
+            }
+        )
+    else:
+        section.text("No benchmark changed beyond the threshold.")
+    section.blocks.append(
+        {
+            "kind": "verdicts",
+            "rows": _verdict_table(table.head(MAX_TABLE_ROWS), asv.param_names),
+            "collapsed": True,
+            "caption": f"All {len(table)} comparisons"
+            + (f" (first {MAX_TABLE_ROWS} here; all in regressions_verdicts.csv)."
+               if len(table) > MAX_TABLE_ROWS else "."),
+        }
+    )
+
+    flagged = table[table["verdict"].isin(FLAGGED)]
+    if not flagged.empty:
+        keys = [tuple(k) for k in flagged[["machine", "env_name", "benchmark", "param_key"]].to_numpy()]
+        labels = {k: f"{k[2].rsplit('.', 2)[-2:][0]}.{k[2].rsplit('.', 1)[-1]}\n{k[3]}" for k in keys}
+        section.figure(
+            plots.trend_grid(
+                trend, keys, labels=labels, base=base, head=head, title="Flagged benchmarks across commits"
+            ),
+            "Value at every commit with results (median, band: interquartile range); dashed lines: "
+            f"baseline (grey) and head (red). {min(len(keys), plots.MAX_FACETS)} of "
+            f"{len(keys)} flagged shown.",
+        )
+    return section
+
+

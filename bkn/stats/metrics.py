@@ -1,0 +1,97 @@
+"""Drift metrics: how far an estimate of a layer's statistics is from the population's (spec section 4).
+
+Per channel ``c`` (and per micro-batch group ``g`` for estimates made per group), with
+population statistics ``(m, v)`` and an estimate ``(m_hat, v_hat)``:
+
+* ``mean_error``    ``|m_hat - m| / sqrt(v + eps)`` - the mean error in population standard deviations;
+* ``var_logratio``  ``|log((v_hat + eps) / (v + eps))|``;
+* ``kl``            ``KL(N(m, v + eps) || N(m_hat, v_hat + eps))
+  = 1/2 [ (v + eps) / (v_hat + eps) + (m - m_hat)^2 / (v_hat + eps) - 1 + log((v_hat + eps) / (v + eps)) ]``;
+* ``output_discrepancy``  ``||y_train - y_pop||^2 / ||y_pop||^2`` over the group's samples and
+  positions in channel ``c``: the layer's output as it normalized versus the same layer
+  normalizing the same input with the population statistics.
+
+``eps`` is the layer's own ``eps``: the layer divides by ``sqrt(var + eps)``, so these are
+the distances between what it normalizes with and what it should normalize with. (The
+spec writes the formulas without ``eps``; the two agree wherever ``v >> eps``, and with
+``eps`` a dead channel, ``v`` ~ 0, does not produce an infinite error that changes no output.)
+
+A layer's value is the median and the 90th percentile over all its (group, channel)
+pairs (:func:`summarize`): the median is the typical drift, the 90th percentile the
+bad micro-batches and channels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+METRICS = ("mean_error", "var_logratio", "kl", "output_discrepancy")
+STATISTICS = ("median", "p90")
+
+
+def channel_metrics(est_mean: torch.Tensor, est_var: torch.Tensor, pop_mean: torch.Tensor,
+                    pop_var: torch.Tensor, eps: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per-(group, channel) ``mean_error``, ``var_logratio`` and ``kl`` (float64).
+
+    ``est_mean``/``est_var``: (G, C) or (C,) estimates; ``pop_mean``/``pop_var``: (C,).
+    """
+    mh, vh = est_mean.detach().to(torch.float64), est_var.detach().to(torch.float64) + eps
+    m, v = pop_mean.detach().to(torch.float64), pop_var.detach().to(torch.float64) + eps
+    diff2 = (mh - m).square()
+    log_ratio = torch.log(vh) - torch.log(v)
+    return {
+        "mean_error": diff2.sqrt() / v.sqrt(),
+        "var_logratio": log_ratio.abs(),
+        "kl": 0.5 * (v / vh + diff2 / vh - 1.0 + log_ratio),
+    }
+
+
+def output_discrepancy(y: torch.Tensor, y_pop: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Per-(group, channel) ``||y - y_pop||^2 / ||y_pop||^2`` over the group's samples and positions, (G, C).
+
+    ``y``, ``y_pop``: (N, C, *S) outputs for the same input; ``groups`` consecutive equal
+    slices of the batch (the micro-batch groups).
+    """
+    if y.shape != y_pop.shape:
+        raise ValueError(f"output_discrepancy: shapes differ, {tuple(y.shape)} vs {tuple(y_pop.shape)}")
+    n = y.shape[0]
+    if groups < 1 or n % groups:
+        raise ValueError(f"output_discrepancy: {groups} groups must divide the batch of {n}")
+    y, y_pop = y.detach().to(torch.float64), y_pop.detach().to(torch.float64)
+    dims = [1] + list(range(3, y.dim() + 1))
+    num = (y - y_pop).square().unflatten(0, (groups, n // groups)).sum(dims)
+    den = y_pop.square().unflatten(0, (groups, n // groups)).sum(dims)
+    return num / den
+
+
+def summarize(values) -> dict[str, float]:
+    """``{"median": ..., "p90": ...}`` over all entries of ``values`` (tensors or arrays, concatenated).
+
+    ``inf`` counts as the largest value; any ``nan`` makes both ``nan`` (nothing is dropped silently).
+    """
+    if isinstance(values, (list, tuple)):
+        flat = np.concatenate([_numpy(v).ravel() for v in values]) if values else np.empty(0)
+    else:
+        flat = _numpy(values).ravel()
+    if flat.size == 0:
+        raise ValueError("summarize: no values")
+    if np.isnan(flat).any():
+        return {"median": float("nan"), "p90": float("nan")}
+    flat = np.sort(flat)
+    return {"median": _quantile(flat, 0.5), "p90": _quantile(flat, 0.9)}
+
+
+def _quantile(ordered: np.ndarray, q: float) -> float:
+    """numpy's default (linear) quantile of sorted values, with ``inf`` where an infinite value takes part."""
+    pos = q * (ordered.size - 1)
+    lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+    a, b = ordered[lo], ordered[hi]
+    if np.isinf(b) and (hi != lo or np.isinf(a)):
+        return float("inf") if pos > lo or np.isinf(a) else float(a)
+    return float(a + (b - a) * (pos - lo))
+
+
+def _numpy(v) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        return v.detach().to(torch.float64).cpu().numpy()
+    return np.asarray(v, dtype=np.float64)

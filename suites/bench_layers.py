@@ -1,0 +1,71 @@
+"""Time of one normalization layer: forward in training mode, forward+backward, inference forward.
+
+Matrix and skips: :mod:`suites.common` (norm x batch_size x shape x device x dtype x
+memory_format; ``NotImplementedError`` in setup for what cannot run or is pruned on the CPU).
+
+BKN's prior: a ``bkn-official``/``bkn-analytic`` training benchmark times the prior's
+propagation from the previous layer's posterior through ReLU and a 3x3 convolution
+(:class:`suites.common.KalmanPrior`) together with the layer, because a network pays
+for both on every step and the two transitions differ only there. The convolution of
+the real activations, common to every norm, is not timed. Inference uses the running
+estimates and no prior, as in a network.
+
+Every call is timed alone (asv re-runs setup between samples); the case is built and
+warmed up (two calls) once per process, CUDA timings synchronise.
+"""
+from __future__ import annotations
+
+from .common import LAYER_PARAM_NAMES, LAYER_PARAMS, LayerCase, Matrix, cached, configure_threads, synchronize
+
+
+class _Layer(Matrix):
+    params = LAYER_PARAMS
+    param_names = LAYER_PARAM_NAMES
+    training = True
+    step = "forward"
+
+    def setup(self, *params):
+        def build():
+            case = LayerCase(*params, training=self.training)
+            case.warm_up(getattr(case, self.step), f"{params[0]} {self.step}")
+            return case
+        configure_threads()
+        self.case = cached((type(self).__name__, params), build)
+        self.run = getattr(self.case, self.step)
+
+
+class TimeForwardTrain(_Layer):
+    """Forward in training mode (batch statistics, running-estimate update, autograd graph built)."""
+
+    def time_forward_train(self, *params):
+        self.run()
+        synchronize(self.case.device)
+
+
+class TimeForwardBackward(_Layer):
+    """Forward in training mode, then the gradients of the input and of every parameter."""
+
+    step = "forward_backward"
+
+    def time_forward_backward(self, *params):
+        self.run()
+        synchronize(self.case.device)
+
+
+class TimeForwardInference(_Layer):
+    """Forward in eval mode under ``torch.no_grad()`` (running estimates; BKN uses no prior)."""
+
+    training = False
+
+    def time_forward_inference(self, *params):
+        self.run()
+        synchronize(self.case.device)
+
+
+class TrackThreads:
+    """The torch intra-op thread count every benchmark ran with (``$BKN_BENCH_THREADS``, default 1)."""
+
+    unit = "threads"
+
+    def track_threads(self):
+        return configure_threads()

@@ -1,0 +1,93 @@
+"""Memory of one normalization layer in a training step (forward + backward).
+
+Three measures, each its own class (same matrix as :mod:`suites.bench_layers`, the
+``device`` axis restricted to where the measure means something):
+
+* ``peakmem_forward_backward``: asv's peak resident memory of the benchmark process
+  (CPU only: the host RSS says nothing about GPU memory). It includes the process
+  baseline (torch imported), so read differences between norms, not absolute values.
+* ``track_saved_bytes``: the bytes of the tensors autograd keeps from the forward for
+  the backward (:func:`suites.common.saved_tensor_bytes`), the activation memory the
+  layer adds to a network; exact and allocator-independent, counted on the CPU.
+* ``track_cuda_peak_bytes``: CUDA allocator peak above the case's own tensors during
+  forward + backward (``torch.cuda.max_memory_allocated``); skipped without CUDA.
+
+BKN includes its prior's propagation (:class:`suites.common.KalmanPrior`), as in
+:mod:`suites.bench_layers`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import (
+    DEVICES,
+    LAYER_PARAM_NAMES,
+    LAYER_PARAMS,
+    LayerCase,
+    Matrix,
+    cached,
+    configure_threads,
+    saved_tensor_bytes,
+    skip,
+    synchronize,
+)
+
+
+def _with_devices(devices: list[str]) -> list[list]:
+    params = [list(values) for values in LAYER_PARAMS]
+    params[LAYER_PARAM_NAMES.index("device")] = devices
+    return params
+
+
+class _Memory(Matrix):
+    param_names = LAYER_PARAM_NAMES
+
+    def setup(self, *params):
+        def build():
+            case = LayerCase(*params, training=True)
+            case.warm_up(case.forward_backward, f"{params[0]} forward_backward")
+            return case
+        configure_threads()
+        self.case = cached((type(self).__name__, params), build)
+
+
+class PeakMemForwardBackward(_Memory):
+    """Peak RSS of the process around one forward + backward (CPU)."""
+
+    params = _with_devices(["cpu"])
+
+    def peakmem_forward_backward(self, *params):
+        self.case.forward_backward()
+
+
+class TrackSavedForBackward(_Memory):
+    """Bytes saved by autograd for the backward of one training forward."""
+
+    params = _with_devices(["cpu"])
+    unit = "bytes"
+
+    def track_saved_bytes(self, *params):
+        return saved_tensor_bytes(self.case.forward)
+
+
+class TrackCudaPeakForwardBackward(_Memory):
+    """CUDA allocator peak of one forward + backward, above the tensors the case holds."""
+
+    params = _with_devices([d for d in DEVICES if d == "cuda"])
+    unit = "bytes"
+
+    def setup(self, *params):
+        super().setup(*params)
+        if self.case.device.type != "cuda":
+            skip("CUDA allocator statistics need a CUDA device")
+
+    def track_cuda_peak_bytes(self, *params):
+        device = self.case.device
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        grads = self.case.forward_backward()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del grads
+        return peak

@@ -1,0 +1,152 @@
+"""Statistic drift tracked across commits: how far a method's statistics are from the truth.
+
+A two-layer probe with a closed-form answer (spec section 4, the synthetic case), small
+enough to run in a second per parameter set, so that ``asv run`` tracks *accuracy*
+across commits next to speed (the full study is ``nox -s accuracy``)::
+
+    x ~ N(mu_c, s_c^2) i.i.d. over samples and positions, 16 channels, 4x4
+    norm1 -> ReLU -> 3x3 convolution (no padding) -> norm2       (2x2 positions per sample)
+
+built as ``torch.nn`` BatchNorms and converted with ``bkn.convert(model, norm, ...)``
+(so BKN's prior for ``norm2`` is the converter's own chain from ``norm1``'s posterior).
+``norm1`` has a fixed, trained-looking affine (gamma, beta). With ``norm1`` normalizing
+with its population statistics, ``norm2``'s input at every position is a sum of
+independent rectified Gaussians, so its population mean and variance per channel are
+exact (:func:`population_moments`: rectified-Gaussian moments through the
+convolution, computed here in float64 numpy, independently of the library).
+
+Each parameter set warms the running estimates up (``WARMUP_STEPS`` training batches:
+BRN corrects towards them), then draws ``BATCHES`` fresh batches of ``batch_size``
+samples and records the statistics ``norm2`` normalized with: BN's batch moments (of
+its input), BKN's posterior and BRN's effective statistics (``layer.last_stats``).
+Reported (median over batches x channels, in the units the accuracy probes use):
+
+* ``track_mean_error``: ``|m_hat - m| / sqrt(v)`` (population standard deviations);
+* ``track_var_logratio``: ``|log(v_hat / v)|``.
+
+Only the norms with batch statistics take part; GN/LN/IN normalize each sample with
+its own statistics (their drift is the accuracy probe's output discrepancy).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+import bkn
+
+from .common import BATCH_NORMS, BATCH_SIZES, cached, configure_threads, norm_options
+
+CHANNELS = 16
+SIZE = 4
+WARMUP_STEPS = 50
+BATCHES = 24
+SEED = 0
+
+
+def population_moments(sd, gamma, beta, weight, eps: float):
+    """Exact per-channel mean and variance of ``norm2``'s input (float64 numpy).
+
+    ``norm1`` with population statistics maps channel c to ``N(beta_c, gamma_c^2 s_c^2 / (s_c^2 + eps))``
+    (whatever the input mean ``mu_c``);
+    ReLU of ``N(a, b^2)`` has mean ``a Phi(a/b) + b phi(a/b)`` and second moment
+    ``(a^2 + b^2) Phi(a/b) + a b phi(a/b)``; a convolution without padding of independent
+    inputs has mean ``sum W * E`` and variance ``sum W^2 * Var``.
+    """
+    a = np.asarray(beta, dtype=np.float64)
+    b = np.abs(np.asarray(gamma, dtype=np.float64)) * sd / np.sqrt(sd ** 2 + eps)
+    z = a / b
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    first = a * cdf + b * pdf
+    second = (a * a + b * b) * cdf + a * b * pdf
+    var_in = second - first ** 2
+    w = np.asarray(weight, dtype=np.float64)
+    mean = (w.sum(axis=(2, 3)) * first[None, :]).sum(axis=1)
+    var = ((w ** 2).sum(axis=(2, 3)) * var_in[None, :]).sum(axis=1)
+    return mean, var
+
+
+class _Probe:
+    def __init__(self, norm: str, batch_size: int):
+        configure_threads()
+        gen = torch.Generator().manual_seed(SEED)
+        self.mu = torch.empty(CHANNELS).uniform_(-1.0, 1.0, generator=gen)
+        self.sd = torch.empty(CHANNELS).uniform_(0.5, 2.0, generator=gen)
+        torch.manual_seed(SEED)
+        model = nn.Sequential(nn.BatchNorm2d(CHANNELS), nn.ReLU(),
+                              nn.Conv2d(CHANNELS, CHANNELS, 3, bias=False), nn.BatchNorm2d(CHANNELS))
+        with torch.no_grad():
+            model[0].weight.copy_(torch.empty(CHANNELS).uniform_(0.5, 1.5, generator=gen))
+            model[0].bias.copy_(torch.empty(CHANNELS).uniform_(-0.5, 0.5, generator=gen))
+        name, options = norm_options(norm)
+        self.model = bkn.convert(model, name, **options).train()
+        first, conv, second = self.model[0], self.model[2], self.model[3]
+        mean, var = population_moments(self.sd.numpy(), first.weight.detach().numpy(),
+                                       first.bias.detach().numpy(), conv.weight.detach().numpy(), first.eps)
+        self.true_mean, self.true_var = torch.from_numpy(mean), torch.from_numpy(var)
+        self.second = second
+        self.batch_size = batch_size
+        self.gen = torch.Generator().manual_seed(SEED + 1)
+        self.observed = None
+        if not hasattr(second, "last_stats"):  # torch's BatchNorm keeps no statistics: observe its input
+            second.register_forward_pre_hook(self._observe)
+        with torch.no_grad():
+            for _ in range(WARMUP_STEPS):
+                self.model(self._batch())
+        self.errors = self._measure()
+
+    def _batch(self) -> torch.Tensor:
+        noise = torch.randn(self.batch_size, CHANNELS, SIZE, SIZE, generator=self.gen)
+        return noise * self.sd.view(1, -1, 1, 1) + self.mu.view(1, -1, 1, 1)
+
+    def _observe(self, module, args):
+        x = args[0].detach().double()
+        var, mean = torch.var_mean(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1, correction=0)
+        self.observed = (mean, var)
+
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = getattr(self.second, "last_stats", None)
+        if stats is None:
+            stats = self.observed
+        mean, var = stats
+        return mean.double().reshape(-1, CHANNELS), var.double().reshape(-1, CHANNELS)
+
+    def _measure(self) -> dict[str, float]:
+        mean_err, var_err = [], []
+        with torch.no_grad():
+            for _ in range(BATCHES):
+                self.model(self._batch())
+                mean, var = self._stats()
+                mean_err.append(((mean - self.true_mean).abs() / self.true_var.sqrt()).flatten())
+                var_err.append(torch.log(var.clamp_min(1e-30) / self.true_var).abs().flatten())
+        return {"mean": float(torch.cat(mean_err).median()), "var": float(torch.cat(var_err).median())}
+
+
+class _Drift:
+    params = [list(BATCH_NORMS), list(BATCH_SIZES)]
+    param_names = ["norm", "batch_size"]
+    timeout = 120.0
+
+    def setup(self, norm, batch_size):
+        self.errors = cached((type(self).__name__, norm, batch_size), lambda: _Probe(norm, batch_size).errors)
+
+
+class TrackMeanError(_Drift):
+    """Median |m_hat - m| / sqrt(v) of the statistics the second layer normalized with."""
+
+    unit = "population std"
+
+    def track_mean_error(self, norm, batch_size):
+        return self.errors["mean"]
+
+
+class TrackVarLogRatio(_Drift):
+    """Median |log(v_hat / v)| of the statistics the second layer normalized with."""
+
+    unit = "|log ratio|"
+
+    def track_var_logratio(self, norm, batch_size):
+        return self.errors["var"]

@@ -1,0 +1,286 @@
+"""Synthetic inputs for the report tests: asv 0.6 result files, drift and convergence frames.
+
+The asv files follow the format asv 0.6 writes (``asv/results.py``: ``result_columns``,
+one row per benchmark with ``result``, ``params`` as Python reprs, ``version``,
+``stats_*``, ``samples``; ``NaN`` for a skipped combination, ``null`` for a failed one;
+trailing empty columns dropped), so the loader is exercised on the real layout; a test
+also loads them with asv's own ``Results.load``.
+
+Timings: each benchmark x parameter combination has a true per-call time; each sample
+is that time times log-normal noise (``sigma``), occasionally with an outlier (an
+interrupted sample, 1.5-3x slower), as real timings have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import pathlib
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+MACHINE = "ci-box"
+ENV = "existing-py_usr_bin_python3"
+ALL_COLUMNS = ["result", "params", "version", "started_at", "duration", "stats_ci_99_a", "stats_ci_99_b",
+               "stats_q_25", "stats_q_75", "stats_number", "stats_repeat", "samples", "profile"]
+
+
+@dataclasses.dataclass
+class Bench:
+    name: str
+    param_names: list[str]
+    params: list[list]
+    type: str = "time"
+    unit: str = "seconds"
+    version: str = "v1"
+
+    def combos(self):
+        return list(itertools.product(*self.params))
+
+
+def commit_hash(i: int) -> str:
+    return f"{i + 1:x}".rjust(2, "a") * 20  # 40 hex digits, distinct, readable
+
+
+def _median_stats(samples: np.ndarray, number: int) -> dict:
+    """asv's statistics of a sample set: quartiles and a 99% interval of the median (order statistics)."""
+    n = len(samples)
+    ordered = np.sort(samples)
+    k = math.floor((n - 2.576 * math.sqrt(n)) / 2)
+    ci = (-math.inf, math.inf) if k < 1 else (float(ordered[k - 1]), float(ordered[n - k]))
+    return {
+        "ci_99_a": ci[0],
+        "ci_99_b": ci[1],
+        "q_25": float(np.quantile(samples, 0.25)),
+        "q_75": float(np.quantile(samples, 0.75)),
+        "number": number,
+        "repeat": n,
+    }
+
+
+def write_asv_results(
+    root: pathlib.Path,
+    benches: list[Bench],
+    truth: Callable[[int, Bench, tuple], float],
+    *,
+    commits: int = 2,
+    samples: int = 10,
+    sigma: float = 0.03,
+    outliers: float = 0.05,
+    seed: int = 0,
+    machine: str = MACHINE,
+    env: str = ENV,
+    first_date_ms: int = 1_700_000_000_000,
+    skip: Callable[[Bench, tuple], bool] = lambda b, c: False,
+    draw: Callable | None = None,
+) -> list[str]:
+    """Write benchmarks.json, machine.json and one result file per commit; return the commit hashes.
+
+    ``truth(commit_index, bench, combo)`` is the true time; ``NaN`` from it means "skipped",
+    ``None`` means "failed". ``samples=1`` mimics ``asv run --quick``. ``draw(rng, true, n)``, when given,
+    replaces the noise model.
+    """
+    root = pathlib.Path(root)
+    (root / machine).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    described = {}
+    for b in benches:
+        described[b.name] = {
+            "name": b.name,
+            "param_names": b.param_names,
+            "params": [[repr(v) for v in values] for values in b.params],
+            "type": b.type,
+            "unit": b.unit,
+            "version": b.version,
+            "code": "...",
+            "number": 0,
+            "repeat": 0,
+        }
+    described["version"] = 2
+    (root / "benchmarks.json").write_text(json.dumps(described, indent=2))
+    machine_info = {
+        "machine": machine,
+        "arch": "x86_64",
+        "cpu": "Synthetic CPU",
+        "num_cpu": "2",
+        "os": "Linux",
+        "ram": "8000000000",
+        "version": 1,
+    }
+    (root / machine / "machine.json").write_text(json.dumps(machine_info))
+    hashes = []
+    for i in range(commits):
+        h = commit_hash(i)
+        hashes.append(h)
+        results = {}
+        for b in benches:
+            values, stats, sample_lists = [], [], []
+            for combo in b.combos():
+                true = math.nan if skip(b, combo) else truth(i, b, combo)
+                if true is None or (isinstance(true, float) and math.isnan(true)):
+                    values.append(true)
+                    stats.append(None)
+                    sample_lists.append(None)
+                    continue
+                if draw is not None:
+                    s = np.asarray(draw(rng, true, samples), dtype=float)
+                else:
+                    s = true * np.exp(rng.normal(0.0, sigma, size=samples))
+                    bumped = rng.random(samples) < outliers
+                    s[bumped] *= rng.uniform(1.5, 3.0, size=bumped.sum())
+                values.append(float(np.median(s)))
+                stats.append(_median_stats(s, number=5))
+                sample_lists.append([float(x) for x in s])
+            row = {
+                "result": values,
+                "params": [[repr(v) for v in values_] for values_ in b.params],
+                "version": b.version,
+                "started_at": first_date_ms + 1000 * i,
+                "duration": 1.0,
+            }
+            for key in ("ci_99_a", "ci_99_b", "q_25", "q_75", "number", "repeat"):
+                column = [None if st is None else st[key] for st in stats]
+                row[f"stats_{key}"] = None if all(v is None for v in column) else column
+            row["samples"] = None if all(v is None for v in sample_lists) else sample_lists
+            row["profile"] = None
+            ordered = [row[c] for c in ALL_COLUMNS]
+            while ordered and ordered[-1] is None:
+                ordered.pop()
+            results[b.name] = ordered
+        data = {
+            "commit_hash": h,
+            "env_name": env,
+            "date": first_date_ms + 3_600_000 * i,
+            "params": {"machine": machine, "python": "3.11", "cpu": "Synthetic CPU"},
+            "python": "3.11",
+            "requirements": {},
+            "env_vars": {"OMP_NUM_THREADS": "1"},
+            "result_columns": ALL_COLUMNS,
+            "results": results,
+            "durations": {},
+            "version": 2,
+        }
+        # json.dumps writes NaN as NaN, as asv does.
+        (root / machine / f"{h[:8]}-{env}.json").write_text(json.dumps(data))
+    return hashes
+
+
+NORMS = ["bn", "bkn-official", "gn", "ln"]
+BATCHES = [1, 2, 4, 8]
+SHAPES = ["64x56x56", "512x7x7"]
+
+
+def norm_benches(memory_formats=("contiguous",)) -> list[Bench]:
+    """A small version of the suite's matrix: forward time, peak memory, and the copy reference."""
+    names = ["norm", "batch_size", "shape", "device", "dtype", "memory_format"]
+    values = [NORMS, BATCHES, SHAPES, ["cpu"], ["float32"], list(memory_formats)]
+    return [
+        Bench("layers.TimeNorm.time_forward", names, values),
+        Bench("layers.TimeNorm.time_forward_backward", names, values),
+        Bench("layers.PeakMemNorm.peakmem_forward", names, values, type="peakmemory", unit="bytes"),
+        Bench("bandwidth.TimeCopy.time_copy", names[1:], values[1:]),
+    ]
+
+
+def norm_truth(commit: int, bench: Bench, combo: tuple) -> float:
+    """Plausible times: proportional to the tensor size, norms at fixed multiples of a copy."""
+    named = dict(zip(bench.param_names, combo))
+    c, *rest = (int(v) for v in named["shape"].split("x"))
+    size = named["batch_size"] * c * int(np.prod(rest) if rest else 1)
+    factor = {"bn": 3.0, "bkn-official": 4.5, "gn": 5.0, "ln": 4.0}.get(named.get("norm"), 1.0)
+    if bench.type == "peakmemory":
+        return float(4 * size * factor + 50e6)
+    if "backward" in bench.name:
+        factor *= 2.5
+    return 1e-9 * size * factor + 2e-6
+
+
+def drift_frame(seed: int = 0) -> pd.DataFrame:
+    """A tidy drift frame in the contract's schema: error shrinks with batch size, grows with depth."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    methods = {"bn": 1.0, "bkn-official": 0.6, "brn": 0.9, "floor": 0.3}
+    for data, network, method, batch, depth, metric, statistic, s in itertools.product(
+        ["synthetic", "digits"],
+        ["linear-chain"],
+        methods,
+        [1, 2, 4, 8, 16],
+        range(4),
+        ["mean_error", "kl"],
+        ["median", "p90"],
+        range(2),
+    ):
+        base = methods[method] * (1 + 0.2 * depth) / math.sqrt(batch) * (2.0 if statistic == "p90" else 1.0)
+        rows.append(
+            {
+                "data": data,
+                "network": network,
+                "state": "init",
+                "method": method,
+                "batch_size": batch,
+                "layer": f"layers.{depth}.norm",
+                "depth": depth,
+                "metric": metric,
+                "statistic": statistic,
+                "seed": s,
+                "value": base * float(np.exp(rng.normal(0, 0.05))),
+                "commit": "abc123",
+                "torch": "2.x",
+                "device": "cpu",
+                "threads": 1,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def convergence_frame(seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    quality = {"bn": 0.0, "bkn-official": 0.05, "gn": 0.03}
+    for method, group, s, epoch in itertools.product(quality, [1, 2, 4, 8], range(3), range(1, 4)):
+        penalty = 0.25 / group if method == "bn" else 0.05 / group
+        acc = 0.7 + 0.08 * epoch + quality[method] - penalty + rng.normal(0, 0.01)
+        for metric, value in (
+            ("train_loss", 1.5 / epoch + penalty + rng.normal(0, 0.02)),
+            ("test_acc", acc),
+            ("test_acc_precise", acc + 0.01),
+            ("step_time_s", 0.05 + rng.normal(0, 1e-3)),
+        ):
+            rows.append(
+                {
+                    "method": method,
+                    "group_size": group,
+                    "seed": s,
+                    "epoch": epoch,
+                    "metric": metric,
+                    "value": value,
+                    "commit": "abc123",
+                    "torch": "2.x",
+                    "device": "cpu",
+                    "threads": 1,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def write_probes(results: pathlib.Path, drift: bool = True, convergence: bool = True) -> None:
+    env = {
+        "commit": "abc123",
+        "torch": "2.x",
+        "device": "cpu",
+        "device_name": "Synthetic CPU",
+        "threads": 1,
+        "duration_s": 12.5,
+        "seeds": [0, 1],
+    }
+    if drift:
+        (results / "accuracy").mkdir(parents=True, exist_ok=True)
+        drift_frame().to_parquet(results / "accuracy" / "drift.parquet", index=False)
+        (results / "accuracy" / "meta.json").write_text(json.dumps(env))
+    if convergence:
+        (results / "convergence").mkdir(parents=True, exist_ok=True)
+        convergence_frame().to_parquet(results / "convergence" / "convergence.parquet", index=False)
+        (results / "convergence" / "meta.json").write_text(json.dumps(env))

@@ -1,0 +1,268 @@
+"""The accuracy probe (bkn.probes.accuracy): what it must show, its bad inputs, its files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from bkn.data import load_photos
+from bkn.probes import accuracy
+from bkn.probes.accuracy import COLUMNS, Probe, ProbeConfig, check_network, setups
+from bkn.probes.accuracy.__main__ import main
+from bkn.probes.accuracy.sweep import check_batch_sizes
+from bkn.stats import METRICS, STATISTICS
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread (the probe's default; its many small ops crawl with 2 threads on a busy machine),
+    restored afterwards, since ``main(["--threads", ...])`` sets it process-wide."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _synthetic(methods, batch_sizes, seeds=(0,), steps=10, burn_in=1) -> pd.DataFrame:
+    config = ProbeConfig(setups=[("synthetic", "linear-chain")], methods=list(methods),
+                         batch_sizes=list(batch_sizes), seeds=list(seeds), steps=steps, burn_in=burn_in)
+    return pd.DataFrame(Probe(config).run())
+
+
+def _value(frame, **where) -> pd.Series:
+    mask = np.ones(len(frame), bool)
+    for key, value in where.items():
+        mask &= frame[key].to_numpy() == value
+    return frame[mask]
+
+
+def test_bn_mean_error_falls_like_one_over_sqrt_n_on_the_synthetic_chain():
+    """Fitted log-log slope of BN's median mean error vs group size n within 0.1 of -0.5.
+
+    Measured at the first normalization layer, where BN's estimate is the sample mean of
+    n * 16 i.i.d. Gaussian values. (Deeper layers of a *linear* chain get an exact mean
+    from the layer before - see bkn.stats.synthetic - so there the error is rounding.)
+    """
+    sizes = [1, 2, 4, 8, 16, 32]
+    frame = _synthetic(["bn", "floor"], sizes, steps=16)
+    bn = _value(frame, method="bn", depth=0, metric="mean_error", statistic="median")
+    bn = bn.sort_values("batch_size")
+    slope = np.polyfit(np.log(bn["batch_size"]), np.log(bn["value"]), 1)[0]
+    assert -0.6 <= slope <= -0.4, slope
+    # ... and it sits at the floor's closed form: median |N(0, 1/(16 n))| = 0.6745 / sqrt(16 n)
+    floor = _value(frame, method="floor", depth=0, metric="mean_error", statistic="median")
+    floor = floor.sort_values("batch_size")
+    expected = 0.6744897501960817 / np.sqrt(16 * floor["batch_size"].to_numpy())
+    np.testing.assert_allclose(floor["value"].to_numpy(), expected, rtol=0.15)
+    np.testing.assert_allclose(bn["value"].to_numpy(), floor["value"].to_numpy(), rtol=1e-3)
+    # deeper layers of the linear chain: exact up to float rounding
+    deep = _value(frame, method="bn", metric="mean_error", statistic="p90")
+    assert deep[deep["depth"] >= 1]["value"].max() < 1e-4
+
+
+def test_probe_rows_cover_every_method_layer_metric_and_statistic():
+    frame = _synthetic(["bn", "bkn-official", "bkn-analytic-adaptive", "brn", "gn", "ln", "bn-ema", "brn-ema",
+                        "floor"], [2, 4], steps=2, burn_in=2)
+    layers = 8
+    for method in ("bn", "bkn-official", "bkn-analytic-adaptive", "brn", "bn-ema", "brn-ema", "floor"):
+        sub = _value(frame, method=method)
+        assert set(sub["metric"]) == set(METRICS), method
+        assert len(sub) == layers * len(METRICS) * len(STATISTICS) * 2, method
+    for method in ("gn", "ln"):  # per-sample norms: only the output discrepancy is defined
+        assert set(_value(frame, method=method)["metric"]) == {"output_discrepancy"}
+    assert not frame.duplicated(["method", "batch_size", "layer", "metric", "statistic", "seed"]).any()
+    assert frame["value"].notna().all()
+    assert ((frame["value"] >= 0) | (frame["metric"] == "kl")).all()
+    assert (frame["value"] >= -1e-12).all()
+
+
+def test_same_seed_same_results_and_methods_share_micro_batches():
+    a = _synthetic(["bn", "bkn-official"], [2], steps=2, burn_in=2)
+    b = _synthetic(["bkn-official", "bn"], [2], steps=2, burn_in=2)
+    key = ["method", "batch_size", "layer", "metric", "statistic", "seed"]
+    pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True),
+                                  b.sort_values(key).reset_index(drop=True))
+    # depth 0 has no prior: BKN is BN there, on the same micro-batches -> identical values
+    depth0 = a[a["depth"] == 0].pivot_table(index=["metric", "statistic"], columns="method", values="value")
+    np.testing.assert_allclose(depth0["bn"], depth0["bkn-official"], rtol=1e-6)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def test_unknown_method_is_a_clear_error(capsys):
+    with pytest.raises(ValueError, match=r"unknown method\(s\) 'bkm'; known methods: bn, bkn-official"):
+        accuracy.resolve(["bn", "bkm"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--methods", "bn,bkm"])
+    assert exit_info.value.code == 2
+    assert "unknown method(s) 'bkm'; known methods:" in capsys.readouterr().err
+
+
+def test_batch_size_larger_than_the_data_set_is_a_clear_error(capsys, tmp_path):
+    small = setups.Dataset("tiny", torch.zeros(10, 3, 8, 8), torch.zeros(10, dtype=torch.long), num_classes=2)
+    with pytest.raises(ValueError, match=r"batch size 32 needs batches of 32 samples, more than the data "
+                                         r"set 'tiny'"):
+        check_batch_sizes(small, [2, 32], sgd_batch=8)
+    with pytest.raises(SystemExit):  # checked before any work: nothing is run, nothing written
+        main(["--data", "digits", "--batch-sizes", "2,4096", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert "more than the data set 'digits' holds (1797 samples)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_network_without_normalization_layers_is_a_clear_error():
+    with pytest.raises(ValueError, match="has no normalization layers with batch statistics"):
+        check_network(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "plain-cnn")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "imagenet"], "unknown data 'imagenet'"),
+    (["--networks", "vgg"], "unknown networks 'vgg'"),
+    (["--states", "half-trained"], "unknown state 'half-trained'"),
+    (["--batch-sizes", "0"], "batch sizes must be positive"),
+    (["--seeds", "x"], "expected comma-separated integers"),
+])
+def test_other_bad_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+# -- files: schema, atomic writes, interruption -----------------------------------------------
+
+TINY = ["--data", "synthetic", "--methods", "bn,bkn-official,gn,bn-ema,floor", "--batch-sizes", "2,4",
+        "--seeds", "0,1", "--steps", "2", "--burn-in", "2", "--no-progress", "--threads", "1"]
+
+
+def test_results_file_follows_the_contract(tmp_path, capsys):
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "error / floor" in out and str(tmp_path / "drift.parquet") in out
+    frame = pd.read_parquet(tmp_path / "drift.parquet")
+    assert tuple(frame.columns) == COLUMNS
+    assert frame["batch_size"].dtype == np.int64 and frame["depth"].dtype == np.int64
+    assert frame["seed"].dtype == np.int64 and frame["value"].dtype == np.float64
+    assert set(frame["metric"]) == set(METRICS) and set(frame["statistic"]) == set(STATISTICS)
+    assert set(frame["method"]) == {"bn", "bkn-official", "gn", "bn-ema", "floor"}
+    assert set(frame["data"]) == {"synthetic"} and set(frame["network"]) == {"linear-chain"}
+    assert set(frame["state"]) == {"init"} and set(frame["seed"]) == {0, 1}
+    assert frame["torch"].eq(torch.__version__).all() and frame["threads"].eq(1).all()
+    assert frame["commit"].str.len().gt(0).all() and frame["device"].eq("cpu").all()
+    keys = ["data", "network", "state", "method", "batch_size", "layer", "metric", "statistic", "seed"]
+    assert not frame.duplicated(keys).any()
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    for key in ("commit", "torch", "device", "threads", "duration_s", "arguments", "config", "skipped"):
+        assert key in meta
+    assert meta["arguments"]["batch_sizes"] == [2, 4] and meta["rows"] == len(frame)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_interrupted_run_leaves_the_previous_results_and_no_temporary_file(tmp_path, monkeypatch, capsys):
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Probe, "run", interrupted)
+    assert main(TINY + ["--out", str(tmp_path)]) == 130
+    assert "interrupted: nothing written" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    # interrupted *while writing* the parquet file: half a file is written, then Ctrl-C
+    monkeypatch.undo()
+    real_to_parquet = pd.DataFrame.to_parquet
+
+    def half_written(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PAR1 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        main(TINY + ["--out", str(tmp_path)])
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", real_to_parquet)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert pd.read_parquet(tmp_path / "drift.parquet").shape[0] > 0
+
+
+def test_trained_weights_are_cached_and_reused(tmp_path, monkeypatch):
+    """A short training run on a 64-image subset of the digits; the second probe run reads the cache."""
+    monkeypatch.setitem(setups.TRAINING, "steps", 3)
+    real_load = setups.load_dataset
+
+    def subset(data, network):
+        dataset = real_load(data, network)
+        return setups.Dataset(dataset.name, dataset.images[:64], dataset.labels[:64], num_classes=10)
+
+    monkeypatch.setattr(setups, "load_dataset", subset)
+    argv = ["--data", "digits", "--methods", "bn,bkn-analytic-adaptive,brn-ema", "--batch-sizes", "4",
+            "--seeds", "0", "--steps", "1", "--burn-in", "1", "--no-progress",
+            "--cache", str(tmp_path / "cache"), "--threads", "1"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    cached = list((tmp_path / "cache" / "accuracy").iterdir())
+    assert [p.suffix for p in cached] == [".pt"]  # one complete file, no temporary leftovers
+    first = json.loads((tmp_path / "a" / "meta.json").read_text())["training"]
+    assert first[0]["cached"] is False
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    second = json.loads((tmp_path / "b" / "meta.json").read_text())["training"]
+    assert second[0]["cached"] is True and second[0]["cache"] == first[0]["cache"]
+    a = pd.read_parquet(tmp_path / "a" / "drift.parquet")
+    b = pd.read_parquet(tmp_path / "b" / "drift.parquet")
+    pd.testing.assert_series_equal(a["value"], b["value"])  # seeded: identical results
+    assert set(a["state"]) == {"trained"} and a["depth"].max() == 18  # 19 norms in cifar-resnet20
+
+
+def test_summary_tables_from_a_known_frame():
+    from bkn.probes.accuracy.summary import floor_table, real_data_table
+    rows = []
+    for seed in (0, 1):
+        for layer, depth in (("a", 0), ("b", 1), ("c", 2)):
+            for method, scale in (("bn", 1.0), ("brn", 2.0), ("floor", 0.5)):
+                for metric in ("mean_error", "kl"):
+                    for data in ("digits", "synthetic"):
+                        rows.append(dict(data=data, network="n", state="init", method=method, batch_size=2,
+                                         layer=layer, depth=depth, metric=metric, statistic="median",
+                                         seed=seed, value=scale * (depth + 1) * (1 + seed)))
+    frame = pd.DataFrame(rows)
+    real = real_data_table(frame)
+    # median over layers (depth 1: 2 x scale x (1 + seed)), mean over seeds (x 1.5)
+    assert real.loc[("digits", "n", "init", "bn"), ("mean_error", 2)] == pytest.approx(3.0)
+    assert real.loc[("digits", "n", "init", "brn"), ("kl", 2)] == pytest.approx(6.0)
+    ratio = floor_table(frame)
+    assert ratio.loc["bn", ("mean_error", 2)] == pytest.approx(2.0)
+    assert ratio.loc["brn", ("kl", 2)] == pytest.approx(4.0)
+
+
+# -- the photographs ------------------------------------------------------------------------
+
+
+def test_load_photos():
+    x, y = load_photos(size=16, count=40, seed=3)
+    assert x.shape == (40, 3, 16, 16) and x.dtype == torch.float32
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std((0, 2, 3)), torch.ones(3), atol=1e-4, rtol=0)
+    assert set(y[:20].tolist()) <= {0, 1, 2, 3} and set(y[20:].tolist()) <= {4, 5, 6, 7}
+    x2, y2 = load_photos(size=16, count=40, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, load_photos(size=16, count=40, seed=4)[0])
+    with pytest.raises(ValueError, match="count must be a positive even int"):
+        load_photos(count=3)
+    with pytest.raises(ValueError, match="larger than the photographs"):
+        load_photos(size=500)
+    with pytest.raises(ValueError, match="scale must lie in"):
+        load_photos(scale=0.0)
+
+
+def test_help_lists_the_methods(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--full" in text and "bkn-analytic-adaptive" in text and "output_discrepancy" in text
+
+

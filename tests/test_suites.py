@@ -1,0 +1,208 @@
+"""The asv suites run: every benchmark body once, on its cheapest runnable parameter set.
+
+A broken benchmark must fail here, in CI, not in the nightly ``asv run``. Nothing is
+timed. Also checked: the skip rules (what cannot run raises ``NotImplementedError`` in
+setup), the contract parameter names, the memory measure, and the drift probe's
+closed-form population moments against a Monte-Carlo estimate.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+import math
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from suites import common
+
+SUITES = pathlib.Path(__file__).resolve().parent.parent / "suites"
+MODULES = sorted(p.stem for p in SUITES.glob("*.py") if p.stem.startswith(("bench_", "track_")))
+PREFIXES = ("time_", "peakmem_", "track_", "mem_", "timeraw_")
+CONTRACT = {
+    "norm": set(common.NORMS), "batch_size": set(common.BATCH_SIZES), "shape": None,
+    "device": {"cpu", "cuda"}, "dtype": {"float32", "bfloat16"},
+    "memory_format": {"contiguous", "channels_last"},
+}
+
+
+def benchmark_classes():
+    for name in MODULES:
+        module = importlib.import_module(f"suites.{name}")
+        for cls_name, cls in vars(module).items():
+            if inspect.isclass(cls) and cls.__module__ == module.__name__ and not cls_name.startswith("_"):
+                methods = [m for m in dir(cls) if m.startswith(PREFIXES)]
+                if methods:
+                    yield pytest.param(cls, methods, id=f"{name}.{cls_name}")
+
+
+def cost(names: list[str], values: tuple) -> tuple:
+    """Sort key: cheapest parameter sets first (cpu, small batch, small input, float32, contiguous)."""
+    p = dict(zip(names, values))
+    shape = p.get("shape")
+    return (p.get("device", "cpu") != "cpu", p.get("batch_size", 0),
+            math.prod(common.parse_shape(shape)) if shape else 0,
+            p.get("dtype", "float32") != "float32", p.get("memory_format", "contiguous") != "contiguous")
+
+
+def runnable(cls, names: list[str] | None = None, **fixed):
+    """The cheapest parameter set whose setup does not skip, and the instance set up with it."""
+    params = getattr(cls, "params", None)
+    if not params:
+        obj = cls()
+        if hasattr(obj, "setup"):
+            obj.setup()
+        return (), obj
+    names = cls.param_names
+    combos = [c for c in itertools.product(*params)
+              if all(dict(zip(names, c)).get(k) == v for k, v in fixed.items())]
+    reasons = set()
+    for combo in sorted(combos, key=lambda c: cost(names, c)):
+        obj = cls()
+        try:
+            obj.setup(*combo)
+        except NotImplementedError as why:
+            reasons.add(str(why))
+            continue
+        return combo, obj
+    if reasons and all("CUDA" in r for r in reasons):
+        pytest.skip(f"{cls.__name__} needs CUDA")
+    pytest.fail(f"{cls.__name__}: no runnable parameter set (fixed: {fixed})")
+
+
+def test_every_module_is_collected():
+    assert {"bench_layers", "bench_memory", "bench_bandwidth", "bench_network", "track_drift"} <= set(MODULES)
+
+
+def test_common_holds_no_benchmark():
+    assert not [name for name in vars(common) if name.startswith(PREFIXES)]
+
+
+@pytest.mark.parametrize("cls, methods", list(benchmark_classes()))
+def test_benchmark_body_runs(cls, methods):
+    combo, obj = runnable(cls)
+    for method in methods:
+        value = getattr(obj, method)(*combo)
+        if method.startswith("track_"):
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (method, value)
+
+
+@pytest.mark.parametrize("cls, methods", list(benchmark_classes()))
+def test_param_names_follow_the_contract(cls, methods):
+    for name, values in zip(getattr(cls, "param_names", []), getattr(cls, "params", [])):
+        assert name in CONTRACT, f"{cls.__name__}: parameter {name!r} is not a contract name"
+        if CONTRACT[name] is not None:
+            assert set(values) <= CONTRACT[name], (cls.__name__, name, values)
+        if name == "shape":
+            assert all(common.parse_shape(v) for v in values)
+
+
+@pytest.mark.parametrize("norm", common.NORMS)
+def test_every_norm_runs_forward_backward(norm):
+    from suites.bench_layers import TimeForwardBackward
+
+    combo, obj = runnable(TimeForwardBackward, norm=norm)
+    grads = obj.case.forward_backward()
+    assert grads[0].shape == obj.case.x.shape and torch.isfinite(grads[0].float()).all()
+
+
+def test_bkn_prior_reaches_the_previous_layer_and_the_convolution():
+    # The timed BKN case includes the prior's propagation: its backward must reach the
+    # previous layer and the link convolution. Official: through the surrogate sample
+    # z * sqrt(v) + m; analytic: through gamma^2 v / (v + eps) and beta (not m).
+    reached = {"official": ("posterior_mean", "posterior_var", "link.weight"),
+               "analytic": ("posterior_var", "source.weight", "source.bias", "link.weight")}
+    for transition, names in reached.items():
+        case = common.LayerCase(f"bkn-{transition}", 2, "64x7x7", "cpu", "float32", "contiguous")
+        grads = dict(zip(map(id, case.inputs), case.forward_backward()))
+        for name in names:
+            g = grads[id(case.prior.get_parameter(name))]
+            assert g is not None and g.abs().sum() > 0, (transition, name)
+        assert case.layer.prior_used
+
+
+@pytest.mark.parametrize("args, reason", [
+    (("bn", 1, "512", "cpu", "float32", "contiguous"), "more than one value per channel"),
+    (("brn", 1, "512", "cpu", "float32", "contiguous"), "more than one value per channel"),
+    (("in", 2, "512", "cpu", "float32", "contiguous"), "spatial positions"),
+    (("gn", 2, "512", "cpu", "float32", "channels_last"), "channels_last"),
+    (("gn", 64, "64x56x56", "cpu", "float32", "contiguous"), "pruned on cpu"),
+    (("gn", 4, "64x7x7", "cpu", "bfloat16", "contiguous"), "pruned on cpu"),
+])
+def test_what_cannot_run_is_skipped(args, reason):
+    with pytest.raises(NotImplementedError, match=reason):
+        common.LayerCase(*args)
+
+
+def test_bkn_runs_at_one_value_per_channel():
+    # The paper's point: with a prior, batch size 1 of (N, C) features is a valid BKN step.
+    case = common.LayerCase("bkn-analytic", 1, "512", "cpu", "float32", "contiguous")
+    assert torch.isfinite(case.forward_backward()[0]).all()
+    assert case.layer.prior_used
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_is_skipped_without_a_device():
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        common.LayerCase("bn", 2, "64x7x7", "cuda", "float32", "contiguous")
+
+
+def test_threads_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv(common.THREADS_ENV, "2")
+    assert common.threads() == 2
+    for bad in ("0", "two"):
+        monkeypatch.setenv(common.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=common.THREADS_ENV):
+            common.threads()
+
+
+@pytest.mark.parametrize("bad", ["", "64x", "0x7x7", "1x2x3x4x5"])
+def test_bad_shape_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="shape must look like"):
+        common.parse_shape(bad)
+
+
+def test_saved_bytes_of_batchnorm_is_its_input_plus_per_channel_stats():
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    bn = torch.nn.BatchNorm2d(8)
+    saved = common.saved_tensor_bytes(lambda: bn(x))
+    assert x.numel() * 4 <= saved <= x.numel() * 4 + 8 * 4 * 8  # x, and a few (C,) vectors
+
+
+def test_drift_population_moments_match_monte_carlo():
+    from suites import track_drift
+
+    rng = np.random.default_rng(0)
+    c = 3
+    sd, gamma, beta = rng.uniform(0.5, 2, c), rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c)
+    weight = rng.normal(size=(c, c, 3, 3)) / 3
+    mean, var = track_drift.population_moments(sd, gamma, beta, weight, 1e-5)
+    # Independent estimate: sample norm1's population-normalized output, ReLU, convolve.
+    n = 200_000
+    z = rng.normal(size=(n, c, 3, 3)) * (gamma * sd / np.sqrt(sd ** 2 + 1e-5))[None, :, None, None]
+    out = np.einsum("ncij,ocij->no", np.maximum(z + beta[None, :, None, None], 0), weight)
+    np.testing.assert_allclose(mean, out.mean(0), atol=4 * out.std(0).max() / math.sqrt(n))
+    np.testing.assert_allclose(var, out.var(0), rtol=0.02)
+
+
+def test_drift_orders_the_methods_as_expected():
+    from suites import track_drift
+
+    errors = {norm: track_drift._Probe(norm, 2).errors["mean"] for norm in ("bn", "bkn-analytic")}
+    # Analytic BKN's prior is exact on this probe, so p = 0.9 on it beats batch statistics of 2 samples.
+    assert errors["bkn-analytic"] < errors["bn"] / 2
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="asv needs git")
+def test_asv_check_passes():
+    pytest.importorskip("asv")
+    root = SUITES.parent
+    done = subprocess.run([sys.executable, "-m", "asv", "check", "--python=same"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "No problems found" in done.stdout, done.stdout + done.stderr
