@@ -8,8 +8,17 @@
 """
 from . import layers, norms, transitions
 from .convert import convert, prior_summary
-from .layers import (BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, BatchRenorm1d, BatchRenorm2d,
-                     BatchRenorm3d, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d)
+from .layers import (
+                     BatchKalmanNorm1d,
+                     BatchKalmanNorm2d,
+                     BatchKalmanNorm3d,
+                     BatchRenorm1d,
+                     BatchRenorm2d,
+                     BatchRenorm3d,
+                     GhostBatchNorm1d,
+                     GhostBatchNorm2d,
+                     GhostBatchNorm3d,
+)
 
 __version__ = "0.1.0"
 

@@ -52,7 +52,8 @@ def _replacement(bn: nn.Module, norm: str, options: dict) -> nn.Module:
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
             if hasattr(new, "sync_running_std"):  # Batch Renormalization keeps a moving std too
                 new.sync_running_std()
-        new.weight.requires_grad_(bn.weight.requires_grad) if bn.affine and getattr(new, "weight", None) is not None else None
+        if bn.affine and getattr(new, "weight", None) is not None:
+            new.weight.requires_grad_(bn.weight.requires_grad)
     new.train(bn.training)
     return new
 

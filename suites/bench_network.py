@@ -10,8 +10,8 @@
 One step = forward, cross-entropy, backward, SGD update; the batch is the normalization
 batch (``batch_size`` samples, one group). ``norm`` values and options as in
 :func:`suites.common.norm_options` (bn is torch's own ``BatchNorm2d``). On the CPU the
-matrix is pruned by :func:`suites.common.check_network_pruned` (float32 only, ResNet-18
-up to batch 8, channels_last at the secondary batch sizes); CUDA runs all of it.
+matrix is pruned by :func:`suites.common.check_network_pruned` (ResNet-18 up to batch 8;
+bfloat16 and channels_last at the secondary batch sizes); CUDA runs all of it.
 """
 from __future__ import annotations
 

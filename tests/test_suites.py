@@ -147,6 +147,16 @@ def test_bkn_runs_at_one_value_per_channel():
     assert case.layer.prior_used
 
 
+@pytest.mark.parametrize("batch_size, dtype, reason", [(16, "float32", "CPU_MAX_NETWORK_INPUT"),
+                                                        (4, "bfloat16", "only at batch sizes")])
+def test_network_pruning_skips_before_building(batch_size, dtype, reason):
+    def build(name, options):
+        raise AssertionError("a pruned case must not build its model")
+
+    with pytest.raises(NotImplementedError, match=reason):
+        common.NetworkCase(build, "bn", batch_size, "3x224x224", "cpu", dtype, "contiguous", num_classes=10)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_is_skipped_without_a_device():
     with pytest.raises(NotImplementedError, match="CUDA"):

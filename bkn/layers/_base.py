@@ -91,7 +91,8 @@ class BatchStatNorm(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.label}: expected a torch.Tensor input, got {type(x).__name__}")
         if x.dim() not in self._valid_dims:
-            raise ValueError(f"{self.label}: expected {self._dims_text} input, got {x.dim()}-d input of shape {tuple(x.shape)}")
+            raise ValueError(f"{self.label}: expected {self._dims_text} input, "
+                             f"got {x.dim()}-d input of shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
             raise ValueError(f"{self.label}: expected {self.num_features} channels (dim 1), "
                              f"got {x.shape[1]} channels in input of shape {tuple(x.shape)}")

@@ -35,8 +35,16 @@ import math
 import numpy as np
 import torch
 
-from ._moments import (_bn_backward, as_groups, batch_moments, ill_conditioned, moments_from_sums,
-                       per_channel_view, reduce_dims, shifted_sums)
+from ._moments import (
+    _bn_backward,
+    as_groups,
+    batch_moments,
+    ill_conditioned,
+    moments_from_sums,
+    per_channel_view,
+    reduce_dims,
+    shifted_sums,
+)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -57,7 +57,8 @@ class _Block(nn.Module):
         pad = l.shape[1] // 2
         return nn.functional.pad(self.pool(l), (0, 0, 0, 0, pad, pad))
 
-    def forward(self, l: torch.Tensor, carried: Moments | None, source, chain) -> tuple[torch.Tensor, Moments | None, nn.Module]:
+    def forward(self, l: torch.Tensor, carried: Moments | None, source,
+                chain) -> tuple[torch.Tensor, Moments | None, nn.Module]:
         """``carried``: prior statistics of ``l``; ``source``: the last norm run before this block."""
         if self.first:
             b1, b1_norm = l, source

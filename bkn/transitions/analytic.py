@@ -156,7 +156,8 @@ class Analytic:
     def avg_pool(self, state: Moments, kernel, stride, padding=0, ceil_mode=False) -> Moments:
         n = len(state.spatial)
         area = math.prod(_ntuple(kernel, n))
-        return Moments(state.mean, state.var / area, pooled_spatial(state.spatial, kernel, stride, padding, 1, ceil_mode))
+        spatial = pooled_spatial(state.spatial, kernel, stride, padding, 1, ceil_mode)
+        return Moments(state.mean, state.var / area, spatial)
 
     def adaptive_avg_pool(self, state: Moments, output_size) -> Moments:
         n = len(state.spatial)
