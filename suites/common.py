@@ -254,8 +254,9 @@ class KalmanPrior(nn.Module):
     backward, which reaches the previous posterior and the convolution's weight, as the
     network's would. The convolution of the *real* activations is not timed: every norm
     shares it. The previous posterior is a pair of leaf tensors of shape (1, C)
-    (one group), the propagation is the one :mod:`bkn.models.cifar_resnet` runs
-    (``after_norm -> relu -> conv -> to_prior``).
+    (one group) in the dtype a prior-fed BKN layer hands on (:meth:`match_posterior_dtype`:
+    float32 statistics for bfloat16 activations); the propagation is the one
+    :mod:`bkn.models.cifar_resnet` runs (``after_norm -> relu -> conv -> to_prior``).
     """
 
     def __init__(self, channels: int, spatial: tuple[int, ...], transition: str, generator: torch.Generator):
@@ -268,6 +269,20 @@ class KalmanPrior(nn.Module):
         var = 1.0 + torch.rand(1, channels, generator=generator)
         self.posterior_mean = nn.Parameter(mean)
         self.posterior_var = nn.Parameter(var)
+
+    def match_posterior_dtype(self, layer: nn.Module, x: torch.Tensor) -> None:
+        """Give the previous posterior the dtype a prior-fed BKN layer returns for ``x``'s dtype.
+
+        In a network the previous layer is itself a BKN layer with a prior, whose posterior
+        statistics are float32 for bfloat16 activations; the propagation starts from those.
+        """
+        with torch.no_grad():
+            like = dict(dtype=x.dtype, device=x.device)
+            c = layer.num_features
+            layer(x.detach(), prior=(torch.zeros(c, **like), torch.ones(c, **like)))
+            dtype = layer.posterior[0].dtype
+        for p in (self.posterior_mean, self.posterior_var):
+            p.data = p.data.to(dtype)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.transition
@@ -314,6 +329,8 @@ class LayerCase:
         x = torch.randn((batch_size, *dims), generator=gen)
         self.x = x.to(device=self.device, dtype=self.dtype).contiguous(memory_format=fmt)
         self.grad_out = torch.randn_like(self.x).contiguous(memory_format=fmt)
+        if self.prior is not None:
+            self.prior.match_posterior_dtype(self.layer, self.x)
         if training:
             self.x.requires_grad_(True)
         self.inputs = [self.x] + [p for m in modules for p in m.parameters()]

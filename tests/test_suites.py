@@ -140,6 +140,13 @@ def test_what_cannot_run_is_skipped(args, reason):
         common.LayerCase(*args)
 
 
+def test_bkn_official_runs_in_bfloat16():
+    # Found by the suite's bfloat16 axis: it fails the same way in the CIFAR ResNet and ResNet-18 steps.
+    case = common.LayerCase("bkn-official", 2, "64x7x7", "cpu", "bfloat16", "contiguous")
+    assert case.prior.posterior_mean.dtype == torch.float32  # as a network's BKN layer hands it on
+    assert torch.isfinite(case.forward_backward()[0].float()).all()
+
+
 def test_bkn_runs_at_one_value_per_channel():
     # The paper's point: with a prior, batch size 1 of (N, C) features is a valid BKN step.
     case = common.LayerCase("bkn-analytic", 1, "512", "cpu", "float32", "contiguous")

@@ -64,8 +64,12 @@ class MonteCarlo(Analytic):
         if isinstance(module, _DROPOUT):
             return state  # the surrogate is a statistic, not an activation: no dropout noise
         if self.supports(module):
+            value = state.value
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point() and value.dtype != weight.dtype:
+                value = value.to(weight.dtype)  # a prior-fed BKN layer's posterior is float32 for bfloat16 inputs
             # .forward, not __call__: the user's hooks must not see the surrogate.
-            return Sample(module.forward(state.value), state.draws)
+            return Sample(module.forward(value), state.draws)
         raise Unsupported(type(module).__name__)
 
     def conv(self, conv, state):
