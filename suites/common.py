@@ -162,6 +162,12 @@ def torch_memory_format(memory_format: str, rank: int) -> torch.memory_format:
     raise ValueError(f"memory_format must be 'contiguous' or 'channels_last', got {memory_format!r}")
 
 
+def _check_secondary_pruned(batch_size: int, dtype: str, memory_format: str) -> None:
+    """Rule 2: bfloat16 and channels_last only at the secondary batch sizes."""
+    if (dtype != "float32" or memory_format != "contiguous") and batch_size not in CPU_SECONDARY_BATCHES:
+        skip(f"pruned on cpu: {dtype}/{memory_format} only at batch sizes {CPU_SECONDARY_BATCHES}")
+
+
 def check_pruned(batch_size: int, shape: tuple[int, ...], device: torch.device, dtype: str,
                  memory_format: str) -> None:
     """Rules 1 and 2 of the CPU pruning (see the module docstring)."""
@@ -170,8 +176,7 @@ def check_pruned(batch_size: int, shape: tuple[int, ...], device: torch.device, 
     elements = batch_size * math.prod(shape)
     if elements > CPU_MAX_ELEMENTS:
         skip(f"pruned on cpu: {elements} elements per call > CPU_MAX_ELEMENTS={CPU_MAX_ELEMENTS}")
-    if (dtype != "float32" or memory_format != "contiguous") and batch_size not in CPU_SECONDARY_BATCHES:
-        skip(f"pruned on cpu: {dtype}/{memory_format} only at batch sizes {CPU_SECONDARY_BATCHES}")
+    _check_secondary_pruned(batch_size, dtype, memory_format)
 
 
 def check_network_pruned(batch_size: int, input_shape: tuple[int, ...], device: torch.device, dtype: str,
@@ -183,8 +188,7 @@ def check_network_pruned(batch_size: int, input_shape: tuple[int, ...], device: 
     if elements > CPU_MAX_NETWORK_INPUT:
         skip(f"pruned on cpu: {elements} input elements per step > "
              f"CPU_MAX_NETWORK_INPUT={CPU_MAX_NETWORK_INPUT}")
-    if (dtype != "float32" or memory_format != "contiguous") and batch_size not in CPU_SECONDARY_BATCHES:
-        skip(f"pruned on cpu: {dtype}/{memory_format} only at batch sizes {CPU_SECONDARY_BATCHES}")
+    _check_secondary_pruned(batch_size, dtype, memory_format)
 
 
 def synchronize(device: torch.device) -> None:

@@ -38,3 +38,13 @@ def _seed_everything():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (the probes' default: their many small ops crawl with 2 threads on a busy
+    machine), restored afterwards, since a probe's ``main(["--threads", ...])`` sets it process-wide."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

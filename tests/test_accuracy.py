@@ -16,15 +16,7 @@ from bkn.probes.accuracy.__main__ import main
 from bkn.probes.accuracy.sweep import check_batch_sizes
 from bkn.stats import METRICS, STATISTICS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread (the probe's default; its many small ops crawl with 2 threads on a busy machine),
-    restored afterwards, since ``main(["--threads", ...])`` sets it process-wide."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _synthetic(methods, batch_sizes, seeds=(0,), steps=10, burn_in=1) -> pd.DataFrame:

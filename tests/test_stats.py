@@ -25,15 +25,7 @@ from bkn.stats import (
     use_population_statistics,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread (the probe's default; its many small ops crawl with 2 threads on a busy machine),
-    restored afterwards, since ``main(["--threads", ...])`` sets it process-wide."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- population statistics --------------------------------------------------------------
