@@ -318,16 +318,10 @@ def check_page(
 
 
 def _write_atomic(target: pathlib.Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from bkn.results import atomic_path  # imports torch: only when a screenshot is written
+
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,7 +159,6 @@ def save_data(sections: list[Section], folder: pathlib.Path) -> list[pathlib.Pat
             path = folder / f"{section.id}_{name}.csv"
             with atomic_path(path) as tmp:
                 frame.to_csv(tmp, index=False)
-                tmp.chmod(0o644)  # mkstemp made it private; results are for reading
             written.append(path)
     if folder.is_dir():
         for old in folder.glob("*.csv"):
@@ -203,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     with atomic_path(out) as tmp:
         tmp.write_text(html, encoding="utf-8")
-        tmp.chmod(0o644)  # mkstemp made it private; the report is for reading
 
     for section in sections:
         print(f"  {section.title}: {section.status}")
