@@ -48,3 +48,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["compiled", "python"])
+def kernels(request, monkeypatch):
+    """Run a test on the compiled kernels (bkn/csrc/fused_norm.cpp, the CPU default) and on the
+    Python autograd Functions (the reference, and the path on GPUs and for other dtypes)."""
+    from bkn.layers import _native
+
+    if request.param == "compiled":
+        if _native.load() is None:
+            pytest.skip("the compiled kernels are off (BKN_NATIVE=0) or could not be built")
+    else:
+        monkeypatch.setattr(_native, "load", lambda: None)
+    return request.param

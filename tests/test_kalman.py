@@ -19,6 +19,9 @@ from torch.func import functional_call
 
 from bkn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, BatchRenorm2d, GhostBatchNorm2d
 
+# Every test here runs on the compiled kernels and on the Python Functions (conftest.kernels).
+pytestmark = pytest.mark.usefixtures("kernels")
+
 EPS = 1e-5
 LAYER_FOR_NDIM = {2: BatchKalmanNorm1d, 3: BatchKalmanNorm1d, 4: BatchKalmanNorm2d, 5: BatchKalmanNorm3d}
 BN_FOR_NDIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}

@@ -1,6 +1,7 @@
 """Batch Renormalization (spec section 2): bkn.layers.renorm."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -11,18 +12,37 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.func import functional_call
 
-from bkn.layers import renorm
+from bkn.layers import _native, renorm
 from bkn.layers.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
 
 CLASSES = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
 TORCH_BN = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 
 
-@pytest.fixture(params=["numpy", "torch"])
-def path(request, monkeypatch):
-    """Run a test on the CPU fast path (numpy algebra) and on the torch algebra (the GPU path)."""
-    monkeypatch.setattr(renorm, "_NUMPY_FAST_PATH", request.param == "numpy")
-    return request.param
+PATHS = ("compiled", "numpy", "torch")
+
+
+@contextlib.contextmanager
+def use_path(name: str):
+    """One group on the CPU: ``compiled`` (bkn/csrc/fused_norm.cpp, the default), ``numpy`` (the
+    Python Function with numpy algebra, used where the compiled kernels are off) or ``torch``
+    (the torch algebra, the GPU path)."""
+    load, fast = _native.load, renorm._NUMPY_FAST_PATH
+    if name == "compiled" and load() is None:
+        pytest.skip("the compiled kernels are off (BKN_NATIVE=0) or could not be built")
+    if name != "compiled":
+        _native.load = lambda: None
+    renorm._NUMPY_FAST_PATH = name == "numpy"
+    try:
+        yield name
+    finally:
+        _native.load, renorm._NUMPY_FAST_PATH = load, fast
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    with use_path(request.param) as name:
+        yield name
 
 
 def _shape(spatial: int, n: int = 4, c: int = 3) -> tuple[int, ...]:
@@ -570,15 +590,13 @@ def _cases(draw):
         group_size=None if groups == 1 and draw(st.booleans()) else group_size,
         affine=draw(st.booleans()), momentum=draw(st.sampled_from([0.1, 0.5, None])),
         scale=draw(st.sampled_from([1e-3, 1.0, 1e3])), offset=draw(st.sampled_from([0.0, 5.0, -1e3])),
-        dtype=draw(st.sampled_from([torch.float32, torch.float64])), fast=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])), path=draw(st.sampled_from(PATHS)),
         seed=draw(st.integers(0, 2 ** 16)), steps=draw(st.integers(1, 4)))
 
 
 @given(_cases())
 def test_property_finite_outputs_and_gradients(case):
-    renorm_fast = renorm._NUMPY_FAST_PATH
-    renorm._NUMPY_FAST_PATH = case["fast"]
-    try:
+    with use_path(case["path"]):
         cls = CLASSES[max(case["spatial"], 1)]
         layer = cls(case["c"], group_size=case["group_size"], affine=case["affine"],
                     momentum=case["momentum"], **case["kwargs"]).to(case["dtype"])
@@ -602,8 +620,6 @@ def test_property_finite_outputs_and_gradients(case):
             assert torch.all(layer.running_std > 0) and torch.isfinite(layer.running_mean).all()
         layer.eval()
         assert torch.isfinite(layer(x.detach())).all()
-    finally:
-        renorm._NUMPY_FAST_PATH = renorm_fast
 
 
 def test_copies_do_not_share_state_with_the_original(path):

@@ -124,11 +124,15 @@ class BatchStatNorm(nn.Module):
         return self.momentum
 
     def _running_args(self):
-        """``(running_mean, running_var, factor)`` for the fused Function, counting this step; or None."""
+        """``(running_mean, running_var, num_batches_tracked, momentum)`` for the fused Function, or None.
+
+        The Function counts the step in ``num_batches_tracked`` and derives the EMA factor
+        (``momentum``, or ``1 / steps`` for ``momentum=None``), as :meth:`_ema_factor` does.
+        """
         if not (self.training and self.track_running_stats):
             return None
-        self.num_batches_tracked.add_(1)
-        return self.running_mean, self.running_var, self._ema_factor()
+        b = self._buffers
+        return b["running_mean"], b["running_var"], b["num_batches_tracked"], self.momentum
 
     def _train_without_prior(self, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Plain batch normalization in training mode; returns ``(y, mean, var)`` with (G, C) stats.

@@ -25,6 +25,10 @@ only two per-(group, channel) reductions, ``S1 = sum(dy)`` and
     dx    = weight * s * dy + dm_o / n + 2 dv_o (x - m_o) / n
 
 Without a prior (plain BN, ghost batches, Batch Renormalization) ``p = 0``.
+
+On the CPU in float32/float64, :func:`normalize_with_stats` runs the same Function
+compiled from ``bkn/csrc/fused_norm.cpp`` (see :mod:`bkn.layers._native`); this Python
+one is the reference, the fallback and the path on other devices and dtypes.
 The posterior ``m, v`` is a differentiable output, because the next layer's
 prior is computed from it; gradients arriving there are added to ``dm, dv``.
 """
@@ -35,6 +39,7 @@ import math
 import numpy as np
 import torch
 
+from . import _native
 from ._moments import (
     _bn_backward,
     as_groups,
@@ -289,12 +294,30 @@ def normalize_with_stats(x, weight, bias, prior=None, gain=None, observed=None, 
 
     ``prior`` is ``(mean, var)`` broadcastable to (G, C); ``gain`` a float or a
     tensor broadcastable to (G, C) (it receives a gradient if it requires one);
-    ``running`` = ``(running_mean, running_var, factor)`` updates those buffers in
-    place with the posterior (EMA, averaged over groups); ``observed`` optionally passes precomputed
+    ``running`` = ``(running_mean, running_var, num_batches_tracked, momentum)`` counts the
+    step (if the counter is not None) and updates the buffers in place with the posterior
+    (EMA with factor ``momentum``, or ``1 / steps`` for ``momentum=None``, averaged over
+    groups); ``observed`` optionally passes precomputed
     ``batch_moments(x, groups)`` (treated as functions of ``x`` for gradients).
     """
     prior_mean, prior_var = prior if prior is not None else (None, None)
     obs_mean, obs_var = observed if observed is not None else (None, None)
+    gain_tensor = gain if isinstance(gain, torch.Tensor) else None
+    running_mean, running_var, steps, momentum = running if running is not None else (None, None, None, 0.0)
+    native = _native.load()
+    if native is not None:  # the same Function compiled (bkn/csrc/fused_norm.cpp), if it takes these tensors
+        out = native.kalman_norm(
+            x, weight, bias, prior_mean, prior_var, gain_tensor, 0.0 if gain is None or gain_tensor is not None
+            else gain, obs_mean, obs_var, groups, eps, guard, running_mean, running_var, steps,
+            math.nan if momentum is None else momentum)
+        if out:
+            return tuple(out)
+    if running is not None:
+        factor = momentum
+        if steps is not None:
+            steps.add_(1)
+            factor = 1.0 / float(steps) if momentum is None else momentum
+        running = (running_mean, running_var, factor)
     return _NormalizeWithStats.apply(
         x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, float(guard), running)
 

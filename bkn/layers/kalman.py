@@ -99,14 +99,15 @@ class _BatchKalmanNorm(BatchStatNorm):
 
     def _check_prior(self, prior, groups: int) -> Prior:
         if not (isinstance(prior, (tuple, list)) and len(prior) == 2
-                and all(isinstance(t, torch.Tensor) for t in prior)):
+                and isinstance(prior[0], torch.Tensor) and isinstance(prior[1], torch.Tensor)):
             raise ValueError(f"{self.label}: prior must be a (mean, var) pair of tensors, got {type(prior).__name__}")
-        allowed = {(self.num_features,), (groups, self.num_features)}
-        for name, t in zip(("mean", "var"), prior):
-            if tuple(t.shape) not in allowed:
-                raise ValueError(f"{self.label}: prior {name} must have shape ({self.num_features},) or "
-                                 f"({groups}, {self.num_features}) for {groups} group(s), got {tuple(t.shape)}")
         mean, var = prior
+        c = self.num_features
+        for name, t in (("mean", mean), ("var", var)):
+            shape = t.shape
+            if shape != (c,) and shape != (groups, c):
+                raise ValueError(f"{self.label}: prior {name} must have shape ({c},) or "
+                                 f"({groups}, {c}) for {groups} group(s), got {tuple(shape)}")
         if self.detach_prior:
             mean, var = mean.detach(), var.detach()
         return mean, var
@@ -118,25 +119,29 @@ class _BatchKalmanNorm(BatchStatNorm):
             return self._normalize_eval(x)
         if prior is None and self.prior_provider is not None:
             prior = self.prior_provider()
-        one_value = self._values_per_channel(x, groups) < 2
-        if isinstance(self.gain, FixedGain) and self.gain.p == 0.0:
+        gain = self._modules["gain"]
+        fixed = type(gain) is FixedGain
+        if fixed and gain.p == 0.0:
             prior = None  # p = 0 ignores the prior: exactly BatchNorm
         if prior is None:
             y, mean, var = self._train_without_prior(x, groups)
             self._set_stats(False, (mean, var), (mean.detach(), var.detach()))
             return y
+        prior = self._check_prior(prior, groups)
+        observed = None
+        if fixed:  # a float, read directly (a module call costs microseconds per layer)
+            p = gain.p
+        elif isinstance(gain, AdaptiveGain):
+            with torch.no_grad():
+                observed = batch_moments(x, groups)
+            p = gain(x, observed[0], prior[0], x.shape[0] // groups)
         else:
-            prior = self._check_prior(prior, groups)
-            observed = None
-            if isinstance(self.gain, AdaptiveGain):
-                with torch.no_grad():
-                    observed = batch_moments(x, groups)
-                p = self.gain(x, observed[0], prior[0], x.shape[0] // groups)
-            else:
-                p = self.gain(x, None, prior[0], x.shape[0] // groups)
-            y, mean, var, obs_mean, obs_var = normalize_with_stats(
-                x, self.weight, self.bias, prior=prior, gain=p, observed=observed, groups=groups,
-                eps=self.eps, guard=math.inf if one_value else self.guard, running=self._running_args())
+            p = gain(x, None, prior[0], x.shape[0] // groups)
+        one_value = self._values_per_channel(x, groups) < 2
+        params = self._parameters
+        y, mean, var, obs_mean, obs_var = normalize_with_stats(
+            x, params["weight"], params["bias"], prior=prior, gain=p, observed=observed, groups=groups,
+            eps=self.eps, guard=math.inf if one_value else self.guard, running=self._running_args())
         self._set_stats(True, (mean, var), (obs_mean, obs_var))
         return y
 

@@ -46,18 +46,22 @@ training output and all gradients equal ``torch.nn.BatchNorm``'s (up to float ro
 Implementation: with ``r, d`` constant, BRN's output is batch normalization with the
 affine ``gamma * r`` and ``beta + gamma * d``. One group (the usual case) runs on torch's
 native batch-norm kernels (:class:`_Renorm`: moments, an eval-mode normalize pass, BN's own
-backward kernel), with the per-channel algebra on numpy views on the CPU; several groups
+backward kernel), with the per-channel algebra on numpy views on the CPU, or all of it
+compiled (``Renorm`` in ``bkn/csrc/fused_norm.cpp``, see :mod:`bkn.layers._native`) on the
+CPU in float32/float64 when that could be built; several groups
 use the project's fused Function (:func:`bkn.layers._function.normalize_with_stats`) with
 a per-(group, channel) affine.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import torch
 
+from . import _native
 from ._base import BatchStatNorm, Dims1d, Dims2d, Dims3d
 from ._function import normalize_with_stats
 from ._moments import batch_moments, centred_var, ill_conditioned
@@ -154,7 +158,9 @@ def _check_limits(owner: str, rmax, dmax) -> tuple[float, float]:
 # The CPU fast path of a single group: per-channel algebra on numpy views (a torch call on
 # a vector of a few hundred floats costs some 4 us, a numpy one under 1 us; see
 # ``bkn.layers._function.per_channel``) and one pass over ``x`` for its moments.
-# Tests switch it off to exercise the torch algebra (the path used on GPUs).
+# Tests switch it off to exercise the torch algebra (the path used on GPUs). Both are used
+# only where the compiled kernels (bkn/csrc/fused_norm.cpp, ``Renorm``) are off or do not
+# take the tensors (see bkn.layers._native).
 _NUMPY_FAST_PATH = True
 
 
@@ -328,7 +334,17 @@ class _BatchRenorm(BatchStatNorm):
         params, eps = self._parameters, self.eps
         weight, bias = params["weight"], params["bias"]
         single = groups == 1 and x.dtype == sigma_t.dtype and (weight is None or weight.dtype == x.dtype)
-        if single and _NUMPY_FAST_PATH and x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES:
+        native = _native.load() if single else None
+        out = None
+        if native is not None:  # [] when the compiled path does not take these tensors
+            b = self._buffers
+            momentum = self.momentum
+            out = native.renorm(x, weight, bias, b["running_mean"], sigma_t, b["running_var"],
+                                b["num_batches_tracked"], math.nan if momentum is None else momentum, rmax, dmax, eps)
+        if out:
+            y, *stats = out
+            raw = tuple(stats)  # (m_o, sigma_B, r, d)
+        elif single and _NUMPY_FAST_PATH and x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES:
             args, raw = self._single_group_numpy(x.detach(), rmax, dmax)
             y = _Renorm.apply(x, weight, bias, *args, eps)
         else:

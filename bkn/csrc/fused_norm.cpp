@@ -1,0 +1,582 @@
+// Fused training-mode kernels of the batch-statistic norms (BKN, ghost-batch BN, BRN) for
+// CPU float32/float64 tensors, as C++ autograd Functions.
+//
+// Why C++: the maths is the same as bkn/layers/_function.py (_NormalizeWithStats) and
+// bkn/layers/renorm.py (_Renorm), which stay as the reference and the fallback. What the
+// Python Functions cannot shed is their fixed cost per call: the Python autograd Function
+// machinery, some 40 per-channel operations at microseconds of dispatch each, and four
+// or five separate native kernels. At the small shapes of deep ResNet stages (2x512x7x7)
+// that fixed cost is larger than the normalization itself.
+//
+// Here each (group, channel) is one unit of work, as in ATen's own CPU batch-norm kernel:
+//   forward:  one parallel pass for the exact moments (two passes over the unit's values,
+//             the second from cache, accumulated in double), the per-channel algebra as
+//             plain loops, one parallel pass y = a x + b;
+//   backward: one parallel pass in which a unit computes S1 = sum(dy),
+//             S2 = sum(dy (x - m)), its closed-form coefficients and then
+//             dx = ws dy + x_coef x + const while its values are still in cache.
+// Inputs that are not NC...-contiguous (channels_last) are made so first, and outputs are
+// returned in the input's memory format.
+//
+// Built on first use by bkn/layers/_native.py (torch.utils.cpp_extension.load).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Maybe = std::optional<Tensor>;
+
+Tensor get(const Maybe& t) { return t.has_value() ? *t : Tensor(); }
+
+// ctx->needs_input_grad(i) counts only the tensors given, while backward returns one
+// gradient per argument: map argument positions to the inputs' indices (-1: not given).
+std::vector<int64_t> input_index(std::initializer_list<bool> given) {
+  std::vector<int64_t> index;
+  int64_t next = 0;
+  for (bool g : given) index.push_back(g ? next++ : -1);
+  return index;
+}
+
+bool needs_grad(AutogradContext* ctx, int64_t argument) {
+  const auto index = ctx->saved_data["input_index"].toIntVector()[argument];
+  return index >= 0 && ctx->needs_input_grad(index);
+}
+
+// A (G, C) view of a per-channel tensor of shape (), (C,), (1, C) or (G, C): element (g, c).
+template <typename T>
+struct Rows {
+  const T* data = nullptr;
+  int64_t sg = 0, sc = 0;
+  Rows() = default;
+  explicit Rows(const Tensor& t) : data(t.data_ptr<T>()) {
+    if (t.dim() == 1) {
+      sc = t.stride(0);
+    } else if (t.dim() == 2) {
+      sg = t.size(0) == 1 ? 0 : t.stride(0);
+      sc = t.stride(1);
+    }
+  }
+  T operator()(int64_t g, int64_t c) const { return data[g * sg + c * sc]; }
+};
+
+template <typename T>
+Rows<T> rows_or_empty(const Tensor& t) {
+  return t.defined() ? Rows<T>(t) : Rows<T>();
+}
+
+// The values of (N, C, *S) that one statistic covers: unit (g, c) is channel c of the
+// samples of group g, i.e. N / G planes of S contiguous values.
+struct Units {
+  int64_t N, C, S, G, per_group;
+  Units(const Tensor& x, int64_t groups)
+      : N(x.size(0)), C(x.size(1)), S(x.numel() / std::max<int64_t>(x.size(0) * x.size(1), 1)), G(groups),
+        per_group(x.size(0) / groups) {}
+  int64_t count() const { return per_group * S; }
+  int64_t offset(int64_t g, int64_t c, int64_t k) const { return ((g * per_group + k) * C + c) * S; }
+
+  // f(g, c) for every unit, in parallel (about 32k values per task).
+  template <typename F>
+  void for_each(const F& f) const {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(count(), 1));
+    at::parallel_for(0, G * C, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) f(u / C, u % C);
+    });
+  }
+};
+
+// Sums are accumulated in the input's dtype over chunks of CHUNK values (so that the loops
+// vectorize; rounding error about 1e-6 relative in float32) and the chunks' sums in double.
+constexpr int64_t CHUNK = 1024;
+
+// Sum of f(i) over i in [0, S).
+template <typename T, typename F>
+double chunked_sum(int64_t S, const F& f) {
+  double total = 0;
+  for (int64_t j = 0; j < S; j += CHUNK) {
+    const int64_t end = std::min(S, j + CHUNK);
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = j; i < end; ++i) acc += f(i);
+    total += double(acc);
+  }
+  return total;
+}
+
+// Exact mean and biased variance of every unit, (G, C) each: two passes over the unit's
+// values, the second (centred, no cancellation) from cache.
+template <typename T>
+std::pair<Tensor, Tensor> unit_moments(const Tensor& x, const Units& u) {
+  auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor mean = at::empty({u.G, u.C}, opts), var = at::empty({u.G, u.C}, opts);
+  const T* px = x.data_ptr<T>();
+  T *pm = mean.data_ptr<T>(), *pv = var.data_ptr<T>();
+  const int64_t S = u.S;
+  const double inv = 1.0 / double(u.count());
+  u.for_each([&](int64_t g, int64_t c) {
+    double s = 0, q = 0;
+    for (int64_t k = 0; k < u.per_group; ++k) {
+      const T* p = px + u.offset(g, c, k);
+      s += chunked_sum<T>(S, [p](int64_t i) { return p[i]; });
+    }
+    const T m = T(s * inv);
+    for (int64_t k = 0; k < u.per_group; ++k) {
+      const T* p = px + u.offset(g, c, k);
+      q += chunked_sum<T>(S, [p, m](int64_t i) { return (p[i] - m) * (p[i] - m); });
+    }
+    pm[g * u.C + c] = m;
+    pv[g * u.C + c] = T(q * inv);
+  });
+  return {mean, var};
+}
+
+// y = a x + b per unit; a, b of shape (G, C).
+template <typename T>
+Tensor unit_affine(const Tensor& x, const Units& u, const Tensor& a, const Tensor& b) {
+  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const T *px = x.data_ptr<T>(), *pa = a.data_ptr<T>(), *pb = b.data_ptr<T>();
+  T* py = y.data_ptr<T>();
+  const int64_t S = u.S;
+  u.for_each([&](int64_t g, int64_t c) {
+    const T av = pa[g * u.C + c], bv = pb[g * u.C + c];
+    for (int64_t k = 0; k < u.per_group; ++k) {
+      const int64_t o = u.offset(g, c, k);
+      const T* p = px + o;
+      T* q = py + o;
+#pragma omp simd
+      for (int64_t i = 0; i < S; ++i) q[i] = av * p[i] + bv;
+    }
+  });
+  return y;
+}
+
+// The backward pass shared by every Function here. For each unit: S1 = sum(dy) and
+// S2 = sum(dy (x - m)) (zero without dy), then coef(g, c, S1, S2) -> {ws, x_coef, const},
+// then dx = ws dy + x_coef x + const (if dx is wanted).
+struct DxCoefficients {
+  double ws, x_coef, constant;
+};
+
+template <typename T, typename Coef>
+Tensor unit_backward(const Tensor& dy, const Tensor& x, const Units& u, const Tensor& mean, bool want_dx,
+                     const Coef& coef) {
+  Tensor dx = want_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : Tensor();
+  const T *px = x.data_ptr<T>(), *pm = mean.data_ptr<T>(), *pdy = dy.defined() ? dy.data_ptr<T>() : nullptr;
+  T* pdx = want_dx ? dx.data_ptr<T>() : nullptr;
+  const int64_t S = u.S;
+  u.for_each([&](int64_t g, int64_t c) {
+    double s1 = 0, s2 = 0;
+    if (pdy) {
+      const T m = pm[g * u.C + c];
+      for (int64_t k = 0; k < u.per_group; ++k) {
+        const int64_t o = u.offset(g, c, k);
+        const T *d = pdy + o, *p = px + o;
+        for (int64_t j = 0; j < S; j += CHUNK) {
+          const int64_t end = std::min(S, j + CHUNK);
+          T a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+          for (int64_t i = j; i < end; ++i) {
+            a1 += d[i];
+            a2 += d[i] * (p[i] - m);
+          }
+          s1 += double(a1);
+          s2 += double(a2);
+        }
+      }
+    }
+    const DxCoefficients k3 = coef(g, c, s1, s2);
+    if (!pdx) return;
+    const T ws = T(k3.ws), xc = T(k3.x_coef), k0 = T(k3.constant);
+    for (int64_t k = 0; k < u.per_group; ++k) {
+      const int64_t o = u.offset(g, c, k);
+      const T* p = px + o;
+      T* q = pdx + o;
+      if (pdy) {
+        const T* d = pdy + o;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) q[i] = ws * d[i] + xc * p[i] + k0;
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) q[i] = xc * p[i] + k0;
+      }
+    }
+  });
+  return dx;
+}
+
+// The kernels work on NC...-contiguous data; results go back in the input's format.
+Tensor in_format(const Tensor& t, at::MemoryFormat format) {
+  return format == at::MemoryFormat::Contiguous ? t : t.contiguous(format);
+}
+
+void save_format(AutogradContext* ctx, const Tensor& x) {
+  ctx->saved_data["format"] = static_cast<int64_t>(x.suggest_memory_format());
+}
+
+at::MemoryFormat saved_format(AutogradContext* ctx) {
+  return static_cast<at::MemoryFormat>(ctx->saved_data["format"].toInt());
+}
+
+// Sum a (G, C) gradient down to the shape of the input it belongs to: (), (C,), (1, C) or (G, C).
+Tensor reduce_to(const Tensor& t, at::IntArrayRef shape) {
+  if (t.sizes() == shape) return t;
+  if (shape.empty()) return t.sum();
+  if (t.size(0) == 1) return t.view(shape);  // one group: (1, C) to (C,), no reduction
+  if (shape.size() == 1) return t.sum(0);
+  return t.sum(0, true);
+}
+
+// ------------------------------------------------------------------------------------------
+// Kalman / ghost-batch normalization: y = weight (x - m) / sqrt(v + eps) + bias, with the
+// posterior (m, v) of the observed moments and an optional prior (spec 1.1); see the
+// docstring of bkn/layers/_function.py for the update and its backward.
+struct KalmanOptions {
+  int64_t groups;
+  double eps, guard, gain, momentum;
+};
+
+// Counts this training step in ``steps`` (num_batches_tracked, if given) and returns the EMA
+// factor: ``momentum``, or 1 / steps for a cumulative average (momentum NaN, torch's None).
+double count_step(const Tensor& steps, double momentum) {
+  if (!steps.defined()) return std::isnan(momentum) ? 0.0 : momentum;
+  int64_t& n = *steps.data_ptr<int64_t>();
+  n += 1;
+  return std::isnan(momentum) ? 1.0 / double(n) : momentum;
+}
+
+// The compiled path takes CPU float32/float64 tensors of one dtype (and an int64 step
+// counter); anything else goes to the Python Functions, told by an empty result.
+bool compiled_path_takes(const Tensor& x, std::initializer_list<const Maybe*> tensors, const Maybe& steps) {
+  if (!x.device().is_cpu() || (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble)) return false;
+  for (const Maybe* t : tensors)
+    if (t->has_value() && (!(*t)->device().is_cpu() || (*t)->scalar_type() != x.scalar_type())) return false;
+  return !steps.has_value() || (steps->device().is_cpu() && steps->scalar_type() == at::kLong);
+}
+
+struct KalmanNorm : public torch::autograd::Function<KalmanNorm> {
+  // Optional inputs are std::optional: autograd rejects undefined tensors as inputs.
+  static variable_list forward(AutogradContext* ctx, Tensor x, Maybe weight, Maybe bias, Maybe prior_mean,
+                               Maybe prior_var, Maybe gain, Maybe obs_mean, Maybe obs_var, Maybe running_mean,
+                               Maybe running_var, Maybe steps, KalmanOptions o) {
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["input_index"] = input_index(
+        {true, weight.has_value(), bias.has_value(), prior_mean.has_value(), prior_var.has_value(), gain.has_value(),
+         obs_mean.has_value(), obs_var.has_value(), running_mean.has_value(), running_var.has_value(),
+         steps.has_value()});
+    variable_list out;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bkn_kalman_forward", [&] {
+      out = forward_impl<scalar_t>(ctx, x, get(weight), get(bias), get(prior_mean), get(prior_var), get(gain),
+                                   get(obs_mean), get(obs_var), get(running_mean), get(running_var), get(steps), o);
+    });
+    return out;
+  }
+
+  template <typename T>
+  static variable_list forward_impl(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight,
+                                    const Tensor& bias, const Tensor& prior_mean, const Tensor& prior_var,
+                                    const Tensor& gain, const Tensor& obs_mean_in, const Tensor& obs_var_in,
+                                    const Tensor& running_mean, const Tensor& running_var, const Tensor& steps,
+                                    const KalmanOptions& o) {
+    const Tensor x = x_in.contiguous();
+    const Units u(x, o.groups);
+    const int64_t G = u.G, C = u.C;
+    bool has_prior = prior_mean.defined();
+
+    Tensor obs_mean, obs_var;
+    if (obs_mean_in.defined()) {
+      obs_mean = obs_mean_in.expand({G, C}).contiguous();
+      obs_var = obs_var_in.expand({G, C}).contiguous();
+    } else {
+      std::tie(obs_mean, obs_var) = unit_moments<T>(x, u);
+    }
+    const T *mo = obs_mean.data_ptr<T>(), *vo = obs_var.data_ptr<T>();
+
+    // Gain, then the guard of the official code: mean over (G, C) of v_p / v_o >= guard.
+    const bool gain_tensor = gain.defined();
+    if (has_prior && !gain_tensor && o.gain == 0.0) has_prior = false;
+    if (has_prior && std::isfinite(o.guard)) {
+      const Rows<T> vp(prior_var);
+      double ratio = 0;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c) ratio += double(vp(g, c)) / double(vo[g * C + c]);
+      if (ratio >= o.guard * double(G * C)) has_prior = false;  // (a NaN ratio fails, as in Python)
+    }
+
+    // One (6, G, C) block for the per-unit quantities: posterior mean and var (outputs),
+    // inverse std, the normalization's scale and shift, and m_o - m_p.
+    Tensor block = at::empty({6, G, C}, obs_mean.options());
+    Tensor mean = has_prior ? block[0] : obs_mean, var = has_prior ? block[1] : obs_var;
+    Tensor inv_std = block[2], scale = block[3], shift = block[4], diff = block[5];
+    T *m = mean.data_ptr<T>(), *v = var.data_ptr<T>(), *is = inv_std.data_ptr<T>(), *sc = scale.data_ptr<T>(),
+      *sh = shift.data_ptr<T>(), *d = diff.data_ptr<T>();
+    const bool w = weight.defined(), b = bias.defined();
+    const Rows<T> wr = rows_or_empty<T>(weight), br = rows_or_empty<T>(bias);
+    const Rows<T> mp = rows_or_empty<T>(has_prior ? prior_mean : Tensor());
+    const Rows<T> vp = rows_or_empty<T>(has_prior ? prior_var : Tensor());
+    const Rows<T> pr = rows_or_empty<T>(gain_tensor ? gain : Tensor());
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = g * C + c;
+        if (has_prior) {
+          const T p = gain_tensor ? pr(g, c) : T(o.gain);
+          d[i] = mo[i] - mp(g, c);
+          m[i] = mo[i] - p * d[i];
+          v[i] = vo[i] * (1 - p) + vp(g, c) * p + d[i] * d[i] * (p - p * p);
+        }
+        is[i] = T(1) / std::sqrt(v[i] + T(o.eps));
+        sc[i] = w ? is[i] * wr(g, c) : is[i];
+        sh[i] = (b ? br(g, c) : T(0)) - m[i] * sc[i];
+      }
+
+    if (running_mean.defined()) {  // EMA of the statistics, averaged over groups; var scaled by n / (n - 1)
+      T *rm = running_mean.data_ptr<T>(), *rv = running_var.data_ptr<T>();
+      const int64_t count = u.count();
+      const T f = T(count_step(steps, o.momentum)), unbiased = count > 1 ? T(double(count) / double(count - 1)) : T(1);
+      for (int64_t c = 0; c < C; ++c) {
+        T sm = 0, sv = 0;
+        for (int64_t g = 0; g < G; ++g) sm += m[g * C + c], sv += v[g * C + c];
+        rm[c] = rm[c] * (1 - f) + f * (sm / T(G));
+        rv[c] = rv[c] * (1 - f) + (f * unbiased) * (sv / T(G));
+      }
+    }
+
+    // A fresh tensor, never a view of x: callers apply in-place ops to a norm's output.
+    Tensor y = in_format(unit_affine<T>(x, u, scale, shift), x_in.suggest_memory_format());
+    save_format(ctx, x_in);
+
+    ctx->save_for_backward({x, weight, mean});
+    ctx->saved_data["block"] = block;
+    ctx->saved_data["obs_mean"] = obs_mean;
+    ctx->saved_data["has_prior"] = has_prior;
+    ctx->saved_data["groups"] = G;
+    ctx->saved_data["bias_sizes"] = bias.defined() ? bias.sizes().vec() : std::vector<int64_t>{};
+    if (has_prior) {
+      ctx->saved_data["obs_var"] = obs_var;
+      ctx->saved_data["prior_var"] = prior_var;
+      ctx->saved_data["gain"] = gain_tensor ? gain : at::scalar_tensor(o.gain, obs_mean.options());
+      ctx->saved_data["prior_mean_sizes"] = prior_mean.sizes().vec();
+    }
+    // Distinct tensors: the posterior is differentiable, the observation is not.
+    if (!has_prior) {
+      obs_mean = obs_mean.clone();
+      obs_var = obs_var.clone();
+    }
+    ctx->mark_non_differentiable({obs_mean, obs_var});
+    return {y, mean, var, obs_mean, obs_var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    variable_list result;
+    AT_DISPATCH_FLOATING_TYPES(saved[0].scalar_type(), "bkn_kalman_backward", [&] {
+      result = backward_impl<scalar_t>(ctx, saved, grads);
+    });
+    return result;
+  }
+
+  template <typename T>
+  static variable_list backward_impl(AutogradContext* ctx, const variable_list& saved, const variable_list& grads) {
+    const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2];
+    const Tensor dy = grads[0].defined() ? grads[0].contiguous() : Tensor();
+    const Tensor dmean_ext = grads[1].defined() ? grads[1].contiguous() : Tensor();
+    const Tensor dvar_ext = grads[2].defined() ? grads[2].contiguous() : Tensor();
+    const Units u(x, ctx->saved_data["groups"].toInt());
+    const int64_t G = u.G, C = u.C;
+    const bool has_prior = ctx->saved_data["has_prior"].toBool();
+    const Tensor block = ctx->saved_data["block"].toTensor(), obs_mean = ctx->saved_data["obs_mean"].toTensor();
+
+    // Per-unit outputs besides dx: sum(dy), sum(dy xhat), and the prior's three gradients.
+    Tensor sums = at::empty({has_prior ? 5 : 2, G, C}, mean.options());
+    T *sum_dy = sums[0].data_ptr<T>(), *sum_dy_xhat = sums[1].data_ptr<T>();
+    T *dmp = has_prior ? sums[2].data_ptr<T>() : nullptr, *dvp = has_prior ? sums[3].data_ptr<T>() : nullptr,
+      *dp = has_prior ? sums[4].data_ptr<T>() : nullptr;
+    const T *is = block[2].data_ptr<T>(), *d = block[5].data_ptr<T>(), *mo = obs_mean.data_ptr<T>();
+    const Rows<T> wr = rows_or_empty<T>(weight);
+    const T* dme = dmean_ext.defined() ? dmean_ext.data_ptr<T>() : nullptr;
+    const T* dve = dvar_ext.defined() ? dvar_ext.data_ptr<T>() : nullptr;
+    Tensor prior_var, obs_var, gain;
+    Rows<T> vp, pr;
+    const T* vo = nullptr;
+    if (has_prior) {
+      prior_var = ctx->saved_data["prior_var"].toTensor();
+      obs_var = ctx->saved_data["obs_var"].toTensor();
+      gain = ctx->saved_data["gain"].toTensor();
+      vp = Rows<T>(prior_var), pr = Rows<T>(gain), vo = obs_var.data_ptr<T>();
+    }
+    const bool w = weight.defined();
+    const double inv_count = 1.0 / double(u.count());
+
+    // Closed-form coefficients (module docstring of bkn/layers/_function.py).
+    auto coef = [&](int64_t g, int64_t c, double s1, double s2) {
+      const int64_t i = g * C + c;
+      const double isv = is[i], wsi = w ? isv * double(wr(g, c)) : isv, s2x = s2 * isv;
+      double dmean = -wsi * s1, dvar = -0.5 * wsi * isv * s2x;
+      if (dme) dmean += double(dme[i]);
+      if (dve) dvar += double(dve[i]);
+      double dmo = dmean, dvo = dvar;
+      if (has_prior) {
+        const double p = pr(g, c), di = d[i], cross = di * dvar * (2 * (p - p * p));
+        dmo = dmean * (1 - p) + cross;
+        dvo = dvar * (1 - p);
+        dmp[i] = T(dmean * p - cross);
+        dvp[i] = T(dvar * p);
+        dp[i] = T((double(vp(g, c)) - double(vo[i]) + di * di * (1 - 2 * p)) * dvar - di * dmean);
+      }
+      sum_dy[i] = T(s1);
+      sum_dy_xhat[i] = T(s2x);
+      const double x_coef = 2 * dvo * inv_count;
+      return DxCoefficients{wsi, x_coef, dmo * inv_count - x_coef * double(mo[i])};
+    };
+    Tensor dx = unit_backward<T>(dy, x, u, mean, needs_grad(ctx, 0), coef);
+
+    variable_list out(12);
+    if (dx.defined()) out[0] = in_format(dx, saved_format(ctx));
+    auto sizes = [&](const char* key) { return ctx->saved_data[key].toIntVector(); };
+    if (needs_grad(ctx, 1)) out[1] = reduce_to(sums[1], weight.sizes());
+    if (needs_grad(ctx, 2)) out[2] = reduce_to(sums[0], sizes("bias_sizes"));
+    if (has_prior) {
+      if (needs_grad(ctx, 3)) out[3] = reduce_to(sums[2], sizes("prior_mean_sizes"));
+      if (needs_grad(ctx, 4)) out[4] = reduce_to(sums[3], prior_var.sizes());
+      if (needs_grad(ctx, 5)) out[5] = reduce_to(sums[4], gain.sizes());
+    }
+    return out;
+  }
+};
+
+std::vector<Tensor> kalman_norm(const Tensor& x, Maybe weight, Maybe bias, Maybe prior_mean, Maybe prior_var,
+                                Maybe gain_tensor, double gain, Maybe obs_mean, Maybe obs_var, int64_t groups,
+                                double eps, double guard, Maybe running_mean, Maybe running_var, Maybe steps,
+                                double momentum) {
+  if (!compiled_path_takes(x, {&weight, &bias, &prior_mean, &prior_var, &gain_tensor, &obs_mean, &obs_var,
+                               &running_mean, &running_var}, steps))
+    return {};
+  KalmanOptions o{groups, eps, guard, gain, momentum};
+  return KalmanNorm::apply(x, weight, bias, prior_mean, prior_var, gain_tensor, obs_mean, obs_var, running_mean,
+                           running_var, steps, o);
+}
+
+// ------------------------------------------------------------------------------------------
+// Batch Renormalization, one group (spec 2): with the constant corrections r, d the output is
+// batch normalization with the affine (gamma r, beta + gamma d); see bkn/layers/renorm.py.
+// Returns (y, m_o, sigma_B, r, d).
+struct Renorm : public torch::autograd::Function<Renorm> {
+  static variable_list forward(AutogradContext* ctx, Tensor x, Maybe weight, Maybe bias, Tensor running_mean,
+                               Tensor running_std, Tensor running_var, Tensor steps, double momentum, double rmax,
+                               double dmax, double eps) {
+    ctx->saved_data["input_index"] =
+        input_index({true, weight.has_value(), bias.has_value(), true, true, true, true});
+    const double factor = count_step(steps, momentum);
+    variable_list out;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bkn_renorm_forward", [&] {
+      out = forward_impl<scalar_t>(ctx, x, get(weight), get(bias), running_mean, running_std, running_var, rmax,
+                                   dmax, factor, eps);
+    });
+    return out;
+  }
+
+  template <typename T>
+  static variable_list forward_impl(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight,
+                                    const Tensor& bias, const Tensor& running_mean, const Tensor& running_std,
+                                    const Tensor& running_var, double rmax, double dmax, double factor, double eps) {
+    const Tensor x = x_in.contiguous();
+    const Units u(x, 1);
+    const int64_t C = u.C;
+    Tensor obs_mean, obs_var;
+    std::tie(obs_mean, obs_var) = unit_moments<T>(x, u);
+    // Rows: sigma_B, 1 / sigma_B, r, d, scale, shift of the normalization (y = scale x + shift).
+    Tensor block = at::empty({6, 1, C}, obs_mean.options());
+    const T *m = obs_mean.data_ptr<T>(), *v = obs_var.data_ptr<T>();
+    T *sb = block[0].data_ptr<T>(), *is = block[1].data_ptr<T>(), *pr = block[2].data_ptr<T>(),
+      *pd = block[3].data_ptr<T>(), *sc = block[4].data_ptr<T>(), *sh = block[5].data_ptr<T>();
+    const T* w = weight.defined() ? weight.data_ptr<T>() : nullptr;
+    const T* b = bias.defined() ? bias.data_ptr<T>() : nullptr;
+    T *mu = running_mean.data_ptr<T>(), *sigma = running_std.data_ptr<T>(), *rv = running_var.data_ptr<T>();
+    const T f = T(factor), lo_r = T(1.0 / rmax), hi_r = T(rmax), hi_d = T(dmax);
+    for (int64_t c = 0; c < C; ++c) {
+      sb[c] = std::sqrt(v[c] + T(eps));
+      is[c] = T(1) / sb[c];
+      const T dm = m[c] - mu[c];
+      pr[c] = std::min(std::max(sb[c] / sigma[c], lo_r), hi_r);
+      pd[c] = std::min(std::max(dm / sigma[c], -hi_d), hi_d);
+      mu[c] += f * dm;  // running estimates: mu towards m_o, sigma towards sigma_B
+      sigma[c] = sigma[c] * (1 - f) + sb[c] * f;
+      rv[c] = sigma[c] * sigma[c] - T(eps);
+      const T gamma = w ? w[c] : T(1), beta = b ? b[c] : T(0);
+      sc[c] = gamma * pr[c] * is[c];
+      sh[c] = beta + gamma * pd[c] - m[c] * sc[c];
+    }
+    Tensor y = in_format(unit_affine<T>(x, u, block[4], block[5]), x_in.suggest_memory_format());
+    save_format(ctx, x_in);
+    ctx->save_for_backward({x, weight, obs_mean});
+    ctx->saved_data["block"] = block;
+    Tensor mean = obs_mean[0], std_b = block[0][0].clone(), r = block[2][0].clone(), d = block[3][0].clone();
+    ctx->mark_non_differentiable({mean, std_b, r, d});
+    return {y, mean, std_b, r, d};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    variable_list result;
+    AT_DISPATCH_FLOATING_TYPES(saved[0].scalar_type(), "bkn_renorm_backward", [&] {
+      result = backward_impl<scalar_t>(ctx, saved, grads);
+    });
+    return result;
+  }
+
+  // Batch normalization's backward with the weight gamma r (r, d constant), then
+  // dgamma = r sum(dy xhat) + d sum(dy), dbeta = sum(dy).
+  template <typename T>
+  static variable_list backward_impl(AutogradContext* ctx, const variable_list& saved, const variable_list& grads) {
+    variable_list out(11);
+    if (!grads[0].defined()) return out;
+    const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2];
+    const Tensor dy = grads[0].contiguous();
+    const Units u(x, 1);
+    const Tensor block = ctx->saved_data["block"].toTensor();
+    const T *is = block[1].data_ptr<T>(), *pr = block[2].data_ptr<T>();
+    const T* w = weight.defined() ? weight.data_ptr<T>() : nullptr;
+    Tensor sums = at::empty({2, u.C}, mean.options());  // dbeta = sum(dy), dgamma
+    T *sum_dy = sums[0].data_ptr<T>(), *dgamma = sums[1].data_ptr<T>();
+    const T* pd = block[3].data_ptr<T>();
+    const double inv_count = 1.0 / double(u.count());
+    const T* mo = mean.data_ptr<T>();
+    auto coef = [&](int64_t, int64_t c, double s1, double s2) {
+      const double isv = is[c], wsi = (w ? double(w[c]) : 1.0) * double(pr[c]) * isv, s2x = s2 * isv;
+      sum_dy[c] = T(s1);
+      dgamma[c] = T(double(pr[c]) * s2x + double(pd[c]) * s1);
+      const double dmean = -wsi * s1, dvar = -0.5 * wsi * isv * s2x, x_coef = 2 * dvar * inv_count;
+      return DxCoefficients{wsi, x_coef, dmean * inv_count - x_coef * double(mo[c])};
+    };
+    Tensor dx = unit_backward<T>(dy, x, u, mean, needs_grad(ctx, 0), coef);
+    if (dx.defined()) out[0] = in_format(dx, saved_format(ctx));
+    if (needs_grad(ctx, 1)) out[1] = sums[1];
+    if (needs_grad(ctx, 2)) out[2] = sums[0];
+    return out;
+  }
+};
+
+std::vector<Tensor> renorm(const Tensor& x, Maybe weight, Maybe bias, const Tensor& running_mean,
+                           const Tensor& running_std, const Tensor& running_var, const Tensor& steps,
+                           double momentum, double rmax, double dmax, double eps) {
+  const Maybe mu(running_mean), sigma(running_std), var(running_var), count(steps);
+  if (!compiled_path_takes(x, {&weight, &bias, &mu, &sigma, &var}, count)) return {};
+  return Renorm::apply(x, weight, bias, running_mean, running_std, running_var, steps, momentum, rmax, dmax, eps);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bkn: fused training-mode kernels of the batch-statistic norms (CPU, float32/float64)";
+  m.def("kalman_norm", &kalman_norm,
+        "Kalman / ghost-batch normalization: (y, mean, var, obs_mean, obs_var), or [] for the Python path");
+  m.def("renorm", &renorm, "Batch Renormalization, one group: (y, m_o, sigma_B, r, d), or [] for the Python path");
+}

@@ -1,0 +1,83 @@
+"""The compiled kernels of ``bkn/csrc/fused_norm.cpp``, built on first use; or None.
+
+The training forward and backward of BKN, ghost-batch BN and BRN exist twice: as Python
+autograd Functions (``_function.py``, ``renorm.py``; they run everywhere and are the
+reference) and as C++ autograd Functions for CPU float32/float64 tensors. The maths is
+the same; the C++ ones shed the fixed cost of the Python ones (the autograd Function
+machinery and dozens of per-channel operations at microseconds of dispatch each), which
+dominates at the small shapes of deep network stages.
+
+The extension is compiled with :func:`torch.utils.cpp_extension.load` the first time a
+layer needs it (about a minute, once per machine and source version), into torch's
+extension cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a
+name that carries a hash of the source, so that checkouts of different commits do not
+rebuild each other's builds. It needs a C++ compiler and ninja (a dependency of this
+package). If the build fails, or ``BKN_NATIVE=0`` is set, a warning says so once and the
+layers use the Python Functions: same results, slower at small shapes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import sys
+import warnings
+
+import torch
+
+SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "fused_norm.cpp"
+ENV_SWITCH = "BKN_NATIVE"
+
+_module = None
+_tried = False
+
+
+def enabled() -> bool:
+    """False when ``BKN_NATIVE`` is set to 0/false/no/off."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _ninja_on_path() -> None:
+    # cpp_extension runs `ninja` from PATH; a venv that is not activated lacks its bin/.
+    try:
+        import ninja
+    except ImportError:
+        return
+    bindir = getattr(ninja, "BIN_DIR", None)
+    if bindir and bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
+
+
+def build(verbose: bool = False):
+    """Compile (or load from the cache) the extension; return the module. Raises on failure."""
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    name = f"bkn_fused_{digest}"
+    directory = pathlib.Path(cpp_extension._get_build_directory(name, verbose=False))
+    if not (directory / f"{name}.so").exists():
+        print(f"bkn: compiling the fused C++ kernels into {directory} (once per machine, about a minute)",
+              file=sys.stderr, flush=True)
+    # -fopenmp: at::parallel_for runs serially without it. The extension then shares torch's
+    # own OpenMP runtime (the same soname, already loaded), so torch.set_num_threads governs it.
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"], verbose=verbose)
+
+
+def load():
+    """The compiled module, or None (disabled, or the build failed: warned once)."""
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if not enabled():
+        return None
+    try:
+        _module = build()
+    except Exception as error:  # no compiler, no ninja, a broken toolchain: fall back, loudly
+        warnings.warn(f"bkn: the fused C++ kernels could not be built ({type(error).__name__}: {error}); "
+                      f"using the Python implementation (same results, slower at small shapes). "
+                      f"Set {ENV_SWITCH}=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
+        _module = None
+    return _module

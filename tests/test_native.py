@@ -1,0 +1,272 @@
+"""The compiled kernels (bkn/csrc/fused_norm.cpp) against the Python autograd Functions.
+
+The Python Functions are checked against independent numpy transcriptions of the spec
+in test_kalman.py and test_renorm.py (which run every test on both paths); here the
+two implementations are compared with each other on random cases, in float64, down to
+rounding: outputs, posterior and observed statistics, every gradient, running buffers
+and the step counter. Plus the plumbing: the build, the switch, the fallbacks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bkn import BatchKalmanNorm2d, BatchRenorm2d
+from bkn.layers import _function, _native, renorm
+
+F64 = torch.float64
+
+
+@pytest.fixture
+def native():
+    module = _native.load()
+    if module is None:
+        pytest.skip("the compiled kernels are off (BKN_NATIVE=0) or could not be built")
+    return module
+
+
+def test_compiled_kernels_are_built_unless_switched_off():
+    """CI has a compiler and ninja: a silent fallback would hide a broken build (and the speed)."""
+    if not _native.enabled():
+        pytest.skip(f"{_native.ENV_SWITCH}=0")
+    assert _native.load() is not None, "bkn/csrc/fused_norm.cpp did not build: see the RuntimeWarning"
+
+
+def test_switch_off_and_build_failure_fall_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setenv(_native.ENV_SWITCH, "0")
+    assert _native.load() is None  # switched off: no attempt, no warning
+
+    def broken(verbose=False):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setenv(_native.ENV_SWITCH, "1")
+    monkeypatch.setattr(_native, "build", broken)
+    with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
+        assert _native.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not at every call
+        assert _native.load() is None
+    # The layers still work, on the Python Functions.
+    layer = BatchKalmanNorm2d(3)
+    y = layer(torch.randn(4, 3, 2, 2), prior=(torch.zeros(3), torch.ones(3)))
+    assert torch.isfinite(y).all() and layer.prior_used
+
+
+def test_tensors_the_compiled_path_does_not_take_go_to_python(native):
+    x = torch.randn(4, 3, 2, 2)
+    w, b = torch.ones(3), torch.zeros(3)
+    args = dict(gain_tensor=None, gain=0.5, obs_mean=None, obs_var=None, groups=1, eps=1e-5, guard=100.0,
+                running_mean=None, running_var=None, steps=None, momentum=0.1)
+
+    def call(x, w, b, m, v):
+        return native.kalman_norm(x, w, b, m, v, *args.values())
+
+    assert len(call(x, w, b, torch.zeros(3), torch.ones(3))) == 5
+    assert call(x, w, b, torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)) == []  # mixed dtypes
+    assert call(x.bfloat16(), w.bfloat16(), b.bfloat16(), torch.zeros(3), torch.ones(3)) == []  # bfloat16
+    # ... and the layer gives the Python Function's result for them.
+    layer = BatchKalmanNorm2d(3, p=0.5, guard=None)
+    prior = (torch.randn(3, dtype=F64), torch.rand(3, dtype=F64) + 0.5)
+    y = layer(x, prior=prior)
+    ref = _function._NormalizeWithStats.apply(x, layer.weight, layer.bias, *prior, 0.5, None, None, 1, 1e-5,
+                                              math.inf, None)[0]
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+# -- Kalman / ghost-batch normalization: compiled vs Python Function --------------------------
+
+@st.composite
+def kalman_cases(draw):
+    groups = draw(st.integers(1, 3))
+    n = groups * draw(st.integers(1, 3))
+    c = draw(st.integers(1, 5))
+    spatial = draw(st.sampled_from([(), (3,), (2, 3), (2, 1, 3)]))
+    if n // groups * math.prod(spatial) < 2:  # at least two values per statistic
+        spatial = (2,) + spatial
+    prior = draw(st.sampled_from([None, "C", "GC"]))
+    gain = draw(st.sampled_from(["float", "scalar", "C", "GC"])) if prior else "none"
+    return dict(groups=groups, shape=(n, c) + spatial, prior=prior, gain=gain,
+                affine=draw(st.booleans()), running=draw(st.sampled_from([None, 0.1, "cumulative"])),
+                guard=draw(st.sampled_from([math.inf, 100.0, 0.5])), observed=draw(st.booleans()),
+                channels_last=draw(st.booleans()) and len(spatial) == 2,
+                loss_on=draw(st.sampled_from(["y", "posterior", "both"])), seed=draw(st.integers(0, 2 ** 16)))
+
+
+def _kalman_inputs(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    shape, groups = case["shape"], case["groups"]
+    c = shape[1]
+
+    def rand(*size, low=None):
+        t = torch.rand(size, generator=gen, dtype=F64) + low if low is not None else \
+            torch.randn(size, generator=gen, dtype=F64)
+        return t.requires_grad_()
+
+    x = (torch.randn(shape, generator=gen, dtype=F64) * 2 + 0.5)
+    if case["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b = (rand(c, low=0.5), rand(c)) if case["affine"] else (None, None)
+    prior = None
+    if case["prior"]:
+        size = (c,) if case["prior"] == "C" else (groups, c)
+        prior = (rand(*size), rand(*size, low=0.5))
+    gain = {"none": None, "float": 0.7, "scalar": rand(low=0.1).detach().mul(0.8).requires_grad_(),
+            "C": rand(c, low=0.0).detach().requires_grad_(),
+            "GC": rand(groups, c, low=0.0).detach().requires_grad_()}[case["gain"]]
+    observed = None
+    if case["observed"]:
+        with torch.no_grad():
+            observed = _function.batch_moments(x, groups)
+    dy = torch.randn(shape, generator=gen, dtype=F64)
+    dm, dv = torch.randn(groups, c, generator=gen, dtype=F64), torch.randn(groups, c, generator=gen, dtype=F64)
+    return x, w, b, prior, gain, observed, dy, (dm, dv)
+
+
+def _run_kalman(case, compiled: bool, monkeypatch):
+    x, w, b, prior, gain, observed, dy, (dm, dv) = _kalman_inputs(case)
+    c = case["shape"][1]
+    running = None
+    buffers = (torch.zeros(c, dtype=F64), torch.ones(c, dtype=F64), torch.tensor(3))
+    if case["running"] is not None:
+        running = (*buffers, None if case["running"] == "cumulative" else case["running"])
+    with monkeypatch.context() as m:
+        if not compiled:
+            m.setattr(_native, "load", lambda: None)
+        y, mean, var, obs_mean, obs_var = _function.normalize_with_stats(
+            x, w, b, prior=prior, gain=gain, observed=observed, groups=case["groups"], guard=case["guard"],
+            running=running)
+    loss = 0
+    if case["loss_on"] in ("y", "both"):
+        loss = loss + (y * dy).sum()
+    if case["loss_on"] in ("posterior", "both"):
+        loss = loss + (mean * dm).sum() + (var * dv).sum()
+    inputs = [t for t in (x, w, b, *(prior or ()), gain) if isinstance(t, torch.Tensor)]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return dict(y=y.detach(), y_format_cl=y.is_contiguous(memory_format=torch.channels_last),
+                stats=[t.detach() for t in (mean, var, obs_mean, obs_var)], grads=grads,
+                x_grad_cl=grads[0] is not None and grads[0].is_contiguous(memory_format=torch.channels_last),
+                buffers=[t.clone() for t in buffers])
+
+
+@given(kalman_cases())
+def test_compiled_kalman_equals_python_function(case):
+    if _native.load() is None:
+        pytest.skip("the compiled kernels are off")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        got = _run_kalman(case, True, monkeypatch)
+        ref = _run_kalman(case, False, monkeypatch)
+    close = dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got["y"], ref["y"], **close)
+    for a, b in zip(got["stats"], ref["stats"]):
+        torch.testing.assert_close(a, b, **close)
+    for a, b in zip(got["grads"], ref["grads"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, **close)
+    for a, b in zip(got["buffers"], ref["buffers"]):
+        torch.testing.assert_close(a, b, **close)
+    if case["channels_last"]:  # outputs keep the input's memory format
+        assert got["y_format_cl"] and (got["grads"][0] is None or got["x_grad_cl"])
+
+
+def test_compiled_kalman_counts_steps_and_averages_cumulatively(native):
+    """momentum=None: factor 1 / num_batches_tracked after counting the step, as torch's BN."""
+    layer, bn = BatchKalmanNorm2d(3, momentum=None, group_size=2), torch.nn.BatchNorm2d(3, momentum=None)
+    for step in range(1, 4):
+        x = torch.randn(4, 3, 2, 2) * step
+        layer(x, prior=(torch.zeros(3), torch.ones(3)))
+        assert int(layer.num_batches_tracked) == step
+    assert torch.isfinite(layer.running_var).all()
+    # p=0 grouped (the compiled Function without prior) and BN agree on one group of 4.
+    g, b = BatchKalmanNorm2d(3, p=0.0, momentum=None), bn
+    for step in range(3):
+        x = torch.randn(4, 3, 2, 2) + step
+        g(x), b(x)
+    torch.testing.assert_close(g.running_mean, b.running_mean)
+    torch.testing.assert_close(g.running_var, b.running_var)
+
+
+# -- Batch Renormalization: compiled vs Python Function ---------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_renorm_equals_python_function(native, momentum, affine, channels_last):
+    def run(compiled: bool):
+        gen = torch.Generator().manual_seed(5)
+        layer = BatchRenorm2d(4, rmax=1.5, dmax=0.5, momentum=momentum, affine=affine).double()
+        load = _native.load
+        if not compiled:
+            _native.load = lambda: None
+        try:
+            grads, stats = [], []
+            for step in range(3):  # running estimates move, so r and d clip differently each step
+                x = torch.randn(3, 4, 5, 5, generator=gen, dtype=F64) * (1 + step) + step
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_()
+                y = layer(x)
+                y.backward(torch.randn(x.shape, generator=gen, dtype=F64))
+                grads.append(x.grad)
+                stats.append((y.detach(), *layer.last_rd, *layer.last_stats))
+        finally:
+            _native.load = load
+        params = [] if not affine else [layer.weight.grad, layer.bias.grad]
+        return grads, stats, params, [t.clone() for t in layer.buffers()]
+
+    got, ref = run(True), run(False)
+    for a, b in zip(got[0] + got[2] + got[3], ref[0] + ref[2] + ref[3]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got[1], ref[1]):
+        for s, t in zip(a, b):
+            torch.testing.assert_close(s, t, rtol=1e-10, atol=1e-10)
+    if channels_last:
+        assert got[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compiled_path_is_used_for_float_cpu_layers(native, monkeypatch):
+    """The layers reach the compiled kernels (not only the functional entry point)."""
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                calls.append(name)
+                return getattr(native, name)(*args)
+            return call
+
+    monkeypatch.setattr(_native, "load", lambda: Spy())
+    BatchKalmanNorm2d(3)(torch.randn(4, 3, 2, 2), prior=(torch.zeros(3), torch.ones(3))).sum().backward()
+    BatchRenorm2d(3, rmax=2.0, dmax=1.0)(torch.randn(4, 3, 2, 2)).sum().backward()
+    assert calls == ["kalman_norm", "renorm"]
+    assert renorm._NUMPY_FAST_PATH  # the numpy path stays the fallback
+
+
+@pytest.mark.skipif(os.environ.get(_native.ENV_SWITCH, "1") == "0", reason="compiled kernels off")
+def test_threads_do_not_change_results(native):
+    """The fused loops split work by (group, channel): results are bitwise the same at 1 and 2 threads."""
+    x = torch.randn(8, 16, 9, 9, dtype=F64, requires_grad=True)
+    prior = (torch.randn(16, dtype=F64), torch.rand(16, dtype=F64) + 0.5)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            layer = BatchKalmanNorm2d(16, group_size=2, dtype=F64)
+            y = layer(x, prior=prior)
+            (gx,) = torch.autograd.grad((y * y).sum(), x)
+            outs.append((y.detach(), gx))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
