@@ -1,23 +1,29 @@
-"""A short BKN-vs-BN comparison: ``python -m bkn.demo`` (the README's main job for now).
+"""A short BKN-vs-BN speed comparison: ``python -m bkn.demo`` (``nox -s demo``).
 
 Prints two tables measured on this machine with ``torch.utils.benchmark``:
 1. one normalization layer, forward+backward in training mode, at the ResNet stage
    shapes: native ``BatchNorm2d``, BKN with a prior (official update, p=0.9), BRN,
-   and their time relative to BN;
+   and their time relative to BN. The three are timed in turn, round after round, and
+   each ratio is the median over rounds of the ratio within a round (with its quartiles):
+   on a shared machine that is far steadier than two separate medians;
 2. one SGD step of the paper's CIFAR ResNet-20 at batch 8 with normalization groups of 2
    (the official micro-batch setting), for BN, BKN (official and analytic transitions),
    BRN and GN.
-Later issues replace this with the quick benchmark + probe + report pipeline.
+The asv suites (``suites/``) measure the full matrix and track it across commits; this
+is the quick look, and the check of the layers' speed target (BKN and BRN within 1.25x of
+native ``BatchNorm2d`` at every shape above).
 """
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 
 import torch
 from torch.utils import benchmark
 
 from . import norms
+from .layers import _native
 from .models import cifar_resnet
 
 LAYER_SHAPES = [(8, 64, 56, 56), (8, 256, 14, 14), (2, 512, 7, 7)]
@@ -29,7 +35,37 @@ def _time(fn, min_run_time: float) -> float:
         min_run_time=min_run_time).median
 
 
-def layer_table(min_run_time: float, seed: int) -> list[tuple]:
+def interleaved(fns: dict, min_run_time: float, rounds: int) -> dict:
+    """Per-call times of each function, measured in ``rounds`` interleaved blocks.
+
+    A shared machine's speed drifts over seconds; timing each candidate in turn within
+    every round and taking ratios per round cancels most of that drift. Returns
+    ``{name: [seconds per call, one per round]}``; each function gets about ``min_run_time``
+    seconds in all.
+    """
+    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+              for name, fn in fns.items()}
+    first = next(iter(timers.values()))
+    for fn in fns.values():
+        fn()  # warm-up
+    per_call = first.timeit(3).median
+    number = max(1, int(min_run_time / rounds / per_call))
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            samples[name].append(timer.timeit(number).median)
+    return samples
+
+
+def ratio_summary(samples: dict, name: str, base: str) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of ``samples[name] / samples[base]``."""
+    ratios = [a / b for a, b in zip(samples[name], samples[base])]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return q2, q1, q3
+
+
+def layer_table(min_run_time: float, seed: int, rounds: int = 20) -> list[tuple]:
+    """Per shape: median time per call of BN, BKN, BRN (seconds) and the ratios to BN (median, quartiles)."""
     rows = []
     for shape in LAYER_SHAPES:
         gen = torch.Generator().manual_seed(seed)
@@ -38,57 +74,68 @@ def layer_table(min_run_time: float, seed: int) -> list[tuple]:
         grad = torch.randn(shape, generator=gen)
         prior = (torch.randn(c, generator=gen) * 0.1, 1 + 0.1 * torch.rand(c, generator=gen))
         bn, bkn, brn = norms.create("bn", c), norms.create("bkn", c, p=0.9), norms.create("brn", c, rmax=3.0, dmax=5.0)
-        times = {
-            "bn": _time(lambda: bn(x).backward(grad), min_run_time),
-            "bkn": _time(lambda: bkn(x, prior=prior).backward(grad), min_run_time),
-            "brn": _time(lambda: brn(x).backward(grad), min_run_time),
-        }
-        rows.append((str(shape), times["bn"], times["bkn"], times["brn"]))
+        samples = interleaved({
+            "bn": lambda: bn(x).backward(grad),
+            "bkn": lambda: bkn(x, prior=prior).backward(grad),
+            "brn": lambda: brn(x).backward(grad),
+        }, min_run_time, rounds)
+        times = {name: statistics.median(values) for name, values in samples.items()}
+        rows.append((str(shape), times["bn"], times["bkn"], times["brn"],
+                     ratio_summary(samples, "bkn", "bn"), ratio_summary(samples, "brn", "bn")))
     return rows
 
 
-def network_table(min_run_time: float, seed: int, batch: int = 8, group: int = 2) -> list[tuple]:
+def network_table(min_run_time: float, seed: int, batch: int = 8, group: int = 2, rounds: int = 5) -> list[tuple]:
+    """Per norm: median time of one SGD step of CIFAR ResNet-20 and its ratio to BN's (median over rounds)."""
     configs = [("bn (group %d)" % group, "bn", {"group_size": group}),
                ("bkn official", "bkn", {"group_size": group, "transition": "official"}),
                ("bkn analytic", "bkn", {"group_size": group, "transition": "analytic"}),
                ("brn", "brn", {"group_size": group, "rmax": 3.0, "dmax": 5.0}),
                ("gn", "gn", {})]
-    rows = []
+    steps = {}
     for label, name, options in configs:
         torch.manual_seed(seed)
         model = cifar_resnet(20, name, **options)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
 
-        def step():
+        def step(model=model, opt=opt, x=x, y=y):
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             return loss
-        rows.append((label, _time(step, min_run_time)))
-    return rows
+        steps[label] = step
+    samples = interleaved(steps, min_run_time, rounds)
+    base = configs[0][0]
+    return [(label, statistics.median(samples[label]), ratio_summary(samples, label, base)[0]) for label in steps]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bkn.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the data and models (default 0)")
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement (default 0.5)")
+    parser.add_argument("--min-run-time", type=float, default=0.5,
+                        help="seconds per norm and layer shape, or per network step (default 0.5)")
+    parser.add_argument("--rounds", type=int, default=20,
+                        help="interleaved rounds per layer shape; ratios are medians over rounds (default 20)")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.min_run_time <= 0 or args.threads < 1:
+        parser.error("--rounds and --threads must be >= 1 and --min-run-time > 0")
     torch.set_num_threads(args.threads)
+    kernels = "compiled (bkn/csrc/fused_norm.cpp)" if _native.load() is not None else "Python Functions"
     print(f"torch {torch.__version__}, device cpu ({platform.processor() or platform.machine()}), "
-          f"threads {torch.get_num_threads()}, seed {args.seed}\n")
-    print("One layer, forward+backward, training mode (median of torch.utils.benchmark)")
-    print(f"{'shape':<20}{'BN us':>10}{'BKN us':>10}{'BRN us':>10}{'BKN/BN':>9}{'BRN/BN':>9}")
-    for shape, bn, bkn, brn in layer_table(args.min_run_time, args.seed):
-        print(f"{shape:<20}{bn * 1e6:>10.0f}{bkn * 1e6:>10.0f}{brn * 1e6:>10.0f}{bkn / bn:>9.2f}{brn / bn:>9.2f}")
-    print("\nCIFAR ResNet-20, one SGD step, batch 8, normalization groups of 2")
-    rows = network_table(args.min_run_time, args.seed)
-    base = rows[0][1]
+          f"threads {torch.get_num_threads()}, seed {args.seed}, kernels: {kernels}\n")
+    print("One layer, forward+backward, training mode (torch.utils.benchmark; BN, BKN and BRN timed in turn in "
+          f"{args.rounds} rounds: times are medians, ratios medians over rounds [quartiles])")
+    print(f"{'shape':<18}{'BN us':>9}{'BKN us':>9}{'BRN us':>9}{'BKN/BN':>21}{'BRN/BN':>21}")
+    for shape, bn, bkn, brn, bkn_ratio, brn_ratio in layer_table(args.min_run_time, args.seed, args.rounds):
+        cells = [f"{r[0]:.2f} [{r[1]:.2f}-{r[2]:.2f}]" for r in (bkn_ratio, brn_ratio)]
+        print(f"{shape:<18}{bn * 1e6:>9.0f}{bkn * 1e6:>9.0f}{brn * 1e6:>9.0f}{cells[0]:>21}{cells[1]:>21}")
+    print("\nCIFAR ResNet-20, one SGD step, batch 8, normalization groups of 2 (timed in turn, 5 rounds)")
     print(f"{'norm':<16}{'ms/step':>10}{'vs BN':>8}")
-    for label, t in rows:
-        print(f"{label:<16}{t * 1e3:>10.1f}{t / base:>8.2f}")
+    for label, t, ratio in network_table(args.min_run_time, args.seed):
+        print(f"{label:<16}{t * 1e3:>10.1f}{ratio:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -270,3 +270,40 @@ def test_threads_do_not_change_results(native):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_demo_ratios_are_medians_over_rounds_and_it_runs(capsys):
+    from bkn import demo
+
+    samples = {"bn": [1.0, 2.0, 4.0], "bkn": [1.5, 2.0, 2.0]}
+    assert demo.ratio_summary(samples, "bkn", "bn")[0] == pytest.approx(1.0)  # ratios 1.5, 1.0, 0.5
+    calls = {"a": 0, "b": 0}
+    out = demo.interleaved({"a": lambda: calls.__setitem__("a", calls["a"] + 1),
+                            "b": lambda: calls.__setitem__("b", calls["b"] + 1)}, 0.01, rounds=3)
+    assert [len(v) for v in out.values()] == [3, 3] and calls["a"] > 3 and calls["b"] > 3
+    threads = torch.get_num_threads()
+    try:
+        demo.main(["--min-run-time", "0.02", "--rounds", "2", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert "(2, 512, 7, 7)" in text and "BKN/BN" in text and "kernels:" in text and "bkn official" in text
+
+
+def test_kernels_command_reports_ready_or_switched_off(capsys, monkeypatch):
+    from bkn import kernels
+
+    if _native.load() is not None:
+        assert kernels.main([]) == 0
+        assert "compiled kernels ready" in capsys.readouterr().out
+    monkeypatch.setenv(_native.ENV_SWITCH, "0")
+    assert kernels.main([]) == 0
+    assert "switched off" in capsys.readouterr().out
+
+    def broken(verbose=False):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setenv(_native.ENV_SWITCH, "1")
+    monkeypatch.setattr(_native, "build", broken)
+    assert kernels.main([]) == 1
+    assert "no compiler here" in capsys.readouterr().err

@@ -9,9 +9,9 @@
 // that fixed cost is larger than the normalization itself.
 //
 // Here each (group, channel) is one unit of work, as in ATen's own CPU batch-norm kernel:
-//   forward:  one parallel pass for the exact moments (two passes over the unit's values,
-//             the second from cache, accumulated in double), the per-channel algebra as
-//             plain loops, one parallel pass y = a x + b;
+//   forward:  one parallel pass for the moments (two passes over the unit's values, the
+//             second, centred, from cache; see chunked_sum for the accumulation), the
+//             per-channel algebra as plain loops, one parallel pass y = a x + b;
 //   backward: one parallel pass in which a unit computes S1 = sum(dy),
 //             S2 = sum(dy (x - m)), its closed-form coefficients and then
 //             dx = ws dy + x_coef x + const while its values are still in cache.

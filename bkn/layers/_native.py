@@ -8,12 +8,18 @@ machinery and dozens of per-channel operations at microseconds of dispatch each)
 dominates at the small shapes of deep network stages.
 
 The extension is compiled with :func:`torch.utils.cpp_extension.load` the first time a
-layer needs it (about a minute, once per machine and source version), into torch's
-extension cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a
-name that carries a hash of the source, so that checkouts of different commits do not
-rebuild each other's builds. It needs a C++ compiler and ninja (a dependency of this
-package). If the build fails, or ``BKN_NATIVE=0`` is set, a warning says so once and the
-layers use the Python Functions: same results, slower at small shapes.
+layer needs it (about a minute, once per machine, source version and torch version),
+into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``) under a name that carries a hash of the source, the torch
+version and the flags, so that checkouts of different commits, or venvs with different
+torch builds, never load each other's builds. It needs a C++ compiler with OpenMP (gcc)
+and ninja (a dependency of this package). If the build fails a warning says so, once,
+and the layers use the Python Functions: same results, slower at small shapes.
+``BKN_NATIVE=0`` skips the attempt.
+
+Which tensors take the compiled path is decided in C++ (``compiled_path_takes``): CPU
+float32/float64 tensors of one dtype; for anything else it returns an empty list and the
+caller runs the Python Function.
 """
 from __future__ import annotations
 
@@ -53,16 +59,18 @@ def build(verbose: bool = False):
     from torch.utils import cpp_extension
 
     _ninja_on_path()
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    name = f"bkn_fused_{digest}"
+    # -fopenmp: at::parallel_for runs serially without it. The extension then shares torch's
+    # own OpenMP runtime (the same soname, already loaded), so torch.set_num_threads governs it.
+    cflags, ldflags = ["-O3", "-fopenmp"], ["-fopenmp"]
+    # torch's cache checks the source and flags but not which torch built it: the name does.
+    key = SOURCE.read_bytes() + repr((torch.__version__, cflags, ldflags)).encode()
+    name = f"bkn_fused_{hashlib.sha256(key).hexdigest()[:12]}"
     directory = pathlib.Path(cpp_extension._get_build_directory(name, verbose=False))
     if not (directory / f"{name}.so").exists():
         print(f"bkn: compiling the fused C++ kernels into {directory} (once per machine, about a minute)",
               file=sys.stderr, flush=True)
-    # -fopenmp: at::parallel_for runs serially without it. The extension then shares torch's
-    # own OpenMP runtime (the same soname, already loaded), so torch.set_num_threads governs it.
-    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"], verbose=verbose)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                              verbose=verbose)
 
 
 def load():
