@@ -235,6 +235,19 @@ Tensor reduce_to(const Tensor& t, at::IntArrayRef shape) {
   return t.sum(0, true);
 }
 
+// The autograd Functions below: backward is Derived::backward_impl<T> for the saved input's dtype.
+template <typename Derived>
+struct FusedFunction : public torch::autograd::Function<Derived> {
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    variable_list result;
+    AT_DISPATCH_FLOATING_TYPES(saved[0].scalar_type(), "bkn_fused_backward", [&] {
+      result = Derived::template backward_impl<scalar_t>(ctx, saved, grads);
+    });
+    return result;
+  }
+};
+
 // ------------------------------------------------------------------------------------------
 // Kalman / ghost-batch normalization: y = weight (x - m) / sqrt(v + eps) + bias, with the
 // posterior (m, v) of the observed moments and an optional prior (spec 1.1); see the
@@ -262,7 +275,7 @@ bool compiled_path_takes(const Tensor& x, std::initializer_list<const Maybe*> te
   return !steps.has_value() || (steps->device().is_cpu() && steps->scalar_type() == at::kLong);
 }
 
-struct KalmanNorm : public torch::autograd::Function<KalmanNorm> {
+struct KalmanNorm : public FusedFunction<KalmanNorm> {
   // Optional inputs are std::optional: autograd rejects undefined tensors as inputs.
   static variable_list forward(AutogradContext* ctx, Tensor x, Maybe weight, Maybe bias, Maybe prior_mean,
                                Maybe prior_var, Maybe gain, Maybe obs_mean, Maybe obs_var, Maybe running_mean,
@@ -374,15 +387,6 @@ struct KalmanNorm : public torch::autograd::Function<KalmanNorm> {
     return {y, mean, var, obs_mean, obs_var};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    variable_list result;
-    AT_DISPATCH_FLOATING_TYPES(saved[0].scalar_type(), "bkn_kalman_backward", [&] {
-      result = backward_impl<scalar_t>(ctx, saved, grads);
-    });
-    return result;
-  }
-
   template <typename T>
   static variable_list backward_impl(AutogradContext* ctx, const variable_list& saved, const variable_list& grads) {
     const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2];
@@ -468,7 +472,7 @@ std::vector<Tensor> kalman_norm(const Tensor& x, Maybe weight, Maybe bias, Maybe
 // Batch Renormalization, one group (spec 2): with the constant corrections r, d the output is
 // batch normalization with the affine (gamma r, beta + gamma d); see bkn/layers/renorm.py.
 // Returns (y, m_o, sigma_B, r, d).
-struct Renorm : public torch::autograd::Function<Renorm> {
+struct Renorm : public FusedFunction<Renorm> {
   static variable_list forward(AutogradContext* ctx, Tensor x, Maybe weight, Maybe bias, Tensor running_mean,
                                Tensor running_std, Tensor running_var, Tensor steps, double momentum, double rmax,
                                double dmax, double eps) {
@@ -521,15 +525,6 @@ struct Renorm : public torch::autograd::Function<Renorm> {
     Tensor mean = obs_mean[0], std_b = block[0][0].clone(), r = block[2][0].clone(), d = block[3][0].clone();
     ctx->mark_non_differentiable({mean, std_b, r, d});
     return {y, mean, std_b, r, d};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    variable_list result;
-    AT_DISPATCH_FLOATING_TYPES(saved[0].scalar_type(), "bkn_renorm_backward", [&] {
-      result = backward_impl<scalar_t>(ctx, saved, grads);
-    });
-    return result;
   }
 
   // Batch normalization's backward with the weight gamma r (r, d constant), then
