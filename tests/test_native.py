@@ -97,7 +97,7 @@ def kalman_cases(draw):
     return dict(groups=groups, shape=(n, c) + spatial, prior=prior, gain=gain,
                 affine=draw(st.booleans()), running=draw(st.sampled_from([None, 0.1, "cumulative"])),
                 guard=draw(st.sampled_from([math.inf, 100.0, 0.5])), observed=draw(st.booleans()),
-                channels_last=draw(st.booleans()) and len(spatial) == 2,
+                layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
                 loss_on=draw(st.sampled_from(["y", "posterior", "both"])), seed=draw(st.integers(0, 2 ** 16)))
 
 
@@ -112,8 +112,10 @@ def _kalman_inputs(case):
         return t.requires_grad_()
 
     x = (torch.randn(shape, generator=gen, dtype=F64) * 2 + 0.5)
-    if case["channels_last"]:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if case["layout"] == "channels_last" and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    elif case["layout"] == "strided":  # neither layout: a view with a gap between samples
+        x = torch.cat([x, x], dim=0)[::2]
     x.requires_grad_()
     w, b = (rand(c, low=0.5), rand(c)) if case["affine"] else (None, None)
     prior = None
@@ -152,10 +154,8 @@ def _run_kalman(case, compiled: bool, monkeypatch):
         loss = loss + (mean * dm).sum() + (var * dv).sum()
     inputs = [t for t in (x, w, b, *(prior or ()), gain) if isinstance(t, torch.Tensor)]
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    return dict(y=y.detach(), y_format_cl=y.is_contiguous(memory_format=torch.channels_last),
-                stats=[t.detach() for t in (mean, var, obs_mean, obs_var)], grads=grads,
-                x_grad_cl=grads[0] is not None and grads[0].is_contiguous(memory_format=torch.channels_last),
-                buffers=[t.clone() for t in buffers])
+    return dict(y=y.detach(), stats=[t.detach() for t in (mean, var, obs_mean, obs_var)], grads=grads,
+                buffers=[t.clone() for t in buffers], x=x)
 
 
 @given(kalman_cases())
@@ -176,8 +176,12 @@ def test_compiled_kalman_equals_python_function(case):
             torch.testing.assert_close(a, b, **close)
     for a, b in zip(got["buffers"], ref["buffers"]):
         torch.testing.assert_close(a, b, **close)
-    if case["channels_last"]:  # outputs keep the input's memory format
-        assert got["y_format_cl"] and (got["grads"][0] is None or got["x_grad_cl"])
+    x = got["x"]
+    for fmt in (torch.channels_last, torch.channels_last_3d):  # outputs keep the input's layout
+        if x.dim() == {torch.channels_last: 4, torch.channels_last_3d: 5}[fmt] and x.is_contiguous(memory_format=fmt) \
+                and not x.is_contiguous():
+            assert got["y"].is_contiguous(memory_format=fmt)
+            assert got["grads"][0] is None or got["grads"][0].is_contiguous(memory_format=fmt)
 
 
 def test_compiled_kalman_counts_steps_and_averages_cumulatively(native):

@@ -15,8 +15,8 @@
 //   backward: one parallel pass in which a unit computes S1 = sum(dy),
 //             S2 = sum(dy (x - m)), its closed-form coefficients and then
 //             dx = ws dy + x_coef x + const while its values are still in cache.
-// Inputs that are not NC...-contiguous (channels_last) are made so first, and outputs are
-// returned in the input's memory format.
+// NC...-contiguous and channels_last inputs are processed as they are (see Units); outputs
+// and input gradients come in the input's layout.
 //
 // Built on first use by bkn/layers/_native.py (torch.utils.cpp_extension.load).
 
@@ -75,14 +75,22 @@ Rows<T> rows_or_empty(const Tensor& t) {
 }
 
 // The values of (N, C, *S) that one statistic covers: unit (g, c) is channel c of the
-// samples of group g, i.e. N / G planes of S contiguous values.
+// samples of group g. Two memory layouts are handled without copies:
+//   planes (NC...-contiguous): a unit is N / G planes of S contiguous values; work is split
+//     by unit, and a unit's values stay in cache between its passes;
+//   rows (channels_last): position (n, s) is a row of C contiguous values; work is split by
+//     rows, reductions go to per-thread (G, C) accumulators. Results are the same from run to
+//     run, but the last bits can depend on the number of threads (the planes layout's do not).
+// Any other layout is made NC...-contiguous first (take_layout).
 struct Units {
   int64_t N, C, S, G, per_group;
+  bool rows;
   Units(const Tensor& x, int64_t groups)
       : N(x.size(0)), C(x.size(1)), S(x.numel() / std::max<int64_t>(x.size(0) * x.size(1), 1)), G(groups),
-        per_group(x.size(0) / groups) {}
+        per_group(x.size(0) / groups), rows(!x.is_contiguous()) {}
   int64_t count() const { return per_group * S; }
   int64_t offset(int64_t g, int64_t c, int64_t k) const { return ((g * per_group + k) * C + c) * S; }
+  int64_t group_of_row(int64_t r) const { return r / S / per_group; }
 
   // f(g, c) for every unit, in parallel (about 32k values per task).
   template <typename F>
@@ -92,7 +100,73 @@ struct Units {
       for (int64_t u = lo; u < hi; ++u) f(u / C, u % C);
     });
   }
+
+  // f(first_row, end_row, thread) over the N * S rows, in parallel (about 32k values per task).
+  template <typename F>
+  void for_rows(const F& f) const {
+    at::parallel_for(0, N * S, std::max<int64_t>(1, 32768 / C),
+                     [&](int64_t lo, int64_t hi) { f(lo, hi, at::get_thread_num()); });
+  }
+
+  // Sums over rows of ``width`` per-channel quantities: add(r, acc) adds row r's values into
+  // acc[k * C + c] (k < width) in the input's dtype; every 64 rows, and at each change of
+  // group, those are added in double to per-thread (G, C) sums (so the adds vectorize and
+  // the rounding stays about 1e-6 relative in float32). Returns the (width, G, C) totals.
+  template <typename T, typename Add>
+  std::vector<double> row_sums(int64_t width, const Add& add) const {
+    std::vector<double> sums = thread_sums(width);
+    for_rows([&](int64_t lo, int64_t hi, int thread) {
+      double* total = sums.data() + thread * width * G * C;
+      std::vector<T> acc(size_t(width * C), T(0));
+      auto flush = [&](int64_t g) {
+        for (int64_t k = 0; k < width; ++k)
+          for (int64_t c = 0; c < C; ++c) {
+            total[(k * G + g) * C + c] += double(acc[k * C + c]);
+            acc[k * C + c] = T(0);
+          }
+      };
+      int64_t g = group_of_row(lo), rows_in_acc = 0;
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t gr = group_of_row(r);
+        if (gr != g || rows_in_acc == 64) {
+          flush(g);
+          g = gr, rows_in_acc = 0;
+        }
+        add(r, acc.data());
+        ++rows_in_acc;
+      }
+      flush(g);
+    });
+    return reduce_threads(sums, width);
+  }
+
+  // Per-thread (G, C) accumulators of ``width`` sums each, zeroed; summed by reduce_threads.
+  std::vector<double> thread_sums(int64_t width) const {
+    return std::vector<double>(size_t(at::get_num_threads() * width * G * C), 0.0);
+  }
+  std::vector<double> reduce_threads(const std::vector<double>& sums, int64_t width) const {
+    const int64_t block = width * G * C;
+    std::vector<double> total(sums.begin(), sums.begin() + block);
+    for (size_t t = 1; t * block < sums.size(); ++t)
+      for (int64_t i = 0; i < block; ++i) total[i] += sums[t * block + i];
+    return total;
+  }
 };
+
+// x as the kernels take it: NC...-contiguous or channels_last as it is, anything else copied.
+Tensor take_layout(const Tensor& x) {
+  if (x.is_contiguous()) return x;
+  if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+      (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)))
+    return x;
+  return x.contiguous();
+}
+
+// ``t`` (e.g. the incoming gradient) in the layout of ``like``.
+Tensor like_layout(const Tensor& t, const Tensor& like) {
+  if (like.is_contiguous()) return t.contiguous();
+  return t.contiguous(like.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+}
 
 // Sums are accumulated in the input's dtype over chunks of CHUNK values (so that the loops
 // vectorize; rounding error about 1e-6 relative in float32) and the chunks' sums in double.
@@ -112,16 +186,38 @@ double chunked_sum(int64_t S, const F& f) {
   return total;
 }
 
-// Exact mean and biased variance of every unit, (G, C) each: two passes over the unit's
-// values, the second (centred, no cancellation) from cache.
+// Mean and biased variance of every unit, (G, C) each. Planes: a pass for the mean, then a
+// centred pass (no cancellation) from cache. Rows: one shifted pass in double.
 template <typename T>
 std::pair<Tensor, Tensor> unit_moments(const Tensor& x, const Units& u) {
   auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   Tensor mean = at::empty({u.G, u.C}, opts), var = at::empty({u.G, u.C}, opts);
   const T* px = x.data_ptr<T>();
   T *pm = mean.data_ptr<T>(), *pv = var.data_ptr<T>();
-  const int64_t S = u.S;
+  const int64_t S = u.S, C = u.C;
   const double inv = 1.0 / double(u.count());
+  if (u.rows) {
+    // One pass: sums of d = x - x0 and d^2, x0 = the unit's first value (a sample of it, so
+    // |mean - x0| is of the order of the std and the variance keeps its precision).
+    std::vector<T> x0(size_t(u.G * C));
+    for (int64_t g = 0; g < u.G; ++g) std::copy_n(px + g * u.per_group * S * C, C, x0.data() + g * C);
+    const std::vector<double> total = u.row_sums<T>(2, [&](int64_t r, T* acc) {
+      const T *row = px + r * C, *shift = x0.data() + u.group_of_row(r) * C;
+      T* a2 = acc + C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T d = row[c] - shift[c];
+        acc[c] += d;
+        a2[c] += d * d;
+      }
+    });
+    for (int64_t i = 0; i < u.G * C; ++i) {
+      const double dm = total[i] * inv;
+      pm[i] = T(double(x0[i]) + dm);
+      pv[i] = T(std::max(total[u.G * C + i] * inv - dm * dm, 0.0));
+    }
+    return {mean, var};
+  }
   u.for_each([&](int64_t g, int64_t c) {
     double s = 0, q = 0;
     for (int64_t k = 0; k < u.per_group; ++k) {
@@ -133,35 +229,61 @@ std::pair<Tensor, Tensor> unit_moments(const Tensor& x, const Units& u) {
       const T* p = px + u.offset(g, c, k);
       q += chunked_sum<T>(S, [p, m](int64_t i) { return (p[i] - m) * (p[i] - m); });
     }
-    pm[g * u.C + c] = m;
-    pv[g * u.C + c] = T(q * inv);
+    pm[g * C + c] = m;
+    pv[g * C + c] = T(q * inv);
   });
   return {mean, var};
 }
 
-// y = a x + b per unit; a, b of shape (G, C).
+// out = a x + b + e z per unit (z optional): a, b, e of shape (G, C); out in x's layout.
 template <typename T>
-Tensor unit_affine(const Tensor& x, const Units& u, const Tensor& a, const Tensor& b) {
-  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const T *px = x.data_ptr<T>(), *pa = a.data_ptr<T>(), *pb = b.data_ptr<T>();
-  T* py = y.data_ptr<T>();
-  const int64_t S = u.S;
+Tensor unit_affine(const Tensor& x, const Units& u, const T* pa, const T* pb, const Tensor& z = Tensor(),
+                   const T* pe = nullptr) {
+  Tensor out = at::empty_like(x);  // keeps x's layout (planes or rows)
+  const T *px = x.data_ptr<T>(), *pz = z.defined() ? z.data_ptr<T>() : nullptr;
+  T* po = out.data_ptr<T>();
+  const int64_t S = u.S, C = u.C;
+  if (u.rows) {
+    u.for_rows([&](int64_t lo, int64_t hi, int) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t base = u.group_of_row(r) * C;
+        const T *xr = px + r * C, *a = pa + base, *b = pb + base;
+        T* o = po + r * C;
+        if (pz) {
+          const T *zr = pz + r * C, *e = pe + base;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = a[c] * xr[c] + b[c] + e[c] * zr[c];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = a[c] * xr[c] + b[c];
+        }
+      }
+    });
+    return out;
+  }
   u.for_each([&](int64_t g, int64_t c) {
-    const T av = pa[g * u.C + c], bv = pb[g * u.C + c];
+    const T av = pa[g * C + c], bv = pb[g * C + c], ev = pz ? pe[g * C + c] : T(0);
     for (int64_t k = 0; k < u.per_group; ++k) {
       const int64_t o = u.offset(g, c, k);
       const T* p = px + o;
-      T* q = py + o;
+      T* q = po + o;
+      if (pz) {
+        const T* zr = pz + o;
 #pragma omp simd
-      for (int64_t i = 0; i < S; ++i) q[i] = av * p[i] + bv;
+        for (int64_t i = 0; i < S; ++i) q[i] = av * p[i] + bv + ev * zr[i];
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) q[i] = av * p[i] + bv;
+      }
     }
   });
-  return y;
+  return out;
 }
 
 // The backward pass shared by every Function here. For each unit: S1 = sum(dy) and
 // S2 = sum(dy (x - m)) (zero without dy), then coef(g, c, S1, S2) -> {ws, x_coef, const},
-// then dx = ws dy + x_coef x + const (if dx is wanted).
+// then dx = ws dy + x_coef x + const (if dx is wanted). Planes: one pass per unit, the second
+// half from cache; rows: a reduction pass, the coefficients, then a pass for dx.
 struct DxCoefficients {
   double ws, x_coef, constant;
 };
@@ -169,14 +291,38 @@ struct DxCoefficients {
 template <typename T, typename Coef>
 Tensor unit_backward(const Tensor& dy, const Tensor& x, const Units& u, const Tensor& mean, bool want_dx,
                      const Coef& coef) {
-  Tensor dx = want_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : Tensor();
   const T *px = x.data_ptr<T>(), *pm = mean.data_ptr<T>(), *pdy = dy.defined() ? dy.data_ptr<T>() : nullptr;
+  const int64_t S = u.S, C = u.C, GC = u.G * u.C;
+  if (u.rows) {
+    std::vector<double> total(size_t(2 * GC), 0.0);  // (G, C) of S1, then (G, C) of S2
+    if (pdy) {
+      total = u.row_sums<T>(2, [&](int64_t r, T* acc) {
+        const T *d = pdy + r * C, *xr = px + r * C, *m = pm + u.group_of_row(r) * C;
+        T* a2 = acc + C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          acc[c] += d[c];
+          a2[c] += d[c] * (xr[c] - m[c]);
+        }
+      });
+    }
+    std::vector<T> k3(3 * GC);  // ws, x_coef, const per unit
+    for (int64_t g = 0; g < u.G; ++g)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = g * C + c;
+        const DxCoefficients k = coef(g, c, total[i], total[GC + i]);
+        k3[i] = T(k.ws), k3[GC + i] = T(k.x_coef), k3[2 * GC + i] = T(k.constant);
+      }
+    if (!want_dx) return Tensor();
+    if (pdy) return unit_affine<T>(x, u, k3.data() + GC, k3.data() + 2 * GC, dy, k3.data());
+    return unit_affine<T>(x, u, k3.data() + GC, k3.data() + 2 * GC);
+  }
+  Tensor dx = want_dx ? at::empty_like(x) : Tensor();
   T* pdx = want_dx ? dx.data_ptr<T>() : nullptr;
-  const int64_t S = u.S;
   u.for_each([&](int64_t g, int64_t c) {
     double s1 = 0, s2 = 0;
     if (pdy) {
-      const T m = pm[g * u.C + c];
+      const T m = pm[g * C + c];
       for (int64_t k = 0; k < u.per_group; ++k) {
         const int64_t o = u.offset(g, c, k);
         const T *d = pdy + o, *p = px + o;
@@ -211,19 +357,6 @@ Tensor unit_backward(const Tensor& dy, const Tensor& x, const Units& u, const Te
     }
   });
   return dx;
-}
-
-// The kernels work on NC...-contiguous data; results go back in the input's format.
-Tensor in_format(const Tensor& t, at::MemoryFormat format) {
-  return format == at::MemoryFormat::Contiguous ? t : t.contiguous(format);
-}
-
-void save_format(AutogradContext* ctx, const Tensor& x) {
-  ctx->saved_data["format"] = static_cast<int64_t>(x.suggest_memory_format());
-}
-
-at::MemoryFormat saved_format(AutogradContext* ctx) {
-  return static_cast<at::MemoryFormat>(ctx->saved_data["format"].toInt());
 }
 
 // Sum a (G, C) gradient down to the shape of the input it belongs to: (), (C,), (1, C) or (G, C).
@@ -299,7 +432,7 @@ struct KalmanNorm : public FusedFunction<KalmanNorm> {
                                     const Tensor& gain, const Tensor& obs_mean_in, const Tensor& obs_var_in,
                                     const Tensor& running_mean, const Tensor& running_var, const Tensor& steps,
                                     const KalmanOptions& o) {
-    const Tensor x = x_in.contiguous();
+    const Tensor x = take_layout(x_in);
     const Units u(x, o.groups);
     const int64_t G = u.G, C = u.C;
     bool has_prior = prior_mean.defined();
@@ -363,8 +496,7 @@ struct KalmanNorm : public FusedFunction<KalmanNorm> {
     }
 
     // A fresh tensor, never a view of x: callers apply in-place ops to a norm's output.
-    Tensor y = in_format(unit_affine<T>(x, u, scale, shift), x_in.suggest_memory_format());
-    save_format(ctx, x_in);
+    Tensor y = unit_affine<T>(x, u, sc, sh);
 
     ctx->save_for_backward({x, weight, mean});
     ctx->saved_data["block"] = block;
@@ -390,7 +522,7 @@ struct KalmanNorm : public FusedFunction<KalmanNorm> {
   template <typename T>
   static variable_list backward_impl(AutogradContext* ctx, const variable_list& saved, const variable_list& grads) {
     const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2];
-    const Tensor dy = grads[0].defined() ? grads[0].contiguous() : Tensor();
+    const Tensor dy = grads[0].defined() ? like_layout(grads[0], x) : Tensor();
     const Tensor dmean_ext = grads[1].defined() ? grads[1].contiguous() : Tensor();
     const Tensor dvar_ext = grads[2].defined() ? grads[2].contiguous() : Tensor();
     const Units u(x, ctx->saved_data["groups"].toInt());
@@ -443,7 +575,7 @@ struct KalmanNorm : public FusedFunction<KalmanNorm> {
     Tensor dx = unit_backward<T>(dy, x, u, mean, needs_grad(ctx, 0), coef);
 
     variable_list out(12);
-    if (dx.defined()) out[0] = in_format(dx, saved_format(ctx));
+    if (dx.defined()) out[0] = dx;
     auto sizes = [&](const char* key) { return ctx->saved_data[key].toIntVector(); };
     if (needs_grad(ctx, 1)) out[1] = reduce_to(sums[1], weight.sizes());
     if (needs_grad(ctx, 2)) out[2] = reduce_to(sums[0], sizes("bias_sizes"));
@@ -491,7 +623,7 @@ struct Renorm : public FusedFunction<Renorm> {
   static variable_list forward_impl(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight,
                                     const Tensor& bias, const Tensor& running_mean, const Tensor& running_std,
                                     const Tensor& running_var, double rmax, double dmax, double factor, double eps) {
-    const Tensor x = x_in.contiguous();
+    const Tensor x = take_layout(x_in);
     const Units u(x, 1);
     const int64_t C = u.C;
     Tensor obs_mean, obs_var;
@@ -518,8 +650,7 @@ struct Renorm : public FusedFunction<Renorm> {
       sc[c] = gamma * pr[c] * is[c];
       sh[c] = beta + gamma * pd[c] - m[c] * sc[c];
     }
-    Tensor y = in_format(unit_affine<T>(x, u, block[4], block[5]), x_in.suggest_memory_format());
-    save_format(ctx, x_in);
+    Tensor y = unit_affine<T>(x, u, sc, sh);
     ctx->save_for_backward({x, weight, obs_mean});
     ctx->saved_data["block"] = block;
     Tensor mean = obs_mean[0], std_b = block[0][0].clone(), r = block[2][0].clone(), d = block[3][0].clone();
@@ -534,7 +665,7 @@ struct Renorm : public FusedFunction<Renorm> {
     variable_list out(11);
     if (!grads[0].defined()) return out;
     const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2];
-    const Tensor dy = grads[0].contiguous();
+    const Tensor dy = like_layout(grads[0], x);
     const Units u(x, 1);
     const Tensor block = ctx->saved_data["block"].toTensor();
     const T *is = block[1].data_ptr<T>(), *pr = block[2].data_ptr<T>();
@@ -552,7 +683,7 @@ struct Renorm : public FusedFunction<Renorm> {
       return DxCoefficients{wsi, x_coef, dmean * inv_count - x_coef * double(mo[c])};
     };
     Tensor dx = unit_backward<T>(dy, x, u, mean, needs_grad(ctx, 0), coef);
-    if (dx.defined()) out[0] = in_format(dx, saved_format(ctx));
+    if (dx.defined()) out[0] = dx;
     if (needs_grad(ctx, 1)) out[1] = sums[1];
     if (needs_grad(ctx, 2)) out[2] = sums[0];
     return out;
