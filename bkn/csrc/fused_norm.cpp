@@ -235,6 +235,24 @@ std::pair<Tensor, Tensor> unit_moments(const Tensor& x, const Units& u) {
   return {mean, var};
 }
 
+// out = a x + b (+ e z, if pz) over the values of unit (g, c), planes layout.
+template <typename T>
+inline void affine_planes(const Units& u, int64_t g, int64_t c, const T* px, const T* pz, T* po, T a, T b, T e) {
+  for (int64_t k = 0; k < u.per_group; ++k) {
+    const int64_t o = u.offset(g, c, k);
+    const T* p = px + o;
+    T* q = po + o;
+    if (pz) {
+      const T* zr = pz + o;
+#pragma omp simd
+      for (int64_t i = 0; i < u.S; ++i) q[i] = a * p[i] + b + e * zr[i];
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < u.S; ++i) q[i] = a * p[i] + b;
+    }
+  }
+}
+
 // out = a x + b + e z per unit (z optional): a, b, e of shape (G, C); out in x's layout.
 template <typename T>
 Tensor unit_affine(const Tensor& x, const Units& u, const T* pa, const T* pb, const Tensor& z = Tensor(),
@@ -242,7 +260,7 @@ Tensor unit_affine(const Tensor& x, const Units& u, const T* pa, const T* pb, co
   Tensor out = at::empty_like(x);  // keeps x's layout (planes or rows)
   const T *px = x.data_ptr<T>(), *pz = z.defined() ? z.data_ptr<T>() : nullptr;
   T* po = out.data_ptr<T>();
-  const int64_t S = u.S, C = u.C;
+  const int64_t C = u.C;
   if (u.rows) {
     u.for_rows([&](int64_t lo, int64_t hi, int) {
       for (int64_t r = lo; r < hi; ++r) {
@@ -262,20 +280,8 @@ Tensor unit_affine(const Tensor& x, const Units& u, const T* pa, const T* pb, co
     return out;
   }
   u.for_each([&](int64_t g, int64_t c) {
-    const T av = pa[g * C + c], bv = pb[g * C + c], ev = pz ? pe[g * C + c] : T(0);
-    for (int64_t k = 0; k < u.per_group; ++k) {
-      const int64_t o = u.offset(g, c, k);
-      const T* p = px + o;
-      T* q = po + o;
-      if (pz) {
-        const T* zr = pz + o;
-#pragma omp simd
-        for (int64_t i = 0; i < S; ++i) q[i] = av * p[i] + bv + ev * zr[i];
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < S; ++i) q[i] = av * p[i] + bv;
-      }
-    }
+    const int64_t i = g * C + c;
+    affine_planes<T>(u, g, c, px, pz, po, pa[i], pb[i], pz ? pe[i] : T(0));
   });
   return out;
 }
@@ -340,21 +346,7 @@ Tensor unit_backward(const Tensor& dy, const Tensor& x, const Units& u, const Te
       }
     }
     const DxCoefficients k3 = coef(g, c, s1, s2);
-    if (!pdx) return;
-    const T ws = T(k3.ws), xc = T(k3.x_coef), k0 = T(k3.constant);
-    for (int64_t k = 0; k < u.per_group; ++k) {
-      const int64_t o = u.offset(g, c, k);
-      const T* p = px + o;
-      T* q = pdx + o;
-      if (pdy) {
-        const T* d = pdy + o;
-#pragma omp simd
-        for (int64_t i = 0; i < S; ++i) q[i] = ws * d[i] + xc * p[i] + k0;
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < S; ++i) q[i] = xc * p[i] + k0;
-      }
-    }
+    if (pdx) affine_planes<T>(u, g, c, px, pdy, pdx, T(k3.x_coef), T(k3.constant), T(k3.ws));
   });
   return dx;
 }
