@@ -29,12 +29,6 @@ from .models import cifar_resnet
 LAYER_SHAPES = [(8, 64, 56, 56), (8, 256, 14, 14), (2, 512, 7, 7)]
 
 
-def _time(fn, min_run_time: float) -> float:
-    fn()  # warm-up
-    return benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time).median
-
-
 def interleaved(fns: dict, min_run_time: float, rounds: int) -> dict:
     """Per-call times of each function, measured in ``rounds`` interleaved blocks.
 

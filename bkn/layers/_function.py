@@ -25,12 +25,12 @@ only two per-(group, channel) reductions, ``S1 = sum(dy)`` and
     dx    = weight * s * dy + dm_o / n + 2 dv_o (x - m_o) / n
 
 Without a prior (plain BN, ghost batches, Batch Renormalization) ``p = 0``.
+The posterior ``m, v`` is a differentiable output, because the next layer's
+prior is computed from it; gradients arriving there are added to ``dm, dv``.
 
 On the CPU in float32/float64, :func:`normalize_with_stats` runs the same Function
 compiled from ``bkn/csrc/fused_norm.cpp`` (see :mod:`bkn.layers._native`); this Python
 one is the reference, the fallback and the path on other devices and dtypes.
-The posterior ``m, v`` is a differentiable output, because the next layer's
-prior is computed from it; gradients arriving there are added to ``dm, dv``.
 """
 from __future__ import annotations
 
