@@ -23,29 +23,35 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-# The norms and accuracy-probe method families, in legend order; the first ten get tab10's colours.
-KNOWN_METHODS = ["bn", "bkn-official", "bkn-official-adaptive", "bkn-analytic", "bkn-analytic-adaptive",
-                 "brn", "gn", "ln", "in", "floor", "bkn"]
+from bkn import methods as registry  # noqa: E402  (torch-free: labels, colours, order)
+
 DPI = 96
 MAX_FACETS = 12
 
 sns.set_theme(context="notebook", style="whitegrid", font_scale=0.9)
 
 
-def palette(methods) -> dict:
-    """A stable colour per method: the known ones first, in a fixed order, then the rest alphabetically."""
-    methods = list(dict.fromkeys(str(m) for m in methods))
-    ordered = [m for m in KNOWN_METHODS if m in methods] + sorted(
-        m for m in methods if m not in KNOWN_METHODS
-    )
-    colours = sns.color_palette("tab10", 10) + sns.color_palette("Dark2", 8) + sns.color_palette("Set1", 9)
-    fixed = {m: colours[i % len(colours)] for i, m in enumerate(KNOWN_METHODS)}
-    extra = iter(colours[len(KNOWN_METHODS) :] + colours)
-    return {m: fixed[m] if m in fixed else next(extra) for m in ordered}
+def palette(names) -> dict:
+    """A stable colour per result ``method`` value, in legend order (:func:`bkn.methods.order`).
+
+    Registry methods and references use the registry's colours (``<m>-ema`` shares its
+    method's); names the registry does not know get the remaining palette colours in turn.
+    """
+    ordered = hue_order(names)
+    spare = iter(c for c in sns.color_palette("Dark2", 8) + sns.color_palette("Set1", 9))
+    return {m: registry.colour(m) or next(spare) for m in ordered}
 
 
-def hue_order(methods) -> list[str]:
-    return list(palette(methods))
+def hue_order(names) -> list[str]:
+    """Distinct names in the registry's legend order."""
+    return registry.order(str(m) for m in names)
+
+
+def _relabel_legend(grid) -> None:
+    """Legend entries that are method names show the registry's labels."""
+    legend = getattr(grid, "_legend", None) or getattr(grid, "legend", None)
+    for text in legend.texts if legend is not None else ():
+        text.set_text(registry.label(text.get_text()))
 
 
 def to_data_uri(fig) -> str:
@@ -158,6 +164,7 @@ def lines_vs(
             ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
         if reference is not None:
             ax.axhline(reference, color="0.3", lw=0.8, ls="--")
+    _relabel_legend(grid)
     grid.set_axis_labels(xlabel, ylabel)
     if col is not None and len(cols) > 1:
         grid.set_titles("{col_name}")
@@ -215,6 +222,7 @@ def ratio_heatmaps(
                 annot_kws={"fontsize": 7},
             )
         ax.set_title(str(name))
+        ax.set_yticklabels([registry.label(t.get_text()) for t in ax.get_yticklabels()])
         ax.tick_params(axis="y", rotation=0)
         ax.set_xlabel(column)
         ax.set_ylabel(row)

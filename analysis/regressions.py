@@ -7,10 +7,10 @@ head commit (on the same machine, in the same environment):
   benchmark type is lower-is-better (time, memory; ``track_`` values by asv's
   convention), so ``ratio > 1`` is a slowdown.
 * ``significant``: whether the two sets of samples differ, by the two-sided
-  Mann-Whitney U test (:mod:`analysis.stats`) at level ``alpha`` (default 0.002, the
+  Mann-Whitney U test (:mod:`analysis.significance`) at level ``alpha`` (default 0.002, the
   level ``asv compare`` uses, which also keeps false alarms rare across hundreds of
   comparisons). When samples were not recorded, or are too few for the test ever to
-  reach ``alpha`` (see :func:`analysis.stats.min_p_value`), asv's fallback is used:
+  reach ``alpha`` (see :func:`analysis.significance.min_p_value`), asv's fallback is used:
   the 99% confidence intervals of the two medians do not overlap. When neither is
   available (a single sample per side, as ``asv run --quick`` records), significance is
   unknown (``significant`` is missing) and the change is only reported, never gated on.
@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from .asv_results import AsvResults, sample_lookup
-from .stats import mann_whitney_u, min_p_value
+from .significance import mann_whitney_u, min_p_value
 
 DEFAULT_THRESHOLD = 0.10
 DEFAULT_ALPHA = 0.002

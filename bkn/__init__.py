@@ -1,30 +1,50 @@
 """bkn: Batch Kalman Normalization and its rivals, for benchmarking under micro-batches.
 
+* :mod:`bkn.methods` - the registry of named methods (a norm and its options) every part uses.
 * :mod:`bkn.layers` - BKN, Batch Renormalization, ghost-batch BN layers.
 * :mod:`bkn.transitions` - how a BKN layer's prior is propagated (official, analytic, identity).
-* :mod:`bkn.norms` - the registry ``create(name, C, **options)`` used everywhere.
+* :mod:`bkn.norms` - the low-level constructor ``create(name, C, **options)``.
 * :func:`bkn.convert` - swap the BatchNorms of any model (torchvision ResNets...) and wire BKN priors.
 * :mod:`bkn.models` - the paper's CIFAR ResNet.
+* :mod:`bkn.results` - the result files' contract (columns, schema versions, atomic writes).
+
+The names below are loaded on first use, so ``import bkn.methods`` and ``import bkn.results``
+do not import torch (the report builder reads results and labels without it).
 """
-from . import layers, norms, transitions
-from .convert import convert, prior_summary
-from .layers import (
-                     BatchKalmanNorm1d,
-                     BatchKalmanNorm2d,
-                     BatchKalmanNorm3d,
-                     BatchRenorm1d,
-                     BatchRenorm2d,
-                     BatchRenorm3d,
-                     GhostBatchNorm1d,
-                     GhostBatchNorm2d,
-                     GhostBatchNorm3d,
-)
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "layers", "norms", "transitions", "convert", "prior_summary",
-    "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d",
-    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
-    "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
-]
+# public name -> (module, attribute); attribute None means the module itself
+_LAZY = {
+    "layers": ("bkn.layers", None),
+    "norms": ("bkn.norms", None),
+    "transitions": ("bkn.transitions", None),
+    "methods": ("bkn.methods", None),
+    "convert": ("bkn.conversion", "convert"),
+    "prior_summary": ("bkn.conversion", "prior_summary"),
+    **{
+        f"{stem}{d}d": ("bkn.layers", f"{stem}{d}d")
+        for stem in ("BatchKalmanNorm", "BatchRenorm", "GhostBatchNorm")
+        for d in (1, 2, 3)
+    },
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bkn' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -17,9 +17,10 @@ import inspect
 from torch import nn
 
 from . import layers
+from .methods import BATCH_DEPENDENT_NORMS
 
 _NAMES = ("bn", "bkn", "brn", "gn", "ln", "in")
-_BATCH_DEPENDENT = ("bn", "bkn", "brn")
+_BATCH_DEPENDENT = BATCH_DEPENDENT_NORMS
 _TORCH_BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _GHOST_BN = {0: layers.GhostBatchNorm1d, 1: layers.GhostBatchNorm1d, 2: layers.GhostBatchNorm2d,
              3: layers.GhostBatchNorm3d}

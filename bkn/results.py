@@ -1,14 +1,30 @@
-"""Writing results reproducibly: the environment record and atomic file writes.
+"""The results contract: what every result file holds, how it is written and how it is read back.
 
-Every result file of the suite records where it came from (:func:`environment`:
-commit, torch version, device, thread count...) and is written atomically
-(:func:`atomic_path`: a temporary file in the same folder, renamed over the target
-only once complete), so an interrupted run never leaves a half-written file and
-never destroys the previous one.
+One place for the probes (which write) and ``analysis/`` (which reads):
+
+* :class:`Schema`: a result file's columns, dtypes and schema version, and the command
+  that rewrites it. :data:`DRIFT` (the drift probe, ``results/accuracy/drift.parquet``) and
+  :data:`TRAINING` (the training probe, ``results/convergence/convergence.parquet``).
+  :meth:`Schema.write` stores the version in the parquet file's metadata (and in
+  ``meta.json``); :meth:`Schema.read` gives a :class:`SchemaError` that names the file,
+  the offending column and the command to run when a file does not match, including
+  files written before schemas had versions.
+* the asv vocabulary: the benchmark parameter names the suites declare and the report
+  reads (:data:`LAYER_PARAMS` ...), and the copy-bandwidth reference benchmark.
+* :func:`environment` (commit, torch version, device, threads...), :func:`git_commit`,
+  and :func:`atomic_path`: a result is written to a temporary file beside its target
+  and renamed over it only once complete, so an interrupted run never leaves a
+  half-written file and never destroys the previous one.
+
+This module imports only the standard library at import time (pandas and pyarrow when
+a frame is written or read; torch only inside :func:`environment`), so the report builder
+never loads torch.
 """
+
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -18,47 +34,217 @@ import subprocess
 import tempfile
 from typing import Iterator
 
-import torch
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCHEMA_KEY = b"bkn.schema"  # parquet key-value metadata: {"name": ..., "version": ...}
+
+# What every result row records about where it came from (the rest is in meta.json).
+ENVIRONMENT_COLUMNS = {"commit": "string", "torch": "string", "device": "string", "threads": "int64"}
 
 
+class SchemaError(ValueError):
+    """A result file that this code cannot read: missing columns, another schema version, corrupt."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """One kind of result file: where it lives, its columns (name -> dtype), its version, its command."""
+
+    name: str
+    folder: str  # under the results root
+    file: str
+    version: int
+    columns: dict  # name -> pandas dtype ("string", "int64", "float64"); environment columns appended
+    command: str  # what (re)writes the file
+    about: str = ""
+
+    def path(self, results: str | os.PathLike = "results") -> pathlib.Path:
+        return pathlib.Path(results) / self.folder / self.file
+
+    @property
+    def all_columns(self) -> dict:
+        return {**self.columns, **ENVIRONMENT_COLUMNS}
+
+    def frame(self, rows, env: dict):
+        """Tidy frame of ``rows`` (dicts with the schema's own columns) plus the environment columns."""
+        import pandas as pd
+
+        frame = pd.DataFrame(list(rows), columns=list(self.columns))
+        for key in ENVIRONMENT_COLUMNS:
+            frame[key] = env[key]
+        return self.conform(frame, "rows")
+
+    def conform(self, frame, where: str):
+        """``frame`` with exactly the schema's columns, in order and dtype; SchemaError otherwise."""
+        expected = self.all_columns
+        missing = [c for c in expected if c not in frame.columns]
+        if missing:
+            extra = [c for c in frame.columns if c not in expected]
+            has = f"; it has {', '.join(map(repr, extra))}, which the schema does not know" if extra else ""
+            raise SchemaError(
+                f"{where}: column {missing[0]!r} is missing{has} ({self.name} schema v{self.version} expects "
+                f"{', '.join(expected)}); rerun `{self.command}` to rewrite it"
+            )
+        try:
+            return frame[list(expected)].astype(expected)
+        except (ValueError, TypeError) as exc:
+            raise SchemaError(
+                f"{where}: a column does not hold {self.name} schema v{self.version}'s types ({exc}); "
+                f"rerun `{self.command}` to rewrite it"
+            ) from None
+
+    def write(self, frame, record: dict, out: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+        """Write ``<out>/<file>`` (schema version in its metadata) and ``<out>/meta.json``, each atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out = pathlib.Path(out)
+        frame = self.conform(frame, f"{self.name} results")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        stamp = json.dumps({"name": self.name, "version": self.version}).encode()
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: stamp})
+        with atomic_path(out / self.file) as tmp:
+            pq.write_table(table, tmp)
+        meta = write_json(out / "meta.json", {**record, "schema": {"name": self.name, "version": self.version}})
+        return out / self.file, meta
+
+    def read(self, path: str | os.PathLike):
+        """The frame in ``path``; ``FileNotFoundError`` if absent, :class:`SchemaError` if it does not match."""
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no {self.name} results; `{self.command}` writes them")
+        try:
+            metadata = pq.read_schema(path).metadata or {}
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types for truncated or foreign files
+            raise SchemaError(
+                f"{path}: corrupt or truncated parquet file ({type(exc).__name__}: {exc}); "
+                f"rerun `{self.command}` to rewrite it"
+            ) from None
+        stamp = _stamp(metadata.get(SCHEMA_KEY))
+        if stamp is None:
+            try:
+                self.conform(frame, str(path))
+                detail = ""
+            except SchemaError as exc:
+                detail = ": " + str(exc).split(": ", 1)[1].split(" (")[0]
+            raise SchemaError(
+                f"{path}: written by an older version of the suite (no schema version recorded){detail}; "
+                f"this code reads {self.name} schema v{self.version}: rerun `{self.command}` to rewrite it"
+            )
+        if stamp != {"name": self.name, "version": self.version}:
+            raise SchemaError(
+                f"{path}: holds {stamp.get('name')} schema v{stamp.get('version')}, this code reads "
+                f"{self.name} schema v{self.version}; rerun `{self.command}` to rewrite it"
+            )
+        return self.conform(frame, str(path))
+
+
+def _stamp(raw: bytes | None) -> dict | None:
+    try:
+        stamp = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+DRIFT = Schema(
+    name="drift",
+    folder="accuracy",
+    file="drift.parquet",
+    version=2,
+    columns={
+        "data": "string",  # synthetic, digits, photos
+        "network": "string",
+        "state": "string",  # init, trained
+        "method": "string",  # a bkn.methods name, "<method>-ema" (its running estimates) or "floor"
+        "group_size": "int64",  # samples per normalization group
+        "layer": "string",
+        "depth": "int64",
+        "metric": "string",
+        "statistic": "string",  # median or p90 over groups x channels
+        "seed": "int64",
+        "value": "float64",
+    },
+    command="nox -s accuracy",
+    about="the drift probe: estimated vs population statistics, per method, group size and layer",
+)
+
+TRAINING = Schema(
+    name="training",
+    folder="convergence",
+    file="convergence.parquet",
+    version=2,
+    columns={
+        "method": "string",  # a bkn.methods name
+        "group_size": "int64",  # samples per normalization group (the SGD batch for per-sample norms)
+        "batch_size": "int64",  # samples per SGD step
+        "seed": "int64",
+        "epoch": "int64",
+        "metric": "string",
+        "value": "float64",
+    },
+    command="nox -s convergence",
+    about="the training probe: test accuracy vs normalization group size, per method",
+)
+
+SCHEMAS = {s.name: s for s in (DRIFT, TRAINING)}
+
+# -- asv vocabulary: the parameters the suites declare and the report reads --------------------
+METHOD_PARAM = "method"  # a bkn.methods name
+GROUP_PARAM = "group_size"  # samples the norm computes its statistics over
+LAYER_PARAMS = (METHOD_PARAM, GROUP_PARAM, "shape", "device", "dtype", "memory_format")
+TENSOR_PARAMS = LAYER_PARAMS[1:]  # the copy reference: the same tensors, no method
+VARIANT_PARAMS = ("dtype", "memory_format")  # secondary axes; the report shows the default first
+DEFAULT_VARIANT = {"dtype": "float32", "memory_format": "contiguous"}
+# The copy-bandwidth reference: the time to copy the tensors a layer benchmark normalizes.
+COPY_REFERENCE = "bench_bandwidth.TimeCopy.time_copy"
+
+
+# -- provenance and atomic writes --------------------------------------------------------------
 def git_commit(path: str | os.PathLike = ROOT) -> str:
     """The commit checked out at ``path`` (with ``+dirty`` when the tree has changes), or ``"unknown"``."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         if not commit:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def device_name(device: str | torch.device = "cpu") -> str:
-    """A readable device description: the CPU model, or the CUDA device's name."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, or what :mod:`platform` knows."""
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     return name
 
 
-def environment(device: str | torch.device = "cpu") -> dict:
-    """What every result records: commit, versions, device, threads, time."""
+def environment(device="cpu") -> dict:
+    """What every result records: commit, versions, device, threads, time (imports torch)."""
+    import torch
+
+    device = torch.device(device)
     return {
         "commit": git_commit(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "device": str(torch.device(device)),
-        "device_name": device_name(device),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -91,11 +277,4 @@ def write_json(target: str | os.PathLike, data) -> pathlib.Path:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    return pathlib.Path(target)
-
-
-def write_parquet(target: str | os.PathLike, frame) -> pathlib.Path:
-    """Write a pandas DataFrame as parquet (pyarrow), atomically."""
-    with atomic_path(target) as tmp:
-        frame.to_parquet(tmp, index=False)
     return pathlib.Path(target)

@@ -23,7 +23,7 @@ from analysis import report
 from analysis.asv_results import load_asv_results, parse_param
 from analysis.messages import Messages
 from analysis.regressions import FLAGGED, default_pair, resolve_commit, trends, verdicts
-from analysis.stats import mann_whitney_u, min_p_value
+from analysis.significance import mann_whitney_u, min_p_value
 
 TOY = pathlib.Path(__file__).parent / "data" / "asv_toy_results"
 PLANTED = {"norm": "gn", "batch_size": 4, "shape": "512x7x7"}

@@ -1,0 +1,218 @@
+"""The method registry: one table of named normalization methods, used by every part of the suite.
+
+A *method* is a norm with its options, under one name that means the same thing in the
+asv suites, the drift probe, the training probe and the report (its label, colour and
+place in every legend). A variant is its own name: ``brn`` (fixed limits rmax = 3,
+dmax = 5) and ``brn-scheduled`` (the paper's rmax/dmax schedule) never share a label.
+
+    >>> from bkn import methods
+    >>> methods.names()[:3]
+    ('bn', 'bkn-official', 'bkn-official-adaptive')
+    >>> m = methods.get("bkn-analytic")
+    >>> layer = m.build(64, group_size=2)           # a BatchKalmanNorm2d, p = 0.9, analytic transition
+    >>> model = m.convert(torchvision_model, group_size=2)  # every BatchNorm swapped, priors wired
+
+:func:`bkn.norms.create` stays the low-level constructor (a norm name and explicit
+options); this module names the combinations the suite measures. Importing it does not
+import torch (the report reads labels and colours from here); building does.
+
+Vocabulary: ``group_size`` is the number of samples a norm computes its statistics over
+(ghost batches inside a larger batch, spec 1.3); ``batch_size`` is what one step sees.
+Per-sample norms (GN, LN, IN) have no groups: they accept ``group_size`` and ignore it,
+since it cannot change what they compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+from typing import Any, Mapping
+
+# Norms whose training-mode statistics depend on the other samples of the group.
+BATCH_DEPENDENT_NORMS = ("bn", "bkn", "brn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A named normalization method: the norm it builds, its options and how reports show it."""
+
+    name: str
+    norm: str  # a bkn.norms name
+    options: Mapping[str, Any]
+    label: str  # legends and table headers
+    colour: str  # one colour per method in every plot (hex)
+    about: str  # one sentence for docs and the report
+    scheduled: bool = False  # BRN's rmax/dmax schedule (see layer_options)
+
+    @property
+    def uses_groups(self) -> bool:
+        """Whether the method's training statistics depend on the normalization group."""
+        return self.norm in BATCH_DEPENDENT_NORMS
+
+    def layer_options(self, group_size: int | None = None, total_steps: int | None = None) -> dict:
+        """The keyword options of :func:`bkn.norms.create` for this method.
+
+        ``group_size``: statistics per group of that many samples (ignored by per-sample
+        norms). ``total_steps``: for a scheduled method, the length of the training run the
+        paper's schedule is scaled to (BN for the first 1/8 of the steps, limits fully
+        relaxed at the end); without it the paper's own step counts (5k, 25k, 40k) apply.
+        """
+        options = dict(self.options)
+        if self.uses_groups and group_size is not None:
+            if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+                raise ValueError(f"method {self.name!r}: group_size must be a positive int or None, got {group_size!r}")
+            options["group_size"] = group_size
+        if self.scheduled:
+            from .layers.renorm import RenormSchedule
+
+            schedule = RenormSchedule()
+            options["schedule"] = schedule.scaled(total_steps) if total_steps is not None else schedule
+        return options
+
+    def build(
+        self, num_features: int, group_size: int | None = None, *, spatial_dims: int = 2, total_steps=None, **overrides
+    ):
+        """One layer for ``num_features`` channels (``spatial_dims``: 0 for (N, C) ... 3 for video)."""
+        from . import norms
+
+        options = {**self.layer_options(group_size, total_steps), **overrides}
+        return norms.create(self.norm, num_features, spatial_dims=spatial_dims, **options)
+
+    def convert(self, model, group_size: int | None = None, *, total_steps=None, **overrides):
+        """``model`` with every BatchNorm replaced by this method (in place; see :func:`bkn.convert`)."""
+        from .conversion import convert
+
+        options = {**self.layer_options(group_size, total_steps), **overrides}
+        return convert(model, self.norm, **options)
+
+
+def _method(name, norm, label, colour, about, options=None, **kw) -> Method:
+    return Method(name, norm, MappingProxyType(dict(options or {})), label, colour, about, **kw)
+
+
+# The order here is the order of every legend and table. Colours: matplotlib's tab10, then Dark2.
+_TABLE = (
+    _method("bn", "bn", "BN", "#1f77b4", "BatchNorm: the group's batch statistics (torch's BatchNorm2d when one group)"),
+    _method(
+        "bkn-official",
+        "bkn",
+        "BKN official",
+        "#ff7f0e",
+        "BKN, Monte-Carlo transition, fixed gain p = 0.9 (the authors' code)",
+        {"p": 0.9, "gain": "fixed", "transition": "official"},
+    ),
+    _method(
+        "bkn-official-adaptive",
+        "bkn",
+        "BKN official, adaptive gain",
+        "#2ca02c",
+        "BKN, Monte-Carlo transition, adaptive per-channel gain (this project's extension)",
+        {"gain": "adaptive", "transition": "official"},
+    ),
+    _method(
+        "bkn-analytic",
+        "bkn",
+        "BKN analytic",
+        "#d62728",
+        "BKN, closed-form transition, fixed gain p = 0.9",
+        {"p": 0.9, "gain": "fixed", "transition": "analytic"},
+    ),
+    _method(
+        "bkn-analytic-adaptive",
+        "bkn",
+        "BKN analytic, adaptive gain",
+        "#9467bd",
+        "BKN, closed-form transition, adaptive per-channel gain (this project's extension)",
+        {"gain": "adaptive", "transition": "analytic"},
+    ),
+    _method(
+        "brn",
+        "brn",
+        "BRN (rmax 3, dmax 5)",
+        "#8c564b",
+        "Batch Renormalization with fixed limits rmax = 3, dmax = 5 (the paper's final values)",
+        {"rmax": 3.0, "dmax": 5.0},
+    ),
+    _method(
+        "brn-scheduled",
+        "brn",
+        "BRN, scheduled limits",
+        "#e377c2",
+        "Batch Renormalization with the paper's schedule: BN first, then rmax -> 3, dmax -> 5",
+        scheduled=True,
+    ),
+    _method("gn", "gn", "GN", "#7f7f7f", "GroupNorm (32 groups, fewer when C is small)"),
+    _method("ln", "ln", "LN", "#bcbd22", "LayerNorm: GroupNorm(1, C) on conv features, LayerNorm on (N, C)"),
+    _method("in", "in", "IN", "#17becf", "InstanceNorm with affine parameters"),
+)
+_METHODS: dict[str, Method] = {m.name: m for m in _TABLE}
+
+# Result rows that are not registry methods but sit beside them in the same plots.
+EMA_SUFFIX = "-ema"  # "<method>-ema": the running (EMA) estimates that method keeps for inference
+REFERENCES = {"floor": ("floor (best estimate)", "#000000")}
+
+
+def names() -> tuple[str, ...]:
+    """Every method name, in the registry's (legend) order."""
+    return tuple(_METHODS)
+
+
+def get(name: str) -> Method:
+    """The method called ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return _METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(_METHODS)}") from None
+
+
+def resolve(requested) -> list[Method]:
+    """Methods by name, in the registry's order, without duplicates (``ValueError`` for unknown or none)."""
+    requested = list(requested)
+    for name in requested:
+        get(name)
+    if not requested:
+        raise ValueError(f"no methods given; known methods: {', '.join(_METHODS)}")
+    return [m for m in _TABLE if m.name in set(requested)]
+
+
+def _base(name: str) -> tuple[str, bool]:
+    """``("bn", True)`` for ``"bn-ema"``; ``(name, False)`` otherwise."""
+    if name.endswith(EMA_SUFFIX) and name[: -len(EMA_SUFFIX)] in _METHODS:
+        return name[: -len(EMA_SUFFIX)], True
+    return name, False
+
+
+def label(name: str) -> str:
+    """How a result's ``method`` value is shown: the registry label, ``... (running estimates)``, or itself."""
+    base, ema = _base(name)
+    if base in _METHODS:
+        return _METHODS[base].label + (" (running estimates)" if ema else "")
+    if name in REFERENCES:
+        return REFERENCES[name][0]
+    return name
+
+
+def colour(name: str) -> str | None:
+    """The method's colour (``<m>-ema`` shares its method's); ``None`` for a name the registry lacks."""
+    base, _ = _base(name)
+    if base in _METHODS:
+        return _METHODS[base].colour
+    if name in REFERENCES:
+        return REFERENCES[name][1]
+    return None
+
+
+def order(result_names) -> list[str]:
+    """Distinct result ``method`` values in legend order: registry order (each ``-ema`` after its
+    method), then the references, then unknown names alphabetically."""
+    position = {n: i for i, n in enumerate(_METHODS)}
+
+    def key(name: str):
+        base, ema = _base(name)
+        if base in position:
+            return (0, position[base], ema, name)
+        if name in REFERENCES:
+            return (1, list(REFERENCES).index(name), False, name)
+        return (2, 0, False, name)
+
+    return sorted(set(result_names), key=key)
