@@ -108,12 +108,12 @@ def torch_env(session: nox.Session, *extras: str) -> TorchEnv:
 EXTRAS = ("all",)  # one install covers every torch session: tests, bench, accuracy, report...
 
 
-def _render_page(session: nox.Session, tenv: TorchEnv, section: str) -> None:
-    """A probe session's own HTML page, ``reports/<section>.html`` (not after ``--help``)."""
+def _render_page(session: nox.Session, tenv: TorchEnv, section: str, probe: str) -> None:
+    """A probe session's own HTML page, ``reports/<session>.html`` (not after ``--help``)."""
     if {"-h", "--help"} & set(session.posargs):
         return
-    tenv.run("-m", "analysis.report", "--sections", f"env,{section}", "--title", f"bkn-suite: {section} probe",
-             "--out", f"reports/{section}.html")
+    tenv.run("-m", "analysis.report", "--sections", f"env,{section}", "--title", f"bkn-suite: the {probe}",
+             "--out", f"reports/{session.name}.html")
 
 
 # The main job's benchmark subset: one layer family, the copy-bandwidth reference, the thread record.
@@ -167,7 +167,7 @@ def accuracy(session: nox.Session) -> None:
     """Accuracy probes: statistic drift vs the population statistics (``-- --full`` for the full sweep)."""
     tenv = torch_env(session, *EXTRAS)
     tenv.run("-m", "bkn.probes.accuracy", *session.posargs)
-    _render_page(session, tenv, "accuracy")
+    _render_page(session, tenv, "drift", "drift probe")
 
 
 @nox.session(venv_backend="none")
@@ -175,7 +175,7 @@ def convergence(session: nox.Session) -> None:
     """Training probe: test accuracy vs normalization group size (``-- --quick`` for CI)."""
     tenv = torch_env(session, *EXTRAS)
     tenv.run("-m", "bkn.probes.convergence", *session.posargs)
-    _render_page(session, tenv, "convergence")
+    _render_page(session, tenv, "training", "training probe")
 
 
 @nox.session(venv_backend="none")

@@ -32,6 +32,8 @@ import tempfile
 import threading
 import time
 
+from bkn.results import atomic_path
+
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 # Headless, sandbox off (containers run as root), and nothing that reaches the network.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -305,7 +307,8 @@ def check_page(
                     session=session,
                     timeout=timeout,
                 )
-                _write_atomic(pathlib.Path(screenshot), base64.b64decode(shot["data"]))
+                with atomic_path(pathlib.Path(screenshot)) as tmp:
+                    tmp.write_bytes(base64.b64decode(shot["data"]))
         finally:
             tools.close()
     return {
@@ -315,13 +318,6 @@ def check_page(
         "title": images["title"],
         "height": images["height"],
     }
-
-
-def _write_atomic(target: pathlib.Path, data: bytes) -> None:
-    from bkn.results import atomic_path  # imports torch: only when a screenshot is written
-
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,16 @@
-"""Load the accuracy and training probes' results (tidy parquet + meta.json) into frames.
+"""Load the drift and training probes' results through the results contract (:mod:`bkn.results`).
 
-``results/accuracy/drift.parquet``: one row per data x network x state x method x
-batch_size x layer x metric x statistic x seed (columns :data:`DRIFT_COLUMNS`), and
-``results/accuracy/meta.json`` (the environment record and the probe's arguments).
-``results/convergence/convergence.parquet``: one row per method x group_size x seed x
-epoch x metric (:data:`CONVERGENCE_COLUMNS`), and ``results/convergence/meta.json``.
+``results/accuracy/drift.parquet`` (:data:`bkn.results.DRIFT`) and
+``results/convergence/convergence.parquet`` (:data:`bkn.results.TRAINING`), each with the
+``meta.json`` beside it (the environment record and the probe's arguments). The columns,
+dtypes and schema versions are the contract's; nothing here repeats them.
 
-A missing file gives ``None`` (the report says which command produces it); an
-unreadable or malformed one gives ``None`` and a warning naming it.
+A missing file gives a frame of ``None`` (the report says which command produces it); a
+file the contract rejects (corrupt, another schema version, written by older code) gives
+``None``, a warning naming the file, the column and the command that rewrites it, and the
+same text in :attr:`ProbeResults.problem` for the section to show.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,22 +19,25 @@ import pathlib
 
 import pandas as pd
 
-from .messages import Messages
+from bkn.results import DRIFT, TRAINING, Schema, SchemaError
 
-DRIFT_COLUMNS = ["data", "network", "state", "method", "batch_size", "layer", "depth", "metric", "statistic",
-                 "seed", "value"]
-CONVERGENCE_COLUMNS = ["method", "group_size", "seed", "epoch", "metric", "value"]
-ENVIRONMENT_COLUMNS = ["commit", "torch", "device", "threads"]
+from .messages import Messages
 
 
 @dataclasses.dataclass
 class ProbeResults:
     """One probe's tidy frame (None when absent or unreadable) and its meta.json (empty when absent)."""
 
+    schema: Schema
     frame: pd.DataFrame | None
     meta: dict
     path: pathlib.Path
     meta_path: pathlib.Path
+    problem: str | None = None  # why a present file was not loaded
+
+    @property
+    def command(self) -> str:
+        return self.schema.command
 
 
 def _read_meta(path: pathlib.Path, messages: Messages) -> dict:
@@ -49,43 +54,24 @@ def _read_meta(path: pathlib.Path, messages: Messages) -> dict:
     return data
 
 
-def _read_frame(path: pathlib.Path, required: list[str], messages: Messages) -> pd.DataFrame | None:
-    if not path.exists():
-        return None
+def load_probe(results: str | pathlib.Path, schema: Schema, messages: Messages) -> ProbeResults:
+    """``<results>/<schema.folder>/<schema.file>`` and the meta.json beside it."""
+    path = schema.path(results)
+    meta_path = path.parent / "meta.json"
+    frame, problem = None, None
     try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for truncated / foreign files
-        messages.warn(f"{path}: corrupt or truncated parquet file ({type(exc).__name__}: {exc}); "
-                      "its section is left out.")
-        return None
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        messages.warn(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(required)}); "
-                      "its section is left out.")
-        return None
-    frame = frame.copy()
-    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
-    return frame
-
-
-def load_probe(
-    folder: str | pathlib.Path, name: str, required: list[str], messages: Messages
-) -> ProbeResults:
-    folder = pathlib.Path(folder)
-    path, meta_path = folder / f"{name}.parquet", folder / "meta.json"
-    return ProbeResults(
-        frame=_read_frame(path, required, messages),
-        meta=_read_meta(meta_path, messages),
-        path=path,
-        meta_path=meta_path,
-    )
+        frame = schema.read(path)
+    except FileNotFoundError:
+        pass
+    except SchemaError as exc:
+        problem = str(exc)
+        messages.warn(f"{problem}; its section is left out.")
+    return ProbeResults(schema, frame, _read_meta(meta_path, messages), path, meta_path, problem)
 
 
 def load_drift(results: str | pathlib.Path, messages: Messages) -> ProbeResults:
-    """``<results>/accuracy/drift.parquet`` and its meta.json."""
-    return load_probe(pathlib.Path(results) / "accuracy", "drift", DRIFT_COLUMNS, messages)
+    return load_probe(results, DRIFT, messages)
 
 
-def load_convergence(results: str | pathlib.Path, messages: Messages) -> ProbeResults:
-    """``<results>/convergence/convergence.parquet`` and its meta.json."""
-    return load_probe(pathlib.Path(results) / "convergence", "convergence", CONVERGENCE_COLUMNS, messages)
+def load_training(results: str | pathlib.Path, messages: Messages) -> ProbeResults:
+    return load_probe(results, TRAINING, messages)

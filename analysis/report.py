@@ -1,7 +1,7 @@
 """Build the self-contained HTML report: ``python -m analysis.report`` (``nox -s report``).
 
 Reads whatever results exist -- asv results under ``.asv/results`` (every machine and
-commit), the accuracy probe's ``results/accuracy/drift.parquet`` and the training
+commit), the drift probe's ``results/accuracy/drift.parquet`` and the training
 probe's ``results/convergence/convergence.parquet`` -- builds the sections
 (environment, timing, regressions, statistic drift, training probe), renders them with
 the jinja2 template ``analysis/templates/report.html.j2`` into one HTML file whose
@@ -28,7 +28,9 @@ import markupsafe
 
 from .asv_results import load_asv_results
 from .messages import Messages
-from .probes import load_convergence, load_drift
+from bkn.results import atomic_path
+
+from .probes import load_drift, load_training
 from .regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 from .sections import SECTIONS, Inputs, Section, build
 
@@ -89,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
         "--results",
         type=pathlib.Path,
         default=pathlib.Path("results"),
-        help="folder holding accuracy/ and convergence/ probe results",
+        help="folder holding the probes' results (accuracy/drift.parquet, convergence/convergence.parquet)",
     )
     p.add_argument(
         "--base",
@@ -151,8 +153,6 @@ def render(
 
 def save_data(sections: list[Section], folder: pathlib.Path) -> list[pathlib.Path]:
     """Each section's tidy frames as CSV in ``folder`` (atomically); older runs' stale files are removed."""
-    from bkn.results import atomic_path
-
     written = []
     for section in sections:
         for name, frame in section.data.items():
@@ -169,13 +169,12 @@ def save_data(sections: list[Section], folder: pathlib.Path) -> list[pathlib.Pat
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from bkn.results import atomic_path  # imports torch: after argument parsing, so --help is instant
 
     messages = Messages(echo=not args.quiet)
     inputs = Inputs(
         asv=load_asv_results(args.asv_results, messages),
         drift=load_drift(args.results, messages),
-        convergence=load_convergence(args.results, messages),
+        training=load_training(args.results, messages),
         messages=messages,
         base=args.base,
         head=args.head,

@@ -68,13 +68,19 @@ class Schema:
         """Tidy frame of ``rows`` (dicts with the schema's own columns) plus the environment columns."""
         import pandas as pd
 
-        frame = pd.DataFrame(list(rows), columns=list(self.columns))
+        rows = list(rows)
+        frame = pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(self.columns))
         for key in ENVIRONMENT_COLUMNS:
             frame[key] = env[key]
-        return self.conform(frame, "rows")
+        return self.conform(frame, f"{self.name} rows", _WRITER_BUG)
 
-    def conform(self, frame, where: str):
-        """``frame`` with exactly the schema's columns, in order and dtype; SchemaError otherwise."""
+    def conform(self, frame, where: str, fix: str | None = None):
+        """``frame`` with exactly the schema's columns, in order and dtype; SchemaError otherwise.
+
+        ``where`` names the frame (a file's path) and ``fix`` what to do about a mismatch
+        (default: rerun the command that rewrites the file).
+        """
+        fix = fix or f"rerun `{self.command}` to rewrite it"
         expected = self.all_columns
         missing = [c for c in expected if c not in frame.columns]
         if missing:
@@ -82,14 +88,13 @@ class Schema:
             has = f"; it has {', '.join(map(repr, extra))}, which the schema does not know" if extra else ""
             raise SchemaError(
                 f"{where}: column {missing[0]!r} is missing{has} ({self.name} schema v{self.version} expects "
-                f"{', '.join(expected)}); rerun `{self.command}` to rewrite it"
+                f"{', '.join(expected)}); {fix}"
             )
         try:
             return frame[list(expected)].astype(expected)
         except (ValueError, TypeError) as exc:
             raise SchemaError(
-                f"{where}: a column does not hold {self.name} schema v{self.version}'s types ({exc}); "
-                f"rerun `{self.command}` to rewrite it"
+                f"{where}: a column does not hold {self.name} schema v{self.version}'s types ({exc}); {fix}"
             ) from None
 
     def write(self, frame, record: dict, out: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
@@ -98,7 +103,7 @@ class Schema:
         import pyarrow.parquet as pq
 
         out = pathlib.Path(out)
-        frame = self.conform(frame, f"{self.name} results")
+        frame = self.conform(frame, f"{self.name} results", _WRITER_BUG)
         table = pa.Table.from_pandas(frame, preserve_index=False)
         stamp = json.dumps({"name": self.name, "version": self.version}).encode()
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: stamp})
@@ -140,6 +145,9 @@ class Schema:
                 f"{self.name} schema v{self.version}; rerun `{self.command}` to rewrite it"
             )
         return self.conform(frame, str(path))
+
+
+_WRITER_BUG = "the code that produced these rows does not follow bkn.results (a bug: nothing was written)"
 
 
 def _stamp(raw: bytes | None) -> dict | None:
@@ -191,6 +199,12 @@ TRAINING = Schema(
 )
 
 SCHEMAS = {s.name: s for s in (DRIFT, TRAINING)}
+
+# The drift probe's metrics (spec section 4, computed by bkn.stats.metrics) and per-layer
+# statistics, in the order reports show them; the training probe's metrics.
+DRIFT_METRICS = ("mean_error", "var_logratio", "kl", "output_discrepancy")
+DRIFT_STATISTICS = ("median", "p90")
+TRAINING_METRICS = ("train_loss", "test_acc", "test_acc_precise", "step_time_s")
 
 # -- asv vocabulary: the parameters the suites declare and the report reads --------------------
 METHOD_PARAM = "method"  # a bkn.methods name

@@ -22,6 +22,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from bkn.results import DRIFT, TRAINING
+
 MACHINE = "ci-box"
 ENV = "existing-py_usr_bin_python3"
 ALL_COLUMNS = ["result", "params", "version", "started_at", "duration", "stats_ci_99_a", "stats_ci_99_b",
@@ -199,7 +201,8 @@ def norm_truth(commit: int, bench: Bench, combo: tuple) -> float:
 
 
 def drift_frame(seed: int = 0) -> pd.DataFrame:
-    """A tidy drift frame in the contract's schema: error shrinks with batch size, grows with depth."""
+    """A tidy drift frame in the contract's schema (bkn.results.DRIFT): error shrinks with group size,
+    grows with depth."""
     rng = np.random.default_rng(seed)
     rows = []
     methods = {"bn": 1.0, "bkn-official": 0.6, "brn": 0.9, "floor": 0.3}
@@ -220,7 +223,7 @@ def drift_frame(seed: int = 0) -> pd.DataFrame:
                 "network": network,
                 "state": "init",
                 "method": method,
-                "batch_size": batch,
+                "group_size": batch,
                 "layer": f"layers.{depth}.norm",
                 "depth": depth,
                 "metric": metric,
@@ -236,7 +239,8 @@ def drift_frame(seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def convergence_frame(seed: int = 0) -> pd.DataFrame:
+def training_frame(seed: int = 0) -> pd.DataFrame:
+    """A tidy training-probe frame in the contract's schema (bkn.results.TRAINING)."""
     rng = np.random.default_rng(seed)
     rows = []
     quality = {"bn": 0.0, "bkn-official": 0.05, "gn": 0.03}
@@ -253,6 +257,7 @@ def convergence_frame(seed: int = 0) -> pd.DataFrame:
                 {
                     "method": method,
                     "group_size": group,
+                    "batch_size": 8,
                     "seed": s,
                     "epoch": epoch,
                     "metric": metric,
@@ -266,7 +271,8 @@ def convergence_frame(seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_probes(results: pathlib.Path, drift: bool = True, convergence: bool = True) -> None:
+def write_probes(results: pathlib.Path, drift: bool = True, training: bool = True) -> None:
+    """Both probes' result files, written through the results contract as the probes write them."""
     env = {
         "commit": "abc123",
         "torch": "2.x",
@@ -277,10 +283,6 @@ def write_probes(results: pathlib.Path, drift: bool = True, convergence: bool = 
         "seeds": [0, 1],
     }
     if drift:
-        (results / "accuracy").mkdir(parents=True, exist_ok=True)
-        drift_frame().to_parquet(results / "accuracy" / "drift.parquet", index=False)
-        (results / "accuracy" / "meta.json").write_text(json.dumps(env))
-    if convergence:
-        (results / "convergence").mkdir(parents=True, exist_ok=True)
-        convergence_frame().to_parquet(results / "convergence" / "convergence.parquet", index=False)
-        (results / "convergence" / "meta.json").write_text(json.dumps(env))
+        DRIFT.write(drift_frame(), env, DRIFT.path(results).parent)
+    if training:
+        TRAINING.write(training_frame(), env, TRAINING.path(results).parent)

@@ -341,8 +341,8 @@ def test_report_end_to_end(tmp_path, capsys):
         "timing_copy_fraction.csv",
         "regressions_verdicts.csv",
         "regressions_trends.csv",
-        "accuracy_drift_by_batch_size.csv",
-        "convergence_convergence_final.csv",
+        "drift_drift_by_group_size.csv",
+        "training_training_final.csv",
     } <= names
     saved = pd.read_csv(data / "regressions_verdicts.csv")
     assert (saved["verdict"] == "regression").sum() == 1
@@ -388,14 +388,14 @@ def test_corrupt_inputs_are_reported_in_the_page(tmp_path):
     af.write_probes(tmp_path / "results")
     drift = tmp_path / "results" / "accuracy" / "drift.parquet"
     drift.write_bytes(drift.read_bytes()[:300])
-    code, html, _ = _run(tmp_path, "--sections", "env,regressions,accuracy")
+    code, html, _ = _run(tmp_path, "--sections", "env,regressions,drift")
     assert code == 0
     assert str(victim) in html and str(drift) in html
     assert "warnings while reading the results" in html
     assert "badge error" not in html
     # The two intact commits are still compared; the drift section says what is missing.
     assert f"{hashes[0][:8]} vs head {hashes[1][:8]}" in html
-    assert "accuracy probe results" in html and "<h2>Environment</h2>" in html
+    assert "corrupt or truncated parquet file" in html and "<h2>Environment</h2>" in html
 
 
 def test_base_and_head_options(tmp_path):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from .base import SECTIONS, Inputs, Section, human
 from .comparison import build_regressions
-from .drift import build_accuracy
+from .drift import build_drift
 from .environment import build_env
 from .timing import build_timing
-from .training import build_convergence
+from .training import build_training
 
 __all__ = ["SECTIONS", "Inputs", "Section", "build", "human"]
 
@@ -20,8 +20,8 @@ BUILDERS = {
     "env": build_env,
     "timing": build_timing,
     "regressions": build_regressions,
-    "accuracy": build_accuracy,
-    "convergence": build_convergence,
+    "drift": build_drift,
+    "training": build_training,
 }
 
 

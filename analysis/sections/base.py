@@ -11,7 +11,7 @@ from ..messages import Messages
 from ..probes import ProbeResults
 from ..regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 
-SECTIONS = ["env", "timing", "regressions", "accuracy", "convergence"]
+SECTIONS = ["env", "timing", "regressions", "drift", "training"]
 MAX_TABLE_ROWS = 400  # longer tables are cut in the page (the saved CSV has every row)
 NORM_PARAMS = ["norm", "batch_size"]
 VARIANT_PARAMS = ["dtype", "memory_format"]
@@ -27,7 +27,7 @@ class Inputs:
 
     asv: AsvResults
     drift: ProbeResults
-    convergence: ProbeResults
+    training: ProbeResults
     messages: Messages
     base: str | None = None
     head: str | None = None

@@ -5,6 +5,8 @@ import platform
 
 import pandas as pd
 
+from bkn.results import git_commit
+
 from .. import plots
 from .base import BENCH_COMMANDS, Inputs, Section, human
 
@@ -28,22 +30,17 @@ def _environment_rows(source: str, meta: dict, frame: pd.DataFrame | None) -> di
 def build_env(inputs: Inputs) -> Section:
     """Where every result came from: commit, torch, device, threads; asv machines and environments."""
     section = Section("env", "Environment")
-    from bkn.results import git_commit  # the only torch import of the report; kept local
-
     section.text(
         f"Report built from working tree {git_commit()} with Python {platform.python_version()}, "
         f"pandas {pd.__version__}, seaborn {plots.sns.__version__}, "
         f"matplotlib {plots.matplotlib.__version__}."
     )
     rows = []
-    for source, probe, command in (
-        ("accuracy probe", inputs.drift, "`nox -s accuracy`"),
-        ("training probe", inputs.convergence, "`nox -s convergence`"),
-    ):
+    for source, probe in (("drift probe", inputs.drift), ("training probe", inputs.training)):
         if probe.frame is not None or probe.meta:
             rows.append(_environment_rows(f"{source} ({probe.path.name})", probe.meta, probe.frame))
         else:
-            section.missing(f"{source}: no {probe.path} (nor {probe.meta_path.name})", command)
+            section.missing(f"{source}: no {probe.path} (nor {probe.meta_path.name})", f"`{probe.command}`")
     if rows:
         table = pd.DataFrame(rows).dropna(axis=1, how="all")
         section.table(table, "Probes: the environment each recorded (meta.json, else the frame's columns).")
@@ -51,7 +48,7 @@ def build_env(inputs: Inputs) -> Section:
     asv = inputs.asv
     probes = ", ".join(
         f"{name} {'present' if p.frame is not None else 'absent'}"
-        for name, p in (("accuracy probe", inputs.drift), ("training probe", inputs.convergence))
+        for name, p in (("drift probe", inputs.drift), ("training probe", inputs.training))
     )
     if asv.empty:
         section.missing(f"asv results: nothing readable under {asv.root}", BENCH_COMMANDS)

@@ -1,4 +1,4 @@
-"""Training probe section: test accuracy vs group size per norm, learning curves (convergence probe)."""
+"""Training probe section: test accuracy vs group size per method, learning curves."""
 from __future__ import annotations
 
 import pandas as pd
@@ -7,26 +7,26 @@ from .. import plots
 from .base import Inputs, Section, provenance
 
 
-def build_convergence(inputs: Inputs) -> Section:
-    """Training probe: test accuracy vs group size per norm (spread over seeds); learning curves."""
-    section = Section("convergence", "Training probe")
-    probe = inputs.convergence
+def build_training(inputs: Inputs) -> Section:
+    """Training probe: test accuracy vs group size per method (spread over seeds); learning curves."""
+    section = Section("training", "Training probe")
+    probe = inputs.training
     if probe.frame is None:
         section.missing(
-            f"training probe results: {probe.path}",
-            "`nox -s convergence` (`nox -s convergence -- --quick` for the CI-sized run)",
+            probe.problem or f"training probe results: {probe.path}",
+            f"`{probe.command}` (`{probe.command} -- --quick` for the CI-sized run)",
         )
         return section
     frame = probe.frame.dropna(subset=["value"]).copy()
     if frame.empty:
-        section.missing(f"training probe results: {probe.path} has no finite values", "`nox -s convergence`")
+        section.missing(f"training probe results: {probe.path} has no finite values", f"`{probe.command}`")
         return section
     section.text(provenance(probe))
     frame["method"] = frame["method"].astype(str)
     frame["metric"] = frame["metric"].astype(str)
     last = frame.groupby(["method", "group_size", "seed", "metric"], observed=True)["epoch"].transform("max")
     final = frame[frame["epoch"] == last]
-    section.data["convergence_final"] = final
+    section.data["training_final"] = final
     section.summary = (
         f"{final['method'].nunique()} methods, group sizes {int(final['group_size'].min())}–"
         f"{int(final['group_size'].max())}, {final['seed'].nunique()} seed(s), "
@@ -47,7 +47,7 @@ def build_convergence(inputs: Inputs) -> Section:
                 errorbar="sd",
                 title="Final test accuracy vs group size",
             ),
-            "Test accuracy after the last epoch vs the normalization group size, per norm; band: "
+            "Test accuracy after the last epoch vs the normalization group size, per method; band: "
             "± one standard deviation over seeds (test_acc_precise: evaluated with population "
             "statistics).",
         )
