@@ -22,7 +22,7 @@ import statistics
 import torch
 from torch.utils import benchmark
 
-from . import norms
+from . import methods
 from .layers import _native
 from .models import cifar_resnet
 
@@ -67,7 +67,7 @@ def layer_table(min_run_time: float, seed: int, rounds: int = 20) -> list[tuple]
         x = torch.randn(shape, generator=gen).requires_grad_()
         grad = torch.randn(shape, generator=gen)
         prior = (torch.randn(c, generator=gen) * 0.1, 1 + 0.1 * torch.rand(c, generator=gen))
-        bn, bkn, brn = norms.create("bn", c), norms.create("bkn", c, p=0.9), norms.create("brn", c, rmax=3.0, dmax=5.0)
+        bn, bkn, brn = (methods.get(name).build(c) for name in ("bn", "bkn-official", "brn"))
         samples = interleaved({
             "bn": lambda: bn(x).backward(grad),
             "bkn": lambda: bkn(x, prior=prior).backward(grad),
@@ -80,16 +80,12 @@ def layer_table(min_run_time: float, seed: int, rounds: int = 20) -> list[tuple]
 
 
 def network_table(min_run_time: float, seed: int, batch: int = 8, group: int = 2, rounds: int = 5) -> list[tuple]:
-    """Per norm: median time of one SGD step of CIFAR ResNet-20 and its ratio to BN's (median over rounds)."""
-    configs = [("bn (group %d)" % group, "bn", {"group_size": group}),
-               ("bkn official", "bkn", {"group_size": group, "transition": "official"}),
-               ("bkn analytic", "bkn", {"group_size": group, "transition": "analytic"}),
-               ("brn", "brn", {"group_size": group, "rmax": 3.0, "dmax": 5.0}),
-               ("gn", "gn", {})]
+    """Per method: median time of one SGD step of CIFAR ResNet-20 and its ratio to BN's (median over rounds)."""
     steps = {}
-    for label, name, options in configs:
+    for name in ("bn", "bkn-official", "bkn-analytic", "brn", "gn"):
+        method = methods.get(name)
         torch.manual_seed(seed)
-        model = cifar_resnet(20, name, **options)
+        model = cifar_resnet(20, method.norm, **method.layer_options(group_size=group))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
 
@@ -99,10 +95,9 @@ def network_table(min_run_time: float, seed: int, batch: int = 8, group: int = 2
             loss.backward()
             opt.step()
             return loss
-        steps[label] = step
+        steps[name] = step
     samples = interleaved(steps, min_run_time, rounds)
-    base = configs[0][0]
-    return [(label, statistics.median(samples[label]), ratio_summary(samples, label, base)[0]) for label in steps]
+    return [(name, statistics.median(samples[name]), ratio_summary(samples, name, "bn")[0]) for name in steps]
 
 
 def main(argv=None) -> None:
@@ -127,9 +122,9 @@ def main(argv=None) -> None:
         cells = [f"{r[0]:.2f} [{r[1]:.2f}-{r[2]:.2f}]" for r in (bkn_ratio, brn_ratio)]
         print(f"{shape:<18}{bn * 1e6:>9.0f}{bkn * 1e6:>9.0f}{brn * 1e6:>9.0f}{cells[0]:>21}{cells[1]:>21}")
     print("\nCIFAR ResNet-20, one SGD step, batch 8, normalization groups of 2 (timed in turn, 5 rounds)")
-    print(f"{'norm':<16}{'ms/step':>10}{'vs BN':>8}")
+    print(f"{'method':<22}{'ms/step':>10}{'vs BN':>8}")
     for label, t, ratio in network_table(args.min_run_time, args.seed):
-        print(f"{label:<16}{t * 1e3:>10.1f}{ratio:>8.2f}")
+        print(f"{label:<22}{t * 1e3:>10.1f}{ratio:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -291,7 +291,7 @@ def test_demo_ratios_are_medians_over_rounds_and_it_runs(capsys):
     finally:
         torch.set_num_threads(threads)
     text = capsys.readouterr().out
-    assert "(2, 512, 7, 7)" in text and "BKN/BN" in text and "kernels:" in text and "bkn official" in text
+    assert "(2, 512, 7, 7)" in text and "BKN/BN" in text and "kernels:" in text and "bkn-official" in text
 
 
 def test_kernels_command_reports_ready_or_switched_off(capsys, monkeypatch):
