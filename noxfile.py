@@ -8,7 +8,7 @@
     nox -s report       reports/report.html from whatever results exist
     nox -s screenshot   check the report in headless Chromium, save reports/report.png
     nox -s demo         short BKN-vs-BN comparison (posargs go to ``python -m bkn.demo``)
-    nox -s lint         ruff check (its own small venv, no torch)
+    nox -s lint         ruff check + ruff format --check (its own small venv, no torch)
 
 One venv for everything that needs torch
 ----------------------------------------
@@ -202,6 +202,8 @@ def screenshot(session: nox.Session) -> None:
 
 @nox.session(reuse_venv=True)
 def lint(session: nox.Session) -> None:
-    """ruff check (no torch needed)."""
+    """ruff check and ruff format --check (no torch needed); ``ruff format .`` fixes the formatting."""
     session.install("ruff")
-    session.run("ruff", "check", *(session.posargs or ["."]))
+    paths = session.posargs or ["."]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", "--diff", *paths)
