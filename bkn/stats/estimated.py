@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from ..layers._moments import batch_moments
+from .layer_kinds import is_batch_norm
 from .metrics import channel_metrics, output_discrepancy, summarize
-from .population import is_batch_norm, normalize_with
+from .normalizing import normalize_with
 
 MODES = ("train", "eval", "floor")
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .population import is_batch_norm, is_per_sample_norm
+from .layer_kinds import is_batch_norm, is_per_sample_norm
 
 
 @dataclass
