@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layer_kinds import is_batch_norm, is_per_sample_norm
+from .layer_kinds import groups_of, is_batch_norm, is_per_sample_norm
 
 
 @dataclass
@@ -147,13 +147,12 @@ class LinearGaussianChain:
 
 
 def _grouped(module: nn.Module, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel moments -> moments pooled over each group's channels, repeated per channel."""
-    if isinstance(module, nn.GroupNorm):
-        groups = module.num_groups
-    elif isinstance(module, nn.LayerNorm):
-        groups = 1
-    else:
-        groups = mean.size
+    """Per-channel moments -> moments pooled over each group's channels, repeated per channel.
+
+    The numpy twin of :func:`bkn.stats.pooled_moments.pool_over_groups` (the closed-form truth
+    is computed in numpy).
+    """
+    groups = groups_of(module, mean.size)
     m = mean.reshape(groups, -1)
     gm = m.mean(1, keepdims=True)
     gv = var.reshape(groups, -1).mean(1, keepdims=True) + ((m - gm) ** 2).mean(1, keepdims=True)
