@@ -1,7 +1,7 @@
 """Estimated statistics: what each layer normalizes with, measured against the population (spec section 4).
 
 :class:`DriftRecorder` puts a forward hook on every normalization layer that has
-population statistics. While it is ``active``, each call of a layer adds its
+population statistics. Inside its ``with`` block, each call of a layer adds its
 per-(group, channel) drift metrics (:mod:`bkn.stats.metrics`) to the record; the
 layer's value is then the median and the 90th percentile over everything recorded.
 
@@ -60,7 +60,6 @@ class DriftRecorder:
         self.model, self.population, self.group_size, self.mode = model, population, group_size, mode
         self.layers = {name: modules[name] for name in population}
         self.values: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in population}
-        self.active = True
         self._handles: list = []
 
     def __enter__(self) -> "DriftRecorder":
@@ -79,8 +78,6 @@ class DriftRecorder:
 
     @torch.no_grad()
     def _record(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-        if not self.active:
-            return
         n = x.shape[0]
         if n % self.group_size:
             raise ValueError(f"DriftRecorder: group_size={self.group_size} must divide the batch of {n}")
