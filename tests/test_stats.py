@@ -24,6 +24,8 @@ from bkn.stats import (
     summarize,
     use_population_statistics,
 )
+from bkn.stats.pooled_moments import PooledMoments, pool_over_groups
+from bkn.stats.synthetic import _grouped
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,6 +177,41 @@ def test_population_statistics_errors():
     gn = cifar_resnet(8, "gn")
     with pytest.raises(ValueError, match="keeps no running estimates"):
         use_population_statistics(gn, {"norm0": stats["norm0"]})
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4, 2), (7, 3)])
+def test_pooled_moments_match_numpy_where_a_one_pass_formula_cancels(rng, shape):
+    """|mean| = 1e8 >> std = 1: sum(x^2)/n - mean^2 loses every digit; the shifted sums do not."""
+    channel_means = 1e8 + np.arange(3) * 1e6
+    view = (1, 3) + (1,) * (len(shape) - 2)
+    batches = [rng.standard_normal((n,) + shape[1:]) + channel_means.reshape(view) for n in (shape[0], 1, 4)]
+    acc = PooledMoments()
+    for b in batches:
+        acc.add(torch.from_numpy(b))
+    mean, var = acc.result()
+    # numpy, all values of a channel at once (two passes: mean first, then squared deviations)
+    values = np.concatenate([np.moveaxis(b, 1, -1).reshape(-1, 3) for b in batches])
+    assert acc.count == values.shape[0]
+    np.testing.assert_allclose(mean.numpy(), values.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(var.numpy(), values.var(0), rtol=1e-6)
+    naive = (values**2).mean(0) - values.mean(0) ** 2
+    assert abs(naive - values.var(0)).max() > 1.0  # the data would catch a one-pass accumulator
+
+
+@pytest.mark.parametrize("norm, groups", [(nn.GroupNorm(3, 6), 3), (nn.GroupNorm(1, 6), 1), (nn.InstanceNorm2d(6), 6)])
+def test_pool_over_groups_equals_the_moments_over_each_groups_channels(rng, norm, groups):
+    x = torch.from_numpy(rng.standard_normal((8, 6, 3, 3)) * rng.uniform(0.5, 2, (1, 6, 1, 1))
+                         + rng.standard_normal((1, 6, 1, 1)) * 3)
+    var, mean = torch.var_mean(x, [0, 2, 3], correction=0)
+    got_mean, got_var = pool_over_groups(norm, mean, var)
+    grouped = x.unflatten(1, (groups, 6 // groups))
+    want_var, want_mean = torch.var_mean(grouped, [0, 2, 3, 4], correction=0)
+    torch.testing.assert_close(got_mean, want_mean.repeat_interleave(6 // groups), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_var, want_var.repeat_interleave(6 // groups), rtol=1e-12, atol=1e-12)
+    # the synthetic chain's closed form pools the same way, in numpy
+    np_mean, np_var = _grouped(norm, mean.numpy(), var.numpy())
+    np.testing.assert_allclose(np_mean, got_mean.numpy(), rtol=1e-14)
+    np.testing.assert_allclose(np_var, got_var.numpy(), rtol=1e-14)
 
 
 # -- metrics ------------------------------------------------------------------------------
