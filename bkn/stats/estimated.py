@@ -25,6 +25,7 @@ In every mode the output discrepancy compares the layer's output (for ``"floor"`
 normalizing with the group moments) with the same layer normalizing the same input
 with the population statistics.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,9 @@ class DriftRecorder:
 
     def __enter__(self) -> "DriftRecorder":
         for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(
-                lambda mod, args, out, n=name: self._record(n, mod, args[0], out)))
+            self._handles.append(
+                module.register_forward_hook(lambda mod, args, out, n=name: self._record(n, mod, args[0], out))
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -105,8 +107,7 @@ class DriftRecorder:
         if stats is not None:
             return stats
         if hasattr(module, "last_stats"):
-            raise RuntimeError(f"DriftRecorder: {type(module).__name__} recorded no statistics "
-                               f"in training mode")
+            raise RuntimeError(f"DriftRecorder: {type(module).__name__} recorded no statistics in training mode")
         return batch_moments(x.to(torch.float64), 1)  # torch.nn.BatchNorm: the whole batch
 
     def rows(self) -> list[dict]:
@@ -115,13 +116,13 @@ class DriftRecorder:
         for depth, (name, metrics) in enumerate(self.values.items()):
             for metric, values in metrics.items():
                 for statistic, value in summarize(values).items():
-                    out.append({"layer": name, "depth": depth, "metric": metric, "statistic": statistic,
-                                "value": value})
+                    out.append(
+                        {"layer": name, "depth": depth, "metric": metric, "statistic": statistic, "value": value}
+                    )
         return out
 
 
-def _normalize_groups(module: nn.Module, x: torch.Tensor, mean: torch.Tensor,
-                      var: torch.Tensor) -> torch.Tensor:
+def _normalize_groups(module: nn.Module, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """``module``'s affine applied to ``x`` normalized per group with (G, C) statistics."""
     groups = mean.shape[0]
     xg = x.to(torch.float64).unflatten(0, (groups, x.shape[0] // groups))
@@ -153,6 +154,5 @@ def running_estimate_rows(model: nn.Module, population: dict) -> list[dict]:
         metrics = channel_metrics(module.running_mean, module.running_var, mean, var, module.eps)
         for metric, values in metrics.items():
             for statistic, value in summarize(values).items():
-                out.append({"layer": name, "depth": depth, "metric": metric, "statistic": statistic,
-                            "value": value})
+                out.append({"layer": name, "depth": depth, "metric": metric, "statistic": statistic, "value": value})
     return out

@@ -39,6 +39,7 @@ The parameters are drawn once from ``seed`` (numpy): ``mu_0 ~ N(0, 1)``,
 ``Sigma_0 = A A^T / C + 0.1 I`` with ``A ~ N(0, 1)`` (correlated channels),
 ``W_k ~ N(0, 1 / C)``, ``b_k ~ N(0, 1)``, ``gamma_k ~ U(0.5, 1.5)``, ``beta_k ~ N(0, 0.5^2)``.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -64,8 +65,7 @@ class LinearGaussianChain:
 
     def __post_init__(self):
         if self.width < 1 or self.depth < 1:
-            raise ValueError(f"LinearGaussianChain: width and depth must be >= 1, "
-                             f"got {self.width}, {self.depth}")
+            raise ValueError(f"LinearGaussianChain: width and depth must be >= 1, got {self.width}, {self.depth}")
         rng = np.random.default_rng(self.seed)
         c = self.width
         a = rng.standard_normal((c, c))
@@ -109,8 +109,9 @@ class LinearGaussianChain:
         """Mean (C,) and covariance (C, C) of the input at one position."""
         return self.params["mu0"].copy(), self.params["sigma0"].copy()
 
-    def population_statistics(self, model: nn.Module | None = None,
-                              per_sample: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def population_statistics(
+        self, model: nn.Module | None = None, per_sample: bool = True
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Exact population statistics ``{norm name: (mean, var)}`` (float64, per channel) of ``model``.
 
         ``model`` defaults to :meth:`model`; any norm swapped in by ``bkn.convert`` keeps
@@ -141,8 +142,10 @@ class LinearGaussianChain:
                 mean = scale * (mean - m) + beta
                 cov = cov * np.outer(scale, scale)
             else:
-                raise ValueError(f"LinearGaussianChain: cannot propagate moments through {name!r} "
-                                 f"({type(module).__name__}); expected 1x1 convolutions and norms")
+                raise ValueError(
+                    f"LinearGaussianChain: cannot propagate moments through {name!r} "
+                    f"({type(module).__name__}); expected 1x1 convolutions and norms"
+                )
         return out
 
 
