@@ -1,4 +1,5 @@
 """bkn.stats: population statistics (the contract), drift metrics, the synthetic chain, the recorder."""
+
 from __future__ import annotations
 
 import copy
@@ -24,6 +25,8 @@ from bkn.stats import (
     summarize,
     use_population_statistics,
 )
+from bkn.stats.pooled_moments import PooledMoments, pool_over_groups
+from bkn.stats.synthetic import _grouped
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,13 +71,16 @@ def _direct_population(model: nn.Module, layers: list[tuple[str, nn.Module]], x:
     return out
 
 
-@pytest.mark.parametrize("norm, options", [
-    ("bn", {}),
-    ("bn", {"group_size": 2}),
-    ("bkn", {"group_size": 2, "transition": "official"}),
-    ("bkn", {"group_size": 4, "transition": "analytic", "gain": "adaptive"}),
-    ("brn", {"rmax": 3.0, "dmax": 5.0}),
-])
+@pytest.mark.parametrize(
+    "norm, options",
+    [
+        ("bn", {}),
+        ("bn", {"group_size": 2}),
+        ("bkn", {"group_size": 2, "transition": "official"}),
+        ("bkn", {"group_size": 4, "transition": "analytic", "gain": "adaptive"}),
+        ("brn", {"rmax": 3.0, "dmax": 5.0}),
+    ],
+)
 def test_population_statistics_equal_a_direct_full_dataset_computation(norm, options):
     model = _perturb(cifar_resnet(8, norm, **options))
     x = torch.randn(40, 3, 12, 12) * 1.5 + 0.7
@@ -90,9 +96,18 @@ def test_population_statistics_equal_a_direct_full_dataset_computation(norm, opt
 
 def test_population_statistics_of_a_converted_torchvision_style_model():
     torch.manual_seed(1)
-    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6))
+    base = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 6),
+        nn.BatchNorm1d(6),
+    )
     model = _perturb(bkn.convert(base, "bkn", group_size=2, transition="analytic"))
     x = torch.randn(30, 3, 9, 9) - 2.0
     layers = [(n, m) for n, m in model.named_modules() if bkn.stats.is_batch_norm(m)]
@@ -123,7 +138,7 @@ def test_use_population_statistics_makes_eval_mode_normalize_with_them():
     for name, module in model.named_modules():
         if name in stats:
             torch.testing.assert_close(module.running_mean, stats[name][0].float())
-            torch.testing.assert_close(module.running_std ** 2 - module.eps, stats[name][1].float())
+            torch.testing.assert_close(module.running_std**2 - module.eps, stats[name][1].float())
     # Eval mode now reproduces the population-mode network: a second computation from the
     # running estimates (eval mode, no hooks) gives the same statistics.
     again = _direct_population(model, [(n, dict(model.named_modules())[n]) for n in stats], x)
@@ -177,6 +192,42 @@ def test_population_statistics_errors():
         use_population_statistics(gn, {"norm0": stats["norm0"]})
 
 
+@pytest.mark.parametrize("shape", [(5, 3, 4, 2), (7, 3)])
+def test_pooled_moments_match_numpy_where_a_one_pass_formula_cancels(rng, shape):
+    """|mean| = 1e8 >> std = 1: sum(x^2)/n - mean^2 loses every digit; the shifted sums do not."""
+    channel_means = 1e8 + np.arange(3) * 1e6
+    view = (1, 3) + (1,) * (len(shape) - 2)
+    batches = [rng.standard_normal((n,) + shape[1:]) + channel_means.reshape(view) for n in (shape[0], 1, 4)]
+    acc = PooledMoments()
+    for b in batches:
+        acc.add(torch.from_numpy(b))
+    mean, var = acc.result()
+    # numpy, all values of a channel at once (two passes: mean first, then squared deviations)
+    values = np.concatenate([np.moveaxis(b, 1, -1).reshape(-1, 3) for b in batches])
+    assert acc.count == values.shape[0]
+    np.testing.assert_allclose(mean.numpy(), values.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(var.numpy(), values.var(0), rtol=1e-6)
+    naive = (values**2).mean(0) - values.mean(0) ** 2
+    assert abs(naive - values.var(0)).max() > 1.0  # the data would catch a one-pass accumulator
+
+
+@pytest.mark.parametrize("norm, groups", [(nn.GroupNorm(3, 6), 3), (nn.GroupNorm(1, 6), 1), (nn.InstanceNorm2d(6), 6)])
+def test_pool_over_groups_equals_the_moments_over_each_groups_channels(rng, norm, groups):
+    x = torch.from_numpy(
+        rng.standard_normal((8, 6, 3, 3)) * rng.uniform(0.5, 2, (1, 6, 1, 1)) + rng.standard_normal((1, 6, 1, 1)) * 3
+    )
+    var, mean = torch.var_mean(x, [0, 2, 3], correction=0)
+    got_mean, got_var = pool_over_groups(norm, mean, var)
+    grouped = x.unflatten(1, (groups, 6 // groups))
+    want_var, want_mean = torch.var_mean(grouped, [0, 2, 3, 4], correction=0)
+    torch.testing.assert_close(got_mean, want_mean.repeat_interleave(6 // groups), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_var, want_var.repeat_interleave(6 // groups), rtol=1e-12, atol=1e-12)
+    # the synthetic chain's closed form pools the same way, in numpy
+    np_mean, np_var = _grouped(norm, mean.numpy(), var.numpy())
+    np.testing.assert_allclose(np_mean, got_mean.numpy(), rtol=1e-14)
+    np.testing.assert_allclose(np_var, got_var.numpy(), rtol=1e-14)
+
+
 # -- metrics ------------------------------------------------------------------------------
 
 
@@ -199,11 +250,12 @@ def test_output_discrepancy_and_summarize_against_numpy(rng):
     got = output_discrepancy(torch.from_numpy(y), torch.from_numpy(y_pop), groups=3).numpy()
     for g in range(3):
         for c in range(3):
-            a, b = y[2 * g:2 * g + 2, c], y_pop[2 * g:2 * g + 2, c]
-            assert got[g, c] == pytest.approx(((a - b) ** 2).sum() / (b ** 2).sum())
+            a, b = y[2 * g : 2 * g + 2, c], y_pop[2 * g : 2 * g + 2, c]
+            assert got[g, c] == pytest.approx(((a - b) ** 2).sum() / (b**2).sum())
     values = rng.standard_normal(1001)
     assert summarize(torch.from_numpy(values)) == pytest.approx(
-        {"median": np.median(values), "p90": np.quantile(values, 0.9)})
+        {"median": np.median(values), "p90": np.quantile(values, 0.9)}
+    )
     assert summarize([np.array([1.0, 2.0]), np.array([3.0, np.inf])])["p90"] == math.inf
     assert math.isnan(summarize(np.array([1.0, np.nan]))["median"])
     with pytest.raises(ValueError, match="groups must divide"):
@@ -225,8 +277,9 @@ def test_recorder_reads_batch_statistics_of_bn_and_matches_the_floor_at_depth_0(
     with DriftRecorder(floor, truth, group_size=4, mode="floor") as rec_floor, torch.no_grad():
         floor(x)
     for metric in ("mean_error", "var_logratio", "kl", "output_discrepancy"):
-        torch.testing.assert_close(rec_bn.values["norm0"][metric][0], rec_floor.values["norm0"][metric][0],
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            rec_bn.values["norm0"][metric][0], rec_floor.values["norm0"][metric][0], rtol=1e-4, atol=1e-6
+        )
     # depth >= 1 of a linear chain: the group mean after a batch-normalizing layer is W beta + b, exact
     assert rec_bn.values["norm1"]["mean_error"][0].max() < 1e-4
     rows = rec_bn.rows()
@@ -251,8 +304,7 @@ def test_running_estimates_with_small_momentum_converge_to_the_population():
     with torch.no_grad():
         for _ in range(3000):
             model(chain.sample(8, g))
-    rows = {(r["layer"], r["metric"], r["statistic"]): r["value"]
-            for r in running_estimate_rows(model, truth)}
+    rows = {(r["layer"], r["metric"], r["statistic"]): r["value"] for r in running_estimate_rows(model, truth)}
     # EMA noise: sd of the mean error ~ sqrt(0.01 / 2 / (8 * 16)) = 0.006; bias 0.99^3000 ~ 0
     assert rows[("norm0", "mean_error", "p90")] < 0.03
     assert rows[("norm0", "var_logratio", "p90")] < 0.05
@@ -265,8 +317,7 @@ def test_running_estimates_with_small_momentum_converge_to_the_population():
 def test_population_statistics_do_not_depend_on_how_the_data_is_batched(cuts, shift):
     """Pooled sums: any split of the evaluation set into batches gives the one-batch statistics."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1),
-                          nn.BatchNorm2d(3))
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
     _perturb(model).double()  # float64 forwards: in float32 the forward's own rounding (x ~ 50 std) shows
     x = torch.randn(30, 2, 6, 6, dtype=torch.float64) * 0.1 + shift  # |mean| >> std: sums must not cancel
     edges = [0] + sorted(cuts) + [30]

@@ -1,29 +1,44 @@
 """Population statistics, estimated statistics and drift metrics (spec section 4).
 
-* :func:`population_statistics` / :func:`use_population_statistics` - the exact population
-  statistics of every normalization layer, layer by layer, and writing them into the running
-  estimates (PreciseBN-style evaluation).
+* :mod:`bkn.stats.population` - :func:`population_statistics`, the exact population
+  statistics of every normalization layer, measured layer by layer.
+* :mod:`bkn.stats.running_estimates` - :func:`use_population_statistics`, writing them into
+  the layers' running estimates (PreciseBN-style evaluation).
+* :mod:`bkn.stats.normalizing` - :func:`normalize_with` (one layer's output with given
+  statistics), :func:`normalizing_with` (a model normalizing with them in a ``with`` block)
+  and :func:`eval_mode`.
+* :mod:`bkn.stats.layer_kinds` - :func:`normalization_layers`, :func:`is_batch_norm`,
+  :func:`is_per_sample_norm`: which modules are normalization layers, and of which kind.
+* :mod:`bkn.stats.pooled_moments` - per-channel moments pooled over a data set in float64,
+  and their pooling over a per-sample norm's groups.
 * :mod:`bkn.stats.metrics` - per-channel drift metrics and their per-layer summaries.
 * :mod:`bkn.stats.estimated` - what each method normalizes with, recorded by forward hooks.
 * :mod:`bkn.stats.synthetic` - the linear-Gaussian chain with closed-form truth and the floor.
 """
+
 from .estimated import DriftRecorder, running_estimate_rows
+from .layer_kinds import is_batch_norm, is_per_sample_norm, normalization_layers
 from .metrics import METRICS, STATISTICS, channel_metrics, output_discrepancy, summarize
-from .population import (
-                         eval_mode,
-                         is_batch_norm,
-                         is_per_sample_norm,
-                         normalization_layers,
-                         normalize_with,
-                         normalizing_with,
-                         population_statistics,
-                         use_population_statistics,
-)
+from .normalizing import eval_mode, normalize_with, normalizing_with
+from .population import population_statistics
+from .running_estimates import use_population_statistics
 from .synthetic import LinearGaussianChain
 
 __all__ = [
-    "population_statistics", "use_population_statistics", "normalization_layers", "normalizing_with",
-    "normalize_with", "eval_mode", "is_batch_norm", "is_per_sample_norm",
-    "METRICS", "STATISTICS", "channel_metrics", "output_discrepancy", "summarize",
-    "DriftRecorder", "running_estimate_rows", "LinearGaussianChain",
+    "population_statistics",
+    "use_population_statistics",
+    "normalization_layers",
+    "normalizing_with",
+    "normalize_with",
+    "eval_mode",
+    "is_batch_norm",
+    "is_per_sample_norm",
+    "METRICS",
+    "STATISTICS",
+    "channel_metrics",
+    "output_discrepancy",
+    "summarize",
+    "DriftRecorder",
+    "running_estimate_rows",
+    "LinearGaussianChain",
 ]

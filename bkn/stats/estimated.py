@@ -1,7 +1,7 @@
 """Estimated statistics: what each layer normalizes with, measured against the population (spec section 4).
 
 :class:`DriftRecorder` puts a forward hook on every normalization layer that has
-population statistics. While it is ``active``, each call of a layer adds its
+population statistics. Inside its ``with`` block, each call of a layer adds its
 per-(group, channel) drift metrics (:mod:`bkn.stats.metrics`) to the record; the
 layer's value is then the median and the 90th percentile over everything recorded.
 
@@ -25,14 +25,16 @@ In every mode the output discrepancy compares the layer's output (for ``"floor"`
 normalizing with the group moments) with the same layer normalizing the same input
 with the population statistics.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ..layers._moments import batch_moments
+from .layer_kinds import is_batch_norm
 from .metrics import channel_metrics, output_discrepancy, summarize
-from .population import is_batch_norm, normalize_with
+from .normalizing import normalize_with
 
 MODES = ("train", "eval", "floor")
 
@@ -59,13 +61,13 @@ class DriftRecorder:
         self.model, self.population, self.group_size, self.mode = model, population, group_size, mode
         self.layers = {name: modules[name] for name in population}
         self.values: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in population}
-        self.active = True
         self._handles: list = []
 
     def __enter__(self) -> "DriftRecorder":
         for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(
-                lambda mod, args, out, n=name: self._record(n, mod, args[0], out)))
+            self._handles.append(
+                module.register_forward_hook(lambda mod, args, out, n=name: self._record(n, mod, args[0], out))
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -78,8 +80,6 @@ class DriftRecorder:
 
     @torch.no_grad()
     def _record(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-        if not self.active:
-            return
         n = x.shape[0]
         if n % self.group_size:
             raise ValueError(f"DriftRecorder: group_size={self.group_size} must divide the batch of {n}")
@@ -107,8 +107,7 @@ class DriftRecorder:
         if stats is not None:
             return stats
         if hasattr(module, "last_stats"):
-            raise RuntimeError(f"DriftRecorder: {type(module).__name__} recorded no statistics "
-                               f"in training mode")
+            raise RuntimeError(f"DriftRecorder: {type(module).__name__} recorded no statistics in training mode")
         return batch_moments(x.to(torch.float64), 1)  # torch.nn.BatchNorm: the whole batch
 
     def rows(self) -> list[dict]:
@@ -117,13 +116,13 @@ class DriftRecorder:
         for depth, (name, metrics) in enumerate(self.values.items()):
             for metric, values in metrics.items():
                 for statistic, value in summarize(values).items():
-                    out.append({"layer": name, "depth": depth, "metric": metric, "statistic": statistic,
-                                "value": value})
+                    out.append(
+                        {"layer": name, "depth": depth, "metric": metric, "statistic": statistic, "value": value}
+                    )
         return out
 
 
-def _normalize_groups(module: nn.Module, x: torch.Tensor, mean: torch.Tensor,
-                      var: torch.Tensor) -> torch.Tensor:
+def _normalize_groups(module: nn.Module, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """``module``'s affine applied to ``x`` normalized per group with (G, C) statistics."""
     groups = mean.shape[0]
     xg = x.to(torch.float64).unflatten(0, (groups, x.shape[0] // groups))
@@ -155,6 +154,5 @@ def running_estimate_rows(model: nn.Module, population: dict) -> list[dict]:
         metrics = channel_metrics(module.running_mean, module.running_var, mean, var, module.eps)
         for metric, values in metrics.items():
             for statistic, value in summarize(values).items():
-                out.append({"layer": name, "depth": depth, "metric": metric, "statistic": statistic,
-                            "value": value})
+                out.append({"layer": name, "depth": depth, "metric": metric, "statistic": statistic, "value": value})
     return out

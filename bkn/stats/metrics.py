@@ -20,6 +20,7 @@ A layer's value is the median and the 90th percentile over all its (group, chann
 pairs (:func:`summarize`): the median is the typical drift, the 90th percentile the
 bad micro-batches and channels.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,9 @@ METRICS = ("mean_error", "var_logratio", "kl", "output_discrepancy")
 STATISTICS = ("median", "p90")
 
 
-def channel_metrics(est_mean: torch.Tensor, est_var: torch.Tensor, pop_mean: torch.Tensor,
-                    pop_var: torch.Tensor, eps: float = 0.0) -> dict[str, torch.Tensor]:
+def channel_metrics(
+    est_mean: torch.Tensor, est_var: torch.Tensor, pop_mean: torch.Tensor, pop_var: torch.Tensor, eps: float = 0.0
+) -> dict[str, torch.Tensor]:
     """Per-(group, channel) ``mean_error``, ``var_logratio`` and ``kl`` (float64).
 
     ``est_mean``/``est_var``: (G, C) or (C,) estimates; ``pop_mean``/``pop_var``: (C,).

@@ -39,6 +39,7 @@ The parameters are drawn once from ``seed`` (numpy): ``mu_0 ~ N(0, 1)``,
 ``Sigma_0 = A A^T / C + 0.1 I`` with ``A ~ N(0, 1)`` (correlated channels),
 ``W_k ~ N(0, 1 / C)``, ``b_k ~ N(0, 1)``, ``gamma_k ~ U(0.5, 1.5)``, ``beta_k ~ N(0, 0.5^2)``.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .population import is_batch_norm, is_per_sample_norm
+from .layer_kinds import groups_of, is_batch_norm, is_per_sample_norm
 
 
 @dataclass
@@ -64,8 +65,7 @@ class LinearGaussianChain:
 
     def __post_init__(self):
         if self.width < 1 or self.depth < 1:
-            raise ValueError(f"LinearGaussianChain: width and depth must be >= 1, "
-                             f"got {self.width}, {self.depth}")
+            raise ValueError(f"LinearGaussianChain: width and depth must be >= 1, got {self.width}, {self.depth}")
         rng = np.random.default_rng(self.seed)
         c = self.width
         a = rng.standard_normal((c, c))
@@ -109,8 +109,9 @@ class LinearGaussianChain:
         """Mean (C,) and covariance (C, C) of the input at one position."""
         return self.params["mu0"].copy(), self.params["sigma0"].copy()
 
-    def population_statistics(self, model: nn.Module | None = None,
-                              per_sample: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def population_statistics(
+        self, model: nn.Module | None = None, per_sample: bool = True
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Exact population statistics ``{norm name: (mean, var)}`` (float64, per channel) of ``model``.
 
         ``model`` defaults to :meth:`model`; any norm swapped in by ``bkn.convert`` keeps
@@ -141,19 +142,20 @@ class LinearGaussianChain:
                 mean = scale * (mean - m) + beta
                 cov = cov * np.outer(scale, scale)
             else:
-                raise ValueError(f"LinearGaussianChain: cannot propagate moments through {name!r} "
-                                 f"({type(module).__name__}); expected 1x1 convolutions and norms")
+                raise ValueError(
+                    f"LinearGaussianChain: cannot propagate moments through {name!r} "
+                    f"({type(module).__name__}); expected 1x1 convolutions and norms"
+                )
         return out
 
 
 def _grouped(module: nn.Module, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel moments -> moments pooled over each group's channels, repeated per channel."""
-    if isinstance(module, nn.GroupNorm):
-        groups = module.num_groups
-    elif isinstance(module, nn.LayerNorm):
-        groups = 1
-    else:
-        groups = mean.size
+    """Per-channel moments -> moments pooled over each group's channels, repeated per channel.
+
+    The numpy twin of :func:`bkn.stats.pooled_moments.pool_over_groups` (the closed-form truth
+    is computed in numpy).
+    """
+    groups = groups_of(module, mean.size)
     m = mean.reshape(groups, -1)
     gm = m.mean(1, keepdims=True)
     gv = var.reshape(groups, -1).mean(1, keepdims=True) + ((m - gm) ** 2).mean(1, keepdims=True)
