@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-METRICS = ("mean_error", "var_logratio", "kl", "output_discrepancy")
-STATISTICS = ("median", "p90")
+from ..results import DRIFT_METRICS as METRICS  # the names result files and reports use
+from ..results import DRIFT_STATISTICS as STATISTICS
 
 
 def channel_metrics(
