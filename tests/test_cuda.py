@@ -1,0 +1,128 @@
+"""The CUDA path: the layers' torch autograd Functions, the prior chains and every registry method on a GPU.
+
+On the GPU the layers run their torch autograd Functions (the compiled kernels are CPU
+only), so these tests compare each method on CUDA with the same method on the CPU in
+float64 (outputs, input and parameter gradients, running statistics), check bfloat16
+against float32, and run converted networks with their prior chains. Every test is
+marked ``cuda`` and skipped where no CUDA device is present.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bkn import methods
+from bkn.models import cifar_resnet
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+BATCH_METHODS = [n for n in methods.names() if methods.get(n).uses_groups]
+
+
+def _prior(channels: int, device, dtype, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    mean = 0.1 * torch.randn(channels, generator=gen, dtype=torch.float64)
+    var = 1.0 + torch.rand(channels, generator=gen, dtype=torch.float64)
+    return mean.to(device, dtype), var.to(device, dtype)
+
+
+def _run(layer, x, dy, prior):
+    x = x.clone().requires_grad_(True)
+    y = layer(x, prior=prior) if prior is not None else layer(x)
+    y.backward(dy)
+    grads = [x.grad] + [p.grad for p in layer.parameters()]
+    buffers = [b for b in layer.buffers() if b.is_floating_point()]
+    return y.detach(), grads, buffers
+
+
+@pytest.mark.parametrize("name", methods.names())
+@pytest.mark.parametrize("shape", [(8, 6, 5, 5), (6, 4, 3, 4, 4), (8, 6)])
+def test_method_on_cuda_equals_cpu_in_float64(name, shape):
+    method = methods.get(name)
+    dims = len(shape) - 2
+    if name == "in" and dims == 0:
+        pytest.skip("instance norm needs spatial positions")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    results = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        layer = method.build(shape[1], group_size=2, spatial_dims=dims).to(device, torch.float64).train()
+        prior = _prior(shape[1], device, torch.float64) if method.norm == "bkn" else None
+        for _ in range(2):  # a second step exercises the running estimates and BRN's corrections
+            for p in layer.parameters():
+                p.grad = None
+            results[device] = _run(layer, x.to(device), dy.to(device), prior)
+    (y_cpu, g_cpu, b_cpu), (y_gpu, g_gpu, b_gpu) = results["cpu"], results["cuda"]
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g_gpu, g_cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-10)
+    for a, b in zip(b_gpu, b_cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", BATCH_METHODS + ["gn", "ln"])
+def test_bfloat16_on_cuda_is_close_to_float32(name):
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this CUDA device has no bfloat16")
+    method = methods.get(name)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 7, 7, generator=gen).cuda()
+    dy = torch.randn(8, 16, 7, 7, generator=gen).cuda()
+    outputs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        layer = method.build(16, group_size=2).cuda().train()  # parameters stay float32 (autocast-like)
+        prior = _prior(16, "cuda", torch.float32) if method.norm == "bkn" else None
+        y, grads, _ = _run(layer, x.to(dtype), dy.to(dtype), prior)
+        assert y.dtype == dtype and torch.isfinite(y.float()).all()
+        outputs[dtype] = (y.float(), grads[0].float())
+    (y32, dx32), (y16, dx16) = outputs[torch.float32], outputs[torch.bfloat16]
+    torch.testing.assert_close(y16, y32, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(dx16, dx32, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("name", ["bkn-analytic", "bkn-analytic-adaptive"])
+def test_cifar_resnet_prior_chain_on_cuda_equals_cpu(name):
+    """The deterministic (analytic) chain gives the same network output on both devices."""
+    method = methods.get(name)
+    torch.manual_seed(0)
+    model = cifar_resnet(8, method.norm, width=8, **method.layer_options(group_size=2)).double()
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    out = {}
+    for device in ("cpu", "cuda"):
+        net = copy.deepcopy(model).to(device).train()
+        y = net(x.to(device))
+        y.sum().backward()
+        used = [m.prior_used for m in net.modules() if hasattr(m, "prior_used")]
+        first_weight = next(net.parameters())
+        out[device] = (y.detach().cpu(), first_weight.grad.cpu(), used)
+    torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=1e-8, atol=1e-10)
+    assert out["cuda"][2] == out["cpu"][2] and sum(out["cuda"][2]) > 1
+
+
+@pytest.mark.parametrize("name", ["bkn-official", "bkn-analytic"])
+def test_converted_torchvision_resnet_trains_on_cuda(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = methods.get(name).convert(torchvision.models.resnet18(num_classes=10), group_size=2).cuda().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(8, 3, 64, 64, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    for _ in range(2):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    used = [m.prior_used for m in model.modules() if hasattr(m, "prior_used")]
+    assert sum(used) >= len(used) - 1  # every BKN layer but the first gets a prior in ResNet-18
