@@ -9,7 +9,8 @@ Layout read (what ``asv run`` writes under its ``results_dir``)::
 A result file (api version 2) stores, per benchmark, one row whose entries are named
 by ``result_columns``: ``result`` (one value per parameter combination, in the order of
 ``itertools.product(*params)``; ``null`` = failed, ``NaN`` = skipped), ``params`` (the
-parameter values as Python reprs, e.g. ``"'bn'"``, ``"2"``), ``version``,
+parameter values as Python reprs, e.g. ``"'bn'"``, ``"2"``; their names are in
+``benchmarks.json`` only), ``version``,
 ``started_at``, ``duration``, ``stats_ci_99_a/b`` (99% interval of the median),
 ``stats_q_25/75``, ``stats_number`` (calls per sample), ``stats_repeat`` (samples) and
 ``samples`` (the per-call times of every sample, when ``--record-samples`` was given).
@@ -18,7 +19,9 @@ Trailing columns that are all ``null`` are dropped by asv, so a row may be short
 Two frames come out (:class:`AsvResults`):
 
 * ``results``: one row per machine x environment x commit x benchmark x parameter
-  combination, with the parameters as columns (``norm``, ``batch_size``, ``shape``, ...),
+  combination, with the parameters as columns (``method``, ``group_size``, ``shape``, ...: the
+  names the suites declare, :data:`bkn.results.LAYER_PARAMS`; a name this module uses for one
+  of its own columns gets a ``param_`` prefix),
   the result ``value`` (asv's estimate: the median of the samples), its ``status``
   (``ok``/``skipped``/``failed``) and asv's statistics;
 * ``samples``: one row per recorded sample (same keys, ``sample`` index, ``value``).
@@ -42,10 +45,12 @@ from .messages import Messages
 
 RESULTS_API_VERSION = 2  # asv 0.6's Results.api_version
 KEY = ["machine", "env_name", "commit", "benchmark", "param_key"]  # one measured thing
-# Columns of the results frame that a parameter name must not shadow.
+# Columns of the results frame, and of the verdict table built from it (analysis.regressions),
+# that a parameter name must not shadow.
 RESERVED = {"machine", "env_name", "commit", "date", "benchmark", "type", "unit", "version", "param_key",
             "value", "status", "ci_99_a", "ci_99_b", "q_25", "q_75", "number", "repeat", "n_samples",
-            "file", "sample", "started_at", "stale"}
+            "file", "sample", "started_at", "stale",
+            "base_commit", "head_commit", "base", "head", "ratio", "p_value", "significant", "test", "verdict"}
 _TYPE_BY_PREFIX = {"time_": ("time", "seconds"), "timeraw_": ("time", "seconds"),
                    "peakmem_": ("peakmemory", "bytes"), "mem_": ("memory", "bytes"),
                    "track_": ("track", "unit")}
@@ -89,7 +94,7 @@ def parse_param(text):
 
 
 def param_key(names: list[str], values: tuple) -> str:
-    """A readable, stable label for one parameter combination: ``norm=bn, batch_size=2``."""
+    """A readable, stable label for one parameter combination: ``method=bn, group_size=2``."""
     return ", ".join(f"{n}={v}" for n, v in zip(names, values))
 
 
@@ -292,7 +297,7 @@ def load_asv_results(root: str | pathlib.Path, messages: Messages | None = None)
         results = pd.DataFrame(columns=[*KEY, "date", "type", "unit", "value", "status", "n_samples"])
     samples = pd.DataFrame(sample_rows, columns=[*KEY, "sample", "value"])
     param_names = [c for c in results.columns if c not in RESERVED]
-    # A parameter column holds ints for batch_size etc.; keep numbers numeric where every value is one.
+    # A parameter column holds ints for group_size etc.; keep numbers numeric where every value is one.
     for c in param_names:
         numeric = pd.to_numeric(results[c], errors="coerce")
         if numeric.notna().sum() == results[c].notna().sum() and results[c].notna().any():

@@ -6,7 +6,7 @@ head commit (on the same machine, in the same environment):
 * ``ratio = head / base`` of asv's estimates (the medians of the samples). Every asv
   benchmark type is lower-is-better (time, memory; ``track_`` values by asv's
   convention), so ``ratio > 1`` is a slowdown.
-* ``significant``: whether the two sets of samples differ, by the two-sided
+* ``significant``: whether the two sets of samples differ (``test`` says how), by the two-sided
   Mann-Whitney U test (:mod:`analysis.significance`) at level ``alpha`` (default 0.002, the
   level ``asv compare`` uses, which also keeps false alarms rare across hundreds of
   comparisons). When samples were not recorded, or are too few for the test ever to
@@ -85,7 +85,7 @@ def default_pair(asv: AsvResults) -> tuple[str, str] | None:
 
 def _significance(base: np.ndarray | None, head: np.ndarray | None, base_row, head_row,
                   alpha: float) -> tuple[object, float, str]:
-    """(significant: True/False/None, p-value or NaN, method)."""
+    """(significant: True/False/None, p-value or NaN, the test that decided)."""
     if base is not None and head is not None and len(base) and len(head) \
             and min_p_value(len(base), len(head)) < alpha:
         _, p, how = mann_whitney_u(base, head)
@@ -140,7 +140,7 @@ def verdicts(asv: AsvResults, base: str, head: str, threshold: float = DEFAULT_T
             ratio=math.nan,
             p_value=math.nan,
             significant=None,
-            method="",
+            test="",
             verdict="unchanged",
         )
         if r["_merge"] == "left_only":
@@ -161,14 +161,14 @@ def verdicts(asv: AsvResults, base: str, head: str, threshold: float = DEFAULT_T
             row["verdict"] = "skipped" if "skipped" in (r["status_base"], r["status_head"]) else "failed"
         else:
             ratio = r["value_head"] / r["value_base"] if r["value_base"] > 0 else math.nan
-            sig, p, method = _significance(
+            sig, p, test = _significance(
                 lookup.get((key[0], key[1], base, key[2], key[3])),
                 lookup.get((key[0], key[1], head, key[2], key[3])),
                 {"ci_99_a": r["ci_99_a_base"], "ci_99_b": r["ci_99_b_base"]},
                 {"ci_99_a": r["ci_99_a_head"], "ci_99_b": r["ci_99_b_head"]},
                 alpha,
             )
-            row.update(ratio=ratio, p_value=p, significant=sig, method=method)
+            row.update(ratio=ratio, p_value=p, significant=sig, test=test)
             slower, faster = ratio > 1 + threshold, ratio < 1 / (1 + threshold)
             if not (slower or faster):
                 row["verdict"] = "unchanged"
@@ -189,7 +189,7 @@ def verdicts(asv: AsvResults, base: str, head: str, threshold: float = DEFAULT_T
         "ratio",
         "p_value",
         "significant",
-        "method",
+        "test",
         "verdict",
     ]
     out = pd.DataFrame(rows, columns=columns)

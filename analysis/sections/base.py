@@ -6,6 +6,8 @@ import math
 
 import pandas as pd
 
+from bkn.results import DEFAULT_VARIANT, VARIANT_PARAMS  # torch-free: the asv vocabulary the suites declare
+
 from ..asv_results import AsvResults
 from ..messages import Messages
 from ..probes import ProbeResults
@@ -13,10 +15,6 @@ from ..regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 
 SECTIONS = ["env", "timing", "regressions", "accuracy", "convergence"]
 MAX_TABLE_ROWS = 400  # longer tables are cut in the page (the saved CSV has every row)
-NORM_PARAMS = ["norm", "batch_size"]
-VARIANT_PARAMS = ["dtype", "memory_format"]
-MATCH_PARAMS = ["batch_size", "shape", "device", "dtype", "memory_format"]  # what pairs a norm with its copy
-DEFAULT_VARIANT = {"dtype": "float32", "memory_format": "contiguous"}
 BENCH_COMMANDS = ("`nox -s bench` (a quick run of the working tree) or `asv run` (commits tracked over time; "
                   "add `--record-samples` so changes can be tested for significance)")
 

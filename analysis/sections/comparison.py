@@ -8,7 +8,8 @@ from ..regressions import FLAGGED, default_pair, resolve_commit, trends, verdict
 from .base import BENCH_COMMANDS, MAX_TABLE_ROWS, Inputs, Section, human, short_commit
 
 
-def _verdict_table(frame: pd.DataFrame, param_names: list[str]) -> list[dict]:
+def _verdict_table(frame: pd.DataFrame) -> list[dict]:
+    """Rows for the template's verdict table (its "test" column reads the key ``method``)."""
     records = []
     for _, r in frame.iterrows():
         records.append(
@@ -21,7 +22,7 @@ def _verdict_table(frame: pd.DataFrame, param_names: list[str]) -> list[dict]:
                 "ratio": "–" if pd.isna(r["ratio"]) else f"{r['ratio']:.3f}",
                 "p": "–" if pd.isna(r["p_value"]) else f"{r['p_value']:.2g}",
                 "significant": "–" if pd.isna(r["significant"]) else ("yes" if r["significant"] else "no"),
-                "method": r["method"],
+                "method": r["test"],
                 "verdict": r["verdict"],
             }
         )
@@ -107,7 +108,7 @@ def build_regressions(inputs: Inputs) -> Section:
         section.blocks.append(
             {
                 "kind": "verdicts",
-                "rows": _verdict_table(notable.head(MAX_TABLE_ROWS), asv.param_names),
+                "rows": _verdict_table(notable.head(MAX_TABLE_ROWS)),
                 "collapsed": False,
                 "caption": "Every benchmark whose verdict is not 'unchanged', worst first." + more,
             }
@@ -117,7 +118,7 @@ def build_regressions(inputs: Inputs) -> Section:
     section.blocks.append(
         {
             "kind": "verdicts",
-            "rows": _verdict_table(table.head(MAX_TABLE_ROWS), asv.param_names),
+            "rows": _verdict_table(table.head(MAX_TABLE_ROWS)),
             "collapsed": True,
             "caption": f"All {len(table)} comparisons"
             + (f" (first {MAX_TABLE_ROWS} here; all in regressions_verdicts.csv)."
