@@ -29,6 +29,7 @@ Two frames come out (:class:`AsvResults`):
 Nothing here raises on bad input: an unreadable, truncated or malformed file gives a
 warning that names it, and the rest is loaded.
 """
+
 from __future__ import annotations
 
 import ast
@@ -47,13 +48,46 @@ RESULTS_API_VERSION = 2  # asv 0.6's Results.api_version
 KEY = ["machine", "env_name", "commit", "benchmark", "param_key"]  # one measured thing
 # Columns of the results frame, and of the verdict table built from it (analysis.regressions),
 # that a parameter name must not shadow.
-RESERVED = {"machine", "env_name", "commit", "date", "benchmark", "type", "unit", "version", "param_key",
-            "value", "status", "ci_99_a", "ci_99_b", "q_25", "q_75", "number", "repeat", "n_samples",
-            "file", "sample", "started_at", "stale",
-            "base_commit", "head_commit", "base", "head", "ratio", "p_value", "significant", "test", "verdict"}
-_TYPE_BY_PREFIX = {"time_": ("time", "seconds"), "timeraw_": ("time", "seconds"),
-                   "peakmem_": ("peakmemory", "bytes"), "mem_": ("memory", "bytes"),
-                   "track_": ("track", "unit")}
+RESERVED = {
+    "machine",
+    "env_name",
+    "commit",
+    "date",
+    "benchmark",
+    "type",
+    "unit",
+    "version",
+    "param_key",
+    "value",
+    "status",
+    "ci_99_a",
+    "ci_99_b",
+    "q_25",
+    "q_75",
+    "number",
+    "repeat",
+    "n_samples",
+    "file",
+    "sample",
+    "started_at",
+    "stale",
+    "base_commit",
+    "head_commit",
+    "base",
+    "head",
+    "ratio",
+    "p_value",
+    "significant",
+    "test",
+    "verdict",
+}
+_TYPE_BY_PREFIX = {
+    "time_": ("time", "seconds"),
+    "timeraw_": ("time", "seconds"),
+    "peakmem_": ("peakmemory", "bytes"),
+    "mem_": ("memory", "bytes"),
+    "track_": ("track", "unit"),
+}
 
 
 @dataclasses.dataclass
@@ -76,10 +110,15 @@ class AsvResults:
         """The commits with results, oldest first: ``commit``, ``date``, machines, number of results."""
         if self.results.empty:
             return pd.DataFrame(columns=["commit", "date", "machines", "results"])
-        table = (self.results.groupby("commit", sort=False)
-                 .agg(date=("date", "min"), machines=("machine", lambda m: ", ".join(sorted(set(m)))),
-                      results=("value", "size"))
-                 .reset_index())
+        table = (
+            self.results.groupby("commit", sort=False)
+            .agg(
+                date=("date", "min"),
+                machines=("machine", lambda m: ", ".join(sorted(set(m)))),
+                results=("value", "size"),
+            )
+            .reset_index()
+        )
         return table.sort_values(["date", "commit"], na_position="first").reset_index(drop=True)
 
 
@@ -153,19 +192,25 @@ def _benchmark_description(name: str, row_params: list, benchmarks: dict) -> tup
     return names, kind, unit, version
 
 
-def _load_result_file(path: pathlib.Path, machine_dir: str, benchmarks: dict, messages: Messages,
-                      rows: list, sample_rows: list) -> bool:
+def _load_result_file(
+    path: pathlib.Path, machine_dir: str, benchmarks: dict, messages: Messages, rows: list, sample_rows: list
+) -> bool:
     data = _load_json(path, messages, "asv result file")
     if data is None:
         return False
-    if not isinstance(data, dict) or not isinstance(data.get("results"), dict) \
-            or not isinstance(data.get("result_columns"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("results"), dict)
+        or not isinstance(data.get("result_columns"), list)
+    ):
         messages.warn(f"{path}: not an asv result file (no 'results'/'result_columns'); skipped.")
         return False
     version = data.get("version")
     if version != RESULTS_API_VERSION:
-        messages.warn(f"{path}: asv result format version {version!r}, expected {RESULTS_API_VERSION} "
-                      "(asv 0.6); run `asv update` on it; skipped.")
+        messages.warn(
+            f"{path}: asv result format version {version!r}, expected {RESULTS_API_VERSION} "
+            "(asv 0.6); run `asv update` on it; skipped."
+        )
         return False
     commit = data.get("commit_hash")
     if not isinstance(commit, str) or not commit:
@@ -175,9 +220,7 @@ def _load_result_file(path: pathlib.Path, machine_dir: str, benchmarks: dict, me
     machine = params.get("machine") or machine_dir
     env_name = data.get("env_name") or path.stem.split("-", 1)[-1]
     date = (
-        pd.to_datetime(data.get("date"), unit="ms", utc=True)
-        if isinstance(data.get("date"), (int, float))
-        else pd.NaT
+        pd.to_datetime(data.get("date"), unit="ms", utc=True) if isinstance(data.get("date"), (int, float)) else pd.NaT
     )
     columns = data["result_columns"]
 

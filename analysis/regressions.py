@@ -32,6 +32,7 @@ were missed (an interrupted baseline sample outranks the slowed head samples) an
 reports of identical distributions had a false flag. Record enough samples
 (``asv run --record-samples``, asv's default repeat) where the verdict matters.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,13 @@ def resolve_commit(rev: str, commits: list[str], repo: str | None = ".") -> str:
     candidates = [rev]
     if repo is not None:
         try:
-            out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
-                                 capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             if out.returncode == 0 and out.stdout.strip():
                 candidates.insert(0, out.stdout.strip())
         except (OSError, subprocess.SubprocessError):
@@ -70,11 +76,14 @@ def resolve_commit(rev: str, commits: list[str], repo: str | None = ".") -> str:
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
-            raise ValueError(f"revision {rev!r} is ambiguous among the commits with results: "
-                             f"{', '.join(m[:10] for m in matches)}")
+            raise ValueError(
+                f"revision {rev!r} is ambiguous among the commits with results: {', '.join(m[:10] for m in matches)}"
+            )
     present = ", ".join(c[:10] for c in commits) or "none"
-    raise ValueError(f"no asv results for revision {rev!r} (resolved to {candidates[0][:10]}); "
-                     f"commits with results: {present}. Run `asv run {rev}^!` to measure it.")
+    raise ValueError(
+        f"no asv results for revision {rev!r} (resolved to {candidates[0][:10]}); "
+        f"commits with results: {present}. Run `asv run {rev}^!` to measure it."
+    )
 
 
 def default_pair(asv: AsvResults) -> tuple[str, str] | None:
@@ -83,11 +92,11 @@ def default_pair(asv: AsvResults) -> tuple[str, str] | None:
     return (commits[-2], commits[-1]) if len(commits) >= 2 else None
 
 
-def _significance(base: np.ndarray | None, head: np.ndarray | None, base_row, head_row,
-                  alpha: float) -> tuple[object, float, str]:
+def _significance(
+    base: np.ndarray | None, head: np.ndarray | None, base_row, head_row, alpha: float
+) -> tuple[object, float, str]:
     """(significant: True/False/None, p-value or NaN, the test that decided)."""
-    if base is not None and head is not None and len(base) and len(head) \
-            and min_p_value(len(base), len(head)) < alpha:
+    if base is not None and head is not None and len(base) and len(head) and min_p_value(len(base), len(head)) < alpha:
         _, p, how = mann_whitney_u(base, head)
         return p < alpha, p, f"mann-whitney ({how}, n={len(base)}/{len(head)})"
     a = (base_row["ci_99_a"], base_row["ci_99_b"])
@@ -98,8 +107,9 @@ def _significance(base: np.ndarray | None, head: np.ndarray | None, base_row, he
     return None, math.nan, "none (too few samples)"
 
 
-def verdicts(asv: AsvResults, base: str, head: str, threshold: float = DEFAULT_THRESHOLD,
-             alpha: float = DEFAULT_ALPHA) -> pd.DataFrame:
+def verdicts(
+    asv: AsvResults, base: str, head: str, threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA
+) -> pd.DataFrame:
     """One row per benchmark x parameters x machine x environment: base, head, ratio, significance, verdict.
 
     See the module docstring for the test and the verdicts.
@@ -147,11 +157,7 @@ def verdicts(asv: AsvResults, base: str, head: str, threshold: float = DEFAULT_T
             row["verdict"] = "removed"
         elif r["_merge"] == "right_only":
             row["verdict"] = "new"
-        elif (
-            r["version_base"] != r["version_head"]
-            and pd.notna(r["version_base"])
-            and pd.notna(r["version_head"])
-        ):
+        elif r["version_base"] != r["version_head"] and pd.notna(r["version_base"]) and pd.notna(r["version_head"]):
             row["verdict"] = "benchmark changed"
         elif r["status_base"] == "ok" and r["status_head"] == "failed":
             row["verdict"] = "failed"
@@ -222,9 +228,7 @@ def trends(asv: AsvResults) -> pd.DataFrame:
         return pd.DataFrame(columns=[*GROUP, "commit", "date", "order", "unit", "value", "q_25", "q_75"])
     commits = asv.commits()
     position = {c: i for i, c in enumerate(commits["commit"])}
-    ok = frame.loc[
-        frame["status"] == "ok", [*GROUP, "commit", "date", "unit", "value", "q_25", "q_75"]
-    ].copy()
+    ok = frame.loc[frame["status"] == "ok", [*GROUP, "commit", "date", "unit", "value", "q_25", "q_75"]].copy()
     ok["order"] = ok["commit"].map(position)
     ok["commit_short"] = ok["commit"].str[:8]
     return ok.sort_values([*GROUP, "order"]).reset_index(drop=True)

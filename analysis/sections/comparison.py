@@ -1,4 +1,5 @@
 """Regressions section: verdicts between the baseline and head commits, trends of the flagged benchmarks."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -55,8 +56,7 @@ def build_regressions(inputs: Inputs) -> Section:
             pair = default_pair(asv)
             if pair is None:
                 section.missing(
-                    f"asv results for a second commit (only {short_commit(commits[0])} has results under "
-                    f"{asv.root})",
+                    f"asv results for a second commit (only {short_commit(commits[0])} has results under {asv.root})",
                     "`asv run --record-samples HEAD~1^!` (measure another commit), then "
                     "`nox -s report -- --base HEAD~1 --head HEAD`",
                 )
@@ -78,11 +78,7 @@ def build_regressions(inputs: Inputs) -> Section:
         f"{short_commit(base)} → {short_commit(head)}: {inputs.regressions_found} significant "
         f"regression(s), {int(counts.get('improvement', 0))} improvement(s), "
         f"{int(counts.get('failed', 0))} failure(s)"
-        + (
-            f", {untested} change(s) beyond the threshold that could not be tested (single samples)"
-            if untested
-            else ""
-        )
+        + (f", {untested} change(s) beyond the threshold that could not be tested (single samples)" if untested else "")
     )
     section.text(
         f"Baseline {short_commit(base)} vs head {short_commit(head)}: {len(table)} benchmark × parameter "
@@ -103,8 +99,11 @@ def build_regressions(inputs: Inputs) -> Section:
     )
     notable = table[~table["verdict"].isin(["unchanged", "skipped"])]
     if not notable.empty:
-        more = (f" First {MAX_TABLE_ROWS} of {len(notable)}; all in regressions_verdicts.csv."
-                if len(notable) > MAX_TABLE_ROWS else "")
+        more = (
+            f" First {MAX_TABLE_ROWS} of {len(notable)}; all in regressions_verdicts.csv."
+            if len(notable) > MAX_TABLE_ROWS
+            else ""
+        )
         section.blocks.append(
             {
                 "kind": "verdicts",
@@ -121,8 +120,11 @@ def build_regressions(inputs: Inputs) -> Section:
             "rows": _verdict_table(table.head(MAX_TABLE_ROWS)),
             "collapsed": True,
             "caption": f"All {len(table)} comparisons"
-            + (f" (first {MAX_TABLE_ROWS} here; all in regressions_verdicts.csv)."
-               if len(table) > MAX_TABLE_ROWS else "."),
+            + (
+                f" (first {MAX_TABLE_ROWS} here; all in regressions_verdicts.csv)."
+                if len(table) > MAX_TABLE_ROWS
+                else "."
+            ),
         }
     )
 
@@ -139,5 +141,3 @@ def build_regressions(inputs: Inputs) -> Section:
             f"{len(keys)} flagged shown.",
         )
     return section
-
-
