@@ -192,106 +192,111 @@ def _benchmark_description(name: str, row_params: list, benchmarks: dict) -> tup
     return names, kind, unit, version
 
 
-def _load_result_file(
-    path: pathlib.Path, machine_dir: str, benchmarks: dict, messages: Messages, rows: list, sample_rows: list
-) -> bool:
-    data = _load_json(path, messages, "asv result file")
-    if data is None:
-        return False
+def _file_origin(path: pathlib.Path, machine_dir: str, data, messages: Messages) -> dict | None:
+    """machine, env_name, commit and date of a result file; None (with a warning) if it is not one."""
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("results"), dict)
         or not isinstance(data.get("result_columns"), list)
     ):
         messages.warn(f"{path}: not an asv result file (no 'results'/'result_columns'); skipped.")
-        return False
+        return None
     version = data.get("version")
     if version != RESULTS_API_VERSION:
         messages.warn(
             f"{path}: asv result format version {version!r}, expected {RESULTS_API_VERSION} "
             "(asv 0.6); run `asv update` on it; skipped."
         )
-        return False
+        return None
     commit = data.get("commit_hash")
     if not isinstance(commit, str) or not commit:
         messages.warn(f"{path}: no 'commit_hash'; skipped.")
-        return False
+        return None
     params = data.get("params") if isinstance(data.get("params"), dict) else {}
-    machine = params.get("machine") or machine_dir
-    env_name = data.get("env_name") or path.stem.split("-", 1)[-1]
-    date = (
-        pd.to_datetime(data.get("date"), unit="ms", utc=True) if isinstance(data.get("date"), (int, float)) else pd.NaT
-    )
-    columns = data["result_columns"]
+    stamp = data.get("date")
+    return {
+        "machine": params.get("machine") or machine_dir,
+        "env_name": data.get("env_name") or path.stem.split("-", 1)[-1],
+        "commit": commit,
+        "date": pd.to_datetime(stamp, unit="ms", utc=True) if isinstance(stamp, (int, float)) else pd.NaT,
+    }
 
+
+def _benchmark_rows(
+    path: pathlib.Path, origin: dict, name: str, entry: dict, benchmarks: dict, rows: list, sample_rows: list
+) -> None:
+    """Append one row per parameter combination of one benchmark's entry (and its samples).
+
+    Raises TypeError/ValueError for a malformed entry, before appending anything.
+    """
+    row_params = entry.get("params") or []
+    combos = list(itertools.product(*row_params))
+    values = entry.get("result")
+    values = [None] * len(combos) if values is None else list(values)
+    if len(values) != len(combos):
+        raise ValueError(f"{len(values)} results for {len(combos)} parameter combinations")
+    names, kind, unit, bench_version = _benchmark_description(name, row_params, benchmarks)
+
+    def column(key, default=None):
+        v = entry.get(key)
+        return [default] * len(combos) if not isinstance(v, list) or len(v) != len(combos) else v
+
+    stats = {k: column(f"stats_{k}") for k in ("ci_99_a", "ci_99_b", "q_25", "q_75", "number", "repeat")}
+    samples = column("samples")
+    # asv ignores results taken with another version of the benchmark's code than benchmarks.json
+    # describes; they are kept here (trends), marked stale, and never compared with fresh ones.
+    stale = bench_version is not None and entry.get("version") not in (None, bench_version)
+    new_rows, new_samples = [], []
+    for j, combo in enumerate(combos):
+        parsed = tuple(parse_param(v) for v in combo)
+        raw_value = values[j]
+        value = _float(raw_value)
+        status = "failed" if raw_value is None else ("skipped" if math.isnan(value) else "ok")
+        record = {
+            **origin,
+            "benchmark": name,
+            "type": kind,
+            "unit": unit,
+            "version": entry.get("version"),
+            "stale": stale,
+            "param_key": param_key(names, parsed),
+            "value": value,
+            "status": status,
+            **{k: _float(v[j]) for k, v in stats.items()},
+            "file": str(path),
+        }
+        for n, v in zip(names, parsed):
+            record[_column_name(n)] = v
+        s = samples[j]
+        finite = [x for x in (_float(x) for x in s) if math.isfinite(x)] if isinstance(s, list) else []
+        record["n_samples"] = len(finite) if status == "ok" else 0
+        if status == "ok":
+            key = {k: origin[k] for k in ("machine", "env_name", "commit")}
+            new_samples.extend(
+                {**key, "benchmark": name, "param_key": record["param_key"], "sample": i, "value": x}
+                for i, x in enumerate(finite)
+            )
+        new_rows.append(record)
+    rows.extend(new_rows)
+    sample_rows.extend(new_samples)
+
+
+def _load_result_file(
+    path: pathlib.Path, machine_dir: str, benchmarks: dict, messages: Messages, rows: list, sample_rows: list
+) -> bool:
+    data = _load_json(path, messages, "asv result file")
+    origin = None if data is None else _file_origin(path, machine_dir, data, messages)
+    if origin is None:
+        return False
+    columns = data["result_columns"]
     for name, raw in data["results"].items():
         if not isinstance(raw, list):
             messages.warn(f"{path}: benchmark {name}: malformed entry; skipped.")
             continue
-        entry = dict(zip(columns, raw))
-        row_params = entry.get("params") or []
         try:
-            combos = list(itertools.product(*row_params))
-            values = entry.get("result")
-            values = [None] * len(combos) if values is None else list(values)
-            if len(values) != len(combos):
-                raise ValueError(f"{len(values)} results for {len(combos)} parameter combinations")
-            names, kind, unit, bench_version = _benchmark_description(name, row_params, benchmarks)
+            _benchmark_rows(path, origin, name, dict(zip(columns, raw)), benchmarks, rows, sample_rows)
         except (TypeError, ValueError) as exc:
             messages.warn(f"{path}: benchmark {name}: malformed entry ({exc}); skipped.")
-            continue
-
-        def column(key, default=None):
-            v = entry.get(key)
-            return [default] * len(combos) if not isinstance(v, list) or len(v) != len(combos) else v
-
-        stats = {k: column(f"stats_{k}") for k in ("ci_99_a", "ci_99_b", "q_25", "q_75", "number", "repeat")}
-        samples = column("samples")
-        # asv ignores results taken with another version of the benchmark's code than benchmarks.json
-        # describes; they are kept here (trends), marked stale, and never compared with fresh ones.
-        stale = bench_version is not None and entry.get("version") not in (None, bench_version)
-        for j, combo in enumerate(combos):
-            parsed = tuple(parse_param(v) for v in combo)
-            raw_value = values[j]
-            value = _float(raw_value)
-            status = "failed" if raw_value is None else ("skipped" if math.isnan(value) else "ok")
-            record = {
-                "machine": machine,
-                "env_name": env_name,
-                "commit": commit,
-                "date": date,
-                "benchmark": name,
-                "type": kind,
-                "unit": unit,
-                "version": entry.get("version"),
-                "stale": stale,
-                "param_key": param_key(names, parsed),
-                "value": value,
-                "status": status,
-                **{k: _float(v[j]) for k, v in stats.items()},
-                "file": str(path),
-            }
-            for n, v in zip(names, parsed):
-                record[_column_name(n)] = v
-            s = samples[j]
-            if isinstance(s, list) and status == "ok":
-                finite = [x for x in (_float(x) for x in s) if math.isfinite(x)]
-                record["n_samples"] = len(finite)
-                sample_rows.extend(
-                    {
-                        "machine": machine,
-                        "env_name": env_name,
-                        "commit": commit,
-                        "benchmark": name,
-                        "param_key": record["param_key"],
-                        "sample": i,
-                        "value": x,
-                    }
-                    for i, x in enumerate(finite)
-                )
-            else:
-                record["n_samples"] = 0
-            rows.append(record)
     return True
 
 

@@ -107,6 +107,64 @@ def _significance(
     return None, math.nan, "none (too few samples)"
 
 
+# Worst first in the verdict table.
+VERDICT_ORDER = (
+    "regression",
+    "failed",
+    "slower (untested)",
+    "improvement",
+    "faster (untested)",
+    "not significant",
+    "benchmark changed",
+    "new",
+    "removed",
+    "fixed",
+    "skipped",
+    "unchanged",
+)
+_KEPT = ("type", "unit", "version", "stale", "value", "status", "ci_99_a", "ci_99_b", "n_samples")
+_VERDICT_COLUMNS = ("base", "head", "ratio", "p_value", "significant", "test", "verdict")
+
+
+def _status_verdict(r) -> str | None:
+    """The verdict of a merged row decided by presence, version and status alone; None if both sides ran."""
+    if r["_merge"] == "left_only":
+        return "removed"
+    if r["_merge"] == "right_only":
+        return "new"
+    if r["version_base"] != r["version_head"] and pd.notna(r["version_base"]) and pd.notna(r["version_head"]):
+        return "benchmark changed"
+    if r["status_base"] == "ok" and r["status_head"] == "failed":
+        return "failed"
+    if r["status_base"] == "failed" and r["status_head"] == "ok":
+        return "fixed"
+    if r["status_base"] != "ok" or r["status_head"] != "ok":
+        return "skipped" if "skipped" in (r["status_base"], r["status_head"]) else "failed"
+    return None
+
+
+def _compared(r, base_samples, head_samples, threshold: float, alpha: float) -> dict:
+    """ratio, p_value, significant, test and verdict of a row measured at both commits."""
+    ratio = r["value_head"] / r["value_base"] if r["value_base"] > 0 else math.nan
+    sig, p, test = _significance(
+        base_samples,
+        head_samples,
+        {"ci_99_a": r["ci_99_a_base"], "ci_99_b": r["ci_99_b_base"]},
+        {"ci_99_a": r["ci_99_a_head"], "ci_99_b": r["ci_99_b_head"]},
+        alpha,
+    )
+    slower, faster = ratio > 1 + threshold, ratio < 1 / (1 + threshold)
+    if not (slower or faster):
+        verdict = "unchanged"
+    elif sig is None:
+        verdict = "slower (untested)" if slower else "faster (untested)"
+    elif sig:
+        verdict = "regression" if slower else "improvement"
+    else:
+        verdict = "not significant"
+    return {"ratio": ratio, "p_value": p, "significant": sig, "test": test, "verdict": verdict}
+
+
 def verdicts(
     asv: AsvResults, base: str, head: str, threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA
 ) -> pd.DataFrame:
@@ -120,103 +178,29 @@ def verdicts(
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     frame = asv.results
     params = asv.param_names
-    keep = [
-        *GROUP,
-        "type",
-        "unit",
-        "version",
-        "stale",
-        "value",
-        "status",
-        "ci_99_a",
-        "ci_99_b",
-        "n_samples",
-        *params,
-    ]
-    keep = [c for c in keep if c in frame.columns]
+    keep = [c for c in (*GROUP, *_KEPT, *params) if c in frame.columns]
     b = frame.loc[frame["commit"] == base, keep]
     h = frame.loc[frame["commit"] == head, keep]
     merged = b.merge(h, on=GROUP, how="outer", suffixes=("_base", "_head"), indicator=True)
     lookup = sample_lookup(asv.samples)
     rows = []
     for _, r in merged.iterrows():
-        key = tuple(r[c] for c in GROUP)
         row = {c: r[c] for c in GROUP}
         for c in ("type", "unit", *params):
             row[c] = r.get(f"{c}_head") if pd.notna(r.get(f"{c}_head")) else r.get(f"{c}_base")
-        row.update(
-            base=r.get("value_base", math.nan),
-            head=r.get("value_head", math.nan),
-            ratio=math.nan,
-            p_value=math.nan,
-            significant=None,
-            test="",
-            verdict="unchanged",
-        )
-        if r["_merge"] == "left_only":
-            row["verdict"] = "removed"
-        elif r["_merge"] == "right_only":
-            row["verdict"] = "new"
-        elif r["version_base"] != r["version_head"] and pd.notna(r["version_base"]) and pd.notna(r["version_head"]):
-            row["verdict"] = "benchmark changed"
-        elif r["status_base"] == "ok" and r["status_head"] == "failed":
-            row["verdict"] = "failed"
-        elif r["status_base"] == "failed" and r["status_head"] == "ok":
-            row["verdict"] = "fixed"
-        elif r["status_base"] != "ok" or r["status_head"] != "ok":
-            row["verdict"] = "skipped" if "skipped" in (r["status_base"], r["status_head"]) else "failed"
-        else:
-            ratio = r["value_head"] / r["value_base"] if r["value_base"] > 0 else math.nan
-            sig, p, test = _significance(
-                lookup.get((key[0], key[1], base, key[2], key[3])),
-                lookup.get((key[0], key[1], head, key[2], key[3])),
-                {"ci_99_a": r["ci_99_a_base"], "ci_99_b": r["ci_99_b_base"]},
-                {"ci_99_a": r["ci_99_a_head"], "ci_99_b": r["ci_99_b_head"]},
-                alpha,
-            )
-            row.update(ratio=ratio, p_value=p, significant=sig, test=test)
-            slower, faster = ratio > 1 + threshold, ratio < 1 / (1 + threshold)
-            if not (slower or faster):
-                row["verdict"] = "unchanged"
-            elif sig is None:
-                row["verdict"] = "slower (untested)" if slower else "faster (untested)"
-            elif sig:
-                row["verdict"] = "regression" if slower else "improvement"
-            else:
-                row["verdict"] = "not significant"
+        row.update(base=r.get("value_base", math.nan), head=r.get("value_head", math.nan))
+        row.update(ratio=math.nan, p_value=math.nan, significant=None, test="")
+        row["verdict"] = _status_verdict(r)
+        if row["verdict"] is None:
+            machine, env, benchmark, key = (r[c] for c in GROUP)
+            samples = [lookup.get((machine, env, commit, benchmark, key)) for commit in (base, head)]
+            row.update(_compared(r, *samples, threshold, alpha))
         rows.append(row)
-    columns = [
-        *GROUP,
-        "type",
-        "unit",
-        *params,
-        "base",
-        "head",
-        "ratio",
-        "p_value",
-        "significant",
-        "test",
-        "verdict",
-    ]
-    out = pd.DataFrame(rows, columns=columns)
+    out = pd.DataFrame(rows, columns=[*GROUP, "type", "unit", *params, *_VERDICT_COLUMNS])
     out["significant"] = out["significant"].astype("boolean")
     out.insert(0, "head_commit", head)
     out.insert(0, "base_commit", base)
-    order = {
-        "regression": 0,
-        "failed": 1,
-        "slower (untested)": 2,
-        "improvement": 3,
-        "faster (untested)": 4,
-        "not significant": 5,
-        "benchmark changed": 6,
-        "new": 7,
-        "removed": 8,
-        "fixed": 9,
-        "skipped": 10,
-        "unchanged": 11,
-    }
-    out["_order"] = out["verdict"].map(order)
+    out["_order"] = out["verdict"].map({v: i for i, v in enumerate(VERDICT_ORDER)})
     out = out.sort_values(["_order", "ratio"], ascending=[True, False]).drop(columns="_order")
     return out.reset_index(drop=True)
 

@@ -30,73 +30,29 @@ def _verdict_table(frame: pd.DataFrame) -> list[dict]:
     return records
 
 
-def build_regressions(inputs: Inputs) -> Section:
-    """Verdicts between the baseline and head commits for every benchmark, and trends of the flagged ones."""
-    section = Section("regressions", "Regressions across commits")
-    asv = inputs.asv
-    if asv.empty:
-        section.missing(f"asv results: nothing readable under {asv.root}", BENCH_COMMANDS)
-        return section
-    commits = asv.commits()["commit"].tolist()
-    try:
-        if inputs.base or inputs.head:
-            head = resolve_commit(inputs.head, commits, inputs.repo) if inputs.head else commits[-1]
-            if inputs.base:
-                base = resolve_commit(inputs.base, commits, inputs.repo)
-            else:
-                before = commits[: commits.index(head)]
-                if not before:
-                    raise ValueError(
-                        f"no commit with results before the head {short_commit(head)}; give --base explicitly"
-                    )
-                base = before[-1]
-            if base == head:
-                raise ValueError(f"--base and --head name the same commit {short_commit(base)}")
-        else:
-            pair = default_pair(asv)
-            if pair is None:
-                section.missing(
-                    f"asv results for a second commit (only {short_commit(commits[0])} has results under {asv.root})",
-                    "`asv run --record-samples HEAD~1^!` (measure another commit), then "
-                    "`nox -s report -- --base HEAD~1 --head HEAD`",
-                )
-                return section
-            base, head = pair
-    except ValueError as exc:
-        inputs.errors.append(str(exc))
-        section.error(f"Cannot compare: {exc}")
-        return section
+def _pair(inputs: Inputs) -> tuple[str, str] | None:
+    """(base, head) from --base/--head, or the two latest commits; None with a single commit.
 
-    table = verdicts(asv, base, head, inputs.threshold, inputs.alpha)
-    section.data["verdicts"] = table
-    trend = trends(asv)
-    section.data["trends"] = trend
-    counts = table["verdict"].value_counts()
-    inputs.regressions_found = int(counts.get("regression", 0))
-    untested = int(counts.get("slower (untested)", 0) + counts.get("faster (untested)", 0))
-    section.summary = (
-        f"{short_commit(base)} → {short_commit(head)}: {inputs.regressions_found} significant "
-        f"regression(s), {int(counts.get('improvement', 0))} improvement(s), "
-        f"{int(counts.get('failed', 0))} failure(s)"
-        + (f", {untested} change(s) beyond the threshold that could not be tested (single samples)" if untested else "")
-    )
-    section.text(
-        f"Baseline {short_commit(base)} vs head {short_commit(head)}: {len(table)} benchmark × parameter "
-        f"combinations. A change counts when head/base leaves [1/{1 + inputs.threshold:.2f}, "
-        f"{1 + inputs.threshold:.2f}] (threshold {inputs.threshold:.0%}) and the samples differ "
-        "significantly "
-        f"(two-sided Mann-Whitney U, p < {inputs.alpha:g}; without enough recorded samples, non-overlapping "
-        "99% confidence intervals; with a single sample significance is unknown)."
-    )
-    summary = counts.rename_axis("verdict").reset_index(name="count")
-    section.table(summary, "Verdicts, counted.")
-    section.blocks.append(
-        {
-            "kind": "summary",
-            "regressions": inputs.regressions_found,
-            "improvements": int(counts.get("improvement", 0)),
-        }
-    )
+    ValueError when the options name no commit with results, or the same one twice.
+    """
+    commits = inputs.asv.commits()["commit"].tolist()
+    if not (inputs.base or inputs.head):
+        return default_pair(inputs.asv)
+    head = resolve_commit(inputs.head, commits, inputs.repo) if inputs.head else commits[-1]
+    if inputs.base:
+        base = resolve_commit(inputs.base, commits, inputs.repo)
+    else:
+        before = commits[: commits.index(head)]
+        if not before:
+            raise ValueError(f"no commit with results before the head {short_commit(head)}; give --base explicitly")
+        base = before[-1]
+    if base == head:
+        raise ValueError(f"--base and --head name the same commit {short_commit(base)}")
+    return base, head
+
+
+def _verdict_blocks(section: Section, table: pd.DataFrame) -> None:
+    """The verdict tables: the notable ones open, all of them collapsed (both cut at MAX_TABLE_ROWS)."""
     notable = table[~table["verdict"].isin(["unchanged", "skipped"])]
     if not notable.empty:
         more = (
@@ -127,6 +83,61 @@ def build_regressions(inputs: Inputs) -> Section:
             ),
         }
     )
+
+
+def build_regressions(inputs: Inputs) -> Section:
+    """Verdicts between the baseline and head commits for every benchmark, and trends of the flagged ones."""
+    section = Section("regressions", "Regressions across commits")
+    asv = inputs.asv
+    if asv.empty:
+        section.missing(f"asv results: nothing readable under {asv.root}", BENCH_COMMANDS)
+        return section
+    try:
+        pair = _pair(inputs)
+    except ValueError as exc:
+        inputs.errors.append(str(exc))
+        section.error(f"Cannot compare: {exc}")
+        return section
+    if pair is None:
+        commits = asv.commits()["commit"].tolist()
+        section.missing(
+            f"asv results for a second commit (only {short_commit(commits[0])} has results under {asv.root})",
+            "`asv run --record-samples HEAD~1^!` (measure another commit), then "
+            "`nox -s report -- --base HEAD~1 --head HEAD`",
+        )
+        return section
+    base, head = pair
+    table = verdicts(asv, base, head, inputs.threshold, inputs.alpha)
+    section.data["verdicts"] = table
+    trend = trends(asv)
+    section.data["trends"] = trend
+    counts = table["verdict"].value_counts()
+    inputs.regressions_found = int(counts.get("regression", 0))
+    untested = int(counts.get("slower (untested)", 0) + counts.get("faster (untested)", 0))
+    section.summary = (
+        f"{short_commit(base)} → {short_commit(head)}: {inputs.regressions_found} significant "
+        f"regression(s), {int(counts.get('improvement', 0))} improvement(s), "
+        f"{int(counts.get('failed', 0))} failure(s)"
+        + (f", {untested} change(s) beyond the threshold that could not be tested (single samples)" if untested else "")
+    )
+    section.text(
+        f"Baseline {short_commit(base)} vs head {short_commit(head)}: {len(table)} benchmark × parameter "
+        f"combinations. A change counts when head/base leaves [1/{1 + inputs.threshold:.2f}, "
+        f"{1 + inputs.threshold:.2f}] (threshold {inputs.threshold:.0%}) and the samples differ "
+        "significantly "
+        f"(two-sided Mann-Whitney U, p < {inputs.alpha:g}; without enough recorded samples, non-overlapping "
+        "99% confidence intervals; with a single sample significance is unknown)."
+    )
+    summary = counts.rename_axis("verdict").reset_index(name="count")
+    section.table(summary, "Verdicts, counted.")
+    section.blocks.append(
+        {
+            "kind": "summary",
+            "regressions": inputs.regressions_found,
+            "improvements": int(counts.get("improvement", 0)),
+        }
+    )
+    _verdict_blocks(section, table)
 
     flagged = table[table["verdict"].isin(FLAGGED)]
     if not flagged.empty:
