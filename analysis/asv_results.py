@@ -9,7 +9,8 @@ Layout read (what ``asv run`` writes under its ``results_dir``)::
 A result file (api version 2) stores, per benchmark, one row whose entries are named
 by ``result_columns``: ``result`` (one value per parameter combination, in the order of
 ``itertools.product(*params)``; ``null`` = failed, ``NaN`` = skipped), ``params`` (the
-parameter values as Python reprs, e.g. ``"'bn'"``, ``"2"``), ``version``,
+parameter values as Python reprs, e.g. ``"'bn'"``, ``"2"``; their names are in
+``benchmarks.json`` only), ``version``,
 ``started_at``, ``duration``, ``stats_ci_99_a/b`` (99% interval of the median),
 ``stats_q_25/75``, ``stats_number`` (calls per sample), ``stats_repeat`` (samples) and
 ``samples`` (the per-call times of every sample, when ``--record-samples`` was given).
@@ -18,7 +19,9 @@ Trailing columns that are all ``null`` are dropped by asv, so a row may be short
 Two frames come out (:class:`AsvResults`):
 
 * ``results``: one row per machine x environment x commit x benchmark x parameter
-  combination, with the parameters as columns (``norm``, ``batch_size``, ``shape``, ...),
+  combination, with the parameters as columns (``method``, ``group_size``, ``shape``, ...: the
+  names the suites declare, :data:`bkn.results.LAYER_PARAMS`; a name this module uses for one
+  of its own columns gets a ``param_`` prefix),
   the result ``value`` (asv's estimate: the median of the samples), its ``status``
   (``ok``/``skipped``/``failed``) and asv's statistics;
 * ``samples``: one row per recorded sample (same keys, ``sample`` index, ``value``).
@@ -26,6 +29,7 @@ Two frames come out (:class:`AsvResults`):
 Nothing here raises on bad input: an unreadable, truncated or malformed file gives a
 warning that names it, and the rest is loaded.
 """
+
 from __future__ import annotations
 
 import ast
@@ -42,13 +46,48 @@ from .messages import Messages
 
 RESULTS_API_VERSION = 2  # asv 0.6's Results.api_version
 KEY = ["machine", "env_name", "commit", "benchmark", "param_key"]  # one measured thing
-# Columns of the results frame that a parameter name must not shadow.
-RESERVED = {"machine", "env_name", "commit", "date", "benchmark", "type", "unit", "version", "param_key",
-            "value", "status", "ci_99_a", "ci_99_b", "q_25", "q_75", "number", "repeat", "n_samples",
-            "file", "sample", "started_at", "stale"}
-_TYPE_BY_PREFIX = {"time_": ("time", "seconds"), "timeraw_": ("time", "seconds"),
-                   "peakmem_": ("peakmemory", "bytes"), "mem_": ("memory", "bytes"),
-                   "track_": ("track", "unit")}
+# Columns of the results frame, and of the verdict table built from it (analysis.regressions),
+# that a parameter name must not shadow.
+RESERVED = {
+    "machine",
+    "env_name",
+    "commit",
+    "date",
+    "benchmark",
+    "type",
+    "unit",
+    "version",
+    "param_key",
+    "value",
+    "status",
+    "ci_99_a",
+    "ci_99_b",
+    "q_25",
+    "q_75",
+    "number",
+    "repeat",
+    "n_samples",
+    "file",
+    "sample",
+    "started_at",
+    "stale",
+    "base_commit",
+    "head_commit",
+    "base",
+    "head",
+    "ratio",
+    "p_value",
+    "significant",
+    "test",
+    "verdict",
+}
+_TYPE_BY_PREFIX = {
+    "time_": ("time", "seconds"),
+    "timeraw_": ("time", "seconds"),
+    "peakmem_": ("peakmemory", "bytes"),
+    "mem_": ("memory", "bytes"),
+    "track_": ("track", "unit"),
+}
 
 
 @dataclasses.dataclass
@@ -71,10 +110,15 @@ class AsvResults:
         """The commits with results, oldest first: ``commit``, ``date``, machines, number of results."""
         if self.results.empty:
             return pd.DataFrame(columns=["commit", "date", "machines", "results"])
-        table = (self.results.groupby("commit", sort=False)
-                 .agg(date=("date", "min"), machines=("machine", lambda m: ", ".join(sorted(set(m)))),
-                      results=("value", "size"))
-                 .reset_index())
+        table = (
+            self.results.groupby("commit", sort=False)
+            .agg(
+                date=("date", "min"),
+                machines=("machine", lambda m: ", ".join(sorted(set(m)))),
+                results=("value", "size"),
+            )
+            .reset_index()
+        )
         return table.sort_values(["date", "commit"], na_position="first").reset_index(drop=True)
 
 
@@ -89,7 +133,7 @@ def parse_param(text):
 
 
 def param_key(names: list[str], values: tuple) -> str:
-    """A readable, stable label for one parameter combination: ``norm=bn, batch_size=2``."""
+    """A readable, stable label for one parameter combination: ``method=bn, group_size=2``."""
     return ", ".join(f"{n}={v}" for n, v in zip(names, values))
 
 
@@ -148,102 +192,111 @@ def _benchmark_description(name: str, row_params: list, benchmarks: dict) -> tup
     return names, kind, unit, version
 
 
-def _load_result_file(path: pathlib.Path, machine_dir: str, benchmarks: dict, messages: Messages,
-                      rows: list, sample_rows: list) -> bool:
-    data = _load_json(path, messages, "asv result file")
-    if data is None:
-        return False
-    if not isinstance(data, dict) or not isinstance(data.get("results"), dict) \
-            or not isinstance(data.get("result_columns"), list):
+def _file_origin(path: pathlib.Path, machine_dir: str, data, messages: Messages) -> dict | None:
+    """machine, env_name, commit and date of a result file; None (with a warning) if it is not one."""
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("results"), dict)
+        or not isinstance(data.get("result_columns"), list)
+    ):
         messages.warn(f"{path}: not an asv result file (no 'results'/'result_columns'); skipped.")
-        return False
+        return None
     version = data.get("version")
     if version != RESULTS_API_VERSION:
-        messages.warn(f"{path}: asv result format version {version!r}, expected {RESULTS_API_VERSION} "
-                      "(asv 0.6); run `asv update` on it; skipped.")
-        return False
+        messages.warn(
+            f"{path}: asv result format version {version!r}, expected {RESULTS_API_VERSION} "
+            "(asv 0.6); run `asv update` on it; skipped."
+        )
+        return None
     commit = data.get("commit_hash")
     if not isinstance(commit, str) or not commit:
         messages.warn(f"{path}: no 'commit_hash'; skipped.")
-        return False
+        return None
     params = data.get("params") if isinstance(data.get("params"), dict) else {}
-    machine = params.get("machine") or machine_dir
-    env_name = data.get("env_name") or path.stem.split("-", 1)[-1]
-    date = (
-        pd.to_datetime(data.get("date"), unit="ms", utc=True)
-        if isinstance(data.get("date"), (int, float))
-        else pd.NaT
-    )
-    columns = data["result_columns"]
+    stamp = data.get("date")
+    return {
+        "machine": params.get("machine") or machine_dir,
+        "env_name": data.get("env_name") or path.stem.split("-", 1)[-1],
+        "commit": commit,
+        "date": pd.to_datetime(stamp, unit="ms", utc=True) if isinstance(stamp, (int, float)) else pd.NaT,
+    }
 
+
+def _benchmark_rows(
+    path: pathlib.Path, origin: dict, name: str, entry: dict, benchmarks: dict, rows: list, sample_rows: list
+) -> None:
+    """Append one row per parameter combination of one benchmark's entry (and its samples).
+
+    Raises TypeError/ValueError for a malformed entry, before appending anything.
+    """
+    row_params = entry.get("params") or []
+    combos = list(itertools.product(*row_params))
+    values = entry.get("result")
+    values = [None] * len(combos) if values is None else list(values)
+    if len(values) != len(combos):
+        raise ValueError(f"{len(values)} results for {len(combos)} parameter combinations")
+    names, kind, unit, bench_version = _benchmark_description(name, row_params, benchmarks)
+
+    def column(key, default=None):
+        v = entry.get(key)
+        return [default] * len(combos) if not isinstance(v, list) or len(v) != len(combos) else v
+
+    stats = {k: column(f"stats_{k}") for k in ("ci_99_a", "ci_99_b", "q_25", "q_75", "number", "repeat")}
+    samples = column("samples")
+    # asv ignores results taken with another version of the benchmark's code than benchmarks.json
+    # describes; they are kept here (trends), marked stale, and never compared with fresh ones.
+    stale = bench_version is not None and entry.get("version") not in (None, bench_version)
+    new_rows, new_samples = [], []
+    for j, combo in enumerate(combos):
+        parsed = tuple(parse_param(v) for v in combo)
+        raw_value = values[j]
+        value = _float(raw_value)
+        status = "failed" if raw_value is None else ("skipped" if math.isnan(value) else "ok")
+        record = {
+            **origin,
+            "benchmark": name,
+            "type": kind,
+            "unit": unit,
+            "version": entry.get("version"),
+            "stale": stale,
+            "param_key": param_key(names, parsed),
+            "value": value,
+            "status": status,
+            **{k: _float(v[j]) for k, v in stats.items()},
+            "file": str(path),
+        }
+        for n, v in zip(names, parsed):
+            record[_column_name(n)] = v
+        s = samples[j]
+        finite = [x for x in (_float(x) for x in s) if math.isfinite(x)] if isinstance(s, list) else []
+        record["n_samples"] = len(finite) if status == "ok" else 0
+        if status == "ok":
+            key = {k: origin[k] for k in ("machine", "env_name", "commit")}
+            new_samples.extend(
+                {**key, "benchmark": name, "param_key": record["param_key"], "sample": i, "value": x}
+                for i, x in enumerate(finite)
+            )
+        new_rows.append(record)
+    rows.extend(new_rows)
+    sample_rows.extend(new_samples)
+
+
+def _load_result_file(
+    path: pathlib.Path, machine_dir: str, benchmarks: dict, messages: Messages, rows: list, sample_rows: list
+) -> bool:
+    data = _load_json(path, messages, "asv result file")
+    origin = None if data is None else _file_origin(path, machine_dir, data, messages)
+    if origin is None:
+        return False
+    columns = data["result_columns"]
     for name, raw in data["results"].items():
         if not isinstance(raw, list):
             messages.warn(f"{path}: benchmark {name}: malformed entry; skipped.")
             continue
-        entry = dict(zip(columns, raw))
-        row_params = entry.get("params") or []
         try:
-            combos = list(itertools.product(*row_params))
-            values = entry.get("result")
-            values = [None] * len(combos) if values is None else list(values)
-            if len(values) != len(combos):
-                raise ValueError(f"{len(values)} results for {len(combos)} parameter combinations")
-            names, kind, unit, bench_version = _benchmark_description(name, row_params, benchmarks)
+            _benchmark_rows(path, origin, name, dict(zip(columns, raw)), benchmarks, rows, sample_rows)
         except (TypeError, ValueError) as exc:
             messages.warn(f"{path}: benchmark {name}: malformed entry ({exc}); skipped.")
-            continue
-
-        def column(key, default=None):
-            v = entry.get(key)
-            return [default] * len(combos) if not isinstance(v, list) or len(v) != len(combos) else v
-
-        stats = {k: column(f"stats_{k}") for k in ("ci_99_a", "ci_99_b", "q_25", "q_75", "number", "repeat")}
-        samples = column("samples")
-        # asv ignores results taken with another version of the benchmark's code than benchmarks.json
-        # describes; they are kept here (trends), marked stale, and never compared with fresh ones.
-        stale = bench_version is not None and entry.get("version") not in (None, bench_version)
-        for j, combo in enumerate(combos):
-            parsed = tuple(parse_param(v) for v in combo)
-            raw_value = values[j]
-            value = _float(raw_value)
-            status = "failed" if raw_value is None else ("skipped" if math.isnan(value) else "ok")
-            record = {
-                "machine": machine,
-                "env_name": env_name,
-                "commit": commit,
-                "date": date,
-                "benchmark": name,
-                "type": kind,
-                "unit": unit,
-                "version": entry.get("version"),
-                "stale": stale,
-                "param_key": param_key(names, parsed),
-                "value": value,
-                "status": status,
-                **{k: _float(v[j]) for k, v in stats.items()},
-                "file": str(path),
-            }
-            for n, v in zip(names, parsed):
-                record[_column_name(n)] = v
-            s = samples[j]
-            if isinstance(s, list) and status == "ok":
-                finite = [x for x in (_float(x) for x in s) if math.isfinite(x)]
-                record["n_samples"] = len(finite)
-                sample_rows.extend(
-                    {
-                        "machine": machine,
-                        "env_name": env_name,
-                        "commit": commit,
-                        "benchmark": name,
-                        "param_key": record["param_key"],
-                        "sample": i,
-                        "value": x,
-                    }
-                    for i, x in enumerate(finite)
-                )
-            else:
-                record["n_samples"] = 0
-            rows.append(record)
     return True
 
 
@@ -292,7 +345,7 @@ def load_asv_results(root: str | pathlib.Path, messages: Messages | None = None)
         results = pd.DataFrame(columns=[*KEY, "date", "type", "unit", "value", "status", "n_samples"])
     samples = pd.DataFrame(sample_rows, columns=[*KEY, "sample", "value"])
     param_names = [c for c in results.columns if c not in RESERVED]
-    # A parameter column holds ints for batch_size etc.; keep numbers numeric where every value is one.
+    # A parameter column holds ints for group_size etc.; keep numbers numeric where every value is one.
     for c in param_names:
         numeric = pd.to_numeric(results[c], errors="coerce")
         if numeric.notna().sum() == results[c].notna().sum() and results[c].notna().any():

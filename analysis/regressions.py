@@ -6,7 +6,7 @@ head commit (on the same machine, in the same environment):
 * ``ratio = head / base`` of asv's estimates (the medians of the samples). Every asv
   benchmark type is lower-is-better (time, memory; ``track_`` values by asv's
   convention), so ``ratio > 1`` is a slowdown.
-* ``significant``: whether the two sets of samples differ, by the two-sided
+* ``significant``: whether the two sets of samples differ (``test`` says how), by the two-sided
   Mann-Whitney U test (:mod:`analysis.significance`) at level ``alpha`` (default 0.002, the
   level ``asv compare`` uses, which also keeps false alarms rare across hundreds of
   comparisons). When samples were not recorded, or are too few for the test ever to
@@ -32,6 +32,7 @@ were missed (an interrupted baseline sample outranks the slowed head samples) an
 reports of identical distributions had a false flag. Record enough samples
 (``asv run --record-samples``, asv's default repeat) where the verdict matters.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,13 @@ def resolve_commit(rev: str, commits: list[str], repo: str | None = ".") -> str:
     candidates = [rev]
     if repo is not None:
         try:
-            out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
-                                 capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             if out.returncode == 0 and out.stdout.strip():
                 candidates.insert(0, out.stdout.strip())
         except (OSError, subprocess.SubprocessError):
@@ -70,11 +76,14 @@ def resolve_commit(rev: str, commits: list[str], repo: str | None = ".") -> str:
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
-            raise ValueError(f"revision {rev!r} is ambiguous among the commits with results: "
-                             f"{', '.join(m[:10] for m in matches)}")
+            raise ValueError(
+                f"revision {rev!r} is ambiguous among the commits with results: {', '.join(m[:10] for m in matches)}"
+            )
     present = ", ".join(c[:10] for c in commits) or "none"
-    raise ValueError(f"no asv results for revision {rev!r} (resolved to {candidates[0][:10]}); "
-                     f"commits with results: {present}. Run `asv run {rev}^!` to measure it.")
+    raise ValueError(
+        f"no asv results for revision {rev!r} (resolved to {candidates[0][:10]}); "
+        f"commits with results: {present}. Run `asv run {rev}^!` to measure it."
+    )
 
 
 def default_pair(asv: AsvResults) -> tuple[str, str] | None:
@@ -83,11 +92,11 @@ def default_pair(asv: AsvResults) -> tuple[str, str] | None:
     return (commits[-2], commits[-1]) if len(commits) >= 2 else None
 
 
-def _significance(base: np.ndarray | None, head: np.ndarray | None, base_row, head_row,
-                  alpha: float) -> tuple[object, float, str]:
-    """(significant: True/False/None, p-value or NaN, method)."""
-    if base is not None and head is not None and len(base) and len(head) \
-            and min_p_value(len(base), len(head)) < alpha:
+def _significance(
+    base: np.ndarray | None, head: np.ndarray | None, base_row, head_row, alpha: float
+) -> tuple[object, float, str]:
+    """(significant: True/False/None, p-value or NaN, the test that decided)."""
+    if base is not None and head is not None and len(base) and len(head) and min_p_value(len(base), len(head)) < alpha:
         _, p, how = mann_whitney_u(base, head)
         return p < alpha, p, f"mann-whitney ({how}, n={len(base)}/{len(head)})"
     a = (base_row["ci_99_a"], base_row["ci_99_b"])
@@ -98,8 +107,67 @@ def _significance(base: np.ndarray | None, head: np.ndarray | None, base_row, he
     return None, math.nan, "none (too few samples)"
 
 
-def verdicts(asv: AsvResults, base: str, head: str, threshold: float = DEFAULT_THRESHOLD,
-             alpha: float = DEFAULT_ALPHA) -> pd.DataFrame:
+# Worst first in the verdict table.
+VERDICT_ORDER = (
+    "regression",
+    "failed",
+    "slower (untested)",
+    "improvement",
+    "faster (untested)",
+    "not significant",
+    "benchmark changed",
+    "new",
+    "removed",
+    "fixed",
+    "skipped",
+    "unchanged",
+)
+_KEPT = ("type", "unit", "version", "stale", "value", "status", "ci_99_a", "ci_99_b", "n_samples")
+_VERDICT_COLUMNS = ("base", "head", "ratio", "p_value", "significant", "test", "verdict")
+
+
+def _status_verdict(r) -> str | None:
+    """The verdict of a merged row decided by presence, version and status alone; None if both sides ran."""
+    if r["_merge"] == "left_only":
+        return "removed"
+    if r["_merge"] == "right_only":
+        return "new"
+    if r["version_base"] != r["version_head"] and pd.notna(r["version_base"]) and pd.notna(r["version_head"]):
+        return "benchmark changed"
+    if r["status_base"] == "ok" and r["status_head"] == "failed":
+        return "failed"
+    if r["status_base"] == "failed" and r["status_head"] == "ok":
+        return "fixed"
+    if r["status_base"] != "ok" or r["status_head"] != "ok":
+        return "skipped" if "skipped" in (r["status_base"], r["status_head"]) else "failed"
+    return None
+
+
+def _compared(r, base_samples, head_samples, threshold: float, alpha: float) -> dict:
+    """ratio, p_value, significant, test and verdict of a row measured at both commits."""
+    ratio = r["value_head"] / r["value_base"] if r["value_base"] > 0 else math.nan
+    sig, p, test = _significance(
+        base_samples,
+        head_samples,
+        {"ci_99_a": r["ci_99_a_base"], "ci_99_b": r["ci_99_b_base"]},
+        {"ci_99_a": r["ci_99_a_head"], "ci_99_b": r["ci_99_b_head"]},
+        alpha,
+    )
+    slower, faster = ratio > 1 + threshold, ratio < 1 / (1 + threshold)
+    if not (slower or faster):
+        verdict = "unchanged"
+    elif sig is None:
+        verdict = "slower (untested)" if slower else "faster (untested)"
+    elif sig:
+        verdict = "regression" if slower else "improvement"
+    else:
+        verdict = "not significant"
+    return {"ratio": ratio, "p_value": p, "significant": sig, "test": test, "verdict": verdict}
+
+
+def verdicts(
+    asv: AsvResults, base: str, head: str, threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA
+) -> pd.DataFrame:
     """One row per benchmark x parameters x machine x environment: base, head, ratio, significance, verdict.
 
     See the module docstring for the test and the verdicts.
@@ -110,107 +178,29 @@ def verdicts(asv: AsvResults, base: str, head: str, threshold: float = DEFAULT_T
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     frame = asv.results
     params = asv.param_names
-    keep = [
-        *GROUP,
-        "type",
-        "unit",
-        "version",
-        "stale",
-        "value",
-        "status",
-        "ci_99_a",
-        "ci_99_b",
-        "n_samples",
-        *params,
-    ]
-    keep = [c for c in keep if c in frame.columns]
+    keep = [c for c in (*GROUP, *_KEPT, *params) if c in frame.columns]
     b = frame.loc[frame["commit"] == base, keep]
     h = frame.loc[frame["commit"] == head, keep]
     merged = b.merge(h, on=GROUP, how="outer", suffixes=("_base", "_head"), indicator=True)
     lookup = sample_lookup(asv.samples)
     rows = []
     for _, r in merged.iterrows():
-        key = tuple(r[c] for c in GROUP)
         row = {c: r[c] for c in GROUP}
         for c in ("type", "unit", *params):
             row[c] = r.get(f"{c}_head") if pd.notna(r.get(f"{c}_head")) else r.get(f"{c}_base")
-        row.update(
-            base=r.get("value_base", math.nan),
-            head=r.get("value_head", math.nan),
-            ratio=math.nan,
-            p_value=math.nan,
-            significant=None,
-            method="",
-            verdict="unchanged",
-        )
-        if r["_merge"] == "left_only":
-            row["verdict"] = "removed"
-        elif r["_merge"] == "right_only":
-            row["verdict"] = "new"
-        elif (
-            r["version_base"] != r["version_head"]
-            and pd.notna(r["version_base"])
-            and pd.notna(r["version_head"])
-        ):
-            row["verdict"] = "benchmark changed"
-        elif r["status_base"] == "ok" and r["status_head"] == "failed":
-            row["verdict"] = "failed"
-        elif r["status_base"] == "failed" and r["status_head"] == "ok":
-            row["verdict"] = "fixed"
-        elif r["status_base"] != "ok" or r["status_head"] != "ok":
-            row["verdict"] = "skipped" if "skipped" in (r["status_base"], r["status_head"]) else "failed"
-        else:
-            ratio = r["value_head"] / r["value_base"] if r["value_base"] > 0 else math.nan
-            sig, p, method = _significance(
-                lookup.get((key[0], key[1], base, key[2], key[3])),
-                lookup.get((key[0], key[1], head, key[2], key[3])),
-                {"ci_99_a": r["ci_99_a_base"], "ci_99_b": r["ci_99_b_base"]},
-                {"ci_99_a": r["ci_99_a_head"], "ci_99_b": r["ci_99_b_head"]},
-                alpha,
-            )
-            row.update(ratio=ratio, p_value=p, significant=sig, method=method)
-            slower, faster = ratio > 1 + threshold, ratio < 1 / (1 + threshold)
-            if not (slower or faster):
-                row["verdict"] = "unchanged"
-            elif sig is None:
-                row["verdict"] = "slower (untested)" if slower else "faster (untested)"
-            elif sig:
-                row["verdict"] = "regression" if slower else "improvement"
-            else:
-                row["verdict"] = "not significant"
+        row.update(base=r.get("value_base", math.nan), head=r.get("value_head", math.nan))
+        row.update(ratio=math.nan, p_value=math.nan, significant=None, test="")
+        row["verdict"] = _status_verdict(r)
+        if row["verdict"] is None:
+            machine, env, benchmark, key = (r[c] for c in GROUP)
+            samples = [lookup.get((machine, env, commit, benchmark, key)) for commit in (base, head)]
+            row.update(_compared(r, *samples, threshold, alpha))
         rows.append(row)
-    columns = [
-        *GROUP,
-        "type",
-        "unit",
-        *params,
-        "base",
-        "head",
-        "ratio",
-        "p_value",
-        "significant",
-        "method",
-        "verdict",
-    ]
-    out = pd.DataFrame(rows, columns=columns)
+    out = pd.DataFrame(rows, columns=[*GROUP, "type", "unit", *params, *_VERDICT_COLUMNS])
     out["significant"] = out["significant"].astype("boolean")
     out.insert(0, "head_commit", head)
     out.insert(0, "base_commit", base)
-    order = {
-        "regression": 0,
-        "failed": 1,
-        "slower (untested)": 2,
-        "improvement": 3,
-        "faster (untested)": 4,
-        "not significant": 5,
-        "benchmark changed": 6,
-        "new": 7,
-        "removed": 8,
-        "fixed": 9,
-        "skipped": 10,
-        "unchanged": 11,
-    }
-    out["_order"] = out["verdict"].map(order)
+    out["_order"] = out["verdict"].map({v: i for i, v in enumerate(VERDICT_ORDER)})
     out = out.sort_values(["_order", "ratio"], ascending=[True, False]).drop(columns="_order")
     return out.reset_index(drop=True)
 
@@ -222,9 +212,7 @@ def trends(asv: AsvResults) -> pd.DataFrame:
         return pd.DataFrame(columns=[*GROUP, "commit", "date", "order", "unit", "value", "q_25", "q_75"])
     commits = asv.commits()
     position = {c: i for i, c in enumerate(commits["commit"])}
-    ok = frame.loc[
-        frame["status"] == "ok", [*GROUP, "commit", "date", "unit", "value", "q_25", "q_75"]
-    ].copy()
+    ok = frame.loc[frame["status"] == "ok", [*GROUP, "commit", "date", "unit", "value", "q_25", "q_75"]].copy()
     ok["order"] = ok["commit"].map(position)
     ok["commit_short"] = ok["commit"].str[:8]
     return ok.sort_values([*GROUP, "order"]).reset_index(drop=True)

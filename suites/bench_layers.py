@@ -1,26 +1,34 @@
 """Time of one normalization layer: forward in training mode, forward+backward, inference forward.
 
-Matrix and skips: :mod:`suites.common` (norm x batch_size x shape x device x dtype x
-memory_format; ``NotImplementedError`` in setup for what cannot run or is pruned on the CPU).
+Matrix and skips: :mod:`suites.harness.matrix` (method x group_size x shape x device x
+dtype x memory_format; ``NotImplementedError`` in setup for what cannot run or is pruned
+on the CPU). The layer is ``bkn.methods.get(method).build(C)`` and normalizes its input,
+``(group_size, *shape)``, as one group (``bn`` is torch's own ``BatchNorm*d``).
 
 BKN's prior: a ``bkn-official``/``bkn-analytic`` training benchmark times the prior's
 propagation from the previous layer's posterior through ReLU and a 3x3 convolution
-(:class:`suites.common.KalmanPrior`) together with the layer, because a network pays
-for both on every step and the two transitions differ only there. The convolution of
-the real activations, common to every norm, is not timed. Inference uses the running
+(:class:`suites.harness.prior.KalmanPrior`) together with the layer, because a network
+pays for both on every step and the two transitions differ only there. The convolution
+of the real activations, common to every norm, is not timed. Inference uses the running
 estimates and no prior, as in a network.
 
 Every call is timed alone (asv re-runs setup between samples); the case is built and
 warmed up (two calls) once per process, CUDA timings synchronise.
 """
+
 from __future__ import annotations
 
-from .common import LAYER_PARAM_NAMES, LAYER_PARAMS, LayerCase, Matrix, cached, configure_threads, synchronize
+from bkn.results import LAYER_PARAMS
+
+from .harness.layer import LayerCase
+from .harness.matrix import LAYER_VALUES
+from .harness.process import configure_threads
+from .harness.timing import Matrix, cached, synchronize
 
 
 class _Layer(Matrix):
-    params = LAYER_PARAMS
-    param_names = LAYER_PARAM_NAMES
+    params = LAYER_VALUES
+    param_names = list(LAYER_PARAMS)
     training = True
     step = "forward"
 
@@ -29,6 +37,7 @@ class _Layer(Matrix):
             case = LayerCase(*params, training=self.training)
             case.warm_up(getattr(case, self.step), f"{params[0]} {self.step}")
             return case
+
         configure_threads()
         self.case = cached((type(self).__name__, params), build)
         self.run = getattr(self.case, self.step)

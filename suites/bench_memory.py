@@ -5,48 +5,39 @@ Three measures, each its own class (same matrix as :mod:`suites.bench_layers`, t
 
 * ``peakmem_forward_backward``: asv's peak resident memory of the benchmark process
   (CPU only: the host RSS says nothing about GPU memory). It includes the process
-  baseline (torch imported), so read differences between norms, not absolute values.
+  baseline (torch imported), so read differences between methods, not absolute values.
 * ``track_saved_bytes``: the bytes of the tensors autograd keeps from the forward for
-  the backward (:func:`suites.common.saved_tensor_bytes`), the activation memory the
-  layer adds to a network; exact and allocator-independent, counted on the CPU.
+  the backward (:func:`suites.harness.memory.saved_tensor_bytes`), the activation memory
+  the layer adds to a network; exact and allocator-independent, counted on the CPU.
 * ``track_cuda_peak_bytes``: CUDA allocator peak above the case's own tensors during
   forward + backward (``torch.cuda.max_memory_allocated``); skipped without CUDA.
 
-BKN includes its prior's propagation (:class:`suites.common.KalmanPrior`), as in
+BKN includes its prior's propagation (:class:`suites.harness.prior.KalmanPrior`), as in
 :mod:`suites.bench_layers`.
 """
+
 from __future__ import annotations
 
 import torch
 
-from .common import (
-    DEVICES,
-    LAYER_PARAM_NAMES,
-    LAYER_PARAMS,
-    LayerCase,
-    Matrix,
-    cached,
-    configure_threads,
-    saved_tensor_bytes,
-    skip,
-    synchronize,
-)
+from bkn.results import LAYER_PARAMS
 
-
-def _with_devices(devices: list[str]) -> list[list]:
-    params = [list(values) for values in LAYER_PARAMS]
-    params[LAYER_PARAM_NAMES.index("device")] = devices
-    return params
+from .harness.layer import LayerCase
+from .harness.matrix import DEVICES, skip, values
+from .harness.memory import saved_tensor_bytes
+from .harness.process import configure_threads
+from .harness.timing import Matrix, cached, synchronize
 
 
 class _Memory(Matrix):
-    param_names = LAYER_PARAM_NAMES
+    param_names = list(LAYER_PARAMS)
 
     def setup(self, *params):
         def build():
             case = LayerCase(*params, training=True)
             case.warm_up(case.forward_backward, f"{params[0]} forward_backward")
             return case
+
         configure_threads()
         self.case = cached((type(self).__name__, params), build)
 
@@ -54,7 +45,7 @@ class _Memory(Matrix):
 class PeakMemForwardBackward(_Memory):
     """Peak RSS of the process around one forward + backward (CPU)."""
 
-    params = _with_devices(["cpu"])
+    params = values(LAYER_PARAMS, device=["cpu"])
 
     def peakmem_forward_backward(self, *params):
         self.case.forward_backward()
@@ -63,7 +54,7 @@ class PeakMemForwardBackward(_Memory):
 class TrackSavedForBackward(_Memory):
     """Bytes saved by autograd for the backward of one training forward."""
 
-    params = _with_devices(["cpu"])
+    params = values(LAYER_PARAMS, device=["cpu"])
     unit = "bytes"
 
     def track_saved_bytes(self, *params):
@@ -73,7 +64,7 @@ class TrackSavedForBackward(_Memory):
 class TrackCudaPeakForwardBackward(_Memory):
     """CUDA allocator peak of one forward + backward, above the tensors the case holds."""
 
-    params = _with_devices([d for d in DEVICES if d == "cuda"])
+    params = values(LAYER_PARAMS, device=[d for d in DEVICES if d == "cuda"])
     unit = "bytes"
 
     def setup(self, *params):

@@ -1,55 +1,45 @@
-"""Whole-network training steps with each norm swapped in: where the BKN prior chain's cost shows.
+"""Whole-network training steps with each method swapped in: where the BKN prior chain's cost shows.
 
 * :class:`TimeResNet18TrainStep`: torchvision's ResNet-18 (random init, 1000 classes,
-  224x224 input), every ``BatchNorm2d`` replaced by ``bkn.convert(model, norm, ...)``;
-  for BKN the priors are wired through the network by the converter (``torch.fx``
-  trace, :mod:`bkn.chain`), with the ``official`` or ``analytic`` transition.
+  224x224 input), every ``BatchNorm2d`` replaced by ``method.convert(model)``; for BKN
+  the priors are wired through the network by the converter (``torch.fx`` trace,
+  :mod:`bkn.chain`), with the ``official`` or ``analytic`` transition.
 * :class:`TimeCifarResNetTrainStep`: the paper's pre-activation CIFAR ResNet-20
-  (:func:`bkn.models.cifar_resnet`, 32x32 input), wired as the authors' code wires it.
+  (:func:`bkn.models.cifar_resnet`, 32x32 input, the method's layer options), wired as
+  the authors' code wires it.
 
-One step = forward, cross-entropy, backward, SGD update; the batch is the normalization
-batch (``batch_size`` samples, one group). ``norm`` values and options as in
-:func:`suites.common.norm_options` (bn is torch's own ``BatchNorm2d``). On the CPU the
-matrix is pruned by :func:`suites.common.check_network_pruned` (ResNet-18 up to batch 8;
-bfloat16 and channels_last at the secondary batch sizes); CUDA runs all of it.
+One step = forward, cross-entropy, backward, SGD update. The step's batch is one
+normalization group: ``group_size`` samples, and every norm is built without a group
+(``bn`` is torch's own ``BatchNorm2d``). Methods come from :mod:`bkn.methods`. On the CPU
+the matrix is pruned by :func:`suites.harness.matrix.check_network_pruned` (ResNet-18 up
+to group size 8; bfloat16 and channels_last at the secondary group sizes); CUDA runs all
+of it.
 """
+
 from __future__ import annotations
 
 import torchvision
 
-import bkn
+from bkn.methods import Method
 from bkn.models import cifar_resnet
+from bkn.results import LAYER_PARAMS
 
-from .common import (
-    BATCH_SIZES,
-    DEVICES,
-    DTYPES,
-    MEMORY_FORMATS,
-    NORMS,
-    Matrix,
-    NetworkCase,
-    cached,
-    configure_threads,
-    synchronize,
-)
-
-NETWORK_PARAM_NAMES = ["norm", "batch_size", "shape", "device", "dtype", "memory_format"]
+from .harness.matrix import values
+from .harness.network import NetworkCase
+from .harness.process import configure_threads
+from .harness.timing import Matrix, cached, synchronize
 
 
-def network_params(input_shape: str) -> list[list]:
-    return [list(NORMS), list(BATCH_SIZES), [input_shape], list(DEVICES), list(DTYPES), list(MEMORY_FORMATS)]
+def _resnet18(method: Method):
+    return method.convert(torchvision.models.resnet18())
 
 
-def _resnet18(name: str, options: dict):
-    return bkn.convert(torchvision.models.resnet18(), name, **options)
-
-
-def _cifar_resnet20(name: str, options: dict):
-    return cifar_resnet(20, name, **options)
+def _cifar_resnet20(method: Method):
+    return cifar_resnet(20, method.norm, **method.layer_options())
 
 
 class _Network(Matrix):
-    param_names = NETWORK_PARAM_NAMES
+    param_names = list(LAYER_PARAMS)
     build = None
     num_classes = 10
     repeat = (2, 5, 5.0)
@@ -59,6 +49,7 @@ class _Network(Matrix):
             case = NetworkCase(type(self).build, *params, num_classes=self.num_classes)
             case.warm_up(f"{type(self).__name__} {params[0]}")
             return case
+
         configure_threads()
         self.case = cached((type(self).__name__, params), build)
 
@@ -66,7 +57,7 @@ class _Network(Matrix):
 class TimeResNet18TrainStep(_Network):
     """One SGD step of torchvision's ResNet-18 at 224x224."""
 
-    params = network_params("3x224x224")
+    params = values(LAYER_PARAMS, shape=["3x224x224"])
     build = staticmethod(_resnet18)
     num_classes = 1000
 
@@ -78,7 +69,7 @@ class TimeResNet18TrainStep(_Network):
 class TimeCifarResNetTrainStep(_Network):
     """One SGD step of the paper's CIFAR ResNet-20 at 32x32."""
 
-    params = network_params("3x32x32")
+    params = values(LAYER_PARAMS, shape=["3x32x32"])
     build = staticmethod(_cifar_resnet20)
 
     def time_train_step(self, *params):

@@ -7,7 +7,7 @@ across commits next to speed (the full study is ``nox -s accuracy``)::
     x ~ N(mu_c, s_c^2) i.i.d. over samples and positions, 16 channels, 4x4
     norm1 -> ReLU -> 3x3 convolution (no padding) -> norm2       (2x2 positions per sample)
 
-built as ``torch.nn`` BatchNorms and converted with ``bkn.convert(model, norm, ...)``
+built as ``torch.nn`` BatchNorms and converted with ``bkn.methods.get(method).convert(model)``
 (so BKN's prior for ``norm2`` is the converter's own chain from ``norm1``'s posterior).
 ``norm1`` has a fixed, trained-looking affine (gamma, beta). With ``norm1`` normalizing
 with its population statistics, ``norm2``'s input at every position is a sum of
@@ -16,17 +16,20 @@ exact (:func:`population_moments`: rectified-Gaussian moments through the
 convolution, computed here in float64 numpy, independently of the library).
 
 Each parameter set warms the running estimates up (``WARMUP_STEPS`` training batches:
-BRN corrects towards them), then draws ``BATCHES`` fresh batches of ``batch_size``
-samples and records the statistics ``norm2`` normalized with: BN's batch moments (of
+BRN corrects towards them), then draws ``BATCHES`` fresh batches of ``group_size``
+samples (one normalization group each: the layers are built without a group) and
+records the statistics ``norm2`` normalized with: BN's batch moments (of
 its input), BKN's posterior and BRN's effective statistics (``layer.last_stats``).
-Reported (median over batches x channels, in the units the accuracy probes use):
+Reported (median over batches x channels, in the units the drift probe uses):
 
 * ``track_mean_error``: ``|m_hat - m| / sqrt(v)`` (population standard deviations);
 * ``track_var_logratio``: ``|log(v_hat / v)|``.
 
-Only the norms with batch statistics take part; GN/LN/IN normalize each sample with
-its own statistics (their drift is the accuracy probe's output discrepancy).
+Only the methods whose statistics depend on the group take part (``Method.uses_groups``:
+BN, BKN, BRN); GN/LN/IN normalize each sample with its own statistics (their drift is the
+drift probe's output discrepancy).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,15 +38,20 @@ import numpy as np
 import torch
 from torch import nn
 
-import bkn
+from bkn import methods
+from bkn.results import GROUP_PARAM, METHOD_PARAM
 
-from .common import BATCH_NORMS, BATCH_SIZES, cached, configure_threads, norm_options
+from .harness.matrix import GROUP_SIZES, METHODS
+from .harness.process import configure_threads
+from .harness.timing import cached
 
 CHANNELS = 16
 SIZE = 4
 WARMUP_STEPS = 50
 BATCHES = 24
 SEED = 0
+# The matrix's methods whose training statistics depend on the group (no per-sample norms).
+GROUP_METHODS = tuple(name for name in METHODS if methods.get(name).uses_groups)
 
 
 def population_moments(sd, gamma, beta, weight, eps: float):
@@ -56,39 +64,44 @@ def population_moments(sd, gamma, beta, weight, eps: float):
     inputs has mean ``sum W * E`` and variance ``sum W^2 * Var``.
     """
     a = np.asarray(beta, dtype=np.float64)
-    b = np.abs(np.asarray(gamma, dtype=np.float64)) * sd / np.sqrt(sd ** 2 + eps)
+    b = np.abs(np.asarray(gamma, dtype=np.float64)) * sd / np.sqrt(sd**2 + eps)
     z = a / b
     cdf = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
     pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
     first = a * cdf + b * pdf
     second = (a * a + b * b) * cdf + a * b * pdf
-    var_in = second - first ** 2
+    var_in = second - first**2
     w = np.asarray(weight, dtype=np.float64)
     mean = (w.sum(axis=(2, 3)) * first[None, :]).sum(axis=1)
-    var = ((w ** 2).sum(axis=(2, 3)) * var_in[None, :]).sum(axis=1)
+    var = ((w**2).sum(axis=(2, 3)) * var_in[None, :]).sum(axis=1)
     return mean, var
 
 
 class _Probe:
-    def __init__(self, norm: str, batch_size: int):
+    def __init__(self, method: str, group_size: int):
         configure_threads()
         gen = torch.Generator().manual_seed(SEED)
         self.mu = torch.empty(CHANNELS).uniform_(-1.0, 1.0, generator=gen)
         self.sd = torch.empty(CHANNELS).uniform_(0.5, 2.0, generator=gen)
         torch.manual_seed(SEED)
-        model = nn.Sequential(nn.BatchNorm2d(CHANNELS), nn.ReLU(),
-                              nn.Conv2d(CHANNELS, CHANNELS, 3, bias=False), nn.BatchNorm2d(CHANNELS))
+        model = nn.Sequential(
+            nn.BatchNorm2d(CHANNELS), nn.ReLU(), nn.Conv2d(CHANNELS, CHANNELS, 3, bias=False), nn.BatchNorm2d(CHANNELS)
+        )
         with torch.no_grad():
             model[0].weight.copy_(torch.empty(CHANNELS).uniform_(0.5, 1.5, generator=gen))
             model[0].bias.copy_(torch.empty(CHANNELS).uniform_(-0.5, 0.5, generator=gen))
-        name, options = norm_options(norm)
-        self.model = bkn.convert(model, name, **options).train()
+        self.model = methods.get(method).convert(model).train()
         first, conv, second = self.model[0], self.model[2], self.model[3]
-        mean, var = population_moments(self.sd.numpy(), first.weight.detach().numpy(),
-                                       first.bias.detach().numpy(), conv.weight.detach().numpy(), first.eps)
+        mean, var = population_moments(
+            self.sd.numpy(),
+            first.weight.detach().numpy(),
+            first.bias.detach().numpy(),
+            conv.weight.detach().numpy(),
+            first.eps,
+        )
         self.true_mean, self.true_var = torch.from_numpy(mean), torch.from_numpy(var)
         self.second = second
-        self.batch_size = batch_size
+        self.group_size = group_size
         self.gen = torch.Generator().manual_seed(SEED + 1)
         self.observed = None
         if not hasattr(second, "last_stats"):  # torch's BatchNorm keeps no statistics: observe its input
@@ -99,7 +112,7 @@ class _Probe:
         self.errors = self._measure()
 
     def _batch(self) -> torch.Tensor:
-        noise = torch.randn(self.batch_size, CHANNELS, SIZE, SIZE, generator=self.gen)
+        noise = torch.randn(self.group_size, CHANNELS, SIZE, SIZE, generator=self.gen)
         return noise * self.sd.view(1, -1, 1, 1) + self.mu.view(1, -1, 1, 1)
 
     def _observe(self, module, args):
@@ -126,12 +139,12 @@ class _Probe:
 
 
 class _Drift:
-    params = [list(BATCH_NORMS), list(BATCH_SIZES)]
-    param_names = ["norm", "batch_size"]
+    params = [list(GROUP_METHODS), list(GROUP_SIZES)]
+    param_names = [METHOD_PARAM, GROUP_PARAM]
     timeout = 120.0
 
-    def setup(self, norm, batch_size):
-        self.errors = cached((type(self).__name__, norm, batch_size), lambda: _Probe(norm, batch_size).errors)
+    def setup(self, method, group_size):
+        self.errors = cached((type(self).__name__, method, group_size), lambda: _Probe(method, group_size).errors)
 
 
 class TrackMeanError(_Drift):
@@ -139,7 +152,7 @@ class TrackMeanError(_Drift):
 
     unit = "population std"
 
-    def track_mean_error(self, norm, batch_size):
+    def track_mean_error(self, method, group_size):
         return self.errors["mean"]
 
 
@@ -148,5 +161,5 @@ class TrackVarLogRatio(_Drift):
 
     unit = "|log ratio|"
 
-    def track_var_logratio(self, norm, batch_size):
+    def track_var_logratio(self, method, group_size):
         return self.errors["var"]

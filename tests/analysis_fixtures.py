@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from bkn.results import DRIFT, TRAINING
+from bkn.results import COPY_REFERENCE, DRIFT, GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM, TENSOR_PARAMS, TRAINING
 
 MACHINE = "ci-box"
 ENV = "existing-py_usr_bin_python3"
@@ -170,29 +170,40 @@ def write_asv_results(
     return hashes
 
 
-NORMS = ["bn", "bkn-official", "gn", "ln"]
-BATCHES = [1, 2, 4, 8]
+METHODS = ["bn", "bkn-official", "gn", "ln"]
+GROUP_SIZES = [1, 2, 4, 8]
 SHAPES = ["64x56x56", "512x7x7"]
 
 
-def norm_benches(memory_formats=("contiguous",)) -> list[Bench]:
-    """A small version of the suite's matrix: forward time, peak memory, and the copy reference."""
-    names = ["norm", "batch_size", "shape", "device", "dtype", "memory_format"]
-    values = [NORMS, BATCHES, SHAPES, ["cpu"], ["float32"], list(memory_formats)]
+def method_benches(memory_formats=("contiguous",)) -> list[Bench]:
+    """A small version of the suite's matrix: forward time, peak memory, and the copy reference.
+
+    Parameter names and the copy reference's name are the suites' (:mod:`bkn.results`).
+    """
+    names = list(LAYER_PARAMS)
+    by_name = {
+        METHOD_PARAM: METHODS,
+        GROUP_PARAM: GROUP_SIZES,
+        "shape": SHAPES,
+        "device": ["cpu"],
+        "dtype": ["float32"],
+        "memory_format": list(memory_formats),
+    }
+    values = [by_name[n] for n in names]
     return [
         Bench("layers.TimeNorm.time_forward", names, values),
         Bench("layers.TimeNorm.time_forward_backward", names, values),
         Bench("layers.PeakMemNorm.peakmem_forward", names, values, type="peakmemory", unit="bytes"),
-        Bench("bandwidth.TimeCopy.time_copy", names[1:], values[1:]),
+        Bench(COPY_REFERENCE, list(TENSOR_PARAMS), [by_name[n] for n in TENSOR_PARAMS]),
     ]
 
 
-def norm_truth(commit: int, bench: Bench, combo: tuple) -> float:
-    """Plausible times: proportional to the tensor size, norms at fixed multiples of a copy."""
+def method_truth(commit: int, bench: Bench, combo: tuple) -> float:
+    """Plausible times: proportional to the tensor size, methods at fixed multiples of a copy."""
     named = dict(zip(bench.param_names, combo))
     c, *rest = (int(v) for v in named["shape"].split("x"))
-    size = named["batch_size"] * c * int(np.prod(rest) if rest else 1)
-    factor = {"bn": 3.0, "bkn-official": 4.5, "gn": 5.0, "ln": 4.0}.get(named.get("norm"), 1.0)
+    size = named[GROUP_PARAM] * c * int(np.prod(rest) if rest else 1)
+    factor = {"bn": 3.0, "bkn-official": 4.5, "gn": 5.0, "ln": 4.0}.get(named.get(METHOD_PARAM), 1.0)
     if bench.type == "peakmemory":
         return float(4 * size * factor + 50e6)
     if "backward" in bench.name:

@@ -24,9 +24,10 @@ from analysis.asv_results import load_asv_results, parse_param
 from analysis.messages import Messages
 from analysis.regressions import FLAGGED, default_pair, resolve_commit, trends, verdicts
 from analysis.significance import mann_whitney_u, min_p_value
+from bkn.results import COPY_REFERENCE, GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM
 
 TOY = pathlib.Path(__file__).parent / "data" / "asv_toy_results"
-PLANTED = {"norm": "gn", "batch_size": 4, "shape": "512x7x7"}
+PLANTED = {METHOD_PARAM: "gn", GROUP_PARAM: 4, "shape": "512x7x7"}
 
 
 def _is_planted(bench: af.Bench, combo: tuple) -> bool:
@@ -37,11 +38,11 @@ def _is_planted(bench: af.Bench, combo: tuple) -> bool:
 def planted_truth(slowdown: float = 1.3, small_shift: float = 1.04):
     """Head commit: the planted benchmark 30% slower; a few others really 4% faster (below the threshold)."""
     def truth(commit, bench, combo):
-        t = af.norm_truth(commit, bench, combo)
+        t = af.method_truth(commit, bench, combo)
         named = dict(zip(bench.param_names, combo))
         if commit == 1 and _is_planted(bench, combo):
             t *= slowdown
-        elif commit == 1 and named.get("norm") == "ln" and bench.type == "time":
+        elif commit == 1 and named.get(METHOD_PARAM) == "ln" and bench.type == "time":
             t /= small_shift
         return t
     return truth
@@ -88,21 +89,22 @@ def test_parse_param_reads_asv_reprs():
 
 
 def test_loader_on_synthetic_files(tmp_path, messages):
-    benches = af.norm_benches()
-    skipped = lambda b, c: dict(zip(b.param_names, c)).get("norm") == "bn" and c[1] == 1  # noqa: E731
-    hashes = af.write_asv_results(tmp_path, benches, af.norm_truth, commits=2, samples=7, skip=skipped)
+    benches = af.method_benches()
+    skipped = lambda b, c: dict(zip(b.param_names, c)).get(METHOD_PARAM) == "bn" and c[1] == 1  # noqa: E731
+    hashes = af.write_asv_results(tmp_path, benches, af.method_truth, commits=2, samples=7, skip=skipped)
     asv = load_asv_results(tmp_path, messages)
     assert list(messages) == []
     per_commit = sum(len(b.combos()) for b in benches)
     assert len(asv.results) == 2 * per_commit
     assert set(asv.results["commit"]) == set(hashes)
     assert default_pair(asv) == (hashes[0], hashes[1])
-    assert {"norm", "batch_size", "shape", "device", "dtype", "memory_format"} <= set(asv.param_names)
-    assert pd.api.types.is_integer_dtype(asv.results["batch_size"])
-    # Skipped combinations (NaN in the file) are marked, not dropped; the copy reference has no norm.
+    assert set(LAYER_PARAMS) == {"method", "group_size", "shape", "device", "dtype", "memory_format"}
+    assert set(LAYER_PARAMS) <= set(asv.param_names)
+    assert pd.api.types.is_integer_dtype(asv.results[GROUP_PARAM])
+    # Skipped combinations (NaN in the file) are marked, not dropped; the copy reference has no method.
     skipped_rows = asv.results[asv.results["status"] == "skipped"]
-    assert len(skipped_rows) == 2 * 3 * len(af.SHAPES)  # bn x batch 1 in 3 norm benchmarks, 2 commits
-    assert asv.results.loc[asv.results["benchmark"].str.contains("Copy"), "norm"].isna().all()
+    assert len(skipped_rows) == 2 * 3 * len(af.SHAPES)  # bn x group 1 in 3 method benchmarks, 2 commits
+    assert asv.results.loc[asv.results["benchmark"] == COPY_REFERENCE, METHOD_PARAM].isna().all()
     # Every value is the median of its recorded samples, which are all there.
     ok = asv.results[asv.results["status"] == "ok"]
     assert (ok["n_samples"] == 7).all() and len(asv.samples) == 7 * len(ok)
@@ -114,14 +116,14 @@ def test_loader_on_synthetic_files(tmp_path, messages):
 
 def test_synthetic_files_are_valid_for_asv_itself(tmp_path):
     asv_results = pytest.importorskip("asv.results")
-    af.write_asv_results(tmp_path, af.norm_benches(), af.norm_truth, commits=1, samples=5)
+    af.write_asv_results(tmp_path, af.method_benches(), af.method_truth, commits=1, samples=5)
     path = next((tmp_path / af.MACHINE).glob("*-*.json"))
     loaded = asv_results.Results.load(str(path), machine_name=af.MACHINE)
     name = "layers.TimeNorm.time_forward"
     params = loaded.get_result_params(name)
     ours = load_asv_results(tmp_path, Messages(echo=False)).results
     ours = ours[ours["benchmark"] == name].set_index("param_key")["value"]
-    names = af.norm_benches()[0].param_names
+    names = af.method_benches()[0].param_names
     keys = [", ".join(f"{n}={parse_param(v)}" for n, v in zip(names, combo))
             for combo in itertools.product(*params)]
     np.testing.assert_allclose(loaded.get_result_value(name, params), ours.loc[keys].to_numpy(), rtol=1e-15)
@@ -132,14 +134,14 @@ def test_loader_on_files_written_by_asv(tmp_path, messages):
     asv = load_asv_results(TOY, messages)
     assert list(messages) == []
     r = asv.results
-    assert sorted(r["commit"].str[:8].unique()) == ["0075de51", "b58f0787"]
+    assert sorted(r["commit"].str[:8].unique()) == ["164b28e7", "29efbd4b"]
     assert set(r["type"]) == {"time", "peakmemory", "track"}
     fwd = r[(r["benchmark"] == "bench_x.TimeNorm.time_forward")]
-    assert set(fwd["norm"]) == {"bn", "gn"} and set(fwd["batch_size"]) == {1, 2}
-    skipped = fwd[(fwd["norm"] == "gn") & (fwd["batch_size"] == 2)]
+    assert set(fwd[METHOD_PARAM]) == {"bn", "gn"} and set(fwd[GROUP_PARAM]) == {1, 2}
+    skipped = fwd[(fwd[METHOD_PARAM] == "gn") & (fwd[GROUP_PARAM] == 2)]
     assert (skipped["status"] == "skipped").all() and skipped["value"].isna().all()
-    quick = fwd[(fwd["commit"].str.startswith("b58f0787")) & (fwd["status"] == "ok")]
-    full = fwd[(fwd["commit"].str.startswith("0075de51")) & (fwd["status"] == "ok")]
+    quick = fwd[(fwd["commit"].str.startswith("164b28e7")) & (fwd["status"] == "ok")]
+    full = fwd[(fwd["commit"].str.startswith("29efbd4b")) & (fwd["status"] == "ok")]
     assert (quick["n_samples"] == 1).all() and (full["n_samples"] == 12).all()
     assert np.isinf(quick["ci_99_a"]).all()
     track = r[r["benchmark"] == "bench_x.track_thing"]
@@ -151,7 +153,7 @@ def test_loader_on_files_written_by_asv(tmp_path, messages):
 
 
 def test_corrupt_and_truncated_files_are_named_and_the_rest_loads(tmp_path, messages):
-    hashes = af.write_asv_results(tmp_path, af.norm_benches(), af.norm_truth, commits=3, samples=5)
+    hashes = af.write_asv_results(tmp_path, af.method_benches(), af.method_truth, commits=3, samples=5)
     victim = next((tmp_path / af.MACHINE).glob(f"{hashes[1][:8]}-*.json"))
     victim.write_text(victim.read_text()[:500])  # truncated mid-file
     (tmp_path / "benchmarks.json").write_text("{not json")  # parameter names are then unknown
@@ -163,7 +165,7 @@ def test_corrupt_and_truncated_files_are_named_and_the_rest_loads(tmp_path, mess
     assert str(wrong) in text and "version 1" in text
     assert str(tmp_path / "benchmarks.json") in text
     assert set(asv.results["commit"]) == {hashes[0], hashes[2]}
-    assert {"param1", "param6"} <= set(asv.param_names) and "norm" not in asv.param_names
+    assert {"param1", "param6"} <= set(asv.param_names) and METHOD_PARAM not in asv.param_names
 
 
 def test_missing_results_folder_gives_empty_frames(tmp_path, messages):
@@ -182,22 +184,24 @@ NOISE = {"samples": 20, "sigma": 0.03, "outliers": 0.05}
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_planted_slowdown_is_the_only_regression(tmp_path, messages, seed):
-    benches = af.norm_benches(("contiguous", "channels_last"))
+    benches = af.method_benches(("contiguous", "channels_last"))
     hashes = af.write_asv_results(tmp_path, benches, planted_truth(), commits=2, seed=seed, **NOISE)
     asv = load_asv_results(tmp_path, messages)
     table = verdicts(asv, *hashes, threshold=0.10)
     flagged = table[table["verdict"] == "regression"]
     planted = table["benchmark"].str.endswith(".time_forward") & table["param_key"].str.contains(
-        "norm=gn, batch_size=4, shape=512x7x7"
+        f"{METHOD_PARAM}=gn, {GROUP_PARAM}=4, shape=512x7x7"
     )
     assert planted.sum() == 2  # contiguous and channels_last
     assert set(flagged.index) == set(table[planted].index)
     assert (
         flagged["significant"].all() and (flagged["ratio"] > 1.15).all() and (flagged["ratio"] < 1.45).all()
     )
-    assert (flagged["p_value"] < 0.002).all() and flagged["method"].str.startswith("mann-whitney").all()
+    assert (flagged["p_value"] < 0.002).all() and flagged["test"].str.startswith("mann-whitney").all()
+    # The parameter columns survive next to the verdict's own (a parameter is called "method").
+    assert (flagged[METHOD_PARAM] == "gn").all() and (flagged[GROUP_PARAM] == 4).all()
     # The real 4% speed-up of ln stays below the threshold: not flagged, whatever its significance.
-    ln = table[(table["norm"] == "ln") & (table["type"] == "time")]
+    ln = table[(table[METHOD_PARAM] == "ln") & (table["type"] == "time")]
     assert ln["ratio"].median() == pytest.approx(1 / 1.04, rel=0.02) and not ln["verdict"].isin(FLAGGED).any()
     # Elsewhere only noise: a median that outliers moved past the threshold is "not significant", not flagged.
     assert table["verdict"].isin(["regression", "unchanged", "not significant"]).all()
@@ -205,9 +209,9 @@ def test_planted_slowdown_is_the_only_regression(tmp_path, messages, seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_identical_distributions_flag_nothing(tmp_path, messages, seed):
-    same = lambda commit, bench, combo: af.norm_truth(0, bench, combo)  # noqa: E731
+    same = lambda commit, bench, combo: af.method_truth(0, bench, combo)  # noqa: E731
     hashes = af.write_asv_results(
-        tmp_path, af.norm_benches(("contiguous", "channels_last")), same, commits=2, seed=seed, **NOISE
+        tmp_path, af.method_benches(("contiguous", "channels_last")), same, commits=2, seed=seed, **NOISE
     )
     table = verdicts(load_asv_results(tmp_path, messages), *hashes)
     assert len(table) > 200
@@ -217,7 +221,7 @@ def test_identical_distributions_flag_nothing(tmp_path, messages, seed):
 
 
 def test_large_ratio_with_overlapping_samples_is_not_significant(tmp_path, messages):
-    benches = [af.Bench("x.time_noisy", ["norm"], [["bn"]])]
+    benches = [af.Bench("x.time_noisy", [METHOD_PARAM], [["bn"]])]
     spread = lambda rng, true, n: true * np.linspace(0.5, 1.5, n)  # noqa: E731 - wide, overlapping samples
     hashes = af.write_asv_results(
         tmp_path, benches, lambda c, b, combo: 1e-3 * (1.15 if c else 1.0), commits=2, samples=8, draw=spread
@@ -230,17 +234,17 @@ def test_large_ratio_with_overlapping_samples_is_not_significant(tmp_path, messa
 
 def test_single_samples_are_reported_untested_not_regressions(tmp_path, messages):
     hashes = af.write_asv_results(
-        tmp_path, af.norm_benches(), planted_truth(), commits=2, samples=1, sigma=0.0, outliers=0.0
+        tmp_path, af.method_benches(), planted_truth(), commits=2, samples=1, sigma=0.0, outliers=0.0
     )
     table = verdicts(load_asv_results(tmp_path, messages), *hashes)
     assert (table["verdict"] == "slower (untested)").sum() == 1
     assert not (table["verdict"] == "regression").any()
-    assert table["significant"].isna().all() and (table["method"] == "none (too few samples)").all()
+    assert table["significant"].isna().all() and (table["test"] == "none (too few samples)").all()
 
 
 def test_without_samples_the_confidence_intervals_decide(tmp_path, messages):
     hashes = af.write_asv_results(
-        tmp_path, af.norm_benches(), planted_truth(), commits=2, samples=40, sigma=0.01, outliers=0.0
+        tmp_path, af.method_benches(), planted_truth(), commits=2, samples=40, sigma=0.01, outliers=0.0
     )
     for path in (tmp_path / af.MACHINE).glob("*-*.json"):  # as if run without --record-samples
         data = json.loads(path.read_text())
@@ -251,11 +255,11 @@ def test_without_samples_the_confidence_intervals_decide(tmp_path, messages):
     assert asv.samples.empty
     table = verdicts(asv, *hashes)
     flagged = table[table["verdict"] == "regression"]
-    assert len(flagged) == 1 and flagged["method"].iloc[0] == "99% CI overlap"
+    assert len(flagged) == 1 and flagged["test"].iloc[0] == "99% CI overlap"
 
 
 def test_failures_new_and_changed_benchmarks(tmp_path, messages):
-    benches = [af.Bench("x.time_a", ["norm"], [["bn", "gn"]]), af.Bench("x.time_b", [], [])]
+    benches = [af.Bench("x.time_a", [METHOD_PARAM], [["bn", "gn"]]), af.Bench("x.time_b", [], [])]
 
     def truth(commit, bench, combo):
         return None if (commit == 1 and combo == ("gn",)) else 1e-3
@@ -267,8 +271,9 @@ def test_failures_new_and_changed_benchmarks(tmp_path, messages):
     data["results"]["x.time_new"] = data["results"]["x.time_b"]
     head_file.write_text(json.dumps(data))
     table = verdicts(load_asv_results(tmp_path, messages), *hashes).set_index(["benchmark", "param_key"])
-    assert table.loc[("x.time_a", "norm=gn"), "verdict"] == "failed"
-    assert table.loc[("x.time_a", "norm=bn"), "verdict"] == "unchanged"
+    assert table.loc[("x.time_a", f"{METHOD_PARAM}=gn"), "verdict"] == "failed"
+    assert table.loc[("x.time_a", f"{METHOD_PARAM}=bn"), "verdict"] == "unchanged"
+    assert table.loc[("x.time_a", f"{METHOD_PARAM}=gn"), METHOD_PARAM] == "gn"
     assert table.loc[("x.time_b", ""), "verdict"] == "benchmark changed"
     assert table.loc[("x.time_new", ""), "verdict"] == "new"
     with pytest.raises(ValueError, match="threshold"):
@@ -276,7 +281,7 @@ def test_failures_new_and_changed_benchmarks(tmp_path, messages):
 
 
 def test_trends_and_commit_resolution(tmp_path, messages):
-    hashes = af.write_asv_results(tmp_path, af.norm_benches(), af.norm_truth, commits=3, samples=3)
+    hashes = af.write_asv_results(tmp_path, af.method_benches(), af.method_truth, commits=3, samples=3)
     asv = load_asv_results(tmp_path, messages)
     t = trends(asv)
     assert list(t.groupby("commit")["order"].first().sort_values().index) == hashes
@@ -322,7 +327,7 @@ def _run(tmp_path, *args) -> tuple[int, str, pathlib.Path]:
 
 
 def test_report_end_to_end(tmp_path, capsys):
-    af.write_asv_results(tmp_path / "asv", af.norm_benches(), planted_truth(), commits=2, samples=10, seed=5)
+    af.write_asv_results(tmp_path / "asv", af.method_benches(), planted_truth(), commits=2, samples=10, seed=5)
     af.write_probes(tmp_path / "results")
     code, html, out = _run(tmp_path)
     assert code == 0
@@ -347,8 +352,15 @@ def test_report_end_to_end(tmp_path, capsys):
     saved = pd.read_csv(data / "regressions_verdicts.csv")
     assert (saved["verdict"] == "regression").sum() == 1
     ratio = pd.read_csv(data / "timing_ratio_to_bn.csv")
-    bkn = ratio[ratio["norm"] == "bkn-official"]["ratio_to_bn"]
+    bkn = ratio[ratio[METHOD_PARAM] == "bkn-official"]["ratio_to_bn"]
     assert bkn.median() == pytest.approx(1.5, rel=0.1)  # synthetic truth: 4.5 / 3.0 (plus the fixed 2 us)
+    # The copy reference (found by its name, bkn.results.COPY_REFERENCE) pairs with every forward time:
+    # synthetic truth 1 / 3 for bn (the copy is 1e-9 s per element, bn 3e-9, both plus 2 us).
+    fraction = pd.read_csv(data / "timing_copy_fraction.csv")
+    forward_bn = fraction[(fraction["benchmark"] == "layers.TimeNorm.time_forward") & (fraction[METHOD_PARAM] == "bn")]
+    assert len(forward_bn) == len(af.GROUP_SIZES) * len(af.SHAPES)
+    assert forward_bn["fraction_of_copy"].median() == pytest.approx(1 / 3, rel=0.1)
+    assert "time vs group size, one line per method" in html
     assert not list(out.parent.glob(".*.tmp"))  # no temporary files left behind
 
     # --fail-on-regression turns the planted slowdown into a failing exit status; the page is still written.
@@ -357,9 +369,20 @@ def test_report_end_to_end(tmp_path, capsys):
     assert code == 1 and "1 significant regression</span>" in html
 
 
+def test_copy_reference_is_found_by_its_name_only(tmp_path):
+    # A timed benchmark with the copy's parameters but another name is not the bandwidth reference.
+    benches = af.method_benches()
+    benches[-1] = af.Bench("elsewhere.TimeCopy.time_copy", benches[-1].param_names, benches[-1].params)
+    af.write_asv_results(tmp_path / "asv", benches, af.method_truth, commits=1, samples=3)
+    code, html, out = _run(tmp_path, "--sections", "timing")
+    assert code == 0 and f"No copy-bandwidth reference (<code>{COPY_REFERENCE}</code>" in html
+    names = {p.name for p in (out.parent / "report_data").glob("*.csv")}
+    assert "timing_ratio_to_bn.csv" in names and "timing_copy_fraction.csv" not in names
+
+
 def test_fail_on_regression_passes_when_nothing_regressed(tmp_path):
-    same = lambda commit, bench, combo: af.norm_truth(0, bench, combo)  # noqa: E731
-    af.write_asv_results(tmp_path / "asv", af.norm_benches(), same, commits=2, samples=10)
+    same = lambda commit, bench, combo: af.method_truth(0, bench, combo)  # noqa: E731
+    af.write_asv_results(tmp_path / "asv", af.method_benches(), same, commits=2, samples=10)
     code, html, _ = _run(tmp_path, "--fail-on-regression", "--sections", "regressions")
     assert code == 0 and "0 significant regressions</span>" in html
 
@@ -374,7 +397,7 @@ def test_missing_inputs_say_which_command_produces_them(tmp_path):
     _check_self_contained(html)
 
     # One commit only: the regression section asks for a second one; the timing section is built.
-    af.write_asv_results(tmp_path / "asv", af.norm_benches(), af.norm_truth, commits=1, samples=3)
+    af.write_asv_results(tmp_path / "asv", af.method_benches(), af.method_truth, commits=1, samples=3)
     code, html, _ = _run(tmp_path, "--sections", "timing,regressions", "--fail-on-regression")
     assert code == 0
     assert "asv results for a second commit" in html and "<h2>Timing</h2>" in html
@@ -382,7 +405,7 @@ def test_missing_inputs_say_which_command_produces_them(tmp_path):
 
 
 def test_corrupt_inputs_are_reported_in_the_page(tmp_path):
-    hashes = af.write_asv_results(tmp_path / "asv", af.norm_benches(), af.norm_truth, commits=3, samples=5)
+    hashes = af.write_asv_results(tmp_path / "asv", af.method_benches(), af.method_truth, commits=3, samples=5)
     victim = next((tmp_path / "asv" / af.MACHINE).glob(f"{hashes[2][:8]}-*.json"))
     victim.write_bytes(victim.read_bytes()[:-200])
     af.write_probes(tmp_path / "results")
@@ -399,7 +422,7 @@ def test_corrupt_inputs_are_reported_in_the_page(tmp_path):
 
 
 def test_base_and_head_options(tmp_path):
-    hashes = af.write_asv_results(tmp_path / "asv", af.norm_benches(), planted_truth(), commits=3, samples=10)
+    hashes = af.write_asv_results(tmp_path / "asv", af.method_benches(), planted_truth(), commits=3, samples=10)
     # Commit 1 carries the slowdown, commit 2 is back to normal (the fixture plants it at index 1 only).
     code, html, _ = _run(
         tmp_path,

@@ -36,7 +36,7 @@ def test_importing_the_report_builder_does_not_import_torch():
 
 
 def test_building_a_report_from_result_files_does_not_import_torch(tmp_path):
-    af.write_asv_results(tmp_path / "asv", af.norm_benches(), af.norm_truth, commits=2, samples=5)
+    af.write_asv_results(tmp_path / "asv", af.method_benches(), af.method_truth, commits=2, samples=5)
     af.write_probes(tmp_path / "results")
     out = tmp_path / "report.html"
     run = _python(

@@ -1,10 +1,13 @@
 """What every section shares: its inputs, the Section container, formatting helpers."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
 
 import pandas as pd
+
+from bkn.results import DEFAULT_VARIANT, VARIANT_PARAMS  # torch-free: the asv vocabulary the suites declare
 
 from ..asv_results import AsvResults
 from ..messages import Messages
@@ -13,12 +16,10 @@ from ..regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 
 SECTIONS = ["env", "timing", "regressions", "drift", "training"]
 MAX_TABLE_ROWS = 400  # longer tables are cut in the page (the saved CSV has every row)
-NORM_PARAMS = ["norm", "batch_size"]
-VARIANT_PARAMS = ["dtype", "memory_format"]
-MATCH_PARAMS = ["batch_size", "shape", "device", "dtype", "memory_format"]  # what pairs a norm with its copy
-DEFAULT_VARIANT = {"dtype": "float32", "memory_format": "contiguous"}
-BENCH_COMMANDS = ("`nox -s bench` (a quick run of the working tree) or `asv run` (commits tracked over time; "
-                  "add `--record-samples` so changes can be tested for significance)")
+BENCH_COMMANDS = (
+    "`nox -s bench` (a quick run of the working tree) or `asv run` (commits tracked over time; "
+    "add `--record-samples` so changes can be tested for significance)"
+)
 
 
 @dataclasses.dataclass
@@ -56,13 +57,26 @@ class Section:
     def figure(self, src: str, caption: str) -> None:
         self.blocks.append({"kind": "figure", "src": src, "caption": caption})
 
-    def table(self, frame: pd.DataFrame, caption: str, collapsed: bool = False, index: bool = False,
-              max_rows: int = MAX_TABLE_ROWS) -> None:
+    def table(
+        self,
+        frame: pd.DataFrame,
+        caption: str,
+        collapsed: bool = False,
+        index: bool = False,
+        max_rows: int = MAX_TABLE_ROWS,
+    ) -> None:
         if len(frame) > max_rows:  # the page stays light; every row is in the saved data
             caption += f" First {max_rows} of {len(frame)} rows; all of them in the saved data."
         html = frame.head(max_rows).to_html(index=index, escape=True, na_rep="–", border=0, classes="data")
-        self.blocks.append({"kind": "table", "html": html, "caption": caption, "collapsed": collapsed,
-                            "rows": min(len(frame), max_rows)})
+        self.blocks.append(
+            {
+                "kind": "table",
+                "html": html,
+                "caption": caption,
+                "collapsed": collapsed,
+                "rows": min(len(frame), max_rows),
+            }
+        )
 
     def missing(self, what: str, command: str) -> None:
         self.status = "missing" if self.status == "ok" else self.status
@@ -134,5 +148,3 @@ def provenance(probe: ProbeResults) -> str:
     if "duration_s" in meta:
         parts.append(f"took {float(meta['duration_s']):.0f} s")
     return f"From {probe.path} ({'; '.join(parts) or 'no environment recorded'})."
-
-

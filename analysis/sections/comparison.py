@@ -1,4 +1,5 @@
 """Regressions section: verdicts between the baseline and head commits, trends of the flagged benchmarks."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -8,7 +9,8 @@ from ..regressions import FLAGGED, default_pair, resolve_commit, trends, verdict
 from .base import BENCH_COMMANDS, MAX_TABLE_ROWS, Inputs, Section, human, short_commit
 
 
-def _verdict_table(frame: pd.DataFrame, param_names: list[str]) -> list[dict]:
+def _verdict_table(frame: pd.DataFrame) -> list[dict]:
+    """Rows for the template's verdict table (its "test" column reads the key ``method``)."""
     records = []
     for _, r in frame.iterrows():
         records.append(
@@ -21,11 +23,66 @@ def _verdict_table(frame: pd.DataFrame, param_names: list[str]) -> list[dict]:
                 "ratio": "–" if pd.isna(r["ratio"]) else f"{r['ratio']:.3f}",
                 "p": "–" if pd.isna(r["p_value"]) else f"{r['p_value']:.2g}",
                 "significant": "–" if pd.isna(r["significant"]) else ("yes" if r["significant"] else "no"),
-                "method": r["method"],
+                "method": r["test"],
                 "verdict": r["verdict"],
             }
         )
     return records
+
+
+def _pair(inputs: Inputs) -> tuple[str, str] | None:
+    """(base, head) from --base/--head, or the two latest commits; None with a single commit.
+
+    ValueError when the options name no commit with results, or the same one twice.
+    """
+    commits = inputs.asv.commits()["commit"].tolist()
+    if not (inputs.base or inputs.head):
+        return default_pair(inputs.asv)
+    head = resolve_commit(inputs.head, commits, inputs.repo) if inputs.head else commits[-1]
+    if inputs.base:
+        base = resolve_commit(inputs.base, commits, inputs.repo)
+    else:
+        before = commits[: commits.index(head)]
+        if not before:
+            raise ValueError(f"no commit with results before the head {short_commit(head)}; give --base explicitly")
+        base = before[-1]
+    if base == head:
+        raise ValueError(f"--base and --head name the same commit {short_commit(base)}")
+    return base, head
+
+
+def _verdict_blocks(section: Section, table: pd.DataFrame) -> None:
+    """The verdict tables: the notable ones open, all of them collapsed (both cut at MAX_TABLE_ROWS)."""
+    notable = table[~table["verdict"].isin(["unchanged", "skipped"])]
+    if not notable.empty:
+        more = (
+            f" First {MAX_TABLE_ROWS} of {len(notable)}; all in regressions_verdicts.csv."
+            if len(notable) > MAX_TABLE_ROWS
+            else ""
+        )
+        section.blocks.append(
+            {
+                "kind": "verdicts",
+                "rows": _verdict_table(notable.head(MAX_TABLE_ROWS)),
+                "collapsed": False,
+                "caption": "Every benchmark whose verdict is not 'unchanged', worst first." + more,
+            }
+        )
+    else:
+        section.text("No benchmark changed beyond the threshold.")
+    section.blocks.append(
+        {
+            "kind": "verdicts",
+            "rows": _verdict_table(table.head(MAX_TABLE_ROWS)),
+            "collapsed": True,
+            "caption": f"All {len(table)} comparisons"
+            + (
+                f" (first {MAX_TABLE_ROWS} here; all in regressions_verdicts.csv)."
+                if len(table) > MAX_TABLE_ROWS
+                else "."
+            ),
+        }
+    )
 
 
 def build_regressions(inputs: Inputs) -> Section:
@@ -35,37 +92,21 @@ def build_regressions(inputs: Inputs) -> Section:
     if asv.empty:
         section.missing(f"asv results: nothing readable under {asv.root}", BENCH_COMMANDS)
         return section
-    commits = asv.commits()["commit"].tolist()
     try:
-        if inputs.base or inputs.head:
-            head = resolve_commit(inputs.head, commits, inputs.repo) if inputs.head else commits[-1]
-            if inputs.base:
-                base = resolve_commit(inputs.base, commits, inputs.repo)
-            else:
-                before = commits[: commits.index(head)]
-                if not before:
-                    raise ValueError(
-                        f"no commit with results before the head {short_commit(head)}; give --base explicitly"
-                    )
-                base = before[-1]
-            if base == head:
-                raise ValueError(f"--base and --head name the same commit {short_commit(base)}")
-        else:
-            pair = default_pair(asv)
-            if pair is None:
-                section.missing(
-                    f"asv results for a second commit (only {short_commit(commits[0])} has results under "
-                    f"{asv.root})",
-                    "`asv run --record-samples HEAD~1^!` (measure another commit), then "
-                    "`nox -s report -- --base HEAD~1 --head HEAD`",
-                )
-                return section
-            base, head = pair
+        pair = _pair(inputs)
     except ValueError as exc:
         inputs.errors.append(str(exc))
         section.error(f"Cannot compare: {exc}")
         return section
-
+    if pair is None:
+        commits = asv.commits()["commit"].tolist()
+        section.missing(
+            f"asv results for a second commit (only {short_commit(commits[0])} has results under {asv.root})",
+            "`asv run --record-samples HEAD~1^!` (measure another commit), then "
+            "`nox -s report -- --base HEAD~1 --head HEAD`",
+        )
+        return section
+    base, head = pair
     table = verdicts(asv, base, head, inputs.threshold, inputs.alpha)
     section.data["verdicts"] = table
     trend = trends(asv)
@@ -77,11 +118,7 @@ def build_regressions(inputs: Inputs) -> Section:
         f"{short_commit(base)} → {short_commit(head)}: {inputs.regressions_found} significant "
         f"regression(s), {int(counts.get('improvement', 0))} improvement(s), "
         f"{int(counts.get('failed', 0))} failure(s)"
-        + (
-            f", {untested} change(s) beyond the threshold that could not be tested (single samples)"
-            if untested
-            else ""
-        )
+        + (f", {untested} change(s) beyond the threshold that could not be tested (single samples)" if untested else "")
     )
     section.text(
         f"Baseline {short_commit(base)} vs head {short_commit(head)}: {len(table)} benchmark × parameter "
@@ -100,30 +137,7 @@ def build_regressions(inputs: Inputs) -> Section:
             "improvements": int(counts.get("improvement", 0)),
         }
     )
-    notable = table[~table["verdict"].isin(["unchanged", "skipped"])]
-    if not notable.empty:
-        more = (f" First {MAX_TABLE_ROWS} of {len(notable)}; all in regressions_verdicts.csv."
-                if len(notable) > MAX_TABLE_ROWS else "")
-        section.blocks.append(
-            {
-                "kind": "verdicts",
-                "rows": _verdict_table(notable.head(MAX_TABLE_ROWS), asv.param_names),
-                "collapsed": False,
-                "caption": "Every benchmark whose verdict is not 'unchanged', worst first." + more,
-            }
-        )
-    else:
-        section.text("No benchmark changed beyond the threshold.")
-    section.blocks.append(
-        {
-            "kind": "verdicts",
-            "rows": _verdict_table(table.head(MAX_TABLE_ROWS), asv.param_names),
-            "collapsed": True,
-            "caption": f"All {len(table)} comparisons"
-            + (f" (first {MAX_TABLE_ROWS} here; all in regressions_verdicts.csv)."
-               if len(table) > MAX_TABLE_ROWS else "."),
-        }
-    )
+    _verdict_blocks(section, table)
 
     flagged = table[table["verdict"].isin(FLAGGED)]
     if not flagged.empty:
@@ -138,5 +152,3 @@ def build_regressions(inputs: Inputs) -> Section:
             f"{len(keys)} flagged shown.",
         )
     return section
-
-

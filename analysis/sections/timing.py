@@ -1,16 +1,21 @@
-"""Timing section: time and memory vs batch size per norm and device; ratio to BN; copy-bandwidth fraction."""
+"""Timing section: time and memory vs group size per method and device; ratio to BN; copy-bandwidth fraction.
+
+Parameter names are the asv vocabulary of :mod:`bkn.results` (``method``, ``group_size``,
+the tensor parameters, the variant axes), the same constants the suites declare; the
+copy-bandwidth reference is the benchmark named :data:`bkn.results.COPY_REFERENCE`.
+"""
+
 from __future__ import annotations
 
 import pandas as pd
+
+from bkn.results import COPY_REFERENCE, GROUP_PARAM, METHOD_PARAM, TENSOR_PARAMS, VARIANT_PARAMS
 
 from .. import plots
 from ..asv_results import AsvResults, parse_param
 from ..regressions import resolve_commit
 from .base import (
     BENCH_COMMANDS,
-    MATCH_PARAMS,
-    NORM_PARAMS,
-    VARIANT_PARAMS,
     Inputs,
     Section,
     default_variant,
@@ -19,6 +24,10 @@ from .base import (
     present_columns,
     short_commit,
 )
+
+BASELINE = "bn"  # the method every time is divided by in the ratio figure
+GROUP_LABEL = "group size"  # axis label of GROUP_PARAM
+TYPE_ORDER = {"time": 0, "peakmemory": 1, "memory": 2, "track": 3}
 
 
 def _declared_order(frame: pd.DataFrame, asv: AsvResults, benchmark: str, columns: list[str]) -> pd.DataFrame:
@@ -66,29 +75,166 @@ def _where(frame: pd.DataFrame) -> pd.Series:
     return frame["machine"].astype(str)
 
 
-def _copy_reference(rows: pd.DataFrame, param_names: list[str]) -> pd.DataFrame:
-    """Time of the tensor-copy reference benchmark(s): timed, with batch_size and shape, without norm."""
-    if "batch_size" not in rows.columns or "shape" not in rows.columns:
+def _copy_reference(rows: pd.DataFrame) -> pd.DataFrame:
+    """Timed rows of the copy-bandwidth reference (:data:`bkn.results.COPY_REFERENCE`) with every tensor parameter."""
+    if any(c not in rows.columns for c in TENSOR_PARAMS):
         return rows.iloc[0:0]
-    has_norm = rows["norm"].notna() if "norm" in rows.columns else pd.Series(False, index=rows.index)
-    copies = rows[(rows["type"] == "time") & ~has_norm & rows["batch_size"].notna() & rows["shape"].notna()]
-    if copies.empty:
-        return copies
-    named = copies[copies["benchmark"].str.contains("copy|bandwidth", case=False, regex=True)]
-    copies = named if not named.empty else copies
-    first = sorted(copies["benchmark"].unique())[0]  # one reference per report, named in the caption
-    return copies[copies["benchmark"] == first]
+    copies = rows[(rows["benchmark"] == COPY_REFERENCE) & (rows["type"] == "time")]
+    return copies[copies[list(TENSOR_PARAMS)].notna().all(axis=1)]
 
 
 def _timing_table(frame: pd.DataFrame, index: list[str], unit: str) -> pd.DataFrame:
-    table = frame.pivot_table(index=index, columns="batch_size", values="value", aggfunc="median")
+    table = frame.pivot_table(index=index, columns=GROUP_PARAM, values="value", aggfunc="median")
     table = table.map(lambda v: human(v, unit))
-    table.columns = [f"batch {c}" for c in table.columns]
+    table.columns = [f"{GROUP_LABEL} {c}" for c in table.columns]
     return table.reset_index()
 
 
+def _main_figure(section: Section, benchmark: str, kind: str, unit: str, main, where, device, variant_note) -> None:
+    """The benchmark's value vs group size, one line per method, at the default variant."""
+    factor, shown_unit = plots.display_scale(main["value"], unit)
+    ylabel = {"seconds": "time", "bytes": "memory"}.get(unit, "value") + f" ({shown_unit})"
+    section.figure(
+        plots.lines_vs(
+            main.assign(scaled=main["value"] * factor),
+            GROUP_PARAM,
+            "scaled",
+            hue=METHOD_PARAM,
+            col="panel",
+            xlabel=GROUP_LABEL,
+            ylabel=ylabel,
+            title=f"{benchmark} on {where}, device {device}{variant_note}",
+            errorbar=None,
+        ),
+        f"{benchmark}: {kind} vs group size, one line per method, device {device}, {where}{variant_note}.",
+    )
+
+
+def _variant_figure(section: Section, benchmark: str, kind: str, sub, main, other: list[str], device) -> None:
+    """Every other dtype/memory format relative to the default variant (same method, group size, shape)."""
+    others = sub[sub["variant"] != main["variant"].iloc[0]]
+    if others.empty:
+        return
+    keys = ["where", METHOD_PARAM, GROUP_PARAM, *other]
+    relative = others.merge(main[keys + ["value"]].rename(columns={"value": "reference"}), on=keys)
+    if relative.empty:
+        return
+    relative = relative.assign(relative=relative["value"] / relative["reference"])
+    section.figure(
+        plots.lines_vs(
+            relative,
+            GROUP_PARAM,
+            "relative",
+            hue=METHOD_PARAM,
+            col="panel",
+            style="variant",
+            xlabel=GROUP_LABEL,
+            ylabel=f"{kind} / {kind} at {main['variant'].iloc[0]}",
+            title=f"{benchmark}: other dtypes and memory formats, device {device}",
+            errorbar=None,
+            reference=1.0,
+        ),
+        f"Each other dtype/memory format relative to {main['variant'].iloc[0]} "
+        "(same method, group size and shape; below the dashed line = faster).",
+    )
+
+
+def _same_tensors(frame: pd.DataFrame, other: list[str]) -> list[str]:
+    """Columns that pair two rows measured on the same tensors: every parameter but the method (and device,
+    which is fixed per figure), plus the machine."""
+    return [c for c in dict.fromkeys(("where", *TENSOR_PARAMS, *other)) if c in frame.columns and c != "device"]
+
+
+def _ratio_figure(section: Section, benchmark: str, sub, other: list[str], device) -> pd.DataFrame | None:
+    """Each method's time over the baseline's (BN) on the same tensors, as heatmaps; the ratios."""
+    if not (sub[METHOD_PARAM] == BASELINE).any():
+        return None
+    match = _same_tensors(sub, other)
+    baseline = sub[sub[METHOD_PARAM] == BASELINE][match + ["value"]].rename(columns={"value": BASELINE})
+    ratio = sub.merge(baseline, on=match, how="inner")
+    if ratio.empty:
+        return None
+    ratio = ratio.assign(ratio_to_bn=ratio["value"] / ratio[BASELINE], device=device)
+    shown, variant = default_variant(ratio)
+    section.figure(
+        plots.ratio_heatmaps(
+            shown.rename(columns={GROUP_PARAM: GROUP_LABEL}),  # the heatmap labels its axes by column name
+            value="ratio_to_bn",
+            row=METHOD_PARAM,
+            column=GROUP_LABEL,
+            facet="panel",
+            label=variant,
+            title=f"{benchmark}: time / time of BN, device {device}",
+        ),
+        "Ratio of each method's time to BatchNorm's at the same group size and shape "
+        "(1 = as fast as BN; red slower, blue faster).",
+    )
+    return ratio
+
+
+def _fraction_figure(section: Section, benchmark: str, sub, copies, device) -> pd.DataFrame | None:
+    """Copy time over each method's time on the same tensors: the fraction of memory bandwidth reached."""
+    match = [c for c in ("where", *TENSOR_PARAMS) if c in sub.columns and c in copies.columns]
+    reference = copies.assign(where=_where(copies))[match + ["value"]].rename(columns={"value": "copy_time"})
+    frac = sub.merge(reference, on=match, how="inner")
+    if frac.empty:
+        return None
+    frac = frac.assign(fraction_of_copy=frac["copy_time"] / frac["value"], device=device)
+    shown, variant = default_variant(frac)
+    section.figure(
+        plots.lines_vs(
+            shown,
+            GROUP_PARAM,
+            "fraction_of_copy",
+            hue=METHOD_PARAM,
+            col="panel",
+            xlabel=GROUP_LABEL,
+            ylabel="copy time / method time",
+            logy=False,
+            errorbar=None,
+            reference=1.0,
+            title=f"{benchmark}: fraction of copy bandwidth, device {device}" + (f" ({variant})" if variant else ""),
+        ),
+        f"Time of a tensor copy of the same size ({COPY_REFERENCE}) divided by the method's time: the "
+        "fraction of the memory bandwidth the layer achieves if it moved the data once (1 = as fast as a "
+        "copy; other dtypes and memory formats in the saved data).",
+    )
+    return frac
+
+
+def _benchmark_part(section: Section, asv: AsvResults, benchmark: str, bench_rows, copies, found: dict) -> None:
+    """Figures (per machine and device) and the table of one benchmark with a method and a group size."""
+    unit, kind = bench_rows["unit"].iloc[0], bench_rows["type"].iloc[0]
+    section.heading(benchmark)
+    fixed = (METHOD_PARAM, GROUP_PARAM, "device", *VARIANT_PARAMS)
+    other = [c for c in asv.param_names if c not in fixed and c in bench_rows.columns and bench_rows[c].notna().any()]
+    variant_cols = present_columns(bench_rows, list(VARIANT_PARAMS))
+    devices = bench_rows["device"].astype(object).fillna("-") if "device" in bench_rows.columns else "-"
+    bench_rows = bench_rows.assign(device=devices)
+    for (where, device), sub in bench_rows.groupby(["where", "device"], sort=True):
+        sub = _declared_order(sub, asv, benchmark, [*other, GROUP_PARAM])
+        sub = sub.assign(
+            panel=label_rows(sub, other) if other else benchmark.rsplit(".", 1)[-1],
+            variant=label_rows(sub, variant_cols),
+        )
+        main, variant = default_variant(sub)
+        _main_figure(section, benchmark, kind, unit, main, where, device, f" ({variant})" if variant else "")
+        if variant:
+            _variant_figure(section, benchmark, kind, sub, main, other, device)
+        if kind == "time":
+            found["ratio_to_bn"].append(_ratio_figure(section, benchmark, sub, other, device))
+            if not copies.empty:
+                found["copy_fraction"].append(_fraction_figure(section, benchmark, sub, copies, device))
+    index = [
+        c
+        for c in ("where", "device", *variant_cols, *other, METHOD_PARAM)
+        if c in bench_rows.columns and bench_rows[c].notna().any()
+    ]
+    section.table(_timing_table(bench_rows, index, unit), f"{benchmark}: {kind} by group size.", collapsed=True)
+
+
 def build_timing(inputs: Inputs) -> Section:
-    """Time (and memory) vs batch size per norm and device; ratio to BN; fraction of copy bandwidth."""
+    """Time (and memory) vs group size per method and device; ratio to BN; fraction of copy bandwidth."""
     section = Section("timing", "Timing")
     asv = inputs.asv
     if asv.empty:
@@ -115,172 +261,43 @@ def build_timing(inputs: Inputs) -> Section:
         f"on {', '.join(sorted(rows['where'].unique()))}"
     )
 
-    has_norm = all(c in rows.columns for c in NORM_PARAMS)
-    per_norm = rows[rows["norm"].notna() & rows["batch_size"].notna()] if has_norm else rows.iloc[0:0]
-    per_norm = per_norm.assign(norm=per_norm["norm"].astype(str)) if not per_norm.empty else per_norm
-    if per_norm.empty:
+    has_axes = METHOD_PARAM in rows.columns and GROUP_PARAM in rows.columns
+    per_method = rows[rows[METHOD_PARAM].notna() & rows[GROUP_PARAM].notna()] if has_axes else rows.iloc[0:0]
+    if per_method.empty:
         section.text(
-            "No benchmark has both a `norm` and a `batch_size` parameter, so there is nothing to "
-            "plot against batch size; the values are in the table below."
+            f"No benchmark has both a `{METHOD_PARAM}` and a `{GROUP_PARAM}` parameter, so there is nothing to "
+            "plot against group size; the values are in the table below."
         )
-    variant_cols = present_columns(per_norm, VARIANT_PARAMS)
-    ratios, fractions = [], []
-    copies = _copy_reference(rows, asv.param_names)
-
-    type_order = {"time": 0, "peakmemory": 1, "memory": 2, "track": 3}
+    else:
+        per_method = per_method.assign(**{METHOD_PARAM: per_method[METHOD_PARAM].astype(str)})
+    copies = _copy_reference(rows)
+    found: dict[str, list] = {"ratio_to_bn": [], "copy_fraction": []}
     benchmarks = sorted(
-        per_norm["benchmark"].unique(),
-        key=lambda b: (type_order.get(per_norm.loc[per_norm["benchmark"] == b, "type"].iloc[0], 9), b),
+        per_method["benchmark"].unique(),
+        key=lambda b: (TYPE_ORDER.get(per_method.loc[per_method["benchmark"] == b, "type"].iloc[0], 9), b),
     )
     for benchmark in benchmarks:
-        bench_rows = per_norm[per_norm["benchmark"] == benchmark]
-        unit = bench_rows["unit"].iloc[0]
-        kind = bench_rows["type"].iloc[0]
-        section.heading(benchmark)
-        other = [
-            c
-            for c in asv.param_names
-            if c not in ("norm", "batch_size", "device", *VARIANT_PARAMS)
-            and c in bench_rows.columns
-            and bench_rows[c].notna().any()
-        ]
-        devices = bench_rows["device"].astype(object).fillna("-") if "device" in bench_rows.columns else "-"
-        bench_rows = bench_rows.assign(device=devices)
-        for (where, device), sub in bench_rows.groupby(["where", "device"], sort=True):
-            sub = _declared_order(sub, asv, benchmark, [*other, "batch_size"])
-            sub = sub.assign(
-                panel=label_rows(sub, other) if other else benchmark.rsplit(".", 1)[-1],
-                variant=label_rows(sub, variant_cols),
-            )
-            main, variant = default_variant(sub)
-            variant_note = f" ({variant})" if variant else ""
-            factor, shown_unit = plots.display_scale(main["value"], unit)
-            ylabel = {"seconds": "time", "bytes": "memory"}.get(unit, "value") + f" ({shown_unit})"
-            section.figure(
-                plots.lines_vs(
-                    main.assign(scaled=main["value"] * factor),
-                    "batch_size",
-                    "scaled",
-                    hue="norm",
-                    col="panel",
-                    xlabel="batch size",
-                    ylabel=ylabel,
-                    title=f"{benchmark} on {where}, device {device}{variant_note}",
-                    errorbar=None,
-                ),
-                f"{benchmark}: {kind} vs batch size, one line per norm, device {device}, {where}"
-                f"{variant_note}.",
-            )
-            others = sub[sub["variant"] != main["variant"].iloc[0]] if variant else sub.iloc[0:0]
-            if not others.empty:
-                keys = ["where", "norm", "batch_size", *other]
-                relative = others.merge(
-                    main[keys + ["value"]].rename(columns={"value": "reference"}), on=keys
-                )
-                relative = relative.assign(relative=relative["value"] / relative["reference"])
-                if not relative.empty:
-                    section.figure(
-                        plots.lines_vs(
-                            relative,
-                            "batch_size",
-                            "relative",
-                            hue="norm",
-                            col="panel",
-                            style="variant",
-                            xlabel="batch size",
-                            ylabel=f"{kind} / {kind} at {main['variant'].iloc[0]}",
-                            title=f"{benchmark}: other dtypes and memory formats, device {device}",
-                            errorbar=None,
-                            reference=1.0,
-                        ),
-                        f"Each other dtype/memory format relative to {main['variant'].iloc[0]} "
-                        "(same norm, batch size and shape; below the dashed line = faster).",
-                    )
+        _benchmark_part(section, asv, benchmark, per_method[per_method["benchmark"] == benchmark], copies, found)
 
-            if kind == "time" and (sub["norm"] == "bn").any():
-                match = [
-                    c
-                    for c in dict.fromkeys(("where", *MATCH_PARAMS, *other))
-                    if c in sub.columns and c != "device"
-                ]
-                bn = sub[sub["norm"] == "bn"][match + ["value"]].rename(columns={"value": "bn"})
-                ratio = sub.merge(bn, on=match, how="inner")
-                ratio = ratio.assign(ratio_to_bn=ratio["value"] / ratio["bn"], device=device)
-                if not ratio.empty:
-                    ratios.append(ratio)
-                    shown, variant = default_variant(ratio)
-                    section.figure(
-                        plots.ratio_heatmaps(
-                            shown,
-                            value="ratio_to_bn",
-                            row="norm",
-                            column="batch_size",
-                            facet="panel",
-                            label=variant,
-                            title=f"{benchmark}: time / time of BN, device {device}",
-                        ),
-                        "Ratio of each norm's time to BatchNorm's at the same batch size and shape "
-                        "(1 = as fast as BN; red slower, blue faster).",
-                    )
-            if kind == "time" and not copies.empty:
-                match = [c for c in ("where", *MATCH_PARAMS) if c in sub.columns and c in copies.columns]
-                reference = copies.assign(where=_where(copies))[match + ["value"]].rename(
-                    columns={"value": "copy_time"}
-                )
-                frac = sub.merge(reference, on=match, how="inner")
-                if not frac.empty:
-                    frac = frac.assign(fraction_of_copy=frac["copy_time"] / frac["value"], device=device)
-                    fractions.append(frac)
-                    shown, variant = default_variant(frac)
-                    section.figure(
-                        plots.lines_vs(
-                            shown,
-                            "batch_size",
-                            "fraction_of_copy",
-                            hue="norm",
-                            col="panel",
-                            xlabel="batch size",
-                            ylabel="copy time / norm time",
-                            logy=False,
-                            errorbar=None,
-                            reference=1.0,
-                            title=f"{benchmark}: fraction of copy bandwidth, "
-                            f"device {device}" + (f" ({variant})" if variant else ""),
-                        ),
-                        f"Time of a tensor copy of the same size ({copies['benchmark'].iloc[0]}) "
-                        "divided by the norm's time: the fraction of the memory bandwidth the "
-                        "layer achieves if it moved the data once (1 = as fast as a copy; other "
-                        "dtypes and memory formats in the saved data).",
-                    )
-        index = [
-            c
-            for c in ("where", "device", *variant_cols, *other, "norm")
-            if c in bench_rows.columns and bench_rows[c].notna().any()
-        ]
-        section.table(
-            _timing_table(bench_rows, index, unit), f"{benchmark}: {kind} by batch size.", collapsed=True
-        )
-
-    if has_norm and not per_norm.empty and copies.empty:
+    if not per_method.empty and copies.empty:
         section.text(
-            "No tensor-copy reference benchmark (a timed benchmark with `batch_size` and `shape` "
-            "but no `norm`) in these results, so fractions of copy bandwidth are not shown."
+            f"No copy-bandwidth reference (`{COPY_REFERENCE}`, timed, with "
+            f"{', '.join(f'`{c}`' for c in TENSOR_PARAMS)}) in these results, so fractions of copy bandwidth "
+            "are not shown."
         )
-    if ratios:
-        section.data["ratio_to_bn"] = pd.concat(ratios).drop(columns=["file"], errors="ignore")
-    if fractions:
-        section.data["copy_fraction"] = pd.concat(fractions).drop(columns=["file"], errors="ignore")
+    for name, frames in found.items():
+        frames = [f for f in frames if f is not None]
+        if frames:
+            section.data[name] = pd.concat(frames).drop(columns=["file"], errors="ignore")
 
-    rest = rows.drop(per_norm.index)
+    rest = rows.drop(per_method.index)
     if not rest.empty:
         section.heading("Other benchmarks")
         table = rest[["where", "benchmark", "param_key", "type", "value", "unit"]].copy()
         table["value"] = [human(v, u) for v, u in zip(table["value"], table["unit"])]
         section.table(
             table.drop(columns="unit"),
-            "Benchmarks without a norm/batch size axis (including the copy-bandwidth reference).",
+            "Benchmarks without a method/group size axis (including the copy-bandwidth reference).",
             collapsed=len(table) > 20,
         )
     return section
-
-

@@ -1,0 +1,112 @@
+"""One normalization layer on one input, ready to time: :class:`LayerCase`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bkn import methods
+from bkn.methods import Method
+
+from .decode import parse_shape, torch_device, torch_dtype, torch_memory_format
+from .matrix import SEED, check_pruned, reraise_unsupported, skip
+from .prior import KalmanPrior
+from .process import configure_threads
+from .timing import synchronize
+
+
+def check_runnable(method: Method, group_size: int, shape: tuple[int, ...], training: bool) -> None:
+    """Combinations that cannot run (not pruning): skip them.
+
+    Batch statistics without a prior (BN, BRN) need more than one value per channel in
+    training mode (torch raises); BKN with a prior does not, that is the paper's point.
+    Instance norm needs spatial positions.
+    """
+    if method.norm == "in" and len(shape) == 1:
+        skip("instance norm needs spatial positions; (N, C) features have none")
+    values_per_channel = group_size * math.prod(shape[1:])
+    if training and method.norm in ("bn", "brn") and values_per_channel < 2:
+        skip(
+            f"{method.name} in training mode needs more than one value per channel (group size {group_size} of {shape})"
+        )
+    if method.norm == "in" and math.prod(shape[1:]) < 2:
+        skip("instance norm needs more than one spatial position")
+
+
+class LayerCase:
+    """One normalization layer on one input, ready to run: ``forward()``, ``forward_backward()``.
+
+    The layer is ``bkn.methods.get(method).build(C)``: built without a group, so it
+    normalizes its whole input, ``(group_size, *shape)``, as one group (``bn`` is then
+    torch's own ``BatchNorm*d``). A BKN method in training gets its prior from a
+    :class:`~suites.harness.prior.KalmanPrior`. Seeded; the input and the output gradient
+    are standard normal. ``training=False`` builds the inference case (eval mode, running
+    estimates, no autograd, no prior).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        group_size: int,
+        shape: str,
+        device: str,
+        dtype: str,
+        memory_format: str,
+        training: bool = True,
+        prune: bool = True,
+    ):
+        configure_threads()
+        method = methods.get(method)
+        dims = parse_shape(shape)
+        self.device = torch_device(device)
+        self.dtype = torch_dtype(dtype, self.device)
+        fmt = torch_memory_format(memory_format, 1 + len(dims))
+        if prune:
+            check_pruned(group_size, dims, self.device, dtype, memory_format)
+        check_runnable(method, group_size, dims, training)
+        self.method = method
+        self.training = training
+        gen = torch.Generator().manual_seed(SEED)
+        channels, spatial = dims[0], dims[1:]
+        self.layer = method.build(channels, spatial_dims=len(spatial))
+        self.prior = KalmanPrior(method, channels, spatial, gen) if method.norm == "bkn" and training else None
+        with torch.no_grad():  # a trained-looking affine, so no term is trivially zero
+            if getattr(self.layer, "weight", None) is not None:
+                self.layer.weight.copy_(1.0 + 0.1 * torch.randn(self.layer.weight.shape, generator=gen))
+                self.layer.bias.copy_(0.1 * torch.randn(self.layer.bias.shape, generator=gen))
+        modules = [self.layer] + ([self.prior] if self.prior is not None else [])
+        for m in modules:
+            m.to(device=self.device, dtype=self.dtype)
+            if fmt is not torch.contiguous_format:
+                m.to(memory_format=fmt)
+            m.train(training)
+        x = torch.randn((group_size, *dims), generator=gen)
+        self.x = x.to(device=self.device, dtype=self.dtype).contiguous(memory_format=fmt)
+        self.grad_out = torch.randn_like(self.x).contiguous(memory_format=fmt)
+        if self.prior is not None:
+            self.prior.match_posterior_dtype(self.layer, self.x)
+        if training:
+            self.x.requires_grad_(True)
+        self.inputs = [self.x] + [p for m in modules for p in m.parameters()]
+
+    def forward(self) -> torch.Tensor:
+        if not self.training:
+            with torch.no_grad():
+                return self.layer(self.x)
+        if self.prior is not None:
+            return self.layer(self.x, prior=self.prior())
+        return self.layer(self.x)
+
+    def forward_backward(self):
+        """One training step's share of this layer: forward, then the gradients of x and parameters."""
+        return torch.autograd.grad(self.forward(), self.inputs, self.grad_out, allow_unused=True)
+
+    def warm_up(self, fn, what: str) -> None:
+        """Run ``fn`` twice before timing (allocator, kernel selection); unsupported kernels skip."""
+        try:
+            for _ in range(2):
+                fn()
+            synchronize(self.device)
+        except RuntimeError as err:
+            reraise_unsupported(err, what)

@@ -1,0 +1,71 @@
+"""One SGD training step of a whole network with every normalization layer of one method: :class:`NetworkCase`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bkn import methods
+
+from .decode import parse_shape, torch_device, torch_dtype, torch_memory_format
+from .matrix import SEED, check_network_pruned, reraise_unsupported, skip
+from .process import configure_threads
+from .timing import synchronize
+
+
+class NetworkCase:
+    """One SGD training step of a whole network with every normalization layer of ``method``.
+
+    ``build(method)`` returns the model for a :class:`bkn.methods.Method` (BKN's priors are
+    wired by the model or by the converter), built without a group: the step's batch of
+    ``group_size`` samples is one normalization group. The step is forward,
+    cross-entropy, backward and an SGD update with momentum, on a fixed seeded batch.
+    """
+
+    def __init__(
+        self,
+        build,
+        method: str,
+        group_size: int,
+        shape: str,
+        device: str,
+        dtype: str,
+        memory_format: str,
+        num_classes: int,
+        prune: bool = True,
+    ):
+        configure_threads()
+        method = methods.get(method)
+        dims = parse_shape(shape)
+        self.device = torch_device(device)
+        self.dtype = torch_dtype(dtype, self.device)
+        fmt = torch_memory_format(memory_format, 1 + len(dims))
+        if prune:
+            check_network_pruned(group_size, dims, self.device, dtype, memory_format)
+        torch.manual_seed(SEED)
+        model = build(method)
+        self.model = model.to(device=self.device, dtype=self.dtype, memory_format=fmt).train()
+        gen = torch.Generator().manual_seed(SEED)
+        x = torch.randn((group_size, *dims), generator=gen)
+        self.x = x.to(device=self.device, dtype=self.dtype).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, num_classes, (group_size,), generator=gen).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step(self) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(self.model(self.x).float(), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def warm_up(self, what: str) -> None:
+        try:
+            for _ in range(2):
+                self.step()
+            synchronize(self.device)
+        except RuntimeError as err:
+            reraise_unsupported(err, what)
+        except ValueError as err:  # BN/BRN with one value per channel somewhere in the network
+            if "value per channel" in str(err) or "more than 1 value" in str(err):
+                skip(f"{what}: {err}")
+            raise
