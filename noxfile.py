@@ -3,8 +3,9 @@
     nox -s main         the main job: quick benchmarks + quick accuracy probe + HTML report
     nox -s tests        pytest (posargs go to pytest: ``nox -s tests -- -k kalman -x``)
     nox -s bench        quick asv run of the working tree (posargs: benchmark filters)
-    nox -s accuracy     statistic-drift probes (``-- --full``), then reports/accuracy.html
-    nox -s convergence  training probe (``-- --quick``), then reports/convergence.html
+    nox -s accuracy     the drift probe, python -m bkn.probes.drift (``-- --full``), then reports/accuracy.html
+    nox -s convergence  the training probe, python -m bkn.probes.training (``-- --quick``), then
+                        reports/convergence.html
     nox -s report       reports/report.html from whatever results exist
     nox -s screenshot   check the report in headless Chromium, save reports/report.png
     nox -s demo         short BKN-vs-BN comparison (posargs go to ``python -m bkn.demo``)
@@ -30,7 +31,7 @@ A new torch session is three lines::
 
     @nox.session(venv_backend="none")
     def accuracy(session):
-        torch_env(session, *EXTRAS).run("-m", "bkn.probes.accuracy", *session.posargs)
+        torch_env(session, *EXTRAS).run("-m", "bkn.probes.drift", *session.posargs)
 """
 from __future__ import annotations
 
@@ -164,9 +165,9 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def accuracy(session: nox.Session) -> None:
-    """Accuracy probes: statistic drift vs the population statistics (``-- --full`` for the full sweep)."""
+    """The drift probe: statistic drift vs the population statistics (``-- --full`` for the full sweep)."""
     tenv = torch_env(session, *EXTRAS)
-    tenv.run("-m", "bkn.probes.accuracy", *session.posargs)
+    tenv.run("-m", "bkn.probes.drift", *session.posargs)
     _render_page(session, tenv, "accuracy")
 
 
@@ -174,7 +175,7 @@ def accuracy(session: nox.Session) -> None:
 def convergence(session: nox.Session) -> None:
     """Training probe: test accuracy vs normalization group size (``-- --quick`` for CI)."""
     tenv = torch_env(session, *EXTRAS)
-    tenv.run("-m", "bkn.probes.convergence", *session.posargs)
+    tenv.run("-m", "bkn.probes.training", *session.posargs)
     _render_page(session, tenv, "convergence")
 
 
