@@ -1,10 +1,11 @@
 """Nox sessions for the bkn suite.
 
-    nox -s main         the main job: quick benchmarks + quick accuracy probe + HTML report
+    nox -s main         the main job: quick benchmarks + quick drift probe + HTML report
     nox -s tests        pytest (posargs go to pytest: ``nox -s tests -- -k kalman -x``)
     nox -s bench        quick asv run of the working tree (posargs: benchmark filters)
-    nox -s accuracy     statistic-drift probes (``-- --full``), then reports/accuracy.html
-    nox -s convergence  training probe (``-- --quick``), then reports/convergence.html
+    nox -s accuracy     the drift probe, python -m bkn.probes.drift (``-- --full``), then reports/accuracy.html
+    nox -s convergence  the training probe, python -m bkn.probes.training (``-- --quick``), then
+                        reports/convergence.html
     nox -s report       reports/report.html from whatever results exist
     nox -s screenshot   check the report in headless Chromium, save reports/report.png
     nox -s demo         short BKN-vs-BN comparison (posargs go to ``python -m bkn.demo``)
@@ -30,7 +31,7 @@ A new torch session is three lines::
 
     @nox.session(venv_backend="none")
     def accuracy(session):
-        torch_env(session, *EXTRAS).run("-m", "bkn.probes.accuracy", *session.posargs)
+        torch_env(session, *EXTRAS).run("-m", "bkn.probes.drift", *session.posargs)
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ MAIN_BENCHMARKS = ("TimeForwardBackward", "TimeCopy", "TrackThreads")
 
 @nox.session(venv_backend="none")
 def main(session: nox.Session) -> None:
-    """The main job: quick benchmarks, the quick accuracy probe, then the HTML report (prints its path).
+    """The main job: quick benchmarks, the quick drift probe, then the HTML report (prints its path).
 
     Runs the sessions ``bench -- TimeForwardBackward TimeCopy TrackThreads``, ``accuracy``
     and ``report`` in that order; posargs go to the report (e.g. ``-- --fail-on-regression``).
@@ -164,9 +165,9 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def accuracy(session: nox.Session) -> None:
-    """Accuracy probes: statistic drift vs the population statistics (``-- --full`` for the full sweep)."""
+    """The drift probe: statistic drift vs the population statistics (``-- --full`` for the full sweep)."""
     tenv = torch_env(session, *EXTRAS)
-    tenv.run("-m", "bkn.probes.accuracy", *session.posargs)
+    tenv.run("-m", "bkn.probes.drift", *session.posargs)
     _render_page(session, tenv, "drift", "drift probe")
 
 
@@ -174,7 +175,7 @@ def accuracy(session: nox.Session) -> None:
 def convergence(session: nox.Session) -> None:
     """Training probe: test accuracy vs normalization group size (``-- --quick`` for CI)."""
     tenv = torch_env(session, *EXTRAS)
-    tenv.run("-m", "bkn.probes.convergence", *session.posargs)
+    tenv.run("-m", "bkn.probes.training", *session.posargs)
     _render_page(session, tenv, "training", "training probe")
 
 

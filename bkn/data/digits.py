@@ -6,6 +6,7 @@ CIFAR ResNet takes 3 channels), standardises with the *training* split's mean an
 standard deviation, and splits train/test with a seeded permutation (stratified,
 so both splits hold every class in its overall proportion).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,14 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def load_digits(split: str = "all", size: int = 32, channels: int = 1, seed: int = 0,
-                test_fraction: float = 0.25, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def load_digits(
+    split: str = "all",
+    size: int = 32,
+    channels: int = 1,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``(N, channels, size, size)`` and labels ``(N,)`` (int64) of one split.
 
     Args:

@@ -8,6 +8,7 @@
   layers, averaged over seeds. 1 = as good as the floor; below 1 is possible where the
   architecture fixes a statistic (see :mod:`bkn.stats.synthetic`).
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -23,33 +24,38 @@ def _layer_median(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def real_data_table(frame: pd.DataFrame, methods=HEADLINE, sizes=HEADLINE_SIZES) -> pd.DataFrame | None:
-    sel = frame[(frame["data"] != "synthetic") & frame["method"].isin(methods)
-                & frame["batch_size"].isin(sizes) & frame["metric"].isin(["mean_error", "kl"])
-                & (frame["statistic"] == "median")]
+    sel = frame[
+        (frame["data"] != "synthetic")
+        & frame["method"].isin(methods)
+        & frame["group_size"].isin(sizes)
+        & frame["metric"].isin(["mean_error", "kl"])
+        & (frame["statistic"] == "median")
+    ]
     if sel.empty:
         return None
-    keys = ["data", "network", "state", "method", "metric", "batch_size"]
-    table = _layer_median(sel, keys).pivot_table(index=["data", "network", "state", "method"],
-                                                 columns=["metric", "batch_size"], values="value")
+    keys = ["data", "network", "state", "method", "metric", "group_size"]
+    table = _layer_median(sel, keys).pivot_table(
+        index=["data", "network", "state", "method"], columns=["metric", "group_size"], values="value"
+    )
     order = {m: i for i, m in enumerate(methods)}
     table = table.sort_index(key=lambda idx: idx.map(order) if idx.name == "method" else idx)
     return table
 
 
 def floor_table(frame: pd.DataFrame, metrics=("mean_error", "kl")) -> pd.DataFrame | None:
-    syn = frame[(frame["data"] == "synthetic") & (frame["statistic"] == "median")
-                & frame["metric"].isin(metrics)]
+    syn = frame[(frame["data"] == "synthetic") & (frame["statistic"] == "median") & frame["metric"].isin(metrics)]
     floor = syn[syn["method"] == "floor"]
     if floor.empty:
         return None
-    keys = ["batch_size", "seed", "layer", "metric", "state", "network"]
+    keys = ["group_size", "seed", "layer", "metric", "state", "network"]
     floor = floor[keys + ["value"]].rename(columns={"value": "floor"})
     merged = syn[syn["method"] != "floor"].merge(floor, on=keys)
     if merged.empty:
         return None
     merged = merged.assign(value=merged["value"] / merged["floor"])
-    table = _layer_median(merged, ["method", "metric", "batch_size"]).pivot_table(
-        index="method", columns=["metric", "batch_size"], values="value")
+    table = _layer_median(merged, ["method", "metric", "group_size"]).pivot_table(
+        index="method", columns=["metric", "group_size"], values="value"
+    )
     order = list(dict.fromkeys(frame["method"]))
     return table.loc[[m for m in order if m in table.index]]
 

@@ -1,4 +1,5 @@
-"""The accuracy probe (bkn.probes.accuracy): what it must show, its bad inputs, its files."""
+"""The drift probe (bkn.probes.drift): what it must show, its bad inputs, its files."""
+
 from __future__ import annotations
 
 import json
@@ -9,19 +10,25 @@ import pytest
 import torch
 from torch import nn
 
-from bkn.data import load_photos
-from bkn.probes import accuracy
-from bkn.probes.accuracy import COLUMNS, Probe, ProbeConfig, check_network, setups
-from bkn.probes.accuracy.__main__ import main
-from bkn.probes.accuracy.sweep import check_batch_sizes
+from bkn.data import Dataset, load_photos
+from bkn.probes.drift import Probe, ProbeConfig, check_network, methods, setups
+from bkn.probes.drift.__main__ import main
+from bkn.probes.drift.sweep import check_group_sizes
+from bkn.results import DRIFT
 from bkn.stats import METRICS, STATISTICS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _synthetic(methods, batch_sizes, seeds=(0,), steps=10, burn_in=1) -> pd.DataFrame:
-    config = ProbeConfig(setups=[("synthetic", "linear-chain")], methods=list(methods),
-                         batch_sizes=list(batch_sizes), seeds=list(seeds), steps=steps, burn_in=burn_in)
+def _synthetic(names, group_sizes, seeds=(0,), steps=10, burn_in=1) -> pd.DataFrame:
+    config = ProbeConfig(
+        setups=[("synthetic", "linear-chain")],
+        methods=list(names),
+        group_sizes=list(group_sizes),
+        seeds=list(seeds),
+        steps=steps,
+        burn_in=burn_in,
+    )
     return pd.DataFrame(Probe(config).run())
 
 
@@ -42,13 +49,13 @@ def test_bn_mean_error_falls_like_one_over_sqrt_n_on_the_synthetic_chain():
     sizes = [1, 2, 4, 8, 16, 32]
     frame = _synthetic(["bn", "floor"], sizes, steps=16)
     bn = _value(frame, method="bn", depth=0, metric="mean_error", statistic="median")
-    bn = bn.sort_values("batch_size")
-    slope = np.polyfit(np.log(bn["batch_size"]), np.log(bn["value"]), 1)[0]
+    bn = bn.sort_values("group_size")
+    slope = np.polyfit(np.log(bn["group_size"]), np.log(bn["value"]), 1)[0]
     assert -0.6 <= slope <= -0.4, slope
     # ... and it sits at the floor's closed form: median |N(0, 1/(16 n))| = 0.6745 / sqrt(16 n)
     floor = _value(frame, method="floor", depth=0, metric="mean_error", statistic="median")
-    floor = floor.sort_values("batch_size")
-    expected = 0.6744897501960817 / np.sqrt(16 * floor["batch_size"].to_numpy())
+    floor = floor.sort_values("group_size")
+    expected = 0.6744897501960817 / np.sqrt(16 * floor["group_size"].to_numpy())
     np.testing.assert_allclose(floor["value"].to_numpy(), expected, rtol=0.15)
     np.testing.assert_allclose(bn["value"].to_numpy(), floor["value"].to_numpy(), rtol=1e-3)
     # deeper layers of the linear chain: exact up to float rounding
@@ -57,8 +64,12 @@ def test_bn_mean_error_falls_like_one_over_sqrt_n_on_the_synthetic_chain():
 
 
 def test_probe_rows_cover_every_method_layer_metric_and_statistic():
-    frame = _synthetic(["bn", "bkn-official", "bkn-analytic-adaptive", "brn", "gn", "ln", "bn-ema", "brn-ema",
-                        "floor"], [2, 4], steps=2, burn_in=2)
+    frame = _synthetic(
+        ["bn", "bkn-official", "bkn-analytic-adaptive", "brn", "gn", "ln", "bn-ema", "brn-ema", "floor"],
+        [2, 4],
+        steps=2,
+        burn_in=2,
+    )
     layers = 8
     for method in ("bn", "bkn-official", "bkn-analytic-adaptive", "brn", "bn-ema", "brn-ema", "floor"):
         sub = _value(frame, method=method)
@@ -66,7 +77,7 @@ def test_probe_rows_cover_every_method_layer_metric_and_statistic():
         assert len(sub) == layers * len(METRICS) * len(STATISTICS) * 2, method
     for method in ("gn", "ln"):  # per-sample norms: only the output discrepancy is defined
         assert set(_value(frame, method=method)["metric"]) == {"output_discrepancy"}
-    assert not frame.duplicated(["method", "batch_size", "layer", "metric", "statistic", "seed"]).any()
+    assert not frame.duplicated(["method", "group_size", "layer", "metric", "statistic", "seed"]).any()
     assert frame["value"].notna().all()
     assert ((frame["value"] >= 0) | (frame["metric"] == "kl")).all()
     assert (frame["value"] >= -1e-12).all()
@@ -75,9 +86,8 @@ def test_probe_rows_cover_every_method_layer_metric_and_statistic():
 def test_same_seed_same_results_and_methods_share_micro_batches():
     a = _synthetic(["bn", "bkn-official"], [2], steps=2, burn_in=2)
     b = _synthetic(["bkn-official", "bn"], [2], steps=2, burn_in=2)
-    key = ["method", "batch_size", "layer", "metric", "statistic", "seed"]
-    pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True),
-                                  b.sort_values(key).reset_index(drop=True))
+    key = ["method", "group_size", "layer", "metric", "statistic", "seed"]
+    pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True))
     # depth 0 has no prior: BKN is BN there, on the same micro-batches -> identical values
     depth0 = a[a["depth"] == 0].pivot_table(index=["metric", "statistic"], columns="method", values="value")
     np.testing.assert_allclose(depth0["bn"], depth0["bkn-official"], rtol=1e-6)
@@ -86,22 +96,48 @@ def test_same_seed_same_results_and_methods_share_micro_batches():
 # -- bad input ---------------------------------------------------------------------------
 
 
-def test_unknown_method_is_a_clear_error(capsys):
-    with pytest.raises(ValueError, match=r"unknown method\(s\) 'bkm'; known methods: bn, bkn-official"):
-        accuracy.resolve(["bn", "bkm"])
+def test_unknown_method_is_the_registrys_error_listing_the_known_names(capsys):
+    with pytest.raises(ValueError, match=r"unknown method 'bkm'; known methods: bn, bkn-official.*'floor'"):
+        methods.resolve(["bn", "bkm"])
+    with pytest.raises(ValueError, match=r"unknown method 'bkm-ema'; known methods: bn"):
+        methods.resolve(["bkm-ema"])
+    with pytest.raises(ValueError, match=r"'gn-ema': gn keeps no running estimates"):
+        methods.resolve(["gn-ema"])
     with pytest.raises(SystemExit) as exit_info:
         main(["--methods", "bn,bkm"])
     assert exit_info.value.code == 2
-    assert "unknown method(s) 'bkm'; known methods:" in capsys.readouterr().err
+    assert "argument --methods: unknown method 'bkm'; known methods: bn, bkn-official" in capsys.readouterr().err
 
 
-def test_batch_size_larger_than_the_data_set_is_a_clear_error(capsys, tmp_path):
-    small = setups.Dataset("tiny", torch.zeros(10, 3, 8, 8), torch.zeros(10, dtype=torch.long), num_classes=2)
-    with pytest.raises(ValueError, match=r"batch size 32 needs batches of 32 samples, more than the data "
-                                         r"set 'tiny'"):
-        check_batch_sizes(small, [2, 32], sgd_batch=8)
+def test_probe_names_are_registry_methods_and_their_derived_estimators():
+    """Every registry method, an "-ema" twin per method with batch statistics, and "floor"; the options
+    are the registry's (brn: fixed limits; brn-scheduled only on request)."""
+    from bkn import methods as registry
+
+    batch = [m.name for m in registry.resolve(registry.names()) if m.uses_groups]
+    assert methods.names() == registry.names() + tuple(f"{m}-ema" for m in batch) + ("floor",)
+    assert "in" not in methods.DEFAULT_METHODS and "in" in methods.FULL_METHODS
+    assert not {"brn-scheduled", "brn-scheduled-ema"} & set(methods.FULL_METHODS)
+    assert methods.base("brn-ema") is registry.get("brn") and methods.base("floor") is None
+    assert dict(registry.get("brn").options) == {"rmax": 3.0, "dmax": 5.0}
+    assert [methods.kind(n) for n in ("bkn-official", "bkn-official-ema", "ln", "floor")] == [
+        "batch",
+        "batch",
+        "per_sample",
+        "floor",
+    ]
+
+
+def test_group_size_larger_than_the_data_set_is_a_clear_error(capsys, tmp_path):
+    small = Dataset(torch.zeros(10, 3, 8, 8), torch.zeros(10, dtype=torch.long), num_classes=2, name="tiny")
+    with pytest.raises(
+        ValueError,
+        match=r"group size 32 needs batches of 32 samples, more than the data "
+        r"set 'tiny'",
+    ):
+        check_group_sizes("tiny", small, [2, 32], batch_size=8)
     with pytest.raises(SystemExit):  # checked before any work: nothing is run, nothing written
-        main(["--data", "digits", "--batch-sizes", "2,4096", "--out", str(tmp_path / "out"), "--no-progress"])
+        main(["--data", "digits", "--group-sizes", "2,4096", "--out", str(tmp_path / "out"), "--no-progress"])
     assert "more than the data set 'digits' holds (1797 samples)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -111,32 +147,89 @@ def test_network_without_normalization_layers_is_a_clear_error():
         check_network(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "plain-cnn")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "imagenet"], "unknown data 'imagenet'"),
-    (["--networks", "vgg"], "unknown networks 'vgg'"),
-    (["--states", "half-trained"], "unknown state 'half-trained'"),
-    (["--batch-sizes", "0"], "batch sizes must be positive"),
-    (["--seeds", "x"], "expected comma-separated integers"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "imagenet"], "unknown data 'imagenet'"),
+        (["--networks", "vgg"], "unknown networks 'vgg'"),
+        (["--states", "half-trained"], "unknown state 'half-trained'"),
+        (["--group-sizes", "0"], "argument --group-sizes: expected integers >= 1, got '0'"),
+        (["--group-sizes", "2,4,2"], "argument --group-sizes: 2 given more than once in '2,4,2'"),
+        (["--seeds", "x"], "argument --seeds: expected comma-separated integers, got 'x'"),
+        (["--seeds", "-1"], "argument --seeds: expected integers >= 0"),
+        (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+        (["--batch-sizes", "2"], "unrecognized arguments: --batch-sizes"),  # the old flag: group sizes now
+        (["--sgd-batch", "16"], "unrecognized arguments: --sgd-batch"),  # the old flag: --batch-size now
+    ],
+)
 def test_other_bad_arguments(capsys, argv, message):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(argv)
+    assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_flags_reach_the_config():
+    from bkn.probes.drift.__main__ import config_from, parser
+
+    args = parser().parse_args(
+        [
+            "--methods",
+            "bn,brn-scheduled-ema",
+            "--group-sizes",
+            "2,8",
+            "--seeds",
+            "3",
+            "--batch-size",
+            "32",
+            "--steps",
+            "4",
+            "--burn-in",
+            "5",
+            "--out",
+            "x",
+        ]
+    )
+    config = config_from(args)
+    assert config.methods == ["bn", "brn-scheduled-ema"] and config.group_sizes == [2, 8]
+    assert config.seeds == [3] and (config.batch_size, config.steps, config.burn_in) == (32, 4, 5)
+    assert str(args.out) == "x" and args.threads == 1
+    full = config_from(parser().parse_args(["--full"]))
+    assert full.methods == list(methods.FULL_METHODS) and full.group_sizes == [1, 2, 4, 8, 16, 32, 64]
+    default = config_from(parser().parse_args([]))
+    assert default.methods == list(methods.DEFAULT_METHODS) and default.batch_size == 16
 
 
 # -- files: schema, atomic writes, interruption -----------------------------------------------
 
-TINY = ["--data", "synthetic", "--methods", "bn,bkn-official,gn,bn-ema,floor", "--batch-sizes", "2,4",
-        "--seeds", "0,1", "--steps", "2", "--burn-in", "2", "--no-progress", "--threads", "1"]
+TINY = [
+    "--data",
+    "synthetic",
+    "--methods",
+    "bn,bkn-official,gn,bn-ema,floor",
+    "--group-sizes",
+    "2,4",
+    "--seeds",
+    "0,1",
+    "--steps",
+    "2",
+    "--burn-in",
+    "2",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def test_results_file_follows_the_contract(tmp_path, capsys):
     assert main(TINY + ["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "error / floor" in out and str(tmp_path / "drift.parquet") in out
-    frame = pd.read_parquet(tmp_path / "drift.parquet")
-    assert tuple(frame.columns) == COLUMNS
-    assert frame["batch_size"].dtype == np.int64 and frame["depth"].dtype == np.int64
+    frame = DRIFT.read(tmp_path / "drift.parquet")  # carries the schema stamp, or read() raises
+    assert tuple(frame.columns) == tuple(DRIFT.all_columns)
+    assert "group_size" in frame.columns and "batch_size" not in frame.columns
+    assert frame["group_size"].dtype == np.int64 and frame["depth"].dtype == np.int64
     assert frame["seed"].dtype == np.int64 and frame["value"].dtype == np.float64
     assert set(frame["metric"]) == set(METRICS) and set(frame["statistic"]) == set(STATISTICS)
     assert set(frame["method"]) == {"bn", "bkn-official", "gn", "bn-ema", "floor"}
@@ -144,12 +237,14 @@ def test_results_file_follows_the_contract(tmp_path, capsys):
     assert set(frame["state"]) == {"init"} and set(frame["seed"]) == {0, 1}
     assert frame["torch"].eq(torch.__version__).all() and frame["threads"].eq(1).all()
     assert frame["commit"].str.len().gt(0).all() and frame["device"].eq("cpu").all()
-    keys = ["data", "network", "state", "method", "batch_size", "layer", "metric", "statistic", "seed"]
+    keys = ["data", "network", "state", "method", "group_size", "layer", "metric", "statistic", "seed"]
     assert not frame.duplicated(keys).any()
     meta = json.loads((tmp_path / "meta.json").read_text())
     for key in ("commit", "torch", "device", "threads", "duration_s", "arguments", "config", "skipped"):
         assert key in meta
-    assert meta["arguments"]["batch_sizes"] == [2, 4] and meta["rows"] == len(frame)
+    assert meta["arguments"]["group_sizes"] == [2, 4] and meta["rows"] == len(frame)
+    assert meta["schema"] == {"name": "drift", "version": DRIFT.version}
+    assert meta["config"]["method_of"]["bn-ema"] == {"method": "bn", "norm": "bn"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -167,34 +262,45 @@ def test_interrupted_run_leaves_the_previous_results_and_no_temporary_file(tmp_p
 
     # interrupted *while writing* the parquet file: half a file is written, then Ctrl-C
     monkeypatch.undo()
-    real_to_parquet = pd.DataFrame.to_parquet
+    import pyarrow.parquet as pq
 
-    def half_written(self, path, *args, **kwargs):
-        with open(path, "wb") as f:
+    def half_written(table, where, *args, **kwargs):
+        with open(where, "wb") as f:
             f.write(b"PAR1 half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", half_written)
+    monkeypatch.setattr(pq, "write_table", half_written)
     with pytest.raises(KeyboardInterrupt):
         main(TINY + ["--out", str(tmp_path)])
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", real_to_parquet)
+    monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    assert pd.read_parquet(tmp_path / "drift.parquet").shape[0] > 0
+    assert DRIFT.read(tmp_path / "drift.parquet").shape[0] > 0
 
 
 def test_trained_weights_are_cached_and_reused(tmp_path, monkeypatch):
     """A short training run on a 64-image subset of the digits; the second probe run reads the cache."""
     monkeypatch.setitem(setups.TRAINING, "steps", 3)
-    real_load = setups.load_dataset
-
-    def subset(data, network):
-        dataset = real_load(data, network)
-        return setups.Dataset(dataset.name, dataset.images[:64], dataset.labels[:64], num_classes=10)
-
-    monkeypatch.setattr(setups, "load_dataset", subset)
-    argv = ["--data", "digits", "--methods", "bn,bkn-analytic-adaptive,brn-ema", "--batch-sizes", "4",
-            "--seeds", "0", "--steps", "1", "--burn-in", "1", "--no-progress",
-            "--cache", str(tmp_path / "cache"), "--threads", "1"]
+    real_load = setups.load_source
+    monkeypatch.setattr(setups, "load_source", lambda data, network: real_load(data, network).head(64))
+    argv = [
+        "--data",
+        "digits",
+        "--methods",
+        "bn,bkn-analytic-adaptive,brn-ema",
+        "--group-sizes",
+        "4",
+        "--seeds",
+        "0",
+        "--steps",
+        "1",
+        "--burn-in",
+        "1",
+        "--no-progress",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--threads",
+        "1",
+    ]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0
     cached = list((tmp_path / "cache" / "accuracy").iterdir())
     assert [p.suffix for p in cached] == [".pt"]  # one complete file, no temporary leftovers
@@ -203,23 +309,36 @@ def test_trained_weights_are_cached_and_reused(tmp_path, monkeypatch):
     assert main(argv + ["--out", str(tmp_path / "b")]) == 0
     second = json.loads((tmp_path / "b" / "meta.json").read_text())["training"]
     assert second[0]["cached"] is True and second[0]["cache"] == first[0]["cache"]
-    a = pd.read_parquet(tmp_path / "a" / "drift.parquet")
-    b = pd.read_parquet(tmp_path / "b" / "drift.parquet")
+    a = DRIFT.read(tmp_path / "a" / "drift.parquet")
+    b = DRIFT.read(tmp_path / "b" / "drift.parquet")
     pd.testing.assert_series_equal(a["value"], b["value"])  # seeded: identical results
     assert set(a["state"]) == {"trained"} and a["depth"].max() == 18  # 19 norms in cifar-resnet20
 
 
 def test_summary_tables_from_a_known_frame():
-    from bkn.probes.accuracy.summary import floor_table, real_data_table
+    from bkn.probes.drift.summary import floor_table, real_data_table
+
     rows = []
     for seed in (0, 1):
         for layer, depth in (("a", 0), ("b", 1), ("c", 2)):
             for method, scale in (("bn", 1.0), ("brn", 2.0), ("floor", 0.5)):
                 for metric in ("mean_error", "kl"):
                     for data in ("digits", "synthetic"):
-                        rows.append(dict(data=data, network="n", state="init", method=method, batch_size=2,
-                                         layer=layer, depth=depth, metric=metric, statistic="median",
-                                         seed=seed, value=scale * (depth + 1) * (1 + seed)))
+                        rows.append(
+                            dict(
+                                data=data,
+                                network="n",
+                                state="init",
+                                method=method,
+                                group_size=2,
+                                layer=layer,
+                                depth=depth,
+                                metric=metric,
+                                statistic="median",
+                                seed=seed,
+                                value=scale * (depth + 1) * (1 + seed),
+                            )
+                        )
     frame = pd.DataFrame(rows)
     real = real_data_table(frame)
     # median over layers (depth 1: 2 x scale x (1 + seed)), mean over seeds (x 1.5)
@@ -256,5 +375,3 @@ def test_help_lists_the_methods(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--full" in text and "bkn-analytic-adaptive" in text and "output_discrepancy" in text
-
-

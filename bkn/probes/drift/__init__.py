@@ -1,0 +1,64 @@
+"""The drift probe: how far each method's statistics drift from the population's (``nox -s accuracy``).
+
+For every normalization method, normalization group size ``n``, layer and seed, the
+probe measures what the method normalizes with in training mode - BN's batch statistics,
+BKN's posterior, BRN's effective statistics, the running (EMA) estimates - against the
+layer's exact population statistics (:func:`bkn.stats.population_statistics`), with the
+metrics of spec section 4 (:mod:`bkn.stats.metrics`), on the synthetic linear-Gaussian
+chain (closed-form truth and a floor) and on real images that ship with scikit-learn, for
+the paper's CIFAR ResNet and torchvision's ResNet-18 at initialisation and after a short
+training run.
+
+Modules: :mod:`~bkn.probes.drift.methods` (the names measured: registry methods,
+``<method>-ema``, ``floor``), :mod:`~bkn.probes.drift.setups` (data, networks, the cached
+training run), :mod:`~bkn.probes.drift.units` (one measurement),
+:mod:`~bkn.probes.drift.sweep` (all of them), :mod:`~bkn.probes.drift.summary` (the
+printed tables).
+
+Command line: ``python -m bkn.probes.drift --help``. Results: ``<out>/drift.parquet``
+(:data:`bkn.results.DRIFT`: one row per data x network x state x method x group_size x
+layer x metric x statistic x seed, plus the environment columns) and ``<out>/meta.json``
+(environment, arguments, duration, skipped units), both written atomically once the run
+is complete.
+"""
+
+from __future__ import annotations
+
+from .methods import DEFAULT_METHODS, FULL_METHODS
+from .sweep import Probe, ProbeConfig, check_network, config_record
+
+__all__ = ["DEFAULT_METHODS", "FULL_METHODS", "Probe", "ProbeConfig", "check_network", "config_record", "run"]
+
+
+def run(config: ProbeConfig, progress: bool = False):
+    """Run the probe; returns ``(frame, record)``: the tidy results (the DRIFT schema) and ``meta.json``'s record."""
+    import time
+
+    from bkn.results import DRIFT, environment
+
+    config.validate()
+    probe = Probe(config)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(probe.units()), unit="unit", desc="drift probe", dynamic_ncols=True)
+        probe.progress = bar
+    started = time.perf_counter()
+    try:
+        rows = probe.run()
+    finally:
+        if bar is not None:
+            bar.close()
+    env = environment()
+    frame = DRIFT.frame(rows, env)
+    record = {
+        **env,
+        "config": config_record(config),
+        "duration_s": round(time.perf_counter() - started, 2),
+        "skipped": probe.skipped,
+        "training": probe.training,
+        "timings_s": {k: round(v, 3) for k, v in probe.timings.items()},
+        "rows": len(frame),
+    }
+    return frame, record

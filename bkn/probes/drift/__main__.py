@@ -1,0 +1,186 @@
+"""``python -m bkn.probes.drift``: the drift probe's command line (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .. import cli
+from . import methods, setups
+from .sweep import ProbeConfig
+
+DEFAULT_SETUPS = [("synthetic", "linear-chain"), ("digits", "cifar-resnet20")]
+FULL_SETUPS = list(setups.INPUT_SIZE)
+DEFAULT_SIZES, FULL_SIZES = [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32, 64]
+DEFAULT_SEEDS, FULL_SEEDS = [0, 1, 2], [0, 1, 2, 3, 4]
+
+EPILOG = (
+    """
+what is measured (spec section 4): per method, normalization group size n, layer and seed,
+the statistics the method normalizes with in training mode (BN: the group's batch
+statistics; BKN: its posterior; BRN: its effective statistics; <method>-ema: the running
+estimates) against the layer's exact population statistics, as the median and 90th
+percentile over groups x channels of: mean_error |m_hat - m| / sqrt(v), var_logratio
+|log(v_hat / v)|, kl KL(N(m, v) || N(m_hat, v_hat)), and output_discrepancy
+||y_train - y_pop||^2 / ||y_pop||^2 (every method, GN and LN included).
+
+default run: setups synthetic/linear-chain (init) and digits/cifar-resnet20 (trained),
+group sizes 1,2,4,8,16, seeds 0,1,2, every method but 'in' and 'brn-scheduled'.
+--full: every setup (adds photos/cifar-resnet20, digits/resnet18, photos/resnet18), states
+init and trained, group sizes 1..64, seeds 0..4, every method but 'brn-scheduled' (the
+paper's schedule keeps BRN equal to BN for 5000 steps, far more than a unit's forwards:
+name it in --methods to measure it). The trained weights (a short seeded BN training run,
+bkn.training's engine) are cached under --cache.
+
+methods (bkn.methods, plus the probe's own estimators): """
+    + ", ".join(methods.names())
+    + """
+
+examples:
+  python -m bkn.probes.drift                                  # the default probe (minutes)
+  python -m bkn.probes.drift --full                           # the full sweep
+  python -m bkn.probes.drift --methods bn,bkn-official --group-sizes 2,4 --seeds 0 --data digits
+"""
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bkn.probes.drift",
+        description="The drift probe: how far each normalization method's statistics drift from the "
+        "population statistics, by normalization group size and depth. Writes tidy results to "
+        "OUT/drift.parquet and OUT/meta.json and prints a summary.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--full", action="store_true", help="the full sweep (all setups, group sizes 1..64, 5 seeds)")
+    cli.add_shared_flags(
+        p,
+        methods=f"default: {','.join(methods.DEFAULT_METHODS)}",
+        group_sizes=f"default {','.join(map(str, DEFAULT_SIZES))}; --full {','.join(map(str, FULL_SIZES))}",
+        seeds="micro-batch sampling and Monte-Carlo draws; default 0,1,2; --full 0..4",
+        threads=1,
+        threads_help="; the probe runs many small ops, and on a shared 2-core machine 2 threads ran it 6-10x slower",
+        out="results/accuracy",
+        check_methods=methods.resolve,
+    )
+    p.add_argument("--data", type=cli.name_list, help=f"only setups on these data ({', '.join(setups.DATA)})")
+    p.add_argument(
+        "--networks", type=cli.name_list, help=f"only setups with these networks ({', '.join(setups.NETWORKS)})"
+    )
+    p.add_argument(
+        "--states",
+        type=cli.name_list,
+        help="states of the real-data networks: init,trained (default trained; --full both)",
+    )
+    p.add_argument(
+        "--steps", type=cli.positive_int, default=10, help="measured training-mode forwards per unit (default 10)"
+    )
+    p.add_argument(
+        "--burn-in", type=cli.positive_int, default=20, help="warm-up forwards per unit before measuring (default 20)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        default=16,
+        help="samples per forward; the groups of n live in it (default 16, or n if larger)",
+    )
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of the network weights and training (default 0)")
+    p.add_argument("--cache", default="results/cache", help="weights cache folder (default results/cache)")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> ProbeConfig:
+    pairs = FULL_SETUPS if (args.full or args.data or args.networks) else DEFAULT_SETUPS
+    for name, known in (("data", setups.DATA), ("networks", setups.NETWORKS)):
+        unknown = [v for v in (getattr(args, name) or []) if v not in known]
+        if unknown:
+            raise ValueError(f"unknown {name} {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    if args.data:
+        pairs = [p for p in pairs if p[0] in args.data]
+    if args.networks:
+        pairs = [p for p in pairs if p[1] in args.networks]
+    if not args.full and not args.networks:  # a data filter alone keeps the default network per data
+        defaults = {d: n for d, n in DEFAULT_SETUPS}
+        defaults.setdefault("photos", "cifar-resnet20")
+        pairs = [p for p in pairs if defaults.get(p[0]) == p[1]]
+    if not pairs:
+        raise ValueError(
+            f"no setup matches --data {args.data} --networks {args.networks}; the setups are: "
+            + ", ".join(f"{d}/{n}" for d, n in FULL_SETUPS)
+        )
+    return ProbeConfig(
+        setups=pairs,
+        states=list(args.states or (["init", "trained"] if args.full else ["trained"])),
+        methods=list(args.methods or (methods.FULL_METHODS if args.full else methods.DEFAULT_METHODS)),
+        group_sizes=list(args.group_sizes or (FULL_SIZES if args.full else DEFAULT_SIZES)),
+        seeds=list(args.seeds or (FULL_SEEDS if args.full else DEFAULT_SEEDS)),
+        batch_size=args.batch_size,
+        burn_in=args.burn_in,
+        steps=args.steps,
+        weights_seed=args.weights_seed,
+        cache=args.cache,
+    )
+
+
+def print_summary(frame, record: dict) -> None:
+    from .summary import floor_table, format_table, real_data_table
+
+    real = real_data_table(frame)
+    if real is not None:
+        print(
+            "\nReal data: median over layers of the per-layer median, mean over seeds "
+            "(mean_error in population std; kl in nats), by group size"
+        )
+        print(format_table(real))
+    floor = floor_table(frame)
+    if floor is not None:
+        print(
+            "\nSynthetic linear-Gaussian chain: error / floor (best estimate from the group), "
+            "median over layers, mean over seeds, by group size"
+        )
+        print(format_table(floor))
+    if record["skipped"]:
+        reasons = {}
+        for s in record["skipped"]:
+            reasons.setdefault((s["method"], s["data"], s["group_size"]), s["reason"])
+        print(f"\nskipped {len(record['skipped'])} unit(s) (details in meta.json):")
+        for (method, data, n), reason in list(reasons.items())[:8]:
+            print(f"  {method} on {data} at group size {n}: {reason[:150]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        config = config_from(args)
+        config.validate()
+    except ValueError as err:
+        p.error(str(err))
+
+    import torch
+
+    from bkn.results import DRIFT
+
+    from . import run
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    try:
+        frame, record = run(config, progress=not args.no_progress)
+    except ValueError as err:
+        p.error(str(err))
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written; earlier results (if any) are left as they were", file=sys.stderr)
+        return 130
+    record["arguments"] = {k: (str(v) if k == "out" else v) for k, v in vars(args).items()}
+    record["argv"] = sys.argv[1:] if argv is None else list(argv)
+    parquet, meta = DRIFT.write(frame, record, args.out)
+    print_summary(frame, record)
+    print(f"\n{len(frame)} rows in {time.perf_counter() - started:.0f} s -> {parquet} (and {meta})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""What the drift probe measures: the registry's methods, and two estimators derived from them.
+
+A result's ``method`` value is one of
+
+* a :mod:`bkn.methods` name, with that method's options (``brn`` is rmax = 3, dmax = 5).
+  Every method with batch statistics is built with ``group_size = n``, so its statistics
+  come from groups of ``n`` samples inside one larger batch (spec 1.3); ``bn`` with one
+  group is ``torch.nn.BatchNorm2d`` bit for bit. Per-sample norms (``gn``, ``ln``, ``in``)
+  have only the output discrepancy defined;
+* ``<method>-ema`` (a method with batch statistics): the running (EMA) estimates that
+  method keeps for inference, after the probe's training-mode passes at the group size;
+* ``floor``: the synthetic chain's best achievable estimate (see :mod:`bkn.stats.synthetic`).
+
+``brn-scheduled`` is measured only when named in ``--methods``: the probe runs a few
+dozen forwards per unit, and the paper's schedule keeps BRN equal to BN for its first
+5000 steps, so by default its rows would repeat ``bn``'s.
+"""
+
+from __future__ import annotations
+
+from bkn import methods as registry
+
+EMA = registry.EMA_SUFFIX
+FLOOR = "floor"
+ON_REQUEST = ("brn-scheduled", "brn-scheduled" + EMA)  # not in the default or --full lists (see above)
+
+# The unit kinds: one network run measures a batch method and its "-ema" twin together.
+BATCH, PER_SAMPLE, FLOOR_KIND = "batch", "per_sample", "floor"
+
+
+def names() -> tuple[str, ...]:
+    """Every name the probe measures, in legend order: registry methods, their ``-ema`` twins, ``floor``."""
+    batch = [m.name for m in registry.resolve(registry.names()) if m.uses_groups]
+    return registry.names() + tuple(name + EMA for name in batch) + (FLOOR,)
+
+
+FULL_METHODS = tuple(name for name in names() if name not in ON_REQUEST)
+DEFAULT_METHODS = tuple(name for name in FULL_METHODS if name != "in")  # IN: --full or --methods
+
+
+def base(name: str) -> registry.Method | None:
+    """The registry method whose network measures ``name`` (itself, or the method of ``<m>-ema``; None for
+    ``floor``); ``ValueError`` naming the known names for anything else."""
+    if name == FLOOR:
+        return None
+    if name.endswith(EMA) and name[: -len(EMA)] in registry.names():
+        method = registry.get(name[: -len(EMA)])
+        if not method.uses_groups:
+            raise ValueError(
+                f"{name!r}: {method.name} keeps no running estimates (it normalizes each sample "
+                f"with its own statistics); '-ema' names exist for methods with batch statistics"
+            )
+        return method
+    try:
+        return registry.get(name)
+    except ValueError as err:
+        raise ValueError(
+            f"{err}; the drift probe also measures '<method>{EMA}' (the running estimates of a method with "
+            f"batch statistics) and '{FLOOR}' (synthetic chain)"
+        ) from None
+
+
+def kind(name: str) -> str:
+    """``"batch"`` for a method with batch statistics or its ``-ema`` twin, ``"per_sample"``, ``"floor"``."""
+    method = base(name)
+    if method is None:
+        return FLOOR_KIND
+    return BATCH if method.uses_groups else PER_SAMPLE
+
+
+def resolve(requested) -> list[str]:
+    """The requested names in legend order, without duplicates; ``ValueError`` for an unknown name or none."""
+    requested = list(requested)
+    for name in requested:
+        base(name)
+    if not requested:
+        raise ValueError(f"no methods given; known methods: {', '.join(names())}")
+    return [name for name in names() if name in set(requested)]

@@ -1,0 +1,213 @@
+"""Data sets, networks and the cached short training run of the drift probe.
+
+Setups (data x network) and input sizes:
+
+    synthetic x linear-chain     the linear-Gaussian chain (32 channels, 8 norms, 4x4 positions)
+    digits    x cifar-resnet20   scikit-learn's digits, upsampled to 16x16, grey repeated to RGB
+    digits    x resnet18         the same at 32x32 (torchvision ResNet-18: 1x1 at its last stage)
+    photos    x cifar-resnet20   1024 random 32x32 crops of the sample photographs
+    photos    x resnet18         1024 random 64x64 crops
+
+States: ``init`` (seeded initialisation) and ``trained`` (a short seeded training run of
+the network with torch's BatchNorm by :func:`bkn.training.train_epochs`, the engine the
+training probe uses too; weights cached under ``<cache>/accuracy/``). Every method's
+network is then built with the *same* weights: the CIFAR ResNet is constructed with the
+method's norm and loads the BN network's state dict; torchvision and the chain are
+converted with :meth:`bkn.methods.Method.convert`, which copies weights. So the trained
+state is "trained with BN, then measured with each method's statistics"; the synthetic
+chain has no ``trained`` state.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import pathlib
+import time
+from typing import Union
+
+import torch
+from torch import nn
+
+from bkn import methods as registry
+from bkn import training
+from bkn.data import Dataset, digits_dataset, photos_dataset
+from bkn.models import cifar_resnet
+from bkn.results import atomic_path
+from bkn.stats import LinearGaussianChain, population_statistics
+
+DATA = ("synthetic", "digits", "photos")
+NETWORKS = ("linear-chain", "cifar-resnet20", "resnet18")
+STATES = ("init", "trained")
+INPUT_SIZE = {
+    ("synthetic", "linear-chain"): 4,
+    ("digits", "cifar-resnet20"): 16,
+    ("digits", "resnet18"): 32,
+    ("photos", "cifar-resnet20"): 32,
+    ("photos", "resnet18"): 64,
+}
+PHOTO_CROPS = 1024
+
+# The short training run behind the "trained" state (its hash keys the weight cache; "batch_size" is the SGD
+# batch). "final_loss" in the record is the mean cross-entropy of the last 20 steps.
+TRAINING = {
+    "norm": "torch BatchNorm2d",
+    "batch_size": 32,
+    "steps": 300,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "schedule": "cosine",
+    "loss": "cross-entropy",
+    "version": 1,
+}
+FINAL_LOSS_STEPS = 20
+
+Source = Union[Dataset, LinearGaussianChain]  # where a setup's micro-batches come from: both have .sample()
+
+
+def size(source: Source) -> float:
+    """Number of samples (infinite for the synthetic chain, whose samples are drawn fresh)."""
+    return math.inf if isinstance(source, LinearGaussianChain) else len(source)
+
+
+def population(source: Source, model: nn.Module, per_sample: bool) -> dict:
+    """The exact population statistics of ``model``'s layers: in closed form on the chain, over the whole
+    data set (in batches of 256) otherwise."""
+    if isinstance(source, LinearGaussianChain):
+        return source.population_statistics(model, per_sample=per_sample)
+    return population_statistics(model, [x for x, _ in source.batches(256)], per_sample=per_sample)
+
+
+def check_pair(data: str, network: str) -> None:
+    if data not in DATA:
+        raise ValueError(f"unknown data {data!r}; known: {', '.join(DATA)}")
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}; known: {', '.join(NETWORKS)}")
+    if (data, network) not in INPUT_SIZE:
+        pairs = ", ".join(f"{d}/{n}" for d, n in INPUT_SIZE)
+        raise ValueError(f"network {network!r} does not run on data {data!r}; the setups are: {pairs}")
+
+
+def load_source(data: str, network: str) -> Source:
+    """The setup's data: the chain, all 1797 digits (3 channels), or the photograph crops."""
+    check_pair(data, network)
+    side = INPUT_SIZE[(data, network)]
+    if data == "synthetic":
+        return LinearGaussianChain(spatial=(side, side))
+    if data == "digits":
+        return digits_dataset("all", size=side, channels=3, seed=0)
+    return photos_dataset(size=side, count=PHOTO_CROPS, seed=0)
+
+
+# -- networks -----------------------------------------------------------------------------
+
+
+def base_network(network: str, source: Source, seed: int) -> nn.Module:
+    """The network with torch's BatchNorm, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    if network == "linear-chain":
+        return source.model()
+    if network == "cifar-resnet20":
+        return cifar_resnet(20, "bn", num_classes=source.num_classes)
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=source.num_classes)
+
+
+def method_network(network: str, base: nn.Module, method: registry.Method, group_size: int) -> nn.Module:
+    """``base`` with ``method``'s normalization layers (same weights), in training mode."""
+    if network == "cifar-resnet20":
+        num_classes = base.fc.out_features
+        model = cifar_resnet(20, method.norm, num_classes=num_classes, **method.layer_options(group_size))
+        load_weights(model, base.state_dict())
+    else:
+        model = method.convert(copy.deepcopy(base), group_size)
+    return model.train()
+
+
+def load_weights(model: nn.Module, state: dict) -> None:
+    """Load a BN network's state dict into the same architecture with other norms.
+
+    Every parameter must be loaded; the only keys allowed to differ are buffers (running
+    estimates that GN/LN lack, BRN's moving std and BKN's gain statistics, which the
+    receiving layers derive or start fresh).
+    """
+    result = model.load_state_dict(state, strict=False)
+    params = {name for name, _ in model.named_parameters()}
+    missing = [k for k in result.missing_keys if k in params]
+    unexpected = [
+        k for k in result.unexpected_keys if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    ]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit: missing parameters {missing}, unexpected keys {unexpected}")
+
+
+# -- the trained state: a short seeded training run, cached -----------------------------
+
+
+def _cache_file(cache_dir: pathlib.Path, network: str, data: str, seed: int) -> tuple[pathlib.Path, dict]:
+    config = {
+        "network": network,
+        "data": data,
+        "input_size": INPUT_SIZE[(data, network)],
+        "seed": seed,
+        "photo_crops": PHOTO_CROPS if data == "photos" else None,
+        **TRAINING,
+    }
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir / "accuracy" / f"{network}-{data}-seed{seed}-{key}.pt", config
+
+
+def trained_network(
+    network: str, data: Source, seed: int, cache_dir: str | pathlib.Path, progress: bool = False
+) -> tuple[nn.Module, dict]:
+    """The BN network after the short training run; read from the cache or trained and cached (atomically).
+
+    Returns the model and a record ``{"cache": path, "cached": bool, "config": ..., "final_loss": ...}``.
+    """
+    if not isinstance(data, Dataset):
+        raise ValueError("the synthetic chain has no trained state (its weights define the truth)")
+    path, config = _cache_file(pathlib.Path(cache_dir), network, data.name, seed)
+    model = base_network(network, data, seed)
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("config") == config:
+            model.load_state_dict(saved["state_dict"])
+            return model, {"cache": str(path), "cached": True, "config": config, "final_loss": saved["final_loss"]}
+    started = time.perf_counter()
+    final_loss = train(model, data, seed, progress)
+    with atomic_path(path) as tmp:
+        torch.save({"config": config, "state_dict": model.state_dict(), "final_loss": final_loss}, tmp)
+    return model, {
+        "cache": str(path),
+        "cached": False,
+        "config": config,
+        "final_loss": final_loss,
+        "train_s": round(time.perf_counter() - started, 2),
+    }
+
+
+def train(model: nn.Module, data: Dataset, seed: int, progress: bool = False) -> float:
+    """:data:`TRAINING`'s run of ``model`` (built from ``seed`` just before); returns its final loss."""
+    recipe = training.Recipe(
+        batch_size=TRAINING["batch_size"],
+        lr=TRAINING["lr"],
+        momentum=TRAINING["momentum"],
+        weight_decay=TRAINING["weight_decay"],
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=TRAINING["steps"], desc="training (cached afterwards)", unit="step", leave=False)
+    try:
+        epochs = training.train_epochs(model, data, recipe, TRAINING["steps"], seed, bar.update if bar else None)
+        losses = [loss.item() for epoch in epochs for loss in epoch.losses]
+    finally:
+        if bar is not None:
+            bar.close()
+    tail = losses[-FINAL_LOSS_STEPS:]
+    return sum(tail) / len(tail)

@@ -1,0 +1,162 @@
+"""One run of the training probe: the CIFAR ResNet with one method at one group size from one seed.
+
+Every run uses the same recipe (no per-method tuning) and the engine of
+:func:`bkn.training.train_epochs`, and returns tidy rows per epoch::
+
+    train_loss        mean cross-entropy over the epoch's SGD steps (training mode)
+    test_acc          test accuracy with the method's own inference statistics
+                      (running estimates for BN/BKN/BRN; GN/LN have none)
+    step_time_s       mean wall time of one SGD step (forward, backward, optimizer step)
+    test_acc_precise  test accuracy after replacing the running estimates by the exact
+                      population statistics of the training set (PreciseBN-style,
+                      :func:`bkn.training.precise_accuracy`), on a copy of the model;
+                      after the last epoch (``precise="last"``), every epoch (``"every"``)
+                      or never (``"none"``)
+
+``test_acc`` vs ``test_acc_precise`` separates the two ways a micro-batch hurts a
+batch-dependent norm: the network it trains (both low) and the running estimates it
+keeps for inference (only ``test_acc`` low). GN and LN normalize each sample with its
+own statistics, so their precise accuracy *is* their accuracy (copied, not recomputed).
+
+Reproducibility: :func:`train_model` seeds torch's global RNG with the run's seed before
+building the model (weight init) and keeps it for the Monte-Carlo draws of BKN's
+``official`` transition; the engine draws the data order from its own generator seeded
+with the same seed; evaluations run under ``torch.random.fork_rng`` so they never shift
+the training draws. On the CPU with a fixed thread count two runs with the same seed are
+bit-for-bit identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from bkn import methods as registry
+from bkn import training
+from bkn.data import Dataset
+from bkn.models import cifar_resnet
+
+PRECISE = ("last", "every", "none")  # when to measure test_acc_precise
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run's recipe; identical for every method except ``method`` and ``group_size``.
+
+    ``method``: a :mod:`bkn.methods` name. ``group_size`` is ignored (and should be the SGD
+    batch) for methods without groups. Optimizer: :class:`bkn.training.Recipe` (SGD with
+    momentum and weight decay, cosine decay of the learning rate to 0 over the run).
+    """
+
+    method: str = "bn"
+    group_size: int = 64
+    seed: int = 0
+    epochs: int = 12
+    batch_size: int = 64
+    depth: int = 8
+    width: int = 16
+    image_size: int = 16
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eval_batch_size: int = 512
+    precise: str = "last"
+
+    def __post_init__(self):
+        registry.get(self.method)
+        if self.precise not in PRECISE:
+            raise ValueError(f"TrainConfig: precise must be one of {', '.join(PRECISE)}, got {self.precise!r}")
+        for name in ("epochs", "batch_size", "group_size", "width", "image_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        if self.uses_groups and self.batch_size % self.group_size:
+            raise ValueError(
+                f"TrainConfig: group_size={self.group_size} must divide the SGD batch size {self.batch_size} "
+                f"(method {self.method!r})"
+            )
+        _ = self.recipe  # ValueError for a bad lr, momentum or weight decay
+
+    @property
+    def uses_groups(self) -> bool:
+        return registry.get(self.method).uses_groups
+
+    @property
+    def recipe(self) -> training.Recipe:
+        return training.Recipe(self.batch_size, self.lr, self.momentum, self.weight_decay)
+
+    @property
+    def recorded_group_size(self) -> int:
+        """The ``group_size`` a row records: the SGD batch for methods without groups."""
+        return self.group_size if self.uses_groups else self.batch_size
+
+
+def make_model(config: TrainConfig, in_channels: int, num_classes: int, total_steps: int) -> nn.Module:
+    """The CIFAR ResNet of ``config`` with its method's norm (call after seeding: it draws the weights).
+
+    ``total_steps`` scales a scheduled method's schedule to the run (``brn-scheduled``: BN
+    for the first 1/8 of the steps, limits fully relaxed at the end).
+    """
+    method = registry.get(config.method)
+    options = method.layer_options(config.group_size, total_steps)
+    return cifar_resnet(
+        config.depth, method.norm, in_channels=in_channels, num_classes=num_classes, width=config.width, **options
+    )
+
+
+def train_run(
+    config: TrainConfig, train: Dataset, test: Dataset, on_step: Callable[[], None] | None = None
+) -> list[dict]:
+    """Train one model from scratch; return tidy rows ``{method, group_size, batch_size, seed, epoch, metric,
+    value}``."""
+    return train_model(config, train, test, on_step)[1]
+
+
+def train_model(
+    config: TrainConfig, train: Dataset, test: Dataset, on_step: Callable[[], None] | None = None
+) -> tuple[nn.Module, list[dict]]:
+    """Train one model from scratch; return it (in training mode) and the tidy rows of :func:`train_run`.
+
+    ``on_step`` is called after every SGD step (a progress bar's update). The last
+    incomplete batch of an epoch is dropped so that every group has ``group_size`` samples.
+    """
+    if tuple(train.images.shape[-2:]) != (config.image_size,) * 2:
+        raise ValueError(
+            f"train_model: config.image_size={config.image_size} but the training images are "
+            f"{tuple(train.images.shape[-2:])}; load the data at the configured size"
+        )
+    if len(train) < config.batch_size:
+        raise ValueError(f"train_model: batch_size={config.batch_size} exceeds the {len(train)} training samples")
+    total_steps = training.steps_per_epoch(train, config.batch_size) * config.epochs
+    torch.manual_seed(config.seed)  # weights now, BKN's Monte-Carlo draws during training
+    model = make_model(config, train.images.shape[1], train.num_classes, total_steps)
+    rows: list[dict] = []
+
+    def record(epoch: int, metric: str, value: float) -> None:
+        rows.append(
+            {
+                "method": config.method,
+                "group_size": config.recorded_group_size,
+                "batch_size": config.batch_size,
+                "seed": config.seed,
+                "epoch": epoch,
+                "metric": metric,
+                "value": float(value),
+            }
+        )
+
+    for epoch in training.train_epochs(model, train, config.recipe, total_steps, config.seed, on_step):
+        record(epoch.number, "train_loss", epoch.mean_loss)
+        record(epoch.number, "step_time_s", epoch.seconds / len(epoch.losses))
+        with torch.random.fork_rng():  # evaluation must not shift the training run's random draws
+            acc = training.accuracy(model, test, config.eval_batch_size)
+            record(epoch.number, "test_acc", acc)
+            if config.precise == "every" or (config.precise == "last" and epoch.number == config.epochs):
+                precise = (
+                    training.precise_accuracy(model, train, test, config.eval_batch_size) if config.uses_groups else acc
+                )
+                record(epoch.number, "test_acc_precise", precise)
+    return model, rows
