@@ -32,7 +32,7 @@ alone (they normalize each sample as usual and nothing is returned for them). Wi
 ``per_sample=True`` they get the statistics that play the same role: the moments over
 the axes each of their groups normalizes over (channels of the group and positions),
 pooled over the whole data set, returned per channel (equal within a group); the
-accuracy probes use these for the output discrepancy of GN and LN.
+drift probe uses these for the output discrepancy of GN and LN.
 """
 
 from __future__ import annotations

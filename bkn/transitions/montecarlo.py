@@ -8,7 +8,7 @@ next convolution with shared weights, pooling, residual sums), and take the
 per-channel mean and biased variance of the result over spatial positions as the
 next layer's prior. Gradients flow through the shared weights and the posterior.
 
-Known weak points (kept on purpose; the accuracy probes must be able to show them):
+Known weak points (kept on purpose; the drift probe must be able to show them):
 pre-normalization statistics and no gamma/beta, few spatial positions (noisy), and
 independence across positions and channels.
 """
