@@ -23,7 +23,7 @@ def _verdict_table(frame: pd.DataFrame) -> list[dict]:
                 "ratio": "–" if pd.isna(r["ratio"]) else f"{r['ratio']:.3f}",
                 "p": "–" if pd.isna(r["p_value"]) else f"{r['p_value']:.2g}",
                 "significant": "–" if pd.isna(r["significant"]) else ("yes" if r["significant"] else "no"),
-                "method": r["test"],
+                "test": r["test"],
                 "verdict": r["verdict"],
             }
         )
