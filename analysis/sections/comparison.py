@@ -10,7 +10,7 @@ from .base import BENCH_COMMANDS, MAX_TABLE_ROWS, Inputs, Section, human, short_
 
 
 def _verdict_table(frame: pd.DataFrame) -> list[dict]:
-    """Rows for the template's verdict table (its "test" column reads the key ``method``)."""
+    """Rows for the template's verdict table."""
     records = []
     for _, r in frame.iterrows():
         records.append(
