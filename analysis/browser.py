@@ -232,6 +232,29 @@ def _describe(event: dict) -> str | None:
     return None
 
 
+def _save_screenshot(tools, session, target: pathlib.Path, page_height, width, max_height, timeout) -> None:
+    """The whole page as a PNG (atomically); a page taller than ``max_height`` is scaled down to fit, not cut."""
+    height = int(max(page_height, 600))
+    scale = min(1.0, max_height / height)
+    tools.send(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": min(height, 4000), "deviceScaleFactor": 1, "mobile": False},
+        session=session,
+    )
+    shot = tools.send(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": scale},
+        },
+        session=session,
+        timeout=timeout,
+    )
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(base64.b64decode(shot["data"]))
+
+
 def check_page(
     html: pathlib.Path,
     screenshot: pathlib.Path | None,
@@ -289,26 +312,7 @@ def check_page(
                 if problem:
                     errors.append(problem)
             if screenshot is not None:
-                # The whole page; a page taller than max_height is scaled down to fit rather than cut.
-                height = int(max(images["height"], 600))
-                scale = min(1.0, max_height / height)
-                tools.send(
-                    "Emulation.setDeviceMetricsOverride",
-                    {"width": width, "height": min(height, 4000), "deviceScaleFactor": 1, "mobile": False},
-                    session=session,
-                )
-                shot = tools.send(
-                    "Page.captureScreenshot",
-                    {
-                        "format": "png",
-                        "captureBeyondViewport": True,
-                        "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": scale},
-                    },
-                    session=session,
-                    timeout=timeout,
-                )
-                with atomic_path(pathlib.Path(screenshot)) as tmp:
-                    tmp.write_bytes(base64.b64decode(shot["data"]))
+                _save_screenshot(tools, session, pathlib.Path(screenshot), images["height"], width, max_height, timeout)
         finally:
             tools.close()
     return {

@@ -26,10 +26,10 @@ import sys
 import jinja2
 import markupsafe
 
-from .asv_results import load_asv_results
-from .messages import Messages
 from bkn.results import atomic_path
 
+from .asv_results import load_asv_results
+from .messages import Messages
 from .probes import load_drift, load_training
 from .regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 from .sections import SECTIONS, Inputs, Section, build

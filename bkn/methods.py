@@ -92,7 +92,9 @@ def _method(name, norm, label, colour, about, options=None, **kw) -> Method:
 
 # The order here is the order of every legend and table. Colours: matplotlib's tab10, then Dark2.
 _TABLE = (
-    _method("bn", "bn", "BN", "#1f77b4", "BatchNorm: the group's batch statistics (torch's BatchNorm2d when one group)"),
+    _method(
+        "bn", "bn", "BN", "#1f77b4", "BatchNorm: the group's batch statistics (torch's BatchNorm2d when one group)"
+    ),
     _method(
         "bkn-official",
         "bkn",

@@ -63,31 +63,8 @@ def _median_stats(samples: np.ndarray, number: int) -> dict:
     }
 
 
-def write_asv_results(
-    root: pathlib.Path,
-    benches: list[Bench],
-    truth: Callable[[int, Bench, tuple], float],
-    *,
-    commits: int = 2,
-    samples: int = 10,
-    sigma: float = 0.03,
-    outliers: float = 0.05,
-    seed: int = 0,
-    machine: str = MACHINE,
-    env: str = ENV,
-    first_date_ms: int = 1_700_000_000_000,
-    skip: Callable[[Bench, tuple], bool] = lambda b, c: False,
-    draw: Callable | None = None,
-) -> list[str]:
-    """Write benchmarks.json, machine.json and one result file per commit; return the commit hashes.
-
-    ``truth(commit_index, bench, combo)`` is the true time; ``NaN`` from it means "skipped",
-    ``None`` means "failed". ``samples=1`` mimics ``asv run --quick``. ``draw(rng, true, n)``, when given,
-    replaces the noise model.
-    """
-    root = pathlib.Path(root)
-    (root / machine).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+def _write_descriptions(root: pathlib.Path, benches: list[Bench], machine: str) -> None:
+    """benchmarks.json and <machine>/machine.json, as asv writes them."""
     described = {}
     for b in benches:
         described[b.name] = {
@@ -113,45 +90,79 @@ def write_asv_results(
         "version": 1,
     }
     (root / machine / "machine.json").write_text(json.dumps(machine_info))
+
+
+def _result_row(b: Bench, commit: int, truth, skip, draw, rng, samples, sigma, outliers, started_ms) -> list:
+    """One benchmark's result row of one commit (asv 0.6 column order, trailing Nones dropped)."""
+    values, stats, sample_lists = [], [], []
+    for combo in b.combos():
+        true = math.nan if skip(b, combo) else truth(commit, b, combo)
+        if true is None or (isinstance(true, float) and math.isnan(true)):
+            values.append(true)
+            stats.append(None)
+            sample_lists.append(None)
+            continue
+        if draw is not None:
+            s = np.asarray(draw(rng, true, samples), dtype=float)
+        else:
+            s = true * np.exp(rng.normal(0.0, sigma, size=samples))
+            bumped = rng.random(samples) < outliers
+            s[bumped] *= rng.uniform(1.5, 3.0, size=bumped.sum())
+        values.append(float(np.median(s)))
+        stats.append(_median_stats(s, number=5))
+        sample_lists.append([float(x) for x in s])
+    row = {
+        "result": values,
+        "params": [[repr(v) for v in values_] for values_ in b.params],
+        "version": b.version,
+        "started_at": started_ms,
+        "duration": 1.0,
+    }
+    for key in ("ci_99_a", "ci_99_b", "q_25", "q_75", "number", "repeat"):
+        column = [None if st is None else st[key] for st in stats]
+        row[f"stats_{key}"] = None if all(v is None for v in column) else column
+    row["samples"] = None if all(v is None for v in sample_lists) else sample_lists
+    row["profile"] = None
+    ordered = [row[c] for c in ALL_COLUMNS]
+    while ordered and ordered[-1] is None:
+        ordered.pop()
+    return ordered
+
+
+def write_asv_results(
+    root: pathlib.Path,
+    benches: list[Bench],
+    truth: Callable[[int, Bench, tuple], float],
+    *,
+    commits: int = 2,
+    samples: int = 10,
+    sigma: float = 0.03,
+    outliers: float = 0.05,
+    seed: int = 0,
+    machine: str = MACHINE,
+    env: str = ENV,
+    first_date_ms: int = 1_700_000_000_000,
+    skip: Callable[[Bench, tuple], bool] = lambda b, c: False,
+    draw: Callable | None = None,
+) -> list[str]:
+    """Write benchmarks.json, machine.json and one result file per commit; return the commit hashes.
+
+    ``truth(commit_index, bench, combo)`` is the true time; ``NaN`` from it means "skipped",
+    ``None`` means "failed". ``samples=1`` mimics ``asv run --quick``. ``draw(rng, true, n)``, when given,
+    replaces the noise model.
+    """
+    root = pathlib.Path(root)
+    (root / machine).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    _write_descriptions(root, benches, machine)
     hashes = []
     for i in range(commits):
         h = commit_hash(i)
         hashes.append(h)
-        results = {}
-        for b in benches:
-            values, stats, sample_lists = [], [], []
-            for combo in b.combos():
-                true = math.nan if skip(b, combo) else truth(i, b, combo)
-                if true is None or (isinstance(true, float) and math.isnan(true)):
-                    values.append(true)
-                    stats.append(None)
-                    sample_lists.append(None)
-                    continue
-                if draw is not None:
-                    s = np.asarray(draw(rng, true, samples), dtype=float)
-                else:
-                    s = true * np.exp(rng.normal(0.0, sigma, size=samples))
-                    bumped = rng.random(samples) < outliers
-                    s[bumped] *= rng.uniform(1.5, 3.0, size=bumped.sum())
-                values.append(float(np.median(s)))
-                stats.append(_median_stats(s, number=5))
-                sample_lists.append([float(x) for x in s])
-            row = {
-                "result": values,
-                "params": [[repr(v) for v in values_] for values_ in b.params],
-                "version": b.version,
-                "started_at": first_date_ms + 1000 * i,
-                "duration": 1.0,
-            }
-            for key in ("ci_99_a", "ci_99_b", "q_25", "q_75", "number", "repeat"):
-                column = [None if st is None else st[key] for st in stats]
-                row[f"stats_{key}"] = None if all(v is None for v in column) else column
-            row["samples"] = None if all(v is None for v in sample_lists) else sample_lists
-            row["profile"] = None
-            ordered = [row[c] for c in ALL_COLUMNS]
-            while ordered and ordered[-1] is None:
-                ordered.pop()
-            results[b.name] = ordered
+        results = {
+            b.name: _result_row(b, i, truth, skip, draw, rng, samples, sigma, outliers, first_date_ms + 1000 * i)
+            for b in benches
+        }
         data = {
             "commit_hash": h,
             "env_name": env,
@@ -297,3 +308,25 @@ def write_probes(results: pathlib.Path, drift: bool = True, training: bool = Tru
         DRIFT.write(drift_frame(), env, DRIFT.path(results).parent)
     if training:
         TRAINING.write(training_frame(), env, TRAINING.path(results).parent)
+
+
+# -- a planted change between two commits --------------------------------------------------------
+PLANTED = {METHOD_PARAM: "gn", GROUP_PARAM: 4, "shape": "512x7x7"}
+
+
+def _is_planted(bench: Bench, combo: tuple) -> bool:
+    named = dict(zip(bench.param_names, combo))
+    return bench.name.endswith(".time_forward") and all(named.get(k) == v for k, v in PLANTED.items())
+
+
+def planted_truth(slowdown: float = 1.3, small_shift: float = 1.04):
+    """Head commit: the planted benchmark 30% slower; a few others really 4% faster (below the threshold)."""
+    def truth(commit, bench, combo):
+        t = method_truth(commit, bench, combo)
+        named = dict(zip(bench.param_names, combo))
+        if commit == 1 and _is_planted(bench, combo):
+            t *= slowdown
+        elif commit == 1 and named.get(METHOD_PARAM) == "ln" and bench.type == "time":
+            t /= small_shift
+        return t
+    return truth

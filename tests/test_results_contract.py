@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 
+import analysis_fixtures as af
 import pandas as pd
 import pytest
 
-import analysis_fixtures as af
 from analysis.messages import Messages
 from analysis.probes import load_drift
 from bkn import results
