@@ -6,6 +6,8 @@ outside the matrix is a ``ValueError`` naming what was expected.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .matrix import skip
@@ -55,3 +57,25 @@ def torch_memory_format(memory_format: str, rank: int) -> torch.memory_format:
             skip(f"channels_last is defined for 4-d tensors only (this input is {rank}-d)")
         return torch.channels_last
     raise ValueError(f"memory_format must be 'contiguous' or 'channels_last', got {memory_format!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """A benchmark input's decoded parameters: per-sample dims, device, dtype and memory format."""
+
+    dims: tuple[int, ...]
+    device: torch.device
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+
+    def randn(self, group_size: int, generator: torch.Generator) -> torch.Tensor:
+        """A seeded standard-normal input of ``group_size`` samples, on the device, in the dtype and layout."""
+        x = torch.randn((group_size, *self.dims), generator=generator)
+        return x.to(device=self.device, dtype=self.dtype).contiguous(memory_format=self.memory_format)
+
+
+def decode_input(shape: str, device: str, dtype: str, memory_format: str) -> Input:
+    """The four input parameters decoded together (each may skip, see the functions above)."""
+    dims = parse_shape(shape)
+    torch_dev = torch_device(device)
+    return Input(dims, torch_dev, torch_dtype(dtype, torch_dev), torch_memory_format(memory_format, 1 + len(dims)))

@@ -9,7 +9,7 @@ import torch
 from bkn import methods
 from bkn.methods import Method
 
-from .decode import parse_shape, torch_device, torch_dtype, torch_memory_format
+from .decode import decode_input
 from .matrix import SEED, check_pruned, reraise_unsupported, skip
 from .prior import KalmanPrior
 from .process import configure_threads
@@ -58,10 +58,8 @@ class LayerCase:
     ):
         configure_threads()
         method = methods.get(method)
-        dims = parse_shape(shape)
-        self.device = torch_device(device)
-        self.dtype = torch_dtype(dtype, self.device)
-        fmt = torch_memory_format(memory_format, 1 + len(dims))
+        spec = decode_input(shape, device, dtype, memory_format)
+        dims, fmt, self.device, self.dtype = spec.dims, spec.memory_format, spec.device, spec.dtype
         if prune:
             check_pruned(group_size, dims, self.device, dtype, memory_format)
         check_runnable(method, group_size, dims, training)
@@ -81,8 +79,7 @@ class LayerCase:
             if fmt is not torch.contiguous_format:
                 m.to(memory_format=fmt)
             m.train(training)
-        x = torch.randn((group_size, *dims), generator=gen)
-        self.x = x.to(device=self.device, dtype=self.dtype).contiguous(memory_format=fmt)
+        self.x = spec.randn(group_size, gen)
         self.grad_out = torch.randn_like(self.x).contiguous(memory_format=fmt)
         if self.prior is not None:
             self.prior.match_posterior_dtype(self.layer, self.x)

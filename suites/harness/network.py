@@ -7,7 +7,7 @@ from torch import nn
 
 from bkn import methods
 
-from .decode import parse_shape, torch_device, torch_dtype, torch_memory_format
+from .decode import decode_input
 from .matrix import SEED, check_network_pruned, reraise_unsupported, skip
 from .process import configure_threads
 from .timing import synchronize
@@ -36,18 +36,15 @@ class NetworkCase:
     ):
         configure_threads()
         method = methods.get(method)
-        dims = parse_shape(shape)
-        self.device = torch_device(device)
-        self.dtype = torch_dtype(dtype, self.device)
-        fmt = torch_memory_format(memory_format, 1 + len(dims))
+        spec = decode_input(shape, device, dtype, memory_format)
+        dims, fmt, self.device, self.dtype = spec.dims, spec.memory_format, spec.device, spec.dtype
         if prune:
             check_network_pruned(group_size, dims, self.device, dtype, memory_format)
         torch.manual_seed(SEED)
         model = build(method)
         self.model = model.to(device=self.device, dtype=self.dtype, memory_format=fmt).train()
         gen = torch.Generator().manual_seed(SEED)
-        x = torch.randn((group_size, *dims), generator=gen)
-        self.x = x.to(device=self.device, dtype=self.dtype).contiguous(memory_format=fmt)
+        self.x = spec.randn(group_size, gen)
         self.y = torch.randint(0, num_classes, (group_size,), generator=gen).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .decode import parse_shape, torch_device, torch_dtype, torch_memory_format
+from .decode import decode_input
 from .matrix import SEED, check_pruned
 from .process import configure_threads
 from .timing import synchronize
@@ -19,15 +19,11 @@ class TensorCase:
 
     def __init__(self, group_size: int, shape: str, device: str, dtype: str, memory_format: str, prune: bool = True):
         configure_threads()
-        dims = parse_shape(shape)
-        self.device = torch_device(device)
-        self.dtype = torch_dtype(dtype, self.device)
-        fmt = torch_memory_format(memory_format, 1 + len(dims))
+        spec = decode_input(shape, device, dtype, memory_format)
+        self.device, self.dtype = spec.device, spec.dtype
         if prune:
-            check_pruned(group_size, dims, self.device, dtype, memory_format)
-        gen = torch.Generator().manual_seed(SEED)
-        x = torch.randn((group_size, *dims), generator=gen)
-        self.src = x.to(device=self.device, dtype=self.dtype).contiguous(memory_format=fmt)
+            check_pruned(group_size, spec.dims, self.device, dtype, memory_format)
+        self.src = spec.randn(group_size, torch.Generator().manual_seed(SEED))
         self.dst = torch.empty_like(self.src)
         self.nbytes = self.src.numel() * self.src.element_size()
 
