@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bkn import BatchKalmanNorm2d, BatchRenorm2d
-from bkn.layers import _function, _native, renorm
+from bkn.layers import _function, _native, _renorm_function
 
 F64 = torch.float64
 
@@ -254,7 +254,13 @@ def test_compiled_path_is_used_for_float_cpu_layers(native, monkeypatch):
     BatchKalmanNorm2d(3)(torch.randn(4, 3, 2, 2), prior=(torch.zeros(3), torch.ones(3))).sum().backward()
     BatchRenorm2d(3, rmax=2.0, dmax=1.0)(torch.randn(4, 3, 2, 2)).sum().backward()
     assert calls == ["kalman_norm", "renorm"]
-    assert renorm._NUMPY_FAST_PATH  # the numpy path stays the fallback
+    # Without the compiled kernels the layers fall back to the Python Functions.
+    monkeypatch.setattr(_native, "load", lambda: None)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    y_kalman = BatchKalmanNorm2d(3)(x, prior=(torch.zeros(3), torch.ones(3)))
+    y_renorm = BatchRenorm2d(3, rmax=2.0, dmax=1.0)(x)
+    assert isinstance(y_kalman.grad_fn, _function._NormalizeWithStats._backward_cls)
+    assert isinstance(y_renorm.grad_fn, _renorm_function.Renorm._backward_cls)
 
 
 @pytest.mark.skipif(os.environ.get(_native.ENV_SWITCH, "1") == "0", reason="compiled kernels off")

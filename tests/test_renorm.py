@@ -12,31 +12,29 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.func import functional_call
 
-from bkn.layers import _native, renorm
+from bkn.layers import _native
 from bkn.layers.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
 
 CLASSES = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
 TORCH_BN = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 
 
-PATHS = ("compiled", "numpy", "torch")
+PATHS = ("compiled", "torch")
 
 
 @contextlib.contextmanager
 def use_path(name: str):
-    """One group on the CPU: ``compiled`` (bkn/csrc/fused_norm.cpp, the default), ``numpy`` (the
-    Python Function with numpy algebra, used where the compiled kernels are off) or ``torch``
-    (the torch algebra, the GPU path)."""
-    load, fast = _native.load, renorm._NUMPY_FAST_PATH
+    """``compiled`` (bkn/csrc/fused_norm.cpp, the default on the CPU) or ``torch`` (the Python
+    autograd Functions: the reference, the path on GPUs and the fallback)."""
+    load = _native.load
     if name == "compiled" and load() is None:
         pytest.skip("the compiled kernels are off (BKN_NATIVE=0) or could not be built")
     if name != "compiled":
         _native.load = lambda: None
-    renorm._NUMPY_FAST_PATH = name == "numpy"
     try:
         yield name
     finally:
-        _native.load, renorm._NUMPY_FAST_PATH = load, fast
+        _native.load = load
 
 
 @pytest.fixture(params=PATHS)

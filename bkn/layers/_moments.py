@@ -31,7 +31,7 @@ MOMENT_TOLERANCE = 9.0
 
 
 def ill_conditioned(mean, var) -> bool:
-    """Whether single-pass moments lose precision in some channel (torch tensors or numpy arrays)."""
+    """Whether single-pass moments lose precision in some channel."""
     return bool((mean * mean > var * MOMENT_TOLERANCE).any())
 
 
@@ -70,7 +70,7 @@ def shifted_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def moments_from_sums(s1, s2, shift, count: int):
-    """Mean and biased variance from :func:`shifted_sums` (operators only: torch or numpy)."""
+    """Mean and biased variance from :func:`shifted_sums`."""
     mean = s1 * (1.0 / count)
     var = s2 * (1.0 / count) - mean * (mean - shift)
     return mean, var * (var > 0)

@@ -1,7 +1,7 @@
 """The compiled kernels of ``bkn/csrc/fused_norm.cpp``, built on first use; or None.
 
 The training forward and backward of BKN, ghost-batch BN and BRN exist twice: as Python
-autograd Functions (``_function.py``, ``renorm.py``; they run everywhere and are the
+autograd Functions (``_function.py``, ``_renorm_function.py``; they run everywhere and are the
 reference) and as C++ autograd Functions for CPU float32/float64 tensors. The maths is
 the same; the C++ ones shed the fixed cost of the Python ones (the autograd Function
 machinery and dozens of per-channel operations at microseconds of dispatch each), which
