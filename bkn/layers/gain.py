@@ -63,8 +63,6 @@ class LearnedGain(nn.Module):
 
 
 class AdaptiveGain(nn.Module):
-    needs_observation = True
-
     def __init__(self, num_features: int, momentum: float = 0.1):
         super().__init__()
         self.momentum = momentum
