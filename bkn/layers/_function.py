@@ -32,6 +32,7 @@ On the CPU in float32/float64, :func:`normalize_with_stats` runs the same Functi
 compiled from ``bkn/csrc/fused_norm.cpp`` (see :mod:`bkn.layers._native`); this Python
 one is the reference, the fallback and the path on other devices and dtypes.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,6 +68,7 @@ def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # -- per-channel algebra (tensors of shape (G, C) or broadcastable to it) -------------------
+
 
 def _posterior(obs_mean, obs_var, prior_mean, prior_var, p):
     d = obs_mean - prior_mean
@@ -136,8 +138,9 @@ def _normalize(x, weight, bias, mean, var, groups: int, eps: float) -> torch.Ten
     # Written into a fresh (N, C, ...) tensor, not returned as a view of a (G, g, C, ...)
     # one: callers apply in-place ops to a norm's output (ReLU(inplace=True), +=).
     y = torch.empty_like(x)
-    torch.addcmul(per_channel_view(shift, ndim), as_groups(x, groups), per_channel_view(scale, ndim),
-                  out=as_groups(y, groups))
+    torch.addcmul(
+        per_channel_view(shift, ndim), as_groups(x, groups), per_channel_view(scale, ndim), out=as_groups(y, groups)
+    )
     return y
 
 
@@ -147,8 +150,7 @@ def _gradient_sums(dy, x, mean, var, groups: int, eps: float) -> tuple[torch.Ten
         zeros = torch.zeros_like(mean)
         return zeros, zeros
     if groups == 1 and dy.dtype == mean.dtype:
-        _, sum_dy_xhat, sum_dy = _bn_backward(
-            dy, x, None, mean[0], var[0], None, None, False, eps, [False, True, True])
+        _, sum_dy_xhat, sum_dy = _bn_backward(dy, x, None, mean[0], var[0], None, None, False, eps, [False, True, True])
         return sum_dy.unsqueeze(0), sum_dy_xhat.unsqueeze(0)
     dims = reduce_dims(x.dim())
     dyg = as_groups(dy, groups).to(mean.dtype)
@@ -163,8 +165,9 @@ def _input_gradient(dy, x, ws, x_coef, const, groups: int) -> torch.Tensor:
     # (torch.addcmul with a broadcast first argument is about 2x slower on the CPU than
     # the in-place sequence below.)
     if dy is None:
-        return torch.addcmul(per_channel_view(const, ndim), as_groups(x, groups),
-                             per_channel_view(x_coef, ndim)).flatten(0, 1)
+        return torch.addcmul(
+            per_channel_view(const, ndim), as_groups(x, groups), per_channel_view(x_coef, ndim)
+        ).flatten(0, 1)
     if groups == 1:
         shape = [1, -1] + [1] * (ndim - 2)
         return (dy * ws.view(shape)).addcmul_(x, x_coef.view(shape)).add_(const.view(shape))
@@ -203,8 +206,9 @@ class _NormalizeWithStats(torch.autograd.Function):
         # Per-channel quantities of the backward, computed now while they are at hand.
         inv_std = (var + eps).sqrt_().reciprocal_()
         ctx.per_channel = (inv_std, (p, d, vp, obs_var) if has_prior else None)
-        ctx.shapes = tuple(t.shape if isinstance(t, torch.Tensor) else None
-                           for t in (weight, bias, prior_mean, prior_var, gain))
+        ctx.shapes = tuple(
+            t.shape if isinstance(t, torch.Tensor) else None for t in (weight, bias, prior_mean, prior_var, gain)
+        )
         # Distinct tensors: the posterior is differentiable, the observation is not,
         # and without a prior they hold the same values.
         if mean is obs_mean:
@@ -221,7 +225,8 @@ class _NormalizeWithStats(torch.autograd.Function):
         sum_dy, sum_dy_xhat = _gradient_sums(dy, x, mean, var, groups, ctx.eps)
         inv_std, prior = ctx.per_channel
         ws, x_coef, const, dprior = _backward_coefficients(
-            inv_std, weight, sum_dy, sum_dy_xhat, dmean_ext, dvar_ext, count, obs_mean, prior)
+            inv_std, weight, sum_dy, sum_dy_xhat, dmean_ext, dvar_ext, count, obs_mean, prior
+        )
 
         grads = [None] * 12
         if dprior is not None:
@@ -249,8 +254,9 @@ def _update_running(running, mean: torch.Tensor, var: torch.Tensor, count: int) 
     running_var.mul_(1 - factor).add_((factor * unbiased) * var)
 
 
-def normalize_with_stats(x, weight, bias, prior=None, gain=None, observed=None, groups=1, eps=1e-5,
-                         guard=math.inf, running=None):
+def normalize_with_stats(
+    x, weight, bias, prior=None, gain=None, observed=None, groups=1, eps=1e-5, guard=math.inf, running=None
+):
     """Functional entry point; returns ``(y, post_mean, post_var, obs_mean, obs_var)``.
 
     ``prior`` is ``(mean, var)`` broadcastable to (G, C); ``gain`` a float or a
@@ -268,9 +274,23 @@ def normalize_with_stats(x, weight, bias, prior=None, gain=None, observed=None, 
     native = _native.load()
     if native is not None:  # the same Function compiled (bkn/csrc/fused_norm.cpp), if it takes these tensors
         out = native.kalman_norm(
-            x, weight, bias, prior_mean, prior_var, gain_tensor, 0.0 if gain is None or gain_tensor is not None
-            else gain, obs_mean, obs_var, groups, eps, guard, running_mean, running_var, steps,
-            math.nan if momentum is None else momentum)
+            x,
+            weight,
+            bias,
+            prior_mean,
+            prior_var,
+            gain_tensor,
+            0.0 if gain is None or gain_tensor is not None else gain,
+            obs_mean,
+            obs_var,
+            groups,
+            eps,
+            guard,
+            running_mean,
+            running_var,
+            steps,
+            math.nan if momentum is None else momentum,
+        )
         if out:
             return tuple(out)
     if running is not None:
@@ -280,7 +300,8 @@ def normalize_with_stats(x, weight, bias, prior=None, gain=None, observed=None, 
             factor = 1.0 / float(steps) if momentum is None else momentum
         running = (running_mean, running_var, factor)
     return _NormalizeWithStats.apply(
-        x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, float(guard), running)
+        x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, float(guard), running
+    )
 
 
 class _SavedMoments(torch.autograd.Function):
@@ -316,7 +337,6 @@ def native_batch_norm_train(x, weight, bias, running_mean, running_var, factor, 
     Returns ``(y, mean, var)``; running buffers (if given) are updated by the
     native kernel exactly as torch's layer does.
     """
-    y, save_mean, save_invstd = torch.native_batch_norm(
-        x, weight, bias, running_mean, running_var, True, factor, eps)
+    y, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
     mean, var = _SavedMoments.apply(x, save_mean, save_invstd, eps)
     return y, mean, var

@@ -15,6 +15,7 @@ With several groups (ghost batches) the input is viewed as (G, g, C, ...) with
 ``unflatten`` (a view for any memory format) and reduced over the group's
 samples and positions.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,7 @@ def shifted_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, to
     about ``eps * |mean (mean - shift)| / var``: small when ``shift`` is a good guess
     of the mean (BKN passes its prior mean).
     """
-    _, s2, s1 = _bn_backward(x, x, None, shift, torch.ones_like(shift), None, None, False, 0.0,
-                             [False, True, True])
+    _, s2, s1 = _bn_backward(x, x, None, shift, torch.ones_like(shift), None, None, False, 0.0, [False, True, True])
     return s1, s2
 
 

@@ -76,8 +76,19 @@ def renorm_train(x, weight, bias, running_mean, running_std, running_var, steps,
     if groups == 1:
         native = _native.load()
         if native is not None:  # the compiled Renorm, if it takes these tensors ([] if not)
-            out = native.renorm(x, weight, bias, running_mean, running_std, running_var, steps,
-                                math.nan if momentum is None else momentum, rmax, dmax, eps)
+            out = native.renorm(
+                x,
+                weight,
+                bias,
+                running_mean,
+                running_std,
+                running_var,
+                steps,
+                math.nan if momentum is None else momentum,
+                rmax,
+                dmax,
+                eps,
+            )
             if out:
                 return tuple(out)
     steps.add_(1)

@@ -22,6 +22,7 @@
   estimates *before* the current batch is folded in (the first batch initialises
   them), and it is a statistic, not a parameter: no gradient flows into it.
 """
+
 from __future__ import annotations
 
 import torch

@@ -47,6 +47,7 @@ Implementation: the training step, one group or several, is
 :func:`bkn.layers._renorm_function.renorm_train` (autograd Functions on torch's native
 batch-norm kernels, or compiled from ``bkn/csrc/fused_norm.cpp`` on the CPU).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -91,8 +92,9 @@ class RenormSchedule:
             raise ValueError(f"RenormSchedule: dmax_max must be >= 0, got {self.dmax_max!r}")
         for name in ("rmax_steps", "dmax_steps"):
             if getattr(self, name) < self.warmup_steps:
-                raise ValueError(f"RenormSchedule: {name} must be >= warmup_steps={self.warmup_steps}, "
-                                 f"got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"RenormSchedule: {name} must be >= warmup_steps={self.warmup_steps}, got {getattr(self, name)!r}"
+                )
 
     def _ramp(self, step: int, end: int) -> float:
         if step <= self.warmup_steps:
@@ -113,12 +115,18 @@ class RenormSchedule:
         with the default reference the relaxation ends at ``total_steps``.
         """
         if total_steps <= 0 or reference_steps <= 0:
-            raise ValueError(f"RenormSchedule.scaled: steps must be positive, "
-                             f"got total_steps={total_steps!r}, "
-                             f"reference_steps={reference_steps!r}")
+            raise ValueError(
+                f"RenormSchedule.scaled: steps must be positive, "
+                f"got total_steps={total_steps!r}, "
+                f"reference_steps={reference_steps!r}"
+            )
         f = total_steps / reference_steps
-        return replace(self, warmup_steps=round(self.warmup_steps * f), rmax_steps=round(self.rmax_steps * f),
-                       dmax_steps=round(self.dmax_steps * f))
+        return replace(
+            self,
+            warmup_steps=round(self.warmup_steps * f),
+            rmax_steps=round(self.rmax_steps * f),
+            dmax_steps=round(self.dmax_steps * f),
+        )
 
 
 class _Fixed:
@@ -161,20 +169,30 @@ class _BatchRenorm(BatchStatNorm):
             seen, instead of fixed bounds. Neither given: ``RenormSchedule()`` (the paper's).
     """
 
-    def __init__(self, num_features: int, rmax: float | None = None, dmax: float | None = None,
-                 schedule: Schedule | None = None, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, group_size: int | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        rmax: float | None = None,
+        dmax: float | None = None,
+        schedule: Schedule | None = None,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        group_size: int | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, group_size, device, dtype)
         name = type(self).__name__
         if (rmax is None) != (dmax is None):
-            raise ValueError(f"{name}: give both rmax and dmax (fixed bounds) or neither, "
-                             f"got rmax={rmax!r}, dmax={dmax!r}")
+            raise ValueError(
+                f"{name}: give both rmax and dmax (fixed bounds) or neither, got rmax={rmax!r}, dmax={dmax!r}"
+            )
         if rmax is not None and schedule is not None:
             raise ValueError(f"{name}: give either fixed rmax/dmax or a schedule, not both")
         if schedule is not None and not callable(schedule):
-            raise ValueError(f"{name}: schedule must be a callable step -> (rmax, dmax), "
-                             f"got {type(schedule).__name__}")
+            raise ValueError(f"{name}: schedule must be a callable step -> (rmax, dmax), got {type(schedule).__name__}")
         if rmax is not None:
             schedule = _Fixed(*_check_limits(name, rmax, dmax))
         self.schedule: Schedule = RenormSchedule() if schedule is None else schedule
@@ -216,15 +234,17 @@ class _BatchRenorm(BatchStatNorm):
             self.running_std.fill_(1)
             self.sync_running_var()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key, var_key = prefix + "running_std", prefix + "running_var"
         if self.track_running_stats and key not in state_dict and var_key in state_dict:
             # A torch.nn.BatchNorm state dict: derive the moving std from its running_var.
             state_dict = dict(state_dict)
             state_dict[key] = torch.sqrt(state_dict[var_key].to(self.running_std.dtype) + self.eps)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def current_limits(self) -> tuple[float, float]:
         """``(rmax, dmax)`` the next training step will use."""
@@ -272,8 +292,20 @@ class _BatchRenorm(BatchStatNorm):
 
         rmax, dmax = self.current_limits()
         p, b = self._parameters, self._buffers
-        y, *raw = renorm_train(x, p["weight"], p["bias"], b["running_mean"], sigma_t, b["running_var"],
-                               b["num_batches_tracked"], self.momentum, rmax, dmax, self.eps, groups)
+        y, *raw = renorm_train(
+            x,
+            p["weight"],
+            p["bias"],
+            b["running_mean"],
+            sigma_t,
+            b["running_var"],
+            b["num_batches_tracked"],
+            self.momentum,
+            rmax,
+            dmax,
+            self.eps,
+            groups,
+        )
         # A plain attribute through __dict__: nn.Module.__setattr__ costs ~6 us a call.
         self.__dict__["_last_raw"] = tuple(raw)  # (m_o, sigma_B, r, d)
         return y
