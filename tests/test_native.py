@@ -6,6 +6,7 @@ two implementations are compared with each other on random cases, in float64, do
 rounding: outputs, posterior and observed statistics, every gradient, running buffers
 and the step counter. Plus the plumbing: the build, the switch, the fallbacks.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bkn import BatchKalmanNorm2d, BatchRenorm2d
-from bkn.layers import _function, _native, renorm
+from bkn.layers import _function, _native, _renorm_function
 
 F64 = torch.float64
 
@@ -64,8 +65,19 @@ def test_switch_off_and_build_failure_fall_back_with_a_warning(monkeypatch):
 def test_tensors_the_compiled_path_does_not_take_go_to_python(native):
     x = torch.randn(4, 3, 2, 2)
     w, b = torch.ones(3), torch.zeros(3)
-    args = dict(gain_tensor=None, gain=0.5, obs_mean=None, obs_var=None, groups=1, eps=1e-5, guard=100.0,
-                running_mean=None, running_var=None, steps=None, momentum=0.1)
+    args = dict(
+        gain_tensor=None,
+        gain=0.5,
+        obs_mean=None,
+        obs_var=None,
+        groups=1,
+        eps=1e-5,
+        guard=100.0,
+        running_mean=None,
+        running_var=None,
+        steps=None,
+        momentum=0.1,
+    )
 
     def call(x, w, b, m, v):
         return native.kalman_norm(x, w, b, m, v, *args.values())
@@ -77,12 +89,14 @@ def test_tensors_the_compiled_path_does_not_take_go_to_python(native):
     layer = BatchKalmanNorm2d(3, p=0.5, guard=None)
     prior = (torch.randn(3, dtype=F64), torch.rand(3, dtype=F64) + 0.5)
     y = layer(x, prior=prior)
-    ref = _function._NormalizeWithStats.apply(x, layer.weight, layer.bias, *prior, 0.5, None, None, 1, 1e-5,
-                                              math.inf, None)[0]
+    ref = _function._NormalizeWithStats.apply(
+        x, layer.weight, layer.bias, *prior, 0.5, None, None, 1, 1e-5, math.inf, None
+    )[0]
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
 
 
 # -- Kalman / ghost-batch normalization: compiled vs Python Function --------------------------
+
 
 @st.composite
 def kalman_cases(draw):
@@ -94,11 +108,19 @@ def kalman_cases(draw):
         spatial = (2,) + spatial
     prior = draw(st.sampled_from([None, "C", "GC"]))
     gain = draw(st.sampled_from(["float", "scalar", "C", "GC"])) if prior else "none"
-    return dict(groups=groups, shape=(n, c) + spatial, prior=prior, gain=gain,
-                affine=draw(st.booleans()), running=draw(st.sampled_from([None, 0.1, "cumulative"])),
-                guard=draw(st.sampled_from([math.inf, 100.0, 0.5])), observed=draw(st.booleans()),
-                layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
-                loss_on=draw(st.sampled_from(["y", "posterior", "both"])), seed=draw(st.integers(0, 2 ** 16)))
+    return dict(
+        groups=groups,
+        shape=(n, c) + spatial,
+        prior=prior,
+        gain=gain,
+        affine=draw(st.booleans()),
+        running=draw(st.sampled_from([None, 0.1, "cumulative"])),
+        guard=draw(st.sampled_from([math.inf, 100.0, 0.5])),
+        observed=draw(st.booleans()),
+        layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
+        loss_on=draw(st.sampled_from(["y", "posterior", "both"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _kalman_inputs(case):
@@ -107,11 +129,14 @@ def _kalman_inputs(case):
     c = shape[1]
 
     def rand(*size, low=None):
-        t = torch.rand(size, generator=gen, dtype=F64) + low if low is not None else \
-            torch.randn(size, generator=gen, dtype=F64)
+        t = (
+            torch.rand(size, generator=gen, dtype=F64) + low
+            if low is not None
+            else torch.randn(size, generator=gen, dtype=F64)
+        )
         return t.requires_grad_()
 
-    x = (torch.randn(shape, generator=gen, dtype=F64) * 2 + 0.5)
+    x = torch.randn(shape, generator=gen, dtype=F64) * 2 + 0.5
     if case["layout"] == "channels_last" and x.dim() in (4, 5):
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     elif case["layout"] == "strided":  # neither layout: a view with a gap between samples
@@ -122,9 +147,13 @@ def _kalman_inputs(case):
     if case["prior"]:
         size = (c,) if case["prior"] == "C" else (groups, c)
         prior = (rand(*size), rand(*size, low=0.5))
-    gain = {"none": None, "float": 0.7, "scalar": rand(low=0.1).detach().mul(0.8).requires_grad_(),
-            "C": rand(c, low=0.0).detach().requires_grad_(),
-            "GC": rand(groups, c, low=0.0).detach().requires_grad_()}[case["gain"]]
+    gain = {
+        "none": None,
+        "float": 0.7,
+        "scalar": rand(low=0.1).detach().mul(0.8).requires_grad_(),
+        "C": rand(c, low=0.0).detach().requires_grad_(),
+        "GC": rand(groups, c, low=0.0).detach().requires_grad_(),
+    }[case["gain"]]
     observed = None
     if case["observed"]:
         with torch.no_grad():
@@ -145,8 +174,16 @@ def _run_kalman(case, compiled: bool, monkeypatch):
         if not compiled:
             m.setattr(_native, "load", lambda: None)
         y, mean, var, obs_mean, obs_var = _function.normalize_with_stats(
-            x, w, b, prior=prior, gain=gain, observed=observed, groups=case["groups"], guard=case["guard"],
-            running=running)
+            x,
+            w,
+            b,
+            prior=prior,
+            gain=gain,
+            observed=observed,
+            groups=case["groups"],
+            guard=case["guard"],
+            running=running,
+        )
     loss = 0
     if case["loss_on"] in ("y", "both"):
         loss = loss + (y * dy).sum()
@@ -154,8 +191,13 @@ def _run_kalman(case, compiled: bool, monkeypatch):
         loss = loss + (mean * dm).sum() + (var * dv).sum()
     inputs = [t for t in (x, w, b, *(prior or ()), gain) if isinstance(t, torch.Tensor)]
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    return dict(y=y.detach(), stats=[t.detach() for t in (mean, var, obs_mean, obs_var)], grads=grads,
-                buffers=[t.clone() for t in buffers], x=x)
+    return dict(
+        y=y.detach(),
+        stats=[t.detach() for t in (mean, var, obs_mean, obs_var)],
+        grads=grads,
+        buffers=[t.clone() for t in buffers],
+        x=x,
+    )
 
 
 @given(kalman_cases())
@@ -178,8 +220,11 @@ def test_compiled_kalman_equals_python_function(case):
         torch.testing.assert_close(a, b, **close)
     x = got["x"]
     for fmt in (torch.channels_last, torch.channels_last_3d):  # outputs keep the input's layout
-        if x.dim() == {torch.channels_last: 4, torch.channels_last_3d: 5}[fmt] and x.is_contiguous(memory_format=fmt) \
-                and not x.is_contiguous():
+        if (
+            x.dim() == {torch.channels_last: 4, torch.channels_last_3d: 5}[fmt]
+            and x.is_contiguous(memory_format=fmt)
+            and not x.is_contiguous()
+        ):
             assert got["y"].is_contiguous(memory_format=fmt)
             assert got["grads"][0] is None or got["grads"][0].is_contiguous(memory_format=fmt)
 
@@ -202,6 +247,7 @@ def test_compiled_kalman_counts_steps_and_averages_cumulatively(native):
 
 
 # -- Batch Renormalization: compiled vs Python Function ---------------------------------------
+
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine", [True, False])
@@ -248,13 +294,20 @@ def test_compiled_path_is_used_for_float_cpu_layers(native, monkeypatch):
             def call(*args):
                 calls.append(name)
                 return getattr(native, name)(*args)
+
             return call
 
     monkeypatch.setattr(_native, "load", lambda: Spy())
     BatchKalmanNorm2d(3)(torch.randn(4, 3, 2, 2), prior=(torch.zeros(3), torch.ones(3))).sum().backward()
     BatchRenorm2d(3, rmax=2.0, dmax=1.0)(torch.randn(4, 3, 2, 2)).sum().backward()
     assert calls == ["kalman_norm", "renorm"]
-    assert renorm._NUMPY_FAST_PATH  # the numpy path stays the fallback
+    # Without the compiled kernels the layers fall back to the Python Functions.
+    monkeypatch.setattr(_native, "load", lambda: None)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    y_kalman = BatchKalmanNorm2d(3)(x, prior=(torch.zeros(3), torch.ones(3)))
+    y_renorm = BatchRenorm2d(3, rmax=2.0, dmax=1.0)(x)
+    assert isinstance(y_kalman.grad_fn, _function._NormalizeWithStats._backward_cls)
+    assert isinstance(y_renorm.grad_fn, _renorm_function.Renorm._backward_cls)
 
 
 @pytest.mark.skipif(os.environ.get(_native.ENV_SWITCH, "1") == "0", reason="compiled kernels off")
@@ -282,8 +335,11 @@ def test_demo_ratios_are_medians_over_rounds_and_it_runs(capsys):
     samples = {"bn": [1.0, 2.0, 4.0], "bkn": [1.5, 2.0, 2.0]}
     assert demo.ratio_summary(samples, "bkn", "bn")[0] == pytest.approx(1.0)  # ratios 1.5, 1.0, 0.5
     calls = {"a": 0, "b": 0}
-    out = demo.interleaved({"a": lambda: calls.__setitem__("a", calls["a"] + 1),
-                            "b": lambda: calls.__setitem__("b", calls["b"] + 1)}, 0.01, rounds=3)
+    out = demo.interleaved(
+        {"a": lambda: calls.__setitem__("a", calls["a"] + 1), "b": lambda: calls.__setitem__("b", calls["b"] + 1)},
+        0.01,
+        rounds=3,
+    )
     assert [len(v) for v in out.values()] == [3, 3] and calls["a"] > 3 and calls["b"] > 3
     threads = torch.get_num_threads()
     try:

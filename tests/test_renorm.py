@@ -1,4 +1,5 @@
 """Batch Renormalization (spec section 2): bkn.layers.renorm."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,31 +13,29 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.func import functional_call
 
-from bkn.layers import _native, renorm
+from bkn.layers import _native
 from bkn.layers.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
 
 CLASSES = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
 TORCH_BN = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 
 
-PATHS = ("compiled", "numpy", "torch")
+PATHS = ("compiled", "torch")
 
 
 @contextlib.contextmanager
 def use_path(name: str):
-    """One group on the CPU: ``compiled`` (bkn/csrc/fused_norm.cpp, the default), ``numpy`` (the
-    Python Function with numpy algebra, used where the compiled kernels are off) or ``torch``
-    (the torch algebra, the GPU path)."""
-    load, fast = _native.load, renorm._NUMPY_FAST_PATH
+    """``compiled`` (bkn/csrc/fused_norm.cpp, the default on the CPU) or ``torch`` (the Python
+    autograd Functions: the reference, the path on GPUs and the fallback)."""
+    load = _native.load
     if name == "compiled" and load() is None:
         pytest.skip("the compiled kernels are off (BKN_NATIVE=0) or could not be built")
     if name != "compiled":
         _native.load = lambda: None
-    renorm._NUMPY_FAST_PATH = name == "numpy"
     try:
         yield name
     finally:
-        _native.load, renorm._NUMPY_FAST_PATH = load, fast
+        _native.load = load
 
 
 @pytest.fixture(params=PATHS)
@@ -64,6 +63,7 @@ def _randomize(layer, seed: int = 0, mean_scale: float = 1.0, std_range=(0.5, 2.
 
 
 # -- numpy and torch references ------------------------------------------------------------
+
 
 def reference_step(x, w, b, mu, sigma, rmax, dmax, eps, momentum, groups):
     """Spec 2 in float64 numpy: output, new mu, new sigma, r, d, m_o, sigma_B for (G, C)."""
@@ -107,6 +107,7 @@ def _grads(layer_or_fn, x, grad, params):
 
 # -- BN equivalence -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("spatial", [0, 1, 2, 3])
 @pytest.mark.parametrize("how", ["fixed", "schedule_warmup"])
 def test_rmax1_dmax0_equals_batchnorm_training(path, spatial, how):
@@ -143,8 +144,7 @@ def test_channels_last_input_matches_contiguous(path):
     grad = torch.randn_like(x)
     y, gs = _grads(layer, x, grad, [layer.weight, layer.bias])
     cl = torch.channels_last
-    y2, gs2 = _grads(twin, x.to(memory_format=cl), grad.to(memory_format=cl),
-                     [twin.weight, twin.bias])
+    y2, gs2 = _grads(twin, x.to(memory_format=cl), grad.to(memory_format=cl), [twin.weight, twin.bias])
     torch.testing.assert_close(y2, y, atol=1e-6, rtol=1e-6)
     for a, b in zip(gs2, gs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -152,6 +152,7 @@ def test_channels_last_input_matches_contiguous(path):
 
 
 # -- clipping and stop-gradient --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("group_size", [None, 2])
 def test_clipped_r_d_sit_at_their_bounds(path, group_size):
@@ -197,8 +198,10 @@ def test_input_gradient_treats_clipped_r_d_as_constants(path, group_size):
     for a, e in zip(gs, gs_ref):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
     r, d = layer.last_rd
-    assert torch.all(torch.isclose(r, torch.tensor(1.25, dtype=torch.float64))
-                     | torch.isclose(r, torch.tensor(0.8, dtype=torch.float64)))
+    assert torch.all(
+        torch.isclose(r, torch.tensor(1.25, dtype=torch.float64))
+        | torch.isclose(r, torch.tensor(0.8, dtype=torch.float64))
+    )
     assert torch.all(d.abs() == 0.25)
 
 
@@ -212,8 +215,8 @@ def test_gradcheck_with_clipping_active(path, group_size):
 
     # Gradients w.r.t. x, weight and bias: a functional call with the parameters replaced.
     assert torch.autograd.gradcheck(
-        lambda x_, w_, b_: functional_call(layer, {"weight": w_, "bias": b_}, (x_,)), (x, w, b),
-        eps=1e-6, atol=1e-6)
+        lambda x_, w_, b_: functional_call(layer, {"weight": w_, "bias": b_}, (x_,)), (x, w, b), eps=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("group_size", [None, 2])
@@ -226,10 +229,12 @@ def test_unclipped_r_d_carry_no_gradient(path, group_size):
     grad = torch.randn_like(x)
     groups = 4 // (group_size or 4)
     y, (gx,) = _grads(layer, x, grad, [])
-    stopped = lambda t: torch_reference(t, layer.weight.detach(), layer.bias.detach(), mu, sigma,  # noqa: E731
-                                        math.inf, math.inf, layer.eps, groups, stop_grad=True)
-    through = lambda t: torch_reference(t, layer.weight.detach(), layer.bias.detach(), mu, sigma,  # noqa: E731
-                                        math.inf, math.inf, layer.eps, groups, stop_grad=False)
+
+    def reference(stop_grad):
+        w, b = layer.weight.detach(), layer.bias.detach()
+        return lambda t: torch_reference(t, w, b, mu, sigma, math.inf, math.inf, layer.eps, groups, stop_grad=stop_grad)
+
+    stopped, through = reference(True), reference(False)
     y_ref, (gx_ref,) = _grads(stopped, x, grad, [])
     _, (gx_through,) = _grads(through, x, grad, [])
     torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
@@ -244,14 +249,16 @@ def test_unclipped_r_d_carry_no_gradient(path, group_size):
 
 # -- independent numpy computation ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("group_size", [None, 2])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("spatial", [0, 2])
 def test_forward_and_running_updates_match_numpy(path, group_size, affine, spatial, rng):
     dims = max(spatial, 1)
     rmax, dmax, momentum, eps = 1.3, 0.4, 0.2, 1e-3
-    layer = CLASSES[dims](3, rmax=rmax, dmax=dmax, momentum=momentum, eps=eps, affine=affine,
-                          group_size=group_size).double()
+    layer = CLASSES[dims](
+        3, rmax=rmax, dmax=dmax, momentum=momentum, eps=eps, affine=affine, group_size=group_size
+    ).double()
     _randomize(layer)
     w = layer.weight.detach().numpy().copy() if affine else np.ones(3)
     b = layer.bias.detach().numpy().copy() if affine else np.zeros(3)
@@ -264,7 +271,7 @@ def test_forward_and_running_updates_match_numpy(path, group_size, affine, spati
         np.testing.assert_allclose(y.detach().numpy(), y_ref, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(layer.running_mean.numpy(), mu, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(layer.running_std.numpy(), sigma, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(layer.running_var.numpy(), sigma ** 2 - eps, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(layer.running_var.numpy(), sigma**2 - eps, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(layer.last_rd[0].numpy(), r, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(layer.last_rd[1].numpy(), d, rtol=1e-12, atol=1e-12)
         # Effective statistics (spec 4): mean m_o - d sigma_B / r, var (sigma_B / r)^2 (here minus eps).
@@ -306,6 +313,7 @@ def test_single_pass_moments_fall_back_when_the_mean_dwarfs_the_std(path):
 
 # -- schedule ---------------------------------------------------------------------------------
 
+
 def test_schedule_values():
     s = RenormSchedule()
     assert s(0) == (1.0, 0.0)
@@ -316,7 +324,7 @@ def test_schedule_values():
     rmax, dmax = s(15000)
     assert rmax == pytest.approx(1 + 2 * 10000 / 35000) and dmax == pytest.approx(5 * 10000 / 20000)
     assert s(40000) == (3.0, 5.0)
-    assert s(10 ** 7) == (3.0, 5.0)
+    assert s(10**7) == (3.0, 5.0)
     # Monotone, continuous ramps.
     values = np.array([s(t) for t in range(0, 50000, 250)])
     assert np.all(np.diff(values, axis=0) >= 0)
@@ -382,6 +390,7 @@ def test_create_by_name():
 
 # -- groups -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("spatial", [0, 2])
 def test_groups_equal_separate_layers_per_chunk(path, spatial):
     dims = max(spatial, 1)
@@ -394,8 +403,9 @@ def test_groups_equal_separate_layers_per_chunk(path, spatial):
     x = torch.randn(_shape(spatial, n=n)) * 1.5 + 0.3
     grad = torch.randn_like(x)
     y, (gx, gw, gb) = _grads(layer, x, grad, [layer.weight, layer.bias])
-    parts = [_grads(s, x[i * g:(i + 1) * g], grad[i * g:(i + 1) * g], [s.weight, s.bias])
-             for i, s in enumerate(singles)]
+    parts = [
+        _grads(s, x[i * g : (i + 1) * g], grad[i * g : (i + 1) * g], [s.weight, s.bias]) for i, s in enumerate(singles)
+    ]
     torch.testing.assert_close(y, torch.cat([p[0] for p in parts]), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(gx, torch.cat([p[1][0] for p in parts]), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(gw, sum(p[1][1] for p in parts), atol=1e-5, rtol=1e-5)
@@ -409,6 +419,7 @@ def test_groups_equal_separate_layers_per_chunk(path, spatial):
 
 
 # -- inference, buffers, state dicts ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("spatial", [0, 1, 2, 3])
 def test_eval_output_uses_mu_and_sigma(path, spatial):
@@ -431,10 +442,16 @@ def test_buffers_initialised_and_consistent():
     layer = BatchRenorm2d(4)
     assert torch.equal(layer.running_mean, torch.zeros(4)) and torch.equal(layer.running_std, torch.ones(4))
     torch.testing.assert_close(layer.running_var, torch.full((4,), 1 - layer.eps))
-    assert set(layer.state_dict()) == {"weight", "bias", "running_mean", "running_var", "running_std",
-                                       "num_batches_tracked"}
+    assert set(layer.state_dict()) == {
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "running_std",
+        "num_batches_tracked",
+    }
     layer(torch.randn(4, 4, 3, 3) * 5)
-    torch.testing.assert_close(layer.running_var, layer.running_std ** 2 - layer.eps)
+    torch.testing.assert_close(layer.running_var, layer.running_std**2 - layer.eps)
     layer.reset_running_stats()
     assert torch.equal(layer.running_std, torch.ones(4)) and int(layer.num_batches_tracked) == 0
     torch.testing.assert_close(layer.running_var, torch.full((4,), 1 - layer.eps))
@@ -518,8 +535,10 @@ def test_half_precision_input_uses_float_statistics():
 
 # -- errors -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls,bad", [(BatchRenorm1d, (4, 3, 2, 2)), (BatchRenorm2d, (4, 3, 5)),
-                                     (BatchRenorm3d, (4, 3, 2, 2))])
+
+@pytest.mark.parametrize(
+    "cls,bad", [(BatchRenorm1d, (4, 3, 2, 2)), (BatchRenorm2d, (4, 3, 5)), (BatchRenorm3d, (4, 3, 2, 2))]
+)
 def test_wrong_number_of_dims(cls, bad):
     with pytest.raises(ValueError, match=rf"{cls.__name__}: expected .*-d .* got {len(bad)}-d input"):
         cls(3)(torch.randn(bad))
@@ -531,8 +550,7 @@ def test_wrong_channel_count():
 
 
 def test_group_size_must_divide_batch():
-    with pytest.raises(ValueError,
-                       match=r"BatchRenorm2d: group_size=3 must divide the batch size, got batch size 4"):
+    with pytest.raises(ValueError, match=r"BatchRenorm2d: group_size=3 must divide the batch size, got batch size 4"):
         BatchRenorm2d(2, group_size=3)(torch.randn(4, 2, 3, 3))
 
 
@@ -547,14 +565,17 @@ def test_one_value_per_channel_in_training(shape, group_size):
     assert torch.isfinite(layer(torch.randn(shape))).all()  # inference is fine
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"rmax": 2.0}, "give both rmax and dmax"),
-    ({"dmax": 2.0}, "give both rmax and dmax"),
-    ({"rmax": 0.5, "dmax": 1.0}, "rmax must be >= 1, got 0.5"),
-    ({"rmax": 2.0, "dmax": -1.0}, "dmax must be >= 0, got -1.0"),
-    ({"rmax": 2.0, "dmax": 1.0, "schedule": RenormSchedule()}, "not both"),
-    ({"schedule": 3.0}, "schedule must be a callable"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"rmax": 2.0}, "give both rmax and dmax"),
+        ({"dmax": 2.0}, "give both rmax and dmax"),
+        ({"rmax": 0.5, "dmax": 1.0}, "rmax must be >= 1, got 0.5"),
+        ({"rmax": 2.0, "dmax": -1.0}, "dmax must be >= 0, got -1.0"),
+        ({"rmax": 2.0, "dmax": 1.0, "schedule": RenormSchedule()}, "not both"),
+        ({"schedule": 3.0}, "schedule must be a callable"),
+    ],
+)
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=rf"BatchRenorm2d: .*{match}"):
         BatchRenorm2d(3, **kwargs)
@@ -567,6 +588,7 @@ def test_schedule_returning_bad_bounds_is_reported():
 
 
 # -- property test --------------------------------------------------------------------------------
+
 
 @st.composite
 def _cases(draw):
@@ -586,24 +608,34 @@ def _cases(draw):
     elif limits == "schedule":
         kwargs = {"schedule": RenormSchedule(warmup_steps=1, rmax_steps=3, dmax_steps=2)}
     return dict(
-        spatial=spatial, n=n, c=c, sizes=sizes, kwargs=kwargs,
+        spatial=spatial,
+        n=n,
+        c=c,
+        sizes=sizes,
+        kwargs=kwargs,
         group_size=None if groups == 1 and draw(st.booleans()) else group_size,
-        affine=draw(st.booleans()), momentum=draw(st.sampled_from([0.1, 0.5, None])),
-        scale=draw(st.sampled_from([1e-3, 1.0, 1e3])), offset=draw(st.sampled_from([0.0, 5.0, -1e3])),
-        dtype=draw(st.sampled_from([torch.float32, torch.float64])), path=draw(st.sampled_from(PATHS)),
-        seed=draw(st.integers(0, 2 ** 16)), steps=draw(st.integers(1, 4)))
+        affine=draw(st.booleans()),
+        momentum=draw(st.sampled_from([0.1, 0.5, None])),
+        scale=draw(st.sampled_from([1e-3, 1.0, 1e3])),
+        offset=draw(st.sampled_from([0.0, 5.0, -1e3])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        path=draw(st.sampled_from(PATHS)),
+        seed=draw(st.integers(0, 2**16)),
+        steps=draw(st.integers(1, 4)),
+    )
 
 
 @given(_cases())
 def test_property_finite_outputs_and_gradients(case):
     with use_path(case["path"]):
         cls = CLASSES[max(case["spatial"], 1)]
-        layer = cls(case["c"], group_size=case["group_size"], affine=case["affine"],
-                    momentum=case["momentum"], **case["kwargs"]).to(case["dtype"])
+        layer = cls(
+            case["c"], group_size=case["group_size"], affine=case["affine"], momentum=case["momentum"], **case["kwargs"]
+        ).to(case["dtype"])
         gen = torch.Generator().manual_seed(case["seed"])
         shape = (case["n"], case["c"]) + case["sizes"]
         for _ in range(case["steps"]):
-            x = (torch.randn(shape, generator=gen, dtype=case["dtype"]) * case["scale"] + case["offset"])
+            x = torch.randn(shape, generator=gen, dtype=case["dtype"]) * case["scale"] + case["offset"]
             x.requires_grad_()
             y = layer(x)
             assert y.shape == x.shape and torch.isfinite(y).all()
@@ -639,7 +671,7 @@ def test_copies_do_not_share_state_with_the_original(path):
     # A dtype conversion moves the data; the layer follows.
     layer.double()
     assert layer(x.double()).dtype == torch.float64
-    torch.testing.assert_close(layer.running_var, layer.running_std ** 2 - layer.eps)
+    torch.testing.assert_close(layer.running_var, layer.running_std**2 - layer.eps)
 
 
 def test_copy_then_assign_load_updates_its_own_buffers(path):
@@ -652,4 +684,4 @@ def test_copy_then_assign_load_updates_its_own_buffers(path):
     before = twin.running_mean.clone()
     twin(x)
     assert not torch.equal(twin.running_mean, before)
-    torch.testing.assert_close(twin.running_var, twin.running_std ** 2 - twin.eps)
+    torch.testing.assert_close(twin.running_var, twin.running_std**2 - twin.eps)

@@ -2,7 +2,7 @@
 // CPU float32/float64 tensors, as C++ autograd Functions.
 //
 // Why C++: the maths is the same as bkn/layers/_function.py (_NormalizeWithStats) and
-// bkn/layers/renorm.py (_Renorm), which stay as the reference and the fallback. What the
+// bkn/layers/_renorm_function.py (Renorm), which stay as the reference and the fallback. What the
 // Python Functions cannot shed is their fixed cost per call: the Python autograd Function
 // machinery, some 40 per-channel operations at microseconds of dispatch each, and four
 // or five separate native kernels. At the small shapes of deep ResNet stages (2x512x7x7)
@@ -594,7 +594,7 @@ std::vector<Tensor> kalman_norm(const Tensor& x, Maybe weight, Maybe bias, Maybe
 
 // ------------------------------------------------------------------------------------------
 // Batch Renormalization, one group (spec 2): with the constant corrections r, d the output is
-// batch normalization with the affine (gamma r, beta + gamma d); see bkn/layers/renorm.py.
+// batch normalization with the affine (gamma r, beta + gamma d); see bkn/layers/_renorm_function.py.
 // Returns (y, m_o, sigma_B, r, d).
 struct Renorm : public FusedFunction<Renorm> {
   static variable_list forward(AutogradContext* ctx, Tensor x, Maybe weight, Maybe bias, Tensor running_mean,

@@ -32,11 +32,11 @@ On the CPU in float32/float64, :func:`normalize_with_stats` runs the same Functi
 compiled from ``bkn/csrc/fused_norm.cpp`` (see :mod:`bkn.layers._native`); this Python
 one is the reference, the fallback and the path on other devices and dtypes.
 """
+
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from . import _native
@@ -67,9 +67,8 @@ def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-# -- per-channel algebra -----------------------------------------------------------------
-# Written with operators only, so the same code runs on torch tensors and on numpy
-# arrays (see ``per_channel``).
+# -- per-channel algebra (tensors of shape (G, C) or broadcastable to it) -------------------
+
 
 def _posterior(obs_mean, obs_var, prior_mean, prior_var, p):
     d = obs_mean - prior_mean
@@ -102,115 +101,114 @@ def _backward_coefficients(s, weight, sum_dy, sum_dy_xhat, dmean_ext, dvar_ext, 
     return ws, x_coef, const, dprior
 
 
-class per_channel:
-    """Zero-copy numpy views of small per-channel CPU tensors, and back.
-
-    A torch op on a vector of a few hundred floats costs about 5 us on this
-    project's CPU machines, mostly dispatch; numpy does the same elementwise op in
-    under 1 us. BKN's per-channel algebra is some 40 such ops per training step,
-    which at small inputs costs more than the normalization itself, so on the CPU
-    (float32/float64) it runs on numpy views; elsewhere it stays in torch.
-    """
-
-    def __init__(self, *tensors):
-        self.numpy = all(t is None or isinstance(t, float) or (
-            t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)) for t in tensors)
-
-    def __call__(self, t):
-        if t is None or isinstance(t, float) or not self.numpy:
-            return t
-        return t.detach().numpy()
-
-    def back(self, a, like: torch.Tensor):
-        if isinstance(a, np.ndarray):
-            return torch.from_numpy(a)
-        if isinstance(a, float):
-            return torch.tensor(a, dtype=like.dtype)
-        return a
-
-    def to_like(self, a, like: torch.Tensor):
-        """``a`` (numpy or torch) in the form and dtype of this object's arrays for ``like``."""
-        t = torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.as_tensor(a)
-        t = t.to(device=like.device, dtype=like.dtype)
-        return t.numpy() if self.numpy else t
-
-    def sqrt(self, a):
-        return np.sqrt(a) if isinstance(a, np.ndarray) else torch.sqrt(a)
-
-
-def _prior_ratio_sum(prior_var, obs_var) -> float:
+def _prior_ratio_sum(prior_var: torch.Tensor, obs_var: torch.Tensor) -> float:
     """``sum(v_p / v_o)`` over groups and channels; a zero observed variance gives inf (or nan
-    for 0/0, which fails the guard's comparison) without numpy's divide warnings."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float((prior_var / obs_var).sum())
+    for 0/0, which fails the guard's comparison)."""
+    return float((prior_var / obs_var).sum())
+
+
+def _observed_moments(x: torch.Tensor, prior_mean, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m_o, v_o)`` of shape (G, C).
+
+    With a prior and one float group: one pass over ``x`` shifted by the prior mean (a
+    guess of the mean), recomputed by :func:`batch_moments` where that is ill-conditioned.
+    """
+    if prior_mean is not None and groups == 1 and x.dtype in (torch.float32, torch.float64):
+        shift = prior_mean.detach().reshape(-1, x.shape[1])[0].to(x.dtype)
+        s1, s2 = shifted_sums(x, shift)
+        mean, var = moments_from_sums(s1, s2, shift, x.numel() // x.shape[1])
+        if not ill_conditioned(mean, var):  # |mean| >> std: the single pass lost precision
+            return mean[None], var[None]
+    return batch_moments(x, groups)
+
+
+def _normalize(x, weight, bias, mean, var, groups: int, eps: float) -> torch.Tensor:
+    """``weight * (x - mean) / sqrt(var + eps) + bias`` per (group, channel), in a fresh tensor."""
+    if groups == 1 and (weight is None or weight.dtype == mean.dtype):
+        w1 = None if weight is None else weight.reshape(-1)
+        b1 = None if bias is None else bias.reshape(-1)
+        return torch.batch_norm(x, w1, b1, mean[0], var[0], False, 0.0, eps, True)
+    ndim = x.dim()
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    # Written into a fresh (N, C, ...) tensor, not returned as a view of a (G, g, C, ...)
+    # one: callers apply in-place ops to a norm's output (ReLU(inplace=True), +=).
+    y = torch.empty_like(x)
+    torch.addcmul(
+        per_channel_view(shift, ndim), as_groups(x, groups), per_channel_view(scale, ndim), out=as_groups(y, groups)
+    )
+    return y
+
+
+def _gradient_sums(dy, x, mean, var, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(group, channel) ``S1 = sum(dy)`` and ``sum(dy * (x - m)) / sqrt(v + eps)``, shape (G, C)."""
+    if dy is None:  # only the posterior is used downstream
+        zeros = torch.zeros_like(mean)
+        return zeros, zeros
+    if groups == 1 and dy.dtype == mean.dtype:
+        _, sum_dy_xhat, sum_dy = _bn_backward(dy, x, None, mean[0], var[0], None, None, False, eps, [False, True, True])
+        return sum_dy.unsqueeze(0), sum_dy_xhat.unsqueeze(0)
+    dims = reduce_dims(x.dim())
+    dyg = as_groups(dy, groups).to(mean.dtype)
+    sum_dy = dyg.sum(dims)
+    sum_dy_xhat = (dyg * as_groups(x, groups)).sum(dims).sub_(mean * sum_dy).mul_(torch.rsqrt(var + eps))
+    return sum_dy, sum_dy_xhat
+
+
+def _input_gradient(dy, x, ws, x_coef, const, groups: int) -> torch.Tensor:
+    """``dx = ws * dy + x_coef * x + const`` with per-(group, channel) coefficients."""
+    ndim = x.dim()
+    # (torch.addcmul with a broadcast first argument is about 2x slower on the CPU than
+    # the in-place sequence below.)
+    if dy is None:
+        return torch.addcmul(
+            per_channel_view(const, ndim), as_groups(x, groups), per_channel_view(x_coef, ndim)
+        ).flatten(0, 1)
+    if groups == 1:
+        shape = [1, -1] + [1] * (ndim - 2)
+        return (dy * ws.view(shape)).addcmul_(x, x_coef.view(shape)).add_(const.view(shape))
+    dx = as_groups(dy, groups) * per_channel_view(ws, ndim)
+    dx = dx.addcmul_(as_groups(x, groups), per_channel_view(x_coef, ndim))
+    return dx.add_(per_channel_view(const, ndim)).flatten(0, 1)
 
 
 class _NormalizeWithStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, guard, running):
         ctx.set_materialize_grads(False)  # unused outputs' gradients stay None, not zeros
+        if obs_mean is None:
+            obs_mean, obs_var = _observed_moments(x, prior_mean, groups)
         has_prior = prior_mean is not None
-        arr = per_channel(x if obs_mean is None else obs_mean, weight, prior_mean, prior_var,
-                          gain if isinstance(gain, torch.Tensor) else None)
+        p = 0.0
         if has_prior:
-            mp = arr(_as_dtype(prior_mean, torch.promote_types(x.dtype, torch.float32)))
-            vp = arr(_as_dtype(prior_var, torch.promote_types(x.dtype, torch.float32)))
-        if obs_mean is not None:
-            mo, vo = arr(obs_mean), arr(obs_var)
-        elif has_prior and groups == 1 and x.dtype in (torch.float32, torch.float64):
-            # One pass over x, shifted by the prior mean (a guess of the mean).
-            shift = prior_mean.detach().reshape(-1, x.shape[1])[0].to(x.dtype)
-            s1, s2 = shifted_sums(x, shift)
-            mo, vo = moments_from_sums(arr(s1), arr(s2), arr(shift), x.numel() // x.shape[1])
-            mo, vo = mo[None], vo[None]
-            obs_mean, obs_var = arr.back(mo, s1), arr.back(vo, s1)
-            if ill_conditioned(mo, vo):  # |mean| >> std: the single pass lost precision
-                obs_mean, obs_var = batch_moments(x, groups)
-                mo, vo = arr(obs_mean), arr(obs_var)
-        else:
-            obs_mean, obs_var = batch_moments(x, groups)
-            mo, vo = arr(obs_mean), arr(obs_var)
-        p = arr(gain) if has_prior else 0.0
-        d = None
-        # The guard of the official code (a tf.cond there): one host-side comparison.
-        if has_prior and math.isfinite(guard) and _prior_ratio_sum(vp, vo) >= guard * math.prod(vo.shape):
-            p = 0.0
+            stat_dtype = torch.promote_types(x.dtype, torch.float32)
+            mp, vp = _as_dtype(prior_mean, stat_dtype), _as_dtype(prior_var, stat_dtype)
+            p = gain
+            # The guard of the official code (a tf.cond there): one host-side comparison.
+            if math.isfinite(guard) and _prior_ratio_sum(vp, obs_var) >= guard * obs_var.numel():
+                p = 0.0
         if isinstance(p, float) and p == 0.0:
             mean, var = obs_mean, obs_var
             has_prior = False
         else:
-            d, mean, var = _posterior(mo, vo, mp, vp, p)
-            mean, var = arr.back(mean, obs_mean), arr.back(var, obs_mean)
+            d, mean, var = _posterior(obs_mean, obs_var, mp, vp, p)
 
         if running is not None:
-            _update_running(arr, running, mean if has_prior else obs_mean, var if has_prior else obs_var,
-                            x.numel() // (groups * x.shape[1]))
-
-        ndim = x.dim()
-        if groups == 1 and (weight is None or weight.dtype == mean.dtype):
-            w1 = None if weight is None else weight.reshape(-1)
-            b1 = None if bias is None else bias.reshape(-1)
-            y = torch.batch_norm(x, w1, b1, mean[0], var[0], False, 0.0, eps, True)
-        else:
-            scale = torch.rsqrt(var + eps)
-            if weight is not None:
-                scale = scale * weight
-            shift = -mean * scale
-            if bias is not None:
-                shift = shift + bias
-            # Written into a fresh (N, C, ...) tensor, not returned as a view of a (G, g, C, ...)
-            # one: callers apply in-place ops to a norm's output (ReLU(inplace=True), +=).
-            y = torch.empty_like(x)
-            torch.addcmul(per_channel_view(shift, ndim), as_groups(x, groups), per_channel_view(scale, ndim),
-                          out=as_groups(y, groups))
+            _update_running(running, mean, var, x.numel() // (groups * x.shape[1]))
+        y = _normalize(x, weight, bias, mean, var, groups, eps)
 
         ctx.save_for_backward(x, weight, obs_mean, obs_var, mean, var)
-        ctx.groups, ctx.eps, ctx.arr = groups, eps, arr
+        ctx.groups, ctx.eps = groups, eps
         # Per-channel quantities of the backward, computed now while they are at hand.
-        inv_std = 1.0 / arr.sqrt(arr(var) + eps)
-        ctx.per_channel = (inv_std, arr(weight), mo, (p, d, vp, vo) if has_prior else None)
-        ctx.shapes = tuple(t.shape if isinstance(t, torch.Tensor) else None
-                           for t in (weight, bias, prior_mean, prior_var, gain))
+        inv_std = (var + eps).sqrt_().reciprocal_()
+        ctx.per_channel = (inv_std, (p, d, vp, obs_var) if has_prior else None)
+        ctx.shapes = tuple(
+            t.shape if isinstance(t, torch.Tensor) else None for t in (weight, bias, prior_mean, prior_var, gain)
+        )
         # Distinct tensors: the posterior is differentiable, the observation is not,
         # and without a prior they hold the same values.
         if mean is obs_mean:
@@ -222,45 +220,21 @@ class _NormalizeWithStats(torch.autograd.Function):
     def backward(ctx, dy, dmean_ext, dvar_ext, _dobs_mean, _dobs_var):
         x, weight, obs_mean, obs_var, mean, var = ctx.saved_tensors
         weight_shape, bias_shape, mean_shape, var_shape, gain_shape = ctx.shapes
-        groups, ndim, arr = ctx.groups, x.dim(), ctx.arr
+        groups = ctx.groups
         count = x.numel() // (groups * x.shape[1])
-
-        if dy is None:  # only the posterior is used downstream
-            sum_dy = sum_dy_xhat = torch.zeros_like(mean)
-        elif groups == 1 and dy.dtype == mean.dtype:
-            _, sum_dy_xhat, sum_dy = _bn_backward(
-                dy, x, None, mean[0], var[0], None, None, False, ctx.eps, [False, True, True])
-            sum_dy_xhat, sum_dy = sum_dy_xhat.unsqueeze(0), sum_dy.unsqueeze(0)
-        else:
-            dims = reduce_dims(ndim)
-            dyg = as_groups(dy, groups).to(mean.dtype)
-            sum_dy = dyg.sum(dims)
-            sum_dy_xhat = (dyg * as_groups(x, groups)).sum(dims).sub_(mean * sum_dy).mul_(torch.rsqrt(var + ctx.eps))
-
-        inv_std, w, obs_mean_arr, prior = ctx.per_channel
+        sum_dy, sum_dy_xhat = _gradient_sums(dy, x, mean, var, groups, ctx.eps)
+        inv_std, prior = ctx.per_channel
         ws, x_coef, const, dprior = _backward_coefficients(
-            inv_std, w, arr(sum_dy), arr(sum_dy_xhat), arr(dmean_ext), arr(dvar_ext), count, obs_mean_arr, prior)
+            inv_std, weight, sum_dy, sum_dy_xhat, dmean_ext, dvar_ext, count, obs_mean, prior
+        )
 
         grads = [None] * 12
         if dprior is not None:
             for index, g, shape in zip((3, 4, 5), dprior, (mean_shape, var_shape, gain_shape)):
                 if ctx.needs_input_grad[index]:
-                    grads[index] = _sum_to(arr.back(g, mean), shape)
+                    grads[index] = _sum_to(g, shape)
         if ctx.needs_input_grad[0]:
-            ws, x_coef, const = (arr.back(a, mean) for a in (ws, x_coef, const))
-            # dx = ws * dy + x_coef * x + const. (torch.addcmul with a broadcast first
-            # argument is about 2x slower on the CPU than this in-place sequence.)
-            if dy is None:
-                dx = torch.addcmul(per_channel_view(const, ndim), as_groups(x, groups),
-                                   per_channel_view(x_coef, ndim)).flatten(0, 1)
-            elif groups == 1:
-                shape = [1, -1] + [1] * (ndim - 2)
-                dx = (dy * ws.view(shape)).addcmul_(x, x_coef.view(shape)).add_(const.view(shape))
-            else:
-                dx = as_groups(dy, groups) * per_channel_view(ws, ndim)
-                dx = dx.addcmul_(as_groups(x, groups), per_channel_view(x_coef, ndim))
-                dx = dx.add_(per_channel_view(const, ndim)).flatten(0, 1)
-            grads[0] = _as_dtype(dx, x.dtype)
+            grads[0] = _as_dtype(_input_gradient(dy, x, ws, x_coef, const, groups), x.dtype)
         if ctx.needs_input_grad[1]:
             grads[1] = _as_dtype(_sum_to(sum_dy_xhat, weight_shape), weight.dtype)
         if ctx.needs_input_grad[2]:
@@ -268,28 +242,21 @@ class _NormalizeWithStats(torch.autograd.Function):
         return tuple(grads)
 
 
-def _update_running(arr: per_channel, running, mean, var, count: int) -> None:
-    """EMA of (G, C) statistics averaged over groups, var scaled by n/(n-1) as in torch.
-
-    In-place operators only: numpy views of the buffers on the CPU, torch elsewhere.
-    """
+def _update_running(running, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """EMA of (G, C) statistics averaged over groups, var scaled by n/(n-1) as in torch (in place)."""
     running_mean, running_var, factor = running
     unbiased = count / (count - 1) if count > 1 else 1.0
-    mean, var = arr(mean), arr(var)
     mean = mean[0] if mean.shape[0] == 1 else mean.mean(0)
     var = var[0] if var.shape[0] == 1 else var.mean(0)
-    buffers = per_channel(running_mean, running_var)
-    rm, rv = buffers(running_mean), buffers(running_var)
-    if buffers.numpy != arr.numpy or rm.dtype != mean.dtype:
-        mean, var = buffers.to_like(mean, running_mean), buffers.to_like(var, running_var)
-    rm *= 1 - factor
-    rm += factor * mean
-    rv *= 1 - factor
-    rv += (factor * unbiased) * var
+    if running_mean.dtype != mean.dtype or running_mean.device != mean.device:
+        mean, var = mean.to(running_mean), var.to(running_var)
+    running_mean.mul_(1 - factor).add_(factor * mean)
+    running_var.mul_(1 - factor).add_((factor * unbiased) * var)
 
 
-def normalize_with_stats(x, weight, bias, prior=None, gain=None, observed=None, groups=1, eps=1e-5,
-                         guard=math.inf, running=None):
+def normalize_with_stats(
+    x, weight, bias, prior=None, gain=None, observed=None, groups=1, eps=1e-5, guard=math.inf, running=None
+):
     """Functional entry point; returns ``(y, post_mean, post_var, obs_mean, obs_var)``.
 
     ``prior`` is ``(mean, var)`` broadcastable to (G, C); ``gain`` a float or a
@@ -307,9 +274,23 @@ def normalize_with_stats(x, weight, bias, prior=None, gain=None, observed=None, 
     native = _native.load()
     if native is not None:  # the same Function compiled (bkn/csrc/fused_norm.cpp), if it takes these tensors
         out = native.kalman_norm(
-            x, weight, bias, prior_mean, prior_var, gain_tensor, 0.0 if gain is None or gain_tensor is not None
-            else gain, obs_mean, obs_var, groups, eps, guard, running_mean, running_var, steps,
-            math.nan if momentum is None else momentum)
+            x,
+            weight,
+            bias,
+            prior_mean,
+            prior_var,
+            gain_tensor,
+            0.0 if gain is None or gain_tensor is not None else gain,
+            obs_mean,
+            obs_var,
+            groups,
+            eps,
+            guard,
+            running_mean,
+            running_var,
+            steps,
+            math.nan if momentum is None else momentum,
+        )
         if out:
             return tuple(out)
     if running is not None:
@@ -319,7 +300,8 @@ def normalize_with_stats(x, weight, bias, prior=None, gain=None, observed=None, 
             factor = 1.0 / float(steps) if momentum is None else momentum
         running = (running_mean, running_var, factor)
     return _NormalizeWithStats.apply(
-        x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, float(guard), running)
+        x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, float(guard), running
+    )
 
 
 class _SavedMoments(torch.autograd.Function):
@@ -355,7 +337,6 @@ def native_batch_norm_train(x, weight, bias, running_mean, running_var, factor, 
     Returns ``(y, mean, var)``; running buffers (if given) are updated by the
     native kernel exactly as torch's layer does.
     """
-    y, save_mean, save_invstd = torch.native_batch_norm(
-        x, weight, bias, running_mean, running_var, True, factor, eps)
+    y, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
     mean, var = _SavedMoments.apply(x, save_mean, save_invstd, eps)
     return y, mean, var

@@ -15,6 +15,7 @@ With several groups (ghost batches) the input is viewed as (G, g, C, ...) with
 ``unflatten`` (a view for any memory format) and reduced over the group's
 samples and positions.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,7 @@ MOMENT_TOLERANCE = 9.0
 
 
 def ill_conditioned(mean, var) -> bool:
-    """Whether single-pass moments lose precision in some channel (torch tensors or numpy arrays)."""
+    """Whether single-pass moments lose precision in some channel."""
     return bool((mean * mean > var * MOMENT_TOLERANCE).any())
 
 
@@ -64,13 +65,12 @@ def shifted_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, to
     about ``eps * |mean (mean - shift)| / var``: small when ``shift`` is a good guess
     of the mean (BKN passes its prior mean).
     """
-    _, s2, s1 = _bn_backward(x, x, None, shift, torch.ones_like(shift), None, None, False, 0.0,
-                             [False, True, True])
+    _, s2, s1 = _bn_backward(x, x, None, shift, torch.ones_like(shift), None, None, False, 0.0, [False, True, True])
     return s1, s2
 
 
 def moments_from_sums(s1, s2, shift, count: int):
-    """Mean and biased variance from :func:`shifted_sums` (operators only: torch or numpy)."""
+    """Mean and biased variance from :func:`shifted_sums`."""
     mean = s1 * (1.0 / count)
     var = s2 * (1.0 / count) - mean * (mean - shift)
     return mean, var * (var > 0)

@@ -1,7 +1,7 @@
 """The compiled kernels of ``bkn/csrc/fused_norm.cpp``, built on first use; or None.
 
 The training forward and backward of BKN, ghost-batch BN and BRN exist twice: as Python
-autograd Functions (``_function.py``, ``renorm.py``; they run everywhere and are the
+autograd Functions (``_function.py``, ``_renorm_function.py``; they run everywhere and are the
 reference) and as C++ autograd Functions for CPU float32/float64 tensors. The maths is
 the same; the C++ ones shed the fixed cost of the Python ones (the autograd Function
 machinery and dozens of per-channel operations at microseconds of dispatch each), which
@@ -21,6 +21,7 @@ Which tensors take the compiled path is decided in C++ (``compiled_path_takes``)
 float32/float64 tensors of one dtype; for anything else it returns an empty list and the
 caller runs the Python Function.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,10 +68,14 @@ def build(verbose: bool = False):
     name = f"bkn_fused_{hashlib.sha256(key).hexdigest()[:12]}"
     directory = pathlib.Path(cpp_extension._get_build_directory(name, verbose=False))
     if not (directory / f"{name}.so").exists():
-        print(f"bkn: compiling the fused C++ kernels into {directory} (once per machine, about a minute)",
-              file=sys.stderr, flush=True)
-    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
-                              verbose=verbose)
+        print(
+            f"bkn: compiling the fused C++ kernels into {directory} (once per machine, about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return cpp_extension.load(
+        name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=verbose
+    )
 
 
 def load():
@@ -84,8 +89,12 @@ def load():
     try:
         _module = build()
     except Exception as error:  # no compiler, no ninja, a broken toolchain: fall back, loudly
-        warnings.warn(f"bkn: the fused C++ kernels could not be built ({type(error).__name__}: {error}); "
-                      f"using the Python implementation (same results, slower at small shapes). "
-                      f"Set {ENV_SWITCH}=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"bkn: the fused C++ kernels could not be built ({type(error).__name__}: {error}); "
+            f"using the Python implementation (same results, slower at small shapes). "
+            f"Set {ENV_SWITCH}=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         _module = None
     return _module

@@ -22,6 +22,7 @@
   estimates *before* the current batch is folded in (the first batch initialises
   them), and it is a statistic, not a parameter: no gradient flows into it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -63,8 +64,6 @@ class LearnedGain(nn.Module):
 
 
 class AdaptiveGain(nn.Module):
-    needs_observation = True
-
     def __init__(self, num_features: int, momentum: float = 0.1):
         super().__init__()
         self.momentum = momentum

@@ -43,28 +43,20 @@ training output and all gradients equal ``torch.nn.BatchNorm``'s (up to float ro
   i.e. ``y = gamma * (x - mean) / sqrt(var + eps) + beta``; the same convention as
   the other layers' ``last_stats`` (with ``r = 1, d = 0`` they are BN's ``m_o, v_o``).
 
-Implementation: with ``r, d`` constant, BRN's output is batch normalization with the
-affine ``gamma * r`` and ``beta + gamma * d``. One group (the usual case) runs on torch's
-native batch-norm kernels (:class:`_Renorm`: moments, an eval-mode normalize pass, BN's own
-backward kernel), with the per-channel algebra on numpy views on the CPU, or all of it
-compiled (``Renorm`` in ``bkn/csrc/fused_norm.cpp``, see :mod:`bkn.layers._native`) on the
-CPU in float32/float64 when that could be built; several groups
-use the project's fused Function (:func:`bkn.layers._function.normalize_with_stats`) with
-a per-(group, channel) affine.
+Implementation: the training step, one group or several, is
+:func:`bkn.layers._renorm_function.renorm_train` (autograd Functions on torch's native
+batch-norm kernels, or compiled from ``bkn/csrc/fused_norm.cpp`` on the CPU).
 """
+
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
-import numpy as np
 import torch
 
-from . import _native
 from ._base import BatchStatNorm, Dims1d, Dims2d, Dims3d
-from ._function import normalize_with_stats
-from ._moments import batch_moments, centred_var, ill_conditioned
+from ._renorm_function import renorm_train
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
@@ -100,8 +92,9 @@ class RenormSchedule:
             raise ValueError(f"RenormSchedule: dmax_max must be >= 0, got {self.dmax_max!r}")
         for name in ("rmax_steps", "dmax_steps"):
             if getattr(self, name) < self.warmup_steps:
-                raise ValueError(f"RenormSchedule: {name} must be >= warmup_steps={self.warmup_steps}, "
-                                 f"got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"RenormSchedule: {name} must be >= warmup_steps={self.warmup_steps}, got {getattr(self, name)!r}"
+                )
 
     def _ramp(self, step: int, end: int) -> float:
         if step <= self.warmup_steps:
@@ -122,12 +115,18 @@ class RenormSchedule:
         with the default reference the relaxation ends at ``total_steps``.
         """
         if total_steps <= 0 or reference_steps <= 0:
-            raise ValueError(f"RenormSchedule.scaled: steps must be positive, "
-                             f"got total_steps={total_steps!r}, "
-                             f"reference_steps={reference_steps!r}")
+            raise ValueError(
+                f"RenormSchedule.scaled: steps must be positive, "
+                f"got total_steps={total_steps!r}, "
+                f"reference_steps={reference_steps!r}"
+            )
         f = total_steps / reference_steps
-        return replace(self, warmup_steps=round(self.warmup_steps * f), rmax_steps=round(self.rmax_steps * f),
-                       dmax_steps=round(self.dmax_steps * f))
+        return replace(
+            self,
+            warmup_steps=round(self.warmup_steps * f),
+            rmax_steps=round(self.rmax_steps * f),
+            dmax_steps=round(self.dmax_steps * f),
+        )
 
 
 class _Fixed:
@@ -155,60 +154,9 @@ def _check_limits(owner: str, rmax, dmax) -> tuple[float, float]:
     return rmax, dmax
 
 
-# The CPU fast path of a single group: per-channel algebra on numpy views (a torch call on
-# a vector of a few hundred floats costs some 4 us, a numpy one under 1 us; see
-# ``bkn.layers._function.per_channel``) and one pass over ``x`` for its moments.
-# Tests switch it off to exercise the torch algebra (the path used on GPUs). Both are used
-# only where the compiled kernels (bkn/csrc/fused_norm.cpp, ``Renorm``) are off or do not
-# take the tensors (see bkn.layers._native).
-_NUMPY_FAST_PATH = True
-
-
-_bn_backward = torch.ops.aten.native_batch_norm_backward
-_NUMPY_DTYPES = (torch.float32, torch.float64)
-
-
-class _Renorm(torch.autograd.Function):
-    """BRN's training forward and backward for one group, on torch's native batch-norm kernels.
-
-    With constant ``r, d`` the output is batch normalization with the affine
-    ``scale = gamma r``, ``shift = beta + gamma d``, so::
-
-        forward:  y = eval-mode batch_norm(x, scale, shift, m_o, v_o)              (one fused pass)
-        backward: dx, dscale, dshift = native_batch_norm_backward(train=True)   (BN's own kernel)
-                  dgamma = r dscale + d dshift,  dbeta = dshift
-
-    The per-channel inputs, shape (C,), are precomputed and carry no gradient;
-    ``rd = (r, d)`` holds two tensors, or two numpy arrays on the CPU fast path.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, invstd, scale, shift, rd, eps):
-        y = torch.batch_norm(x, scale, shift, mean, var, False, 0.0, eps, True)
-        ctx.save_for_backward(x, scale, mean, invstd)
-        ctx.rd, ctx.eps = rd, eps
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, scale, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dscale, dshift = _bn_backward(
-            dy, x, scale, None, None, mean, invstd, True, ctx.eps, [need_x, need_w, need_w or need_b])
-        dweight = None
-        if need_w:
-            r, d = ctx.rd
-            if isinstance(r, np.ndarray):
-                dweight = torch.from_numpy(dscale.numpy() * r + dshift.numpy() * d)
-            else:
-                dweight = torch.addcmul(dscale * r, dshift, d)
-        return dx, dweight, dshift if need_b else None, None, None, None, None, None, None, None
-
-
-def _as_tensor(a, rows: bool = False) -> torch.Tensor:
-    """A numpy array (no copy) or tensor; ``rows``: (C,) becomes (1, C)."""
-    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
-    return t.unsqueeze(0) if rows and t.dim() == 1 else t
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A (C,) statistic as (1, C); (G, C) ones as they are."""
+    return t.unsqueeze(0) if t.dim() == 1 else t
 
 
 class _BatchRenorm(BatchStatNorm):
@@ -221,20 +169,30 @@ class _BatchRenorm(BatchStatNorm):
             seen, instead of fixed bounds. Neither given: ``RenormSchedule()`` (the paper's).
     """
 
-    def __init__(self, num_features: int, rmax: float | None = None, dmax: float | None = None,
-                 schedule: Schedule | None = None, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, group_size: int | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        rmax: float | None = None,
+        dmax: float | None = None,
+        schedule: Schedule | None = None,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        group_size: int | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, group_size, device, dtype)
         name = type(self).__name__
         if (rmax is None) != (dmax is None):
-            raise ValueError(f"{name}: give both rmax and dmax (fixed bounds) or neither, "
-                             f"got rmax={rmax!r}, dmax={dmax!r}")
+            raise ValueError(
+                f"{name}: give both rmax and dmax (fixed bounds) or neither, got rmax={rmax!r}, dmax={dmax!r}"
+            )
         if rmax is not None and schedule is not None:
             raise ValueError(f"{name}: give either fixed rmax/dmax or a schedule, not both")
         if schedule is not None and not callable(schedule):
-            raise ValueError(f"{name}: schedule must be a callable step -> (rmax, dmax), "
-                             f"got {type(schedule).__name__}")
+            raise ValueError(f"{name}: schedule must be a callable step -> (rmax, dmax), got {type(schedule).__name__}")
         if rmax is not None:
             schedule = _Fixed(*_check_limits(name, rmax, dmax))
         self.schedule: Schedule = RenormSchedule() if schedule is None else schedule
@@ -276,15 +234,17 @@ class _BatchRenorm(BatchStatNorm):
             self.running_std.fill_(1)
             self.sync_running_var()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key, var_key = prefix + "running_std", prefix + "running_var"
         if self.track_running_stats and key not in state_dict and var_key in state_dict:
             # A torch.nn.BatchNorm state dict: derive the moving std from its running_var.
             state_dict = dict(state_dict)
             state_dict[key] = torch.sqrt(state_dict[var_key].to(self.running_std.dtype) + self.eps)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def current_limits(self) -> tuple[float, float]:
         """``(rmax, dmax)`` the next training step will use."""
@@ -298,7 +258,7 @@ class _BatchRenorm(BatchStatNorm):
     def last_rd(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(r, d)`` of the last training forward, (G, C), detached; None after an eval forward."""
         raw = self.__dict__.get("_last_raw")
-        return None if raw is None else (_as_tensor(raw[2], True), _as_tensor(raw[3], True))
+        return None if raw is None else (_rows(raw[2]), _rows(raw[3]))
 
     @property
     def last_stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -310,7 +270,7 @@ class _BatchRenorm(BatchStatNorm):
         raw = self.__dict__.get("_last_raw")
         if raw is None:
             return None
-        obs_mean, std_b, r, d = (_as_tensor(a, True) for a in raw)
+        obs_mean, std_b, r, d = (_rows(t) for t in raw)
         std = std_b / r
         return obs_mean - d * std, (std * std - self.eps).clamp_(min=0)
 
@@ -331,148 +291,24 @@ class _BatchRenorm(BatchStatNorm):
             return y
 
         rmax, dmax = self.current_limits()
-        params, eps = self._parameters, self.eps
-        weight, bias = params["weight"], params["bias"]
-        single = groups == 1 and x.dtype == sigma_t.dtype and (weight is None or weight.dtype == x.dtype)
-        native = _native.load() if single else None
-        out = None
-        if native is not None:  # [] when the compiled path does not take these tensors
-            b = self._buffers
-            momentum = self.momentum
-            out = native.renorm(x, weight, bias, b["running_mean"], sigma_t, b["running_var"],
-                                b["num_batches_tracked"], math.nan if momentum is None else momentum, rmax, dmax, eps)
-        if out:
-            y, *stats = out
-            raw = tuple(stats)  # (m_o, sigma_B, r, d)
-        elif single and _NUMPY_FAST_PATH and x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES:
-            args, raw = self._single_group_numpy(x.detach(), rmax, dmax)
-            y = _Renorm.apply(x, weight, bias, *args, eps)
-        else:
-            self.num_batches_tracked.add_(1)
-            factor = self._ema_factor()
-            with torch.no_grad():
-                mean, var = batch_moments(x, groups)
-                std_b, r, d = self._corrections(mean, var, rmax, dmax, factor)
-            raw = (mean, std_b, r, d)
-            if single:
-                with torch.no_grad():
-                    r0, d0 = r[0], d[0]
-                    if weight is None:
-                        scale, shift = r0, d0
-                    else:
-                        scale, shift = weight * r0, torch.addcmul(bias, weight, d0)
-                    invstd = std_b[0].reciprocal()
-                y = _Renorm.apply(x, weight, bias, mean[0], var[0], invstd, scale, shift, (r0, d0), eps)
-            else:
-                # Groups: the shared Function, with the constant corrections folded into
-                # a per-(group, channel) affine ``gamma r, beta + gamma d`` (autograd ops).
-                if weight is None:
-                    weight, bias = r, d
-                else:
-                    bias = torch.addcmul(bias, weight, d)
-                    weight = weight * r
-                y = normalize_with_stats(x, weight, bias, observed=(mean, var), groups=groups, eps=eps)[0]
+        p, b = self._parameters, self._buffers
+        y, *raw = renorm_train(
+            x,
+            p["weight"],
+            p["bias"],
+            b["running_mean"],
+            sigma_t,
+            b["running_var"],
+            b["num_batches_tracked"],
+            self.momentum,
+            rmax,
+            dmax,
+            self.eps,
+            groups,
+        )
         # A plain attribute through __dict__: nn.Module.__setattr__ costs ~6 us a call.
-        self.__dict__["_last_raw"] = raw
+        self.__dict__["_last_raw"] = tuple(raw)  # (m_o, sigma_B, r, d)
         return y
-
-    def _corrections(self, mean, var, rmax: float, dmax: float, factor: float):
-        """``sigma_B, r, d`` (G, C) from (G, C) moments and the running estimates, which are then updated."""
-        mu_t, sigma_t = self.running_mean, self.running_std
-        std_b = torch.sqrt(var + self.eps)
-        sigma = sigma_t.to(std_b.dtype)
-        r = (std_b / sigma).clamp_(1.0 / rmax, rmax)
-        d = ((mean - mu_t.to(mean.dtype)) / sigma).clamp_(-dmax, dmax)
-        # Running estimates: towards the mean over groups of m_o and of sigma_B.
-        mu_t.lerp_(mean.mean(0).to(mu_t.dtype), factor)
-        sigma_t.lerp_(std_b.mean(0).to(sigma_t.dtype), factor)
-        self.sync_running_var()
-        return std_b, r, d
-
-    def __getstate__(self):
-        # Copies (deepcopy, pickle) must not inherit numpy views of this layer's tensors.
-        state = super().__getstate__()
-        state.pop("_np_cache", None)
-        return state
-
-    def _numpy_views(self):
-        """Numpy views of the buffers and affine parameters (and a ones vector), cached.
-
-        The key is the tensors' data pointers: a ``.to()``, ``.double()`` or an assignment
-        moves the data, and the cached views keep the old storage alive, so a pointer seen
-        again is the same storage. (Copies drop the cache: see ``__getstate__``.)
-        """
-        b, p = self._buffers, self._parameters
-        mu, sigma, rv, w, bias = b["running_mean"], b["running_std"], b["running_var"], p["weight"], p["bias"]
-        steps = b["num_batches_tracked"]
-        key = (mu.data_ptr(), sigma.data_ptr(), rv.data_ptr(), 0 if w is None else w.data_ptr(),
-               0 if bias is None else bias.data_ptr(), steps.data_ptr())
-        cache = self.__dict__.get("_np_cache")
-        if cache is None or cache[0] != key:
-            views = (mu.numpy(), sigma.numpy(), rv.numpy(), None if w is None else w.detach().numpy(),
-                     None if bias is None else bias.detach().numpy(), steps.numpy(), torch.ones_like(mu))
-            cache = self.__dict__["_np_cache"] = (key, views)
-        return cache[1]
-
-    def _bounds(self, rmax: float, dmax: float, dtype):
-        """(2, 1) upper and lower bounds of the rows ``(r, d)``, cached for the last ``(rmax, dmax)``."""
-        cache = self.__dict__.get("_bounds_cache")
-        if cache is None or cache[0] != (rmax, dmax, dtype):
-            bounds = (np.array([[rmax], [dmax]], dtype), np.array([[1.0 / rmax], [-dmax]], dtype))
-            cache = self.__dict__["_bounds_cache"] = ((rmax, dmax, dtype), bounds)
-        return cache[1]
-
-    def _single_group_numpy(self, x: torch.Tensor, rmax: float, dmax: float):
-        """:meth:`_corrections` and the inputs of :class:`_Renorm` for one group on the CPU, in numpy.
-
-        ``x`` is detached; the step counter is advanced here (through its numpy view).
-
-        Returns ``(mean, var, 1 / sigma_B, scale, shift, (r, d))`` for :class:`_Renorm`
-        and the raw statistics ``(m_o, sigma_B, r, d)`` (numpy arrays of shape (C,)).
-        ``r`` and ``d`` are the rows of one (2, C) array, so that one call handles both.
-        """
-        eps, momentum = self.eps, self.momentum
-        mu, sigma, rv, w, b, steps, ones = self._numpy_views()
-        upper, lower = self._bounds(rmax, dmax, mu.dtype)
-        np.add(steps, 1, out=steps)
-        factor = 1.0 / float(steps) if momentum is None else momentum
-        mu_t = self._buffers["running_mean"]
-        inv_n = 1.0 / (x.numel() // x.shape[1])
-        # One pass: S1 = sum(x), S2 = sum(x (x - mu)) (see bkn.layers._moments.shifted_sums).
-        _, s2, s1 = _bn_backward(x, x, None, mu_t, ones, None, None, False, 0.0, [False, True, True])
-        mean, var = s1.numpy(), s2.numpy()  # views: the tensors s1, s2 become m_o, v_o in place
-        mean *= inv_n
-        block = np.empty((2, mean.shape[0]), mean.dtype)  # rows: sigma_B, m_o - mu
-        std_b, dm = block[0], block[1]
-        np.subtract(mean, mu, out=dm)
-        var *= inv_n
-        var -= mean * dm
-        if ill_conditioned(mean, var):  # |mean| >> std: the single pass lost precision (see _moments)
-            s2 = centred_var(x, s1)
-            var = s2.numpy()
-        # (Passing the check implies var >= 0: mean^2 >= 0 > tolerance * var for a negative var.)
-        np.add(var, eps, out=std_b)
-        np.sqrt(std_b, out=std_b)
-        rd = block / sigma  # (sigma_B / sigma, (m_o - mu) / sigma), then clipped row-wise
-        np.minimum(rd, upper, out=rd)
-        np.maximum(rd, lower, out=rd)
-        # Running estimates (in place, through the numpy views of the buffers).
-        dm *= factor
-        mu += dm
-        sigma *= 1.0 - factor
-        std_b_step = std_b * factor
-        sigma += std_b_step
-        np.multiply(sigma, sigma, out=rv)
-        rv -= eps
-        if w is None:
-            scale_shift = rd
-        else:
-            scale_shift = rd * w
-            scale_shift[1] += b
-        r, d = rd[0], rd[1]
-        args = (s1, s2, torch.from_numpy(np.reciprocal(std_b)), torch.from_numpy(scale_shift[0]),
-                torch.from_numpy(scale_shift[1]), (r, d))
-        return args, (mean, std_b, r, d)
 
 
 class BatchRenorm1d(Dims1d, _BatchRenorm):
