@@ -44,7 +44,8 @@ def _run(layer, x, dy, prior):
 
 @pytest.mark.parametrize("name", methods.names())
 @pytest.mark.parametrize("shape", [(8, 6, 5, 5), (6, 4, 3, 4, 4), (8, 6)])
-def test_method_on_cuda_equals_cpu_in_float64(name, shape):
+@pytest.mark.parametrize("group_size", [2, None], ids=["groups-of-2", "one-group"])
+def test_method_on_cuda_equals_cpu_in_float64(name, shape, group_size):
     method = methods.get(name)
     dims = len(shape) - 2
     if name == "in" and dims == 0:
@@ -55,7 +56,7 @@ def test_method_on_cuda_equals_cpu_in_float64(name, shape):
     results = {}
     for device in ("cpu", "cuda"):
         torch.manual_seed(0)
-        layer = method.build(shape[1], group_size=2, spatial_dims=dims).to(device, torch.float64).train()
+        layer = method.build(shape[1], group_size=group_size, spatial_dims=dims).to(device, torch.float64).train()
         prior = _prior(shape[1], device, torch.float64) if method.norm == "bkn" else None
         for _ in range(2):  # a second step exercises the running estimates and BRN's corrections
             for p in layer.parameters():
@@ -70,17 +71,24 @@ def test_method_on_cuda_equals_cpu_in_float64(name, shape):
 
 
 @pytest.mark.parametrize("name", BATCH_METHODS + ["gn", "ln"])
-def test_bfloat16_on_cuda_is_close_to_float32(name):
+@pytest.mark.parametrize("params", ["float32", "bfloat16"])
+@pytest.mark.parametrize("group_size", [2, None], ids=["groups-of-2", "one-group"])
+def test_bfloat16_on_cuda_is_close_to_float32(name, params, group_size):
+    """bfloat16 activations with float32 parameters (mixed precision) or bfloat16 ones (a bf16 network)."""
     if not torch.cuda.is_bf16_supported():
         pytest.skip("this CUDA device has no bfloat16")
     method = methods.get(name)
+    if params == "float32" and not method.uses_groups:
+        pytest.skip("torch's GroupNorm needs parameters in the input's dtype")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 16, 7, 7, generator=gen).cuda()
     dy = torch.randn(8, 16, 7, 7, generator=gen).cuda()
     outputs = {}
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        layer = method.build(16, group_size=2).cuda().train()  # parameters stay float32 (autocast-like)
+        layer = method.build(16, group_size=group_size).cuda().train()
+        if dtype == torch.bfloat16 and params == "bfloat16":
+            layer = layer.to(torch.bfloat16)
         prior = _prior(16, "cuda", torch.float32) if method.norm == "bkn" else None
         y, grads, _ = _run(layer, x.to(dtype), dy.to(dtype), prior)
         assert y.dtype == dtype and torch.isfinite(y.float()).all()

@@ -110,10 +110,12 @@ def _prior_ratio_sum(prior_var: torch.Tensor, obs_var: torch.Tensor) -> float:
 def _observed_moments(x: torch.Tensor, prior_mean, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(m_o, v_o)`` of shape (G, C).
 
-    With a prior and one float group: one pass over ``x`` shifted by the prior mean (a
-    guess of the mean), recomputed by :func:`batch_moments` where that is ill-conditioned.
+    With a prior and one float group on the CPU: one pass over ``x`` shifted by the prior
+    mean (a guess of the mean), recomputed by :func:`batch_moments` where that is
+    ill-conditioned. Elsewhere :func:`batch_moments` (``var_mean`` on accelerators).
     """
-    if prior_mean is not None and groups == 1 and x.dtype in (torch.float32, torch.float64):
+    single_pass = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if prior_mean is not None and groups == 1 and single_pass:
         shift = prior_mean.detach().reshape(-1, x.shape[1])[0].to(x.dtype)
         s1, s2 = shifted_sums(x, shift)
         mean, var = moments_from_sums(s1, s2, shift, x.numel() // x.shape[1])
@@ -149,7 +151,10 @@ def _gradient_sums(dy, x, mean, var, groups: int, eps: float) -> tuple[torch.Ten
     if dy is None:  # only the posterior is used downstream
         zeros = torch.zeros_like(mean)
         return zeros, zeros
-    if groups == 1 and dy.dtype == mean.dtype:
+    # One group on the CPU: batch norm's backward reduction (eval form, one native pass). CUDA's
+    # kernel refuses that form (it insists on saved statistics and a weight), so accelerators
+    # take the plain reductions below.
+    if groups == 1 and dy.dtype == mean.dtype and x.device.type == "cpu":
         _, sum_dy_xhat, sum_dy = _bn_backward(dy, x, None, mean[0], var[0], None, None, False, eps, [False, True, True])
         return sum_dy.unsqueeze(0), sum_dy_xhat.unsqueeze(0)
     dims = reduce_dims(x.dim())

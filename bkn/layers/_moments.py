@@ -63,8 +63,14 @@ def shifted_sums(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, to
     Then ``mean = S1 / n`` and ``var = S2 / n - mean * (mean - shift)``
     (:func:`moments_from_sums`). The rounding error relative to the variance is
     about ``eps * |mean (mean - shift)| / var``: small when ``shift`` is a good guess
-    of the mean (BKN passes its prior mean).
+    of the mean (BKN passes its prior mean). On the CPU the two sums come from one native
+    pass (batch norm's backward reduction); elsewhere from plain reductions (CUDA's batch
+    norm backward insists on saved statistics that do not exist here).
     """
+    if x.device.type != "cpu":
+        dims = [0] + list(range(2, x.dim()))
+        shaped = shift.reshape([1, -1] + [1] * (x.dim() - 2)).to(x.dtype)
+        return x.sum(dims), (x * (x - shaped)).sum(dims)
     _, s2, s1 = _bn_backward(x, x, None, shift, torch.ones_like(shift), None, None, False, 0.0, [False, True, True])
     return s1, s2
 
