@@ -171,6 +171,9 @@ def lines_vs(
         grid.figure.suptitle(title, y=1.03)
     else:  # one panel: its own title, so the legend beside it cannot cover a figure title
         grid.set_titles(title + ("\n{col_name}" if col is not None else ""))
+    if grid.legend is not None:  # below the panels: beside them it covered the last panel's axis
+        sns.move_legend(grid, "upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False, title=None)
+        grid.figure.subplots_adjust(right=0.97)
     return to_data_uri(grid)
 
 
