@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from renorm_reference import PATHS, use_path
 
 try:
     import os
@@ -62,3 +63,11 @@ def kernels(request, monkeypatch):
     else:
         monkeypatch.setattr(_native, "load", lambda: None)
     return request.param
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    """The Batch Renormalization tests' twin of ``kernels`` (ids ``compiled`` and ``torch``): the test runs
+    inside ``renorm_reference.use_path``, which their property test also uses, one path per example."""
+    with use_path(request.param) as name:
+        yield name

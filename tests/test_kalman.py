@@ -1,10 +1,11 @@
-"""Batch Kalman Normalization layers against the reference (spec section 1.1) and torch BN.
+"""Batch Kalman Normalization layers against the reference (spec section 1.1) and torch BN:
+p = 0 is BN, the official update against numpy, the ratio guard, gradients, micro-batch groups.
 
-The numpy functions below are an independent transcription of the spec, written
-without looking at how ``bkn`` computes anything: per (group, channel) observed
-mean and biased variance, the two-component mixture, the ratio guard, the
-normalization and the affine transform.
+The numpy reference is in kalman_reference.py; the adaptive gain, eval mode and detach_prior are in
+test_kalman_gain_and_eval.py, the property test, dtypes and memory formats in
+test_kalman_properties_and_formats.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,98 +13,28 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-from torch import nn
+from kalman_reference import (
+    BN_FOR_NDIM,
+    LAYER_FOR_NDIM,
+    SHAPE_FOR_NDIM,
+    make_input,
+    np_bkn,
+    np_observed,
+    np_running_update,
+    random_affine,
+    random_prior,
+    t2n,
+)
 from torch.func import functional_call
 
-from bkn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, BatchRenorm2d, GhostBatchNorm2d
+from bkn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
 
 # Every test here runs on the compiled kernels and on the Python Functions (conftest.kernels).
 pytestmark = pytest.mark.usefixtures("kernels")
 
-EPS = 1e-5
-LAYER_FOR_NDIM = {2: BatchKalmanNorm1d, 3: BatchKalmanNorm1d, 4: BatchKalmanNorm2d, 5: BatchKalmanNorm3d}
-BN_FOR_NDIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-SHAPE_FOR_NDIM = {2: (8, 3), 3: (8, 3, 5), 4: (8, 3, 3, 4), 5: (8, 3, 2, 3, 2)}
-
-
-# -- independent numpy reference of spec 1.1 ------------------------------------------------
-
-def np_observed(x: np.ndarray, groups: int):
-    """(G, C) mean and biased variance over (samples of the group, spatial positions)."""
-    x = np.asarray(x, dtype=np.float64)
-    n, c = x.shape[:2]
-    xg = x.reshape(groups, n // groups, c, -1)
-    m_o = xg.mean(axis=(1, 3))
-    v_o = ((xg - m_o[:, None, :, None]) ** 2).mean(axis=(1, 3))
-    return m_o, v_o
-
-
-def np_bkn(x, gamma, beta, prior, p, groups=1, eps=EPS, guard=100.0):
-    """Returns y, posterior (m, v) and observed (m_o, v_o), all float64; stats of shape (G, C)."""
-    x = np.asarray(x, dtype=np.float64)
-    n, c = x.shape[:2]
-    m_o, v_o = np_observed(x, groups)
-    values = (n // groups) * int(np.prod(x.shape[2:], dtype=np.int64))
-    if prior is None:
-        m, v = m_o, v_o
-    else:
-        m_p = np.broadcast_to(np.asarray(prior[0], dtype=np.float64), (groups, c))
-        v_p = np.broadcast_to(np.asarray(prior[1], dtype=np.float64), (groups, c))
-        p = np.asarray(p, dtype=np.float64)  # scalar or per channel
-        use_prior = True
-        if guard is not None and values > 1 and np.mean(v_p / v_o) >= guard:
-            use_prior = False
-        if use_prior:
-            m = p * m_p + (1 - p) * m_o
-            v = p * v_p + (1 - p) * v_o + p * (1 - p) * (m_o - m_p) ** 2
-        else:
-            m, v = m_o, v_o
-    xg = x.reshape(groups, n // groups, c, -1)
-    y = (xg - m[:, None, :, None]) / np.sqrt(v[:, None, :, None] + eps)
-    gamma = np.asarray(gamma, dtype=np.float64)[None, None, :, None]
-    y = y * gamma + np.asarray(beta, dtype=np.float64)[None, None, :, None]
-    return y.reshape(x.shape), (m, v), (m_o, v_o)
-
-
-def np_running_update(rm, rv, m, v, values, momentum=0.1):
-    """Torch-convention EMA of the posterior averaged over groups, var scaled by n/(n-1)."""
-    m_bar, v_bar = m.mean(0), v.mean(0)
-    new_mean = (1 - momentum) * rm + momentum * m_bar
-    return new_mean, (1 - momentum) * rv + momentum * v_bar * values / (values - 1)
-
-
-def t2n(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).cpu().numpy().copy()  # a copy: buffers change in place
-
-
-def make_input(shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = shape[1]
-    scale = torch.rand(c, generator=g, dtype=torch.float64) * 2 + 0.5
-    shift = torch.randn(c, generator=g, dtype=torch.float64) * 2
-    view = (1, c) + (1,) * (len(shape) - 2)
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale.view(view) + shift.view(view)
-    return x.to(dtype)
-
-
-def random_affine(layer: nn.Module, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer.weight.copy_(torch.rand(layer.weight.shape, generator=g) * 1.5 + 0.25)
-        layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
-
-
-def random_prior(groups, c, shape="GC", dtype=torch.float32, seed=2, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    size = (groups, c) if shape == "GC" else (c,)
-    m = (torch.randn(size, generator=g, dtype=torch.float64) * 2).to(dtype)
-    v = (torch.rand(size, generator=g, dtype=torch.float64) * 3 + 0.3).to(dtype)
-    return m.requires_grad_(requires_grad), v.requires_grad_(requires_grad)
-
 
 # -- p = 0 and no prior: exactly torch.nn.BatchNorm ------------------------------------------
+
 
 @pytest.mark.parametrize("ndim", [2, 4, 5])
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -151,9 +82,9 @@ def test_equals_torch_batchnorm(variant, momentum, ndim):
 
 # -- the official update against numpy -------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("group_size, prior_shape",
-                         [(None, "C"), (None, "GC"), (2, "GC"), (2, "C"), (4, "GC")])
+@pytest.mark.parametrize("group_size, prior_shape", [(None, "C"), (None, "GC"), (2, "GC"), (2, "C"), (4, "GC")])
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
 @pytest.mark.parametrize("ndim", [2, 4, 5])
 def test_update_matches_numpy(ndim, p, group_size, prior_shape, dtype):
@@ -180,8 +111,9 @@ def test_update_matches_numpy(ndim, p, group_size, prior_shape, dtype):
 
     y = layer(x, prior=prior)
 
-    y_ref, (m, v), (m_o, v_o) = np_bkn(t2n(x), t2n(layer.weight), t2n(layer.bias),
-                                      (t2n(prior[0]), t2n(prior[1])), p, groups)
+    y_ref, (m, v), (m_o, v_o) = np_bkn(
+        t2n(x), t2n(layer.weight), t2n(layer.bias), (t2n(prior[0]), t2n(prior[1])), p, groups
+    )
     assert np.mean(np.broadcast_to(t2n(prior[1]), v_o.shape) / v_o) < 100  # the mixture is used
     tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     assert y.dtype == dtype and y.shape == x.shape
@@ -261,8 +193,10 @@ def test_guard_is_configurable():
 
 # -- gradients -------------------------------------------------------------------------------
 
+
 def _as_function(layer, with_prior=True, gain_param=False):
     """f(x, gamma, beta, [m_p, v_p], [logit]) -> (y, posterior mean, posterior var)."""
+
     def f(x, w, b, *rest):
         params = {"weight": w, "bias": b}
         kwargs = {}
@@ -273,12 +207,25 @@ def _as_function(layer, with_prior=True, gain_param=False):
             kwargs["prior"] = (rest[0], rest[1])
         y = functional_call(layer, params, (x,), kwargs)
         return y, layer.posterior[0], layer.posterior[1]
+
     return f
 
 
-@pytest.mark.parametrize("case", ["prior_C", "prior_GC_groups", "prior_C_groups", "learned_gain",
-                                  "learned_gain_groups", "no_prior", "no_prior_groups", "one_value_prior",
-                                  "bkn1d_2d_input", "bkn3d"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "prior_C",
+        "prior_GC_groups",
+        "prior_C_groups",
+        "learned_gain",
+        "learned_gain_groups",
+        "no_prior",
+        "no_prior_groups",
+        "one_value_prior",
+        "bkn1d_2d_input",
+        "bkn3d",
+    ],
+)
 def test_gradcheck(case):
     dt = torch.float64
     cls, shape, group_size, with_prior = BatchKalmanNorm2d, (4, 3, 2, 3), None, True
@@ -334,12 +281,13 @@ def test_gradient_through_posterior_only():
     v_o = ((xg - m_o[:, None, :, None]) ** 2).mean((1, 3))
     m = 0.4 * m_p2 + 0.6 * m_o
     v = 0.4 * v_p2 + 0.6 * v_o + 0.24 * (m_o - m_p2) ** 2
-    ref = torch.autograd.grad((m ** 2).sum() + v.log().sum(), (x2, m_p2, v_p2))
+    ref = torch.autograd.grad((m**2).sum() + v.log().sum(), (x2, m_p2, v_p2))
     for a, b in zip((gx, gm, gv), ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 # -- micro-batch groups ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("with_prior", [True, False])
 @pytest.mark.parametrize("g", [1, 2, 3])
@@ -357,328 +305,18 @@ def test_group_size_equals_separate_chunks(g, with_prior):
     for i in range(groups):
         ref = BatchKalmanNorm2d(c, p=0.6)
         ref.load_state_dict(layer.state_dict())
-        xi = x.detach()[i * g:(i + 1) * g].clone().requires_grad_()
-        pi = None if prior is None else (prior[0].detach()[i].clone().requires_grad_(),
-                                         prior[1].detach()[i].clone().requires_grad_())
+        xi = x.detach()[i * g : (i + 1) * g].clone().requires_grad_()
+        pi = (
+            None
+            if prior is None
+            else (prior[0].detach()[i].clone().requires_grad_(), prior[1].detach()[i].clone().requires_grad_())
+        )
         yi = ref(xi, prior=pi)
-        (yi * dy[i * g:(i + 1) * g]).sum().backward()
-        torch.testing.assert_close(y[i * g:(i + 1) * g], yi, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(x.grad[i * g:(i + 1) * g], xi.grad, atol=1e-5, rtol=1e-5)
+        (yi * dy[i * g : (i + 1) * g]).sum().backward()
+        torch.testing.assert_close(y[i * g : (i + 1) * g], yi, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x.grad[i * g : (i + 1) * g], xi.grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer.posterior[0][i], ref.posterior[0][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer.posterior[1][i], ref.posterior[1][0], atol=1e-5, rtol=1e-5)
         if prior is not None:
             torch.testing.assert_close(prior[0].grad[i], pi[0].grad, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(prior[1].grad[i], pi[1].grad, atol=1e-5, rtol=1e-5)
-
-
-# -- adaptive gain -----------------------------------------------------------------------------
-
-def _adaptive_data(n=128, c=3, s=1.0, seed=0):
-    """Per-sample offsets (std s) dominate the noise of a group mean; pixels add a little."""
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.tensor([1.0, -2.0, 0.5])[:c]
-    a = torch.randn(n, c, 1, 1, generator=g) * s
-    e = torch.randn(n, c, 4, 4, generator=g) * 0.5
-    return mu, mu.view(1, c, 1, 1) + a + e
-
-
-def _capture_gain(layer):
-    seen = []
-    layer.gain.register_forward_hook(lambda mod, args, out: seen.append(out))
-    return seen
-
-
-def test_adaptive_gain_estimator_and_monotonicity():
-    c = 3
-    mu, x = _adaptive_data(n=512, c=c)
-    bias = torch.tensor([1.0, -1.2, 0.9])  # a fixed prediction error, known to the test
-    prior = (mu + bias, torch.ones(c))
-    ps = {}
-    for g in (2, 4, 16, 32):
-        layer = BatchKalmanNorm2d(c, gain="adaptive", group_size=g)
-        seen = _capture_gain(layer)
-        xi = x.clone().requires_grad_()
-        pm, pv = prior[0].clone().requires_grad_(), prior[1].clone().requires_grad_()
-        y = layer(xi, prior=(pm, pv))
-        p = seen[-1]
-        assert isinstance(p, torch.Tensor) and tuple(p.shape) == (c,)
-        assert not p.requires_grad and p.grad_fn is None
-        assert torch.all((p >= 0) & (p <= 1))
-        assert list(layer.gain.parameters()) == []
-        # Independent numpy estimate, as documented: U_obs = var(per-sample means) / g,
-        # U_prior = max(mean_groups (m_o - m_p)^2 - U_obs, 0), p = U_obs / (U_obs + U_prior).
-        xn = t2n(x)
-        spread = xn.mean(axis=(2, 3)).var(axis=0, ddof=1)
-        m_o, _ = np_observed(xn, x.shape[0] // g)
-        innov = ((m_o - t2n(prior[0])) ** 2).mean(0)
-        u_obs = spread / g
-        u_prior = np.maximum(innov - u_obs, 0)
-        np.testing.assert_allclose(t2n(p), u_obs / (u_obs + u_prior), rtol=1e-4, atol=1e-6)
-        # The layer normalized with that per-channel gain.
-        y_ref, _, _ = np_bkn(xn, t2n(layer.weight), t2n(layer.bias), (t2n(prior[0]), t2n(prior[1])),
-                             t2n(p), x.shape[0] // g)
-        np.testing.assert_allclose(t2n(y), y_ref, rtol=1e-4, atol=1e-4)
-        y.pow(2).sum().backward()  # gradients still reach x and the prior
-        assert torch.isfinite(xi.grad).all() and pm.grad is not None and pv.grad is not None
-        ps[g] = p
-    # Smaller group -> noisier observation -> more weight on the prior.
-    assert torch.all(ps[2] > ps[4]) and torch.all(ps[4] > ps[16]) and torch.all(ps[16] > ps[32])
-    assert torch.all(ps[2] > 3 * ps[32])
-
-
-def test_adaptive_gain_uses_estimates_before_the_current_batch():
-    c = 3
-    mu, x1 = _adaptive_data(seed=1)
-    _, x2 = _adaptive_data(seed=2, s=3.0)  # a very different spread
-    layer = BatchKalmanNorm2d(c, gain="adaptive", group_size=4)
-    seen = _capture_gain(layer)
-    prior = (mu + 0.3, torch.ones(c))
-    layer(x1, prior=prior)
-    layer(x2, prior=prior)
-    torch.testing.assert_close(seen[1], seen[0])  # second step: estimates from the first batch
-    layer(x2, prior=prior)
-    assert not torch.allclose(seen[2], seen[1])   # the EMA has moved by now
-    s1 = t2n(x1).mean(axis=(2, 3)).var(axis=0, ddof=1)
-    s2 = t2n(x2).mean(axis=(2, 3)).var(axis=0, ddof=1)
-    expected = 0.9 * (0.9 * s1 + 0.1 * s2) + 0.1 * s2
-    np.testing.assert_allclose(t2n(layer.gain.sample_mean_var), expected, rtol=1e-5)
-
-
-def test_adaptive_gain_p_property_is_the_gain_used():
-    mu, x = _adaptive_data(n=64)
-    layer = BatchKalmanNorm2d(3, gain="adaptive", group_size=8)
-    seen = _capture_gain(layer)
-    prior = (mu + 0.5, torch.ones(3))
-    layer(x, prior=prior)
-    layer(x, prior=prior)  # the gain used now comes from the estimates the property reads
-    torch.testing.assert_close(layer.gain.p, seen[-1])
-
-
-# -- eval mode, detach_prior, one value per channel -------------------------------------------
-
-def test_eval_uses_running_stats_and_ignores_prior():
-    c = 4
-    layer = BatchKalmanNorm2d(c, p=0.9)
-    random_affine(layer)
-    with torch.no_grad():
-        layer.running_mean.copy_(torch.randn(c))
-        layer.running_var.copy_(torch.rand(c) + 0.5)
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
-    layer.eval()
-    x = make_input((2, c, 3, 3), seed=3)
-    prior = random_prior(1, c, "C", seed=4)
-    y1 = layer(x)
-    y2 = layer(x, prior=prior)
-    y3 = layer(x, prior=prior)
-    rm, rv = layer.running_mean.view(1, c, 1, 1), layer.running_var.view(1, c, 1, 1)
-    expected = (x - rm) / torch.sqrt(rv + EPS)
-    expected = expected * layer.weight.view(1, c, 1, 1) + layer.bias.view(1, c, 1, 1)
-    torch.testing.assert_close(y1, expected.detach(), atol=1e-5, rtol=1e-5)
-    assert torch.equal(y1, y2) and torch.equal(y2, y3)
-    assert not layer.prior_used
-    for k, v in layer.state_dict().items():
-        assert torch.equal(v, state[k]), k
-    # One sample of one value per channel is fine at inference.
-    single = make_input((1, c, 1, 1), seed=5)
-    torch.testing.assert_close(layer(single), layer(single.clone()))
-
-
-@pytest.mark.parametrize("detach", [True, False])
-def test_detach_prior(detach):
-    layer = BatchKalmanNorm2d(3, p=0.5, detach_prior=detach)
-    x = make_input((4, 3, 2, 2), seed=1).requires_grad_()
-    m_p, v_p = random_prior(1, 3, "C", seed=2, requires_grad=True)
-    y = layer(x, prior=(m_p, v_p))
-    (y.pow(3).sum() + layer.posterior[1].sum()).backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-    if detach:
-        assert m_p.grad is None and v_p.grad is None
-    else:
-        assert m_p.grad is not None and v_p.grad is not None
-        assert m_p.grad.abs().sum() > 0 and v_p.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("cls, shape, group_size", [
-    (BatchKalmanNorm1d, (1, 5), None),
-    (BatchKalmanNorm2d, (1, 5, 1, 1), None),
-    (BatchKalmanNorm1d, (4, 5), 1),
-])
-def test_one_value_per_channel(cls, shape, group_size):
-    n, c = shape[:2]
-    groups = n // (group_size or n)
-    layer = cls(c, p=0.9, group_size=group_size)
-    random_affine(layer)
-    x = make_input(shape, seed=2).requires_grad_()
-    m_p, v_p = random_prior(groups, c, "GC", seed=3, requires_grad=True)
-    y = layer(x, prior=(m_p, v_p))
-    y.pow(2).sum().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-    assert torch.isfinite(m_p.grad).all() and torch.isfinite(v_p.grad).all()
-    y_ref, (m, v), _ = np_bkn(t2n(x), t2n(layer.weight), t2n(layer.bias), (t2n(m_p), t2n(v_p)), 0.9, groups)
-    np.testing.assert_allclose(t2n(y), y_ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(t2n(layer.posterior[1]), v, rtol=1e-5, atol=1e-6)
-    fresh = cls(c, group_size=group_size)
-    with pytest.raises(ValueError, match=cls.__name__):
-        fresh(x.detach())
-
-
-# -- property tests ----------------------------------------------------------------------------
-
-@st.composite
-def bkn_cases(draw):
-    n = draw(st.integers(1, 6))
-    c = draw(st.integers(1, 8))
-    nsp = draw(st.integers(0, 3))
-    spatial = tuple(draw(st.lists(st.integers(1, 5), min_size=nsp, max_size=nsp)))
-    if nsp == 0:
-        shape, cls = (n, c), BatchKalmanNorm1d
-    else:
-        shape = (n, c) + spatial
-        cls = {1: BatchKalmanNorm1d, 2: BatchKalmanNorm2d, 3: BatchKalmanNorm3d}[nsp]
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    group_size = draw(st.sampled_from(divisors + [None]))
-    values = (group_size or n) * math.prod(spatial)
-    with_prior = draw(st.booleans()) if values > 1 else True  # BN needs > 1 value per group
-    # p = 0 is plain BN, which (rightly) refuses one value per channel.
-    p = draw(st.floats(0.0 if values > 1 else 1e-3, 1.0))
-    prior_shape = draw(st.sampled_from(["C", "GC"]))
-    seed = draw(st.integers(0, 2 ** 16))
-    return cls, shape, group_size, with_prior, p, prior_shape, seed
-
-
-@given(bkn_cases())
-def test_property_finite_and_matches_reference(case):
-    cls, shape, group_size, with_prior, p, prior_shape, seed = case
-    n, c = shape[:2]
-    groups = n // (group_size or n)
-    layer = cls(c, p=p, group_size=group_size, dtype=torch.float64)
-    random_affine(layer, seed=seed)
-    x = make_input(shape, dtype=torch.float64, seed=seed).requires_grad_()
-    prior = random_prior(groups, c, prior_shape, dtype=torch.float64, seed=seed + 1,
-                         requires_grad=True) if with_prior else None
-    y = layer(x, prior=prior)
-    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
-    loss = (y * weights).sum() + layer.posterior[1].sum()
-    loss.backward()
-    assert y.shape == x.shape and torch.isfinite(y).all()
-    grads = [x.grad, layer.weight.grad, layer.bias.grad]
-    grads += [prior[0].grad, prior[1].grad] if with_prior else []
-    for g in grads:
-        assert g is None or torch.isfinite(g).all()
-    assert x.grad is not None and layer.weight.grad is not None
-    ref_prior = None if prior is None else (t2n(prior[0]), t2n(prior[1]))
-    y_ref, (m, v), _ = np_bkn(t2n(x), t2n(layer.weight), t2n(layer.bias), ref_prior,
-                              p if with_prior else 0, groups)
-    np.testing.assert_allclose(t2n(y), y_ref, rtol=1e-7, atol=1e-7)
-    np.testing.assert_allclose(t2n(layer.posterior[0]), m, rtol=1e-7, atol=1e-9)
-    np.testing.assert_allclose(t2n(layer.posterior[1]), v, rtol=1e-7, atol=1e-9)
-
-
-# -- dtypes and memory formats -----------------------------------------------------------------
-
-@pytest.mark.parametrize("group_size", [None, 2])
-@pytest.mark.parametrize("with_prior", [True, False])
-def test_bfloat16_cpu(with_prior, group_size):
-    c = 4
-    layer = BatchKalmanNorm2d(c, p=0.7, group_size=group_size)
-    random_affine(layer)
-    ref = BatchKalmanNorm2d(c, p=0.7, group_size=group_size)
-    ref.load_state_dict(layer.state_dict())
-    x32 = make_input((4, c, 5, 5), seed=1)
-    x = x32.to(torch.bfloat16).requires_grad_()
-    groups = 4 // (group_size or 4)
-    prior = random_prior(groups, c, "GC", seed=2) if with_prior else None
-    y = layer(x, prior=prior)
-    assert y.dtype == torch.bfloat16
-    y.float().pow(2).sum().backward()
-    assert torch.isfinite(y.float()).all() and x.grad is not None and x.grad.dtype == torch.bfloat16
-    assert torch.isfinite(x.grad.float()).all() and torch.isfinite(layer.weight.grad).all()
-    y32 = ref(x.detach().float(), prior=prior)
-    torch.testing.assert_close(y.float(), y32, atol=5e-2, rtol=2e-2)
-    assert layer.running_mean.dtype == torch.float32
-    torch.testing.assert_close(layer.running_mean, ref.running_mean, atol=1e-3, rtol=1e-3)
-
-
-@pytest.mark.parametrize("group_size", [None, 2])
-@pytest.mark.parametrize("with_prior", [True, False])
-def test_channels_last_same_as_contiguous(with_prior, group_size):
-    c = 5
-    a = BatchKalmanNorm2d(c, p=0.6, group_size=group_size)
-    random_affine(a)
-    b = BatchKalmanNorm2d(c, p=0.6, group_size=group_size)
-    b.load_state_dict(a.state_dict())
-    x = make_input((4, c, 3, 6), seed=3)
-    dy = torch.randn(x.shape)
-    xa = x.clone().requires_grad_()
-    xb = x.clone().to(memory_format=torch.channels_last).requires_grad_()
-    groups = 4 // (group_size or 4)
-    prior = random_prior(groups, c, "GC", seed=4) if with_prior else None
-    ya, yb = a(xa, prior=prior), b(xb, prior=prior)
-    (ya * dy).sum().backward()
-    (yb * dy).sum().backward()
-    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(b.weight.grad, a.weight.grad, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(b.running_var, a.running_var, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("make", [
-    lambda: (BatchKalmanNorm2d(3, group_size=2), {"prior": (torch.zeros(3), torch.ones(3))}),
-    lambda: (BatchKalmanNorm2d(3, group_size=2), {}),
-    lambda: (GhostBatchNorm2d(3, group_size=2), {}),
-    lambda: (BatchRenorm2d(3, group_size=2, rmax=3.0, dmax=5.0), {}),
-], ids=["bkn_prior", "bkn_no_prior", "ghost_bn", "brn"])
-def test_grouped_output_supports_inplace_ops(make):
-    layer, kwargs = make()
-    x = make_input((4, 3, 2, 2), seed=1).requires_grad_()
-    y = layer(x, **kwargs)
-    torch.relu_(y)
-    y.sum().backward()
-    assert torch.isfinite(x.grad).all()
-
-
-def test_ungrouped_output_supports_inplace_ops():
-    layer = BatchKalmanNorm2d(3)
-    x = make_input((4, 3, 2, 2), seed=1).requires_grad_()
-    y = layer(x, prior=(torch.zeros(3), torch.ones(3)))
-    ref = y.detach().clone().relu()
-    torch.relu_(y)
-    y.sum().backward()
-    torch.testing.assert_close(y.detach(), ref)
-
-
-def _observed_var(kind, x):
-    if kind == "bkn_prior":  # shifted sums around a poor prior mean; the guard then uses them alone
-        layer = BatchKalmanNorm2d(3, p=0.5)
-        y = layer(x, prior=(torch.zeros(3), torch.ones(3)))
-        return layer.observed[1][0], y
-    if kind == "bkn_adaptive":
-        layer = BatchKalmanNorm2d(3, gain="adaptive")
-        y = layer(x, prior=(torch.zeros(3), torch.ones(3)))
-        return layer.observed[1][0], y
-    if kind == "brn":  # rmax = 1, dmax = 0 must be BN (spec 2); last_stats are then (m_o, v_o)
-        layer = BatchRenorm2d(3, rmax=1.0, dmax=0.0)
-        y = layer(x)
-        return layer.last_stats[1][0], y
-    layer = BatchKalmanNorm2d(3, p=0.5, group_size=4)  # "bkn_prior_grouped": explicit centring
-    y = layer(x, prior=(torch.zeros(2, 3), torch.ones(2, 3)))
-    return layer.observed[1], y
-
-
-@pytest.mark.parametrize("kind", [
-    "bkn_prior",
-    "bkn_adaptive",
-    "brn",
-    "bkn_prior_grouped",
-])
-def test_observed_variance_accurate_for_large_mean(kind):
-    """Inputs with |mean| / std ~ 500 (float32): the observed variance is accurate, as torch BN's."""
-    x = 5.0 + 0.01 * make_input((8, 3, 4, 4), seed=2)
-    var, y = _observed_var(kind, x)
-    groups = 2 if kind == "bkn_prior_grouped" else 1
-    _, v_o = np_observed(t2n(x), groups)
-    np.testing.assert_allclose(t2n(var).reshape(v_o.shape), v_o, rtol=1e-3)
-    # Observation alone (guard, or BRN at r = 1, d = 0): the output is batch normalization.
-    chunks = x.chunk(groups)
-    expected = torch.cat([nn.BatchNorm2d(3)(c) for c in chunks])
-    torch.testing.assert_close(y, expected, atol=1e-3, rtol=1e-3)

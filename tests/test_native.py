@@ -1,7 +1,7 @@
 """The compiled kernels (bkn/csrc/fused_norm.cpp) against the Python autograd Functions.
 
 The Python Functions are checked against independent numpy transcriptions of the spec
-in test_kalman.py and test_renorm.py (which run every test on both paths); here the
+in test_kalman*.py and test_renorm*.py (which run every test on both paths); here the
 two implementations are compared with each other on random cases, in float64, down to
 rounding: outputs, posterior and observed statistics, every gradient, running buffers
 and the step counter. Plus the plumbing: the build, the switch, the fallbacks.
