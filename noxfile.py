@@ -33,6 +33,7 @@ A new torch session is three lines::
     def accuracy(session):
         torch_env(session, *EXTRAS).run("-m", "bkn.probes.drift", *session.posargs)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -113,8 +114,16 @@ def _render_page(session: nox.Session, tenv: TorchEnv, section: str, probe: str)
     """A probe session's own HTML page, ``reports/<session>.html`` (not after ``--help``)."""
     if {"-h", "--help"} & set(session.posargs):
         return
-    tenv.run("-m", "analysis.report", "--sections", f"env,{section}", "--title", f"bkn-suite: the {probe}",
-             "--out", f"reports/{session.name}.html")
+    tenv.run(
+        "-m",
+        "analysis.report",
+        "--sections",
+        f"env,{section}",
+        "--title",
+        f"bkn-suite: the {probe}",
+        "--out",
+        f"reports/{session.name}.html",
+    )
 
 
 # The main job's benchmark subset: one layer family, the copy-bandwidth reference, the thread record.
@@ -158,9 +167,18 @@ def bench(session: nox.Session) -> None:
     tenv = torch_env(session, *EXTRAS)
     tenv.run("-m", "asv", "machine", "--yes")  # non-interactive; rewriting it each time is harmless
     filters = [arg for pattern in session.posargs for arg in ("--bench", pattern)]
-    tenv.run("-m", "asv", "run", "--python=same", "--quick", "--record-samples", "--set-commit-hash=HEAD",
-             "--launch-method=forkserver", *filters,
-             env={"BKN_BENCH_THREADS": os.environ.get("BKN_BENCH_THREADS", "1")})
+    tenv.run(
+        "-m",
+        "asv",
+        "run",
+        "--python=same",
+        "--quick",
+        "--record-samples",
+        "--set-commit-hash=HEAD",
+        "--launch-method=forkserver",
+        *filters,
+        env={"BKN_BENCH_THREADS": os.environ.get("BKN_BENCH_THREADS", "1")},
+    )
 
 
 @nox.session(venv_backend="none")
@@ -204,7 +222,7 @@ def screenshot(session: nox.Session) -> None:
 @nox.session(reuse_venv=True)
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check (no torch needed); ``ruff format .`` fixes the formatting."""
-    session.install("ruff")
+    session.install("ruff>=0.17,<0.18")  # the formatter's style may change between minor versions
     paths = session.posargs or ["."]
     session.run("ruff", "check", *paths)
     session.run("ruff", "format", "--check", "--diff", *paths)

@@ -16,6 +16,7 @@ protocol over that pipe (JSON messages separated by NUL bytes on file descriptor
 Exit status 0 when the page is clean, 1 with the list of problems otherwise, 2 when
 Chromium cannot be found or started.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,22 @@ from bkn.results import atomic_path
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 # Headless, sandbox off (containers run as root), and nothing that reaches the network.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--disable-default-apps", "--mute-audio", "--hide-scrollbars",
-         "--no-default-browser-check", "--disable-features=Translate,MediaRouter,OptimizationHints"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-default-apps",
+    "--mute-audio",
+    "--hide-scrollbars",
+    "--no-default-browser-check",
+    "--disable-features=Translate,MediaRouter,OptimizationHints",
+]
 
 IMAGE_CHECK = """
 (async () => {
@@ -154,9 +167,7 @@ class DevTools:
                 else:
                     self._events.put(message)
 
-    def send(
-        self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 60.0
-    ):
+    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 60.0):
         with self._lock:
             self._next_id += 1
             ident = self._next_id
@@ -166,9 +177,7 @@ class DevTools:
         try:
             os.write(self._to_child, json.dumps(message).encode() + b"\0")
         except OSError as exc:
-            raise BrowserError(
-                f"Chromium closed the DevTools pipe ({exc}); its stderr:\n{self.stderr_text()}"
-            )
+            raise BrowserError(f"Chromium closed the DevTools pipe ({exc}); its stderr:\n{self.stderr_text()}")
         deadline = time.monotonic() + timeout
         with self._lock:
             while ident not in self._replies:
@@ -347,8 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-screenshot", action="store_true", help="only check, write no PNG")
     p.add_argument("--chromium", help="Chromium executable (default: $CHROMIUM, then chromium on PATH)")
     p.add_argument("--width", type=int, default=1280, help="viewport width in CSS pixels")
-    p.add_argument("--max-height", type=int, default=16000,
-                   help="taller pages are scaled down to this many pixels")
+    p.add_argument("--max-height", type=int, default=16000, help="taller pages are scaled down to this many pixels")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the page")
     args = p.parse_args(argv)
     shot = None if args.no_screenshot else (args.screenshot or args.html.with_suffix(".png"))
@@ -368,10 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         f"image {b['index']} ({b['alt'] or b['src']!r}) did not decode: {b['reason'] or 'zero natural size'}"
         for b in result["bad_images"]
     ]
-    print(
-        f"{args.html}: title {result['title']!r}, {result['images']} images, "
-        f"page height {result['height']} px"
-    )
+    print(f"{args.html}: title {result['title']!r}, {result['images']} images, page height {result['height']} px")
     if shot is not None:
         print(f"Screenshot written: {shot.resolve()}")
     if problems:

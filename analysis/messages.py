@@ -1,4 +1,5 @@
 """Warnings collected while building a report (and echoed to stderr as they happen)."""
+
 from __future__ import annotations
 
 import sys

@@ -6,6 +6,7 @@ URI (:func:`to_data_uri`); nothing here knows where the frames came from. Colour
 fixed per normalization method (:func:`palette`) so "bkn-official" has the same colour
 in every figure of a report.
 """
+
 from __future__ import annotations
 
 import base64
@@ -236,9 +237,7 @@ def ratio_heatmaps(
     return to_data_uri(fig)
 
 
-def trend_grid(
-    frame: pd.DataFrame, keys: list[tuple], *, labels: dict, base: str, head: str, title: str
-) -> str:
+def trend_grid(frame: pd.DataFrame, keys: list[tuple], *, labels: dict, base: str, head: str, title: str) -> str:
     """Value at every commit (median with its interquartile range) for a few benchmarks, one panel each."""
     keys = keys[:MAX_FACETS]
     ncols = min(3, len(keys))

@@ -14,6 +14,7 @@ Exit status: 0; 1 with ``--fail-on-regression`` when a significant regression wa
 2 when a comparison asked for with ``--base``/``--head`` is impossible (the report is
 still written).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def _sections(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or '(none given)'}; "
-                                         f"choose from {','.join(SECTIONS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown section(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(SECTIONS)}"
+        )
     return names
 
 

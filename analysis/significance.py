@@ -19,6 +19,7 @@ With few samples no arrangement is unlikely enough: the smallest two-sided exact
 p-value is ``2 / C(m+n, m)`` (:func:`min_p_value`); callers check it before trusting
 a "not significant" (one sample per side, as ``asv run --quick`` records, can never be).
 """
+
 from __future__ import annotations
 
 import functools
@@ -86,7 +87,7 @@ def mann_whitney_u(x, y) -> tuple[float, float, str]:
         return u, min(1.0, 2.0 * min(lower, upper)), "exact"
 
     big_n = m + n
-    tie_term = float(((counts ** 3) - counts).sum()) / (big_n * (big_n - 1))
+    tie_term = float(((counts**3) - counts).sum()) / (big_n * (big_n - 1))
     sigma = math.sqrt(m * n / 12.0 * ((big_n + 1) - tie_term))
     if sigma == 0.0:  # every value equal: no evidence of a difference
         return u, 1.0, "normal"

@@ -13,6 +13,7 @@ is not a tensor op, the model input) the layer gets no prior - or, with
 ``fallback="identity"``, the previous layer's posterior when channels match -
 and :meth:`PriorChain.summary` says which layer got which prior and why.
 """
+
 from __future__ import annotations
 
 import operator
@@ -43,8 +44,9 @@ class PriorRoute:
 
 
 class PriorChain:
-    def __init__(self, root: nn.Module, graph: fx.Graph, transition: str = "official",
-                 fallback: str = "none", draws: int = 1):
+    def __init__(
+        self, root: nn.Module, graph: fx.Graph, transition: str = "official", fallback: str = "none", draws: int = 1
+    ):
         if fallback not in ("none", "identity"):
             raise ValueError(f"fallback must be 'none' or 'identity', got {fallback!r}")
         self.transition_name = transition
@@ -213,8 +215,10 @@ class PriorChain:
         for name in self.order:
             r = self.routes[name]
             rows.append((r.layer, ", ".join(r.sources) or "-", " > ".join(r.path) or "-", r.status))
+
         def clip(text: str, width: int = 60) -> str:  # keep the end: the ops nearest the layer
-            return text if len(text) <= width else "..." + text[-(width - 3):]
+            return text if len(text) <= width else "..." + text[-(width - 3) :]
+
         rows = [(clip(a), clip(b), clip(c), d) for a, b, c, d in rows]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         return "\n".join("  ".join([row[i].ljust(widths[i]) for i in range(3)] + [row[3]]) for row in rows)

@@ -7,6 +7,7 @@ flags carry over. For ``"bkn"`` the model is traced with ``torch.fx`` and each B
 layer's prior is wired from the normalization layers feeding it (see
 :mod:`bkn.chain`); ``bkn.prior_summary(model)`` prints which layer got which prior.
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,8 +85,13 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _replacement(getattr(parent, child), norm, layer_options))
     if graph is not None:
-        chain = PriorChain(model, graph, transition=options.get("transition", "official"),
-                           fallback=options.get("fallback", "none"), draws=options.get("draws", 1))
+        chain = PriorChain(
+            model,
+            graph,
+            transition=options.get("transition", "official"),
+            fallback=options.get("fallback", "none"),
+            draws=options.get("draws", 1),
+        )
         chain.attach(model)
         model._bkn_chain = chain
     return model

@@ -13,6 +13,7 @@ The asv suites (``suites/``) measure the full matrix and track it across commits
 is the quick look, and the check of the layers' speed target (BKN and BRN within 1.25x of
 native ``BatchNorm2d`` at every shape above).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ def interleaved(fns: dict, min_run_time: float, rounds: int) -> dict:
     ``{name: [seconds per call, one per round]}``; each function gets about ``min_run_time``
     seconds in all.
     """
-    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-              for name, fn in fns.items()}
+    timers = {
+        name: benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        for name, fn in fns.items()
+    }
     first = next(iter(timers.values()))
     for fn in fns.values():
         fn()  # warm-up
@@ -68,14 +71,26 @@ def layer_table(min_run_time: float, seed: int, rounds: int = 20) -> list[tuple]
         grad = torch.randn(shape, generator=gen)
         prior = (torch.randn(c, generator=gen) * 0.1, 1 + 0.1 * torch.rand(c, generator=gen))
         bn, bkn, brn = (methods.get(name).build(c) for name in ("bn", "bkn-official", "brn"))
-        samples = interleaved({
-            "bn": lambda: bn(x).backward(grad),
-            "bkn": lambda: bkn(x, prior=prior).backward(grad),
-            "brn": lambda: brn(x).backward(grad),
-        }, min_run_time, rounds)
+        samples = interleaved(
+            {
+                "bn": lambda: bn(x).backward(grad),
+                "bkn": lambda: bkn(x, prior=prior).backward(grad),
+                "brn": lambda: brn(x).backward(grad),
+            },
+            min_run_time,
+            rounds,
+        )
         times = {name: statistics.median(values) for name, values in samples.items()}
-        rows.append((str(shape), times["bn"], times["bkn"], times["brn"],
-                     ratio_summary(samples, "bkn", "bn"), ratio_summary(samples, "brn", "bn")))
+        rows.append(
+            (
+                str(shape),
+                times["bn"],
+                times["bkn"],
+                times["brn"],
+                ratio_summary(samples, "bkn", "bn"),
+                ratio_summary(samples, "brn", "bn"),
+            )
+        )
     return rows
 
 
@@ -95,6 +110,7 @@ def network_table(min_run_time: float, seed: int, batch: int = 8, group: int = 2
             loss.backward()
             opt.step()
             return loss
+
         steps[name] = step
     samples = interleaved(steps, min_run_time, rounds)
     return [(name, statistics.median(samples[name]), ratio_summary(samples, name, "bn")[0]) for name in steps]
@@ -104,19 +120,31 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bkn.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the data and models (default 0)")
-    parser.add_argument("--min-run-time", type=float, default=0.5,
-                        help="seconds per norm and layer shape, or per network step (default 0.5)")
-    parser.add_argument("--rounds", type=int, default=20,
-                        help="interleaved rounds per layer shape; ratios are medians over rounds (default 20)")
+    parser.add_argument(
+        "--min-run-time",
+        type=float,
+        default=0.5,
+        help="seconds per norm and layer shape, or per network step (default 0.5)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=20,
+        help="interleaved rounds per layer shape; ratios are medians over rounds (default 20)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.min_run_time <= 0 or args.threads < 1:
         parser.error("--rounds and --threads must be >= 1 and --min-run-time > 0")
     torch.set_num_threads(args.threads)
     kernels = "compiled (bkn/csrc/fused_norm.cpp)" if _native.load() is not None else "Python Functions"
-    print(f"torch {torch.__version__}, device cpu ({platform.processor() or platform.machine()}), "
-          f"threads {torch.get_num_threads()}, seed {args.seed}, kernels: {kernels}\n")
-    print("One layer, forward+backward, training mode (torch.utils.benchmark; BN, BKN and BRN timed in turn in "
-          f"{args.rounds} rounds: times are medians, ratios medians over rounds [quartiles])")
+    print(
+        f"torch {torch.__version__}, device cpu ({platform.processor() or platform.machine()}), "
+        f"threads {torch.get_num_threads()}, seed {args.seed}, kernels: {kernels}\n"
+    )
+    print(
+        "One layer, forward+backward, training mode (torch.utils.benchmark; BN, BKN and BRN timed in turn in "
+        f"{args.rounds} rounds: times are medians, ratios medians over rounds [quartiles])"
+    )
     print(f"{'shape':<18}{'BN us':>9}{'BKN us':>9}{'BRN us':>9}{'BKN/BN':>21}{'BRN/BN':>21}")
     for shape, bn, bkn, brn, bkn_ratio, brn_ratio in layer_table(args.min_run_time, args.seed, args.rounds):
         cells = [f"{r[0]:.2f} [{r[1]:.2f}-{r[2]:.2f}]" for r in (bkn_ratio, brn_ratio)]

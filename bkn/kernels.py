@@ -5,6 +5,7 @@ does it up front (the asv install step uses it, so that no benchmark waits for t
 compiler) and shows the compiler's output with ``--verbose`` when a build fails.
 Exit status 1 if they could not be built (the layers then use the Python Functions).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,12 @@ def main(argv=None) -> int:
     try:
         module = _native.build(verbose=args.verbose)
     except Exception as error:  # report, do not crash: the layers fall back
-        print(f"bkn: the compiled kernels could not be built: {type(error).__name__}: {error}\n"
-              f"The layers will use the Python Functions (same results, slower at small shapes); "
-              f"--verbose shows the compiler's output.", file=sys.stderr)
+        print(
+            f"bkn: the compiled kernels could not be built: {type(error).__name__}: {error}\n"
+            f"The layers will use the Python Functions (same results, slower at small shapes); "
+            f"--verbose shows the compiler's output.",
+            file=sys.stderr,
+        )
         return 1
     print(f"bkn: compiled kernels ready: {module.__file__}")
     return 0

@@ -10,6 +10,7 @@
 (bn, brn, bkn) take ``group_size``; ``bn`` without it is ``torch.nn.BatchNorm*d``
 itself (the baseline every benchmark is compared to).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -22,10 +23,18 @@ from .methods import BATCH_DEPENDENT_NORMS
 _NAMES = ("bn", "bkn", "brn", "gn", "ln", "in")
 _BATCH_DEPENDENT = BATCH_DEPENDENT_NORMS
 _TORCH_BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_GHOST_BN = {0: layers.GhostBatchNorm1d, 1: layers.GhostBatchNorm1d, 2: layers.GhostBatchNorm2d,
-             3: layers.GhostBatchNorm3d}
-_BKN = {0: layers.BatchKalmanNorm1d, 1: layers.BatchKalmanNorm1d, 2: layers.BatchKalmanNorm2d,
-        3: layers.BatchKalmanNorm3d}
+_GHOST_BN = {
+    0: layers.GhostBatchNorm1d,
+    1: layers.GhostBatchNorm1d,
+    2: layers.GhostBatchNorm2d,
+    3: layers.GhostBatchNorm3d,
+}
+_BKN = {
+    0: layers.BatchKalmanNorm1d,
+    1: layers.BatchKalmanNorm1d,
+    2: layers.BatchKalmanNorm2d,
+    3: layers.BatchKalmanNorm3d,
+}
 _BRN = {0: layers.BatchRenorm1d, 1: layers.BatchRenorm1d, 2: layers.BatchRenorm2d, 3: layers.BatchRenorm3d}
 _IN = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
@@ -52,12 +61,19 @@ def _check_name(name: str) -> str:
 
 
 def _build(name: str, cls, *args, **options) -> nn.Module:
-    accepted = set(inspect.signature(cls).parameters) - {"self", "num_features", "num_channels",
-                                                         "num_groups", "normalized_shape"}
+    accepted = set(inspect.signature(cls).parameters) - {
+        "self",
+        "num_features",
+        "num_channels",
+        "num_groups",
+        "normalized_shape",
+    }
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"norm {name!r} ({cls.__name__}) does not take option(s) {', '.join(unknown)}; "
-                         f"it accepts: {', '.join(sorted(accepted))}")
+        raise ValueError(
+            f"norm {name!r} ({cls.__name__}) does not take option(s) {', '.join(unknown)}; "
+            f"it accepts: {', '.join(sorted(accepted))}"
+        )
     return cls(*args, **options)
 
 
@@ -80,8 +96,10 @@ def create(name: str, num_features: int, *, spatial_dims: int = 2, **options) ->
     if name == "brn":
         return _build(name, _BRN[spatial_dims], num_features, **options)
     if options.get("group_size") is not None:
-        raise ValueError(f"norm {name!r} normalizes each sample on its own and takes no group_size "
-                         f"(got group_size={options['group_size']})")
+        raise ValueError(
+            f"norm {name!r} normalizes each sample on its own and takes no group_size "
+            f"(got group_size={options['group_size']})"
+        )
     options.pop("group_size", None)
     if name == "gn":
         groups = options.pop("num_groups", gn_groups(num_features))

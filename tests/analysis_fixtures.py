@@ -10,6 +10,7 @@ Timings: each benchmark x parameter combination has a true per-call time; each s
 is that time times log-normal noise (``sigma``), occasionally with an outlier (an
 interrupted sample, 1.5-3x slower), as real timings have.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,21 @@ from bkn.results import COPY_REFERENCE, DRIFT, GROUP_PARAM, LAYER_PARAMS, METHOD
 
 MACHINE = "ci-box"
 ENV = "existing-py_usr_bin_python3"
-ALL_COLUMNS = ["result", "params", "version", "started_at", "duration", "stats_ci_99_a", "stats_ci_99_b",
-               "stats_q_25", "stats_q_75", "stats_number", "stats_repeat", "samples", "profile"]
+ALL_COLUMNS = [
+    "result",
+    "params",
+    "version",
+    "started_at",
+    "duration",
+    "stats_ci_99_a",
+    "stats_ci_99_b",
+    "stats_q_25",
+    "stats_q_75",
+    "stats_number",
+    "stats_repeat",
+    "samples",
+    "profile",
+]
 
 
 @dataclasses.dataclass
@@ -321,6 +335,7 @@ def _is_planted(bench: Bench, combo: tuple) -> bool:
 
 def planted_truth(slowdown: float = 1.3, small_shift: float = 1.04):
     """Head commit: the planted benchmark 30% slower; a few others really 4% faster (below the threshold)."""
+
     def truth(commit, bench, combo):
         t = method_truth(commit, bench, combo)
         named = dict(zip(bench.param_names, combo))
@@ -329,4 +344,5 @@ def planted_truth(slowdown: float = 1.3, small_shift: float = 1.04):
         elif commit == 1 and named.get(METHOD_PARAM) == "ln" and bench.type == "time":
             t /= small_shift
         return t
+
     return truth

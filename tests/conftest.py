@@ -1,4 +1,5 @@
 """Shared test configuration: determinism, thread count, hypothesis profile."""
+
 from __future__ import annotations
 
 import random
@@ -15,10 +16,22 @@ try:
 
     # Deterministic (derandomized) and bounded: the property tests must not make the
     # suite flaky or slow. HYPOTHESIS_PROFILE=thorough runs more examples.
-    settings.register_profile("default", derandomize=True, deadline=None, max_examples=40, database=None,
-                              suppress_health_check=[HealthCheck.too_slow])
-    settings.register_profile("thorough", derandomize=True, deadline=None, max_examples=500, database=None,
-                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile(
+        "default",
+        derandomize=True,
+        deadline=None,
+        max_examples=40,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile(
+        "thorough",
+        derandomize=True,
+        deadline=None,
+        max_examples=500,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
     pass

@@ -5,6 +5,7 @@ Inputs are synthetic (tests/analysis_fixtures.py: asv 0.6 result files with know
 times, drift and convergence frames in the contracts' schemas) plus a small set of files
 written by asv 0.6.6 itself (tests/data/asv_toy_results).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -33,16 +34,24 @@ def messages():
 # ------------------------------------------------------------------ statistics
 
 
-@pytest.mark.parametrize("m,n,shift,ties", [(1, 1, 0.0, False), (4, 3, 0.5, False), (10, 10, 1.0, False),
-                                            (12, 20, 0.3, False), (40, 60, 0.4, False), (30, 25, 0.3, True)])
+@pytest.mark.parametrize(
+    "m,n,shift,ties",
+    [
+        (1, 1, 0.0, False),
+        (4, 3, 0.5, False),
+        (10, 10, 1.0, False),
+        (12, 20, 0.3, False),
+        (40, 60, 0.4, False),
+        (30, 25, 0.3, True),
+    ],
+)
 def test_mann_whitney_matches_scipy(m, n, shift, ties, rng):
     scipy_stats = pytest.importorskip("scipy.stats")
     x, y = rng.normal(size=m), rng.normal(shift, size=n)
     if ties:
         x, y = np.round(x, 1), np.round(y, 1)
     u, p, how = mann_whitney_u(x, y)
-    ref = scipy_stats.mannwhitneyu(x, y, alternative="two-sided",
-                                   method="exact" if how == "exact" else "asymptotic")
+    ref = scipy_stats.mannwhitneyu(x, y, alternative="two-sided", method="exact" if how == "exact" else "asymptotic")
     assert how == ("normal" if ties else "exact")
     assert u == pytest.approx(ref.statistic)
     assert p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-12)
@@ -101,8 +110,7 @@ def test_synthetic_files_are_valid_for_asv_itself(tmp_path):
     ours = load_asv_results(tmp_path, Messages(echo=False)).results
     ours = ours[ours["benchmark"] == name].set_index("param_key")["value"]
     names = af.method_benches()[0].param_names
-    keys = [", ".join(f"{n}={parse_param(v)}" for n, v in zip(names, combo))
-            for combo in itertools.product(*params)]
+    keys = [", ".join(f"{n}={parse_param(v)}" for n, v in zip(names, combo)) for combo in itertools.product(*params)]
     np.testing.assert_allclose(loaded.get_result_value(name, params), ours.loc[keys].to_numpy(), rtol=1e-15)
     assert all(len(s) == 5 for s in loaded.get_result_samples(name, params))
 
@@ -171,9 +179,7 @@ def test_planted_slowdown_is_the_only_regression(tmp_path, messages, seed):
     )
     assert planted.sum() == 2  # contiguous and channels_last
     assert set(flagged.index) == set(table[planted].index)
-    assert (
-        flagged["significant"].all() and (flagged["ratio"] > 1.15).all() and (flagged["ratio"] < 1.45).all()
-    )
+    assert flagged["significant"].all() and (flagged["ratio"] > 1.15).all() and (flagged["ratio"] < 1.45).all()
     assert (flagged["p_value"] < 0.002).all() and flagged["test"].str.startswith("mann-whitney").all()
     # The parameter columns survive next to the verdict's own (a parameter is called "method").
     assert (flagged[METHOD_PARAM] == "gn").all() and (flagged[GROUP_PARAM] == 4).all()

@@ -1,4 +1,5 @@
 """The headless-Chromium check of a report (skipped where no Chromium is installed)."""
+
 from __future__ import annotations
 
 import base64
@@ -9,8 +10,10 @@ import pytest
 
 from analysis import browser
 
-pytestmark = pytest.mark.skipif(not any(shutil.which(n) for n in browser.CHROMIUM_NAMES),
-                                reason="Chromium is not installed (apt-get install -y chromium)")
+pytestmark = pytest.mark.skipif(
+    not any(shutil.which(n) for n in browser.CHROMIUM_NAMES),
+    reason="Chromium is not installed (apt-get install -y chromium)",
+)
 
 
 def _png(width: int, height: int) -> str:
@@ -29,9 +32,11 @@ def _png(width: int, height: int) -> str:
 
 def test_a_clean_page_passes_and_is_photographed(tmp_path, capsys):
     page = tmp_path / "ok.html"
-    page.write_text(f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>fine</title></head><body>'
-                    f'<h1>fine</h1><img alt="plot" src="{_png(320, 240)}"><div style="height:1500px"></div>'
-                    f"</body></html>")
+    page.write_text(
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>fine</title></head><body>'
+        f'<h1>fine</h1><img alt="plot" src="{_png(320, 240)}"><div style="height:1500px"></div>'
+        f"</body></html>"
+    )
     assert browser.main([str(page)]) == 0
     out = capsys.readouterr().out
     assert "OK: no console errors, all 1 images decoded." in out
@@ -43,11 +48,13 @@ def test_a_clean_page_passes_and_is_photographed(tmp_path, capsys):
 
 def test_console_errors_and_broken_images_fail(tmp_path, capsys):
     page = tmp_path / "broken.html"
-    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"><title>broken</title></head><body>'
-                    '<img alt="truncated plot" src="data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA">'
-                    '<img alt="fine" src="' + _png(100, 80) + '">'
-                    '<script>console.error("planted console error"); undefinedFunction();</script>'
-                    "</body></html>")
+    page.write_text(
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><title>broken</title></head><body>'
+        '<img alt="truncated plot" src="data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA">'
+        '<img alt="fine" src="' + _png(100, 80) + '">'
+        '<script>console.error("planted console error"); undefinedFunction();</script>'
+        "</body></html>"
+    )
     assert browser.main([str(page), "--no-screenshot"]) == 1
     err = capsys.readouterr().err
     assert "planted console error" in err

@@ -1,4 +1,5 @@
 """``bkn.convert`` on torchvision ResNets and on models torch.fx cannot trace."""
+
 from __future__ import annotations
 
 import copy
@@ -162,8 +163,12 @@ def test_convert_keeps_dtype():
 
 
 EXPECTED_TYPE = {
-    "bn": nn.BatchNorm2d, "bkn": bkn.BatchKalmanNorm2d, "brn": bkn.BatchRenorm2d,
-    "gn": nn.GroupNorm, "ln": nn.GroupNorm, "in": nn.InstanceNorm2d,
+    "bn": nn.BatchNorm2d,
+    "bkn": bkn.BatchKalmanNorm2d,
+    "brn": bkn.BatchRenorm2d,
+    "gn": nn.GroupNorm,
+    "ln": nn.GroupNorm,
+    "in": nn.InstanceNorm2d,
 }
 
 

@@ -1,4 +1,5 @@
 """Clear errors: a ValueError that names the layer, what was expected and what came."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,9 +22,12 @@ def raises_with(fragments, fn, *args, **kwargs):
 
 
 LAYERS = [
-    (bkn.BatchKalmanNorm2d, {}, 4), (bkn.GhostBatchNorm2d, {"group_size": 2}, 4),
+    (bkn.BatchKalmanNorm2d, {}, 4),
+    (bkn.GhostBatchNorm2d, {"group_size": 2}, 4),
     (bkn.BatchRenorm2d, {"rmax": 3.0, "dmax": 5.0}, 4),
-    (bkn.BatchKalmanNorm1d, {}, 2), (bkn.BatchKalmanNorm3d, {}, 5), (bkn.GhostBatchNorm1d, {}, 3),
+    (bkn.BatchKalmanNorm1d, {}, 2),
+    (bkn.BatchKalmanNorm3d, {}, 5),
+    (bkn.GhostBatchNorm1d, {}, 3),
     (bkn.BatchRenorm3d, {}, 5),
 ]
 
@@ -50,12 +54,15 @@ def test_wrong_number_of_dimensions(cls, kwargs, ndim):
     raises_with([cls.__name__, expected_text, f"got {wrong}-d", str(tuple(x.shape))], layer, x)
 
 
-@pytest.mark.parametrize("bad, what", [
-    ((torch.zeros(5), torch.ones(4)), "(5,)"),
-    ((torch.zeros(4), torch.ones(3, 4)), "(3, 4)"),
-    ((torch.zeros(2, 4), torch.ones(2, 4)), "(2, 4)"),  # one group only: (1, 4) or (4,)
-    ((torch.zeros(4, 1), torch.ones(4)), "(4, 1)"),
-])
+@pytest.mark.parametrize(
+    "bad, what",
+    [
+        ((torch.zeros(5), torch.ones(4)), "(5,)"),
+        ((torch.zeros(4), torch.ones(3, 4)), "(3, 4)"),
+        ((torch.zeros(2, 4), torch.ones(2, 4)), "(2, 4)"),  # one group only: (1, 4) or (4,)
+        ((torch.zeros(4, 1), torch.ones(4)), "(4, 1)"),
+    ],
+)
 def test_prior_of_wrong_size(bad, what):
     layer = bkn.BatchKalmanNorm2d(4)
     raises_with(["BatchKalmanNorm2d", "prior", "(4,)", "(1, 4)", what], layer, _input(4), prior=bad)
@@ -63,8 +70,12 @@ def test_prior_of_wrong_size(bad, what):
 
 def test_prior_of_wrong_size_with_groups():
     layer = bkn.BatchKalmanNorm2d(4, group_size=2)
-    raises_with(["BatchKalmanNorm2d", "(2, 4)", "2 group", "(3, 4)"], layer, _input(4),
-                prior=(torch.zeros(3, 4), torch.ones(3, 4)))
+    raises_with(
+        ["BatchKalmanNorm2d", "(2, 4)", "2 group", "(3, 4)"],
+        layer,
+        _input(4),
+        prior=(torch.zeros(3, 4), torch.ones(3, 4)),
+    )
 
 
 @pytest.mark.parametrize("bad", [torch.zeros(4), (torch.zeros(4),), (torch.zeros(4), 1.0)])
@@ -78,15 +89,18 @@ def test_group_size_not_dividing_the_batch(cls, kwargs, ndim):
     raises_with([cls.__name__, "group_size=3", "batch size 4"], layer, _input(ndim, n=4))
 
 
-@pytest.mark.parametrize("make, x", [
-    (lambda: bkn.GhostBatchNorm2d(4), torch.randn(1, 4, 1, 1)),
-    (lambda: bkn.GhostBatchNorm1d(4), torch.randn(1, 4)),
-    (lambda: bkn.GhostBatchNorm1d(4, group_size=1), torch.randn(6, 4)),
-    (lambda: bkn.BatchKalmanNorm1d(4), torch.randn(1, 4)),
-    (lambda: bkn.BatchKalmanNorm2d(4), torch.randn(1, 4, 1, 1)),
-    (lambda: bkn.BatchKalmanNorm2d(4, group_size=1), torch.randn(3, 4, 1, 1)),
-    (lambda: bkn.BatchRenorm1d(4, rmax=3.0, dmax=5.0), torch.randn(1, 4)),
-])
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: bkn.GhostBatchNorm2d(4), torch.randn(1, 4, 1, 1)),
+        (lambda: bkn.GhostBatchNorm1d(4), torch.randn(1, 4)),
+        (lambda: bkn.GhostBatchNorm1d(4, group_size=1), torch.randn(6, 4)),
+        (lambda: bkn.BatchKalmanNorm1d(4), torch.randn(1, 4)),
+        (lambda: bkn.BatchKalmanNorm2d(4), torch.randn(1, 4, 1, 1)),
+        (lambda: bkn.BatchKalmanNorm2d(4, group_size=1), torch.randn(3, 4, 1, 1)),
+        (lambda: bkn.BatchRenorm1d(4, rmax=3.0, dmax=5.0), torch.randn(1, 4)),
+    ],
+)
 def test_one_value_per_channel_in_training_mode(make, x):
     layer = make()
     name = type(layer).__name__
@@ -96,27 +110,32 @@ def test_one_value_per_channel_in_training_mode(make, x):
 
 
 def test_non_float_input():
-    raises_with(["BatchKalmanNorm2d", "floating-point", "torch.int64"],
-                bkn.BatchKalmanNorm2d(4), torch.ones(2, 4, 2, 2, dtype=torch.long))
+    raises_with(
+        ["BatchKalmanNorm2d", "floating-point", "torch.int64"],
+        bkn.BatchKalmanNorm2d(4),
+        torch.ones(2, 4, 2, 2, dtype=torch.long),
+    )
 
 
 def test_error_names_the_module_path_after_convert():
     model = bkn.convert(resnet18(num_classes=10), "bkn")
     layer = model.layer2[1].bn1
-    raises_with(["BatchKalmanNorm2d", "layer2.1.bn1", "expected 128 channels", "got 64"],
-                layer, torch.randn(2, 64, 4, 4))
+    raises_with(
+        ["BatchKalmanNorm2d", "layer2.1.bn1", "expected 128 channels", "got 64"], layer, torch.randn(2, 64, 4, 4)
+    )
 
 
 def test_unknown_norm_name_lists_the_known_ones():
     message = raises_with(["'batchnorm'"], norms.create, "batchnorm", 8)
     for name in norms.names():
         assert name in message
-    raises_with(["'batchnorm'"] + list(norms.names()), bkn.convert, nn.Sequential(nn.BatchNorm2d(3)),
-                "batchnorm")
+    raises_with(["'batchnorm'"] + list(norms.names()), bkn.convert, nn.Sequential(nn.BatchNorm2d(3)), "batchnorm")
 
 
-@pytest.mark.parametrize("name, cls_name", [("bkn", "BatchKalmanNorm2d"), ("brn", "BatchRenorm2d"),
-                                            ("gn", "GroupNorm"), ("bn", "BatchNorm2d")])
+@pytest.mark.parametrize(
+    "name, cls_name",
+    [("bkn", "BatchKalmanNorm2d"), ("brn", "BatchRenorm2d"), ("gn", "GroupNorm"), ("bn", "BatchNorm2d")],
+)
 def test_unknown_option_to_create(name, cls_name):
     raises_with([f"'{name}'", cls_name, "frobnicate", "accepts"], norms.create, name, 8, frobnicate=1)
 
@@ -142,12 +161,15 @@ def test_unknown_transition_and_gain_through_registry_and_convert():
     raises_with(["'kalman'", "official", "analytic", "identity"], transitions.get, "kalman")
 
 
-@pytest.mark.parametrize("kwargs, fragments", [
-    ({"p": 1.5}, ["p", "[0, 1]", "1.5"]),
-    ({"p": -0.1}, ["p", "-0.1"]),
-    ({"group_size": 0}, ["group_size", "0"]),
-    ({"group_size": 2.5}, ["group_size", "2.5"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragments",
+    [
+        ({"p": 1.5}, ["p", "[0, 1]", "1.5"]),
+        ({"p": -0.1}, ["p", "-0.1"]),
+        ({"group_size": 0}, ["group_size", "0"]),
+        ({"group_size": 2.5}, ["group_size", "2.5"]),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, fragments):
     raises_with(["BatchKalmanNorm2d"] + fragments, bkn.BatchKalmanNorm2d, 4, **kwargs)
 

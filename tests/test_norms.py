@@ -1,4 +1,5 @@
 """The registry ``bkn.norms``: names, create for every name and rank, GroupNorm's group count."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,7 @@ from bkn import norms
 SHAPES = {0: (4, 6), 1: (4, 6, 5), 2: (4, 6, 3, 4), 3: (4, 6, 2, 3, 2)}
 EXPECTED = {
     "bn": {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
-    "bkn": {0: bkn.BatchKalmanNorm1d, 1: bkn.BatchKalmanNorm1d, 2: bkn.BatchKalmanNorm2d,
-            3: bkn.BatchKalmanNorm3d},
+    "bkn": {0: bkn.BatchKalmanNorm1d, 1: bkn.BatchKalmanNorm1d, 2: bkn.BatchKalmanNorm2d, 3: bkn.BatchKalmanNorm3d},
     "brn": {0: bkn.BatchRenorm1d, 1: bkn.BatchRenorm1d, 2: bkn.BatchRenorm2d, 3: bkn.BatchRenorm3d},
     "gn": {d: nn.GroupNorm for d in range(4)},
     "ln": {0: nn.LayerNorm, 1: nn.GroupNorm, 2: nn.GroupNorm, 3: nn.GroupNorm},
@@ -110,8 +110,23 @@ def test_create_passes_options_through():
     assert norms.create("in", 8, affine=False).affine is False
 
 
-@pytest.mark.parametrize("c, expected", [(1, 1), (3, 3), (16, 16), (24, 24), (32, 32), (48, 24), (64, 32),
-                                         (100, 25), (256, 32), (2048, 32), (31, 31), (37, 1)])
+@pytest.mark.parametrize(
+    "c, expected",
+    [
+        (1, 1),
+        (3, 3),
+        (16, 16),
+        (24, 24),
+        (32, 32),
+        (48, 24),
+        (64, 32),
+        (100, 25),
+        (256, 32),
+        (2048, 32),
+        (31, 31),
+        (37, 1),
+    ],
+)
 def test_gn_group_count(c, expected):
     assert norms.gn_groups(c) == expected
     assert norms.create("gn", c).num_groups == expected

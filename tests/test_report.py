@@ -165,9 +165,7 @@ def test_base_and_head_options(tmp_path):
         "--fail-on-regression",
     )
     assert code == 0 and f"Baseline {hashes[0][:8]} vs head {hashes[2][:8]}" in html
-    code, html, _ = _run(
-        tmp_path, "--sections", "regressions", "--head", hashes[1][:10], "--fail-on-regression"
-    )
+    code, html, _ = _run(tmp_path, "--sections", "regressions", "--head", hashes[1][:10], "--fail-on-regression")
     assert code == 1 and f"Baseline {hashes[0][:8]} vs head {hashes[1][:8]}" in html
     code, html, _ = _run(tmp_path, "--sections", "regressions", "--base", "cafe1234")
     assert code == 2 and "no asv results for revision" in html and "badge error" in html

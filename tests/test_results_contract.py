@@ -20,8 +20,23 @@ ENV = {"commit": "abc", "torch": "2.x", "device": "cpu", "threads": 1}
 
 # Exactly how the drift probe wrote its file before schemas had versions (commit d448542):
 # these columns, pandas' to_parquet, no schema metadata.
-OLD_DRIFT_COLUMNS = ["data", "network", "state", "method", "batch_size", "layer", "depth", "metric", "statistic",
-                     "seed", "value", "commit", "torch", "device", "threads"]
+OLD_DRIFT_COLUMNS = [
+    "data",
+    "network",
+    "state",
+    "method",
+    "batch_size",
+    "layer",
+    "depth",
+    "metric",
+    "statistic",
+    "seed",
+    "value",
+    "commit",
+    "torch",
+    "device",
+    "threads",
+]
 
 
 def _python(code: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -29,8 +44,10 @@ def _python(code: str, cwd=ROOT) -> subprocess.CompletedProcess:
 
 
 def test_importing_the_report_builder_does_not_import_torch():
-    run = _python("import sys, analysis.report, analysis.browser, bkn.methods, bkn.results; "
-                  "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    run = _python(
+        "import sys, analysis.report, analysis.browser, bkn.methods, bkn.results; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
 

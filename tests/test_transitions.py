@@ -1,4 +1,5 @@
 """Prior transitions (spec 1.2): closed-form moment rules against Monte-Carlo, and the chain wiring."""
+
 from __future__ import annotations
 
 import math
@@ -21,21 +22,20 @@ def mc_tolerances(samples: np.ndarray, n_eff: float):
     """Standard errors of the sample mean and of the sample (biased) variance of ``samples``."""
     m = samples.mean()
     c = samples - m
-    var = (c ** 2).mean()
-    m4 = (c ** 4).mean()
-    return math.sqrt(var / n_eff), math.sqrt(max(m4 - var ** 2, 0.0) / n_eff)
+    var = (c**2).mean()
+    m4 = (c**4).mean()
+    return math.sqrt(var / n_eff), math.sqrt(max(m4 - var**2, 0.0) / n_eff)
 
 
 # -- scalar rules --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mu, sigma",
-                         [(0.0, 1.0), (1.0, 0.5), (-1.0, 2.0), (3.0, 1.0), (-2.5, 1.0), (0.2, 3.0)])
+
+@pytest.mark.parametrize("mu, sigma", [(0.0, 1.0), (1.0, 0.5), (-1.0, 2.0), (3.0, 1.0), (-2.5, 1.0), (0.2, 3.0)])
 def test_relu_moments_vs_monte_carlo_and_quadrature(mu, sigma):
     n = 1_000_000
     rng = np.random.default_rng(0)
     r = np.maximum(rng.normal(mu, sigma, size=n), 0.0)
-    mean, var = relu_moments(torch.tensor([mu], dtype=torch.float64),
-                             torch.tensor([sigma ** 2], dtype=torch.float64))
+    mean, var = relu_moments(torch.tensor([mu], dtype=torch.float64), torch.tensor([sigma**2], dtype=torch.float64))
     mean, var = float(mean), float(var)
     se_m, se_v = mc_tolerances(r, n)
     assert abs(mean - r.mean()) < Z * se_m + 1e-12
@@ -70,6 +70,7 @@ def test_gaussian_max_moments_known_values():
 
 
 # -- convolution / linear rules against a direct Monte-Carlo of the real module ----------------
+
 
 def _gaussian_field(mean: torch.Tensor, var: torch.Tensor, batch: int, spatial, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -115,12 +116,18 @@ def test_analytic_linear_maps_vs_monte_carlo(kind):
     _per_channel_check(out, state.mean[0].detach(), state.var[0].detach(), n_eff)
 
 
-@pytest.mark.parametrize("conv", [
-    dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=3, stride=2, padding=0),
-    dict(kernel_size=5, stride=2, padding=2, dilation=1),
-    dict(kernel_size=3, stride=1, padding=0, dilation=2),
-    dict(kernel_size=1, stride=2), dict(kernel_size=3, padding="same"), dict(kernel_size=3, padding="valid"),
-])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, stride=1, padding=1),
+        dict(kernel_size=3, stride=2, padding=0),
+        dict(kernel_size=5, stride=2, padding=2, dilation=1),
+        dict(kernel_size=3, stride=1, padding=0, dilation=2),
+        dict(kernel_size=1, stride=2),
+        dict(kernel_size=3, padding="same"),
+        dict(kernel_size=3, padding="valid"),
+    ],
+)
 def test_analytic_conv_spatial_size(conv):
     module = nn.Conv2d(2, 3, **conv)
     state = Analytic().module(module, Moments(torch.zeros(1, 2), torch.ones(1, 2), (11, 8)))
@@ -191,8 +198,9 @@ def test_relu_conv_hop_agrees():
     assert (no_relu.mean - a_state.mean).abs().max() > 0.3
 
 
-@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.AvgPool2d(3, stride=3), nn.AdaptiveAvgPool2d(1),
-                                  nn.AdaptiveAvgPool2d((2, 2))])
+@pytest.mark.parametrize(
+    "pool", [nn.AvgPool2d(2), nn.AvgPool2d(3, stride=3), nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((2, 2))]
+)
 def test_relu_avg_pool_agrees(pool):
     moments, sample = _start(spatial=(12, 12), seed=1)
     a, mc = Analytic(), MonteCarlo(draws=DRAWS)
@@ -248,7 +256,7 @@ def test_after_norm_conventions():
     am = Analytic().after_norm(layer, (5, 5))
     torch.testing.assert_close(am.mean, layer.bias.detach().view(1, 3).double())
     gamma = layer.weight.detach().view(1, 3).double()
-    torch.testing.assert_close(am.var, gamma ** 2 * var / (var + layer.eps))
+    torch.testing.assert_close(am.var, gamma**2 * var / (var + layer.eps))
     assert am.spatial == (5, 5)
     torch.manual_seed(0)
     s = MonteCarlo(draws=DRAWS).after_norm(layer, (5, 5))
@@ -270,12 +278,18 @@ def test_transition_registry():
 
 # -- the chain built by bkn.convert ------------------------------------------------------------
 
+
 def _plain_chain(channels=(3, 4, 5, 6)):
     c0, c1, c2, c3 = channels
     return nn.Sequential(
-        nn.Conv2d(c0, c1, 3, padding=0), nn.BatchNorm2d(c1), nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, padding=0), nn.BatchNorm2d(c2), nn.ReLU(),
-        nn.Conv2d(c2, c3, 3, padding=0), nn.BatchNorm2d(c3),
+        nn.Conv2d(c0, c1, 3, padding=0),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=0),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.Conv2d(c2, c3, 3, padding=0),
+        nn.BatchNorm2d(c3),
     ).double()
 
 
@@ -284,18 +298,23 @@ def _record_priors(model):
     seen = {}
     for name, m in model.named_modules():
         if isinstance(m, bkn.layers._BatchKalmanNorm) and m.prior_provider is not None:
+
             def wrap(orig=m.prior_provider, name=name):
                 prior = orig()
                 seen[name] = None if prior is None else (prior[0].detach().clone(), prior[1].detach().clone())
                 seen[name + ".requires_grad"] = prior is not None and prior[0].requires_grad
                 return prior
+
             m.prior_provider = wrap
     return seen
 
 
 def _posteriors(model):
-    return {name: (m.posterior[0].detach().clone(), m.posterior[1].detach().clone())
-            for name, m in model.named_modules() if isinstance(m, bkn.layers._BatchKalmanNorm)}
+    return {
+        name: (m.posterior[0].detach().clone(), m.posterior[1].detach().clone())
+        for name, m in model.named_modules()
+        if isinstance(m, bkn.layers._BatchKalmanNorm)
+    }
 
 
 def test_chain_analytic_is_the_closed_form_of_previous_posterior():

@@ -5,6 +5,7 @@ figures as PNG data URIs, HTML tables, and "missing input" notices that say what
 missing and which command produces it) plus the tidy frames it drew from, which the
 report saves beside the HTML. A section never raises on missing inputs: it says so.
 """
+
 from __future__ import annotations
 
 from .base import SECTIONS, Inputs, Section, human

@@ -1,4 +1,5 @@
 """Statistic drift section: each method's statistic error vs group size and vs depth (the drift probe)."""
+
 from __future__ import annotations
 
 import pandas as pd

@@ -1,4 +1,5 @@
 """Environment section: commit, torch, device and threads of every result, asv machines and environments."""
+
 from __future__ import annotations
 
 import platform
@@ -20,8 +21,11 @@ def _environment_rows(source: str, meta: dict, frame: pd.DataFrame | None) -> di
             values = frame[key].dropna().astype(str).unique()
             value = ", ".join(values[:3]) if len(values) else None
         row[key] = value
-    arguments = meta.get("arguments") if isinstance(meta.get("arguments"), dict) else \
-        {k: v for k, v in meta.items() if k not in row and k not in ("argv", "arguments")}
+    arguments = (
+        meta.get("arguments")
+        if isinstance(meta.get("arguments"), dict)
+        else {k: v for k, v in meta.items() if k not in row and k not in ("argv", "arguments")}
+    )
     shown = {k: v for k, v in arguments.items() if v not in (None, False, [], "")}
     row["arguments"] = ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) if shown else None
     return row
@@ -79,9 +83,7 @@ def build_env(inputs: Inputs) -> Section:
     for column in ("first", "last"):
         envs[column] = envs[column].dt.strftime("%Y-%m-%d %H:%M")
     section.table(envs, "asv environments: commits measured and their commit dates.")
-    threads = asv.results[
-        asv.results["benchmark"].str.endswith("track_threads") & (asv.results["status"] == "ok")
-    ]
+    threads = asv.results[asv.results["benchmark"].str.endswith("track_threads") & (asv.results["status"] == "ok")]
     if not threads.empty:
         threads = threads.assign(commit=threads["commit"].str[:10], threads=threads["value"].astype(int))
         section.table(
@@ -96,5 +98,3 @@ def build_env(inputs: Inputs) -> Section:
         collapsed=True,
     )
     return section
-
-

@@ -1,4 +1,5 @@
 """Training probe section: test accuracy vs group size per method, learning curves."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -60,9 +61,7 @@ def build_training(inputs: Inputs) -> Section:
         f"{m:.4g} ± {s:.2g} (n={int(n)})" if pd.notna(s) else f"{m:.4g} (n={int(n)})"
         for m, s, n in summary[["mean", "std", "count"]].to_numpy()
     ]
-    table = summary.pivot_table(
-        index=["metric", "method"], columns="group_size", values="value", aggfunc="first"
-    )
+    table = summary.pivot_table(index=["metric", "method"], columns="group_size", values="value", aggfunc="first")
     table.columns = [f"group {c}" for c in table.columns]
     section.table(table.reset_index(), "Final values: mean ± standard deviation over seeds.")
     for metric in ("train_loss", "test_acc"):
@@ -86,5 +85,3 @@ def build_training(inputs: Inputs) -> Section:
                 f"{metric} per epoch, one panel per group size; band: ± one standard deviation over seeds.",
             )
     return section
-
-

@@ -1,11 +1,21 @@
 """Normalization layers: BKN, Batch Renormalization and ghost-batch BN (thin 1d/2d/3d subclasses)."""
+
 from ._base import BatchStatNorm
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .kalman import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, _BatchKalmanNorm
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
 
 __all__ = [
-    "BatchStatNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
-    "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "_BatchKalmanNorm",
-    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule",
+    "BatchStatNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "BatchKalmanNorm1d",
+    "BatchKalmanNorm2d",
+    "BatchKalmanNorm3d",
+    "_BatchKalmanNorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "RenormSchedule",
 ]

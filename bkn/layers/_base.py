@@ -4,6 +4,7 @@ Holds what ``torch.nn.modules.batchnorm._NormBase`` holds (affine parameters,
 running buffers, momentum) plus the micro-batch ``group_size`` of spec 1.3, and
 the input checks, so that every subclass raises the same clear errors.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,9 +31,17 @@ class BatchStatNorm(nn.Module):
     _valid_dims: tuple[int, ...] = (4,)
     _dims_text = "4-d (N, C, H, W)"
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True,
-                 group_size: int | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        group_size: int | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
@@ -73,8 +82,10 @@ class BatchStatNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, group_size={self.group_size}")
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, group_size={self.group_size}"
+        )
 
     # -- checks -------------------------------------------------------------------------
     @property
@@ -91,11 +102,14 @@ class BatchStatNorm(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.label}: expected a torch.Tensor input, got {type(x).__name__}")
         if x.dim() not in self._valid_dims:
-            raise ValueError(f"{self.label}: expected {self._dims_text} input, "
-                             f"got {x.dim()}-d input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{self.label}: expected {self._dims_text} input, got {x.dim()}-d input of shape {tuple(x.shape)}"
+            )
         if x.shape[1] != self.num_features:
-            raise ValueError(f"{self.label}: expected {self.num_features} channels (dim 1), "
-                             f"got {x.shape[1]} channels in input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{self.label}: expected {self.num_features} channels (dim 1), "
+                f"got {x.shape[1]} channels in input of shape {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise ValueError(f"{self.label}: expected a floating-point input, got dtype {x.dtype}")
         if not self._uses_batch_stats():
@@ -103,8 +117,10 @@ class BatchStatNorm(nn.Module):
         n = x.shape[0]
         size = self.group_size or n
         if n == 0 or n % size:
-            raise ValueError(f"{self.label}: group_size={self.group_size} must divide the batch size, "
-                             f"got batch size {n} (input shape {tuple(x.shape)})")
+            raise ValueError(
+                f"{self.label}: group_size={self.group_size} must divide the batch size, "
+                f"got batch size {n} (input shape {tuple(x.shape)})"
+            )
         return n // size
 
     def _values_per_channel(self, x: torch.Tensor, groups: int) -> int:
@@ -115,7 +131,8 @@ class BatchStatNorm(nn.Module):
             raise ValueError(
                 f"{self.label}: expected more than 1 value per channel and group in training mode, "
                 f"got input of shape {tuple(x.shape)} with group_size={self.group_size or x.shape[0]} "
-                f"(batch statistics of a single value have zero variance)")
+                f"(batch statistics of a single value have zero variance)"
+            )
 
     # -- running estimates ----------------------------------------------------------------
     def _ema_factor(self) -> float:
@@ -146,15 +163,24 @@ class BatchStatNorm(nn.Module):
             if self.training and self.track_running_stats:
                 self.num_batches_tracked.add_(1)
                 factor = self._ema_factor()
-            return native_batch_norm_train(x, self.weight, self.bias, self.running_mean if self.training else None,
-                                           self.running_var if self.training else None, factor, self.eps)
-        y, mean, var, _, _ = normalize_with_stats(x, self.weight, self.bias, groups=groups, eps=self.eps,
-                                                  running=self._running_args())
+            return native_batch_norm_train(
+                x,
+                self.weight,
+                self.bias,
+                self.running_mean if self.training else None,
+                self.running_var if self.training else None,
+                factor,
+                self.eps,
+            )
+        y, mean, var, _, _ = normalize_with_stats(
+            x, self.weight, self.bias, groups=groups, eps=self.eps, running=self._running_args()
+        )
         return y, mean, var
 
     def _normalize_eval(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 class Dims1d:

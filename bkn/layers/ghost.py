@@ -6,6 +6,7 @@ changing the SGD batch. With ``group_size=None`` it matches
 ``torch.nn.BatchNorm2d`` (the registry then returns the torch layer itself).
 Running estimates average the groups' statistics at each step.
 """
+
 from __future__ import annotations
 
 import torch

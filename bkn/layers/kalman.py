@@ -29,6 +29,7 @@ training-mode forward ``layer.posterior`` holds ``(m, v)`` of shape (G, C)
 (differentiable, for the next layer's prior), ``layer.observed`` the batch moments,
 and ``layer.last_stats`` the detached statistics the layer normalized with.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,16 +62,29 @@ class _BatchKalmanNorm(BatchStatNorm):
         detach_prior: stop gradients through the prior.
     """
 
-    def __init__(self, num_features: int, p: float = 0.9, gain: str = "fixed", transition: str = "official",
-                 guard: float | None = 100.0, detach_prior: bool = False, eps: float = 1e-5,
-                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 group_size: int | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        p: float = 0.9,
+        gain: str = "fixed",
+        transition: str = "official",
+        guard: float | None = 100.0,
+        detach_prior: bool = False,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        group_size: int | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, group_size, device, dtype)
         if gain not in GAIN_KINDS:
             raise ValueError(f"{type(self).__name__}: unknown gain {gain!r}; expected one of {', '.join(GAIN_KINDS)}")
         if transition not in TRANSITIONS:
-            raise ValueError(f"{type(self).__name__}: unknown transition {transition!r}; "
-                             f"expected one of {', '.join(TRANSITIONS)}")
+            raise ValueError(
+                f"{type(self).__name__}: unknown transition {transition!r}; expected one of {', '.join(TRANSITIONS)}"
+            )
         if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise ValueError(f"{type(self).__name__}: p must be a float in [0, 1], got {p!r}")
         self.gain_kind = gain
@@ -84,8 +98,10 @@ class _BatchKalmanNorm(BatchStatNorm):
         self.prior_used: bool = False
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", gain={self.gain_kind}, transition={self.transition}, "
-                f"guard={self.guard}, detach_prior={self.detach_prior}")
+        return (
+            super().extra_repr() + f", gain={self.gain_kind}, transition={self.transition}, "
+            f"guard={self.guard}, detach_prior={self.detach_prior}"
+        )
 
     def _set_stats(self, prior_used: bool, posterior: Prior | None, observed: Prior | None) -> None:
         # Plain attributes set through __dict__: nn.Module.__setattr__ costs ~6 us a call.
@@ -98,16 +114,22 @@ class _BatchKalmanNorm(BatchStatNorm):
         return None if self.posterior is None else (self.posterior[0].detach(), self.posterior[1].detach())
 
     def _check_prior(self, prior, groups: int) -> Prior:
-        if not (isinstance(prior, (tuple, list)) and len(prior) == 2
-                and isinstance(prior[0], torch.Tensor) and isinstance(prior[1], torch.Tensor)):
+        if not (
+            isinstance(prior, (tuple, list))
+            and len(prior) == 2
+            and isinstance(prior[0], torch.Tensor)
+            and isinstance(prior[1], torch.Tensor)
+        ):
             raise ValueError(f"{self.label}: prior must be a (mean, var) pair of tensors, got {type(prior).__name__}")
         mean, var = prior
         c = self.num_features
         for name, t in (("mean", mean), ("var", var)):
             shape = t.shape
             if shape != (c,) and shape != (groups, c):
-                raise ValueError(f"{self.label}: prior {name} must have shape ({c},) or "
-                                 f"({groups}, {c}) for {groups} group(s), got {tuple(shape)}")
+                raise ValueError(
+                    f"{self.label}: prior {name} must have shape ({c},) or "
+                    f"({groups}, {c}) for {groups} group(s), got {tuple(shape)}"
+                )
         if self.detach_prior:
             mean, var = mean.detach(), var.detach()
         return mean, var
@@ -140,8 +162,17 @@ class _BatchKalmanNorm(BatchStatNorm):
         one_value = self._values_per_channel(x, groups) < 2
         params = self._parameters
         y, mean, var, obs_mean, obs_var = normalize_with_stats(
-            x, params["weight"], params["bias"], prior=prior, gain=p, observed=observed, groups=groups,
-            eps=self.eps, guard=math.inf if one_value else self.guard, running=self._running_args())
+            x,
+            params["weight"],
+            params["bias"],
+            prior=prior,
+            gain=p,
+            observed=observed,
+            groups=groups,
+            eps=self.eps,
+            guard=math.inf if one_value else self.guard,
+            running=self._running_args(),
+        )
         self._set_stats(True, (mean, var), (obs_mean, obs_var))
         return y
 

@@ -26,6 +26,7 @@ official code wires it (``transition`` picks how the statistics are propagated):
   and starts the first block's shortcut from ``relu(norm0)`` instead.)
 * ``norm_last``: the prior carried by the last block's output.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,8 +58,9 @@ class _Block(nn.Module):
         pad = l.shape[1] // 2
         return nn.functional.pad(self.pool(l), (0, 0, 0, 0, pad, pad))
 
-    def forward(self, l: torch.Tensor, carried: Moments | None, source,
-                chain) -> tuple[torch.Tensor, Moments | None, nn.Module]:
+    def forward(
+        self, l: torch.Tensor, carried: Moments | None, source, chain
+    ) -> tuple[torch.Tensor, Moments | None, nn.Module]:
         """``carried``: prior statistics of ``l``; ``source``: the last norm run before this block."""
         if self.first:
             b1, b1_norm = l, source
@@ -126,8 +128,15 @@ class CifarResNet(nn.Module):
         num_classes, in_channels, width: classifier size, input channels, first stage width.
     """
 
-    def __init__(self, blocks_per_stage: int = 3, norm: str = "bn", num_classes: int = 10,
-                 in_channels: int = 3, width: int = 16, **norm_options):
+    def __init__(
+        self,
+        blocks_per_stage: int = 3,
+        norm: str = "bn",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 16,
+        **norm_options,
+    ):
         super().__init__()
         if blocks_per_stage < 1:
             raise ValueError(f"CifarResNet: blocks_per_stage must be >= 1, got {blocks_per_stage}")
@@ -137,7 +146,7 @@ class CifarResNet(nn.Module):
         self.norm0 = make_norm(width)
         blocks, channels = [], width
         for stage in range(3):
-            out = width * 2 ** stage
+            out = width * 2**stage
             for k in range(blocks_per_stage):
                 blocks.append(_Block(channels, out, first=(stage == 0 and k == 0), make_norm=make_norm))
                 channels = out

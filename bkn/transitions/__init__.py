@@ -15,6 +15,7 @@ between (ReLU, convolution, pooling, residual sums):
 * ``"identity"``: the prior is the previous layer's posterior (equal channels needed);
   handled by the chain, no state is propagated.
 """
+
 from .analytic import Analytic
 from .montecarlo import MonteCarlo
 from .state import Moments, Sample

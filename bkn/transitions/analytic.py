@@ -16,6 +16,7 @@ official Monte-Carlo construction makes):
   ``A`` standard normals (numerical quadrature);
 * residual sums add means and variances; zero channel padding pads with zeros.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,10 +77,24 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 _PROPAGATED = (
-    nn.ReLU, nn.modules.conv._ConvNd, nn.Linear,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.ReLU,
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.Flatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
 )
 
 
@@ -140,8 +155,10 @@ class Analytic:
             spatial = state.spatial
         else:
             padding = (0,) * n if conv.padding == "valid" else _ntuple(conv.padding, n)
-            spatial = tuple(_conv_out(s, k, st, p, d) for s, k, st, p, d in zip(
-                state.spatial, conv.kernel_size, conv.stride, padding, conv.dilation))
+            spatial = tuple(
+                _conv_out(s, k, st, p, d)
+                for s, k, st, p, d in zip(state.spatial, conv.kernel_size, conv.stride, padding, conv.dilation)
+            )
         return Moments(mean, var, spatial)
 
     def linear(self, linear: nn.Linear, state: Moments) -> Moments:
@@ -170,8 +187,11 @@ class Analytic:
         area = math.prod(_ntuple(kernel, n))
         e, d = gaussian_max_moments(area)
         std = state.var.clamp_min(0).sqrt()
-        return Moments(state.mean + std * e, state.var * d,
-                       pooled_spatial(state.spatial, kernel, stride, padding, dilation, ceil_mode))
+        return Moments(
+            state.mean + std * e,
+            state.var * d,
+            pooled_spatial(state.spatial, kernel, stride, padding, dilation, ceil_mode),
+        )
 
     def flatten(self, state: Moments) -> Moments:
         if state.spatial and math.prod(state.spatial) != 1:
@@ -193,8 +213,9 @@ class Analytic:
         if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
             return self.adaptive_avg_pool(state, module.output_size)
         if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-            return self.max_pool(state, module.kernel_size, module.stride, module.padding, module.dilation,
-                                 module.ceil_mode)
+            return self.max_pool(
+                state, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
+            )
         if isinstance(module, nn.Flatten):
             return self.flatten(state)
         if isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):

@@ -12,6 +12,7 @@ Known weak points (kept on purpose; the drift probe must be able to show them):
 pre-normalization statistics and no gamma/beta, few spatial positions (noisy), and
 independence across positions and channels.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """States that flow between normalization layers while a prior is propagated."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
