@@ -151,7 +151,8 @@ _METHODS: dict[str, Method] = {m.name: m for m in _TABLE}
 
 # Result rows that are not registry methods but sit beside them in the same plots.
 EMA_SUFFIX = "-ema"  # "<method>-ema": the running (EMA) estimates that method keeps for inference
-REFERENCES = {"floor": ("floor (best estimate)", "#000000")}
+FLOOR = "floor"  # the synthetic chain's best achievable estimate (the drift probe's reference)
+REFERENCES = {FLOOR: ("floor (best estimate)", "#000000")}
 
 
 def names() -> tuple[str, ...]:

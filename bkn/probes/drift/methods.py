@@ -21,7 +21,7 @@ from __future__ import annotations
 from bkn import methods as registry
 
 EMA = registry.EMA_SUFFIX
-FLOOR = "floor"
+FLOOR = registry.FLOOR
 ON_REQUEST = ("brn-scheduled", "brn-scheduled" + EMA)  # not in the default or --full lists (see above)
 
 # The unit kinds: one network run measures a batch method and its "-ema" twin together.

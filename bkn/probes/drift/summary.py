@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bkn.methods import FLOOR
+
 HEADLINE = ("bn", "bkn-official", "bkn-analytic-adaptive", "brn")
 HEADLINE_SIZES = (2, 4, 16)
 
@@ -44,7 +46,7 @@ def real_data_table(frame: pd.DataFrame, methods=HEADLINE, sizes=HEADLINE_SIZES)
 
 def floor_table(frame: pd.DataFrame, metrics=("mean_error", "kl")) -> pd.DataFrame | None:
     syn = frame[(frame["data"] == "synthetic") & (frame["statistic"] == "median") & frame["metric"].isin(metrics)]
-    floor = syn[syn["method"] == "floor"]
+    floor = syn[syn["method"] == FLOOR]
     if floor.empty:
         return None
     keys = ["group_size", "seed", "layer", "metric", "state", "network"]
