@@ -19,7 +19,8 @@ import torch (the report reads labels and colours from here); building does.
 Vocabulary: ``group_size`` is the number of samples a norm computes its statistics over
 (ghost batches inside a larger batch, spec 1.3); ``batch_size`` is what one step sees.
 Per-sample norms (GN, LN, IN) have no groups: they accept ``group_size`` and ignore it,
-since it cannot change what they compute.
+since it cannot change what they compute. ``syncbn`` has no groups either: it normalizes
+with the moments of every worker's batch in its process group (one worker: plain BN).
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ import dataclasses
 from types import MappingProxyType
 from typing import Any, Mapping
 
-# Norms whose training-mode statistics depend on the other samples of the group.
-BATCH_DEPENDENT_NORMS = ("bn", "bkn", "brn")
+# Norms that compute their statistics per group of ``group_size`` samples (ghost batches).
+GROUPED_NORMS = ("bn", "bkn", "brn")
+# Norms whose training-mode statistics depend on other samples: the grouped ones, and SyncBN
+# (the whole batch of every worker of a process group; it takes no group_size).
+BATCH_DEPENDENT_NORMS = GROUPED_NORMS + ("syncbn",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +50,12 @@ class Method:
 
     @property
     def uses_groups(self) -> bool:
-        """Whether the method's training statistics depend on the normalization group."""
+        """Whether the method computes its statistics per normalization group (takes ``group_size``)."""
+        return self.norm in GROUPED_NORMS
+
+    @property
+    def batch_dependent(self) -> bool:
+        """Whether a sample's output depends on the other samples (grouped norms and SyncBN)."""
         return self.norm in BATCH_DEPENDENT_NORMS
 
     def layer_options(self, group_size: int | None = None, total_steps: int | None = None) -> dict:
@@ -142,6 +151,14 @@ _TABLE = (
         "#e377c2",
         "Batch Renormalization with the paper's schedule: BN first, then rmax -> 3, dmax -> 5",
         scheduled=True,
+    ),
+    _method(
+        "syncbn",
+        "syncbn",
+        "SyncBN",
+        "#1b9e77",
+        "BatchNorm with statistics pooled over the workers of a torch.distributed process group "
+        "(torch.nn.SyncBatchNorm on CUDA, gloo collectives on the CPU; plain BN with one worker)",
     ),
     _method("gn", "gn", "GN", "#7f7f7f", "GroupNorm (32 groups, fewer when C is small)"),
     _method("ln", "ln", "LN", "#bcbd22", "LayerNorm: GroupNorm(1, C) on conv features, LayerNorm on (N, C)"),

@@ -2,13 +2,14 @@
 
     >>> from bkn import norms
     >>> norms.names()
-    ('bn', 'bkn', 'brn', 'gn', 'ln', 'in')
+    ('bn', 'bkn', 'brn', 'syncbn', 'gn', 'ln', 'in')
     >>> layer = norms.create("bkn", 64, p=0.9, transition="official", group_size=2)
 
 ``spatial_dims`` picks the input rank: 0 for (N, C) features, 1 for (N, C, L),
 2 (default) for (N, C, H, W), 3 for (N, C, D, H, W). Batch-dependent norms
 (bn, brn, bkn) take ``group_size``; ``bn`` without it is ``torch.nn.BatchNorm*d``
-itself (the baseline every benchmark is compared to).
+itself (the baseline every benchmark is compared to). ``syncbn`` pools its statistics
+over the workers of a ``torch.distributed`` process group (:mod:`bkn.layers.sync`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from . import layers
 from .methods import BATCH_DEPENDENT_NORMS
 
-_NAMES = ("bn", "bkn", "brn", "gn", "ln", "in")
+_NAMES = ("bn", "bkn", "brn", "syncbn", "gn", "ln", "in")
 _BATCH_DEPENDENT = BATCH_DEPENDENT_NORMS
 _TORCH_BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _GHOST_BN = {
@@ -95,6 +96,13 @@ def create(name: str, num_features: int, *, spatial_dims: int = 2, **options) ->
         return _build(name, _BKN[spatial_dims], num_features, **options)
     if name == "brn":
         return _build(name, _BRN[spatial_dims], num_features, **options)
+    if name == "syncbn":
+        if options.pop("group_size", None) is not None:
+            raise ValueError(
+                "norm 'syncbn' pools its statistics over the workers of a process group and takes no "
+                "group_size (each worker's batch is its share of the pooled batch)"
+            )
+        return _build(name, layers.SyncBatchNorm, num_features, **options)
     if options.get("group_size") is not None:
         raise ValueError(
             f"norm {name!r} normalizes each sample on its own and takes no group_size "

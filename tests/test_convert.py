@@ -166,6 +166,7 @@ EXPECTED_TYPE = {
     "bn": nn.BatchNorm2d,
     "bkn": bkn.BatchKalmanNorm2d,
     "brn": bkn.BatchRenorm2d,
+    "syncbn": bkn.layers.SyncBatchNorm,
     "gn": nn.GroupNorm,
     "ln": nn.GroupNorm,
     "in": nn.InstanceNorm2d,
@@ -177,7 +178,7 @@ def test_convert_every_norm(name):
     model = bkn.convert(_resnet(), name)
     replaced = [m for m in model.modules() if isinstance(m, EXPECTED_TYPE[name])]
     assert len(replaced) == NUM_BN_RESNET18
-    if name != "bn":
+    if name not in ("bn", "syncbn"):  # SyncBatchNorm is a torch _BatchNorm (as torch's own is)
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     for m in replaced:
         if name == "gn":

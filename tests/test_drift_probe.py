@@ -115,7 +115,10 @@ def test_probe_names_are_registry_methods_and_their_derived_estimators():
     from bkn import methods as registry
 
     batch = [m.name for m in registry.resolve(registry.names()) if m.uses_groups]
-    assert methods.names() == registry.names() + tuple(f"{m}-ema" for m in batch) + ("floor",)
+    single_process = tuple(n for n in registry.names() if n != "syncbn")  # one process: SyncBN is BN
+    assert methods.names() == single_process + tuple(f"{m}-ema" for m in batch) + ("floor",)
+    with pytest.raises(ValueError, match="'syncbn' pools its statistics over the workers"):
+        methods.resolve(["bn", "syncbn"])
     assert "in" not in methods.DEFAULT_METHODS and "in" in methods.FULL_METHODS
     assert not {"brn-scheduled", "brn-scheduled-ema"} & set(methods.FULL_METHODS)
     assert methods.base("brn-ema") is registry.get("brn") and methods.base("floor") is None

@@ -8,12 +8,13 @@ from torch import nn
 
 import bkn
 from bkn import methods
-from bkn.layers import BatchKalmanNorm2d, BatchRenorm2d, GhostBatchNorm2d, RenormSchedule
+from bkn.layers import BatchKalmanNorm2d, BatchRenorm2d, GhostBatchNorm2d, RenormSchedule, SyncBatchNorm
 
 EXPECTED_TYPES = {
     "bn": GhostBatchNorm2d,
     "bkn": BatchKalmanNorm2d,
     "brn": BatchRenorm2d,
+    "syncbn": SyncBatchNorm,
     "gn": nn.GroupNorm,
     "ln": nn.GroupNorm,
     "in": nn.InstanceNorm2d,

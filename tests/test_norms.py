@@ -15,6 +15,7 @@ EXPECTED = {
     "bn": {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
     "bkn": {0: bkn.BatchKalmanNorm1d, 1: bkn.BatchKalmanNorm1d, 2: bkn.BatchKalmanNorm2d, 3: bkn.BatchKalmanNorm3d},
     "brn": {0: bkn.BatchRenorm1d, 1: bkn.BatchRenorm1d, 2: bkn.BatchRenorm2d, 3: bkn.BatchRenorm3d},
+    "syncbn": {d: bkn.layers.SyncBatchNorm for d in (0, 1, 2, 3)},
     "gn": {d: nn.GroupNorm for d in range(4)},
     "ln": {0: nn.LayerNorm, 1: nn.GroupNorm, 2: nn.GroupNorm, 3: nn.GroupNorm},
     "in": {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
@@ -23,9 +24,9 @@ EXPECTED = {
 
 def test_names():
     assert isinstance(norms.names(), tuple)
-    assert set(norms.names()) == {"bn", "bkn", "brn", "gn", "ln", "in"}
+    assert set(norms.names()) == {"bn", "bkn", "brn", "syncbn", "gn", "ln", "in"}
     assert set(EXPECTED) == set(norms.names())
-    assert {n for n in norms.names() if norms.batch_dependent(n)} == {"bn", "bkn", "brn"}
+    assert {n for n in norms.names() if norms.batch_dependent(n)} == {"bn", "bkn", "brn", "syncbn"}
 
 
 def _cases():

@@ -28,10 +28,15 @@ ON_REQUEST = ("brn-scheduled", "brn-scheduled" + EMA)  # not in the default or -
 BATCH, PER_SAMPLE, FLOOR_KIND = "batch", "per_sample", "floor"
 
 
+# Methods the probe cannot measure: it runs in one process, where SyncBN is plain BN (measure ``bn``).
+MULTI_PROCESS = tuple(m.name for m in registry.resolve(registry.names()) if m.batch_dependent and not m.uses_groups)
+
+
 def names() -> tuple[str, ...]:
     """Every name the probe measures, in legend order: registry methods, their ``-ema`` twins, ``floor``."""
     batch = [m.name for m in registry.resolve(registry.names()) if m.uses_groups]
-    return registry.names() + tuple(name + EMA for name in batch) + (FLOOR,)
+    single = tuple(n for n in registry.names() if n not in MULTI_PROCESS)
+    return single + tuple(name + EMA for name in batch) + (FLOOR,)
 
 
 FULL_METHODS = tuple(name for name in names() if name not in ON_REQUEST)
@@ -51,6 +56,11 @@ def base(name: str) -> registry.Method | None:
                 f"with its own statistics); '-ema' names exist for methods with batch statistics"
             )
         return method
+    if name in MULTI_PROCESS:
+        raise ValueError(
+            f"{name!r} pools its statistics over the workers of a process group; the drift probe runs in "
+            f"one process, where it is plain BN (measure 'bn'); the training probe's --world-size compares it"
+        )
     try:
         return registry.get(name)
     except ValueError as err:
