@@ -61,16 +61,17 @@ def ratio_summary(samples: dict, name: str, base: str) -> tuple[float, float, fl
     return q2, q1, q3
 
 
-def layer_table(min_run_time: float, seed: int, rounds: int = 20) -> list[tuple]:
+def layer_table(min_run_time: float, seed: int, rounds: int = 20, device: str = "cpu") -> list[tuple]:
     """Per shape: median time per call of BN, BKN, BRN (seconds) and the ratios to BN (median, quartiles)."""
     rows = []
     for shape in LAYER_SHAPES:
         gen = torch.Generator().manual_seed(seed)
         c = shape[1]
-        x = torch.randn(shape, generator=gen).requires_grad_()
-        grad = torch.randn(shape, generator=gen)
+        x = torch.randn(shape, generator=gen).to(device).requires_grad_()
+        grad = torch.randn(shape, generator=gen).to(device)
         prior = (torch.randn(c, generator=gen) * 0.1, 1 + 0.1 * torch.rand(c, generator=gen))
-        bn, bkn, brn = (methods.get(name).build(c) for name in ("bn", "bkn-official", "brn"))
+        prior = tuple(t.to(device) for t in prior)
+        bn, bkn, brn = (methods.get(name).build(c).to(device) for name in ("bn", "bkn-official", "brn"))
         samples = interleaved(
             {
                 "bn": lambda: bn(x).backward(grad),
@@ -94,15 +95,17 @@ def layer_table(min_run_time: float, seed: int, rounds: int = 20) -> list[tuple]
     return rows
 
 
-def network_table(min_run_time: float, seed: int, batch: int = 8, group: int = 2, rounds: int = 5) -> list[tuple]:
+def network_table(
+    min_run_time: float, seed: int, batch: int = 8, group: int = 2, rounds: int = 5, device: str = "cpu"
+) -> list[tuple]:
     """Per method: median time of one SGD step of CIFAR ResNet-20 and its ratio to BN's (median over rounds)."""
     steps = {}
     for name in ("bn", "bkn-official", "bkn-analytic", "brn", "gn"):
         method = methods.get(name)
         torch.manual_seed(seed)
-        model = cifar_resnet(20, method.norm, **method.layer_options(group_size=group))
+        model = cifar_resnet(20, method.norm, **method.layer_options(group_size=group)).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
 
         def step(model=model, opt=opt, x=x, y=y):
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -132,13 +135,20 @@ def main(argv=None) -> None:
         default=20,
         help="interleaved rounds per layer shape; ratios are medians over rounds (default 20)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU; default cpu)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.min_run_time <= 0 or args.threads < 1:
         parser.error("--rounds and --threads must be >= 1 and --min-run-time > 0")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device must be cpu, or cuda on a machine with a CUDA device; got {args.device!r}")
     torch.set_num_threads(args.threads)
-    kernels = "compiled (bkn/csrc/fused_norm.cpp)" if _native.load() is not None else "Python Functions"
+    if args.device == "cuda":  # the compiled kernels are CPU only: the GPU runs the torch Functions
+        kernels, where = "Python Functions (torch ops on the GPU)", torch.cuda.get_device_name()
+    else:
+        kernels = "compiled (bkn/csrc/fused_norm.cpp)" if _native.load() is not None else "Python Functions"
+        where = platform.processor() or platform.machine()
     print(
-        f"torch {torch.__version__}, device cpu ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}, device {args.device} ({where}), "
         f"threads {torch.get_num_threads()}, seed {args.seed}, kernels: {kernels}\n"
     )
     print(
@@ -146,12 +156,14 @@ def main(argv=None) -> None:
         f"{args.rounds} rounds: times are medians, ratios medians over rounds [quartiles])"
     )
     print(f"{'shape':<18}{'BN us':>9}{'BKN us':>9}{'BRN us':>9}{'BKN/BN':>21}{'BRN/BN':>21}")
-    for shape, bn, bkn, brn, bkn_ratio, brn_ratio in layer_table(args.min_run_time, args.seed, args.rounds):
+    for shape, bn, bkn, brn, bkn_ratio, brn_ratio in layer_table(
+        args.min_run_time, args.seed, args.rounds, args.device
+    ):
         cells = [f"{r[0]:.2f} [{r[1]:.2f}-{r[2]:.2f}]" for r in (bkn_ratio, brn_ratio)]
         print(f"{shape:<18}{bn * 1e6:>9.0f}{bkn * 1e6:>9.0f}{brn * 1e6:>9.0f}{cells[0]:>21}{cells[1]:>21}")
     print("\nCIFAR ResNet-20, one SGD step, batch 8, normalization groups of 2 (timed in turn, 5 rounds)")
     print(f"{'method':<22}{'ms/step':>10}{'vs BN':>8}")
-    for label, t, ratio in network_table(args.min_run_time, args.seed):
+    for label, t, ratio in network_table(args.min_run_time, args.seed, device=args.device):
         print(f"{label:<22}{t * 1e3:>10.1f}{ratio:>8.2f}")
 
 

@@ -134,3 +134,31 @@ def test_converted_torchvision_resnet_trains_on_cuda(name):
     assert torch.isfinite(loss)
     used = [m.prior_used for m in model.modules() if hasattr(m, "prior_used")]
     assert sum(used) >= len(used) - 1  # every BKN layer but the first gets a prior in ResNet-18
+
+
+def test_syncbn_on_one_gpu_is_torch_syncbatchnorm_and_equals_batchnorm():
+    """World size 1 through the real torch.nn.SyncBatchNorm (NCCL process group of one GPU)."""
+    import torch.distributed as dist
+
+    from bkn import distributed
+    from bkn.layers import SyncBatchNorm
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch build has no NCCL")
+    distributed.init_process_group(0, 1, distributed.free_port(), backend="nccl", timeout_s=60)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randn(8, 6, 5, 5, generator=gen, dtype=torch.float64) * 2 + 1).cuda()
+        dy = torch.randn(8, 6, 5, 5, generator=gen, dtype=torch.float64).cuda()
+        sync = methods.get("syncbn").build(6).cuda().double().train()
+        assert isinstance(sync, nn.SyncBatchNorm) and isinstance(sync, SyncBatchNorm)
+        bn = nn.BatchNorm2d(6).cuda().double().train()
+        bn.load_state_dict(sync.state_dict())
+        for _ in range(2):
+            ys, gs, bs = _run(sync, x, dy, None)
+            yb, gb, bb = _run(bn, x, dy, None)
+        torch.testing.assert_close(ys, yb, rtol=1e-12, atol=1e-12)
+        for a, b in zip(gs + bs, gb + bb):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
