@@ -42,8 +42,10 @@ def parser() -> argparse.ArgumentParser:
     )
     cli.add_shared_flags(
         p,
-        methods=f"default: {','.join(DEFAULT_METHODS)}; known: {', '.join(registry.names())}",
-        group_sizes=f"each dividing --batch-size; default {','.join(map(str, DEFAULT_GROUP_SIZES))}",
+        methods=f"default: {','.join(DEFAULT_METHODS)}, with syncbn after bn on several workers; "
+        f"known: {', '.join(registry.names())}",
+        group_sizes=f"each dividing --batch-size, or each worker's share of it; default "
+        f"{','.join(map(str, DEFAULT_GROUP_SIZES))}, on several workers those that divide the share, and the share",
         seeds=f"weights, data order, Monte-Carlo draws; default {','.join(map(str, DEFAULT_SEEDS))}",
         threads=2,
         out="results/convergence",
@@ -68,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=cli.positive_int,
         default=64,
-        help="SGD batch size, fixed across group sizes (default %(default)s)",
+        help="SGD batch size, fixed across group sizes; on several workers the global batch (default %(default)s)",
     )
     p.add_argument("--depth", type=int, default=8, help="CIFAR ResNet depth, 6n+2 (default %(default)s)")
     p.add_argument(
