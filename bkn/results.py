@@ -184,11 +184,12 @@ TRAINING = Schema(
     name="training",
     folder="convergence",
     file="convergence.parquet",
-    version=2,
+    version=3,  # v3: world_size
     columns={
         "method": "string",  # a bkn.methods name
-        "group_size": "int64",  # samples per normalization group (the SGD batch for per-sample norms)
-        "batch_size": "int64",  # samples per SGD step
+        "group_size": "int64",  # samples per normalization group (the SGD batch for per-sample norms and syncbn)
+        "batch_size": "int64",  # samples per SGD step (over all workers)
+        "world_size": "int64",  # data-parallel workers sharing each SGD step (batch_size / world_size each)
         "seed": "int64",
         "epoch": "int64",
         "metric": "string",

@@ -294,6 +294,7 @@ def training_frame(seed: int = 0) -> pd.DataFrame:
                     "method": method,
                     "group_size": group,
                     "batch_size": 8,
+                    "world_size": 1,
                     "seed": s,
                     "epoch": epoch,
                     "metric": metric,

@@ -256,6 +256,16 @@ def test_probe_writes_tidy_results_and_prints_a_summary(tmp_path, capsys, one_th
     assert f"{100 * acc.mean():.1f} ± {100 * acc.std():.1f}" in printed
 
 
+def test_progress_in_a_log_is_one_line_per_run(tmp_path, capsys, one_thread):
+    """Progress on a stream that is not a terminal (a CI log): one line per finished run, no bar redraws."""
+    argv = ["--methods", "bn,gn", "--group-sizes", "8", "--seeds", "0", "--epochs", "1", "--image-size", "8"]
+    assert main([*argv, "--width", "8", "--threads", "1", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("training probe:")]
+    assert lines[0].startswith("training probe: run 1/2 done, bn g=8 seed=0: test_acc ") and len(lines) == 2
+    assert "\r" not in err and "run 2/2 done, gn g=64 seed=0" in lines[1]
+
+
 def test_quick_defaults_and_explicit_options():
     args = resolve(parser().parse_args(["--quick"]))
     assert args.group_sizes == probe.QUICK["group_sizes"] and args.seeds == (0,) and args.epochs == 2

@@ -19,10 +19,18 @@ Output, in ``--out`` (default ``results/convergence``), written atomically at th
   (population statistics of the training set, PreciseBN-style) at the last epoch
   (``--precise every``: every epoch). GN and LN rows carry ``group_size`` = the SGD batch
   size (they normalize each sample on its own; plot them as reference lines).
-* ``meta.json``: :func:`bkn.results.environment`, the arguments, the recipe, the data and
-  ``duration_s``.
+* ``meta.json``: :func:`bkn.results.environment`, the arguments, the recipe, the data,
+  ``duration_s`` and the workers (``world_size``, per-worker batch, launcher).
 
 At the end a summary table is printed (:mod:`~bkn.probes.training.summary`).
+
+Several workers (``--world-size K``, or launched by ``torchrun --nproc-per-node K``): every
+run trains with ``DistributedDataParallel`` over K processes (:mod:`.launch`, :mod:`.ddp`);
+``--batch-size`` is the global SGD batch, each worker normalizes its ``batch_size / K``
+samples in groups of ``group_size`` (``syncbn``: pooled over all workers, so its
+``group_size`` is the SGD batch). Rows record ``world_size``. Results are written once,
+after every run finished on every worker; a failed worker leaves the previous files as
+they were.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import sys
 import time
 
 from bkn import methods as registry
@@ -44,6 +51,9 @@ DEFAULT_GROUP_SIZES = (2, 4, 8, 16, 64)
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_EPOCHS = 12
 QUICK = {"group_sizes": (2, 8, 64), "seeds": (0,), "epochs": 2}
+# Several workers: SyncBN joins the methods; the quick grid compares BN, SyncBN and BKN at a per-worker group of 2.
+WORKER_METHODS = ("bn", "syncbn", "bkn-official", "bkn-analytic-adaptive", "brn-scheduled", "gn", "ln")
+QUICK_WORKERS = {"methods": ("bn", "syncbn", "bkn-official"), "group_sizes": (2,), "seeds": (0,), "epochs": 2}
 DATA_SEED = 0  # the train/test split is fixed; run seeds vary init, data order and Monte-Carlo draws
 
 
@@ -66,32 +76,47 @@ def configs(args: argparse.Namespace) -> list[TrainConfig]:
                         image_size=args.image_size,
                         lr=args.lr,
                         precise=args.precise,
+                        world_size=args.world_size,
                     )
                 )
     return out
 
 
-def run(args: argparse.Namespace):
-    """Train every run of ``args`` and write the results; returns the frame (the TRAINING schema)."""
-    import torch
-    from tqdm import tqdm
-
+def datasets(image_size: int):
+    """The probe's fixed split of the digits at ``image_size``: ``(train, test)``."""
     from bkn.data import digits_dataset
+
+    return digits_dataset("train", image_size, 1, DATA_SEED), digits_dataset("test", image_size, 1, DATA_SEED)
+
+
+def run(args: argparse.Namespace):
+    """Train every run of ``args`` and write the results; returns the frame (the TRAINING schema).
+
+    With several workers the frame is returned (and written) by the launching process or
+    torchrun's rank 0; the other torchrun ranks return ``None``. A failed worker raises
+    :class:`bkn.distributed.WorkerError` and nothing is written.
+    """
+    import torch
+
     from bkn.results import TRAINING, environment
 
+    from . import launch
+
     torch.set_num_threads(args.threads)
-    train = digits_dataset("train", args.image_size, 1, DATA_SEED)
-    test = digits_dataset("test", args.image_size, 1, DATA_SEED)
+    train, test = datasets(args.image_size)
     if len(train) < args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train)} training samples")
     runs = configs(args)
     env = environment()
     start = time.perf_counter()
-    rows = []
-    with tqdm(runs, desc="training probe", unit="run", disable=args.no_progress, file=sys.stderr) as bar:
-        for config in bar:
-            bar.set_postfix_str(f"{config.method} g={config.group_size} seed={config.seed}")
-            rows.extend(train_run(config, train, test))
+    if args.world_size > 1 and launch.launched_by_torchrun():
+        launcher, rows = "torchrun", launch.under_torchrun(args, runs)
+    elif args.world_size > 1:
+        launcher, rows = "spawn", launch.spawn(args, runs)
+    else:
+        launcher, rows = "single process", launch.train_runs(0, 1, args, runs)
+    if rows is None:
+        return None  # a torchrun worker other than rank 0: rank 0 writes
     duration = time.perf_counter() - start
     frame = TRAINING.frame(rows, env)
     recipe = dataclasses.asdict(runs[0])
@@ -113,8 +138,15 @@ def run(args: argparse.Namespace):
             "split_seed": DATA_SEED,
         },
         "methods": {m: _method_record(m) for m in args.methods},
-        "notes": "group_size of methods without groups (gn, ln) is the SGD batch size; "
-        "brn-scheduled uses RenormSchedule().scaled(total steps)",
+        "world_size": args.world_size,
+        "workers": {
+            "worker_batch_size": args.batch_size // args.world_size,
+            "threads_per_worker": args.threads,
+            "launcher": launcher,
+            "backend": launch.backend() if args.world_size > 1 else None,
+        },
+        "notes": "group_size of methods without groups (gn, ln) and of syncbn (pooled over every worker) is "
+        "the SGD batch size; brn-scheduled uses RenormSchedule().scaled(total steps)",
     }
     TRAINING.write(frame, meta, args.out)
     return frame
@@ -123,4 +155,10 @@ def run(args: argparse.Namespace):
 def _method_record(name: str) -> dict:
     method = registry.get(name)
     options = {k: v for k, v in method.options.items()}
-    return {"norm": method.norm, "options": options, "scheduled": method.scheduled, "uses_groups": method.uses_groups}
+    return {
+        "norm": method.norm,
+        "options": options,
+        "scheduled": method.scheduled,
+        "uses_groups": method.uses_groups,
+        "batch_dependent": method.batch_dependent,
+    }

@@ -24,6 +24,11 @@ building the model (weight init) and keeps it for the Monte-Carlo draws of BKN's
 with the same seed; evaluations run under ``torch.random.fork_rng`` so they never shift
 the training draws. On the CPU with a fixed thread count two runs with the same seed are
 bit-for-bit identical.
+
+Several workers (``world_size`` K > 1, inside a process group of K processes): the SGD
+batch is the global batch, each worker trains on its ``batch_size / K`` samples of it
+with ``DistributedDataParallel`` and normalizes them in groups of ``group_size`` (``syncbn``:
+pooled over every worker); rank 0 evaluates and returns the rows (see :mod:`.ddp`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from bkn import training
 from bkn.data import Dataset
 from bkn.models import cifar_resnet
 
+from . import ddp
+
 PRECISE = ("last", "every", "none")  # when to measure test_acc_precise
 
 
@@ -49,6 +56,8 @@ class TrainConfig:
     ``method``: a :mod:`bkn.methods` name. ``group_size`` is ignored (and should be the SGD
     batch) for methods without groups. Optimizer: :class:`bkn.training.Recipe` (SGD with
     momentum and weight decay, cosine decay of the learning rate to 0 over the run).
+    ``world_size``: workers sharing each SGD batch of ``batch_size`` (each sees
+    ``batch_size / world_size``, which ``group_size`` must divide).
     """
 
     method: str = "bn"
@@ -64,25 +73,42 @@ class TrainConfig:
     weight_decay: float = 5e-4
     eval_batch_size: int = 512
     precise: str = "last"
+    world_size: int = 1
 
     def __post_init__(self):
         registry.get(self.method)
         if self.precise not in PRECISE:
             raise ValueError(f"TrainConfig: precise must be one of {', '.join(PRECISE)}, got {self.precise!r}")
-        for name in ("epochs", "batch_size", "group_size", "width", "image_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "group_size", "width", "image_size", "eval_batch_size", "world_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
-        if self.uses_groups and self.batch_size % self.group_size:
+        if self.batch_size % self.world_size:
             raise ValueError(
-                f"TrainConfig: group_size={self.group_size} must divide the SGD batch size {self.batch_size} "
-                f"(method {self.method!r})"
+                f"TrainConfig: the SGD batch size {self.batch_size} must split evenly over world_size="
+                f"{self.world_size} workers"
+            )
+        if self.uses_groups and self.worker_batch_size % self.group_size:
+            per_worker = f" per worker ({self.world_size} workers)" if self.world_size > 1 else ""
+            raise ValueError(
+                f"TrainConfig: group_size={self.group_size} must divide the SGD batch size {self.worker_batch_size}"
+                f"{per_worker} (method {self.method!r})"
             )
         _ = self.recipe  # ValueError for a bad lr, momentum or weight decay
 
     @property
     def uses_groups(self) -> bool:
         return registry.get(self.method).uses_groups
+
+    @property
+    def batch_dependent(self) -> bool:
+        """Whether the method keeps running estimates of batch statistics (its precise accuracy is measured)."""
+        return registry.get(self.method).batch_dependent
+
+    @property
+    def worker_batch_size(self) -> int:
+        """Samples each worker's forward sees per SGD step."""
+        return self.batch_size // self.world_size
 
     @property
     def recipe(self) -> training.Recipe:
@@ -122,6 +148,8 @@ def train_model(
 
     ``on_step`` is called after every SGD step (a progress bar's update). The last
     incomplete batch of an epoch is dropped so that every group has ``group_size`` samples.
+    With ``config.world_size > 1`` (inside a process group of that size) every worker
+    calls this; the rows are rank 0's, the other ranks return none.
     """
     if tuple(train.images.shape[-2:]) != (config.image_size,) * 2:
         raise ValueError(
@@ -130,9 +158,14 @@ def train_model(
         )
     if len(train) < config.batch_size:
         raise ValueError(f"train_model: batch_size={config.batch_size} exceeds the {len(train)} training samples")
+    rank = ddp.rank_of(config.world_size)
     total_steps = training.steps_per_epoch(train, config.batch_size) * config.epochs
     torch.manual_seed(config.seed)  # weights now, BKN's Monte-Carlo draws during training
     model = make_model(config, train.images.shape[1], train.num_classes, total_steps)
+    net, data = model, train
+    if config.world_size > 1:
+        net, data = ddp.wrap(model), ddp.Shard(train, rank, config.world_size)
+        ddp.seed_draws(config.seed, rank)
     rows: list[dict] = []
 
     def record(epoch: int, metric: str, value: float) -> None:
@@ -141,6 +174,7 @@ def train_model(
                 "method": config.method,
                 "group_size": config.recorded_group_size,
                 "batch_size": config.batch_size,
+                "world_size": config.world_size,
                 "seed": config.seed,
                 "epoch": epoch,
                 "metric": metric,
@@ -148,15 +182,20 @@ def train_model(
             }
         )
 
-    for epoch in training.train_epochs(model, train, config.recipe, total_steps, config.seed, on_step):
-        record(epoch.number, "train_loss", epoch.mean_loss)
-        record(epoch.number, "step_time_s", epoch.seconds / len(epoch.losses))
+    for epoch in training.train_epochs(net, data, config.recipe, total_steps, config.seed, on_step):
+        loss, step_time = ddp.epoch_totals(epoch.losses, epoch.seconds, config.world_size)
+        if rank:
+            continue  # evaluation and rows: rank 0's (the others go on to the next epoch's steps)
+        record(epoch.number, "train_loss", loss)
+        record(epoch.number, "step_time_s", step_time)
         with torch.random.fork_rng():  # evaluation must not shift the training run's random draws
             acc = training.accuracy(model, test, config.eval_batch_size)
             record(epoch.number, "test_acc", acc)
             if config.precise == "every" or (config.precise == "last" and epoch.number == config.epochs):
                 precise = (
-                    training.precise_accuracy(model, train, test, config.eval_batch_size) if config.uses_groups else acc
+                    training.precise_accuracy(model, train, test, config.eval_batch_size)
+                    if config.batch_dependent
+                    else acc
                 )
                 record(epoch.number, "test_acc_precise", precise)
     return model, rows

@@ -1,5 +1,9 @@
 """The table the training probe prints: final accuracy per method x group size, and the time per step.
 
+With several workers the title says how they share the SGD batch; ``g`` is then the
+group size inside each worker's share, and SyncBN (pooled over every worker) has a
+column of its own.
+
 (The HTML page is built by ``analysis.report`` from the same result file.)
 """
 
@@ -18,25 +22,37 @@ def _mean_std(values: pd.Series, scale: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if math.isfinite(std) else f"{mean:.{digits}f}"
 
 
-def _uses_groups(method: str) -> bool:
-    return registry.get(method).uses_groups
+POOLED = "all workers"  # the column of norms pooled over every worker's samples (syncbn)
+PER_SAMPLE = "per sample"
+
+
+def _column(method: str) -> str | None:
+    """Where a method's single value goes: ``None`` for grouped norms (a column per group size)."""
+    entry = registry.get(method)
+    if entry.uses_groups:
+        return None
+    return POOLED if entry.batch_dependent else PER_SAMPLE
 
 
 def _table(frame: pd.DataFrame, title: str, metric: str, scale: float, digits: int, reduce=None) -> list[str]:
-    """One block: a row per method, a column per group size (``g=n``) and one for per-sample norms."""
+    """One block: a row per method, a column per group size (``g=n``), one for norms pooled over every worker
+    (when there is one) and one for per-sample norms."""
     methods = list(dict.fromkeys(frame.method))
-    sizes = sorted(frame[frame.method.map(_uses_groups)].group_size.unique())
-    columns = [f"g={g}" for g in sizes] + ["per sample"]
+    kinds = {method: _column(method) for method in methods}
+    sizes = sorted(frame[frame.method.map(lambda m: kinds[m] is None)].group_size.unique())
+    pooled = POOLED in kinds.values()
+    extra = ([POOLED] if pooled else []) + ([PER_SAMPLE] if PER_SAMPLE in kinds.values() or not pooled else [])
+    columns = [f"g={g}" for g in sizes] + extra
     lines = [title, f"{'method':<24}" + "".join(f"{c:>15}" for c in columns)]
     for method in methods:
-        grouped = _uses_groups(method)
         cells = []
         for column in columns:
-            if (column == "per sample") == grouped:
+            own = column.startswith("g=") if kinds[method] is None else column == kinds[method]
+            if not own:
                 cells.append("")
                 continue
             rows = frame[(frame.method == method) & (frame.metric == metric)]
-            if grouped:
+            if kinds[method] is None:
                 rows = rows[rows.group_size == int(column[2:])]
             values = rows.value if reduce is None else reduce(rows)
             cells.append(_mean_std(values, scale, digits) if len(values) else "-")
@@ -44,17 +60,26 @@ def _table(frame: pd.DataFrame, title: str, metric: str, scale: float, digits: i
     return lines + [""]
 
 
+def _batch(frame: pd.DataFrame) -> str:
+    """The SGD batch, and how the workers share it when there are several."""
+    batch = ", ".join(map(str, sorted(frame.batch_size.unique())))
+    sizes = sorted(frame.world_size.unique())
+    if sizes == [1]:
+        return f"SGD batch {batch}, by group size g"
+    shares = sorted({(int(b), int(k)) for b, k in zip(frame.batch_size, frame.world_size)})
+    workers = ", ".join(f"{k} workers of {b // k}" for b, k in shares)
+    return f"SGD batch {batch} on {workers}, by per-worker group size g ({POOLED}: SyncBN over the SGD batch)"
+
+
 def summary(frame: pd.DataFrame) -> str:
     """Final-epoch accuracy (mean ± std over seeds) per method x group size (``g=``), and ms per step."""
     epoch = int(frame.epoch.max())
     last = frame[frame.epoch == epoch]
     seeds = f"seeds {', '.join(map(str, sorted(frame.seed.unique())))}"
-    batch = ", ".join(map(str, sorted(frame.batch_size.unique())))
     lines = []
     lines += _table(
         last,
-        f"Final test accuracy (%), own inference statistics, epoch {epoch}, SGD batch {batch}, by group size g: "
-        f"mean ± std over {seeds}",
+        f"Final test accuracy (%), own inference statistics, epoch {epoch}, {_batch(frame)}: mean ± std over {seeds}",
         "test_acc",
         100,
         1,
