@@ -25,7 +25,7 @@ import torch
 
 from bkn import methods
 from bkn.results import COPY_REFERENCE, GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM, TENSOR_PARAMS
-from suites.harness import decode, matrix, memory, process
+from suites.harness import ddp, decode, matrix, memory, process, timing
 from suites.harness.layer import LayerCase
 from suites.harness.network import NetworkCase
 from suites.harness.tensor import TensorCase
@@ -34,13 +34,15 @@ SUITES = pathlib.Path(__file__).resolve().parent.parent / "suites"
 MODULES = sorted(p.stem for p in SUITES.glob("*.py") if p.stem.startswith(("bench_", "track_")))
 HELPERS = sorted(f"suites.harness.{p.stem}" for p in (SUITES / "harness").glob("*.py") if p.stem != "__init__")
 PREFIXES = ("time_", "peakmem_", "track_", "mem_", "timeraw_")
+DDP_PARAMS = [METHOD_PARAM, GROUP_PARAM, ddp.WORLD_PARAM]
 CONTRACT = {
-    METHOD_PARAM: set(matrix.METHODS),
+    METHOD_PARAM: set(matrix.METHODS) | set(ddp.METHODS),
     GROUP_PARAM: set(matrix.GROUP_SIZES),
     "shape": None,
     "device": {"cpu", "cuda"},
     "dtype": {"float32", "bfloat16"},
     "memory_format": {"contiguous", "channels_last"},
+    ddp.WORLD_PARAM: set(ddp.WORLD_SIZES),
 }
 # Every benchmark asv finds, by its full name: class and method names are what `nox -s main`
 # filters on and what the asv history is keyed by, so a rename must show up here.
@@ -55,6 +57,7 @@ BENCHMARKS = {
     "bench_memory.TrackCudaPeakForwardBackward.track_cuda_peak_bytes",
     "bench_network.TimeResNet18TrainStep.time_train_step",
     "bench_network.TimeCifarResNetTrainStep.time_train_step",
+    "bench_distributed.TimeDDPTrainStep.time_train_step",
     "track_drift.TrackMeanError.track_mean_error",
     "track_drift.TrackVarLogRatio.track_var_logratio",
 }
@@ -96,7 +99,7 @@ def benchmark_classes():
 
 
 def cost(names: list[str], values: tuple) -> tuple:
-    """Sort key: cheapest parameter sets first (cpu, small group, small input, float32, contiguous)."""
+    """Sort key: cheapest parameter sets first (cpu, small group, small input, float32, contiguous, one worker)."""
     p = dict(zip(names, values))
     shape = p.get("shape")
     return (
@@ -105,6 +108,7 @@ def cost(names: list[str], values: tuple) -> tuple:
         math.prod(decode.parse_shape(shape)) if shape else 0,
         p.get("dtype", "float32") != "float32",
         p.get("memory_format", "contiguous") != "contiguous",
+        p.get(ddp.WORLD_PARAM, 1),
     )
 
 
@@ -133,7 +137,8 @@ def runnable(cls, names: list[str] | None = None, **fixed):
 
 
 def test_every_module_is_collected():
-    assert {"bench_layers", "bench_memory", "bench_bandwidth", "bench_network", "track_drift"} <= set(MODULES)
+    expected = {"bench_layers", "bench_memory", "bench_bandwidth", "bench_network", "bench_distributed", "track_drift"}
+    assert expected <= set(MODULES)
 
 
 def test_asv_discovers_exactly_the_benchmarks_of_the_bench_and_track_modules():
@@ -144,7 +149,8 @@ def test_asv_discovers_exactly_the_benchmarks_of_the_bench_and_track_modules():
     assert found[COPY_REFERENCE].param_names == list(TENSOR_PARAMS)
     for name, bench in found.items():
         assert name.split(".")[0] in MODULES, name  # nothing from suites.harness
-        assert bench.param_names in ([], list(LAYER_PARAMS), list(TENSOR_PARAMS), [METHOD_PARAM, GROUP_PARAM]), name
+        allowed = ([], list(LAYER_PARAMS), list(TENSOR_PARAMS), [METHOD_PARAM, GROUP_PARAM], DDP_PARAMS)
+        assert bench.param_names in allowed, name
 
 
 @pytest.mark.parametrize("module", HELPERS)
@@ -174,6 +180,14 @@ def test_cases_take_the_contract_parameters_in_order():
     assert matrix.METHODS == ("bn", "bkn-official", "bkn-analytic", "brn", "gn", "ln", "in")
 
 
+@pytest.fixture(autouse=True)
+def _close_cases():
+    """A DDP case's peer process and process group, and the cached case, end with the test."""
+    yield
+    ddp.close_open()
+    timing._last_case = None
+
+
 @pytest.mark.parametrize("cls, methods", list(benchmark_classes()))
 def test_benchmark_body_runs(cls, methods):
     combo, obj = runnable(cls)
@@ -181,6 +195,20 @@ def test_benchmark_body_runs(cls, methods):
         value = getattr(obj, method)(*combo)
         if method.startswith("track_"):
             assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (method, value)
+
+
+@pytest.mark.skipif(not ddp.distributed.available(), reason="torch.distributed with gloo is unavailable")
+def test_ddp_body_runs_with_a_peer_process():
+    # The cheapest set above is the one-process baseline; this is the 2-worker path (bounded:
+    # the peer's start by READY_TIMEOUT_S, every collective by the process group's TIMEOUT_S).
+    from suites.bench_distributed import TimeDDPTrainStep
+
+    combo, obj = runnable(TimeDDPTrainStep, **{ddp.WORLD_PARAM: 2})
+    assert combo == ("bn", 2, 2)
+    for _ in range(2):  # as asv: setup (cached case, peer checked) before every sample
+        obj.setup(*combo)
+        obj.time_train_step(*combo)
+    assert obj.case.peers[0].is_alive()
 
 
 @pytest.mark.parametrize("cls, methods", list(benchmark_classes()))

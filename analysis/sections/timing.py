@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bkn import methods as registry  # torch-free: the legend order of the methods
 from bkn.results import COPY_REFERENCE, GROUP_PARAM, METHOD_PARAM, TENSOR_PARAMS, VARIANT_PARAMS
 
 from .. import plots
@@ -26,6 +27,10 @@ from .base import (
 )
 
 BASELINE = "bn"  # the method every time is divided by in the ratio figure
+SYNC = "syncbn"  # its extra time over BASELINE at K workers is the cost of pooling the statistics
+# Workers of a data-parallel step (suites/bench_distributed.py; 1 = one process, no DDP). Not
+# (yet) a bkn.results constant: the suites declare the same name in suites/harness/ddp.py.
+WORLD_PARAM = "world_size"
 GROUP_LABEL = "group size"  # axis label of GROUP_PARAM
 TYPE_ORDER = {"time": 0, "peakmemory": 1, "memory": 2, "track": 3}
 
@@ -233,6 +238,59 @@ def _benchmark_part(section: Section, asv: AsvResults, benchmark: str, bench_row
     section.table(_timing_table(bench_rows, index, unit), f"{benchmark}: {kind} by group size.", collapsed=True)
 
 
+def _distributed_part(section: Section, rows: pd.DataFrame) -> pd.DataFrame | None:
+    """Data-parallel steps: each method at K workers against the same step in one process, and SyncBN over BN."""
+    if WORLD_PARAM not in rows.columns or METHOD_PARAM not in rows.columns or GROUP_PARAM not in rows.columns:
+        return None
+    timed = rows[(rows["type"] == "time") & rows[WORLD_PARAM].notna() & rows[METHOD_PARAM].notna()]
+    timed = timed.assign(workers=timed[WORLD_PARAM].astype(int), **{METHOD_PARAM: timed[METHOD_PARAM].astype(str)})
+    keys = ["where", "benchmark", GROUP_PARAM, METHOD_PARAM]
+    single = timed[timed["workers"] == 1][keys + ["value"]].rename(columns={"value": "one_process"})
+    multi = timed[timed["workers"] > 1][keys + ["workers", "value"]]
+    if multi.empty:
+        return None
+    pair = ["where", "benchmark", GROUP_PARAM, "workers"]
+    bn = multi[multi[METHOD_PARAM] == BASELINE][pair + ["value"]].rename(columns={"value": "bn_step"})
+    table = multi.merge(single, on=keys, how="left").merge(bn, on=pair, how="left")
+    table = table.assign(
+        added=table["value"] - table["one_process"],
+        ratio=table["value"] / table["one_process"],
+        over_bn=(table["value"] - table["bn_step"]).where(table[METHOD_PARAM] != BASELINE),
+    )
+    rank = {name: i for i, name in enumerate(registry.order(table[METHOD_PARAM]))}
+    table = table.assign(_rank=table[METHOD_PARAM].map(rank))
+    table = table.sort_values(["where", "benchmark", GROUP_PARAM, "workers", "_rank"]).drop(columns="_rank")
+    section.heading("Data-parallel step: what the all-reduce costs")
+    section.text(
+        f"Benchmarks with a `{WORLD_PARAM}`: one training step timed on rank 0 of K worker processes "
+        "(DDP over gloo, each worker on its own batch of `group_size` samples), against the same step in one "
+        "process without DDP. The difference is what data parallelism adds per step on that machine: DDP's "
+        f"gradient all-reduce and the wait for the slower worker. `{SYNC}` also all-reduces every norm "
+        f"layer's statistics, forward and backward: its time over `{BASELINE}`'s at the same K is that cost."
+    )
+    shown = pd.DataFrame(
+        {
+            "where": table["where"],
+            "benchmark": table["benchmark"],
+            GROUP_LABEL: table[GROUP_PARAM],
+            METHOD_PARAM: table[METHOD_PARAM],
+            "workers": table["workers"],
+            "step, 1 process": [human(v, "seconds") for v in table["one_process"]],
+            "step, K workers": [human(v, "seconds") for v in table["value"]],
+            "added by K workers": [human(v, "seconds") for v in table["added"]],
+            "K workers / 1 process": [f"{v:.2f}" if pd.notna(v) else "–" for v in table["ratio"]],
+            f"over {BASELINE} at K workers": [human(v, "seconds") for v in table["over_bn"]],
+        }
+    )
+    section.table(
+        shown,
+        "Per-step time of each method at K workers and in one process; 'added by K workers' is the "
+        f"difference (all-reduces and waiting), 'over {BASELINE}' the extra time of the method at the same K "
+        f"(for {SYNC}: its statistics all-reduces).",
+    )
+    return table
+
+
 def build_timing(inputs: Inputs) -> Section:
     """Time (and memory) vs group size per method and device; ratio to BN; fraction of copy bandwidth."""
     section = Section("timing", "Timing")
@@ -270,6 +328,10 @@ def build_timing(inputs: Inputs) -> Section:
         )
     else:
         per_method = per_method.assign(**{METHOD_PARAM: per_method[METHOD_PARAM].astype(str)})
+    if WORLD_PARAM in per_method.columns:  # panels of the figures below say "world size 2", not "2.0"
+        workers = per_method[WORLD_PARAM]
+        labels = workers.map(lambda v: f"world size {int(v)}" if pd.notna(v) else None)
+        per_method = per_method.assign(**{WORLD_PARAM: labels})
     copies = _copy_reference(rows)
     found: dict[str, list] = {"ratio_to_bn": [], "copy_fraction": []}
     benchmarks = sorted(
@@ -289,6 +351,10 @@ def build_timing(inputs: Inputs) -> Section:
         frames = [f for f in frames if f is not None]
         if frames:
             section.data[name] = pd.concat(frames).drop(columns=["file"], errors="ignore")
+
+    distributed = _distributed_part(section, rows)
+    if distributed is not None:
+        section.data["distributed"] = distributed
 
     rest = rows.drop(per_method.index)
     if not rest.empty:

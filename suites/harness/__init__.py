@@ -15,6 +15,8 @@ One module per job:
 ``tensor``      the copy reference's tensors (:class:`~suites.harness.tensor.TensorCase`)
 ``network``     one training step of a whole network (:class:`~suites.harness.network.NetworkCase`)
 ``memory``      the bytes autograd saves for the backward
+``ddp``         one data-parallel training step over K processes (:class:`~suites.harness.ddp.DDPCase`,
+                rank 0) and the peer processes it starts
 =============== =====================================================================
 
 How asv sees this package: discovery (``asv_runner.discovery``) imports every module
