@@ -24,6 +24,8 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as _TorchDDP
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -164,3 +166,20 @@ def _stop(procs, graceful: bool) -> None:
         if p.is_alive():
             p.kill()
             p.join()
+
+
+class DistributedDataParallel(_TorchDDP):
+    """torch's ``DistributedDataParallel`` that also accepts :class:`bkn.layers.SyncBatchNorm` on the CPU.
+
+    torch's refuses every ``torch.nn.SyncBatchNorm`` in a CPU module ("SyncBatchNorm layers
+    only work with GPU modules"), since torch's own kernels are CUDA-only. The project's
+    subclass pools its statistics over gloo on the CPU, so only torch's own class is refused
+    here. (This overrides a private hook of DDP's constructor; the syncbn training and
+    benchmark tests fail loudly if a torch release renames it.)
+    """
+
+    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
+        from .layers.sync import SyncBatchNorm
+
+        if any(isinstance(m, nn.SyncBatchNorm) and not isinstance(m, SyncBatchNorm) for m in module.modules()):
+            super()._passing_sync_batchnorm_handle(module)

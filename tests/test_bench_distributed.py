@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bkn import distributed, methods
+from bkn.distributed import DistributedDataParallel
 from suites.bench_distributed import TimeDDPTrainStep
 from suites.harness import ddp, process, timing
 
@@ -44,7 +45,7 @@ def test_rank0_gradients_are_the_two_workers_average():
     # The peer steps in lockstep with the same parameters on its own batch, so after one
     # timed step rank 0's gradients are the mean of both batches' gradients.
     bench = set_up("bn", 2)
-    assert isinstance(bench.case.case.model, ddp.GlooDDP) and dist.get_world_size() == 2
+    assert isinstance(bench.case.case.model, DistributedDataParallel) and dist.get_world_size() == 2
     module = bench.case.case.model.module
     reference = copy.deepcopy(module)
     expected = []
@@ -139,7 +140,7 @@ def test_gloo_ddp_accepts_only_bkns_cpu_syncbn():
         with pytest.raises(ValueError, match="only work with GPU modules"):
             torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(ours))
         with pytest.raises(ValueError, match="only work with GPU modules"):
-            ddp.GlooDDP(torch.nn.Sequential(torch.nn.SyncBatchNorm(4)))
+            DistributedDataParallel(torch.nn.Sequential(torch.nn.SyncBatchNorm(4)))
         wrapped = ddp.wrap(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), ours))
         assert wrapped(torch.randn(2, 3, 5, 5)).shape == (2, 4, 5, 5)
     finally:

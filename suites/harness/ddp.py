@@ -37,10 +37,9 @@ import time
 import traceback
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from bkn import distributed, methods
-from bkn.layers.sync import SyncBatchNorm
+from bkn.distributed import DistributedDataParallel
 from bkn.models import cifar_resnet
 
 from .matrix import SEED, skip
@@ -76,26 +75,12 @@ def build_case(method: str, group_size: int, rank: int) -> NetworkCase:
     return case
 
 
-class GlooDDP(DistributedDataParallel):
-    """DistributedDataParallel that accepts bkn's SyncBatchNorm on the CPU.
-
-    torch's DDP refuses any ``torch.nn.SyncBatchNorm`` in a CPU module ("SyncBatchNorm
-    layers only work with GPU modules"), and :class:`bkn.layers.sync.SyncBatchNorm` is
-    one (so that ``convert_sync_batchnorm`` and isinstance checks treat it as one on
-    CUDA), with its own gloo path on the CPU. The check stays for torch's own class.
-    """
-
-    def _passing_sync_batchnorm_handle(self, module):
-        if any(isinstance(m, torch.nn.SyncBatchNorm) and not isinstance(m, SyncBatchNorm) for m in module.modules()):
-            super()._passing_sync_batchnorm_handle(module)
-
-
-def wrap(model: torch.nn.Module) -> GlooDDP:
+def wrap(model: torch.nn.Module) -> DistributedDataParallel:
     """``model`` in DDP without the per-forward buffer broadcast: each worker keeps its own running
     estimates, so the step's only collectives are the gradient all-reduce and SyncBN's statistics."""
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-        return GlooDDP(model, forward_sync_buffers=False)
-    return GlooDDP(model, broadcast_buffers=False)  # torch before forward_sync_buffers
+        return DistributedDataParallel(model, forward_sync_buffers=False)
+    return DistributedDataParallel(model, broadcast_buffers=False)  # torch before forward_sync_buffers
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -29,10 +29,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from bkn.data import Dataset
-from bkn.layers import SyncBatchNorm
+from bkn.distributed import DistributedDataParallel
 
 
 def rank_of(world_size: int) -> int:
@@ -79,28 +78,10 @@ class Shard:
             yield x[start : start + share], y[start : start + share]
 
 
-class _DistributedDataParallel(DistributedDataParallel):
-    """DDP that accepts :class:`bkn.layers.SyncBatchNorm` in a CPU module.
-
-    torch's DDP refuses every ``torch.nn.SyncBatchNorm`` in a CPU module ("SyncBatchNorm
-    layers only work with GPU modules"), because torch's own kernels are CUDA-only. The
-    project's subclass runs on the CPU over gloo, so only torch's own class is refused here.
-    (Overrides a private hook of DDP's constructor; the syncbn training tests fail loudly if
-    a torch release renames it.)
-    """
-
-    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
-        if self.device_type != "cpu":
-            return super()._passing_sync_batchnorm_handle(module)
-        for layer in module.modules():
-            if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, SyncBatchNorm):
-                raise ValueError(f"{type(layer).__name__}: torch's SyncBatchNorm only works with GPU modules")
-
-
 def wrap(model: nn.Module) -> nn.Module:
     """``model`` in ``DistributedDataParallel`` over the default process group (its device's)."""
     device = next(model.parameters()).device
-    return _DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def seed_draws(seed: int, rank: int) -> None:
