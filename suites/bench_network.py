@@ -21,21 +21,16 @@ from __future__ import annotations
 import torchvision
 
 from bkn.methods import Method
-from bkn.models import cifar_resnet
 from bkn.results import LAYER_PARAMS
 
 from .harness.matrix import values
-from .harness.network import NetworkCase
+from .harness.network import NetworkCase, cifar_resnet20
 from .harness.process import configure_threads
 from .harness.timing import Matrix, cached, synchronize
 
 
 def _resnet18(method: Method):
     return method.convert(torchvision.models.resnet18())
-
-
-def _cifar_resnet20(method: Method):
-    return cifar_resnet(20, method.norm, **method.layer_options())
 
 
 class _Network(Matrix):
@@ -70,7 +65,7 @@ class TimeCifarResNetTrainStep(_Network):
     """One SGD step of the paper's CIFAR ResNet-20 at 32x32."""
 
     params = values(LAYER_PARAMS, shape=["3x32x32"])
-    build = staticmethod(_cifar_resnet20)
+    build = staticmethod(cifar_resnet20)
 
     def time_train_step(self, *params):
         self.case.step()

@@ -40,10 +40,9 @@ import torch
 
 from bkn import distributed, methods
 from bkn.distributed import DistributedDataParallel
-from bkn.models import cifar_resnet
 
 from .matrix import SEED, skip
-from .network import NetworkCase
+from .network import NetworkCase, cifar_resnet20
 from .process import configure_threads
 
 # The asv parameter of the number of workers. Not (yet) one of bkn.results' constants.
@@ -58,11 +57,6 @@ NUM_CLASSES = 10
 TIMEOUT_S = 60.0  # of every collective: a step whose peer is gone fails within this
 READY_TIMEOUT_S = 180.0  # a peer imports torch and builds its model: seconds, minutes on a loaded machine
 SUITES_PARENT = str(pathlib.Path(__file__).resolve().parents[2])  # the directory that holds suites/
-
-
-def cifar_resnet20(method: methods.Method):
-    """The paper's CIFAR ResNet-20 with ``method``'s layers, each normalizing its whole input (one group)."""
-    return cifar_resnet(20, method.norm, **method.layer_options())
 
 
 def build_case(method: str, group_size: int, rank: int) -> NetworkCase:

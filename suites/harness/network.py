@@ -6,11 +6,17 @@ import torch
 from torch import nn
 
 from bkn import methods
+from bkn.models import cifar_resnet
 
 from .decode import decode_input
 from .matrix import SEED, check_network_pruned, reraise_unsupported, skip
 from .process import configure_threads
 from .timing import synchronize
+
+
+def cifar_resnet20(method: methods.Method) -> nn.Module:
+    """The paper's CIFAR ResNet-20 with ``method``'s layers, each normalizing its whole input (one group)."""
+    return cifar_resnet(20, method.norm, **method.layer_options())
 
 
 class NetworkCase:
