@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
 import warnings
 
 import pytest
@@ -37,6 +38,30 @@ def test_compiled_kernels_are_built_unless_switched_off():
     if not _native.enabled():
         pytest.skip(f"{_native.ENV_SWITCH}=0")
     assert _native.load() is not None, "bkn/csrc/fused_norm.cpp did not build: see the RuntimeWarning"
+
+
+def test_two_checkouts_share_one_build_instead_of_rebuilding_each_other(tmp_path, monkeypatch):
+    """Two clones with the same source: the second loads the first one's build, no recompile.
+
+    The build files must not name the checkout (torch writes the source path into
+    build.ninja, and a changed build.ninja makes ninja rebuild everything).
+    """
+    if not _native.enabled():
+        pytest.skip(f"{_native.ENV_SWITCH}=0")
+    built = []
+    for clone in ("clone-a", "clone-b", "clone-a"):
+        source = tmp_path / clone / "csrc" / _native.SOURCE.name
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_bytes(_native.SOURCE.read_bytes())
+        monkeypatch.setattr(_native, "SOURCE", source)
+        module = _native.build()
+        directory = pathlib.Path(module.__file__).parent
+        ninja = directory / "build.ninja"
+        library = pathlib.Path(module.__file__)
+        built.append((module.__file__, ninja.read_text(), ninja.stat().st_mtime_ns, library.stat().st_mtime_ns))
+        assert str(tmp_path) not in ninja.read_text()
+    assert len({b[0] for b in built}) == 1  # one build directory for both clones
+    assert built[1][1:] == built[0][1:] and built[2][1:] == built[0][1:]  # build.ninja and .so untouched
 
 
 def test_switch_off_and_build_failure_fall_back_with_a_warning(monkeypatch):

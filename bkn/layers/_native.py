@@ -12,7 +12,10 @@ layer needs it (about a minute, once per machine, source version and torch versi
 into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) under a name that carries a hash of the source, the torch
 version and the flags, so that checkouts of different commits, or venvs with different
-torch builds, never load each other's builds. It needs a C++ compiler with OpenMP (gcc)
+torch builds, never load each other's builds. The source is compiled from a copy inside the
+build directory, not from the checkout: the build files (``build.ninja``) then name no
+checkout path, so two clones with the same source share one build instead of recompiling
+each other's in turn. It needs a C++ compiler with OpenMP (gcc)
 and ninja (a dependency of this package). If the build fails a warning says so, once,
 and the layers use the Python Functions: same results, slower at small shapes.
 ``BKN_NATIVE=0`` skips the attempt.
@@ -74,8 +77,24 @@ def build(verbose: bool = False):
             flush=True,
         )
     return cpp_extension.load(
-        name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=verbose
+        name=name, sources=[str(staged_source(directory))], extra_cflags=cflags, extra_ldflags=ldflags, verbose=verbose
     )
+
+
+def staged_source(directory: pathlib.Path) -> pathlib.Path:
+    """The copy of :data:`SOURCE` inside the build ``directory`` that the build compiles.
+
+    Rewritten only when its bytes differ (ninja rebuilds on a newer mtime), via a temporary
+    file and a rename, so a concurrent build never reads half a file.
+    """
+    staged = directory / SOURCE.name
+    source = SOURCE.read_bytes()
+    if not staged.exists() or staged.read_bytes() != source:
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = staged.with_name(f".{staged.name}.{os.getpid()}.tmp")
+        partial.write_bytes(source)
+        os.replace(partial, staged)
+    return staged
 
 
 def load():
