@@ -160,7 +160,13 @@ _TABLE = (
         "BatchNorm with statistics pooled over the workers of a torch.distributed process group "
         "(torch.nn.SyncBatchNorm on CUDA, gloo collectives on the CPU; plain BN with one worker)",
     ),
-    _method("gn", "gn", "GN", "#7f7f7f", "GroupNorm (32 groups, fewer when C is small)"),
+    _method(
+        "gn",
+        "gn",
+        "GN",
+        "#7f7f7f",
+        "GroupNorm: 32 groups, fewer when C is small, never fewer than 4 channels per group (C = 32: 8 groups)",
+    ),
     _method("ln", "ln", "LN", "#bcbd22", "LayerNorm: GroupNorm(1, C) on conv features, LayerNorm on (N, C)"),
     _method("in", "in", "IN", "#17becf", "InstanceNorm with affine parameters"),
 )

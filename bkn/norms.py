@@ -50,9 +50,22 @@ def batch_dependent(name: str) -> bool:
     return _check_name(name) in _BATCH_DEPENDENT
 
 
-def gn_groups(num_channels: int, max_groups: int = 32) -> int:
-    """GroupNorm's group count: 32, or the largest divisor of C below it when C is small or odd."""
-    return max(g for g in range(1, min(max_groups, num_channels) + 1) if num_channels % g == 0)
+MIN_GROUP_CHANNELS = 4  # GN's groups hold at least this many channels (spec section 3)
+
+
+def gn_groups(num_channels: int, max_groups: int = 32, min_channels: int = MIN_GROUP_CHANNELS) -> int:
+    """GroupNorm's group count: the largest divisor ``G`` of ``C`` with ``G <= 32`` and ``C / G >= 4``.
+
+    32 groups when ``C`` allows (``C`` = 128, 256, ...); fewer when ``C`` is small, never fewer
+    than 4 channels per group, so that GN is not InstanceNorm on narrow layers (with one
+    channel per group at ``C`` <= 32 it was: issue 12). ``C`` = 16 -> 4 groups, 32 -> 8,
+    64 -> 16; 1 group (LayerNorm over channels and positions) when no divisor qualifies
+    (``C`` < 8 or prime).
+    """
+    if not isinstance(num_channels, int) or num_channels < 1:
+        raise ValueError(f"gn_groups: num_channels must be a positive int, got {num_channels!r}")
+    divisors = range(1, min(max_groups, num_channels) + 1)
+    return max((g for g in divisors if num_channels % g == 0 and num_channels // g >= min_channels), default=1)
 
 
 def _check_name(name: str) -> str:

@@ -184,19 +184,22 @@ TRAINING = Schema(
     name="training",
     folder="convergence",
     file="convergence.parquet",
-    version=3,  # v3: world_size
+    version=4,  # v3: world_size; v4: data, network, evaluation (test_acc_precise became evaluation "population")
     columns={
+        "data": "string",  # mnist1d, digits
+        "network": "string",  # convnet, resnet1d (mnist1d); cifar-resnet (digits)
         "method": "string",  # a bkn.methods name
         "group_size": "int64",  # samples per normalization group (the SGD batch for per-sample norms and syncbn)
         "batch_size": "int64",  # samples per SGD step (over all workers)
         "world_size": "int64",  # data-parallel workers sharing each SGD step (batch_size / world_size each)
         "seed": "int64",
         "epoch": "int64",
+        "evaluation": "string",  # a key of EVALUATIONS: how the network normalized when the value was measured
         "metric": "string",
         "value": "float64",
     },
     command="nox -s convergence",
-    about="the training probe: test accuracy vs normalization group size, per method",
+    about="the training probe: test accuracy vs normalization group size, per data set, network and method",
 )
 
 SCHEMAS = {s.name: s for s in (DRIFT, TRAINING)}
@@ -205,7 +208,13 @@ SCHEMAS = {s.name: s for s in (DRIFT, TRAINING)}
 # statistics, in the order reports show them; the training probe's metrics.
 DRIFT_METRICS = ("mean_error", "var_logratio", "kl", "output_discrepancy")
 DRIFT_STATISTICS = ("median", "p90")
-TRAINING_METRICS = ("train_loss", "test_acc", "test_acc_precise", "step_time_s")
+TRAINING_METRICS = ("train_loss", "test_acc", "step_time_s")
+# The training probe's evaluation modes: what the network normalized with when a value was measured.
+EVALUATIONS = {
+    "training": "training mode (each group's own statistics)",
+    "running": "running estimates (GN, LN: per-sample statistics)",
+    "population": "population statistics recomputed after training (PreciseBN)",
+}
 
 # -- asv vocabulary: the parameters the suites declare and the report reads --------------------
 METHOD_PARAM = "method"  # a bkn.methods name

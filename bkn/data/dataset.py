@@ -1,7 +1,7 @@
 """One labelled image set in memory: what both probes train on, sample micro-batches from and evaluate on.
 
 A :class:`Dataset` holds the whole split as two tensors (the data sets here are small and
-ship with scikit-learn), so batches are index operations: no ``DataLoader``, no worker
+ship with scikit-learn or are generated), so batches are index operations: no ``DataLoader``, no worker
 processes, and an order that depends on nothing but a seeded ``torch.Generator``.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 @dataclasses.dataclass(frozen=True, eq=False)  # tensors: compare with torch.equal, not ==
 class Dataset:
-    """Images ``(N, C, H, W)`` and labels ``(N,)`` of one split, with the number of classes."""
+    """Images ``(N, C, H, W)`` or sequences ``(N, C, L)``, labels ``(N,)`` of one split, the number of classes."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -69,6 +69,14 @@ def digits_dataset(split: str = "all", size: int = 32, channels: int = 1, seed: 
     from .digits import load_digits
 
     return Dataset(*load_digits(split, size, channels, seed), num_classes=10, name="digits")
+
+
+def mnist1d_dataset(split: str = "all", num_samples: int = 5000, seed: int = 0) -> Dataset:
+    """MNIST-1D generated locally as a :class:`Dataset` of ``(N, 1, 40)`` sequences (see
+    :func:`bkn.data.load_mnist1d`)."""
+    from .mnist1d import load_mnist1d
+
+    return Dataset(*load_mnist1d(split, num_samples, seed), num_classes=10, name="mnist1d")
 
 
 def photos_dataset(size: int = 32, count: int = 1024, seed: int = 0) -> Dataset:

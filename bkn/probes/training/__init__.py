@@ -1,28 +1,34 @@
-"""The training probe: test accuracy vs normalization group size, per method, on scikit-learn's digits.
+"""The training probe: test accuracy vs normalization group size, per method, on MNIST-1D.
 
-``python -m bkn.probes.training`` (``nox -s convergence``) trains the paper's CIFAR-style
-ResNet (ResNet-8 by default) on the handwritten digits that ship with scikit-learn
-(upsampled to 16x16, a fixed stratified split: 1347 train / 450 test) with the SGD batch
-fixed and the normalization group size varied, for BN (ghost batches), BKN (the official
-transition with p = 0.9, and the analytic transition with the adaptive gain), BRN (the
-paper's schedule scaled to the run: ``brn-scheduled``) at every group size, and GN and LN
-(which have no group) once per seed. Methods are :mod:`bkn.methods` names. Every run uses
-the same recipe (:class:`~bkn.probes.training.runs.TrainConfig`) and the engine of
-:func:`bkn.training.train_epochs`.
+``python -m bkn.probes.training`` (``nox -s convergence``) trains small networks with the
+SGD batch fixed (32) and the normalization group size varied (2, 4, 8, 32), for every
+method of :mod:`bkn.methods` but SyncBN (which needs workers) and IN: BN (ghost batches),
+BKN (official and analytic transitions, fixed p = 0.9 and adaptive gain), BRN (fixed
+limits, and the paper's schedule scaled to the run) at every group size, and GN and LN
+(which have no group) once per seed; three seeds. Data and networks (:mod:`.networks`):
+MNIST-1D generated locally (5,000 samples, 4,000 train / 1,000 test), a Conv1d net
+(``convnet``) and a 1-D pre-activation ResNet-8 with BKN priors wired through its
+residual stream (``resnet1d``); ``--data digits`` trains the CIFAR ResNet-8 on
+scikit-learn's digits instead. Every run uses the same recipe
+(:class:`~bkn.probes.training.runs.TrainConfig`: SGD, momentum 0.9, weight decay 5e-4,
+lr 0.05 with cosine decay, 15 epochs) and the engine of :func:`bkn.training.train_epochs`.
+Runs are spread over ``--jobs`` worker processes (default 2, one thread each).
 
 Output, in ``--out`` (default ``results/convergence``), written atomically at the end:
 
-* ``convergence.parquet`` (:data:`bkn.results.TRAINING`): tidy, one row per method x
-  group_size x seed x epoch x metric, with ``batch_size`` (the SGD batch) and the
-  environment columns; metrics ``train_loss``, ``test_acc`` (own inference statistics),
-  ``step_time_s`` (mean seconds per SGD step) every epoch, ``test_acc_precise``
-  (population statistics of the training set, PreciseBN-style) at the last epoch
-  (``--precise every``: every epoch). GN and LN rows carry ``group_size`` = the SGD batch
-  size (they normalize each sample on its own; plot them as reference lines).
+* ``convergence.parquet`` (:data:`bkn.results.TRAINING`): tidy, one row per data x
+  network x method x group_size x seed x epoch x evaluation x metric, with ``batch_size``
+  (the SGD batch), ``world_size`` and the environment columns; metrics ``train_loss`` and
+  ``step_time_s`` (evaluation ``training``) and ``test_acc`` with the method's running
+  estimates (evaluation ``running``) every epoch, and ``test_acc`` with population
+  statistics recomputed after training (evaluation ``population``, PreciseBN) at the last
+  epoch (``--precise every``: every epoch). GN and LN rows carry ``group_size`` = the SGD
+  batch size (they normalize each sample on its own; plot them as reference lines).
 * ``meta.json``: :func:`bkn.results.environment`, the arguments, the recipe, the data,
-  ``duration_s`` and the workers (``world_size``, per-worker batch, launcher).
+  ``duration_s``, the jobs and the workers (``world_size``, per-worker batch, launcher).
 
-At the end a summary table is printed (:mod:`~bkn.probes.training.summary`).
+At the end a table of final test accuracy per method x group size is printed, per data
+set, network and evaluation (:mod:`~bkn.probes.training.summary`).
 
 Several workers (``--world-size K``, or launched by ``torchrun --nproc-per-node K``): every
 run trains with ``DistributedDataParallel`` over K processes (:mod:`.launch`, :mod:`.ddp`);
@@ -42,51 +48,89 @@ import time
 
 from bkn import methods as registry
 
+from . import networks
 from .runs import PRECISE, TrainConfig, make_model, train_model, train_run
 
-__all__ = ["PRECISE", "TrainConfig", "make_model", "train_model", "train_run", "configs", "run"]
+__all__ = ["PRECISE", "TrainConfig", "make_model", "train_model", "train_run", "configs", "datasets", "run"]
 
-DEFAULT_METHODS = ("bn", "bkn-official", "bkn-analytic-adaptive", "brn-scheduled", "gn", "ln")
-DEFAULT_GROUP_SIZES = (2, 4, 8, 16, 64)
+# Every registry method but syncbn (it needs --world-size) and in (InstanceNorm: not a micro-batch rival).
+DEFAULT_METHODS = (
+    "bn",
+    "bkn-official",
+    "bkn-official-adaptive",
+    "bkn-analytic",
+    "bkn-analytic-adaptive",
+    "brn",
+    "brn-scheduled",
+    "gn",
+    "ln",
+)
+DEFAULT_GROUP_SIZES = (2, 4, 8, 32)
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_EPOCHS = 12
-QUICK = {"group_sizes": (2, 8, 64), "seeds": (0,), "epochs": 2}
+DEFAULT_EPOCHS = 15
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LR = 0.05
+DEFAULT_JOBS = 2  # worker processes of one thread each: both cores of a 2-core machine
+# CI: BN at group 2 against BN at group 32 (the whole SGD batch), beside BKN and GN; both networks, one seed.
+QUICK = {
+    "methods": ("bn", "bkn-official", "bkn-analytic", "gn"),
+    "group_sizes": (2, 32),
+    "seeds": (0,),
+    "epochs": 10,
+}
 # Several workers: SyncBN joins the methods; the quick grid compares BN, SyncBN and BKN at a per-worker group of 2.
-WORKER_METHODS = ("bn", "syncbn", "bkn-official", "bkn-analytic-adaptive", "brn-scheduled", "gn", "ln")
-QUICK_WORKERS = {"methods": ("bn", "syncbn", "bkn-official"), "group_sizes": (2,), "seeds": (0,), "epochs": 2}
-DATA_SEED = 0  # the train/test split is fixed; run seeds vary init, data order and Monte-Carlo draws
+WORKER_METHODS = (
+    "bn",
+    "syncbn",
+    "bkn-official",
+    "bkn-official-adaptive",
+    "bkn-analytic",
+    "bkn-analytic-adaptive",
+    "brn",
+    "brn-scheduled",
+    "gn",
+    "ln",
+)
+QUICK_WORKERS = {
+    "methods": ("bn", "syncbn", "bkn-official"),
+    "group_sizes": (2,),
+    "seeds": (0,),
+    "epochs": 2,
+    "networks": ("convnet",),
+}
 
 
 def configs(args: argparse.Namespace) -> list[TrainConfig]:
-    """Every run: methods with groups at each group size, the others once (group = the SGD batch)."""
+    """Every run: per network, methods with groups at each group size, the others once (group = the SGD batch)."""
     out = []
-    for method in args.methods:
-        sizes = args.group_sizes if registry.get(method).uses_groups else (args.batch_size,)
-        for group_size in sizes:
-            for seed in args.seeds:
-                out.append(
-                    TrainConfig(
-                        method=method,
-                        group_size=group_size,
-                        seed=seed,
-                        epochs=args.epochs,
-                        batch_size=args.batch_size,
-                        depth=args.depth,
-                        width=args.width,
-                        image_size=args.image_size,
-                        lr=args.lr,
-                        precise=args.precise,
-                        world_size=args.world_size,
+    for network in args.networks:
+        for method in args.methods:
+            sizes = args.group_sizes if registry.get(method).uses_groups else (args.batch_size,)
+            for group_size in sizes:
+                for seed in args.seeds:
+                    out.append(
+                        TrainConfig(
+                            method=method,
+                            group_size=group_size,
+                            seed=seed,
+                            epochs=args.epochs,
+                            batch_size=args.batch_size,
+                            data=args.data,
+                            network=network,
+                            depth=args.depth,
+                            width=args.width,
+                            image_size=args.image_size,
+                            lr=args.lr,
+                            precise=args.precise,
+                            world_size=args.world_size,
+                        )
                     )
-                )
     return out
 
 
-def datasets(image_size: int):
-    """The probe's fixed split of the digits at ``image_size``: ``(train, test)``."""
-    from bkn.data import digits_dataset
-
-    return digits_dataset("train", image_size, 1, DATA_SEED), digits_dataset("test", image_size, 1, DATA_SEED)
+def datasets(args: argparse.Namespace):
+    """The probe's fixed ``(train, test)`` split of ``args.data``."""
+    return networks.datasets(args.data, args.samples, args.image_size)
 
 
 def run(args: argparse.Namespace):
@@ -98,12 +142,12 @@ def run(args: argparse.Namespace):
     """
     import torch
 
-    from bkn.results import TRAINING, environment
+    from bkn.results import EVALUATIONS, TRAINING, environment
 
     from . import launch
 
-    torch.set_num_threads(args.threads)
-    train, test = datasets(args.image_size)
+    torch.set_num_threads(args.threads)  # environment() records it: the threads each run trained with
+    train, test = datasets(args)
     if len(train) < args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train)} training samples")
     runs = configs(args)
@@ -113,6 +157,8 @@ def run(args: argparse.Namespace):
         launcher, rows = "torchrun", launch.under_torchrun(args, runs)
     elif args.world_size > 1:
         launcher, rows = "spawn", launch.spawn(args, runs)
+    elif args.jobs > 1:
+        launcher, rows = f"{args.jobs} worker processes", launch.in_processes(args, runs)
     else:
         launcher, rows = "single process", launch.train_runs(0, 1, args, runs)
     if rows is None:
@@ -120,7 +166,7 @@ def run(args: argparse.Namespace):
     duration = time.perf_counter() - start
     frame = TRAINING.frame(rows, env)
     recipe = dataclasses.asdict(runs[0])
-    for key in ("method", "group_size", "seed"):
+    for key in ("method", "group_size", "seed", "network", "width"):
         recipe.pop(key)
     arguments = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
     meta = {
@@ -130,13 +176,16 @@ def run(args: argparse.Namespace):
         "runs": len(runs),
         "duration_s": round(duration, 1),
         "data": {
-            "name": "sklearn digits",
+            "name": args.data,
+            "about": networks.DATA[args.data].about,
             "train": len(train),
             "test": len(test),
-            "image_size": args.image_size,
-            "channels": 1,
-            "split_seed": DATA_SEED,
+            "sample_shape": list(train.images.shape[1:]),
+            "seed": networks.DATA_SEED,
+            **({"generated_samples": args.samples} if args.data == "mnist1d" else {"image_size": args.image_size}),
         },
+        "networks": {n: networks.NETWORKS[n].about for n in args.networks},
+        "jobs": args.jobs,
         "methods": {m: _method_record(m) for m in args.methods},
         "world_size": args.world_size,
         "workers": {
@@ -145,8 +194,10 @@ def run(args: argparse.Namespace):
             "launcher": launcher,
             "backend": launch.backend() if args.world_size > 1 else None,
         },
+        "evaluations": EVALUATIONS,
         "notes": "group_size of methods without groups (gn, ln) and of syncbn (pooled over every worker) is "
-        "the SGD batch size; brn-scheduled uses RenormSchedule().scaled(total steps)",
+        "the SGD batch size; brn-scheduled uses RenormSchedule().scaled(total steps); gn/ln population rows "
+        "are copies of their running rows (no batch statistics to recompute)",
     }
     TRAINING.write(frame, meta, args.out)
     return frame

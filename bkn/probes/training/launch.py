@@ -1,6 +1,11 @@
-"""Where the training probe's runs execute: in this process, on K spawned workers, or under torchrun.
+"""Where the training probe's runs execute: in this process, in parallel jobs, on K DDP workers, or under torchrun.
 
-* one worker (``--world-size 1``): every run in this process, one after the other;
+* one worker (``--world-size 1``), ``--jobs 1``: every run in this process, one after the other;
+* one worker, ``--jobs J`` (default 2): :func:`in_processes` hands the runs to J spawned
+  processes (``--threads`` each, 1 by default), which load the data once and train one
+  run at a time; this process prints progress as runs finish and puts the rows back in
+  the runs' order, so the result does not depend on J or on which job ran what. A job
+  that raises stops the pool; the error propagates and nothing is written;
 * ``--world-size K``: :func:`spawn` starts K processes with a process group on 127.0.0.1
   (:func:`bkn.distributed.run`: gloo on the CPU, NCCL for CUDA, a finite timeout); each
   runs :func:`train_runs` and rank 0 sends its rows back. When a worker raises, dies or
@@ -11,13 +16,14 @@
   group torchrun set up and runs :func:`train_runs` in this process; rank 0 gets the rows
   (and writes them), the other ranks ``None``. torchrun stops the others when one dies.
 
-Every worker trains the same runs in the same order, so their collectives line up.
+Every DDP worker trains the same runs in the same order, so their collectives line up.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import os
 
 from .progress import Progress
@@ -81,7 +87,8 @@ def train_runs(rank: int, world_size: int, args: argparse.Namespace, runs: list[
     from . import datasets
 
     torch.set_num_threads(args.threads)
-    train, test = datasets(args.image_size)
+    _load_kernels()
+    train, test = datasets(args)
     progress = Progress(len(runs), enabled=rank == 0 and not args.no_progress)
     on_step = _planted_exit(rank)
     rows: list[dict] = []
@@ -94,6 +101,47 @@ def train_runs(rank: int, world_size: int, args: argparse.Namespace, runs: list[
     finally:
         progress.close()
     return rows if rank == 0 else None
+
+
+def in_processes(args: argparse.Namespace, runs: list[TrainConfig]) -> list[dict]:
+    """Every run on ``args.jobs`` spawned processes (one run at a time each); the rows in the runs' order."""
+    progress = Progress(len(runs), enabled=not args.no_progress, concurrent=True)
+    context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
+    by_index: dict[int, list[dict]] = {}
+    try:
+        with context.Pool(min(args.jobs, len(runs)), initializer=_job_init, initargs=(args,)) as pool:
+            for index, rows in pool.imap_unordered(_job_run, enumerate(runs)):
+                progress.finish(runs[index], rows)
+                by_index[index] = rows
+    finally:
+        progress.close()
+    return [row for index in range(len(runs)) for row in by_index[index]]
+
+
+_JOB: dict = {}  # in a job process: its data, loaded once by _job_init
+
+
+def _job_init(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import datasets
+
+    torch.set_num_threads(args.threads)
+    _load_kernels()
+    _JOB["data"] = datasets(args)
+
+
+def _job_run(item: tuple[int, TrainConfig]) -> tuple[int, list[dict]]:
+    index, config = item
+    return index, train_run(config, *_JOB["data"])
+
+
+def _load_kernels() -> None:
+    """Load BKN's and BRN's compiled kernels now (seconds per process), not inside the first run's steps,
+    whose ``step_time_s`` would include it."""
+    from bkn.layers import _native
+
+    _native.load()
 
 
 def _planted_exit(rank: int):

@@ -10,10 +10,13 @@ from .runs import TrainConfig
 
 class Progress:
     """Progress over ``total`` runs on ``stream`` (stderr): a tqdm bar when it is a terminal, otherwise one
-    line per finished run (a log gets no carriage-return redraws); nothing when not ``enabled``."""
+    line per finished run (a log gets no carriage-return redraws); nothing when not ``enabled``.
 
-    def __init__(self, total: int, enabled: bool = True, stream=None):
-        self.total, self.enabled, self.done_runs = total, enabled, 0
+    ``concurrent``: runs finish in parallel jobs, so a run's own time is not known here; the
+    line gives the time since the start instead."""
+
+    def __init__(self, total: int, enabled: bool = True, stream=None, concurrent: bool = False):
+        self.total, self.enabled, self.done_runs, self.concurrent = total, enabled, 0, concurrent
         self.stream = sys.stderr if stream is None else stream
         self.bar = None
         self.started = time.perf_counter()
@@ -32,11 +35,12 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
         elif self.enabled:
-            acc = [r["value"] for r in rows if r["metric"] == "test_acc"]
-            result = f": test_acc {100 * acc[-1]:.1f}%" if acc else ""
+            acc = [r["value"] for r in rows if r["metric"] == "test_acc" and r["evaluation"] == "running"]
+            result = f": test_acc {100 * acc[-1]:.1f}% (running estimates)" if acc else ""
             seconds = time.perf_counter() - self.started
+            when = f"{seconds:.0f} s since the start" if self.concurrent else f"{seconds:.0f} s"
             print(
-                f"training probe: run {self.done_runs}/{self.total} done, {_name(config)}{result} ({seconds:.0f} s)",
+                f"training probe: run {self.done_runs}/{self.total} done, {_name(config)}{result} ({when})",
                 file=self.stream,
                 flush=True,
             )
@@ -48,7 +52,7 @@ class Progress:
 
 def _name(config: TrainConfig) -> str:
     workers = f" on {config.world_size} workers" if config.world_size > 1 else ""
-    return f"{config.method} g={config.recorded_group_size} seed={config.seed}{workers}"
+    return f"{config.network} {config.method} g={config.recorded_group_size} seed={config.seed}{workers}"
 
 
 def _is_terminal(stream) -> bool:

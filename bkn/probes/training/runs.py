@@ -1,29 +1,33 @@
-"""One run of the training probe: the CIFAR ResNet with one method at one group size from one seed.
+"""One run of the training probe: one network with one method at one group size from one seed.
 
 Every run uses the same recipe (no per-method tuning) and the engine of
-:func:`bkn.training.train_epochs`, and returns tidy rows per epoch::
+:func:`bkn.training.train_epochs`, and returns tidy rows per epoch, each with the
+``evaluation`` that produced it (:data:`bkn.results.EVALUATIONS`)::
 
-    train_loss        mean cross-entropy over the epoch's SGD steps (training mode)
-    test_acc          test accuracy with the method's own inference statistics
-                      (running estimates for BN/BKN/BRN; GN/LN have none)
-    step_time_s       mean wall time of one SGD step (forward, backward, optimizer step)
-    test_acc_precise  test accuracy after replacing the running estimates by the exact
-                      population statistics of the training set (PreciseBN-style,
-                      :func:`bkn.training.precise_accuracy`), on a copy of the model;
-                      after the last epoch (``precise="last"``), every epoch (``"every"``)
-                      or never (``"none"``)
+    train_loss    training   mean cross-entropy over the epoch's SGD steps (training mode)
+    step_time_s   training   mean wall time of one SGD step (forward, backward, optimizer step)
+    test_acc      running    test accuracy with the method's own inference statistics: its
+                             running estimates (BN, BKN, BRN, SyncBN); GN and LN have none and
+                             normalize each test sample with its own statistics
+    test_acc      population test accuracy after replacing the running estimates by the
+                             exact population statistics of the training set, recomputed layer
+                             by layer (PreciseBN, :func:`bkn.training.precise_accuracy`), on a
+                             copy of the model; after the last epoch (``precise="last"``), every
+                             epoch (``"every"``) or never (``"none"``)
 
-``test_acc`` vs ``test_acc_precise`` separates the two ways a micro-batch hurts a
+``running`` vs ``population`` separates the two ways a micro-batch hurts a
 batch-dependent norm: the network it trains (both low) and the running estimates it
-keeps for inference (only ``test_acc`` low). GN and LN normalize each sample with its
-own statistics, so their precise accuracy *is* their accuracy (copied, not recomputed).
+keeps for inference (only ``running`` low). For BKN and BRN the population statistics
+go into the same running buffers their eval mode reads (BRN's moving std synced), so
+the network normalizes with them. GN and LN normalize each sample with its own
+statistics, so their population accuracy *is* their accuracy (copied, not recomputed).
 
 Reproducibility: :func:`train_model` seeds torch's global RNG with the run's seed before
 building the model (weight init) and keeps it for the Monte-Carlo draws of BKN's
 ``official`` transition; the engine draws the data order from its own generator seeded
 with the same seed; evaluations run under ``torch.random.fork_rng`` so they never shift
 the training draws. On the CPU with a fixed thread count two runs with the same seed are
-bit-for-bit identical.
+bit-for-bit identical, in this process or in a worker process (``--jobs``).
 
 Several workers (``world_size`` K > 1, inside a process group of K processes): the SGD
 batch is the global batch, each worker trains on its ``batch_size / K`` samples of it
@@ -42,9 +46,8 @@ from torch import nn
 from bkn import methods as registry
 from bkn import training
 from bkn.data import Dataset
-from bkn.models import cifar_resnet
 
-from . import ddp
+from . import ddp, networks
 
 PRECISE = ("last", "every", "none")  # when to measure test_acc_precise
 
@@ -53,22 +56,26 @@ PRECISE = ("last", "every", "none")  # when to measure test_acc_precise
 class TrainConfig:
     """One run's recipe; identical for every method except ``method`` and ``group_size``.
 
-    ``method``: a :mod:`bkn.methods` name. ``group_size`` is ignored (and should be the SGD
-    batch) for methods without groups. Optimizer: :class:`bkn.training.Recipe` (SGD with
+    ``data`` and ``network``: :mod:`.networks` names (the network must train on the data);
+    ``width`` ``None`` is the network's default, ``depth`` is the resnets' (6n+2), ``image_size``
+    the digits' side. ``method``: a :mod:`bkn.methods` name. ``group_size`` is ignored (and
+    should be the SGD batch) for methods without groups. Optimizer: :class:`bkn.training.Recipe` (SGD with
     momentum and weight decay, cosine decay of the learning rate to 0 over the run).
     ``world_size``: workers sharing each SGD batch of ``batch_size`` (each sees
     ``batch_size / world_size``, which ``group_size`` must divide).
     """
 
     method: str = "bn"
-    group_size: int = 64
+    group_size: int = 32
     seed: int = 0
-    epochs: int = 12
-    batch_size: int = 64
+    epochs: int = 15
+    batch_size: int = 32
+    data: str = networks.DEFAULT_DATA
+    network: str = "convnet"
     depth: int = 8
-    width: int = 16
+    width: int | None = None
     image_size: int = 16
-    lr: float = 0.1
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     eval_batch_size: int = 512
@@ -77,6 +84,11 @@ class TrainConfig:
 
     def __post_init__(self):
         registry.get(self.method)
+        networks.check(self.data, (self.network,))
+        if self.width is None:
+            object.__setattr__(self, "width", networks.NETWORKS[self.network].width)
+        if (self.depth - 2) % 6 or self.depth < 8:
+            raise ValueError(f"TrainConfig: depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {self.depth!r}")
         if self.precise not in PRECISE:
             raise ValueError(f"TrainConfig: precise must be one of {', '.join(PRECISE)}, got {self.precise!r}")
         for name in ("epochs", "batch_size", "group_size", "width", "image_size", "eval_batch_size", "world_size"):
@@ -120,24 +132,27 @@ class TrainConfig:
         return self.group_size if self.uses_groups else self.batch_size
 
 
-def make_model(config: TrainConfig, in_channels: int, num_classes: int, total_steps: int) -> nn.Module:
-    """The CIFAR ResNet of ``config`` with its method's norm (call after seeding: it draws the weights).
+def make_model(
+    config: TrainConfig, in_channels: int, num_classes: int, total_steps: int, length: int = 40
+) -> nn.Module:
+    """The network of ``config`` with its method's norm (call after seeding: it draws the weights).
 
+    ``length``: the input sequences' length (the convnet's head depends on it).
     ``total_steps`` scales a scheduled method's schedule to the run (``brn-scheduled``: BN
     for the first 1/8 of the steps, limits fully relaxed at the end).
     """
     method = registry.get(config.method)
     options = method.layer_options(config.group_size, total_steps)
-    return cifar_resnet(
-        config.depth, method.norm, in_channels=in_channels, num_classes=num_classes, width=config.width, **options
+    return networks.build(
+        config.network, method.norm, in_channels, length, num_classes, config.width, config.depth, **options
     )
 
 
 def train_run(
     config: TrainConfig, train: Dataset, test: Dataset, on_step: Callable[[], None] | None = None
 ) -> list[dict]:
-    """Train one model from scratch; return tidy rows ``{method, group_size, batch_size, seed, epoch, metric,
-    value}``."""
+    """Train one model from scratch; return tidy rows ``{data, network, method, group_size, batch_size,
+    world_size, seed, epoch, evaluation, metric, value}``."""
     return train_model(config, train, test, on_step)[1]
 
 
@@ -151,32 +166,31 @@ def train_model(
     With ``config.world_size > 1`` (inside a process group of that size) every worker
     calls this; the rows are rank 0's, the other ranks return none.
     """
-    if tuple(train.images.shape[-2:]) != (config.image_size,) * 2:
-        raise ValueError(
-            f"train_model: config.image_size={config.image_size} but the training images are "
-            f"{tuple(train.images.shape[-2:])}; load the data at the configured size"
-        )
+    _check_data(config, train)
     if len(train) < config.batch_size:
         raise ValueError(f"train_model: batch_size={config.batch_size} exceeds the {len(train)} training samples")
     rank = ddp.rank_of(config.world_size)
     total_steps = training.steps_per_epoch(train, config.batch_size) * config.epochs
     torch.manual_seed(config.seed)  # weights now, BKN's Monte-Carlo draws during training
-    model = make_model(config, train.images.shape[1], train.num_classes, total_steps)
+    model = make_model(config, train.images.shape[1], train.num_classes, total_steps, train.images.shape[-1])
     net, data = model, train
     if config.world_size > 1:
         net, data = ddp.wrap(model), ddp.Shard(train, rank, config.world_size)
         ddp.seed_draws(config.seed, rank)
     rows: list[dict] = []
 
-    def record(epoch: int, metric: str, value: float) -> None:
+    def record(epoch: int, evaluation: str, metric: str, value: float) -> None:
         rows.append(
             {
+                "data": config.data,
+                "network": config.network,
                 "method": config.method,
                 "group_size": config.recorded_group_size,
                 "batch_size": config.batch_size,
                 "world_size": config.world_size,
                 "seed": config.seed,
                 "epoch": epoch,
+                "evaluation": evaluation,
                 "metric": metric,
                 "value": float(value),
             }
@@ -186,16 +200,33 @@ def train_model(
         loss, step_time = ddp.epoch_totals(epoch.losses, epoch.seconds, config.world_size)
         if rank:
             continue  # evaluation and rows: rank 0's (the others go on to the next epoch's steps)
-        record(epoch.number, "train_loss", loss)
-        record(epoch.number, "step_time_s", step_time)
+        record(epoch.number, "training", "train_loss", loss)
+        record(epoch.number, "training", "step_time_s", step_time)
         with torch.random.fork_rng():  # evaluation must not shift the training run's random draws
             acc = training.accuracy(model, test, config.eval_batch_size)
-            record(epoch.number, "test_acc", acc)
+            record(epoch.number, "running", "test_acc", acc)
             if config.precise == "every" or (config.precise == "last" and epoch.number == config.epochs):
                 precise = (
                     training.precise_accuracy(model, train, test, config.eval_batch_size)
                     if config.batch_dependent
                     else acc
                 )
-                record(epoch.number, "test_acc_precise", precise)
+                record(epoch.number, "population", "test_acc", precise)
     return model, rows
+
+
+def _check_data(config: TrainConfig, train: Dataset) -> None:
+    """The data in hand is the data ``config`` names, at its size; ValueError naming the mismatch."""
+    if train.name not in (config.data, "data"):
+        raise ValueError(f"train_model: config.data={config.data!r} but the training set is {train.name!r}")
+    dims = 3 if config.data == "mnist1d" else 4
+    if train.images.dim() != dims:
+        raise ValueError(
+            f"train_model: {config.network} on {config.data} takes {dims}-d inputs, got training inputs of shape "
+            f"{tuple(train.images.shape)}"
+        )
+    if config.data == "digits" and tuple(train.images.shape[-2:]) != (config.image_size,) * 2:
+        raise ValueError(
+            f"train_model: config.image_size={config.image_size} but the training images are "
+            f"{tuple(train.images.shape[-2:])}; load the data at the configured size"
+        )

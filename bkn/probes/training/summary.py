@@ -1,4 +1,8 @@
-"""The table the training probe prints: final accuracy per method x group size, and the time per step.
+"""The tables the training probe prints: final test accuracy per method x group size, and the time per step.
+
+One block per data set, network and evaluation: the methods' running estimates
+(``running``), then population statistics recomputed after training (``population``,
+PreciseBN); then the final training loss and the time per SGD step per network.
 
 With several workers the title says how they share the SGD batch; ``g`` is then the
 group size inside each worker's share, and SyncBN (pooled over every worker) has a
@@ -72,33 +76,37 @@ def _batch(frame: pd.DataFrame) -> str:
 
 
 def summary(frame: pd.DataFrame) -> str:
-    """Final-epoch accuracy (mean ± std over seeds) per method x group size (``g=``), and ms per step."""
-    epoch = int(frame.epoch.max())
-    last = frame[frame.epoch == epoch]
-    seeds = f"seeds {', '.join(map(str, sorted(frame.seed.unique())))}"
+    """Final-epoch test accuracy (mean ± std over seeds) per method x group size (``g=``), per data set, network
+    and evaluation; the final training loss and ms per step per network."""
     lines = []
-    lines += _table(
-        last,
-        f"Final test accuracy (%), own inference statistics, epoch {epoch}, {_batch(frame)}: mean ± std over {seeds}",
-        "test_acc",
-        100,
-        1,
-    )
-    lines += _table(
-        last,
-        f"Final test accuracy (%), population statistics of the training set (PreciseBN-style), epoch {epoch}",
-        "test_acc_precise",
-        100,
-        1,
-    )
-    lines += _table(last, f"Final training loss, epoch {epoch}", "train_loss", 1, 3)
-    # Time per step: each run's mean over its epochs, then mean ± std over seeds.
-    lines += _table(
-        frame,
-        "Time per SGD step (ms), mean over epochs; ± over seeds",
-        "step_time_s",
-        1e3,
-        1,
-        reduce=lambda rows: rows.groupby("seed").value.mean(),
-    )
+    for (data, network), part in frame.groupby(["data", "network"], sort=False):
+        epoch = int(part.epoch.max())
+        last = part[part.epoch == epoch]
+        seeds = f"seeds {', '.join(map(str, sorted(part.seed.unique())))}"
+        where = f"{data}, {network}"
+        for evaluation, about in (
+            ("running", "the methods' running estimates (GN, LN: per-sample statistics)"),
+            ("population", "population statistics recomputed after training (PreciseBN)"),
+        ):
+            rows = last[last.evaluation == evaluation]
+            if rows.empty:
+                continue
+            lines += _table(
+                rows,
+                f"{where}: final test accuracy (%) with {about}, epoch {epoch}, {_batch(part)}: "
+                f"mean ± std over {seeds}",
+                "test_acc",
+                100,
+                1,
+            )
+        lines += _table(last, f"{where}: final training loss, epoch {epoch}", "train_loss", 1, 3)
+        # Time per step: each run's mean over its epochs, then mean ± std over seeds.
+        lines += _table(
+            part,
+            f"{where}: time per SGD step (ms), mean over epochs; ± over seeds",
+            "step_time_s",
+            1e3,
+            1,
+            reduce=lambda rows: rows.groupby("seed").value.mean(),
+        )
     return "\n".join(lines)
