@@ -276,27 +276,34 @@ def drift_frame(seed: int = 0) -> pd.DataFrame:
 
 
 def training_frame(seed: int = 0) -> pd.DataFrame:
-    """A tidy training-probe frame in the contract's schema (bkn.results.TRAINING)."""
+    """A tidy training-probe frame in the contract's schema (bkn.results.TRAINING): two networks on MNIST-1D."""
     rng = np.random.default_rng(seed)
     rows = []
     quality = {"bn": 0.0, "bkn-official": 0.05, "gn": 0.03}
-    for method, group, s, epoch in itertools.product(quality, [1, 2, 4, 8], range(3), range(1, 4)):
+    for network, method, group, s, epoch in itertools.product(
+        ("convnet", "resnet1d"), quality, [1, 2, 4, 8], range(3), range(1, 4)
+    ):
         penalty = 0.25 / group if method == "bn" else 0.05 / group
         acc = 0.7 + 0.08 * epoch + quality[method] - penalty + rng.normal(0, 0.01)
-        for metric, value in (
-            ("train_loss", 1.5 / epoch + penalty + rng.normal(0, 0.02)),
-            ("test_acc", acc),
-            ("test_acc_precise", acc + 0.01),
-            ("step_time_s", 0.05 + rng.normal(0, 1e-3)),
-        ):
+        measured = [
+            ("training", "train_loss", 1.5 / epoch + penalty + rng.normal(0, 0.02)),
+            ("running", "test_acc", acc),
+            ("training", "step_time_s", 0.05 + rng.normal(0, 1e-3)),
+        ]
+        if epoch == 3:
+            measured.append(("population", "test_acc", acc + 0.01))
+        for evaluation, metric, value in measured:
             rows.append(
                 {
+                    "data": "mnist1d",
+                    "network": network,
                     "method": method,
                     "group_size": group,
                     "batch_size": 8,
                     "world_size": 1,
                     "seed": s,
                     "epoch": epoch,
+                    "evaluation": evaluation,
                     "metric": metric,
                     "value": value,
                     "commit": "abc123",

@@ -87,7 +87,7 @@ def test_frame_builds_rows_and_environment_in_schema_order():
     assert list(frame.columns) == list(TRAINING.all_columns) and frame["threads"].dtype == "int64"
     with pytest.raises(SchemaError, match="column 'epoch' is missing.*a bug: nothing was written"):
         TRAINING.frame([{k: v for k, v in rows[0].items() if k != "epoch"}], ENV)
-    with pytest.raises(SchemaError, match="does not hold training schema v3's types.*column 'epoch'"):
+    with pytest.raises(SchemaError, match="does not hold training schema v4's types.*column 'epoch'"):
         TRAINING.frame([rows[0], {k: v for k, v in rows[0].items() if k != "epoch"}], ENV)
     assert TRAINING.frame([], ENV).empty
 
@@ -168,17 +168,20 @@ def test_environment_records_what_results_need():
     assert env["device"] == "cpu" and env["threads"] >= 1 and env["torch"]
 
 
-def test_a_training_file_of_schema_v2_is_refused_naming_the_command(tmp_path):
-    """v3 added world_size (multi-worker runs); a v2 file, as the probe wrote it before, must be rewritten."""
+def test_a_training_file_of_schema_v3_is_refused_naming_the_command(tmp_path):
+    """v4 added data, network and evaluation (MNIST-1D, two networks, running vs population statistics); a v3
+    file, as the probe wrote it before, must be rewritten."""
     import dataclasses
 
-    assert TRAINING.version == 3 and TRAINING.columns["world_size"] == "int64"
-    v2 = dataclasses.replace(
-        TRAINING, version=2, columns={k: v for k, v in TRAINING.columns.items() if k != "world_size"}
+    assert TRAINING.version == 4
+    assert {k: TRAINING.columns[k] for k in ("data", "network", "evaluation")} == dict.fromkeys(
+        ("data", "network", "evaluation"), "string"
     )
-    path, _ = v2.write(af.training_frame().drop(columns=["world_size"]), {}, tmp_path)
+    new = ("data", "network", "evaluation")
+    v3 = dataclasses.replace(TRAINING, version=3, columns={k: v for k, v in TRAINING.columns.items() if k not in new})
+    path, _ = v3.write(af.training_frame().drop(columns=list(new)), {}, tmp_path)
     with pytest.raises(SchemaError) as err:
         TRAINING.read(path)
     text = str(err.value)
-    assert "holds training schema v2, this code reads training schema v3" in text
+    assert "holds training schema v3, this code reads training schema v4" in text
     assert "rerun `nox -s convergence`" in text

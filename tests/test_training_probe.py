@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bkn import methods as registry
 from bkn import training
 from bkn.data import Dataset, digits_dataset
 from bkn.layers.renorm import RenormSchedule
@@ -18,8 +19,9 @@ from bkn.probes.training import TrainConfig, make_model, train_model, train_run
 from bkn.probes.training.__main__ import main, parser, resolve
 from bkn.results import TRAINING
 
-# Tiny configuration: 8x8 digits (the original resolution), ResNet-8 of width 8.
-TINY = {"image_size": 8, "width": 8, "depth": 8, "batch_size": 64}
+# Tiny configuration: 8x8 digits (the original resolution), CIFAR ResNet-8 of width 8.
+TINY = {"data": "digits", "network": "cifar-resnet", "image_size": 8, "width": 8, "depth": 8, "batch_size": 64}
+DIGITS_ARGS = ["--data", "digits", "--image-size", "8", "--width", "8", "--batch-size", "64", "--jobs", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +101,18 @@ def test_rows_are_tidy_and_methods_without_groups_use_the_batch(digits8, one_thr
     rows = train_run(TrainConfig(method="gn", group_size=64, epochs=2, **TINY), train, test)
     frame = pd.DataFrame(rows)
     assert list(frame.columns) == list(TRAINING.columns)  # the schema's own columns; the probe adds the environment
-    assert set(frame.batch_size) == {64}
+    assert set(frame.batch_size) == {64} and set(frame.data) == {"digits"} and set(frame.network) == {"cifar-resnet"}
     assert set(frame.group_size) == {64} and set(frame.method) == {"gn"}
-    counts = frame.groupby("metric").size().to_dict()
-    assert counts == {"train_loss": 2, "test_acc": 2, "step_time_s": 2, "test_acc_precise": 1}
-    # GN has no batch statistics: its precise accuracy is its own.
-    last = frame[frame.epoch == 2].set_index("metric").value
-    assert last["test_acc_precise"] == last["test_acc"]
+    counts = frame.groupby(["evaluation", "metric"]).size().to_dict()
+    assert counts == {
+        ("training", "train_loss"): 2,
+        ("training", "step_time_s"): 2,
+        ("running", "test_acc"): 2,
+        ("population", "test_acc"): 1,
+    }
+    # GN has no batch statistics: its population accuracy is its own.
+    last = frame[(frame.epoch == 2) & (frame.metric == "test_acc")].set_index("evaluation").value
+    assert last["population"] == last["running"]
 
 
 def test_precise_accuracy_uses_population_statistics_on_a_copy(digits8):
@@ -166,7 +173,10 @@ def test_models_use_the_requested_norm_and_group():
     "options,match",
     [
         ({"method": "xn"}, "unknown method 'xn'"),
-        ({"method": "bn", "group_size": 3}, "group_size=3 must divide the SGD batch size 64"),
+        ({"method": "bn", "group_size": 3}, "group_size=3 must divide the SGD batch size 32"),
+        ({"network": "cifar-resnet"}, "network 'cifar-resnet' trains on digits, not on mnist1d"),
+        ({"data": "cifar"}, "unknown data set 'cifar'"),
+        ({"network": "resnet1d", "depth": 10}, "depth must be 6n\\+2"),
         ({"epochs": 0}, "epochs must be a positive int"),
         ({"precise": "sometimes"}, "precise must be one of"),
         ({"lr": -1.0}, "lr > 0"),
@@ -178,7 +188,7 @@ def test_config_errors_name_what_is_wrong(options, match):
 
 
 def test_data_of_another_size_is_refused(digits8):
-    config = TrainConfig(method="bn", group_size=4, image_size=16, width=8)
+    config = TrainConfig(method="bn", group_size=4, data="digits", network="cifar-resnet", image_size=16, width=8)
     with pytest.raises(ValueError, match="image_size=16"):
         train_run(config, *digits8)
 
@@ -197,7 +207,11 @@ def test_help_works(capsys):
     "argv,message",
     [
         (["--methods", "bn,xn"], "argument --methods: unknown method 'xn'; known methods: bn, bkn-official"),
-        (["--group-sizes", "3"], "must divide the SGD batch size 64"),
+        (["--group-sizes", "3"], "must divide the SGD batch size 32"),
+        (["--networks", "cifar-resnet"], "network 'cifar-resnet' trains on digits, not on mnist1d"),
+        (["--data", "digits", "--networks", "convnet"], "network 'convnet' trains on mnist1d, not on digits"),
+        (["--samples", "105"], "--samples 105: MNIST-1D generates as many samples per digit"),
+        (["--jobs", "2", "--world-size", "2"], "--jobs 2 with --world-size 2: the DDP workers are the processes"),
         (["--group-sizes", "two"], "argument --group-sizes: expected comma-separated integers, got 'two'"),
         (["--seeds", "1,1"], "argument --seeds: 1 given more than once"),
         (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
@@ -223,10 +237,7 @@ def test_probe_writes_tidy_results_and_prints_a_summary(tmp_path, capsys, one_th
         "0,1",
         "--epochs",
         "1",
-        "--image-size",
-        "8",
-        "--width",
-        "8",
+        *DIGITS_ARGS,
         "--threads",
         "1",
         "--no-progress",
@@ -240,41 +251,54 @@ def test_probe_writes_tidy_results_and_prints_a_summary(tmp_path, capsys, one_th
     assert set(frame.batch_size) == {64}  # the SGD batch, beside the group size
     runs = frame[["method", "group_size", "seed"]].drop_duplicates()
     assert len(runs) == 2 * 2 + 2  # bn at 4 and 64, gn once, two seeds each
-    assert set(frame.metric) == {"train_loss", "test_acc", "step_time_s", "test_acc_precise"}
-    precise = frame[frame.metric == "test_acc_precise"]
-    assert len(precise) == 6 and precise.value.between(0, 1).all()
+    assert set(frame.metric) == {"train_loss", "test_acc", "step_time_s"}
+    assert set(frame.evaluation) == {"training", "running", "population"}
+    precise = frame[frame.evaluation == "population"]
+    assert len(precise) == 6 and precise.value.between(0, 1).all() and set(precise.metric) == {"test_acc"}
     assert set(frame.threads) == {1} and set(frame.device) == {"cpu"}
     meta = json.loads((out / "meta.json").read_text())
     assert meta["runs"] == 6 and meta["arguments"]["group_sizes"] == [4, 64] and meta["duration_s"] >= 0
     assert meta["recipe"]["epochs"] == 1 and "commit" in meta and meta["threads"] == 1
     assert meta["schema"] == {"name": "training", "version": TRAINING.version}
     printed = capsys.readouterr().out
-    assert "Final test accuracy" in printed and "g=4" in printed and "per sample" in printed
+    assert "digits, cifar-resnet: final test accuracy (%) with the methods' running estimates" in printed
+    assert "with population statistics recomputed after training (PreciseBN)" in printed
+    assert "g=4" in printed and "per sample" in printed
     assert str(out / "convergence.parquet") in printed
     # The printed accuracy is the mean over seeds of the recorded values.
-    acc = frame[(frame.method == "bn") & (frame.group_size == 4) & (frame.metric == "test_acc")].value
+    acc = frame[(frame.method == "bn") & (frame.group_size == 4) & (frame.evaluation == "running")].value
     assert f"{100 * acc.mean():.1f} ± {100 * acc.std():.1f}" in printed
 
 
 def test_progress_in_a_log_is_one_line_per_run(tmp_path, capsys, one_thread):
     """Progress on a stream that is not a terminal (a CI log): one line per finished run, no bar redraws."""
-    argv = ["--methods", "bn,gn", "--group-sizes", "8", "--seeds", "0", "--epochs", "1", "--image-size", "8"]
-    assert main([*argv, "--width", "8", "--threads", "1", "--out", str(tmp_path)]) == 0
+    argv = ["--methods", "bn,gn", "--group-sizes", "8", "--seeds", "0", "--epochs", "1", *DIGITS_ARGS]
+    assert main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("training probe:")]
-    assert lines[0].startswith("training probe: run 1/2 done, bn g=8 seed=0: test_acc ") and len(lines) == 2
-    assert "\r" not in err and "run 2/2 done, gn g=64 seed=0" in lines[1]
+    assert (
+        lines[0].startswith("training probe: run 1/2 done, cifar-resnet bn g=8 seed=0: test_acc ") and len(lines) == 2
+    )
+    assert "\r" not in err and "run 2/2 done, cifar-resnet gn g=64 seed=0" in lines[1]
 
 
 def test_quick_defaults_and_explicit_options():
     args = resolve(parser().parse_args(["--quick"]))
-    assert args.group_sizes == probe.QUICK["group_sizes"] and args.seeds == (0,) and args.epochs == 2
-    assert args.methods == ("bn", "bkn-official", "bkn-analytic-adaptive", "brn-scheduled", "gn", "ln")
+    assert args.group_sizes == (2, 32) and args.seeds == (0,) and args.epochs == probe.QUICK["epochs"]
+    assert args.methods == ("bn", "bkn-official", "bkn-analytic", "gn") and args.data == "mnist1d"
+    assert args.networks == ("convnet", "resnet1d") and args.jobs == 2 and args.threads == 1
     args = resolve(parser().parse_args(["--quick", "--epochs", "5", "--methods", "brn", "--group-sizes", "4"]))
     assert args.epochs == 5 and args.methods == ("brn",) and args.group_sizes == (4,)
-    assert args.threads == 2 and str(args.out) == "results/convergence" and not args.no_progress
-    runs = probe.configs(resolve(parser().parse_args([])))
-    assert len(runs) == (4 * 5 + 2) * 3  # 66 runs: four batch-dependent norms x five groups, GN, LN; 3 seeds
+    assert str(args.out) == "results/convergence" and not args.no_progress
+    assert resolve(parser().parse_args(["--jobs", "1"])).threads == 2  # one process: both cores
+    full = resolve(parser().parse_args([]))
+    assert (full.batch_size, full.lr, full.epochs, full.samples) == (32, 0.05, 15, 5000)
+    runs = probe.configs(full)
+    # every registry method but syncbn and in: seven batch-dependent x four groups, GN, LN; 3 seeds; 2 networks
+    assert {r.method for r in runs} == set(registry.names()) - {"syncbn", "in"}
+    assert len(runs) == (7 * 4 + 2) * 3 * 2
+    digits = resolve(parser().parse_args(["--data", "digits", "--quick"]))
+    assert digits.networks == ("cifar-resnet",)
 
 
 # -- the engine both probes train with ----------------------------------------------------

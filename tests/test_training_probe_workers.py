@@ -28,6 +28,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = ["--timeout", "240"]
 # Two workers sharing an SGD batch of 16 (8 each), ResNet-8 of width 8 on the 8x8 digits, one epoch per run.
 TINY_WORKERS = [
+    "--data",
+    "digits",
     "--world-size",
     "2",
     "--methods",
@@ -73,9 +75,9 @@ def test_two_workers_write_rows_for_each_method_and_group(two_workers):
         ("bn", 8, 3),
         ("syncbn", 16, 3),  # pooled over both workers: statistics over the SGD batch
     ]
-    # one epoch: train_loss, test_acc, step_time_s and test_acc_precise (SyncBN keeps running estimates too)
+    # one epoch: train_loss, step_time_s, test_acc running and population (SyncBN keeps running estimates too)
     assert frame.groupby(["method", "group_size"]).size().to_dict() == {k: 4 for k in map(tuple, runs.values[:, :2])}
-    acc = frame[frame.metric.isin(["test_acc", "test_acc_precise"])].value
+    acc = frame[frame.metric == "test_acc"].value
     assert acc.between(0.2, 1).all(), acc  # one epoch already far above chance (0.1)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["recipe"]["world_size"] == 2
@@ -112,7 +114,9 @@ def test_syncbn_on_two_workers_trains_the_weights_of_bn_over_the_whole_batch():
     running estimates equal those of one process training BN over the whole batch, with the same seed and
     data order, to 1e-10. BN in groups of 4 on two workers trains the weights of one process's ghost BN in
     groups of 4 (the data shards and DDP's gradient average change nothing), but not SyncBN's."""
-    common = dict(seed=1, epochs=2, batch_size=16, image_size=8, width=8, depth=8, precise="none")
+    common = dict(
+        seed=1, epochs=2, batch_size=16, data="digits", network="cifar-resnet", image_size=8, width=8, precise="none"
+    )
     samples = 64  # 4 steps per epoch
     on_two = [
         TrainConfig(method="syncbn", group_size=16, world_size=2, **common),
@@ -159,8 +163,8 @@ def test_a_worker_that_dies_mid_training_stops_the_run_and_writes_nothing(tmp_pa
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--world-size", "3"], "--batch-size 64 does not split evenly over --world-size 3 workers"),
-        (["--world-size", "2", "--group-sizes", "2,64"], "--group-sizes 64: every group size must divide the per"),
+        (["--world-size", "3"], "--batch-size 32 does not split evenly over --world-size 3 workers"),
+        (["--world-size", "2", "--group-sizes", "2,32"], "--group-sizes 32: every group size must divide the per"),
         (["--methods", "bn,syncbn"], "--methods syncbn: SyncBN pools its statistics over the workers"),
         (["--world-size", "0"], "argument --world-size: expected a positive integer, got '0'"),
         (["--world-size", "2", "--timeout", "-1"], "argument --timeout: expected a positive number of seconds"),
@@ -177,10 +181,11 @@ def test_worker_defaults(monkeypatch):
     quick = resolve(parser().parse_args(["--quick", "--world-size", "2"]))
     assert quick.methods == ("bn", "syncbn", "bkn-official") and quick.group_sizes == (2,)
     assert quick.seeds == (0,) and quick.epochs == 2 and quick.threads == 1 and quick.timeout == 900
+    assert quick.networks == ("convnet",) and quick.jobs == 1
     full = resolve(parser().parse_args(["--world-size", "2"]))
-    assert full.group_sizes == (2, 4, 8, 16, 32) and "syncbn" in full.methods
+    assert full.group_sizes == (2, 4, 8, 16) and "syncbn" in full.methods  # per-worker batch 16
     one = resolve(parser().parse_args(["--quick"]))
-    assert one.world_size == 1 and one.threads == 2 and "syncbn" not in one.methods
+    assert one.world_size == 1 and one.jobs == 2 and one.threads == 1 and "syncbn" not in one.methods
     assert resolve(parser().parse_args(["--world-size", "2", "--threads", "2"])).threads == 2
     # launched by torchrun: its WORLD_SIZE, and a different --world-size is refused
     for name, value in {"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
@@ -193,7 +198,9 @@ def test_worker_defaults(monkeypatch):
 def test_a_config_for_two_workers_needs_their_process_group():
     from bkn.probes.training import train_run
 
-    config = TrainConfig(method="bn", group_size=2, world_size=2, batch_size=16, image_size=8, width=8, epochs=1)
+    config = TrainConfig(
+        method="bn", group_size=2, world_size=2, batch_size=16, data="digits", network="cifar-resnet", image_size=8
+    )
     train, test = workers.digits64(32, 16)
     with pytest.raises(ValueError, match="world_size=2 needs an initialized torch.distributed process group"):
         train_run(config, train, test)
@@ -215,7 +222,7 @@ def test_torchrun_launch_gives_the_spawned_results(two_workers, tmp_path):
     command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "bkn.probes.training", *argv]
     done = subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("Final test accuracy") == 2  # rank 0 alone prints (two blocks), once
+    assert done.stdout.count("final test accuracy") == 2  # rank 0 alone prints (two blocks), once
     frame = TRAINING.read(tmp_path / TRAINING.file)
     pd.testing.assert_frame_equal(_without_times(spawned), _without_times(frame))
     assert json.loads((tmp_path / "meta.json").read_text())["workers"]["launcher"] == "torchrun"
