@@ -18,10 +18,7 @@ from .. import plots
 from .base import Inputs, Section, provenance
 
 # Panel titles: which statistics the network normalized with at test time.
-PANELS = {
-    "running": "running estimates (GN, LN: per-sample statistics)",
-    "population": "population statistics recomputed after training (PreciseBN)",
-}
+PANELS = {"running": "running estimates", "population": "population statistics (PreciseBN)"}
 
 
 def build_training(inputs: Inputs) -> Section:
@@ -90,7 +87,8 @@ def _accuracy_block(section: Section, final: pd.DataFrame, data: str, network: s
         ),
         f"{data}, {network}: test accuracy after the last epoch vs the normalization group size (SGD batch "
         f"fixed), per method; band: ± one standard deviation over seeds. Left: the methods' running estimates; "
-        f"right: population statistics recomputed after training. GN and LN have no group: shown at the SGD batch.",
+        f"right: population statistics recomputed after training (PreciseBN). GN and LN have no group and keep no "
+        f"running estimates (their per-sample statistics in both panels): shown at the SGD batch.",
     )
     summary = (
         accuracy.groupby(["evaluation", "method", "group_size"], observed=True)["percent"]
@@ -131,7 +129,7 @@ def _curves(section: Section, frame: pd.DataFrame) -> None:
                     errorbar="sd",
                     xlabel="epoch",
                     ylabel=metric,
-                    title=f"Learning curves: {metric} ({EVALUATIONS[evaluation]})",
+                    title=f"Learning curves: {metric}, {EVALUATIONS[evaluation]}",
                 ),
                 f"{metric} per epoch ({EVALUATIONS[evaluation]}), one panel per network and group size; band: ± one "
                 "standard deviation over seeds.",

@@ -49,7 +49,7 @@ from bkn.data import Dataset
 
 from . import ddp, networks
 
-PRECISE = ("last", "every", "none")  # when to measure test_acc_precise
+PRECISE = ("last", "every", "none")  # when to measure test_acc with population statistics
 
 
 @dataclass(frozen=True)
