@@ -184,7 +184,10 @@ def run(args: argparse.Namespace):
             "seed": networks.DATA_SEED,
             **({"generated_samples": args.samples} if args.data == "mnist1d" else {"image_size": args.image_size}),
         },
-        "networks": {n: networks.NETWORKS[n].about for n in args.networks},
+        "networks": {
+            n: {"about": networks.NETWORKS[n].about, "width": c.width, "depth": c.depth}
+            for n, c in {c.network: c for c in runs}.items()
+        },
         "jobs": args.jobs,
         "methods": {m: _method_record(m) for m in args.methods},
         "world_size": args.world_size,
