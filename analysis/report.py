@@ -34,6 +34,7 @@ from .messages import Messages
 from .probes import load_drift, load_training
 from .regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 from .sections import SECTIONS, Inputs, Section, build
+from .sections.base import ROUNDS_ALPHA
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent / "templates"
 
@@ -114,6 +115,24 @@ def parser() -> argparse.ArgumentParser:
         help="significance level of the Mann-Whitney U test on the recorded samples",
     )
     p.add_argument(
+        "--rounds-dir",
+        type=pathlib.Path,
+        default=pathlib.Path(".asv/rounds"),
+        help="rounds files of `nox -s continuous`: when one exists for the compared pair, its paired-rounds "
+        "verdicts replace the pooled-sample test",
+    )
+    p.add_argument(
+        "--rounds-alpha",
+        type=_probability,
+        default=ROUNDS_ALPHA,
+        help="significance level of the paired-rounds t-test (analysis.rounds)",
+    )
+    p.add_argument(
+        "--no-base",
+        metavar="REASON",
+        help="there is no baseline commit (REASON says why): the Regressions section says so instead of comparing",
+    )
+    p.add_argument(
         "--fail-on-regression",
         action="store_true",
         help="exit with status 1 when a significant regression is found (for CI gating)",
@@ -183,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         threshold=args.threshold,
         alpha=args.alpha,
         repo=args.repo,
+        rounds_dir=args.rounds_dir,
+        rounds_alpha=args.rounds_alpha,
+        no_base=args.no_base,
     )
     sections = build(inputs, args.sections)
 
