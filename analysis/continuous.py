@@ -19,7 +19,8 @@ What it does, in order:
    own ``--interleave-rounds`` refuses ``--python=same``, and a virtualenv per commit would
    reinstall torch (minutes, gigabytes), hence this loop. One line of progress per asv call;
    asv's own output goes to ``<rounds-dir>/<base>-<head>.log``;
-4. writes each round's value per benchmark to a rounds file (:mod:`analysis.rounds`),
+4. writes each round's value per benchmark (the fastest of its samples in that round, see
+   :func:`round_rows`) to a rounds file (:mod:`analysis.rounds`),
    prints the verdict table (paired-rounds t-test, see there), builds the HTML report
    (``python -m analysis.report --base --head``, whose Regressions section reads the
    rounds file) and exits 1 when a benchmark is slower by ``--threshold`` or more and
@@ -182,7 +183,12 @@ def wanted_keys(results: pathlib.Path, entries) -> set[tuple[str, str]]:
 
 
 def round_rows(before: dict, after: dict, wanted: set, *, replaced: bool, round_index: int, position: int, commit: str):
-    """One row per tracked benchmark of one asv call: the median of the samples it added, or its value.
+    """One row per tracked benchmark of one asv call: the fastest of the samples it added, or its value.
+
+    The fastest, not the median: on a shared machine the noise inside a round is one-sided
+    (another process preempting the benchmark only adds time), so the minimum of a round's
+    few samples is its steadiest estimate; asv's own estimate (the median of every sample)
+    stays in the asv results.
 
     ``replaced``: the call ran without ``--append-samples`` (its samples replaced the old ones).
     A benchmark without samples (memory, ``track_``) keeps one value, this call's.
@@ -204,7 +210,7 @@ def round_rows(before: dict, after: dict, wanted: set, *, replaced: bool, round_
                 "param_key": key[3],
                 "type": kind,
                 "unit": unit,
-                "value": float(pd.Series(new).median()) if new else value,
+                "value": float(min(new)) if new else value,
                 "n_samples": len(new),
                 "_machine": key[0],
                 "_env": key[1],

@@ -4,7 +4,7 @@
 commits in ``R`` rounds; in round ``r`` it runs the tracking subset at one commit, then
 at the other (base first in even rounds, head first in odd ones: ABBA order, so a
 linear drift of the machine favours neither commit). It records each round's value of
-every benchmark -- the median of that round's samples, or the one measurement of a
+every benchmark -- the fastest of that round's samples, or the one measurement of a
 memory or ``track_`` benchmark -- in a *rounds file* (:func:`save`). Here, per benchmark:
 
 * ``d_r = log(head_r / base_r)``: the two commits measured back to back in round ``r``,
