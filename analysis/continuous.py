@@ -50,6 +50,7 @@ from .regressions import DEFAULT_THRESHOLD
 DEFAULT_ROUNDS = 6
 DEFAULT_REPEAT = 5
 MAIN_BRANCH = "main"
+TIMER_ENV = "BKN_BENCH_TIMER"  # suites.harness.timing.TIMER_ENV (not imported: that module imports torch)
 
 
 class NoBase(Exception):
@@ -127,6 +128,25 @@ def asv_config(path: pathlib.Path, *, repo: pathlib.Path, checkout: pathlib.Path
 
 
 _CHECK = "import bkn, sys; print(bkn.__file__, flush=True); from bkn import kernels; sys.exit(kernels.main([]))"
+
+
+def pick_timer(wanted: str, checkouts, log) -> str:
+    """``wanted``, or "wall" when a checkout's suites cannot switch timers (both commits must use the same one)."""
+    if wanted == "wall":
+        return "wall"
+    lacking = [c.name for c in checkouts if TIMER_ENV not in _read(c / "suites" / "harness" / "timing.py")]
+    if lacking:
+        log(f"timer: wall-clock (the suites of {', '.join(lacking)} predate ${TIMER_ENV}; both must use one timer)")
+        return "wall"
+    log(f"timer: CPU time of the benchmark process (${TIMER_ENV}=cpu)")
+    return "cpu"
+
+
+def _read(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
 
 
 def check_checkout(python: str, checkout: pathlib.Path, env: dict, log) -> None:
@@ -234,6 +254,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=rounds_mod.DEFAULT_ALPHA, help="level of the paired-rounds t-test")
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved rounds (each: both commits)")
     p.add_argument("--repeat", type=int, default=DEFAULT_REPEAT, help="samples per benchmark per round")
+    p.add_argument(
+        "--timer",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="what a sample measures ($BKN_BENCH_TIMER): the benchmark process's CPU time (robust to other jobs "
+        "on the machine) or wall-clock time; cpu falls back to wall when a commit's suites predate the option",
+    )
     p.add_argument("--only", help="regex on asv names: time only these entries of suites.tracking.TRACKING")
     p.add_argument("--repo", type=pathlib.Path, default=pathlib.Path("."), help="git repository of the commits")
     p.add_argument("--asv-results", type=pathlib.Path, default=pathlib.Path(".asv/results"), help="asv results_dir")
@@ -311,6 +338,9 @@ def measure(args, base: str, head: str, log) -> pd.DataFrame:
                     ),
                     "BKN_BENCH_THREADS": os.environ.get("BKN_BENCH_THREADS", "1"),
                 }
+            timer = pick_timer(args.timer, checkouts.values(), log)
+            for env in envs.values():
+                env[TIMER_ENV] = timer
             log(f"checkouts ({time.monotonic() - started:.0f} s):")
             for sha in (base, head):
                 check_checkout(args.python, checkouts[sha], envs[sha], log)
@@ -368,6 +398,7 @@ def measure(args, base: str, head: str, log) -> pd.DataFrame:
         "seconds": round(time.monotonic() - started, 1),
         "environment": environment(),
         "bench_threads": envs[head]["BKN_BENCH_THREADS"],
+        "timer": timer,
     }
     rounds_mod.save(rounds_file, base=base, head=head, machine=machine, env_name=env_name, rows=rows, meta=meta)
     log(f"rounds file: {rounds_file} ({meta['seconds']:.0f} s for both commits)")

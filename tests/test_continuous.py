@@ -186,7 +186,9 @@ def test_round_rows_take_the_new_samples_only():
     rows = continuous.round_rows(before, after, {wanted.pop()}, replaced=True, round_index=0, position=0, commit=HEAD)
     assert len(rows) == 1  # only the wanted key, all of its samples
     mem = {("m", "e", "b.P.peakmem_x", ""): ([], 1e8, "peakmemory", "bytes")}
-    rows = continuous.round_rows({}, mem, {("b.P.peakmem_x", "")}, replaced=False, round_index=0, position=0, commit=HEAD)
+    rows = continuous.round_rows(
+        {}, mem, {("b.P.peakmem_x", "")}, replaced=False, round_index=0, position=0, commit=HEAD
+    )
     assert rows[0]["value"] == 1e8 and rows[0]["n_samples"] == 0
 
 
