@@ -7,8 +7,9 @@ What it does, in order:
    it says why, builds the report with the Regressions section saying so, and exits 0;
 2. checks both commits out into temporary detached git worktrees (the commits are
    measured, not the working tree) and checks that each one's ``bkn`` is what a
-   benchmark process imports there (``PYTHONPATH`` puts the checkout first, ahead of the
-   venv's editable install), then builds or finds its compiled kernels
+   benchmark process imports there (``PYTHONPATH``, and ``ASV_PYTHONPATH``, which asv turns
+   into the benchmark processes' ``PYTHONPATH``, put the checkout first, ahead of the venv's
+   editable install), then builds or finds its compiled kernels
    (``python -m bkn.kernels``; the cache is keyed by source, so equal sources share one build);
 3. runs ``R`` rounds (``--rounds``, default 6). A round runs the tracking subset
    (:data:`suites.tracking.TRACKING`, ``--only`` narrows it) once at each commit, in ABBA
@@ -50,6 +51,11 @@ from .regressions import DEFAULT_THRESHOLD
 DEFAULT_ROUNDS = 6
 DEFAULT_REPEAT = 5
 MAIN_BRANCH = "main"
+# glibc's malloc: keep freed memory in the heap (no mmap for big blocks, no trimming). By default a
+# tensor of a few MB is mmap'd fresh and page-faulted in on every call in some processes and not in
+# others; on the 2-core machine a third of the processes timed GN's forward+backward at 8x64x56x56 5x
+# slower (6.3 ms against 1.2 ms CPU time), which no number of rounds averages away. Set for both commits.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 TIMER_ENV = "BKN_BENCH_TIMER"  # suites.harness.timing.TIMER_ENV (not imported: that module imports torch)
 
 
@@ -331,12 +337,14 @@ def measure(args, base: str, head: str, log) -> pd.DataFrame:
                 configs[sha] = tmp / f"asv-{name}" / "asv.conf.json"
                 configs[sha].parent.mkdir()
                 asv_config(configs[sha], repo=repo, checkout=checkouts[sha], results=results, sha=sha)
+                path = os.pathsep.join([str(checkouts[sha]), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
                 envs[sha] = {
                     **os.environ,
-                    "PYTHONPATH": os.pathsep.join([str(checkouts[sha]), os.environ.get("PYTHONPATH", "")]).rstrip(
-                        os.pathsep
-                    ),
+                    "PYTHONPATH": path,
+                    # asv drops PYTHONPATH from the benchmark processes' environment and sets this instead
+                    "ASV_PYTHONPATH": path,
                     "BKN_BENCH_THREADS": os.environ.get("BKN_BENCH_THREADS", "1"),
+                    **MALLOC_ENV,
                 }
             timer = pick_timer(args.timer, checkouts.values(), log)
             for env in envs.values():
@@ -399,6 +407,7 @@ def measure(args, base: str, head: str, log) -> pd.DataFrame:
         "environment": environment(),
         "bench_threads": envs[head]["BKN_BENCH_THREADS"],
         "timer": timer,
+        "malloc_env": MALLOC_ENV,
     }
     rounds_mod.save(rounds_file, base=base, head=head, machine=machine, env_name=env_name, rows=rows, meta=meta)
     log(f"rounds file: {rounds_file} ({meta['seconds']:.0f} s for both commits)")
