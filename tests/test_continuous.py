@@ -276,3 +276,33 @@ def test_plant_slowdown_goes_inside_the_forward():
     assert namespace["A"]().forward(2.0) == 2.0
     with pytest.raises(ValueError, match="expected exactly one"):
         planted.plant_slowdown("def f(): pass\n")
+
+
+# -- trends over a history of commits -----------------------------------------------------------
+
+
+def test_history_of_six_commits_shows_the_one_step(tmp_path):
+    """A benchmark 40% slower from commit 3 on is the only step; one outlying commit elsewhere is none."""
+    planted_key = {"method": "gn", "group_size": 4, "shape": "512x7x7"}
+
+    def truth(commit, bench, combo):
+        named = dict(zip(bench.param_names, combo))
+        t = af.method_truth(0, bench, combo)
+        if bench.name.endswith("time_forward") and all(named.get(k) == v for k, v in planted_key.items()):
+            return t * (1.4 if commit >= 3 else 1.0)
+        if bench.name.endswith("time_forward_backward") and named.get("method") == "bn" and commit == 2:
+            return t * 2.0  # one bad commit, back to normal after it
+        return t
+
+    asv = tmp_path / "asv"
+    hashes = af.write_asv_results(asv, af.method_benches(), truth, commits=6, samples=10, outliers=0.0)
+    out = tmp_path / "r.html"
+    argv = ["--asv-results", str(asv), "--results", str(tmp_path / "x"), "--out", str(out), "--quiet"]
+    assert report.main([*argv, "--sections", "regressions"]) == 0
+    html = out.read_text()
+    assert "Trends over history" in html and "1 step(s) found" in html
+    found = pd.read_csv(tmp_path / "r_data" / "regressions_steps.csv")
+    assert len(found) == 1
+    row = found.iloc[0]
+    assert row["benchmark"] == "layers.TimeNorm.time_forward" and row["commit"] == hashes[3]
+    assert "method=gn, group_size=4, shape=512x7x7" in row["param_key"] and row["ratio"] == pytest.approx(1.4, rel=0.05)

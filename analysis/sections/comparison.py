@@ -8,10 +8,12 @@ Mann-Whitney over pooled samples, right for two commits measured in one go).
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from .. import plots, rounds
-from ..regressions import FLAGGED, default_pair, resolve_commit, trends, verdicts
+from ..regressions import FLAGGED, default_pair, resolve_commit, steps, trends, verdicts
 from .base import BENCH_COMMANDS, MAX_TABLE_ROWS, Inputs, Section, human, short_commit
 
 
@@ -121,6 +123,44 @@ def _verdict_blocks(section: Section, table: pd.DataFrame) -> None:
     )
 
 
+def _history(section: Section, inputs: Inputs, trend: pd.DataFrame, base: str, head: str) -> None:
+    """With 3 or more commits: the step changes over the history, and trend lines of the benchmarks that stepped."""
+    commits = inputs.asv.commits()["commit"].tolist()
+    if len(commits) < 3:
+        return
+    found = steps(trend, inputs.threshold)
+    section.data["steps"] = found
+    section.heading("Trends over history")
+    section.text(
+        f"{len(commits)} commits have results ({short_commit(commits[0])} … {short_commit(commits[-1])}). A step "
+        f"is a change of level beyond the threshold ({inputs.threshold:.0%}) between the medians of up to 3 "
+        "commits on each side, reported at the commit where it happens; one outlying commit is no step. "
+        f"{len(found)} step(s) found. `asv run main~10..main` measures a range, then `nox -s report` shows it."
+    )
+    if found.empty:
+        keys = [tuple(k) for k in trend[GROUP_COLUMNS].drop_duplicates().head(6).to_numpy()]
+        caption = "No step: the first benchmarks' values at every commit, as a sample of the history."
+    else:
+        shown = found.assign(order=found["ratio"].map(lambda r: -abs(math.log(r)))).sort_values("order")
+        table = shown[["benchmark", "param_key", "commit", "before", "after", "ratio", "direction", "unit"]].copy()
+        table["commit"] = table["commit"].str[:8]
+        table["before"] = [human(v, u) for v, u in zip(table["before"], table["unit"])]
+        table["after"] = [human(v, u) for v, u in zip(table["after"], table["unit"])]
+        table["ratio"] = table["ratio"].map(lambda r: f"{r:.3f}")
+        section.table(table.drop(columns="unit"), "Step changes over the history, largest first.")
+        keys = [tuple(k) for k in shown[GROUP_COLUMNS].to_numpy()]
+        caption = "Benchmarks with a step, largest first"
+    labels = {k: f"{k[2].rsplit('.', 2)[-2]}.{k[2].rsplit('.', 1)[-1]}\n{k[3]}" for k in keys}
+    section.figure(
+        plots.trend_grid(trend, keys, labels=labels, base=base, head=head, title="Trends over history"),
+        f"{caption} ({min(len(keys), plots.MAX_FACETS)} of {len(keys)} shown): value at every commit with "
+        "results (median, band: interquartile range); dashed lines: the compared baseline (grey) and head (red).",
+    )
+
+
+GROUP_COLUMNS = ["machine", "env_name", "benchmark", "param_key"]
+
+
 def build_regressions(inputs: Inputs) -> Section:
     """Verdicts between the baseline and head commits for every benchmark, and trends of the flagged ones."""
     section = Section("regressions", "Regressions across commits")
@@ -208,4 +248,5 @@ def build_regressions(inputs: Inputs) -> Section:
             f"baseline (grey) and head (red). {min(len(keys), plots.MAX_FACETS)} of "
             f"{len(keys)} flagged shown.",
         )
+    _history(section, inputs, trend, base, head)
     return section
