@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"base and head are the same commit {base[:10]}: asv keys results by commit, so the two could not "
                 "be told apart (for an A/A check compare a comment-only commit with its parent, as "
-                ".ci/gate-calibration does)"
+                ".ci/gate_calibration.py does)"
             )
         log(f"continuous: base {base[:10]} ({how}), head {head[:10]}; {args.rounds} rounds x {args.repeat} samples")
         table = measure(args, base, head, log)

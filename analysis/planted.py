@@ -10,7 +10,7 @@ into a new repository and makes three commits:
 * ``comment``: one comment line added to the same file, no code change.
 
 ``(base, slow)`` must be flagged on ``brn``'s benchmarks only, ``(slow, comment)`` on none:
-``tests/test_continuous_gate.py`` checks both and ``.ci/gate-calibration`` repeats them to
+``tests/test_continuous_gate.py`` checks both and ``.ci/gate_calibration.py`` repeats them to
 count detections and false alarms.
 """
 

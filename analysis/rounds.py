@@ -29,7 +29,7 @@ memory or ``track_`` benchmark -- in a *rounds file* (:func:`save`). Here, per b
 The default level, :data:`DEFAULT_ALPHA` = 0.01, is looser than the pooled test's 0.002
 because each test here has only ``R - 1`` degrees of freedom; the threshold is what keeps
 false alarms rare (a change must also be 10% or more). The false-alarm and detection
-rates of the two together are measured on this machine by ``.ci/gate-calibration``
+rates of the two together are measured on this machine by ``.ci/gate_calibration.py``
 (suites/README.md, "Regression gating").
 """
 
