@@ -26,6 +26,7 @@ _LAZY = {
     "methods": ("bkn.methods", None),
     "convert": ("bkn.conversion", "convert"),
     "prior_summary": ("bkn.conversion", "prior_summary"),
+    "prior_report": ("bkn.conversion", "prior_report"),
     **{
         f"{stem}{d}d": ("bkn.layers", f"{stem}{d}d")
         for stem in ("BatchKalmanNorm", "BatchRenorm", "GhostBatchNorm")

@@ -6,6 +6,7 @@ official Monte-Carlo construction makes):
 
 * after a normalization layer with posterior ``(m, v)``: mean ``beta``,
   variance ``gamma^2 * v / (v + eps)`` (the normalized-and-affine activation);
+  at its *input* (a residual stream that a pre-activation block normalizes): ``(m, v)``;
 * ReLU of N(mu, s^2): ``E = mu Phi(a) + s phi(a)``, ``E2 = (mu^2 + s^2) Phi(a) + mu s phi(a)``,
   ``a = mu / s`` (rectified Gaussian);
 * convolution / linear with weights ``W``: mean ``sum_taps(W) @ mean + bias``,
@@ -102,6 +103,7 @@ class Analytic:
     """The ``analytic`` transition: deterministic moment propagation."""
 
     name = "analytic"
+    shortcut = "activation"  # the CIFAR ResNet's first shortcut: moments of relu(norm0), see bkn.models.cifar_resnet
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -115,6 +117,11 @@ class Analytic:
             return Moments(torch.zeros_like(mean), normalized_var, tuple(spatial))
         out_mean = layer.bias.to(mean.dtype).expand_as(mean)
         return Moments(out_mean, layer.weight.to(var.dtype).square() * normalized_var, tuple(spatial))
+
+    def at_input(self, layer, spatial: tuple[int, ...]) -> Moments:
+        """The moments of the *input* of ``layer`` (which ran): its posterior ``(m, v)``."""
+        mean, var = layer.posterior
+        return Moments(mean, var, tuple(spatial))
 
     def to_prior(self, state) -> tuple[torch.Tensor, torch.Tensor]:
         m = state.moments() if isinstance(state, Sample) else state
