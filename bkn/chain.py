@@ -42,6 +42,9 @@ _FLATTEN = {torch.flatten}
 _PASS_METHODS = {"contiguous", "clone"}
 _ADD_METHODS = {"add", "add_"}
 _RELU_METHODS = {"relu", "relu_"}
+_PAD = {F.pad, torch.constant_pad_nd}
+# Integer arithmetic on tensor sizes (``pad = x.shape[1] // 2`` for a zero-padding shortcut).
+_ARITH = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg}
 
 FIRST_LAYER = "no prior: first normalization layer (its input derives from the model input only)"
 PART_INPUT = "no prior: part of its input derives from the model input only (no statistics to propagate)"
@@ -53,8 +56,10 @@ class _Op:
     """One node of the traced graph, as much of it as the chain needs.
 
     ``kind``: ``input`` (the model input), ``norm`` (a BKN layer's first call), ``module``
-    (a module the transitions model), ``add``, ``relu``, ``flatten``, ``pass`` (no change
-    to the statistics), ``output`` or ``unsupported`` (``why`` says what is not modelled).
+    (a module the transitions model), ``add``, ``relu``, ``flatten``, ``pad`` (zero
+    channel padding), ``pass`` (no change to the statistics), ``size`` and ``arith`` (a
+    tensor's size and integer arithmetic on it: values, not states), ``output`` or
+    ``unsupported`` (``why`` says what is not modelled).
     """
 
     name: str
@@ -64,6 +69,23 @@ class _Op:
     target: str = ""  # module name, for norm and module
     start_dim: int = 0  # flatten
     why: str = ""
+    args: tuple = ()  # size, arith, pad: the call's arguments, other nodes as _Ref
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A reference to another node's value inside an :class:`_Op`'s arguments."""
+
+    name: str
+
+
+def _refs(value):
+    """``value`` (a call argument) with every ``fx.Node`` replaced by a picklable :class:`_Ref`."""
+    if isinstance(value, fx.Node):
+        return _Ref(value.name)
+    if isinstance(value, (tuple, list)):
+        return tuple(_refs(v) for v in value)
+    return value
 
 
 @dataclass
@@ -102,7 +124,9 @@ class PriorChain:
                     continue  # a layer called twice: its second call gets no chain (see summary)
                 self.norm_nodes[node.name] = node.target
                 self.order.append(node.name)
-        self.ops: dict[str, _Op] = {node.name: self._op(node) for node in graph.nodes}
+        self.ops: dict[str, _Op] = {}
+        for node in graph.nodes:  # in order: an op's classification may look at its inputs'
+            self.ops[node.name] = self._op(node)
         self.input_of: dict[str, str] = {n: self.ops[n].inputs[0] for n in self.order if self.ops[n].inputs}
         self.readers: dict[str, list[str]] = {}  # node -> the BKN layers whose input it is, in order
         for layer, read in self.input_of.items():
@@ -138,6 +162,20 @@ class PriorChain:
                 why = f"{type(module).__name__} is not modelled"
         elif node.op in ("call_function", "call_method"):
             target = node.target
+            on_values = bool(inputs) and all(self.ops[i].kind in ("size", "arith") for i in inputs)
+            if (target is getattr and node.args[1:] == ("shape",)) or target == "size":
+                kind = "size"
+                args = (_refs(node.args[1]),) if target == "size" and len(node.args) > 1 else ()
+                return _Op(node.name, kind, inputs, label, args=args)
+            if target in _ARITH and on_values:
+                return _Op(node.name, "arith", inputs, label, target=target.__name__, args=_refs(node.args))
+            if target in _PAD:
+                value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
+                mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+                pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+                if mode == "constant" and not value and isinstance(node.args[0], fx.Node):
+                    return _Op(node.name, "pad", inputs, label, args=(_Ref(node.args[0].name), _refs(pad)))
+                return _Op(node.name, "unsupported", inputs, label, why=f"{mode} padding with value {value}")
             if target in _ADD or target in _ADD_METHODS:
                 if len(inputs) == 2 and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2:
                     kind = "add"
@@ -218,7 +256,8 @@ class PriorChain:
             if op.kind == "unsupported":
                 problems.append(f"cannot propagate through {op.label} ({op.why})")
                 continue
-            visited.append(name)
+            if op.kind not in ("size", "arith"):  # shape arithmetic: not an op on the statistics
+                visited.append(name)
             stack.extend(op.inputs)
         position = {name: i for i, name in enumerate(self.ops)}
         route.path = [self.ops[n].label for n in sorted(visited, key=position.get)]
@@ -357,12 +396,49 @@ class PriorChain:
             return _Missing("its input derives from the model input", from_input=True)
         if kind == "unsupported":
             raise Unsupported(f"cannot propagate through {op.label} ({op.why})")
+        if kind in ("size", "arith", "pad"):
+            return self._call(op)
         inputs = [self._state(a) for a in op.inputs]
         for state in inputs:
             if isinstance(state, _Missing):
                 return state
         try:
             return self._apply(op, inputs)
+        except Unsupported as err:
+            raise Unsupported(f"cannot propagate through {op.label} ({err})") from None
+
+    def _resolve(self, value):
+        if isinstance(value, _Ref):
+            return self._state(value.name)
+        if isinstance(value, tuple):
+            return tuple(self._resolve(v) for v in value)
+        return value
+
+    def _call(self, op: _Op):
+        """A size, integer arithmetic on sizes, or a zero padding (its amounts may be such values)."""
+        args = [self._resolve(a) for a in ((_Ref(op.inputs[0]),) if op.kind == "size" else ()) + op.args]
+        for a in args:
+            if isinstance(a, _Missing):
+                return a
+        try:
+            if op.kind == "size":
+                state, dim = args[0], (args[1] if len(args) > 1 else None)
+                if isinstance(state, transitions.Sample):
+                    shape = (None, *state.value.shape[1:])
+                else:
+                    shape = (None, state.channels, *state.spatial)  # the batch is not a statistic
+                return shape if dim is None else shape[dim]
+            if op.kind == "arith":
+                if any(a is None for a in args):
+                    raise Unsupported("arithmetic on the batch size")
+                return getattr(operator, op.target)(*args)
+            state, pad = args
+            if not all(isinstance(p, int) for p in pad):
+                raise Unsupported(f"padding amounts {pad}")
+            rank = 1 + (len(state.value.shape) - 2 if isinstance(state, transitions.Sample) else len(state.spatial))
+            if len(pad) % 2 or len(pad) > 2 * rank or any(pad[: 2 * (rank - 1)]) or len(pad) < 2 * rank:
+                raise Unsupported(f"padding {tuple(pad)} of spatial positions (only channel padding is modelled)")
+            return self.transition.pad_channels(state, pad[-2], pad[-1])
         except Unsupported as err:
             raise Unsupported(f"cannot propagate through {op.label} ({err})") from None
 
