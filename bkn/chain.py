@@ -249,6 +249,10 @@ class PriorChain:
             op = self.ops[name]
             if op.kind == "norm":
                 route.sources.append(op.target)
+                layer = self.modules[op.target]
+                for attr in getattr(layer, "_bkn_post", ()):  # a converted norm-activation: its act is on the path
+                    if not isinstance(getattr(layer, attr), nn.Identity):
+                        visited.append((name, attr))
                 continue
             if op.kind == "input":
                 reached_input[0] = True
@@ -260,7 +264,17 @@ class PriorChain:
                 visited.append(name)
             stack.extend(op.inputs)
         position = {name: i for i, name in enumerate(self.ops)}
-        route.path = [self.ops[n].label for n in sorted(visited, key=position.get)]
+
+        def label(item) -> str:
+            if isinstance(item, tuple):  # (norm node, attribute)
+                module = getattr(self.modules[self.ops[item[0]].target], item[1])
+                return f"{type(module).__name__}({self.ops[item[0]].target}.{item[1]})"
+            return self.ops[item].label
+
+        def rank(item) -> float:
+            return position[item[0]] + 0.5 if isinstance(item, tuple) else position[item]
+
+        route.path = [label(n) for n in sorted(visited, key=rank)]
         route.sources.sort(key=lambda s: position.get(self._node_of(s), 0))
         if self.transition is None:
             route.path = ["identity"]
