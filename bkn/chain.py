@@ -107,6 +107,13 @@ class _Missing:
 
 
 class PriorChain:
+    """The prior chain of a converted model: built from its ``torch.fx`` graph, attached with :meth:`attach`.
+
+    ``transition``: a :data:`bkn.transitions.NAMES` value; ``fallback``: ``"none"`` or
+    ``"identity"`` (a layer whose path can't be modelled gets the previous posterior when
+    channels match); ``draws``: Monte-Carlo draws per group of the ``official*`` transitions.
+    """
+
     def __init__(
         self, root: nn.Module, graph: fx.Graph, transition: str = "official", fallback: str = "none", draws: int = 1
     ):
@@ -135,8 +142,7 @@ class PriorChain:
         self._last: dict[str, str] = {}  # BKN node -> what happened in the last training forward
         self._last_order: list[str] = []  # BKN nodes in the order they ran in the last training forward
         self.routes = {
-            name: self._trace(name, {n: i for i, n in enumerate(self.order[:k])}, plan=True)
-            for k, name in enumerate(self.order)
+            name: self._trace(name, {n: i for i, n in enumerate(self.order[:k])}) for k, name in enumerate(self.order)
         }
 
     # -- the graph, flattened -----------------------------------------------------------------
@@ -228,7 +234,7 @@ class PriorChain:
         return state
 
     # -- the plan, and the route of the last forward ------------------------------------------
-    def _trace(self, node_name: str, earlier: dict[str, int], plan: bool = False) -> PriorRoute:
+    def _trace(self, node_name: str, earlier: dict[str, int]) -> PriorRoute:
         """The route of BKN node ``node_name``'s prior when the BKN nodes ``earlier`` (name -> rank)
         ran before it: sources, ops in between and the status the plan predicts."""
         route = PriorRoute(self.norm_nodes[node_name])
