@@ -4,11 +4,11 @@ A :class:`PriorChain` is built from a ``torch.fx`` trace of a model, kept as a f
 table of :class:`_Op` (names, kinds and input names: no ``torch.fx`` objects, so a
 converted model deep-copies and pickles). For each BKN layer it knows the sub-graph
 between the layer and the normalization layers that feed it (convolutions, ReLUs,
-pooling, residual sums). When a BKN layer runs in training mode it asks the chain for
-its prior; the chain evaluates that sub-graph on *states* (a Monte-Carlo surrogate or
-closed-form moments, see :mod:`bkn.transitions`) starting from the latest
-normalization posteriors of this same forward pass, memoising every node until the
-next forward. The latest posterior of a tensor is
+pooling, residual sums, channel padding and concatenation). When a BKN layer runs in
+training mode it asks the chain for its prior; the chain evaluates that sub-graph on
+*states* (a Monte-Carlo surrogate or closed-form moments, see :mod:`bkn.transitions`)
+starting from the latest normalization posteriors of this same forward pass, memoising
+every node until the next forward. The latest posterior of a tensor is
 
 * the posterior of a BKN layer that already *read* it (its input moments): the
   residual stream of a pre-activation ResNet, ``x + f(relu(bn(x)))``, is read by the
@@ -43,6 +43,7 @@ _PASS_METHODS = {"contiguous", "clone"}
 _ADD_METHODS = {"add", "add_"}
 _RELU_METHODS = {"relu", "relu_"}
 _PAD = {F.pad, torch.constant_pad_nd}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
 # Integer arithmetic on tensor sizes (``pad = x.shape[1] // 2`` for a zero-padding shortcut).
 _ARITH = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg}
 
@@ -57,9 +58,9 @@ class _Op:
 
     ``kind``: ``input`` (the model input), ``norm`` (a BKN layer's first call), ``module``
     (a module the transitions model), ``add``, ``relu``, ``flatten``, ``pad`` (zero
-    channel padding), ``pass`` (no change to the statistics), ``size`` and ``arith`` (a
-    tensor's size and integer arithmetic on it: values, not states), ``output`` or
-    ``unsupported`` (``why`` says what is not modelled).
+    channel padding), ``cat`` (concatenation of channels), ``pass`` (no change to the
+    statistics), ``size`` and ``arith`` (a tensor's size and integer arithmetic on it:
+    values, not states), ``output`` or ``unsupported`` (``why`` says what is not modelled).
     """
 
     name: str
@@ -182,6 +183,12 @@ class PriorChain:
                 if mode == "constant" and not value and isinstance(node.args[0], fx.Node):
                     return _Op(node.name, "pad", inputs, label, args=(_Ref(node.args[0].name), _refs(pad)))
                 return _Op(node.name, "unsupported", inputs, label, why=f"{mode} padding with value {value}")
+            if target in _CAT:
+                tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+                if dim == 1 and isinstance(tensors, (list, tuple)) and all(isinstance(t, fx.Node) for t in tensors):
+                    return _Op(node.name, "cat", tuple(t.name for t in tensors), label)  # in order, repeats kept
+                return _Op(node.name, "unsupported", inputs, label, why=f"concatenation along dim {dim}, not channels")
             if target in _ADD or target in _ADD_METHODS:
                 if len(inputs) == 2 and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2:
                     kind = "add"
@@ -469,6 +476,8 @@ class PriorChain:
             return t.module(self.modules[op.target], inputs[0])
         if kind == "add":
             return t.add(inputs[0], inputs[1])
+        if kind == "cat":
+            return t.cat(inputs)
         if kind == "relu":
             return t.relu(inputs[0])
         if kind == "flatten":

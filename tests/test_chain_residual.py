@@ -219,3 +219,46 @@ def test_report_shows_a_planned_prior_that_did_not_happen():
 def test_prior_report_without_chain_says_why():
     with pytest.raises(ValueError, match="not converted to 'bkn' with a chain"):
         bkn.prior_report(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+@pytest.mark.parametrize("transition", ["official", "analytic"])
+def test_densenet_concatenations_carry_priors(transition):
+    """torchvision's DenseNet (pre-activation, features concatenated along the channels)."""
+    from torchvision.models import DenseNet
+
+    torch.manual_seed(0)
+    net = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=10)
+    model = bkn.convert(net, "bkn", transition=transition, group_size=2)
+    _train_forward(model, (4, 3, 32, 32))
+    rows = _assert_report_matches_layers(model)
+    assert [n for n, layer in _bkn_layers(model).items() if not layer.prior_used] == ["features.norm0"]
+    assert "cat" in rows["features.denseblock1.denselayer2.norm1"]["path"]
+
+
+def test_channel_concatenation_rules():
+    from bkn.transitions import Analytic, Moments, MonteCarlo, Sample
+    from bkn.transitions.analytic import Unsupported
+
+    a = Moments(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]]), (5, 5))
+    b = Moments(torch.tensor([[5.0]]), torch.tensor([[6.0]]), (5, 5))
+    c = Analytic().cat([a, b])
+    assert torch.equal(c.mean, torch.tensor([[1.0, 2.0, 5.0]])) and torch.equal(c.var, torch.tensor([[3.0, 4.0, 6.0]]))
+    s1, s2 = Sample(torch.randn(2, 2, 4, 4)), Sample(torch.randn(2, 3, 4, 4))
+    joined = MonteCarlo().cat([s1, s2])
+    assert isinstance(joined, Sample) and torch.equal(joined.value, torch.cat([s1.value, s2.value], 1))
+    with pytest.raises(Unsupported, match="different spatial sizes"):
+        Analytic().cat([a, Moments(b.mean, b.var, (4, 4))])
+
+    class CatBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv(x)))
+            return self.bn2(torch.cat([y, y], 0))
+
+    model = bkn.convert(CatBatch(), "bkn", transition="analytic")
+    _train_forward(model, (4, 3, 5, 5))
+    last = {r["layer"]: r["last"] for r in bkn.prior_report(model)}
+    assert last["bn2"] == "no prior: cannot propagate through cat (concatenation along dim 0, not channels)"

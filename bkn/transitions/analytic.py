@@ -15,7 +15,8 @@ official Monte-Carlo construction makes):
 * max pooling over ``A`` positions: Gaussian moment matching, mean ``mu + s e_A``,
   variance ``s^2 d_A`` with ``e_A, d_A`` the mean and variance of the maximum of
   ``A`` standard normals (numerical quadrature);
-* residual sums add means and variances; zero channel padding pads with zeros.
+* residual sums add means and variances; zero channel padding pads with zeros;
+  concatenation along the channels concatenates the moments.
 """
 
 from __future__ import annotations
@@ -136,6 +137,15 @@ class Analytic:
         if a.mean.shape[-1] != b.mean.shape[-1]:
             raise Unsupported(f"residual sum of {a.channels} and {b.channels} channels")
         return a + b
+
+    def cat(self, states: list) -> Moments:
+        """Concatenation along the channels (DenseNet): the channels' moments side by side."""
+        states = [s.moments() if isinstance(s, Sample) else s for s in states]
+        spatial = {s.spatial for s in states if s.spatial}
+        if len(spatial) > 1:
+            raise Unsupported(f"concatenation of features of different spatial sizes {sorted(spatial)}")
+        mean = torch.cat([s.mean for s in states], -1)
+        return Moments(mean, torch.cat([s.var for s in states], -1), next(iter(spatial), ()))
 
     def pad_channels(self, state, before: int, after: int) -> Moments:
         state = state.moments() if isinstance(state, Sample) else state

@@ -110,6 +110,14 @@ class MonteCarlo(Analytic):
             return Sample(a.value + b.value, a.draws)
         return super().add(a, b)
 
+    def cat(self, states: list):
+        first = states[0]
+        if all(isinstance(s, Sample) and s.draws == first.draws for s in states):
+            shapes = {(s.value.shape[0], *s.value.shape[2:]) for s in states}
+            if len(shapes) == 1:
+                return Sample(torch.cat([s.value for s in states], 1), first.draws)
+        return super().cat(states)
+
     def pad_channels(self, state, before: int, after: int):
         if isinstance(state, Sample):
             pad = (0, 0) * (state.value.dim() - 2) + (before, after)
