@@ -11,6 +11,7 @@ class; other norms (GroupNormAct, EvoNorm) are left alone.
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -75,6 +76,15 @@ def test_timm_mobilenetv3_norm_act_layers_keep_their_activation(norm, options):
         assert not isinstance(new, BatchNormAct2d)
         assert type(new.act) is type(original.act) and type(new.drop) is type(original.drop), name
     assert set(converted.state_dict()) == set(model.state_dict())  # keys kept (act.*, drop.* included)
+    if norm == "bkn" and options.get("group_size"):  # copies keep the activation (a hook): same eval output
+        x = torch.randn(2, 3, 32, 32)
+        buf = io.BytesIO()
+        torch.save(converted, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False).eval()
+        with torch.no_grad():
+            expected = converted(x)
+            assert torch.equal(copy.deepcopy(converted)(x), expected) and torch.equal(loaded(x), expected)
 
 
 def test_timm_sync_norm_act_converts_too():
