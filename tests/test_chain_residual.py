@@ -262,3 +262,15 @@ def test_channel_concatenation_rules():
     _train_forward(model, (4, 3, 5, 5))
     last = {r["layer"]: r["last"] for r in bkn.prior_report(model)}
     assert last["bn2"] == "no prior: cannot propagate through cat (concatenation along dim 0, not channels)"
+
+
+def test_mobilenet_v2_relu6_carries_priors():
+    """torchvision's MobileNetV2: inverted residuals with ReLU6 (the clipped-Gaussian rule)."""
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(0)
+    model = bkn.convert(mobilenet_v2(num_classes=10, width_mult=0.25), "bkn", transition="analytic", group_size=2)
+    _train_forward(model, (4, 3, 32, 32))
+    rows = _assert_report_matches_layers(model)
+    assert [n for n, layer in _bkn_layers(model).items() if not layer.prior_used] == ["features.0.1"]
+    assert "ReLU6(features.0.2)" in rows["features.1.conv.0.1"]["path"]
