@@ -169,7 +169,8 @@ class PriorChain:
                 why = f"{type(module).__name__} is not modelled"
         elif node.op in ("call_function", "call_method"):
             target = node.target
-            on_values = bool(inputs) and all(self.ops[i].kind in ("size", "arith") for i in inputs)
+            values = [i for i in inputs if self.ops[i].kind in ("size", "arith")]
+            on_values = bool(inputs) and len(values) == len(inputs)
             if (target is getattr and node.args[1:] == ("shape",)) or target == "size":
                 kind = "size"
                 args = (_refs(node.args[1]),) if target == "size" and len(node.args) > 1 else ()
@@ -190,7 +191,7 @@ class PriorChain:
                     return _Op(node.name, "cat", tuple(t.name for t in tensors), label)  # in order, repeats kept
                 return _Op(node.name, "unsupported", inputs, label, why=f"concatenation along dim {dim}, not channels")
             if target in _ADD or target in _ADD_METHODS:
-                if len(inputs) == 2 and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2:
+                if len(inputs) == 2 and not values and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2:
                     kind = "add"
                 else:
                     why = "add of a tensor and a non-tensor"
