@@ -274,3 +274,19 @@ def test_mobilenet_v2_relu6_carries_priors():
     rows = _assert_report_matches_layers(model)
     assert [n for n, layer in _bkn_layers(model).items() if not layer.prior_used] == ["features.0.1"]
     assert "ReLU6(features.0.2)" in rows["features.1.conv.0.1"]["path"]
+
+
+def test_tensor_plus_a_size_is_an_unsupported_add():
+    class AddSize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv(x)))
+            return self.bn2(y + y.shape[1])
+
+    model = bkn.convert(AddSize(), "bkn", transition="analytic")
+    _train_forward(model, (4, 3, 5, 5))
+    rows = _assert_report_matches_layers(model)
+    assert rows["bn2"]["last"] == "no prior: cannot propagate through add (add of a tensor and a non-tensor)"
