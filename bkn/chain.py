@@ -334,18 +334,7 @@ class PriorChain:
         return rows
 
     def summary(self) -> str:
-        rows = [("layer", "prior from", "through", "plan", "last training forward")]
-        for r in self.report():
-            rows.append(
-                (r["layer"], ", ".join(r["sources"]) or "-", " > ".join(r["path"]) or "-", r["plan"], r["last"])
-            )
-
-        def clip(text: str, width: int = 60) -> str:  # keep the end: the ops nearest the layer
-            return text if len(text) <= width else "..." + text[-(width - 3) :]
-
-        rows = [(clip(a), clip(b), clip(c), d, e) for a, b, c, d, e in rows]
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        return "\n".join("  ".join([row[i].ljust(widths[i]) for i in range(4)] + [row[4]]) for row in rows)
+        return format_report(self.report())
 
     # -- evaluation ---------------------------------------------------------------------
     def prior(self, node_name: str):
@@ -489,6 +478,20 @@ class PriorChain:
         if kind == "pass":
             return inputs[0]
         raise Unsupported(f"{kind} {op.label}")
+
+
+def format_report(report: list[dict]) -> str:
+    """The rows of a prior report as a printable table (long cells keep their end: the ops nearest the layer)."""
+    rows = [("layer", "prior from", "through", "plan", "last training forward")]
+    for r in report:
+        rows.append((r["layer"], ", ".join(r["sources"]) or "-", " > ".join(r["path"]) or "-", r["plan"], r["last"]))
+
+    def clip(text: str, width: int = 60) -> str:
+        return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+    rows = [(clip(a), clip(b), clip(c), d, e) for a, b, c, d, e in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join([row[i].ljust(widths[i]) for i in range(4)] + [row[4]]) for row in rows)
 
 
 class _NewForward:

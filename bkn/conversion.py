@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from . import norms
-from .chain import PriorChain
+from .chain import PriorChain, format_report
 from .layers import SyncBatchNorm
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -165,26 +165,31 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
     return model
 
 
-def _chain(model: nn.Module):
+def _report(model: nn.Module) -> tuple[list[dict] | None, str]:
+    """The model's prior report (its chain's, or its own for a model that wires its priors itself, as
+    :class:`bkn.models.CifarResNet` does), or None and why there is none."""
     chain = getattr(model, "_bkn_chain", None)
-    if chain is None:
-        why = getattr(model, "_bkn_chain_error", "the model was not converted to 'bkn' with a chain")
-        return None, f"no prior chain: {why}"
-    return chain, ""
+    if chain is not None:
+        return chain.report(), ""
+    own = model.prior_report() if callable(getattr(model, "prior_report", None)) else None
+    if own is not None:
+        return own, ""
+    why = getattr(model, "_bkn_chain_error", "the model was not converted to 'bkn' with a chain")
+    return None, f"no prior chain: {why}"
 
 
 def prior_summary(model: nn.Module) -> str:
     """A printable table: for each BKN layer, where its prior comes from, through which ops, what the
     plan says (``prior (<transition>)`` or ``no prior: <reason>``) and what happened in the last
     training forward (``prior used``, or ``no prior: <reason>``, or that it did not run)."""
-    chain, why = _chain(model)
-    return why if chain is None else chain.summary()
+    report, why = _report(model)
+    return why if report is None else format_report(report)
 
 
 def prior_report(model: nn.Module) -> list[dict]:
     """The rows of :func:`prior_summary` as dicts (``layer``, ``sources``, ``path``, ``plan``, ``last``);
     ``ValueError`` saying why for a model without a prior chain."""
-    chain, why = _chain(model)
-    if chain is None:
+    report, why = _report(model)
+    if report is None:
         raise ValueError(f"prior_report: {why}")
-    return chain.report()
+    return report

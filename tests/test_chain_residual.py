@@ -161,11 +161,21 @@ def test_converted_cifar_resnet_keeps_priors_across_stages(transition):
     assert "pad" in path and "AvgPool2d(blocks.3.pool)" in path
 
 
-def test_hand_wired_cifar_resnet_uses_every_prior_but_the_first():
+@pytest.mark.parametrize("transition", TRANSITIONS)
+def test_hand_wired_cifar_resnet_report_matches(transition):
+    """bkn.models.cifar_resnet wires its priors itself (as the official code); its report says so."""
     torch.manual_seed(0)
-    model = cifar_resnet(8, "bkn", transition="official", group_size=2)
+    model = cifar_resnet(14, "bkn", transition=transition, group_size=2)
+    assert all(r["last"] == "not run in training mode yet" for r in bkn.prior_report(model))
     _train_forward(model, (4, 3, 8, 8))
+    rows = _assert_report_matches_layers(model)
     assert [m.prior_used for m in model.norm_layers()] == [False] + [True] * (len(model.norm_layers()) - 1)
+    assert rows["blocks.1.norm_pre"]["sources"] == ["norm0", "blocks.0.norm1"]  # the official first shortcut
+    assert rows["norm_last"]["sources"] == ["blocks.5.norm_pre (its prior)", "blocks.5.norm1"]  # depth 14: 6 blocks
+    model.blocks[2].norm1.gain.p = 0.0  # planted: the plan's prior is not used
+    _train_forward(model, (4, 3, 8, 8))
+    assert {r["layer"]: r["last"] for r in bkn.prior_report(model)}["blocks.2.norm1"].startswith("no prior")
+    assert bkn.prior_summary(cifar_resnet(8, "bn")).startswith("no prior chain")
 
 
 def test_unsupported_op_says_no_prior_with_its_reason():

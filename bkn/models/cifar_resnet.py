@@ -176,6 +176,42 @@ class CifarResNet(nn.Module):
             out += ([b.norm_pre] if b.norm_pre is not None else []) + [b.norm1]
         return out + [self.norm_last]
 
+    def prior_report(self) -> list[dict] | None:
+        """Per normalization layer, as :func:`bkn.prior_report` (``bkn.prior_summary(model)`` prints it): the
+        official wiring (the plan) and whether the last training forward used a prior; None without BKN."""
+        from ..chain import FIRST_LAYER, NOT_RUN
+
+        names = {id(m): n for n, m in self.named_modules()}
+        if self.transition is None:
+            return None  # no BKN: nothing to report (bkn.prior_summary says there is no chain)
+        used = self.__dict__.get("_prior_last")
+        rows, carried, previous = [], [], ""  # carried: the norms whose statistics the block input carries
+        for layer in self.norm_layers():
+            name = names[id(layer)]
+            block = name.rsplit(".", 1)[0] if name.startswith("blocks.") else ""
+            if name == "norm0":
+                sources, path, carried = [], ["conv0"], ["norm0"]
+            elif name.endswith("norm1"):
+                sources = ["norm0"] if block == "blocks.0" else [f"{block}.norm_pre"]
+                path = ["relu", f"{block}.conv1"]
+            else:  # norm_pre, norm_last: the statistics carried by the previous block's sum
+                sources, path = list(carried), ["relu", f"{previous}.conv2", "add (+ shortcut)"]
+            if name.endswith("norm1"):  # the statistics this block's sum carries on
+                carried = (carried if block == "blocks.0" else [f"{block}.norm_pre (its prior)"]) + [name]
+                previous = block
+            if name == "norm0":
+                plan = FIRST_LAYER
+            else:
+                plan = f"prior ({self.transition}; wired by CifarResNet as the official code)"
+            if used is None:
+                last = NOT_RUN
+            elif used[len(rows)]:
+                last = "prior used"
+            else:
+                last = FIRST_LAYER if name == "norm0" else "no prior: the layer did not use the prior it was given"
+            rows.append({"layer": name, "sources": sources, "path": path, "plan": plan, "last": last})
+        return rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chain = _Chain(self.transition, self.draws) if self.transition and self.training else None
         l = self.relu(self.norm0(self.conv0(x)))
@@ -183,6 +219,8 @@ class CifarResNet(nn.Module):
         for block in self.blocks:
             l, carried, source = block(l, carried, source, chain)
         l = _Block._norm(self.norm_last, l, carried if chain else None)
+        if chain is not None:  # for prior_report: what this training forward did
+            self.__dict__["_prior_last"] = [layer.prior_used for layer in self.norm_layers()]
         l = self.relu(l).mean((2, 3))
         return self.fc(l)
 
