@@ -216,6 +216,23 @@ VARIANT_PARAMS = ("dtype", "memory_format")  # secondary axes; the report shows 
 DEFAULT_VARIANT = {"dtype": "float32", "memory_format": "contiguous"}
 # The copy-bandwidth reference: the time to copy the tensors a layer benchmark normalizes.
 COPY_REFERENCE = "bench_bandwidth.TimeCopy.time_copy"
+# Tensor-sized reads and writes an operation on the benchmark's tensor (group_size x shape)
+# must do at least, by the benchmark's method name (the part after the last dot): forward
+# reads x and writes y; forward + backward also reads x and dy and writes dx; a copy reads
+# and writes once. Bytes moved = passes x elements x element size; the report divides by the
+# time to give achieved bytes per second, next to the copy's.
+TENSOR_PASSES = {
+    "time_copy": 2,
+    "time_forward": 2,
+    "time_forward_train": 2,
+    "time_forward_inference": 2,
+    "time_forward_backward": 5,
+}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # the ``dtype`` parameter's element sizes
+# The fair pair behind the chain-cost figure: a BKN layer alone given its prior, and a
+# conv + norm + ReLU block with the prior's propagation through the block's convolution.
+LAYER_BENCHMARK = "bench_layers.TimeForwardBackward.time_forward_backward"
+BLOCK_BENCHMARK = "bench_blocks.TimeBlockForwardBackward.time_block_forward_backward"
 
 
 # -- provenance and atomic writes --------------------------------------------------------------
