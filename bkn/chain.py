@@ -45,12 +45,21 @@ class PriorRoute:
 
 class PriorChain:
     def __init__(
-        self, root: nn.Module, graph: fx.Graph, transition: str = "official", fallback: str = "none", draws: int = 1
+        self,
+        root: nn.Module,
+        graph: fx.Graph,
+        transition: str = "official",
+        fallback: str = "none",
+        draws: int = 1,
+        surrogate_scale: float = 1.0,
     ):
         if fallback not in ("none", "identity"):
             raise ValueError(f"fallback must be 'none' or 'identity', got {fallback!r}")
         self.transition_name = transition
-        self.transition = transitions.get(transition, **({"draws": draws} if transition == "official" else {}))
+        official = {"draws": draws, "surrogate_scale": surrogate_scale} if transition == "official" else {}
+        if surrogate_scale != 1.0 and transition != "official":
+            raise ValueError(f"surrogate_scale applies to the official transition only, not {transition!r}")
+        self.transition = transitions.get(transition, **official)
         self.fallback = fallback
         self.nodes = {n.name: n for n in graph.nodes}
         self.modules = dict(root.named_modules())

@@ -17,7 +17,7 @@ from . import norms
 from .chain import PriorChain
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_CHAIN_OPTIONS = ("fallback", "draws", "chain")
+_CHAIN_OPTIONS = ("fallback", "draws", "surrogate_scale", "chain")
 
 
 def _spatial_dims(bn: nn.Module) -> int:
@@ -66,7 +66,10 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
     group_size=2`` for BKN), except the chain options for ``"bkn"``:
     ``fallback`` (``"none"`` or ``"identity"``: what a layer whose path can't be
     modelled gets), ``draws`` (Monte-Carlo draws per group for the official
-    transition) and ``chain`` (``False``: BKN layers without priors).
+    transition), ``surrogate_scale`` (official transition: draw the surrogate with each
+    spatial side scaled by it, fewer positions at a known noise cost, see
+    :class:`bkn.transitions.MonteCarlo`; default 1, the authors' construction) and
+    ``chain`` (``False``: BKN layers without priors).
     Returns the converted model (the same object unless ``model`` itself is a BatchNorm).
     """
     norms.create(norm, 4, **{k: v for k, v in options.items() if k not in _CHAIN_OPTIONS})  # validate early
@@ -91,6 +94,7 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
             transition=options.get("transition", "official"),
             fallback=options.get("fallback", "none"),
             draws=options.get("draws", 1),
+            surrogate_scale=options.get("surrogate_scale", 1.0),
         )
         chain.attach(model)
         model._bkn_chain = chain

@@ -16,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from bkn.transitions import Analytic, Moments
+import bkn
+from bkn.transitions import Analytic, Moments, MonteCarlo
 from bkn.transitions.analytic import relu_moments, tap_sums
 
 
@@ -106,3 +107,81 @@ def test_analytic_conv_equals_the_einsum_rule(groups):
     torch.testing.assert_close(out.mean.detach(), expect_mean)
     torch.testing.assert_close(out.var.detach(), expect_var)
     assert out.spatial == (5, 5)
+
+
+def test_tap_sums_of_a_channels_last_weight():
+    # Converted to channels_last, a convolution's weight is not contiguous: the general path.
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w.requires_grad_(True)
+    assert not w.is_contiguous()
+    s1, s2 = tap_sums(w)
+    torch.testing.assert_close(s1, w.sum((2, 3)))
+    torch.testing.assert_close(s2, w.square().sum((2, 3)))
+    assert torch.autograd.gradcheck(tap_sums, (w,))
+
+
+# -- the official transition's smaller surrogate (an option; the default is the authors') -------
+
+
+def _conv() -> nn.Conv2d:
+    torch.manual_seed(0)
+    return nn.Conv2d(8, 8, 3, padding=1, bias=False).double()
+
+
+POSTERIOR = (0.3, 2.0)  # the previous layer's pre-normalization mean and variance, every channel
+
+
+def _official_prior(scale: float, seed: int, size: int = 32) -> torch.Tensor:
+    """The prior mean of a 3x3 conv layer fed by ReLU of a posterior-drawn surrogate of side ``size``."""
+    conv = _conv()
+    layer = bkn.norms.create("bkn", 8)
+    layer.posterior = tuple(torch.full((1, 8), v, dtype=torch.float64) for v in POSTERIOR)
+    gen = torch.Generator().manual_seed(seed)
+    t = MonteCarlo(generator=gen, surrogate_scale=scale)
+    state = t.after_norm(layer, (size, size))
+    assert state.value.shape[-2:] == (math.ceil(size * scale),) * 2
+    mean, _ = t.to_prior(t.module(conv, t.relu(state)))
+    return mean.detach()[0]
+
+
+def _expected_prior_mean(side: int) -> torch.Tensor:
+    """E[spatial mean of conv(relu(x))] on a side x side map with zero padding, x ~ N(POSTERIOR) i.i.d.
+
+    A tap at offset (dy, dx) sees the map at a share (side - |dy|)(side - |dx|) / side^2 of the
+    output positions (zero padding elsewhere): the border share is what a smaller map pays.
+    """
+    relu_mean, _ = relu_moments(*(torch.tensor(v, dtype=torch.float64) for v in POSTERIOR))
+    w = _conv().weight.detach()
+    share = torch.tensor([(side - abs(d)) / side for d in (-1, 0, 1)], dtype=torch.float64)
+    return relu_mean * (w * share[:, None] * share[None, :]).sum((1, 2, 3))
+
+
+def test_smaller_surrogate_costs_the_expected_noise_and_border_bias():
+    # The prior is a spatial mean over i.i.d. positions: a quarter of the positions (scale 0.5
+    # in 2-d) doubles its sampling noise. Its expectation is the padded convolution's, with the
+    # border share of the map drawn (derived above): checked at both sizes, so the option's bias
+    # is the known one and nothing else. Seeds are the repeats.
+    full = torch.stack([_official_prior(1.0, s) for s in range(200)])
+    half = torch.stack([_official_prior(0.5, s) for s in range(200)])
+    ratio = (half.std(0) / full.std(0)).median().item()
+    assert 1.7 < ratio < 2.4, ratio
+    for draws, side in ((full, 32), (half, 16)):
+        se = draws.std(0) / math.sqrt(len(draws))
+        assert ((draws.mean(0) - _expected_prior_mean(side)).abs() < 5 * se).all(), side
+    # The instrument sees the bias: the half-size prior is not centred on the full-size expectation.
+    assert ((half.mean(0) - _expected_prior_mean(32)).abs() > 5 * half.std(0) / math.sqrt(200)).any()
+
+
+def test_surrogate_scale_is_an_official_option_reachable_from_convert():
+    import torchvision
+
+    with pytest.raises(ValueError, match="surrogate_scale"):
+        MonteCarlo(surrogate_scale=0.0)
+    with pytest.raises(ValueError, match="official transition only"):
+        bkn.convert(torchvision.models.resnet18(), "bkn", transition="analytic", surrogate_scale=0.5)
+    model = bkn.convert(torchvision.models.resnet18(), "bkn", transition="official", group_size=2, surrogate_scale=0.5)
+    assert model._bkn_chain.transition.surrogate_scale == 0.5
+    default = bkn.convert(torchvision.models.resnet18(), "bkn", group_size=2)
+    assert default._bkn_chain.transition.surrogate_scale == 1.0  # the faithful construction by default
+    model.train()(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert sum(m.prior_used for m in model.modules() if hasattr(m, "prior_used")) == 19

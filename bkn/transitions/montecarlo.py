@@ -11,9 +11,20 @@ next layer's prior. Gradients flow through the shared weights and the posterior.
 Known weak points (kept on purpose; the drift probe must be able to show them):
 pre-normalization statistics and no gamma/beta, few spatial positions (noisy), and
 independence across positions and channels.
+
+Cost: the surrogate goes through every convolution on the path, forward and backward,
+``draws`` samples per group: with groups of 2 that is half the network's convolution work
+again. ``surrogate_scale < 1`` (an option, not the authors' construction; default 1)
+draws the surrogate with every spatial side scaled by it (``ceil(side * scale)``, at least
+1), so the convolutions see ``scale^d`` of the positions. The prior is a spatial mean and
+variance of i.i.d. positions, so its sampling noise grows by about ``scale^(-d/2)`` (x2 at
+scale 0.5 in 2-d), and zero padding touches a larger share of a smaller map (a bias where
+maps are already small: a 4x4 map drawn at 2x2 has no interior position).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -29,15 +40,20 @@ class MonteCarlo(Analytic):
 
     name = "official"
 
-    def __init__(self, draws: int = 1, generator: torch.Generator | None = None):
+    def __init__(self, draws: int = 1, generator: torch.Generator | None = None, surrogate_scale: float = 1.0):
         if draws < 1:
             raise ValueError(f"MonteCarlo: draws must be >= 1, got {draws}")
+        if not isinstance(surrogate_scale, (int, float)) or not 0.0 < surrogate_scale <= 1.0:
+            raise ValueError(f"MonteCarlo: surrogate_scale must be a number in (0, 1], got {surrogate_scale!r}")
         self.draws = draws
         self.generator = generator
+        self.surrogate_scale = float(surrogate_scale)
 
     def after_norm(self, layer, spatial: tuple[int, ...]) -> Sample:
         mean, var = layer.posterior
         groups, channels = mean.shape
+        if self.surrogate_scale != 1.0:
+            spatial = tuple(max(1, math.ceil(s * self.surrogate_scale)) for s in spatial)
         shape = (groups * self.draws, channels, *spatial)
         z = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=self.generator)
         view = (groups, 1, channels) + (1,) * len(spatial)
