@@ -58,7 +58,8 @@ class MonteCarlo(Analytic):
         z = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=self.generator)
         view = (groups, 1, channels) + (1,) * len(spatial)
         z = z.view(groups, self.draws, channels, *spatial)
-        value = z * var.clamp_min(0).sqrt().view(view) + mean.view(view)
+        # One fused pass over the surrogate (mean + z * std), not a product and then a sum.
+        value = torch.addcmul(mean.view(view), z, var.clamp_min(0).sqrt().view(view))
         return Sample(value.reshape(shape), self.draws)
 
     def relu(self, state):
