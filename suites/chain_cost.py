@@ -20,6 +20,13 @@ the network's convolutions (the official transition) and ``extra other`` the res
 what the method adds (the chain's bookkeeping, per-node Python, small per-channel ops,
 the analytic transition's moment maps, the norm kernels themselves).
 
+``--blocks`` measures instead the layer and block benchmarks' cases
+(:class:`suites.harness.layer.LayerCase`: the norm alone given its prior;
+:class:`suites.harness.block.BlockCase`: conv + norm + ReLU with the prior's propagation)
+forward + backward, interleaved the same way, at the inputs ``--block-inputs`` (default
+(8, 64, 56, 56), (8, 256, 14, 14), (2, 512, 7, 7)), each method's time over BN's (torch's
+``BatchNorm2d``) in the same round.
+
 Writes one JSON file (``--out``, atomically) with the environment and every number, and
 prints a table. Variants of a method (``--variant NAME=METHOD:key=value,...``) are
 measured beside the methods, e.g. ``official-s2=bkn-official:surrogate_stride=2``.
@@ -28,6 +35,7 @@ measured beside the methods, e.g. ``official-s2=bkn-official:surrogate_stride=2`
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -88,17 +96,20 @@ class Step:
         self.optimizer.step()
 
 
-def interleaved(steps: dict[str, Step], rounds: int, per_round: int, log) -> dict[str, list[float]]:
-    """Mean seconds per step of every entry in each round, the order rotated every round."""
+def interleaved(steps: dict, rounds: int, per_round, log) -> dict[str, list[float]]:
+    """Mean seconds per call of every entry in each round, the order rotated every round.
+
+    ``per_round``: calls per entry per round, one number or one per entry."""
     names = list(steps)
+    counts = per_round if isinstance(per_round, dict) else dict.fromkeys(names, per_round)
     times = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             start = time.perf_counter()
-            for _ in range(per_round):
+            for _ in range(counts[n]):
                 steps[n]()
-            times[n].append((time.perf_counter() - start) / per_round)
+            times[n].append((time.perf_counter() - start) / counts[n])
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names))
     return times
 
@@ -122,7 +133,9 @@ def profile(step: Step, count: int) -> dict[str, float]:
 
 
 def _quantile(values, q):
-    return statistics.quantiles(values, n=4)[{0.25: 0, 0.75: 2}[q]] if len(values) > 1 else values[0]
+    return (
+        statistics.quantiles(values, n=4, method="inclusive")[{0.25: 0, 0.75: 2}[q]] if len(values) > 1 else values[0]
+    )
 
 
 def main(argv=None) -> dict:
@@ -139,6 +152,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="also profile where the time goes")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--blocks", action="store_true", help="time the layer and block cases instead of the step")
+    parser.add_argument(
+        "--block-inputs",
+        nargs="+",
+        default=list(BLOCK_INPUTS),
+        help="inputs of --blocks as GROUPxCxHxW (one group each), e.g. 8x64x56x56",
+    )
     parser.add_argument("--out", default=None, help="JSON file to write (atomically)")
     args = parser.parse_args(argv)
     for value, what in ((args.batch, "--batch"), (args.rounds, "--rounds"), (args.steps, "--steps")):
@@ -150,6 +170,14 @@ def main(argv=None) -> dict:
 
     def log(text):
         print(text, file=sys.stderr, flush=True)
+
+    if args.blocks:
+        result = blocks(args, log)
+        print(blocks_table(result))
+        if args.out:
+            write_json(args.out, result)
+            log(f"wrote {args.out}")
+        return result
 
     entries = {REFERENCE: (None, {})}
     entries.update({m: (methods.get(m).name, {}) for m in args.methods})
@@ -195,6 +223,70 @@ def main(argv=None) -> dict:
         write_json(args.out, result)
         log(f"wrote {args.out}")
     return result
+
+
+BLOCK_INPUTS = ("8x64x56x56", "8x256x14x14", "2x512x7x7")
+MIN_ROUND_S = 0.02  # a case's share of a round lasts at least this long (short calls are repeated)
+BLOCK_METHODS = ("bn", "bkn-official", "bkn-analytic")
+
+
+def blocks(args, log) -> dict:
+    """Layer (norm alone given a prior) and block (conv + norm + ReLU, with the chain) forward +
+    backward times, interleaved, and each method's ratio to BN's in the same round."""
+    from .harness.block import BlockCase
+    from .harness.layer import LayerCase
+
+    methods_ = [m for m in args.methods if m in BLOCK_METHODS] or list(BLOCK_METHODS)
+    if "bn" not in methods_:
+        methods_.insert(0, "bn")
+    result = {"setting": {"threads": args.threads, "rounds": args.rounds, "steps": args.steps}}
+    result["environment"] = environment("cpu")
+    result["inputs"] = {}
+    for text in args.block_inputs:
+        group, _, shape = text.partition("x")
+        cases, counts = {}, {}
+        for m in methods_:
+            for kind, build in (("layer", LayerCase), ("block", BlockCase)):
+                case = build(m, int(group), shape, "cpu", "float32", "contiguous", prune=False)
+                for _ in range(args.warmup):
+                    case.forward_backward()
+                start = time.perf_counter()
+                case.forward_backward()
+                once = time.perf_counter() - start
+                name = f"{kind} {m}"
+                cases[name] = case.forward_backward
+                counts[name] = max(args.steps, math.ceil(MIN_ROUND_S / max(once, 1e-6)))  # short calls: repeat
+        log(f"built {text}")
+        times = interleaved(cases, args.rounds, counts, lambda line: None)
+        entry = {}
+        for name in cases:
+            kind = name.split()[0]
+            ratios = [t / ref for t, ref in zip(times[name], times[f"{kind} bn"])]
+            entry[name] = {
+                "s_median": statistics.median(times[name]),
+                "ratio_median": statistics.median(ratios),
+                "ratio_q25": _quantile(ratios, 0.25),
+                "ratio_q75": _quantile(ratios, 0.75),
+            }
+        result["inputs"][text] = entry
+        log(f"measured {text}")
+    return result
+
+
+def blocks_table(result: dict) -> str:
+    s = result["setting"]
+    lines = [
+        f"layer (norm alone, given a prior) and block (conv3x3 + norm + ReLU with the chain), forward + backward, "
+        f"{s['threads']} threads, {s['rounds']} interleaved rounds; ratio to bn in the same round",
+        f"{'input':<14}{'case':<20}{'ms':>9}{'ratio':>8}{'q25..q75':>14}",
+    ]
+    for text, entry in result["inputs"].items():
+        for name, r in entry.items():
+            lines.append(
+                f"{text:<14}{name:<20}{r['s_median'] * 1e3:>9.2f}{r['ratio_median']:>8.2f}"
+                f"{r['ratio_q25']:>7.2f}..{r['ratio_q75']:<5.2f}"
+            )
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:
