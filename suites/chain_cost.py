@@ -96,20 +96,25 @@ class Step:
         self.optimizer.step()
 
 
-def interleaved(steps: dict, rounds: int, per_round, log) -> dict[str, list[float]]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved(steps: dict, rounds: int, per_round, log, clock: str = "wall") -> dict[str, list[float]]:
     """Mean seconds per call of every entry in each round, the order rotated every round.
 
-    ``per_round``: calls per entry per round, one number or one per entry."""
+    ``per_round``: calls per entry per round, one number or one per entry. ``clock``:
+    ``wall`` (elapsed time) or ``cpu`` (this process's CPU time, all its threads)."""
+    now = CLOCKS[clock]
     names = list(steps)
     counts = per_round if isinstance(per_round, dict) else dict.fromkeys(names, per_round)
     times = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
-            start = time.perf_counter()
+            start = now()
             for _ in range(counts[n]):
                 steps[n]()
-            times[n].append((time.perf_counter() - start) / counts[n])
+            times[n].append((now() - start) / counts[n])
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names))
     return times
 
@@ -150,6 +155,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=2, help="steps per method per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (the default); cpu: the process's CPU time, which a machine loaded by other "
+        "processes inflates far less (with --threads 1; with more threads it counts spin-waiting)",
+    )
     parser.add_argument("--profile", action="store_true", help="also profile where the time goes")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--blocks", action="store_true", help="time the layer and block cases instead of the step")
@@ -193,9 +205,11 @@ def main(argv=None) -> dict:
         for _ in range(args.warmup):
             steps[name]()
         log(f"built and warmed up {name}")
-    times = interleaved(steps, args.rounds, args.steps, log)
+    times = interleaved(steps, args.rounds, args.steps, log, args.clock)
     result = {
-        "setting": {k: getattr(args, k) for k in ("batch", "group_size", "size", "threads", "rounds", "steps", "seed")},
+        "setting": {
+            k: getattr(args, k) for k in ("batch", "group_size", "size", "threads", "rounds", "steps", "seed", "clock")
+        },
         "reference": REFERENCE,
         "entries": {n: {"method": m, "options": o} for n, (m, o) in entries.items()},
         "environment": environment("cpu"),
@@ -239,7 +253,7 @@ def blocks(args, log) -> dict:
     methods_ = [m for m in args.methods if m in BLOCK_METHODS] or list(BLOCK_METHODS)
     if "bn" not in methods_:
         methods_.insert(0, "bn")
-    result = {"setting": {"threads": args.threads, "rounds": args.rounds, "steps": args.steps}}
+    result = {"setting": {k: getattr(args, k) for k in ("threads", "rounds", "steps", "clock")}}
     result["environment"] = environment("cpu")
     result["inputs"] = {}
     for text in args.block_inputs:
@@ -257,7 +271,7 @@ def blocks(args, log) -> dict:
                 cases[name] = case.forward_backward
                 counts[name] = max(args.steps, math.ceil(MIN_ROUND_S / max(once, 1e-6)))  # short calls: repeat
         log(f"built {text}")
-        times = interleaved(cases, args.rounds, counts, lambda line: None)
+        times = interleaved(cases, args.rounds, counts, lambda line: None, args.clock)
         entry = {}
         for name in cases:
             kind = name.split()[0]
@@ -277,7 +291,7 @@ def blocks_table(result: dict) -> str:
     s = result["setting"]
     lines = [
         f"layer (norm alone, given a prior) and block (conv3x3 + norm + ReLU with the chain), forward + backward, "
-        f"{s['threads']} threads, {s['rounds']} interleaved rounds; ratio to bn in the same round",
+        f"{s['threads']} threads, {s['rounds']} interleaved rounds, {s['clock']} clock; ratio to bn in the same round",
         f"{'input':<14}{'case':<20}{'ms':>9}{'ratio':>8}{'q25..q75':>14}",
     ]
     for text, entry in result["inputs"].items():
@@ -293,7 +307,7 @@ def table(result: dict) -> str:
     s = result["setting"]
     lines = [
         f"ResNet-18 SGD step, {s['size']}x{s['size']}, batch {s['batch']} in groups of {s['group_size']}, "
-        f"{s['threads']} threads, {s['rounds']} interleaved rounds of {s['steps']} steps",
+        f"{s['threads']} threads, {s['rounds']} interleaved rounds of {s['steps']} steps, {s['clock']} clock",
         f"{'method':<22}{'step ms':>9}{'ratio':>8}{'q25..q75':>14}",
     ]
     for name, r in result["methods"].items():
