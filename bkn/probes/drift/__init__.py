@@ -40,9 +40,9 @@ def run(config: ProbeConfig, progress: bool = False):
     probe = Probe(config)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import Progress
 
-        bar = tqdm(total=len(probe.units()), unit="unit", desc="drift probe", dynamic_ncols=True)
+        bar = Progress(len(probe.units()))
         probe.progress = bar
     started = time.perf_counter()
     try:
