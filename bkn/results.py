@@ -167,9 +167,9 @@ DRIFT = Schema(
         "data": "string",  # synthetic, digits, photos
         "network": "string",  # residual-chain, cifar-resnet20, resnet18
         "state": "string",  # init, trained (with BN), trained-own (with the measured method)
-        "mode": "string",  # in-network, or isolation (every earlier layer normalizing with its population statistics)
         "method": "string",  # a bkn.methods name, "<method>-ema" (its running estimates) or "floor"
         "group_size": "int64",  # samples per normalization group
+        "mode": "string",  # in-network, or isolation (every earlier layer normalizing with its population statistics)
         "layer": "string",  # a normalization layer's module name, or "output" (end to end)
         "depth": "int64",  # position of the layer in execution order ("output": the number of layers)
         "metric": "string",  # one of DRIFT_METRICS
