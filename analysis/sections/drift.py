@@ -122,7 +122,8 @@ def _add_bias_noise(section: Section, frame: pd.DataFrame) -> None:
                 title=f"bias (over groups) and noise (across groups), {mode}",
             ),
             "Error of the mean split into bias, the signed mean over groups (solid), and noise, the spread "
-            "across groups (dashed): mean squared error = bias² + noise². Median over layers.",
+            "across groups (dashed): mean squared error = bias² + noise². Median over layers. A bias measured "
+            "over G groups includes about noise / sqrt(G) of sampling error: small biases are upper bounds.",
         )
 
 
@@ -176,6 +177,7 @@ def _add_floor(section: Section, frame: pd.DataFrame) -> None:
                 "value",
                 hue="method",
                 style=_style(part, "estimates"),
+                col="panel",
                 logx2=False,
                 xlabel="depth (norm layer index)",
                 ylabel=f"rmse / floor ({what})",

@@ -121,6 +121,9 @@ def decompose(errors) -> dict[str, float]:
 
         rmse^2 = mean_{g,c} e_gc^2 = bias^2 + noise^2,  bias^2 = mean_c bias_c^2,  noise^2 = mean_c noise_c^2
 
+    ``bias_c`` is measured over the recorded groups, so it carries about ``noise_c / sqrt(G)``
+    of sampling error: a small bias is an upper bound, not a measurement of zero.
+
     Returns ``{"bias": ..., "noise": ..., "rmse": ...}``; ``"signed_bias"`` is the plain mean
     of ``bias_c`` over channels (its sign says whether the layer over- or under-estimates).
     """

@@ -182,8 +182,8 @@ def _cache_file(
         config["options"] = {k: repr(v) for k, v in sorted(method.layer_options(TRAIN_GROUP).items())}
         config["group_size"] = TRAIN_GROUP
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    who = method.name if method is not None else "bn"
-    return cache_dir / "accuracy" / f"{network}-{data}-{who}-seed{seed}-{key}.pt", config
+    who = f"-{method.name}" if method is not None else ""  # the BN network keeps its earlier file name
+    return cache_dir / "accuracy" / f"{network}-{data}{who}-seed{seed}-{key}.pt", config
 
 
 def trained_network(
