@@ -37,7 +37,8 @@ states: init, trained (weights trained with BN), trained-own (trained with the m
 method, at normalization group 4). For BKN the population statistics are the reference, not
 what it uses at inference (its running estimates: '<method>-ema').
 synthetic/residual-chain: a residual linear-Gaussian chain with closed-form truth and a real
-floor ('floor': the best estimate a group can give; error/floor >= 1 for every method).
+floor ('floor': the best estimate a group can give; error/floor >= 1 for every method that
+estimates from its group alone - BN, BKN; BRN and running estimates pool earlier batches).
 
 default run: setups synthetic/residual-chain (init) and digits/cifar-resnet20 (trained,
 trained-own), both modes, group sizes 1,2,4,8,16, seeds 0,1, every method but 'in' and
