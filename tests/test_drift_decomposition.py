@@ -242,3 +242,16 @@ def test_progress_is_one_line_per_stage_off_a_terminal():
     lines = text.splitlines()
     assert len(lines) == 5 and lines[0].startswith("drift probe [0/6 units") and lines[-1].endswith(": done")
     assert "[3/6 units" in lines[2] and "stage b" in lines[2]
+
+
+def test_isolation_propagates_bkns_prior_from_the_population_statistics():
+    """On the residual chain the analytic transition carries the mean exactly (m_{k+1} = m_k + W beta + b), so
+    in isolation - the previous layer's posterior replaced by the truth - BKN-analytic's prior mean is the
+    population mean and its posterior mean error is (1 - p) = 0.1 times the observed one, which is BN's on the
+    same population-mode inputs. In network its prior comes from the group's own estimates instead."""
+    frame = _synthetic(["bn", "bkn-analytic"], [2], steps=4, modes=("isolation", "in-network"))
+    rmse = frame[frame["metric"] == "mean_rmse"].pivot_table(index=["mode", "depth"], columns="method", values="value")
+    ratio = (rmse["bkn-analytic"] / rmse["bn"]).loc["isolation"]
+    assert ratio[0] == pytest.approx(1.0, rel=1e-4)  # no prior at the first layer: BKN is BN there
+    np.testing.assert_allclose(ratio.loc[1:].to_numpy(), 0.1, rtol=1e-3)
+    assert (rmse["bkn-analytic"] / rmse["bn"]).loc["in-network"].loc[1:].min() > 0.5
