@@ -6,15 +6,18 @@ official Monte-Carlo construction makes):
 
 * after a normalization layer with posterior ``(m, v)``: mean ``beta``,
   variance ``gamma^2 * v / (v + eps)`` (the normalized-and-affine activation);
+  at its *input* (a residual stream that a pre-activation block normalizes): ``(m, v)``;
 * ReLU of N(mu, s^2): ``E = mu Phi(a) + s phi(a)``, ``E2 = (mu^2 + s^2) Phi(a) + mu s phi(a)``,
-  ``a = mu / s`` (rectified Gaussian);
+  ``a = mu / s`` (rectified Gaussian); ReLU6 and Hardtanh: the clipped Gaussian
+  (:func:`clip_moments`);
 * convolution / linear with weights ``W``: mean ``sum_taps(W) @ mean + bias``,
   variance ``sum_taps(W^2) @ var`` (zero-padding at borders ignored);
 * average pooling over ``A`` positions: mean kept, variance ``/ A``;
 * max pooling over ``A`` positions: Gaussian moment matching, mean ``mu + s e_A``,
   variance ``s^2 d_A`` with ``e_A, d_A`` the mean and variance of the maximum of
   ``A`` standard normals (numerical quadrature);
-* residual sums add means and variances; zero channel padding pads with zeros.
+* residual sums add means and variances; zero channel padding pads with zeros;
+  concatenation along the channels concatenates the moments.
 """
 
 from __future__ import annotations
@@ -66,6 +69,29 @@ def gaussian_max_moments(count: int) -> tuple[float, float]:
     return mean, second - mean * mean
 
 
+def clip_moments(mean: torch.Tensor, var: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``clamp(X, low, high)``, ``X ~ N(mean, var)`` (ReLU6: low 0, high 6).
+
+    With ``a = (low - mu) / s``, ``b = (high - mu) / s`` and ``P = Phi(b) - Phi(a)``:
+    ``E = low Phi(a) + high (1 - Phi(b)) + mu P + s (phi(a) - phi(b))`` and
+    ``E2 = low^2 Phi(a) + high^2 (1 - Phi(b)) + mu^2 P + 2 mu s (phi(a) - phi(b)) + s^2 (P + a phi(a) - b phi(b))``.
+    """
+    std = var.clamp_min(1e-20).sqrt()
+    a, b = (low - mean) / std, (high - mean) / std
+    cdf_a, cdf_b = 0.5 * (1 + torch.erf(a / _SQRT2)), 0.5 * (1 + torch.erf(b / _SQRT2))
+    pdf_a, pdf_b = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi), torch.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
+    inside = cdf_b - cdf_a
+    first = low * cdf_a + high * (1 - cdf_b) + mean * inside + std * (pdf_a - pdf_b)
+    second = (
+        low * low * cdf_a
+        + high * high * (1 - cdf_b)
+        + mean * mean * inside
+        + 2 * mean * std * (pdf_a - pdf_b)
+        + var * (inside + a * pdf_a - b * pdf_b)
+    )
+    return first, (second - first * first).clamp_min(0)
+
+
 def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     std = var.clamp_min(1e-20).sqrt()
     a = mean / std
@@ -78,6 +104,8 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
 
 _PROPAGATED = (
     nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
     nn.modules.conv._ConvNd,
     nn.Linear,
     nn.AvgPool1d,
@@ -102,6 +130,7 @@ class Analytic:
     """The ``analytic`` transition: deterministic moment propagation."""
 
     name = "analytic"
+    shortcut = "activation"  # the CIFAR ResNet's first shortcut: moments of relu(norm0), see bkn.models.cifar_resnet
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -116,6 +145,11 @@ class Analytic:
         out_mean = layer.bias.to(mean.dtype).expand_as(mean)
         return Moments(out_mean, layer.weight.to(var.dtype).square() * normalized_var, tuple(spatial))
 
+    def at_input(self, layer, spatial: tuple[int, ...]) -> Moments:
+        """The moments of the *input* of ``layer`` (which ran): its posterior ``(m, v)``."""
+        mean, var = layer.posterior
+        return Moments(mean, var, tuple(spatial))
+
     def to_prior(self, state) -> tuple[torch.Tensor, torch.Tensor]:
         m = state.moments() if isinstance(state, Sample) else state
         return m.mean, m.var
@@ -129,6 +163,15 @@ class Analytic:
         if a.mean.shape[-1] != b.mean.shape[-1]:
             raise Unsupported(f"residual sum of {a.channels} and {b.channels} channels")
         return a + b
+
+    def cat(self, states: list) -> Moments:
+        """Concatenation along the channels (DenseNet): the channels' moments side by side."""
+        states = [s.moments() if isinstance(s, Sample) else s for s in states]
+        spatial = {s.spatial for s in states if s.spatial}
+        if len(spatial) > 1:
+            raise Unsupported(f"concatenation of features of different spatial sizes {sorted(spatial)}")
+        mean = torch.cat([s.mean for s in states], -1)
+        return Moments(mean, torch.cat([s.var for s in states], -1), next(iter(spatial), ()))
 
     def pad_channels(self, state, before: int, after: int) -> Moments:
         state = state.moments() if isinstance(state, Sample) else state
@@ -204,6 +247,8 @@ class Analytic:
             state = state.moments()
         if isinstance(module, nn.ReLU):
             return self.relu(state)
+        if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+            return Moments(*clip_moments(state.mean, state.var, module.min_val, module.max_val), state.spatial)
         if isinstance(module, nn.modules.conv._ConvNd):
             return self.conv(module, state)
         if isinstance(module, nn.Linear):

@@ -11,6 +11,22 @@ next layer's prior. Gradients flow through the shared weights and the posterior.
 Known weak points (kept on purpose; the drift probe must be able to show them):
 pre-normalization statistics and no gamma/beta, few spatial positions (noisy), and
 independence across positions and channels.
+
+Ablations (each its own transition name, so results never mix them; spec 1.2):
+
+* ``official-affine`` (``affine=True``): the surrogate is drawn from the previous
+  layer's *output* distribution, ``gamma * z * sqrt(v / (v + eps)) + beta``, as the
+  analytic transition propagates it, instead of ``z * sqrt(v) + m``;
+* ``official-relu-shortcut`` (``shortcut="activation"``): in the hand-wired CIFAR
+  ResNet (:mod:`bkn.models.cifar_resnet`) the first block's shortcut adds the moments of
+  the post-ReLU activation ``relu(norm0(...))`` rather than ``norm0``'s pre-normalization
+  posterior. Chains built by ``bkn.convert`` follow the traced graph, where a shortcut's
+  statistics always come from the activation the graph adds: there it equals ``official``;
+* ``draws``: Monte-Carlo draws per group (the official code: 1).
+
+The *input* of a layer that already ran (a residual stream read by a pre-activation
+block's first norm) is represented by a surrogate drawn from that layer's posterior,
+``z * sqrt(v) + m`` (:meth:`MonteCarlo.at_input`), in every variant.
 """
 
 from __future__ import annotations
@@ -24,26 +40,67 @@ from .state import Moments, Sample
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
+SHORTCUTS = ("posterior", "activation")
+
+
 class MonteCarlo(Analytic):
-    """The ``official`` transition. ``draws`` surrogate samples per group (the official code: 1)."""
+    """The ``official`` transition and its ablations (see the module docstring).
+
+    Args:
+        draws: surrogate samples per group (the official code: 1).
+        generator: the random stream of the draws (torch's global one by default).
+        affine: draw the surrogate from the previous layer's output distribution
+            (``official-affine``) instead of its pre-normalization posterior.
+        shortcut: where the hand-wired CIFAR ResNet's first block takes its shortcut
+            statistics from: ``"posterior"`` (norm0's pre-normalization posterior, the
+            official code) or ``"activation"`` (``relu(norm0)``).
+    """
 
     name = "official"
 
-    def __init__(self, draws: int = 1, generator: torch.Generator | None = None):
-        if draws < 1:
-            raise ValueError(f"MonteCarlo: draws must be >= 1, got {draws}")
+    def __init__(
+        self,
+        draws: int = 1,
+        generator: torch.Generator | None = None,
+        affine: bool = False,
+        shortcut: str = "posterior",
+    ):
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+            raise ValueError(f"MonteCarlo: draws must be an int >= 1, got {draws!r}")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"MonteCarlo: shortcut must be one of {', '.join(SHORTCUTS)}, got {shortcut!r}")
         self.draws = draws
         self.generator = generator
+        self.affine = bool(affine)
+        self.shortcut = shortcut
+        self.name = "official" + ("-affine" if affine else "") + ("-relu-shortcut" if shortcut == "activation" else "")
 
-    def after_norm(self, layer, spatial: tuple[int, ...]) -> Sample:
-        mean, var = layer.posterior
+    def _draw(self, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, spatial) -> Sample:
+        """``draws`` samples per group of ``z * scale + shift`` (shapes (G, C)), ``z ~ N(0, 1)`` of size ``spatial``."""
         groups, channels = mean.shape
         shape = (groups * self.draws, channels, *spatial)
         z = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=self.generator)
         view = (groups, 1, channels) + (1,) * len(spatial)
         z = z.view(groups, self.draws, channels, *spatial)
-        value = z * var.clamp_min(0).sqrt().view(view) + mean.view(view)
+        value = z * scale.view(view) + shift.view(view)
         return Sample(value.reshape(shape), self.draws)
+
+    def at_input(self, layer, spatial: tuple[int, ...]) -> Sample:
+        """A surrogate of the *input* of ``layer`` (which ran): ``z * sqrt(v) + m`` from its posterior."""
+        mean, var = layer.posterior
+        return self._draw(mean, var.clamp_min(0).sqrt(), mean, spatial)
+
+    def after_norm(self, layer, spatial: tuple[int, ...]) -> Sample:
+        """A surrogate of ``layer``'s output: ``z * sqrt(v) + m`` (official: pre-normalization statistics,
+        gamma/beta skipped), or ``gamma * z * sqrt(v / (v + eps)) + beta`` with ``affine``."""
+        if not self.affine:
+            return self.at_input(layer, spatial)
+        mean, var = layer.posterior
+        scale = (var.clamp_min(0) / (var.clamp_min(0) + layer.eps)).sqrt()
+        if layer.weight is None:
+            return self._draw(mean, scale, torch.zeros_like(mean), spatial)
+        gamma, beta = layer.weight.to(mean.dtype), layer.bias.to(mean.dtype)
+        return self._draw(mean, gamma * scale, beta.expand_as(mean), spatial)
 
     def relu(self, state):
         return Sample(state.value.relu(), state.draws) if isinstance(state, Sample) else super().relu(state)
@@ -52,6 +109,14 @@ class MonteCarlo(Analytic):
         if isinstance(a, Sample) and isinstance(b, Sample) and a.value.shape == b.value.shape:
             return Sample(a.value + b.value, a.draws)
         return super().add(a, b)
+
+    def cat(self, states: list):
+        first = states[0]
+        if all(isinstance(s, Sample) and s.draws == first.draws for s in states):
+            shapes = {(s.value.shape[0], *s.value.shape[2:]) for s in states}
+            if len(shapes) == 1:
+                return Sample(torch.cat([s.value for s in states], 1), first.draws)
+        return super().cat(states)
 
     def pad_channels(self, state, before: int, after: int):
         if isinstance(state, Sample):
