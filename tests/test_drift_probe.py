@@ -353,19 +353,20 @@ def test_trained_weights_are_cached_and_reused(tmp_path, monkeypatch):
 
 
 def test_summary_tables_from_a_known_frame():
-    from bkn.probes.drift.summary import bias_noise_table, end_to_end_table, floor_table
+    from bkn.probes.drift.summary import bias_noise_table, end_to_end_table, floor_table, real_data_table
 
     rows = []
     base = dict(network="n", state="init", mode="in-network", group_size=2)
     for seed in (0, 1):
         for layer, depth in (("a", 0), ("b", 1), ("c", 2)):
             for method, scale in (("bn", 1.0), ("brn", 2.0), ("floor", 0.5)):
-                for metric in ("mean_rmse", "mean_bias", "mean_noise"):
+                for metric in ("mean_rmse", "mean_bias", "mean_noise", "mean_error"):
                     for data in ("digits", "synthetic"):
                         value = scale * (depth + 1) * (1 + seed)
+                        statistic = "median" if metric == "mean_error" else "rms"
                         rows.append(
                             dict(base, data=data, method=method, layer=layer, depth=depth, metric=metric)
-                            | dict(statistic="rms", seed=seed, value=value)
+                            | dict(statistic=statistic, seed=seed, value=value)
                         )
         for method, agreement in (("bn", 0.5 + 0.1 * seed), ("brn", 1.0)):
             rows.append(
@@ -380,6 +381,8 @@ def test_summary_tables_from_a_known_frame():
     ratio = floor_table(frame)
     assert ratio.loc["bn", ("mean_rmse", 2)] == pytest.approx(2.0)
     assert ratio.loc["brn", ("mean_rmse", 2)] == pytest.approx(4.0)
+    real = real_data_table(frame, sizes=(2,))
+    assert real.loc[("digits", "n", "init", "brn"), ("mean_error", 2)] == pytest.approx(6.0)
     agreement = end_to_end_table(frame, sizes=(2,))
     assert agreement.loc[("digits", "n", "init", "bn"), 2] == pytest.approx(0.55)
     assert list(agreement.index.get_level_values("method")) == ["bn", "brn"]

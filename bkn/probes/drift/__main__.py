@@ -41,8 +41,9 @@ floor ('floor': the best estimate a group can give; error/floor >= 1 for every m
 estimates from its group alone - BN, BKN; BRN and running estimates pool earlier batches).
 
 default run: setups synthetic/residual-chain (init) and digits/cifar-resnet20 (trained,
-trained-own), both modes, group sizes 1,2,4,8,16, seeds 0,1, every method but 'in' and
-'brn-scheduled'.
+trained-own), both modes, group sizes 1,2,4,8,16, seeds 0,1, every method but 'in',
+'brn-scheduled' and the ablations of BKN's official transition (bkn-official-affine,
+bkn-official-relu-shortcut: name them in --methods).
 --full: every setup (adds photos/cifar-resnet20, digits/resnet18, photos/resnet18), states
 init, trained and trained-own, group sizes 1..64, seeds 0..4, every method but
 'brn-scheduled' (the paper's schedule keeps BRN equal to BN for 5000 steps, far more than a

@@ -2,13 +2,15 @@
 
 :func:`tables` yields ``(title, table)`` pairs; a cell is averaged over seeds.
 
+* real data: the median mean error and KL per method and group size (in network);
 * end to end: prediction agreement between the network in training mode and the same
   network with population statistics, per method and group size (in-network mode);
 * bias and noise of the mean (population sigma), median over the network's layers, in
   network and in isolation, for the headline methods;
 * synthetic chain: each method's rmse divided by the floor's (the best estimate a group
   can give), per layer, then the median over layers; and per layer at group size 2.
-  1 = as good as the floor; no method can be below it beyond Monte-Carlo noise.
+  1 = as good as the floor; no method that estimates from its group alone (BN, BKN) can be
+  below it beyond Monte-Carlo noise (BRN and running estimates pool earlier batches).
 """
 
 from __future__ import annotations
@@ -30,6 +32,27 @@ def _layer_median(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def _ordered(table: pd.DataFrame, frame: pd.DataFrame, level: str = "method") -> pd.DataFrame:
     order = {m: i for i, m in enumerate(dict.fromkeys(frame["method"]))}
     return table.sort_index(key=lambda idx: idx.map(lambda v: order.get(v, len(order))) if idx.name == level else idx)
+
+
+def real_data_table(frame: pd.DataFrame, methods=HEADLINE, sizes=HEADLINE_SIZES) -> pd.DataFrame | None:
+    """Real data, in network: the median mean error and the median KL at a few group sizes; a cell is the median
+    over the network's layers of the per-layer median, averaged over seeds."""
+    sel = frame[
+        (frame["data"] != "synthetic")
+        & (frame["mode"] == "in-network")
+        & frame["method"].isin(methods)
+        & frame["group_size"].isin(sizes)
+        & frame["metric"].isin(["mean_error", "kl"])
+        & (frame["statistic"] == "median")
+    ]
+    if sel.empty:
+        return None
+    keys = ["data", "network", "state", "method", "metric", "group_size"]
+    table = _layer_median(sel, keys).pivot_table(
+        index=["data", "network", "state", "method"], columns=["metric", "group_size"], values="value"
+    )
+    order = {m: i for i, m in enumerate(methods)}
+    return table.sort_index(key=lambda idx: idx.map(order) if idx.name == "method" else idx)
 
 
 def end_to_end_table(frame: pd.DataFrame, metric: str = "agreement", sizes=HEADLINE_SIZES) -> pd.DataFrame | None:
