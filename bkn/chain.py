@@ -116,12 +116,24 @@ class PriorChain:
     """
 
     def __init__(
-        self, root: nn.Module, graph: fx.Graph, transition: str = "official", fallback: str = "none", draws: int = 1
+        self,
+        root: nn.Module,
+        graph: fx.Graph,
+        transition: str = "official",
+        fallback: str = "none",
+        draws: int = 1,
+        surrogate_scale: float = 1.0,
     ):
         if fallback not in ("none", "identity"):
             raise ValueError(f"fallback must be 'none' or 'identity', got {fallback!r}")
         self.transition_name = transition
-        self.transition = transitions.get(transition, **({"draws": draws} if draws != 1 else {}))
+        scaled = {"surrogate_scale": surrogate_scale} if surrogate_scale != 1.0 else {}
+        if scaled and transition not in transitions.MONTE_CARLO:
+            raise ValueError(
+                f"surrogate_scale applies to the official transition only ({', '.join(transitions.MONTE_CARLO)}), "
+                f"not {transition!r}"
+            )
+        self.transition = transitions.get(transition, **({"draws": draws} if draws != 1 else {}), **scaled)
         self.fallback = fallback
         self.modules = dict(root.named_modules())
         self.norm_nodes: dict[str, str] = {}  # node name -> module name, for every BKN layer

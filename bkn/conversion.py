@@ -29,7 +29,7 @@ from .chain import PriorChain, format_report
 from .layers import SyncBatchNorm
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_CHAIN_OPTIONS = ("fallback", "chain")
+_CHAIN_OPTIONS = ("fallback", "surrogate_scale", "chain")
 # Forwards that compute plain batch normalization (a subclass keeping one of them is converted as its base).
 _PLAIN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward, SyncBatchNorm.forward)
 # Subclasses whose forward is: the norm, then self.drop, then self.act (timm's norm-activation layers).
@@ -131,9 +131,11 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
     ``options`` go to :func:`bkn.norms.create` (e.g. ``p=0.9, transition="official",
     group_size=2`` for BKN), except the chain options for ``"bkn"``:
     ``fallback`` (``"none"`` or ``"identity"``: what a layer whose path can't be
-    modelled gets) and ``chain`` (``False``: BKN layers without priors). ``draws``
-    (Monte-Carlo draws per group of the ``official*`` transitions) is a layer option
-    that the chain reads too.
+    modelled gets), ``surrogate_scale`` (official transitions: draw the surrogate with each
+    spatial side scaled by it, fewer positions at a known noise cost, see
+    :class:`bkn.transitions.MonteCarlo`; default 1, the authors' construction) and ``chain``
+    (``False``: BKN layers without priors). ``draws`` (Monte-Carlo draws per group of the
+    ``official*`` transitions) is a layer option that the chain reads too.
     Returns the converted model (the same object unless ``model`` itself is a BatchNorm).
     ``TypeError`` (before anything changes) for a BatchNorm subclass whose forward can't be reproduced.
     """
@@ -159,6 +161,7 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
             transition=options.get("transition", "official"),
             fallback=options.get("fallback", "none"),
             draws=options.get("draws", 1),
+            surrogate_scale=options.get("surrogate_scale", 1.0),
         )
         chain.attach(model)
         model._bkn_chain = chain

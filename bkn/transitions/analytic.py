@@ -27,6 +27,7 @@ from functools import lru_cache
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .state import Moments, Sample
 
@@ -69,6 +70,51 @@ def gaussian_max_moments(count: int) -> tuple[float, float]:
     return mean, second - mean * mean
 
 
+_VAR_FLOOR = 1e-20  # the variance a standard deviation is taken of, at least (a point mass has none)
+
+
+class _ReluMoments(torch.autograd.Function):
+    """Mean and variance of ReLU(N(mu, s^2)), with the closed-form gradient as one autograd node.
+
+    Forward is the formula of :func:`relu_moments` op for op (so results are unchanged).
+    Backward, with ``a = mu / s``, ``Phi, phi`` the normal cdf and pdf at ``a``, ``E`` the
+    output mean and the output variance ``V = E2 - E^2`` (clamped at 0)::
+
+        dE/dmu = Phi                     dE/ds = phi
+        dE2/dmu = 2 mu Phi + s phi + v phi / s    (= 2 E when v = s^2)
+        dE2/dv = Phi (direct; its s-path is mu phi (1 - v / s^2) ds/dv = 0)
+        ds/dv = 1 / (2 s) where v > floor, else 0 (the clamp; and no gradient where V is clamped)
+
+    the same numbers autograd gets through the ~20 elementwise ops of the formula
+    (``tests/test_transitions.py`` checks both, and gradcheck), in a handful of ops: the
+    chain calls this once per ReLU per step, so the op count is its cost. Its backward is
+    not differentiable again (``once_differentiable``: a double backward raises).
+    """
+
+    @staticmethod
+    def forward(ctx, mean, var):
+        std = var.clamp_min(_VAR_FLOOR).sqrt()
+        a = mean / std
+        cdf = 0.5 * (1 + torch.erf(a / _SQRT2))
+        pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+        first = mean * cdf + std * pdf
+        second = (mean * mean + var) * cdf + mean * std * pdf
+        raw = second - first * first
+        ctx.save_for_backward(mean, var, std, cdf, pdf, first, raw)
+        return first, raw.clamp_min(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_first, g_var):
+        mean, var, std, cdf, pdf, first, raw = ctx.saved_tensors
+        g_var = g_var * (raw > 0)  # torch's clamp_min passes no gradient at the bound itself
+        ds_dv = (var > _VAR_FLOOR) / (2 * std)
+        d_second_d_mean = 2 * mean * cdf + std * pdf + var * pdf / std
+        grad_mean = g_first * cdf + g_var * (d_second_d_mean - 2 * first * cdf)
+        grad_var = (g_first - 2 * g_var * first) * pdf * ds_dv + g_var * cdf
+        return grad_mean, grad_var
+
+
 def clip_moments(mean: torch.Tensor, var: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of ``clamp(X, low, high)``, ``X ~ N(mean, var)`` (ReLU6: low 0, high 6).
 
@@ -93,13 +139,52 @@ def clip_moments(mean: torch.Tensor, var: torch.Tensor, low: float, high: float)
 
 
 def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    std = var.clamp_min(1e-20).sqrt()
-    a = mean / std
-    cdf = 0.5 * (1 + torch.erf(a / _SQRT2))
-    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-    first = mean * cdf + std * pdf
-    second = (mean * mean + var) * cdf + mean * std * pdf
-    return first, (second - first * first).clamp_min(0)
+    """Mean and variance of ReLU(x), x ~ N(mean, var), elementwise (the rectified Gaussian)."""
+    return _ReluMoments.apply(mean, var)
+
+
+class _TapSums(torch.autograd.Function):
+    """``(sum_taps W, sum_taps W^2)`` of a convolution weight (O, I, *k), with a one-pass backward.
+
+    The gradient is ``g1 + 2 W g2`` (``g1, g2`` broadcast over the taps): one fused
+    ``addcmul`` over the weight instead of autograd's separate sum, square and product
+    backward (each a full pass over the weight, plus the accumulations between them).
+    Forward: the sums as matrix-vector products with ones (equal to ``sum`` up to the
+    order of additions).
+    The weight is the network's largest tensor the analytic transition touches, so this
+    is most of that transition's cost in a network step.
+    """
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.save_for_backward(weight)
+        out_c, in_c = weight.shape[:2]
+        taps = weight[0, 0].numel()
+        if weight.is_contiguous():
+            # A matrix-vector product with ones: torch's reduction over an inner dimension of
+            # kh * kw = 9 elements runs at a fraction of the memory bandwidth a gemv reaches.
+            flat = weight.view(out_c * in_c, taps)
+            ones = torch.ones(taps, dtype=weight.dtype, device=weight.device)
+            return (flat @ ones).view(out_c, in_c), (flat.square() @ ones).view(out_c, in_c)
+        flat = weight.flatten(2)
+        return flat.sum(-1), flat.square().sum(-1)
+
+    @staticmethod
+    def backward(ctx, g_sum, g_sq):
+        (weight,) = ctx.saved_tensors
+        view = weight.shape[:2] + (1,) * (weight.dim() - 2)
+        if g_sum is None:
+            g_sum = torch.zeros_like(g_sq)
+        if g_sq is None:
+            return g_sum.reshape(view).expand_as(weight).clone()
+        return torch.addcmul(g_sum.reshape(view), weight, g_sq.reshape(view), value=2.0)
+
+
+def tap_sums(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight.sum(taps), weight.square().sum(taps))`` for a (O, I, *kernel) convolution weight."""
+    if weight.dim() == 2:
+        return weight, weight.square()
+    return _TapSums.apply(weight)
 
 
 _PROPAGATED = (
@@ -182,15 +267,18 @@ class Analytic:
             raise Unsupported("transposed convolution")
         w = conv.weight.to(state.mean.dtype)
         taps = tuple(range(2, w.dim()))
-        w_sum, w2_sum = w.sum(taps), w.square().sum(taps)  # (O, I / groups)
+        w_sum, w2_sum = tap_sums(w)  # (O, I / groups)
         groups, batch = conv.groups, state.mean.shape[0]
         out_c, in_per = w_sum.shape
-        mean_in = state.mean.reshape(batch, groups, in_per)
-        var_in = state.var.reshape(batch, groups, in_per)
-        w_sum = w_sum.reshape(groups, out_c // groups, in_per)
-        w2_sum = w2_sum.reshape(groups, out_c // groups, in_per)
-        mean = torch.einsum("bgi,goi->bgo", mean_in, w_sum).reshape(batch, out_c)
-        var = torch.einsum("bgi,goi->bgo", var_in, w2_sum).reshape(batch, out_c)
+        if groups == 1:  # one matrix product each (einsum would reshape and copy around a batched one)
+            mean, var = state.mean @ w_sum.t(), state.var @ w2_sum.t()
+        else:
+            mean_in = state.mean.reshape(batch, groups, in_per)
+            var_in = state.var.reshape(batch, groups, in_per)
+            w_sum = w_sum.reshape(groups, out_c // groups, in_per)
+            w2_sum = w2_sum.reshape(groups, out_c // groups, in_per)
+            mean = torch.einsum("bgi,goi->bgo", mean_in, w_sum).reshape(batch, out_c)
+            var = torch.einsum("bgi,goi->bgo", var_in, w2_sum).reshape(batch, out_c)
         if conv.bias is not None:
             mean = mean + conv.bias.to(mean.dtype)
         n = len(taps)

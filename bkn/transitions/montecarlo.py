@@ -27,9 +27,20 @@ Ablations (each its own transition name, so results never mix them; spec 1.2):
 The *input* of a layer that already ran (a residual stream read by a pre-activation
 block's first norm) is represented by a surrogate drawn from that layer's posterior,
 ``z * sqrt(v) + m`` (:meth:`MonteCarlo.at_input`), in every variant.
+
+Cost: the surrogate goes through every convolution on the path, forward and backward,
+``draws`` samples per group: with groups of 2 that is half the network's convolution work
+again. ``surrogate_scale < 1`` (an option, not the authors' construction; default 1)
+draws the surrogate with every spatial side scaled by it (``ceil(side * scale)``, at least
+1), so the convolutions see ``scale^d`` of the positions. The prior is a spatial mean and
+variance of i.i.d. positions, so its sampling noise grows by about ``scale^(-d/2)`` (x2 at
+scale 0.5 in 2-d), and zero padding touches a larger share of a smaller map (a bias where
+maps are already small: a 4x4 map drawn at 2x2 has no interior position).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -64,25 +75,34 @@ class MonteCarlo(Analytic):
         generator: torch.Generator | None = None,
         affine: bool = False,
         shortcut: str = "posterior",
+        surrogate_scale: float = 1.0,
     ):
         if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
             raise ValueError(f"MonteCarlo: draws must be an int >= 1, got {draws!r}")
         if shortcut not in SHORTCUTS:
             raise ValueError(f"MonteCarlo: shortcut must be one of {', '.join(SHORTCUTS)}, got {shortcut!r}")
+        if isinstance(surrogate_scale, bool) or not isinstance(surrogate_scale, (int, float)):
+            raise ValueError(f"MonteCarlo: surrogate_scale must be a number in (0, 1], got {surrogate_scale!r}")
+        if not 0.0 < surrogate_scale <= 1.0:
+            raise ValueError(f"MonteCarlo: surrogate_scale must be a number in (0, 1], got {surrogate_scale!r}")
         self.draws = draws
         self.generator = generator
         self.affine = bool(affine)
         self.shortcut = shortcut
+        self.surrogate_scale = float(surrogate_scale)
         self.name = "official" + ("-affine" if affine else "") + ("-relu-shortcut" if shortcut == "activation" else "")
 
     def _draw(self, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, spatial) -> Sample:
         """``draws`` samples per group of ``z * scale + shift`` (shapes (G, C)), ``z ~ N(0, 1)`` of size ``spatial``."""
         groups, channels = mean.shape
+        if self.surrogate_scale != 1.0:
+            spatial = tuple(max(1, math.ceil(s * self.surrogate_scale)) for s in spatial)
         shape = (groups * self.draws, channels, *spatial)
         z = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=self.generator)
         view = (groups, 1, channels) + (1,) * len(spatial)
         z = z.view(groups, self.draws, channels, *spatial)
-        value = z * scale.view(view) + shift.view(view)
+        # One fused pass over the surrogate (shift + z * scale), not a product and then a sum.
+        value = torch.addcmul(shift.view(view), z, scale.view(view))
         return Sample(value.reshape(shape), self.draws)
 
     def at_input(self, layer, spatial: tuple[int, ...]) -> Sample:
