@@ -7,7 +7,7 @@
     nox -s convergence  the training probe, python -m bkn.probes.training (``-- --quick``), then
                         reports/convergence.html
     nox -s continuous   time BASE and HEAD on the tracking subset in interleaved rounds; exit 1 on a
-                        significant slowdown (``-- BASE HEAD --threshold 0.1``), then reports/report.html
+                        significant slowdown (``-- BASE HEAD --threshold 1.10``), then reports/report.html
     nox -s report       reports/report.html from whatever results exist
     nox -s screenshot   check the report in headless Chromium, save reports/report.png
     nox -s demo         short BKN-vs-BN comparison (posargs go to ``python -m bkn.demo``)
@@ -185,7 +185,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def continuous(session: nox.Session) -> None:
-    """Regression gate: BASE vs HEAD on the tracking subset (``-- [BASE] [HEAD] [--threshold 0.1] [--rounds 6]``).
+    """Regression gate: BASE vs HEAD on the tracking subset (``-- [BASE] [HEAD] [--threshold 1.10] [--rounds 6]``).
 
     Runs ``python -m analysis.continuous``: both commits checked out into temporary git
     worktrees, timed in interleaved rounds by ``asv run --python=same`` in the shared torch

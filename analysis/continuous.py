@@ -46,7 +46,7 @@ import pandas as pd
 from . import rounds as rounds_mod
 from .asv_results import _load_result_file, load_benchmarks
 from .messages import Messages
-from .regressions import DEFAULT_THRESHOLD
+from .regressions import DEFAULT_THRESHOLD, threshold_arg
 
 DEFAULT_ROUNDS = 6
 DEFAULT_REPEAT = 5
@@ -256,7 +256,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("base", nargs="?", help="baseline revision (default: merge-base with main, or HEAD~1 on main)")
     p.add_argument("head", nargs="?", default="HEAD", help="head revision")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="0.1 gates on head/base >= 1.1")
+    p.add_argument(
+        "--threshold",
+        type=threshold_arg,
+        default=DEFAULT_THRESHOLD,
+        help="gate on head/base at or above this ratio (1.10), also written as a fraction (0.1 or 10%%)",
+    )
     p.add_argument("--alpha", type=float, default=rounds_mod.DEFAULT_ALPHA, help="level of the paired-rounds t-test")
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved rounds (each: both commits)")
     p.add_argument("--repeat", type=int, default=DEFAULT_REPEAT, help="samples per benchmark per round")
@@ -278,8 +283,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    if not 0 < args.threshold < 10:
-        raise ValueError(f"--threshold must be a fraction in (0, 10), e.g. 0.1 for 10%; got {args.threshold}")
     if not 0 < args.alpha < 1:
         raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.rounds < rounds_mod.MIN_ROUNDS:

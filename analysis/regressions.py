@@ -44,7 +44,33 @@ import pandas as pd
 from .asv_results import AsvResults, sample_lookup
 from .significance import mann_whitney_u, min_p_value
 
-DEFAULT_THRESHOLD = 0.10
+DEFAULT_THRESHOLD = 0.10  # as a fraction: head/base >= 1.10 is a slowdown beyond it
+
+
+def threshold_arg(text: str) -> float:
+    """``--threshold`` as a fraction: a ratio ``1.10``, a fraction ``0.1`` or ``10%`` all mean 10%.
+
+    asv's ``--factor`` and the issue tracker speak of ratios (1.10), the report's tables of
+    fractions (10%); both spellings are accepted and agree, so neither is read silently as
+    the other (a ratio r > 1 is the fraction r - 1; a number in (0, 1) is a fraction).
+    """
+    import argparse
+
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio such as 1.10, or a fraction 0.1 / 10%; got {text!r}")
+    if text.endswith("%") or value < 1:
+        fraction = value
+    else:
+        fraction = value - 1
+    if not 0 < fraction < 10:
+        raise argparse.ArgumentTypeError(
+            f"expected a ratio above 1 such as 1.10 (10% slower), or a fraction 0.1 / 10%; got {text!r}"
+        )
+    return fraction
+
+
 DEFAULT_ALPHA = 0.002
 GROUP = ["machine", "env_name", "benchmark", "param_key"]  # one measured thing across commits
 FLAGGED = ("regression", "improvement")

@@ -32,7 +32,7 @@ from bkn.results import atomic_path
 from .asv_results import load_asv_results
 from .messages import Messages
 from .probes import load_drift, load_training
-from .regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
+from .regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD, threshold_arg
 from .sections import SECTIONS, Inputs, Section, build
 from .sections.base import ROUNDS_ALPHA
 
@@ -47,13 +47,6 @@ def _sections(text: str) -> list[str]:
             f"unknown section(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(SECTIONS)}"
         )
     return names
-
-
-def _fraction(text: str) -> float:
-    value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    if not 0 < value < 10:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1 (or 10%), got {text!r}")
-    return value
 
 
 def _probability(text: str) -> float:
@@ -104,9 +97,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--head", help="head commit (default: the latest commit with asv results)")
     p.add_argument(
         "--threshold",
-        type=_fraction,
+        type=threshold_arg,
         default=DEFAULT_THRESHOLD,
-        help="smallest relative change reported: 0.1 flags head/base > 1.1 or < 1/1.1",
+        help="smallest relative change reported, as a ratio or a fraction: 1.10 (= 0.1 = 10%%) flags "
+        "head/base >= 1.1 or <= 1/1.1",
     )
     p.add_argument(
         "--alpha",

@@ -306,3 +306,16 @@ def test_history_of_six_commits_shows_the_one_step(tmp_path):
     row = found.iloc[0]
     assert row["benchmark"] == "layers.TimeNorm.time_forward" and row["commit"] == hashes[3]
     assert "method=gn, group_size=4, shape=512x7x7" in row["param_key"] and row["ratio"] == pytest.approx(1.4, rel=0.05)
+
+
+def test_threshold_is_read_as_a_ratio_or_a_fraction_never_one_as_the_other():
+    import argparse
+
+    from analysis.regressions import threshold_arg
+
+    for text in ("1.10", "1.1", "0.1", "10%"):
+        assert threshold_arg(text) == pytest.approx(0.10), text
+    assert threshold_arg("1.25") == pytest.approx(0.25)
+    for bad in ("1", "1.0", "0", "-1", "abc", "0%"):
+        with pytest.raises(argparse.ArgumentTypeError, match="ratio"):
+            threshold_arg(bad)
