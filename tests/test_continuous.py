@@ -52,7 +52,8 @@ def test_tracking_covers_every_method_in_each_layer_family():
         by_bench.setdefault(name, []).append(params)
     fb = by_bench["bench_layers.TimeForwardBackward.time_forward_backward"]
     assert {p[0] for p in fb} == set(METHODS) and {(p[1], p[2]) for p in fb} == {(8, "64x56x56"), (2, "512x7x7")}
-    assert {p[0] for p in by_bench["bench_network.TimeCifarResNetTrainStep.time_train_step"]} == set(METHODS)
+    step = by_bench["bench_network.TimeCifarResNetGroupedStep.time_train_step"]
+    assert {p[0] for p in step} == set(METHODS) and {p[1] for p in step} == {2}  # groups of 2 inside a batch
     assert "bench_bandwidth.TimeCopy.time_copy" in by_bench
 
 
