@@ -6,6 +6,8 @@
     nox -s accuracy     the drift probe, python -m bkn.probes.drift (``-- --full``), then reports/accuracy.html
     nox -s convergence  the training probe, python -m bkn.probes.training (``-- --quick``), then
                         reports/convergence.html
+    nox -s continuous   time BASE and HEAD on the tracking subset in interleaved rounds; exit 1 on a
+                        significant slowdown (``-- BASE HEAD --threshold 1.10``), then reports/report.html
     nox -s report       reports/report.html from whatever results exist
     nox -s screenshot   check the report in headless Chromium, save reports/report.png
     nox -s demo         short BKN-vs-BN comparison (posargs go to ``python -m bkn.demo``)
@@ -179,6 +181,21 @@ def bench(session: nox.Session) -> None:
         *filters,
         env={"BKN_BENCH_THREADS": os.environ.get("BKN_BENCH_THREADS", "1")},
     )
+
+
+@nox.session(venv_backend="none")
+def continuous(session: nox.Session) -> None:
+    """Regression gate: BASE vs HEAD on the tracking subset (``-- [BASE] [HEAD] [--threshold 1.10] [--rounds 6]``).
+
+    Runs ``python -m analysis.continuous``: both commits checked out into temporary git
+    worktrees, timed in interleaved rounds by ``asv run --python=same`` in the shared torch
+    venv (the subset is ``suites.tracking.TRACKING``), a paired-rounds test per benchmark,
+    a short table, the HTML report with the Regressions section filled. Defaults: BASE is
+    the merge-base with main (HEAD~1 on main), HEAD is HEAD. Exit 1 when a benchmark is
+    significantly slower by the threshold or more; exit 0, saying why, when there is no
+    base (first commit, shallow clone). ``-- --help`` lists the options.
+    """
+    torch_env(session, *EXTRAS).run("-m", "analysis.continuous", *session.posargs)
 
 
 @nox.session(venv_backend="none")

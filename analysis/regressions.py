@@ -44,7 +44,33 @@ import pandas as pd
 from .asv_results import AsvResults, sample_lookup
 from .significance import mann_whitney_u, min_p_value
 
-DEFAULT_THRESHOLD = 0.10
+DEFAULT_THRESHOLD = 0.10  # as a fraction: head/base >= 1.10 is a slowdown beyond it
+
+
+def threshold_arg(text: str) -> float:
+    """``--threshold`` as a fraction: a ratio ``1.10``, a fraction ``0.1`` or ``10%`` all mean 10%.
+
+    asv's ``--factor`` and the issue tracker speak of ratios (1.10), the report's tables of
+    fractions (10%); both spellings are accepted and agree, so neither is read silently as
+    the other (a ratio r > 1 is the fraction r - 1; a number in (0, 1) is a fraction).
+    """
+    import argparse
+
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio such as 1.10, or a fraction 0.1 / 10%; got {text!r}")
+    if text.endswith("%") or value < 1:
+        fraction = value
+    else:
+        fraction = value - 1
+    if not 0 < fraction < 10:
+        raise argparse.ArgumentTypeError(
+            f"expected a ratio above 1 such as 1.10 (10% slower), or a fraction 0.1 / 10%; got {text!r}"
+        )
+    return fraction
+
+
 DEFAULT_ALPHA = 0.002
 GROUP = ["machine", "env_name", "benchmark", "param_key"]  # one measured thing across commits
 FLAGGED = ("regression", "improvement")
@@ -216,3 +242,63 @@ def trends(asv: AsvResults) -> pd.DataFrame:
     ok["order"] = ok["commit"].map(position)
     ok["commit_short"] = ok["commit"].str[:8]
     return ok.sort_values([*GROUP, "order"]).reset_index(drop=True)
+
+
+STEP_WINDOW = 3  # commits on each side whose median a step compares
+
+
+def steps(trend: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD, window: int = STEP_WINDOW) -> pd.DataFrame:
+    """Step changes over the commit history: where a benchmark's level moved by more than ``threshold``.
+
+    For each benchmark x parameters measured at 3 or more commits (``trend``: :func:`trends`,
+    oldest first) and each commit ``i`` after the first: ``before`` = the median of the values
+    at the ``window`` commits before ``i``, ``after`` = the median at ``i`` and the
+    ``window - 1`` commits after it, ``ratio = after / before``. A step is a run of
+    consecutive commits whose ratio leaves ``[1/(1+threshold), 1+threshold]`` in the same
+    direction, reported at the commit with the largest ``|log ratio|`` of the run (on a tie,
+    the one whose value jumped most from the commit before). The
+    medians make one outlying commit inside the history no step (it is one value of three
+    on each side); at the newest commits the window is shorter, so a change there shows at
+    once. No significance test: a value per commit is all a history keeps (asv's
+    estimates); the pairwise verdicts above test the latest pair.
+
+    Returns one row per step: the group, ``commit`` (first on the new level), ``previous``
+    (the commit before it), ``before``, ``after``, ``ratio``, ``direction``, ``unit``.
+    """
+    columns = [*GROUP, "commit", "previous", "before", "after", "ratio", "direction", "unit"]
+    found = []
+    if trend.empty:
+        return pd.DataFrame(columns=columns)
+    for key, series in trend.groupby(GROUP, sort=False):
+        series = series.sort_values("order")
+        values = series["value"].to_numpy(dtype=float)
+        commits = series["commit"].tolist()
+        if len(values) < 3:
+            continue
+        candidates = []
+        for i in range(1, len(values)):
+            before = float(np.median(values[max(0, i - window) : i]))
+            after = float(np.median(values[i : i + window]))
+            if before <= 0 or not (math.isfinite(before) and math.isfinite(after)):
+                candidates.append(None)
+                continue
+            ratio = after / before
+            direction = "slower" if ratio > 1 + threshold else "faster" if ratio < 1 / (1 + threshold) else None
+            jump = abs(math.log(values[i] / values[i - 1])) if values[i] > 0 and values[i - 1] > 0 else 0.0
+            candidates.append((i, before, after, ratio, direction, jump) if direction else None)
+        run: list[tuple] = []
+        for c in [*candidates, None]:  # a trailing None closes the last run
+            if c is not None and (not run or run[-1][4] == c[4]) and (not run or run[-1][0] == c[0] - 1):
+                run.append(c)
+                continue
+            if run:
+                # the largest change of level; on a tie (windows that straddle the same step) the commit
+                # whose own value jumped
+                i, before, after, ratio, direction, _ = max(run, key=lambda r: (round(abs(math.log(r[3])), 9), r[5]))
+                found.append(
+                    dict(zip(GROUP, key))
+                    | dict(commit=commits[i], previous=commits[i - 1], before=before, after=after, ratio=ratio)
+                    | dict(direction=direction, unit=series["unit"].iloc[0])
+                )
+            run = [c] if c is not None else []
+    return pd.DataFrame(found, columns=columns)

@@ -32,8 +32,9 @@ from bkn.results import atomic_path
 from .asv_results import load_asv_results
 from .messages import Messages
 from .probes import load_drift, load_training
-from .regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
+from .regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD, threshold_arg
 from .sections import SECTIONS, Inputs, Section, build
+from .sections.base import ROUNDS_ALPHA
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent / "templates"
 
@@ -46,13 +47,6 @@ def _sections(text: str) -> list[str]:
             f"unknown section(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(SECTIONS)}"
         )
     return names
-
-
-def _fraction(text: str) -> float:
-    value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    if not 0 < value < 10:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1 (or 10%), got {text!r}")
-    return value
 
 
 def _probability(text: str) -> float:
@@ -103,15 +97,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--head", help="head commit (default: the latest commit with asv results)")
     p.add_argument(
         "--threshold",
-        type=_fraction,
+        type=threshold_arg,
         default=DEFAULT_THRESHOLD,
-        help="smallest relative change reported: 0.1 flags head/base > 1.1 or < 1/1.1",
+        help="smallest relative change reported, as a ratio or a fraction: 1.10 (= 0.1 = 10%%) flags "
+        "head/base >= 1.1 or <= 1/1.1",
     )
     p.add_argument(
         "--alpha",
         type=_probability,
         default=DEFAULT_ALPHA,
         help="significance level of the Mann-Whitney U test on the recorded samples",
+    )
+    p.add_argument(
+        "--rounds-dir",
+        type=pathlib.Path,
+        default=pathlib.Path(".asv/rounds"),
+        help="rounds files of `nox -s continuous`: when one exists for the compared pair, its paired-rounds "
+        "verdicts replace the pooled-sample test",
+    )
+    p.add_argument(
+        "--rounds-alpha",
+        type=_probability,
+        default=ROUNDS_ALPHA,
+        help="significance level of the paired-rounds t-test (analysis.rounds)",
+    )
+    p.add_argument(
+        "--no-base",
+        metavar="REASON",
+        help="there is no baseline commit (REASON says why): the Regressions section says so instead of comparing",
     )
     p.add_argument(
         "--fail-on-regression",
@@ -183,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         threshold=args.threshold,
         alpha=args.alpha,
         repo=args.repo,
+        rounds_dir=args.rounds_dir,
+        rounds_alpha=args.rounds_alpha,
+        no_base=args.no_base,
     )
     sections = build(inputs, args.sections)
 

@@ -2,9 +2,10 @@
 
 * :mod:`bkn.methods` - the registry of named methods (a norm and its options) every part uses.
 * :mod:`bkn.layers` - BKN, Batch Renormalization, ghost-batch BN layers.
-* :mod:`bkn.transitions` - how a BKN layer's prior is propagated (official, analytic, identity).
+* :mod:`bkn.transitions` - how a BKN layer's prior is propagated (official and its ablations, analytic, identity).
 * :mod:`bkn.norms` - the low-level constructor ``create(name, C, **options)``.
-* :func:`bkn.convert` - swap the BatchNorms of any model (torchvision ResNets...) and wire BKN priors.
+* :func:`bkn.convert` - swap the BatchNorms of any model (torchvision ResNets...) and wire BKN priors;
+  :func:`bkn.prior_summary` / :func:`bkn.prior_report` - each layer's planned prior and its last training forward.
 * :mod:`bkn.models` - the paper's CIFAR ResNet.
 * :mod:`bkn.results` - the result files' contract (columns, schema versions, atomic writes).
 
@@ -26,6 +27,7 @@ _LAZY = {
     "methods": ("bkn.methods", None),
     "convert": ("bkn.conversion", "convert"),
     "prior_summary": ("bkn.conversion", "prior_summary"),
+    "prior_report": ("bkn.conversion", "prior_report"),
     **{
         f"{stem}{d}d": ("bkn.layers", f"{stem}{d}d")
         for stem in ("BatchKalmanNorm", "BatchRenorm", "GhostBatchNorm")

@@ -1,17 +1,26 @@
 """Prior chains: each BKN layer's prior, computed from the posteriors of earlier layers.
 
-A :class:`PriorChain` is built from a ``torch.fx`` trace of a model. For each BKN
-layer it knows the sub-graph between the layer and the normalization layers that
-feed it (convolutions, ReLUs, pooling, residual sums). When a BKN layer runs in
-training mode it asks the chain for its prior; the chain evaluates that
-sub-graph on *states* (a Monte-Carlo surrogate or closed-form moments, see
-:mod:`bkn.transitions`) starting from the posteriors the earlier layers produced
-in this same forward pass, memoising every node until the next forward.
+A :class:`PriorChain` is built from a ``torch.fx`` trace of a model, kept as a flat
+table of :class:`_Op` (names, kinds and input names: no ``torch.fx`` objects, so a
+converted model deep-copies and pickles). For each BKN layer it knows the sub-graph
+between the layer and the normalization layers that feed it (convolutions, ReLUs,
+pooling, residual sums, channel padding and concatenation). When a BKN layer runs in
+training mode it asks the chain for its prior; the chain evaluates that sub-graph on
+*states* (a Monte-Carlo surrogate or closed-form moments, see :mod:`bkn.transitions`)
+starting from the latest normalization posteriors of this same forward pass, memoising
+every node until the next forward. The latest posterior of a tensor is
 
-Where a path can't be modelled (an op the transition does not know, a node that
-is not a tensor op, the model input) the layer gets no prior - or, with
-``fallback="identity"``, the previous layer's posterior when channels match -
-and :meth:`PriorChain.summary` says which layer got which prior and why.
+* the posterior of a BKN layer that already *read* it (its input moments): the
+  residual stream of a pre-activation ResNet, ``x + f(relu(bn(x)))``, is read by the
+  block's first norm, whose posterior then stands for ``x`` (``transition.at_input``);
+* otherwise the output of the BKN layers feeding it (``transition.after_norm``),
+  propagated through the ops in between.
+
+Where a path can't be modelled (an op the transition does not know, a node that is
+not a tensor op, the model input) the layer gets no prior - or, with
+``fallback="identity"``, the previous layer's posterior when channels match.
+:meth:`PriorChain.report` gives, per layer, the static plan and what happened in the
+last training forward (prior used or not, from where, and why not).
 """
 
 from __future__ import annotations
@@ -31,6 +40,53 @@ _ADD = {operator.add, operator.iadd, torch.add}
 _RELU = {F.relu, torch.relu, torch.relu_}
 _FLATTEN = {torch.flatten}
 _PASS_METHODS = {"contiguous", "clone"}
+_ADD_METHODS = {"add", "add_"}
+_RELU_METHODS = {"relu", "relu_"}
+_PAD = {F.pad, torch.constant_pad_nd}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+# Integer arithmetic on tensor sizes (``pad = x.shape[1] // 2`` for a zero-padding shortcut).
+_ARITH = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg}
+
+FIRST_LAYER = "no prior: first normalization layer (its input derives from the model input only)"
+PART_INPUT = "no prior: part of its input derives from the model input only (no statistics to propagate)"
+NOT_RUN = "not run in training mode yet"
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One node of the traced graph, as much of it as the chain needs.
+
+    ``kind``: ``input`` (the model input), ``norm`` (a BKN layer's first call), ``module``
+    (a module the transitions model), ``add``, ``relu``, ``flatten``, ``pad`` (zero
+    channel padding), ``cat`` (concatenation of channels), ``pass`` (no change to the
+    statistics), ``size`` and ``arith`` (a tensor's size and integer arithmetic on it:
+    values, not states), ``output`` or ``unsupported`` (``why`` says what is not modelled).
+    """
+
+    name: str
+    kind: str
+    inputs: tuple[str, ...]
+    label: str
+    target: str = ""  # module name, for norm and module
+    start_dim: int = 0  # flatten
+    why: str = ""
+    args: tuple = ()  # size, arith, pad: the call's arguments, other nodes as _Ref
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A reference to another node's value inside an :class:`_Op`'s arguments."""
+
+    name: str
+
+
+def _refs(value):
+    """``value`` (a call argument) with every ``fx.Node`` replaced by a picklable :class:`_Ref`."""
+    if isinstance(value, fx.Node):
+        return _Ref(value.name)
+    if isinstance(value, (tuple, list)):
+        return tuple(_refs(v) for v in value)
+    return value
 
 
 @dataclass
@@ -43,16 +99,42 @@ class PriorRoute:
     status: str = ""
 
 
+@dataclass
+class _Missing:
+    """No state for a node (the model input, or a layer that did not run); not an error of the graph."""
+
+    why: str
+    from_input: bool = False
+
+
 class PriorChain:
+    """The prior chain of a converted model: built from its ``torch.fx`` graph, attached with :meth:`attach`.
+
+    ``transition``: a :data:`bkn.transitions.NAMES` value; ``fallback``: ``"none"`` or
+    ``"identity"`` (a layer whose path can't be modelled gets the previous posterior when
+    channels match); ``draws``: Monte-Carlo draws per group of the ``official*`` transitions.
+    """
+
     def __init__(
-        self, root: nn.Module, graph: fx.Graph, transition: str = "official", fallback: str = "none", draws: int = 1
+        self,
+        root: nn.Module,
+        graph: fx.Graph,
+        transition: str = "official",
+        fallback: str = "none",
+        draws: int = 1,
+        surrogate_scale: float = 1.0,
     ):
         if fallback not in ("none", "identity"):
             raise ValueError(f"fallback must be 'none' or 'identity', got {fallback!r}")
         self.transition_name = transition
-        self.transition = transitions.get(transition, **({"draws": draws} if transition == "official" else {}))
+        scaled = {"surrogate_scale": surrogate_scale} if surrogate_scale != 1.0 else {}
+        if scaled and transition not in transitions.MONTE_CARLO:
+            raise ValueError(
+                f"surrogate_scale applies to the official transition only ({', '.join(transitions.MONTE_CARLO)}), "
+                f"not {transition!r}"
+            )
+        self.transition = transitions.get(transition, **({"draws": draws} if draws != 1 else {}), **scaled)
         self.fallback = fallback
-        self.nodes = {n.name: n for n in graph.nodes}
         self.modules = dict(root.named_modules())
         self.norm_nodes: dict[str, str] = {}  # node name -> module name, for every BKN layer
         self.order: list[str] = []  # BKN node names in execution order
@@ -62,32 +144,164 @@ class PriorChain:
                     continue  # a layer called twice: its second call gets no chain (see summary)
                 self.norm_nodes[node.name] = node.target
                 self.order.append(node.name)
-        self._cache: dict[str, object] = {}
-        self._ran: dict[str, tuple[int, ...]] = {}
-        self.routes = {name: self._describe(name) for name in self.order}
+        self.ops: dict[str, _Op] = {}
+        for node in graph.nodes:  # in order: an op's classification may look at its inputs'
+            self.ops[node.name] = self._op(node)
+        self.input_of: dict[str, str] = {n: self.ops[n].inputs[0] for n in self.order if self.ops[n].inputs}
+        self.readers: dict[str, list[str]] = {}  # node -> the BKN layers whose input it is, in order
+        for layer, read in self.input_of.items():
+            self.readers.setdefault(read, []).append(layer)
+        self._reset()
+        self._last: dict[str, str] = {}  # BKN node -> what happened in the last training forward
+        self._last_order: list[str] = []  # BKN nodes in the order they ran in the last training forward
+        self.routes = {
+            name: self._trace(name, {n: i for i, n in enumerate(self.order[:k])}) for k, name in enumerate(self.order)
+        }
+
+    # -- the graph, flattened -----------------------------------------------------------------
+    def _op(self, node: fx.Node) -> _Op:
+        inputs = tuple(a.name for a in node.all_input_nodes)
+        label = self._label(node)
+        kind, why, start = "unsupported", "", 0
+        if node.op == "placeholder":
+            kind = "input"
+        elif node.op == "output":
+            kind = "output"
+        elif node.name in self.norm_nodes:
+            kind = "norm"
+            for attr in getattr(self.modules[node.target], "_bkn_post", ()):
+                post = getattr(self.modules[node.target], attr)
+                if not transitions.Analytic.supports(post):
+                    kind, why = "unsupported", f"its {attr} {type(post).__name__} is not modelled"
+        elif node.op == "call_module":
+            module = self.modules[node.target]
+            if transitions.Analytic.supports(module):
+                kind = "module"
+            else:
+                why = f"{type(module).__name__} is not modelled"
+        elif node.op in ("call_function", "call_method"):
+            target = node.target
+            values = [i for i in inputs if self.ops[i].kind in ("size", "arith")]
+            on_values = bool(inputs) and len(values) == len(inputs)
+            if (target is getattr and node.args[1:] == ("shape",)) or target == "size":
+                kind = "size"
+                args = (_refs(node.args[1]),) if target == "size" and len(node.args) > 1 else ()
+                return _Op(node.name, kind, inputs, label, args=args)
+            if target in _ARITH and on_values:
+                return _Op(node.name, "arith", inputs, label, target=target.__name__, args=_refs(node.args))
+            if target in _PAD:
+                value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
+                mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+                pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+                if mode == "constant" and not value and isinstance(node.args[0], fx.Node):
+                    return _Op(node.name, "pad", inputs, label, args=(_Ref(node.args[0].name), _refs(pad)))
+                return _Op(node.name, "unsupported", inputs, label, why=f"{mode} padding with value {value}")
+            if target in _CAT:
+                tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+                if dim == 1 and isinstance(tensors, (list, tuple)) and all(isinstance(t, fx.Node) for t in tensors):
+                    return _Op(node.name, "cat", tuple(t.name for t in tensors), label)  # in order, repeats kept
+                return _Op(node.name, "unsupported", inputs, label, why=f"concatenation along dim {dim}, not channels")
+            if target in _ADD or target in _ADD_METHODS:
+                if len(inputs) == 2 and not values and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2:
+                    kind = "add"
+                else:
+                    why = "add of a tensor and a non-tensor"
+            elif target in _RELU or target in _RELU_METHODS:
+                kind = "relu"
+            elif target in _FLATTEN or target == "flatten":
+                kind, start = "flatten", node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+                if start != 1:
+                    kind, why = "unsupported", "flatten that merges the batch dimension"
+            elif target in _PASS_METHODS:
+                kind = "pass"
+            else:
+                why = f"{node.op} {getattr(target, '__name__', target)}"
+        else:
+            why = f"{node.op} {node.target}"
+        target = node.target if node.op == "call_module" else ""
+        return _Op(node.name, kind, inputs, label, target, start, why)
+
+    def _label(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"{type(self.modules[node.target]).__name__}({node.target})"
+        if node.op == "call_function":
+            return getattr(node.target, "__name__", str(node.target))
+        return f"{node.op}:{node.target}"
 
     # -- wiring -----------------------------------------------------------------------------
     def attach(self, root: nn.Module) -> None:
         """Install the hooks and prior providers on ``root`` and its BKN layers."""
-        root.register_forward_pre_hook(self._new_forward)
+        root.register_forward_pre_hook(_NewForward(self))
         for node_name, module_name in self.norm_nodes.items():
             layer = self.modules[module_name]
             layer.prior_provider = _Provider(self, node_name)
             layer._qualified_name = module_name
             layer.register_forward_hook(_Recorder(self, node_name))
 
-    def _new_forward(self, module, args):
-        self._cache.clear()
-        self._ran.clear()
+    def _reset(self) -> None:
+        """Forget the states of the previous forward."""
+        self._cache: dict[str, object] = {}
+        self._ran: dict[str, tuple[int, ...]] = {}  # BKN node -> spatial size, in the order they ran
+        self._read: dict[str, str] = {}  # node -> the latest BKN node that ran with it as input
+        self._why: dict[str, str | None] = {}  # BKN node -> why its provider returned no prior
 
-    # -- static description (for the summary) --------------------------------------------
-    def _describe(self, node_name: str) -> PriorRoute:
+    def __getstate__(self):
+        # The states of a forward are transient (non-leaf tensors: deepcopy refuses them).
+        state = self.__dict__.copy()
+        for key in ("_cache", "_ran", "_read", "_why"):
+            state[key] = {}
+        return state
+
+    # -- the plan, and the route of the last forward ------------------------------------------
+    def _trace(self, node_name: str, earlier: dict[str, int]) -> PriorRoute:
+        """The route of BKN node ``node_name``'s prior when the BKN nodes ``earlier`` (name -> rank)
+        ran before it: sources, ops in between and the status the plan predicts."""
         route = PriorRoute(self.norm_nodes[node_name])
         problems: list[str] = []
-        visited: list[fx.Node] = []
-        self._walk(self.nodes[node_name].args[0], route, problems, set(), visited)
-        position = {name: i for i, name in enumerate(self.nodes)}
-        route.path = [self._op_label(n) for n in sorted(visited, key=lambda n: position[n.name])]
+        visited: list[str] = []
+        reached_input = [False]
+        seen: set[str] = set()
+        stack = list(self.ops[node_name].inputs[:1])
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            readers = [r for r in self.readers.get(name, ()) if r in earlier]
+            if readers:  # read by a layer that ran: its posterior stands for this tensor
+                route.sources.append(self.norm_nodes[max(readers, key=earlier.get)] + " (input)")
+                continue
+            op = self.ops[name]
+            if op.kind == "norm":
+                route.sources.append(op.target)
+                layer = self.modules[op.target]
+                for attr in getattr(layer, "_bkn_post", ()):  # a converted norm-activation: its act is on the path
+                    if not isinstance(getattr(layer, attr), nn.Identity):
+                        visited.append((name, attr))
+                continue
+            if op.kind == "input":
+                reached_input[0] = True
+                continue
+            if op.kind == "unsupported":
+                problems.append(f"cannot propagate through {op.label} ({op.why})")
+                continue
+            if op.kind not in ("size", "arith"):  # shape arithmetic: not an op on the statistics
+                visited.append(name)
+            stack.extend(op.inputs)
+        position = {name: i for i, name in enumerate(self.ops)}
+
+        def label(item) -> str:
+            if isinstance(item, tuple):  # (norm node, attribute)
+                module = getattr(self.modules[self.ops[item[0]].target], item[1])
+                return f"{type(module).__name__}({self.ops[item[0]].target}.{item[1]})"
+            return self.ops[item].label
+
+        def rank(item) -> float:
+            return position[item[0]] + 0.5 if isinstance(item, tuple) else position[item]
+
+        route.path = [label(n) for n in sorted(visited, key=rank)]
+        route.sources.sort(key=lambda s: position.get(self._node_of(s), 0))
         if self.transition is None:
             route.path = ["identity"]
         if problems:
@@ -95,65 +309,81 @@ class PriorChain:
             if self.fallback == "identity":
                 route.status += " (fallback: identity)"
         elif not route.sources:
-            route.status = "no prior: first normalization layer (its input derives from the model input only)"
+            route.status = FIRST_LAYER
+        elif reached_input[0]:
+            route.status = PART_INPUT
         else:
             route.status = f"prior ({self.transition_name})"
         return route
 
-    def _walk(self, node, route: PriorRoute, problems: list[str], seen: set, visited: list) -> None:
-        if not isinstance(node, fx.Node) or node.name in seen:
-            return
-        seen.add(node.name)
-        if node.name in self.norm_nodes:
-            route.sources.append(self.norm_nodes[node.name])
-            return
-        label = self._op_label(node)
-        if node.op == "placeholder":
-            return
-        try:
-            self._check_supported(node)
-        except Unsupported as why:
-            problems.append(f"cannot propagate through {label} ({why})")
-            return
-        visited.append(node)
-        for arg in node.all_input_nodes:
-            self._walk(arg, route, problems, seen, visited)
+    def _node_of(self, source: str) -> str:
+        module = source.removesuffix(" (input)")
+        return next((n for n, m in self.norm_nodes.items() if m == module), "")
 
-    def _op_label(self, node: fx.Node) -> str:
-        if node.op == "call_module":
-            return f"{type(self.modules[node.target]).__name__}({node.target})"
-        if node.op == "call_function":
-            return getattr(node.target, "__name__", str(node.target))
-        return f"{node.op}:{node.target}"
+    def report(self) -> list[dict]:
+        """Per BKN layer in execution order: ``layer``, ``sources``, ``path``, ``plan`` (the static
+        status) and ``last`` (the last training forward: ``"prior used"``, ``"no prior: <why>"``, or
+        that it did not run); ``sources``/``path`` are those of the last training forward where it ran."""
+        rows = []
+        ran = {n: i for i, n in enumerate(self._last_order)}
+        for name in self.order:
+            plan = self.routes[name]
+            route = plan
+            if name in self._last:
+                route = self._trace(name, {n: i for n, i in ran.items() if i < ran[name]})
+                last = self._last[name]
+            else:
+                last = "did not run in the last training forward" if self._last_order else NOT_RUN
+            rows.append(
+                {
+                    "layer": plan.layer,
+                    "sources": list(route.sources),
+                    "path": list(route.path),
+                    "plan": plan.status,
+                    "last": last,
+                }
+            )
+        return rows
 
-    def _check_supported(self, node: fx.Node) -> None:
-        if node.op == "call_module":
-            module = self.modules[node.target]
-            if not transitions.Analytic.supports(module):
-                raise Unsupported(f"{type(module).__name__} is not modelled")
-            return
-        if node.op == "call_function" and node.target in _ADD | _RELU | _FLATTEN:
-            return
-        if node.op == "call_method" and node.target in {"relu", "relu_", "add", "add_", "flatten"} | _PASS_METHODS:
-            return
-        raise Unsupported(f"{node.op} {getattr(node.target, '__name__', node.target)}")
+    def summary(self) -> str:
+        return format_report(self.report())
 
     # -- evaluation ---------------------------------------------------------------------
     def prior(self, node_name: str):
-        """The prior for BKN node ``node_name`` in the current forward, or None."""
+        """The prior for BKN node ``node_name`` in the current forward, or None (``_why`` says why)."""
         layer = self.modules[self.norm_nodes[node_name]]
+        why = None
         if self.transition is None:
-            return self._identity_prior(node_name, layer)
+            prior = self._identity_prior(node_name, layer)
+            if prior is None:
+                why = "no prior: identity transition without a previous layer of the same width that ran"
+            self._why[node_name] = why
+            return prior
         try:
-            state = self._state(self.nodes[node_name].args[0])
-        except Unsupported as why:
-            self.routes[node_name].status = f"no prior: {why}"
-            state = None
+            state = self._state(self.input_of[node_name])
+        except Unsupported as err:
+            state, why = None, f"no prior: {err}"
+        if isinstance(state, _Missing):
+            if state.from_input:
+                state, why = None, FIRST_LAYER if not self.routes[node_name].sources else PART_INPUT
+            else:
+                state, why = None, f"no prior: {state.why}"
         if state is None:
-            return self._identity_prior(node_name, layer) if self.fallback == "identity" else None
+            if self.fallback == "identity":
+                prior = self._identity_prior(node_name, layer)
+                if prior is not None:
+                    self._why[node_name] = None
+                    return prior
+                why += " (fallback: identity found no previous layer of the same width)"
+            self._why[node_name] = why
+            return None
         mean, var = self.transition.to_prior(state)
         if mean.shape[-1] != layer.num_features:
+            self._why[node_name] = (
+                f"no prior: the propagated statistics have {mean.shape[-1]} channels, the layer {layer.num_features}"
+            )
             return None
+        self._why[node_name] = None
         return mean, var
 
     def _identity_prior(self, node_name: str, layer):
@@ -168,60 +398,125 @@ class PriorChain:
             return None
         return mean, var
 
-    def _state(self, node):
-        if not isinstance(node, fx.Node):
-            raise Unsupported(f"non-tensor argument {node!r}")
-        if node.name in self._cache:
-            return self._cache[node.name]
-        state = self._evaluate(node)
-        self._cache[node.name] = state
+    def _state(self, name: str):
+        cache = self._cache
+        if name in cache:
+            return cache[name]
+        state = self._evaluate(name)
+        cache[name] = state
         return state
 
-    def _evaluate(self, node: fx.Node):
+    def _evaluate(self, name: str):
         t = self.transition
-        if node.name in self.norm_nodes:
-            if node.name not in self._ran:
-                return None
-            layer = self.modules[self.norm_nodes[node.name]]
-            return t.after_norm(layer, self._ran[node.name]) if layer.posterior is not None else None
-        if node.op == "placeholder" or node.op == "get_attr":
-            return None
-        inputs = [self._state(a) for a in node.all_input_nodes]
-        if any(s is None for s in inputs):
-            return None
-        if node.op == "call_module":
-            return t.module(self.modules[node.target], inputs[0])
-        target = node.target
-        if target in _ADD or target in ("add", "add_"):
-            if len(inputs) != 2 or node.kwargs.get("alpha", 1) != 1:
-                raise Unsupported("add of a tensor and a non-tensor")
+        reader = self._read.get(name)
+        if reader is not None:  # the input of a BKN layer that ran: its posterior estimates this tensor
+            return t.at_input(self.modules[self.norm_nodes[reader]], self._ran[reader])
+        op = self.ops[name]
+        kind = op.kind
+        if kind == "norm":
+            if name not in self._ran:
+                return _Missing(f"{op.target} did not run before it in this forward")
+            layer = self.modules[op.target]
+            state = t.after_norm(layer, self._ran[name])
+            for attr in getattr(layer, "_bkn_post", ()):  # a converted norm-activation (timm's BatchNormAct2d)
+                state = t.module(getattr(layer, attr), state)
+            return state
+        if kind == "input":
+            return _Missing("its input derives from the model input", from_input=True)
+        if kind == "unsupported":
+            raise Unsupported(f"cannot propagate through {op.label} ({op.why})")
+        if kind in ("size", "arith", "pad"):
+            return self._call(op)
+        inputs = [self._state(a) for a in op.inputs]
+        for state in inputs:
+            if isinstance(state, _Missing):
+                return state
+        try:
+            return self._apply(op, inputs)
+        except Unsupported as err:
+            raise Unsupported(f"cannot propagate through {op.label} ({err})") from None
+
+    def _resolve(self, value):
+        if isinstance(value, _Ref):
+            return self._state(value.name)
+        if isinstance(value, tuple):
+            return tuple(self._resolve(v) for v in value)
+        return value
+
+    def _call(self, op: _Op):
+        """A size, integer arithmetic on sizes, or a zero padding (its amounts may be such values)."""
+        args = [self._resolve(a) for a in ((_Ref(op.inputs[0]),) if op.kind == "size" else ()) + op.args]
+        for a in args:
+            if isinstance(a, _Missing):
+                return a
+        try:
+            if op.kind == "size":
+                state, dim = args[0], (args[1] if len(args) > 1 else None)
+                if isinstance(state, transitions.Sample):
+                    shape = (None, *state.value.shape[1:])
+                else:
+                    shape = (None, state.channels, *state.spatial)  # the batch is not a statistic
+                return shape if dim is None else shape[dim]
+            if op.kind == "arith":
+                if any(a is None for a in args):
+                    raise Unsupported("arithmetic on the batch size")
+                return getattr(operator, op.target)(*args)
+            state, pad = args
+            if not all(isinstance(p, int) for p in pad):
+                raise Unsupported(f"padding amounts {pad}")
+            rank = 1 + (len(state.value.shape) - 2 if isinstance(state, transitions.Sample) else len(state.spatial))
+            if len(pad) % 2 or len(pad) > 2 * rank or any(pad[: 2 * (rank - 1)]) or len(pad) < 2 * rank:
+                raise Unsupported(f"padding {tuple(pad)} of spatial positions (only channel padding is modelled)")
+            return self.transition.pad_channels(state, pad[-2], pad[-1])
+        except Unsupported as err:
+            raise Unsupported(f"cannot propagate through {op.label} ({err})") from None
+
+    def _apply(self, op: _Op, inputs: list):
+        t = self.transition
+        kind = op.kind
+        if kind == "module":
+            return t.module(self.modules[op.target], inputs[0])
+        if kind == "add":
             return t.add(inputs[0], inputs[1])
-        if target in _RELU or target in ("relu", "relu_"):
+        if kind == "cat":
+            return t.cat(inputs)
+        if kind == "relu":
             return t.relu(inputs[0])
-        if target in _FLATTEN or target == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            if start != 1:
-                raise Unsupported("flatten that merges the batch dimension")
+        if kind == "flatten":
             state = inputs[0]
             if isinstance(state, transitions.Sample):
                 return transitions.Sample(state.value.flatten(1), state.draws)
             return t.flatten(state)
-        if target in _PASS_METHODS:
+        if kind == "pass":
             return inputs[0]
-        raise Unsupported(f"{node.op} {target}")
+        raise Unsupported(f"{kind} {op.label}")
 
-    def summary(self) -> str:
-        rows = [("layer", "prior from", "through", "status")]
-        for name in self.order:
-            r = self.routes[name]
-            rows.append((r.layer, ", ".join(r.sources) or "-", " > ".join(r.path) or "-", r.status))
 
-        def clip(text: str, width: int = 60) -> str:  # keep the end: the ops nearest the layer
-            return text if len(text) <= width else "..." + text[-(width - 3) :]
+def format_report(report: list[dict]) -> str:
+    """The rows of a prior report as a printable table (long cells keep their end: the ops nearest the layer)."""
+    rows = [("layer", "prior from", "through", "plan", "last training forward")]
+    for r in report:
+        rows.append((r["layer"], ", ".join(r["sources"]) or "-", " > ".join(r["path"]) or "-", r["plan"], r["last"]))
 
-        rows = [(clip(a), clip(b), clip(c), d) for a, b, c, d in rows]
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        return "\n".join("  ".join([row[i].ljust(widths[i]) for i in range(3)] + [row[3]]) for row in rows)
+    def clip(text: str, width: int = 60) -> str:
+        return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+    rows = [(clip(a), clip(b), clip(c), d, e) for a, b, c, d, e in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join([row[i].ljust(widths[i]) for i in range(4)] + [row[4]]) for row in rows)
+
+
+class _NewForward:
+    """Forward pre-hook on the converted model: a new forward forgets the previous one's states."""
+
+    def __init__(self, chain: PriorChain):
+        self.chain = chain
+
+    def __call__(self, module, args):
+        chain = self.chain
+        chain._reset()
+        if module.training:
+            chain._last, chain._last_order = {}, []
 
 
 class _Provider:
@@ -234,12 +529,33 @@ class _Provider:
         return self.chain.prior(self.node_name)
 
 
+_NOT_ASKED = object()
+
+
 class _Recorder:
-    """Forward hook on a BKN layer: marks it as run in this forward, with its spatial size."""
+    """Forward hook on a BKN layer: marks it as run in this forward (its spatial size, the tensor
+    it read) and records whether it used a prior, and why not."""
 
     def __init__(self, chain: PriorChain, node_name: str):
         self.chain, self.node_name = chain, node_name
 
     def __call__(self, module, args, output):
-        if module.training:
-            self.chain._ran[self.node_name] = tuple(args[0].shape[2:])
+        if not module.training:
+            return
+        chain, node = self.chain, self.node_name
+        chain._ran[node] = tuple(args[0].shape[2:])
+        read = chain.input_of.get(node)
+        if read is not None:  # from now on this layer's posterior stands for the tensor it read
+            chain._read[read] = node
+            chain._cache.pop(read, None)
+        why = chain._why.pop(node, _NOT_ASKED)
+        if module.prior_used:
+            status = "prior used"
+        elif why is _NOT_ASKED:
+            status = "no prior: the layer did not ask the chain (a prior was given, or no provider)"
+        elif why is None:
+            status = "no prior: the layer ignored the prior it was given (p = 0)"
+        else:
+            status = why
+        chain._last[node] = status
+        chain._last_order.append(node)

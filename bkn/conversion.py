@@ -5,7 +5,18 @@ place (the model's class and module names stay, so state_dicts keep their keys),
 and weights, running buffers, ``eps``, ``momentum``, device, dtype and training
 flags carry over. For ``"bkn"`` the model is traced with ``torch.fx`` and each BKN
 layer's prior is wired from the normalization layers feeding it (see
-:mod:`bkn.chain`); ``bkn.prior_summary(model)`` prints which layer got which prior.
+:mod:`bkn.chain`); ``bkn.prior_summary(model)`` prints which layer got which prior, as
+planned and as it happened in the last training forward.
+
+Norm types are matched exactly: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and subclasses
+that keep their forward. A subclass that overrides ``forward`` computes something else,
+so it is either converted into an equivalent - timm's norm-activation layers
+(``BatchNormAct2d``, ``SyncBatchNormAct``: the norm, then ``self.drop``, then
+``self.act``) become the new norm with the same ``drop`` and ``act`` applied after it
+(a forward hook; state_dict keys unchanged), as timm's own ``convert_sync_batchnorm``
+does - or rejected with a ``TypeError`` naming the class, before anything is replaced.
+Other normalization layers (``GroupNorm``, timm's ``GroupNormAct``, EvoNorm...) are left
+untouched.
 """
 
 from __future__ import annotations
@@ -14,10 +25,61 @@ import torch
 from torch import fx, nn
 
 from . import norms
-from .chain import PriorChain
+from .chain import PriorChain, format_report
+from .layers import SyncBatchNorm
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_CHAIN_OPTIONS = ("fallback", "draws", "chain")
+_CHAIN_OPTIONS = ("fallback", "surrogate_scale", "chain")
+# Forwards that compute plain batch normalization (a subclass keeping one of them is converted as its base).
+_PLAIN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward, SyncBatchNorm.forward)
+# Subclasses whose forward is: the norm, then self.drop, then self.act (timm's norm-activation layers).
+_NORM_ACT = {
+    f"{package}.norm_act.{name}"
+    for package in ("timm.layers", "timm.models.layers")
+    for name in ("BatchNormAct2d", "SyncBatchNormAct")
+}
+
+
+def _norm_kind(module: nn.Module) -> str | None:
+    """``"plain"``, ``"norm-act"``, or None for a module that is no BatchNorm.
+
+    ``TypeError`` naming the class for a BatchNorm subclass whose own forward can't be reproduced.
+    """
+    if not isinstance(module, _BATCH_NORMS):
+        return None
+    cls = type(module)
+    if cls.forward in _PLAIN_FORWARDS:
+        return "plain"
+    qualname = f"{cls.__module__}.{cls.__qualname__}"
+    if qualname in _NORM_ACT:
+        return "norm-act"
+    base = next(b for b in cls.__mro__ if b in _BATCH_NORMS)
+    raise TypeError(
+        f"bkn.convert: {qualname} subclasses torch.nn.{base.__name__} but overrides forward, so replacing it by "
+        f"a plain norm would drop whatever its forward adds; convert can reproduce plain BatchNorm subclasses and "
+        f"the norm-activation layers {', '.join(sorted(n.rsplit('.', 1)[1] for n in _NORM_ACT))} (norm, then "
+        f"self.drop, then self.act). Replace {cls.__name__} by a torch.nn BatchNorm (plus its extra ops) first"
+    )
+
+
+class _ThenDropAndAct:
+    """Forward hook of a converted norm-activation layer: its output through ``drop`` then ``act``, as
+    timm's ``BatchNormAct2d.forward`` does after normalizing."""
+
+    def __call__(self, module, args, output):
+        return module.act(module.drop(output))
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping the norms about to be replaced as leaves (timm's norm-activation layers
+    would otherwise be traced into: the chain must see each norm as one call)."""
+
+    def __init__(self, leaves: set[int]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return id(module) in self.leaves or super().is_leaf_module(module, qualified_name)
 
 
 def _spatial_dims(bn: nn.Module) -> int:
@@ -56,6 +118,10 @@ def _replacement(bn: nn.Module, norm: str, options: dict) -> nn.Module:
         if bn.affine and getattr(new, "weight", None) is not None:
             new.weight.requires_grad_(bn.weight.requires_grad)
     new.train(bn.training)
+    if _norm_kind(bn) == "norm-act":
+        new.drop, new.act = bn.drop, bn.act  # same modules, same state_dict keys (drop.*, act.*)
+        new._bkn_post = ("drop", "act")  # read by the chain: the state goes through them too
+        new.register_forward_hook(_ThenDropAndAct())
     return new
 
 
@@ -65,19 +131,23 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
     ``options`` go to :func:`bkn.norms.create` (e.g. ``p=0.9, transition="official",
     group_size=2`` for BKN), except the chain options for ``"bkn"``:
     ``fallback`` (``"none"`` or ``"identity"``: what a layer whose path can't be
-    modelled gets), ``draws`` (Monte-Carlo draws per group for the official
-    transition) and ``chain`` (``False``: BKN layers without priors).
+    modelled gets), ``surrogate_scale`` (official transitions: draw the surrogate with each
+    spatial side scaled by it, fewer positions at a known noise cost, see
+    :class:`bkn.transitions.MonteCarlo`; default 1, the authors' construction) and ``chain``
+    (``False``: BKN layers without priors). ``draws`` (Monte-Carlo draws per group of the
+    ``official*`` transitions) is a layer option that the chain reads too.
     Returns the converted model (the same object unless ``model`` itself is a BatchNorm).
+    ``TypeError`` (before anything changes) for a BatchNorm subclass whose forward can't be reproduced.
     """
     norms.create(norm, 4, **{k: v for k, v in options.items() if k not in _CHAIN_OPTIONS})  # validate early
     layer_options = {k: v for k, v in options.items() if k not in _CHAIN_OPTIONS}
-    if isinstance(model, _BATCH_NORMS):
+    if _norm_kind(model) is not None:
         return _replacement(model, norm, layer_options)
-    targets = [name for name, m in model.named_modules() if isinstance(m, _BATCH_NORMS)]
+    targets = [name for name, m in model.named_modules() if _norm_kind(m) is not None]
     graph = None
     if norm == "bkn" and options.get("chain", True):
         try:
-            graph = fx.Tracer().trace(model)
+            graph = _Tracer({id(model.get_submodule(name)) for name in targets}).trace(model)
         except Exception as err:  # data-dependent control flow etc.: no chain, say why
             model._bkn_chain_error = f"torch.fx could not trace the model ({type(err).__name__}: {err})"
     for name in targets:
@@ -91,16 +161,38 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
             transition=options.get("transition", "official"),
             fallback=options.get("fallback", "none"),
             draws=options.get("draws", 1),
+            surrogate_scale=options.get("surrogate_scale", 1.0),
         )
         chain.attach(model)
         model._bkn_chain = chain
     return model
 
 
-def prior_summary(model: nn.Module) -> str:
-    """A printable table: for each BKN layer, where its prior comes from and why (or why not)."""
+def _report(model: nn.Module) -> tuple[list[dict] | None, str]:
+    """The model's prior report (its chain's, or its own for a model that wires its priors itself, as
+    :class:`bkn.models.CifarResNet` does), or None and why there is none."""
     chain = getattr(model, "_bkn_chain", None)
-    if chain is None:
-        why = getattr(model, "_bkn_chain_error", "the model was not converted to 'bkn' with a chain")
-        return f"no prior chain: {why}"
-    return chain.summary()
+    if chain is not None:
+        return chain.report(), ""
+    own = model.prior_report() if callable(getattr(model, "prior_report", None)) else None
+    if own is not None:
+        return own, ""
+    why = getattr(model, "_bkn_chain_error", "the model was not converted to 'bkn' with a chain")
+    return None, f"no prior chain: {why}"
+
+
+def prior_summary(model: nn.Module) -> str:
+    """A printable table: for each BKN layer, where its prior comes from, through which ops, what the
+    plan says (``prior (<transition>)`` or ``no prior: <reason>``) and what happened in the last
+    training forward (``prior used``, or ``no prior: <reason>``, or that it did not run)."""
+    report, why = _report(model)
+    return why if report is None else format_report(report)
+
+
+def prior_report(model: nn.Module) -> list[dict]:
+    """The rows of :func:`prior_summary` as dicts (``layer``, ``sources``, ``path``, ``plan``, ``last``);
+    ``ValueError`` saying why for a model without a prior chain."""
+    report, why = _report(model)
+    if report is None:
+        raise ValueError(f"prior_report: {why}")
+    return report

@@ -121,6 +121,24 @@ _TABLE = (
         {"gain": "adaptive", "transition": "official"},
     ),
     _method(
+        "bkn-official-affine",
+        "bkn",
+        "BKN official, affine surrogate",
+        "#d95f02",
+        "Ablation of BKN official: the surrogate is drawn from the previous layer's output "
+        "gamma * z * sqrt(v / (v + eps)) + beta (as the analytic transition) instead of z * sqrt(v) + m",
+        {"p": 0.9, "gain": "fixed", "transition": "official-affine"},
+    ),
+    _method(
+        "bkn-official-relu-shortcut",
+        "bkn",
+        "BKN official, ReLU shortcut",
+        "#e6ab02",
+        "Ablation of BKN official: the CIFAR ResNet's first shortcut adds the statistics of relu(norm0) "
+        "instead of norm0's pre-normalization posterior (same as official in converted models)",
+        {"p": 0.9, "gain": "fixed", "transition": "official-relu-shortcut"},
+    ),
+    _method(
         "bkn-analytic",
         "bkn",
         "BKN analytic",

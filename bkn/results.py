@@ -162,22 +162,23 @@ DRIFT = Schema(
     name="drift",
     folder="accuracy",
     file="drift.parquet",
-    version=2,
+    version=3,  # v3: mode, layer "output" (end to end), bias/noise/rmse and input-drift metrics
     columns={
         "data": "string",  # synthetic, digits, photos
-        "network": "string",
-        "state": "string",  # init, trained
+        "network": "string",  # residual-chain, cifar-resnet20, resnet18
+        "state": "string",  # init, trained (with BN), trained-own (with the measured method)
         "method": "string",  # a bkn.methods name, "<method>-ema" (its running estimates) or "floor"
         "group_size": "int64",  # samples per normalization group
-        "layer": "string",
-        "depth": "int64",
-        "metric": "string",
-        "statistic": "string",  # median or p90 over groups x channels
+        "mode": "string",  # in-network, or isolation (every earlier layer normalizing with its population statistics)
+        "layer": "string",  # a normalization layer's module name, or "output" (end to end)
+        "depth": "int64",  # position of the layer in execution order ("output": the number of layers)
+        "metric": "string",  # one of DRIFT_METRICS
+        "statistic": "string",  # median or p90 over groups x channels; rms over channels; mean; overall
         "seed": "int64",
         "value": "float64",
     },
     command="nox -s accuracy",
-    about="the drift probe: estimated vs population statistics, per method, group size and layer",
+    about="the drift probe: estimated vs population statistics, per method, group size and layer, and end to end",
 )
 
 TRAINING = Schema(
@@ -206,8 +207,31 @@ SCHEMAS = {s.name: s for s in (DRIFT, TRAINING)}
 
 # The drift probe's metrics (spec section 4, computed by bkn.stats.metrics) and per-layer
 # statistics, in the order reports show them; the training probe's metrics.
-DRIFT_METRICS = ("mean_error", "var_logratio", "kl", "output_discrepancy")
-DRIFT_STATISTICS = ("median", "p90")
+DRIFT_METRICS = (
+    "mean_error",
+    "var_logratio",
+    "kl",
+    "output_discrepancy",
+    # bias/noise decomposition over groups (statistic "rms"; "*_signed_bias": "mean"): mean in population
+    # sigma, variance relative to the population's; rmse^2 = bias^2 + noise^2
+    "mean_rmse",
+    "mean_bias",
+    "mean_noise",
+    "mean_signed_bias",
+    "var_rmse",
+    "var_bias",
+    "var_noise",
+    "var_signed_bias",
+    # what upstream layers did to the layer's input (in-network mode; median, p90)
+    "input_mean_drift",
+    "input_var_drift",
+    # end to end, layer "output" (statistic "overall")
+    "agreement",
+    "logit_discrepancy",
+    "accuracy",
+    "accuracy_population",
+)
+DRIFT_STATISTICS = ("median", "p90", "rms", "mean", "overall")
 TRAINING_METRICS = ("train_loss", "test_acc", "step_time_s")
 # The training probe's evaluation modes: what the network normalized with when a value was measured.
 EVALUATIONS = {
@@ -225,6 +249,23 @@ VARIANT_PARAMS = ("dtype", "memory_format")  # secondary axes; the report shows 
 DEFAULT_VARIANT = {"dtype": "float32", "memory_format": "contiguous"}
 # The copy-bandwidth reference: the time to copy the tensors a layer benchmark normalizes.
 COPY_REFERENCE = "bench_bandwidth.TimeCopy.time_copy"
+# Tensor-sized reads and writes an operation on the benchmark's tensor (group_size x shape)
+# must do at least, by the benchmark's method name (the part after the last dot): forward
+# reads x and writes y; forward + backward also reads x and dy and writes dx; a copy reads
+# and writes once. Bytes moved = passes x elements x element size; the report divides by the
+# time to give achieved bytes per second, next to the copy's.
+TENSOR_PASSES = {
+    "time_copy": 2,
+    "time_forward": 2,
+    "time_forward_train": 2,
+    "time_forward_inference": 2,
+    "time_forward_backward": 5,
+}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # the ``dtype`` parameter's element sizes
+# The fair pair behind the chain-cost figure: a BKN layer alone given its prior, and a
+# conv + norm + ReLU block with the prior's propagation through the block's convolution.
+LAYER_BENCHMARK = "bench_layers.TimeForwardBackward.time_forward_backward"
+BLOCK_BENCHMARK = "bench_blocks.TimeBlockForwardBackward.time_block_forward_backward"
 
 
 # -- provenance and atomic writes --------------------------------------------------------------

@@ -5,12 +5,13 @@ dtype x memory_format; ``NotImplementedError`` in setup for what cannot run or i
 on the CPU). The layer is ``bkn.methods.get(method).build(C)`` and normalizes its input,
 ``(group_size, *shape)``, as one group (``bn`` is torch's own ``BatchNorm*d``).
 
-BKN's prior: a ``bkn-official``/``bkn-analytic`` training benchmark times the prior's
-propagation from the previous layer's posterior through ReLU and a 3x3 convolution
-(:class:`suites.harness.prior.KalmanPrior`) together with the layer, because a network
-pays for both on every step and the two transitions differ only there. The convolution
-of the real activations, common to every norm, is not timed. Inference uses the running
-estimates and no prior, as in a network.
+BKN's prior: a ``bkn-official``/``bkn-analytic`` training benchmark hands the layer a
+prior, a (mean, var) pair of shape (1, C) whose gradient the backward computes
+(:class:`suites.harness.prior.GivenPrior`), and times the norm alone: BKN against BN like
+for like (the two transitions then time the same layer). The prior's propagation from the
+previous layer (the chain), where the transitions differ, is timed with the convolution it
+rides on by :mod:`suites.bench_blocks`. Inference uses the running estimates and no prior,
+as in a network.
 
 Every call is timed alone (asv re-runs setup between samples); the case is built and
 warmed up (two calls) once per process, CUDA timings synchronise.

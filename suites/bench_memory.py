@@ -12,8 +12,8 @@ Three measures, each its own class (same matrix as :mod:`suites.bench_layers`, t
 * ``track_cuda_peak_bytes``: CUDA allocator peak above the case's own tensors during
   forward + backward (``torch.cuda.max_memory_allocated``); skipped without CUDA.
 
-BKN includes its prior's propagation (:class:`suites.harness.prior.KalmanPrior`), as in
-:mod:`suites.bench_layers`.
+BKN is handed its prior (:class:`suites.harness.prior.GivenPrior`), as in
+:mod:`suites.bench_layers`: the norm alone.
 """
 
 from __future__ import annotations

@@ -238,40 +238,43 @@ def method_truth(commit: int, bench: Bench, combo: tuple) -> float:
 
 def drift_frame(seed: int = 0) -> pd.DataFrame:
     """A tidy drift frame in the contract's schema (bkn.results.DRIFT): error shrinks with group size,
-    grows with depth."""
+    grows with depth; bias/noise rows in both modes, end-to-end rows, and the chain's floor."""
     rng = np.random.default_rng(seed)
     rows = []
-    methods = {"bn": 1.0, "bkn-official": 0.6, "brn": 0.9, "floor": 0.3}
-    for data, network, method, batch, depth, metric, statistic, s in itertools.product(
-        ["synthetic", "digits"],
-        ["linear-chain"],
-        methods,
-        [1, 2, 4, 8, 16],
-        range(4),
-        ["mean_error", "kl"],
-        ["median", "p90"],
-        range(2),
-    ):
-        base = methods[method] * (1 + 0.2 * depth) / math.sqrt(batch) * (2.0 if statistic == "p90" else 1.0)
+    methods = {"bn": 1.0, "bkn-official": 0.6, "brn": 0.9, "bn-ema": 0.5, "floor": 0.3}
+    env = {"commit": "abc123", "torch": "2.x", "device": "cpu", "threads": 1}
+
+    def add(data, state, mode, method, batch, layer, depth, metric, statistic, s, value):
+        network = "residual-chain" if data == "synthetic" else "cifar-resnet20"
         rows.append(
-            {
-                "data": data,
-                "network": network,
-                "state": "init",
-                "method": method,
-                "group_size": batch,
-                "layer": f"layers.{depth}.norm",
-                "depth": depth,
-                "metric": metric,
-                "statistic": statistic,
-                "seed": s,
-                "value": base * float(np.exp(rng.normal(0, 0.05))),
-                "commit": "abc123",
-                "torch": "2.x",
-                "device": "cpu",
-                "threads": 1,
-            }
+            dict(data=data, network=network, state=state, mode=mode, method=method, group_size=batch)
+            | dict(layer=layer, depth=depth, metric=metric, statistic=statistic, seed=s, value=value, **env)
         )
+
+    for data, mode, method, batch, depth, s in itertools.product(
+        ["synthetic", "digits"], ["in-network", "isolation"], methods, [1, 2, 4, 8, 16], range(4), range(2)
+    ):
+        if method == "floor" and data != "synthetic":
+            continue
+        state = "init" if data == "synthetic" else "trained"
+        base = methods[method] * (1 + 0.2 * depth) / math.sqrt(batch) * (0.5 if mode == "isolation" else 1.0)
+        noise = float(np.exp(rng.normal(0, 0.05)))
+        layer = f"layers.{depth}.norm"
+        for metric, statistic, factor in (
+            ("mean_error", "median", 1.0),
+            ("mean_error", "p90", 2.0),
+            ("kl", "median", 1.0),
+            ("kl", "p90", 2.0),
+            ("mean_rmse", "rms", 1.2),
+            ("mean_bias", "rms", 0.5),
+            ("mean_noise", "rms", 1.0),
+            ("var_rmse", "rms", 1.5),
+        ):
+            add(data, state, mode, method, batch, layer, depth, metric, statistic, s, base * factor * noise)
+        if depth == 0 and mode == "in-network" and method != "floor":
+            agreement = min(1.0, 0.7 + 0.1 * math.log2(batch) / methods[method])
+            add(data, state, mode, method, batch, "output", 4, "agreement", "overall", s, agreement)
+            add(data, state, mode, method, batch, "output", 4, "logit_discrepancy", "overall", s, base)
     return pd.DataFrame(rows)
 
 

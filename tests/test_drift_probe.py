@@ -20,9 +20,10 @@ from bkn.stats import METRICS, STATISTICS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _synthetic(names, group_sizes, seeds=(0,), steps=10, burn_in=1) -> pd.DataFrame:
+def _synthetic(names, group_sizes, seeds=(0,), steps=10, burn_in=1, modes=("in-network",)) -> pd.DataFrame:
     config = ProbeConfig(
-        setups=[("synthetic", "linear-chain")],
+        setups=[("synthetic", "residual-chain")],
+        modes=list(modes),
         methods=list(names),
         group_sizes=list(group_sizes),
         seeds=list(seeds),
@@ -39,28 +40,8 @@ def _value(frame, **where) -> pd.Series:
     return frame[mask]
 
 
-def test_bn_mean_error_falls_like_one_over_sqrt_n_on_the_synthetic_chain():
-    """Fitted log-log slope of BN's median mean error vs group size n within 0.1 of -0.5.
-
-    Measured at the first normalization layer, where BN's estimate is the sample mean of
-    n * 16 i.i.d. Gaussian values. (Deeper layers of a *linear* chain get an exact mean
-    from the layer before - see bkn.stats.synthetic - so there the error is rounding.)
-    """
-    sizes = [1, 2, 4, 8, 16, 32]
-    frame = _synthetic(["bn", "floor"], sizes, steps=16)
-    bn = _value(frame, method="bn", depth=0, metric="mean_error", statistic="median")
-    bn = bn.sort_values("group_size")
-    slope = np.polyfit(np.log(bn["group_size"]), np.log(bn["value"]), 1)[0]
-    assert -0.6 <= slope <= -0.4, slope
-    # ... and it sits at the floor's closed form: median |N(0, 1/(16 n))| = 0.6745 / sqrt(16 n)
-    floor = _value(frame, method="floor", depth=0, metric="mean_error", statistic="median")
-    floor = floor.sort_values("group_size")
-    expected = 0.6744897501960817 / np.sqrt(16 * floor["group_size"].to_numpy())
-    np.testing.assert_allclose(floor["value"].to_numpy(), expected, rtol=0.15)
-    np.testing.assert_allclose(bn["value"].to_numpy(), floor["value"].to_numpy(), rtol=1e-3)
-    # deeper layers of the linear chain: exact up to float rounding
-    deep = _value(frame, method="bn", metric="mean_error", statistic="p90")
-    assert deep[deep["depth"] >= 1]["value"].max() < 1e-4
+PER_LAYER = {"mean_error", "var_logratio", "kl", "output_discrepancy", "input_mean_drift", "input_var_drift"}
+DECOMPOSED = {f"{p}_{k}" for p in ("mean", "var") for k in ("rmse", "bias", "noise", "signed_bias")}
 
 
 def test_probe_rows_cover_every_method_layer_metric_and_statistic():
@@ -69,24 +50,55 @@ def test_probe_rows_cover_every_method_layer_metric_and_statistic():
         [2, 4],
         steps=2,
         burn_in=2,
+        modes=("in-network", "isolation"),
     )
     layers = 8
-    for method in ("bn", "bkn-official", "bkn-analytic-adaptive", "brn", "bn-ema", "brn-ema", "floor"):
-        sub = _value(frame, method=method)
-        assert set(sub["metric"]) == set(METRICS), method
-        assert len(sub) == layers * len(METRICS) * len(STATISTICS) * 2, method
-    for method in ("gn", "ln"):  # per-sample norms: only the output discrepancy is defined
-        assert set(_value(frame, method=method)["metric"]) == {"output_discrepancy"}
-    assert not frame.duplicated(["method", "group_size", "layer", "metric", "statistic", "seed"]).any()
+    inner = frame[frame["layer"] != "output"]
+    for method in ("bn", "bkn-official", "bkn-analytic-adaptive", "brn"):
+        sub = _value(inner, method=method, mode="in-network")
+        assert set(sub["metric"]) == PER_LAYER | DECOMPOSED, method
+        assert len(sub) == layers * (len(PER_LAYER) * 2 + len(DECOMPOSED)) * 2, method
+        # isolation: every input is the population-mode input, so no input drift is measured
+        assert (
+            set(_value(inner, method=method, mode="isolation")["metric"])
+            == PER_LAYER
+            - {
+                "input_mean_drift",
+                "input_var_drift",
+            }
+            | DECOMPOSED
+        )
+    for method in ("bn-ema", "brn-ema"):
+        assert set(_value(inner, method=method)["metric"]) == {"mean_error", "var_logratio", "kl", "output_discrepancy"}
+    for method in ("gn", "ln"):  # per-sample norms: the output discrepancy and what reaches their input
+        assert set(_value(inner, method=method, mode="in-network")["metric"]) == {
+            "output_discrepancy",
+            "input_mean_drift",
+            "input_var_drift",
+        }
+    assert set(_value(frame, method="floor")["metric"]) == {
+        "mean_rmse",
+        "mean_bias",
+        "mean_noise",
+        "mean_signed_bias",
+        "var_rmse",
+    }
+    # end to end on the chain (no classifier): the relative discrepancy of its output, in network only
+    output = frame[frame["layer"] == "output"]
+    assert set(output["metric"]) == {"logit_discrepancy"} and set(output["mode"]) == {"in-network"}
+    assert set(output["method"]) == {"bn", "bkn-official", "bkn-analytic-adaptive", "brn", "bn-ema", "brn-ema"}
+    assert (output["depth"] == layers).all()
+    key = ["method", "mode", "group_size", "layer", "metric", "statistic", "seed"]
+    assert not frame.duplicated(key).any()
     assert frame["value"].notna().all()
-    assert ((frame["value"] >= 0) | (frame["metric"] == "kl")).all()
-    assert (frame["value"] >= -1e-12).all()
+    signed = frame["metric"].str.endswith("signed_bias") | (frame["metric"] == "kl")
+    assert (frame.loc[~signed, "value"] >= -1e-12).all()
 
 
 def test_same_seed_same_results_and_methods_share_micro_batches():
     a = _synthetic(["bn", "bkn-official"], [2], steps=2, burn_in=2)
     b = _synthetic(["bkn-official", "bn"], [2], steps=2, burn_in=2)
-    key = ["method", "group_size", "layer", "metric", "statistic", "seed"]
+    key = ["method", "mode", "group_size", "layer", "metric", "statistic", "seed"]
     pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True))
     # depth 0 has no prior: BKN is BN there, on the same micro-batches -> identical values
     depth0 = a[a["depth"] == 0].pivot_table(index=["metric", "statistic"], columns="method", values="value")
@@ -156,6 +168,7 @@ def test_network_without_normalization_layers_is_a_clear_error():
         (["--data", "imagenet"], "unknown data 'imagenet'"),
         (["--networks", "vgg"], "unknown networks 'vgg'"),
         (["--states", "half-trained"], "unknown state 'half-trained'"),
+        (["--modes", "offline"], "unknown mode 'offline'"),
         (["--group-sizes", "0"], "argument --group-sizes: expected integers >= 1, got '0'"),
         (["--group-sizes", "2,4,2"], "argument --group-sizes: 2 given more than once in '2,4,2'"),
         (["--seeds", "x"], "argument --seeds: expected comma-separated integers, got 'x'"),
@@ -202,6 +215,9 @@ def test_flags_reach_the_config():
     assert full.methods == list(methods.FULL_METHODS) and full.group_sizes == [1, 2, 4, 8, 16, 32, 64]
     default = config_from(parser().parse_args([]))
     assert default.methods == list(methods.DEFAULT_METHODS) and default.batch_size == 16
+    assert default.states == ["trained", "trained-own"] and default.modes == ["in-network", "isolation"]
+    assert default.setups == [("synthetic", "residual-chain"), ("digits", "cifar-resnet20")]
+    assert config_from(parser().parse_args(["--modes", "isolation"])).modes == ["isolation"]
 
 
 # -- files: schema, atomic writes, interruption -----------------------------------------------
@@ -228,19 +244,20 @@ TINY = [
 def test_results_file_follows_the_contract(tmp_path, capsys):
     assert main(TINY + ["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "error / floor" in out and str(tmp_path / "drift.parquet") in out
+    assert "rmse / floor" in out and str(tmp_path / "drift.parquet") in out
     frame = DRIFT.read(tmp_path / "drift.parquet")  # carries the schema stamp, or read() raises
     assert tuple(frame.columns) == tuple(DRIFT.all_columns)
     assert "group_size" in frame.columns and "batch_size" not in frame.columns
     assert frame["group_size"].dtype == np.int64 and frame["depth"].dtype == np.int64
     assert frame["seed"].dtype == np.int64 and frame["value"].dtype == np.float64
-    assert set(frame["metric"]) == set(METRICS) and set(frame["statistic"]) == set(STATISTICS)
+    assert set(frame["metric"]) <= set(METRICS) and set(frame["statistic"]) == set(STATISTICS)
     assert set(frame["method"]) == {"bn", "bkn-official", "gn", "bn-ema", "floor"}
-    assert set(frame["data"]) == {"synthetic"} and set(frame["network"]) == {"linear-chain"}
+    assert set(frame["data"]) == {"synthetic"} and set(frame["network"]) == {"residual-chain"}
     assert set(frame["state"]) == {"init"} and set(frame["seed"]) == {0, 1}
+    assert set(frame["mode"]) == {"in-network", "isolation"}
     assert frame["torch"].eq(torch.__version__).all() and frame["threads"].eq(1).all()
     assert frame["commit"].str.len().gt(0).all() and frame["device"].eq("cpu").all()
-    keys = ["data", "network", "state", "method", "group_size", "layer", "metric", "statistic", "seed"]
+    keys = ["data", "network", "state", "mode", "method", "group_size", "layer", "metric", "statistic", "seed"]
     assert not frame.duplicated(keys).any()
     meta = json.loads((tmp_path / "meta.json").read_text())
     for key in ("commit", "torch", "device", "threads", "duration_s", "arguments", "config", "skipped"):
@@ -281,7 +298,8 @@ def test_interrupted_run_leaves_the_previous_results_and_no_temporary_file(tmp_p
 
 
 def test_trained_weights_are_cached_and_reused(tmp_path, monkeypatch):
-    """A short training run on a 64-image subset of the digits; the second probe run reads the cache."""
+    """Short training runs on a 64-image subset of the digits - the BN network and one per measured method
+    (trained-own) - and the second probe run reads them all from the cache."""
     monkeypatch.setitem(setups.TRAINING, "steps", 3)
     real_load = setups.load_source
     monkeypatch.setattr(setups, "load_source", lambda data, network: real_load(data, network).head(64))
@@ -303,53 +321,71 @@ def test_trained_weights_are_cached_and_reused(tmp_path, monkeypatch):
         str(tmp_path / "cache"),
         "--threads",
         "1",
+        "--modes",
+        "in-network",
     ]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0
-    cached = list((tmp_path / "cache" / "accuracy").iterdir())
-    assert [p.suffix for p in cached] == [".pt"]  # one complete file, no temporary leftovers
+    cached = sorted((tmp_path / "cache" / "accuracy").iterdir())
+    # complete files only, no temporary leftovers: BN's network and one per method (brn-ema: brn's)
+    assert [p.suffix for p in cached] == [".pt"] * 4
+    assert sorted(p.name.split("-digits")[1].split("-seed")[0] for p in cached) == [
+        "",  # trained with torch BatchNorm
+        "-bkn-analytic-adaptive",
+        "-bn",
+        "-brn",
+    ]
     first = json.loads((tmp_path / "a" / "meta.json").read_text())["training"]
-    assert first[0]["cached"] is False
+    assert [r["cached"] for r in first] == [False] * 4
     assert main(argv + ["--out", str(tmp_path / "b")]) == 0
     second = json.loads((tmp_path / "b" / "meta.json").read_text())["training"]
-    assert second[0]["cached"] is True and second[0]["cache"] == first[0]["cache"]
+    assert [r["cached"] for r in second] == [True] * 4
+    assert [r["cache"] for r in second] == [r["cache"] for r in first]
     a = DRIFT.read(tmp_path / "a" / "drift.parquet")
     b = DRIFT.read(tmp_path / "b" / "drift.parquet")
     pd.testing.assert_series_equal(a["value"], b["value"])  # seeded: identical results
-    assert set(a["state"]) == {"trained"} and a["depth"].max() == 18  # 19 norms in cifar-resnet20
+    assert set(a["state"]) == {"trained", "trained-own"}
+    inner = a[a["layer"] != "output"]
+    assert inner["depth"].max() == 18  # 19 norms in cifar-resnet20
+    output = a[a["layer"] == "output"]
+    assert set(output["metric"]) == {"agreement", "logit_discrepancy", "accuracy", "accuracy_population"}
+    shares = output[output["metric"] != "logit_discrepancy"]["value"]
+    assert shares.between(0, 1).all() and (output["value"] >= 0).all()
 
 
 def test_summary_tables_from_a_known_frame():
-    from bkn.probes.drift.summary import floor_table, real_data_table
+    from bkn.probes.drift.summary import bias_noise_table, end_to_end_table, floor_table, real_data_table
 
     rows = []
+    base = dict(network="n", state="init", mode="in-network", group_size=2)
     for seed in (0, 1):
         for layer, depth in (("a", 0), ("b", 1), ("c", 2)):
             for method, scale in (("bn", 1.0), ("brn", 2.0), ("floor", 0.5)):
-                for metric in ("mean_error", "kl"):
+                for metric in ("mean_rmse", "mean_bias", "mean_noise", "mean_error"):
                     for data in ("digits", "synthetic"):
+                        value = scale * (depth + 1) * (1 + seed)
+                        statistic = "median" if metric == "mean_error" else "rms"
                         rows.append(
-                            dict(
-                                data=data,
-                                network="n",
-                                state="init",
-                                method=method,
-                                group_size=2,
-                                layer=layer,
-                                depth=depth,
-                                metric=metric,
-                                statistic="median",
-                                seed=seed,
-                                value=scale * (depth + 1) * (1 + seed),
-                            )
+                            dict(base, data=data, method=method, layer=layer, depth=depth, metric=metric)
+                            | dict(statistic=statistic, seed=seed, value=value)
                         )
+        for method, agreement in (("bn", 0.5 + 0.1 * seed), ("brn", 1.0)):
+            rows.append(
+                dict(base, data="digits", method=method, layer="output", depth=3, metric="agreement")
+                | dict(statistic="overall", seed=seed, value=agreement)
+            )
     frame = pd.DataFrame(rows)
-    real = real_data_table(frame)
+    bias_noise = bias_noise_table(frame, sizes=(2,))
     # median over layers (depth 1: 2 x scale x (1 + seed)), mean over seeds (x 1.5)
-    assert real.loc[("digits", "n", "init", "bn"), ("mean_error", 2)] == pytest.approx(3.0)
-    assert real.loc[("digits", "n", "init", "brn"), ("kl", 2)] == pytest.approx(6.0)
+    assert bias_noise.loc[("n", "init", "in-network", "bn"), ("mean_bias", 2)] == pytest.approx(3.0)
+    assert bias_noise.loc[("n", "init", "in-network", "brn"), ("mean_noise", 2)] == pytest.approx(6.0)
     ratio = floor_table(frame)
-    assert ratio.loc["bn", ("mean_error", 2)] == pytest.approx(2.0)
-    assert ratio.loc["brn", ("kl", 2)] == pytest.approx(4.0)
+    assert ratio.loc["bn", ("mean_rmse", 2)] == pytest.approx(2.0)
+    assert ratio.loc["brn", ("mean_rmse", 2)] == pytest.approx(4.0)
+    real = real_data_table(frame, sizes=(2,))
+    assert real.loc[("digits", "n", "init", "brn"), ("mean_error", 2)] == pytest.approx(6.0)
+    agreement = end_to_end_table(frame, sizes=(2,))
+    assert agreement.loc[("digits", "n", "init", "bn"), 2] == pytest.approx(0.55)
+    assert list(agreement.index.get_level_values("method")) == ["bn", "brn"]
 
 
 # -- the photographs ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from analysis import report
-from bkn.results import COPY_REFERENCE, METHOD_PARAM
+from bkn.results import BLOCK_BENCHMARK, COPY_REFERENCE, GROUP_PARAM, LAYER_BENCHMARK, LAYER_PARAMS, METHOD_PARAM
 
 TOY = pathlib.Path(__file__).parent / "data" / "asv_toy_results"
 
@@ -73,7 +73,7 @@ def test_report_end_to_end(tmp_path, capsys):
     assert {
         "timing_timing.csv",
         "timing_ratio_to_bn.csv",
-        "timing_copy_fraction.csv",
+        "timing_bandwidth.csv",
         "regressions_verdicts.csv",
         "regressions_trends.csv",
         "drift_drift_by_group_size.csv",
@@ -84,12 +84,21 @@ def test_report_end_to_end(tmp_path, capsys):
     ratio = pd.read_csv(data / "timing_ratio_to_bn.csv")
     bkn = ratio[ratio[METHOD_PARAM] == "bkn-official"]["ratio_to_bn"]
     assert bkn.median() == pytest.approx(1.5, rel=0.1)  # synthetic truth: 4.5 / 3.0 (plus the fixed 2 us)
-    # The copy reference (found by its name, bkn.results.COPY_REFERENCE) pairs with every forward time:
-    # synthetic truth 1 / 3 for bn (the copy is 1e-9 s per element, bn 3e-9, both plus 2 us).
-    fraction = pd.read_csv(data / "timing_copy_fraction.csv")
-    forward_bn = fraction[(fraction["benchmark"] == "layers.TimeNorm.time_forward") & (fraction[METHOD_PARAM] == "bn")]
-    assert len(forward_bn) == len(af.GROUP_SIZES) * len(af.SHAPES)
-    assert forward_bn["fraction_of_copy"].median() == pytest.approx(1 / 3, rel=0.1)
+    # Bandwidth: bytes the operation must move over its time, next to the copy's rate (the copy found
+    # by its name, bkn.results.COPY_REFERENCE). Synthetic truth at large tensors (the fixed 2 us fades):
+    # the copy moves 2 x 4 bytes per element in 1e-9 s (8 GB/s); bn's forward 2 x 4 bytes in 3e-9 s, its
+    # forward + backward 5 x 4 bytes in 7.5e-9 s (2.67 GB/s both); so a third of the copy's rate.
+    rate = pd.read_csv(data / "timing_bandwidth.csv")
+    big = rate[(rate["shape"] == "64x56x56") & (rate[GROUP_PARAM] == 8)]
+    for bench, moved in (("layers.TimeNorm.time_forward", 2), ("layers.TimeNorm.time_forward_backward", 5)):
+        row = big[(big["benchmark"] == bench) & (big[METHOD_PARAM] == "bn")]
+        assert len(row) == 1
+        assert row["bytes_moved"].iloc[0] == moved * 4 * 8 * 64 * 56 * 56
+        assert row["bytes_per_s"].iloc[0] == pytest.approx(8 / 3 * 1e9, rel=0.1)
+        assert row["copy_bytes_per_s"].iloc[0] == pytest.approx(8e9, rel=0.1)
+        assert row["fraction_of_copy_rate"].iloc[0] == pytest.approx(1 / 3, rel=0.1)
+    assert not (rate["benchmark"] == "layers.PeakMemNorm.peakmem_forward").any()  # memory has no rate
+    assert "Bytes the operation must move" in html
     assert "time vs group size, one line per method" in html
     assert not list(out.parent.glob(".*.tmp"))  # no temporary files left behind
 
@@ -106,8 +115,47 @@ def test_copy_reference_is_found_by_its_name_only(tmp_path):
     af.write_asv_results(tmp_path / "asv", benches, af.method_truth, commits=1, samples=3)
     code, html, out = _run(tmp_path, "--sections", "timing")
     assert code == 0 and f"No copy-bandwidth reference (<code>{COPY_REFERENCE}</code>" in html
-    names = {p.name for p in (out.parent / "report_data").glob("*.csv")}
-    assert "timing_ratio_to_bn.csv" in names and "timing_copy_fraction.csv" not in names
+    rate = pd.read_csv(out.parent / "report_data" / "timing_bandwidth.csv")
+    assert rate["bytes_per_s"].notna().all() and rate["copy_bytes_per_s"].isna().all()
+
+
+def _chain_benches() -> list:
+    """The fair pair of the chain-cost figure: the layer alone and the block, as the suites name them."""
+    values = [["bn", "bkn-official", "bkn-analytic", "gn"], [2, 8], ["64x56x56", "512x7x7"], ["cpu"]]
+    values += [["float32"], ["contiguous"]]
+    return [
+        af.Bench(LAYER_BENCHMARK, list(LAYER_PARAMS), values),
+        af.Bench(BLOCK_BENCHMARK, list(LAYER_PARAMS), values),
+    ]
+
+
+@pytest.mark.parametrize("planted", [True, False])
+def test_chain_cost_splits_a_planted_chain_from_the_norm(tmp_path, planted):
+    # Block time = conv (10 units) + norm + chain; per BN block (10 + 1): official's norm costs 1.2
+    # (0.2 over BN's) and its chain 4.4, analytic's chain 1.1. Without a planted chain every BKN chain
+    # share must be ~0 while the norm's share stays.
+    norm = {"bn": 1.0, "bkn-official": 1.2, "bkn-analytic": 1.2, "gn": 1.5}
+    chain = {"bkn-official": 4.4, "bkn-analytic": 1.1} if planted else {}
+
+    def truth(commit, bench, combo):
+        p = dict(zip(bench.param_names, combo))
+        scale = 1e-4 * p[GROUP_PARAM] * (2.0 if p["shape"] == "64x56x56" else 1.0)
+        layer = norm[p[METHOD_PARAM]]
+        if bench.name == LAYER_BENCHMARK:
+            return scale * layer
+        return scale * (10.0 + layer + chain.get(p[METHOD_PARAM], 0.0))
+
+    af.write_asv_results(tmp_path / "asv", _chain_benches(), truth, commits=1, samples=3, sigma=0.001, outliers=0.0)
+    code, html, out = _run(tmp_path, "--sections", "timing")
+    assert code == 0 and "Chain cost: what BKN" in html
+    cost = pd.read_csv(out.parent / "report_data" / "timing_chain_cost.csv")
+    assert set(cost[METHOD_PARAM]) == {"bkn-official", "bkn-analytic"}  # BKN methods only
+    assert len(cost) == 2 * 2 * 2  # methods x group sizes x shapes
+    by = cost.groupby(METHOD_PARAM)[["whole", "norm", "chain"]].median()
+    assert by.loc["bkn-official", "norm"] == pytest.approx(0.2 / 11, rel=0.05)
+    expect = {"bkn-official": 4.4 / 11, "bkn-analytic": 1.1 / 11} if planted else {}
+    for method in ("bkn-official", "bkn-analytic"):
+        assert by.loc[method, "chain"] == pytest.approx(expect.get(method, 0.0), abs=0.01)
 
 
 def test_fail_on_regression_passes_when_nothing_regressed(tmp_path):

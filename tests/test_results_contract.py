@@ -134,7 +134,7 @@ def test_a_file_written_before_schemas_names_the_renamed_column(tmp_path):
 def test_an_unstamped_file_with_todays_columns_is_still_refused(tmp_path):
     path = tmp_path / "drift.parquet"
     af.drift_frame().to_parquet(path, index=False)
-    with pytest.raises(SchemaError, match=r"no schema version recorded\); this code reads drift schema v2"):
+    with pytest.raises(SchemaError, match=r"no schema version recorded\); this code reads drift schema v3"):
         DRIFT.read(path)
 
 

@@ -283,7 +283,11 @@ def test_recorder_reads_batch_statistics_of_bn_and_matches_the_floor_at_depth_0(
     # depth >= 1 of a linear chain: the group mean after a batch-normalizing layer is W beta + b, exact
     assert rec_bn.values["norm1"]["mean_error"][0].max() < 1e-4
     rows = rec_bn.rows()
-    assert {r["metric"] for r in rows} == {"mean_error", "var_logratio", "kl", "output_discrepancy"}
+    decomposed = {f"{p}_{k}" for p in ("mean", "var") for k in ("rmse", "bias", "noise", "signed_bias")}
+    assert {r["metric"] for r in rows} == {"mean_error", "var_logratio", "kl", "output_discrepancy"} | decomposed
+    # the decomposition's rmse is the root mean square of the signed errors whose absolute values mean_error holds
+    rmse = next(r["value"] for r in rows if r["layer"] == "norm0" and r["metric"] == "mean_rmse")
+    assert rmse == pytest.approx(float(rec_bn.values["norm0"]["mean_error"][0].square().mean().sqrt()), rel=1e-9)
     assert {(r["layer"], r["depth"]) for r in rows} == {("norm0", 0), ("norm1", 1), ("norm2", 2)}
 
 

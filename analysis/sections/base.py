@@ -13,6 +13,7 @@ from ..asv_results import AsvResults
 from ..messages import Messages
 from ..probes import ProbeResults
 from ..regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
+from ..rounds import DEFAULT_ALPHA as ROUNDS_ALPHA
 
 SECTIONS = ["env", "timing", "regressions", "drift", "training"]
 MAX_TABLE_ROWS = 400  # longer tables are cut in the page (the saved CSV has every row)
@@ -35,6 +36,9 @@ class Inputs:
     threshold: float = DEFAULT_THRESHOLD
     alpha: float = DEFAULT_ALPHA
     repo: str | None = "."
+    rounds_dir: str | None = None  # rounds files of `nox -s continuous` (analysis.rounds); None: not looked for
+    rounds_alpha: float = ROUNDS_ALPHA
+    no_base: str | None = None  # why there is no baseline to compare with (the section says it)
     regressions_found: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)  # requested comparisons that were impossible
 

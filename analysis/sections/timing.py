@@ -1,8 +1,21 @@
-"""Timing section: time and memory vs group size per method and device; ratio to BN; copy-bandwidth fraction.
+"""Timing section: time and memory vs group size per method and device; ratio to BN; bandwidth; chain cost.
 
 Parameter names are the asv vocabulary of :mod:`bkn.results` (``method``, ``group_size``,
 the tensor parameters, the variant axes), the same constants the suites declare; the
 copy-bandwidth reference is the benchmark named :data:`bkn.results.COPY_REFERENCE`.
+
+Bandwidth: a benchmark whose method name is in :data:`bkn.results.TENSOR_PASSES` must move
+at least ``passes x elements x element size`` bytes (forward: read x, write y;
+forward + backward also reads x and dy and writes dx); that over its time is the achieved
+rate, shown next to the copy's rate on the same tensors (2 passes over the copy's time).
+
+Chain cost: the block benchmark (:data:`bkn.results.BLOCK_BENCHMARK`, conv + norm + ReLU
+with BKN's prior propagation) against the layer benchmark
+(:data:`bkn.results.LAYER_BENCHMARK`, the norm alone given its prior), both forward +
+backward on the same tensors. For a BKN method ``m``, per block, as fractions of BN's block::
+
+    whole = (block_m - block_bn) / block_bn        norm = (layer_m - layer_bn) / block_bn
+    chain = whole - norm                            (the prior's propagation)
 """
 
 from __future__ import annotations
@@ -10,7 +23,17 @@ from __future__ import annotations
 import pandas as pd
 
 from bkn import methods as registry  # torch-free: the legend order of the methods
-from bkn.results import COPY_REFERENCE, GROUP_PARAM, METHOD_PARAM, TENSOR_PARAMS, VARIANT_PARAMS
+from bkn.results import (
+    BLOCK_BENCHMARK,
+    COPY_REFERENCE,
+    DTYPE_BYTES,
+    GROUP_PARAM,
+    LAYER_BENCHMARK,
+    METHOD_PARAM,
+    TENSOR_PARAMS,
+    TENSOR_PASSES,
+    VARIANT_PARAMS,
+)
 
 from .. import plots
 from ..asv_results import AsvResults, parse_param
@@ -177,34 +200,136 @@ def _ratio_figure(section: Section, benchmark: str, sub, other: list[str], devic
     return ratio
 
 
-def _fraction_figure(section: Section, benchmark: str, sub, copies, device) -> pd.DataFrame | None:
-    """Copy time over each method's time on the same tensors: the fraction of memory bandwidth reached."""
-    match = [c for c in ("where", *TENSOR_PARAMS) if c in sub.columns and c in copies.columns]
-    reference = copies.assign(where=_where(copies))[match + ["value"]].rename(columns={"value": "copy_time"})
-    frac = sub.merge(reference, on=match, how="inner")
-    if frac.empty:
+def _tensor_bytes(frame: pd.DataFrame) -> pd.Series:
+    """Bytes of one (group_size, *shape) tensor per row (NaN where the shape or dtype is unknown)."""
+    if frame.empty:
+        return pd.Series(dtype=float, index=frame.index)
+    per_sample = frame["shape"].astype(str).map(lambda t: _prod(t.split("x"))).astype(float)
+    elements = per_sample * pd.to_numeric(frame[GROUP_PARAM], errors="coerce").astype(float)
+    return elements * frame["dtype"].astype(str).map(DTYPE_BYTES).astype(float)
+
+
+def _prod(parts) -> float:
+    try:
+        out = 1
+        for p in parts:
+            out *= int(p)
+        return float(out)
+    except ValueError:
+        return float("nan")
+
+
+COPY_LABEL = "copy (reference)"  # the copy's rate, a line beside the methods'
+
+
+def _bandwidth_figure(section: Section, benchmark: str, sub, copies, device) -> pd.DataFrame | None:
+    """Achieved bytes per second of each method (bytes it must move / time) next to the copy's rate."""
+    passes = TENSOR_PASSES.get(benchmark.rsplit(".", 1)[-1])
+    if passes is None or any(c not in sub.columns for c in ("shape", "dtype")):
         return None
-    frac = frac.assign(fraction_of_copy=frac["copy_time"] / frac["value"], device=device)
-    shown, variant = default_variant(frac)
+    match = [c for c in ("where", *TENSOR_PARAMS) if c in sub.columns and c in copies.columns]
+    copy = copies.assign(where=_where(copies))
+    copy = copy.assign(copy_bytes_per_s=TENSOR_PASSES["time_copy"] * _tensor_bytes(copy) / copy["value"])
+    rate = sub.assign(bytes_moved=passes * _tensor_bytes(sub))
+    rate = rate.assign(bytes_per_s=rate["bytes_moved"] / rate["value"], device=device)
+    rate = rate.dropna(subset=["bytes_per_s"])
+    if rate.empty:
+        return None
+    rate = rate.merge(copy[match + ["copy_bytes_per_s"]], on=match, how="left")
+    rate = rate.assign(fraction_of_copy_rate=rate["bytes_per_s"] / rate["copy_bytes_per_s"])
+    shown, variant = default_variant(rate)
+    reference = shown.dropna(subset=["copy_bytes_per_s"]).drop_duplicates(["panel", GROUP_PARAM, *match])
+    lines = pd.concat(
+        [
+            shown.assign(gbps=shown["bytes_per_s"] / 1e9),
+            reference.assign(**{METHOD_PARAM: COPY_LABEL, "gbps": reference["copy_bytes_per_s"] / 1e9}),
+        ]
+    )
     section.figure(
         plots.lines_vs(
-            shown,
+            lines,
             GROUP_PARAM,
-            "fraction_of_copy",
+            "gbps",
             hue=METHOD_PARAM,
             col="panel",
             xlabel=GROUP_LABEL,
-            ylabel="copy time / method time",
+            ylabel="achieved GB/s",
             logy=False,
             errorbar=None,
-            reference=1.0,
-            title=f"{benchmark}: fraction of copy bandwidth, device {device}" + (f" ({variant})" if variant else ""),
+            title=f"{benchmark}: achieved bandwidth, device {device}" + (f" ({variant})" if variant else ""),
         ),
-        f"Time of a tensor copy of the same size ({COPY_REFERENCE}) divided by the method's time: the "
-        "fraction of the memory bandwidth the layer achieves if it moved the data once (1 = as fast as a "
-        "copy; other dtypes and memory formats in the saved data).",
+        f"Bytes the operation must move ({passes} tensor passes: "
+        + ("read x, write y" if passes == 2 else "read x, write y; read x and dy, write dx")
+        + f") over its time, in GB/s, next to a copy of the same tensor ({COPY_REFERENCE}: read and write "
+        "once over its time). A method at the copy's line moves its data as fast as the memory system copies; "
+        "other dtypes and memory formats are in the saved data.",
     )
-    return frac
+    return rate
+
+
+def _chain_cost_part(section: Section, rows: pd.DataFrame) -> pd.DataFrame | None:
+    """Each BKN method's extra time per block over BN's block: the norm's share and the chain's."""
+    keys = ["where", *TENSOR_PARAMS]  # TENSOR_PARAMS includes the device
+    if any(c not in rows.columns for c in keys):
+        return None
+    pick = {}
+    for name, bench in (("block", BLOCK_BENCHMARK), ("layer", LAYER_BENCHMARK)):
+        b = rows[(rows["benchmark"] == bench) & (rows["type"] == "time")]
+        pick[name] = b[keys + [METHOD_PARAM, "value"]]
+    if pick["block"].empty or pick["layer"].empty:
+        return None
+    bn = {k: v[v[METHOD_PARAM] == BASELINE].drop(columns=METHOD_PARAM) for k, v in pick.items()}
+    both = (
+        pick["block"]
+        .merge(pick["layer"], on=keys + [METHOD_PARAM], suffixes=("_block", "_layer"))
+        .merge(bn["block"].rename(columns={"value": "bn_block"}), on=keys)
+        .merge(bn["layer"].rename(columns={"value": "bn_layer"}), on=keys)
+    )
+    both = both[both[METHOD_PARAM].map(lambda m: m in registry.names() and registry.get(m).norm == "bkn")]
+    if both.empty:
+        return None
+    both = both.assign(
+        whole=(both["value_block"] - both["bn_block"]) / both["bn_block"],
+        norm=(both["value_layer"] - both["bn_layer"]) / both["bn_block"],
+    )
+    both = both.assign(chain=both["whole"] - both["norm"])
+    section.heading("Chain cost: what BKN's prior propagation adds per block")
+    section.text(
+        f"`{BLOCK_BENCHMARK}` times conv + norm + ReLU (forward and backward), for BKN with its prior "
+        f"propagated through the block's convolution by the method's transition; `{LAYER_BENCHMARK}` times "
+        "the norm alone given its prior. Per block, as a fraction of BN's block time: *whole* is the BKN "
+        "block's extra time over BN's, *norm* the BKN layer's extra time over BN's layer, *chain* the rest "
+        "(the prior's propagation: for the official transition a surrogate pushed through the convolution, "
+        "for the analytic one its weight's tap sums). Single samples of two benchmarks: read the pattern, "
+        "not a point."
+    )
+    for (where, device), sub in both.groupby(["where", "device"], sort=True):
+        shown, variant = default_variant(sub)
+        parts = shown.melt(
+            id_vars=[*keys, METHOD_PARAM],
+            value_vars=["whole", "norm", "chain"],
+            var_name="part",
+            value_name="overhead",
+        )
+        section.figure(
+            plots.lines_vs(
+                parts.assign(panel=parts["shape"].astype(str)),
+                GROUP_PARAM,
+                "overhead",
+                hue=METHOD_PARAM,
+                col="panel",
+                style="part",
+                xlabel=GROUP_LABEL,
+                ylabel="extra time / BN block time",
+                logy=False,
+                errorbar=None,
+                reference=0.0,
+                title=f"chain cost per block on {where}, device {device}" + (f" ({variant})" if variant else ""),
+            ),
+            "Extra time of each BKN method per block, over BN's block: whole, the norm's share and the "
+            "chain's (0 = free; 0.5 = half a BN block more).",
+        )
+    return both
 
 
 def _benchmark_part(section: Section, asv: AsvResults, benchmark: str, bench_rows, copies, found: dict) -> None:
@@ -228,8 +353,7 @@ def _benchmark_part(section: Section, asv: AsvResults, benchmark: str, bench_row
             _variant_figure(section, benchmark, kind, sub, main, other, device)
         if kind == "time":
             found["ratio_to_bn"].append(_ratio_figure(section, benchmark, sub, other, device))
-            if not copies.empty:
-                found["copy_fraction"].append(_fraction_figure(section, benchmark, sub, copies, device))
+            found["bandwidth"].append(_bandwidth_figure(section, benchmark, sub, copies, device))
     index = [
         c
         for c in ("where", "device", *variant_cols, *other, METHOD_PARAM)
@@ -292,7 +416,7 @@ def _distributed_part(section: Section, rows: pd.DataFrame) -> pd.DataFrame | No
 
 
 def build_timing(inputs: Inputs) -> Section:
-    """Time (and memory) vs group size per method and device; ratio to BN; fraction of copy bandwidth."""
+    """Time (and memory) vs group size per method and device; ratio to BN; bandwidth; chain cost."""
     section = Section("timing", "Timing")
     asv = inputs.asv
     if asv.empty:
@@ -333,7 +457,7 @@ def build_timing(inputs: Inputs) -> Section:
         labels = workers.map(lambda v: f"world size {int(v)}" if pd.notna(v) else None)
         per_method = per_method.assign(**{WORLD_PARAM: labels})
     copies = _copy_reference(rows)
-    found: dict[str, list] = {"ratio_to_bn": [], "copy_fraction": []}
+    found: dict[str, list] = {"ratio_to_bn": [], "bandwidth": []}
     benchmarks = sorted(
         per_method["benchmark"].unique(),
         key=lambda b: (TYPE_ORDER.get(per_method.loc[per_method["benchmark"] == b, "type"].iloc[0], 9), b),
@@ -344,9 +468,10 @@ def build_timing(inputs: Inputs) -> Section:
     if not per_method.empty and copies.empty:
         section.text(
             f"No copy-bandwidth reference (`{COPY_REFERENCE}`, timed, with "
-            f"{', '.join(f'`{c}`' for c in TENSOR_PARAMS)}) in these results, so fractions of copy bandwidth "
-            "are not shown."
+            f"{', '.join(f'`{c}`' for c in TENSOR_PARAMS)}) in these results, so achieved bandwidth is "
+            "shown without the copy's rate beside it."
         )
+    found["chain_cost"] = [_chain_cost_part(section, per_method)]
     for name, frames in found.items():
         frames = [f for f in frames if f is not None]
         if frames:

@@ -42,7 +42,9 @@ from ._function import normalize_with_stats
 from ._moments import batch_moments
 from .gain import GAIN_KINDS, AdaptiveGain, FixedGain, make_gain
 
-TRANSITIONS = ("official", "analytic", "identity")
+# The public transition names (bkn.transitions.NAMES; a test keeps the two equal without an import cycle).
+TRANSITIONS = ("official", "official-affine", "official-relu-shortcut", "analytic", "identity")
+MONTE_CARLO_TRANSITIONS = ("official", "official-affine", "official-relu-shortcut")
 
 Prior = tuple[torch.Tensor, torch.Tensor]
 
@@ -55,11 +57,15 @@ class _BatchKalmanNorm(BatchStatNorm):
         gain: ``"fixed"``, ``"learned"`` or ``"adaptive"`` (this project's extension).
         transition: how a chain propagates this layer's prior from the previous
             layer: ``"official"`` (Monte-Carlo through the next conv, as the authors'
-            code), ``"analytic"`` (closed form) or ``"identity"``. Read by
-            ``bkn.convert`` and ``bkn.models``; a layer used alone ignores it.
+            code), ``"analytic"`` (closed form), ``"identity"``, or an ablation of
+            ``official`` (``"official-affine"``, ``"official-relu-shortcut"``: see
+            :mod:`bkn.transitions.montecarlo`). Read by ``bkn.convert`` and
+            ``bkn.models``; a layer used alone ignores it.
         guard: ratio ``mean(v_p / v_o)`` at or above which the prior is ignored
             (``None`` or ``inf`` disables the guard).
         detach_prior: stop gradients through the prior.
+        draws: Monte-Carlo draws per group of the ``official*`` transitions (the official
+            code: 1), read with ``transition`` by the chains; other transitions take 1.
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class _BatchKalmanNorm(BatchStatNorm):
         group_size: int | None = None,
         device=None,
         dtype=None,
+        draws: int = 1,
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, group_size, device, dtype)
         if gain not in GAIN_KINDS:
@@ -85,10 +92,18 @@ class _BatchKalmanNorm(BatchStatNorm):
             raise ValueError(
                 f"{type(self).__name__}: unknown transition {transition!r}; expected one of {', '.join(TRANSITIONS)}"
             )
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+            raise ValueError(f"{type(self).__name__}: draws must be an int >= 1, got {draws!r}")
+        if draws != 1 and transition not in MONTE_CARLO_TRANSITIONS:
+            raise ValueError(
+                f"{type(self).__name__}: draws={draws} needs a Monte-Carlo transition "
+                f"({', '.join(MONTE_CARLO_TRANSITIONS)}); transition {transition!r} draws nothing"
+            )
         if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise ValueError(f"{type(self).__name__}: p must be a float in [0, 1], got {p!r}")
         self.gain_kind = gain
         self.transition = transition
+        self.draws = draws
         self.guard = math.inf if guard is None else float(guard)
         self.detach_prior = detach_prior
         self.gain = make_gain(gain, float(p), num_features, 0.1 if momentum is None else momentum)
@@ -99,9 +114,17 @@ class _BatchKalmanNorm(BatchStatNorm):
 
     def extra_repr(self) -> str:
         return (
-            super().extra_repr() + f", gain={self.gain_kind}, transition={self.transition}, "
+            super().extra_repr() + f", gain={self.gain_kind}, transition={self.transition}, draws={self.draws}, "
             f"guard={self.guard}, detach_prior={self.detach_prior}"
         )
+
+    def __getstate__(self):
+        # The statistics of the last forward are transient (non-leaf tensors: deepcopy refuses
+        # them); copies and pickles start without them, as a fresh layer does.
+        state = self.__dict__.copy()
+        state["posterior"] = state["observed"] = None
+        state["prior_used"] = False
+        return state
 
     def _set_stats(self, prior_used: bool, posterior: Prior | None, observed: Prior | None) -> None:
         # Plain attributes set through __dict__: nn.Module.__setattr__ costs ~6 us a call.

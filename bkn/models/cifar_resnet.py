@@ -25,6 +25,14 @@ official code wires it (``transition`` picks how the statistics are propagated):
   not reduce the variance for the average pool; the ``analytic`` transition does,
   and starts the first block's shortcut from ``relu(norm0)`` instead.)
 * ``norm_last``: the prior carried by the last block's output.
+
+Ablations of ``official`` (``transition=``, spec 1.2): ``official-affine`` draws the
+surrogates from each norm's output distribution (gamma, beta and the normalization
+included); ``official-relu-shortcut`` starts the first block's shortcut from the
+moments of the surrogate of ``relu(norm0)`` (the sample the official code pushes into
+``conv1``), as ``analytic`` starts it from its moments of ``relu(norm0)``, instead of
+``norm0``'s pre-normalization posterior; ``draws=k`` (a BKN option, default 1) pushes
+``k`` surrogate samples per group through each convolution.
 """
 
 from __future__ import annotations
@@ -90,9 +98,10 @@ class _Block(nn.Module):
 class _Chain:
     """The official wiring's statistic propagation, for one transition."""
 
-    def __init__(self, transition: str):
+    def __init__(self, transition: str, draws: int = 1):
         self.name = transition
-        self.t = transitions.get(transition)
+        self.t = transitions.get(transition, **({"draws": draws} if draws != 1 else {}))
+        self.analytic = type(self.t) is transitions.Analytic
 
     def through_conv(self, norm: nn.Module, activation: torch.Tensor, conv: nn.Conv2d) -> Moments | None:
         if norm.posterior is None:
@@ -106,15 +115,15 @@ class _Chain:
 
     def block_input(self, carried: Moments | None, source: nn.Module, l: torch.Tensor) -> Moments | None:
         """Statistics added at the first block's shortcut."""
-        if self.name == "analytic":
-            return self.t.relu(self.t.after_norm(source, tuple(l.shape[2:])))
         if source.posterior is None:
             return None
+        if getattr(self.t, "shortcut", "posterior") == "activation":  # analytic, official-relu-shortcut
+            return Moments(*self.t.to_prior(self.t.relu(self.t.after_norm(source, tuple(l.shape[2:])))))
         return Moments(*source.posterior)  # official: norm0's pre-normalization posterior
 
     def pool_pad(self, stats: Moments, pool: nn.AvgPool2d, pad: int) -> Moments:
-        if self.name == "analytic":
-            stats = Moments(stats.mean, stats.var / 4)  # 2x2 average of independent positions
+        if self.analytic:
+            stats = Moments(stats.mean, stats.var / 4)  # analytic: 2x2 average of independent positions
         return stats.pad_channels(pad, pad)
 
 
@@ -124,7 +133,7 @@ class CifarResNet(nn.Module):
     Args:
         blocks_per_stage: ``n`` (n=3: ResNet-20, n=5: ResNet-32 as the official scripts).
         norm: a name of :func:`bkn.norms.names`; ``norm_options`` go to ``bkn.norms.create``
-            (for ``bkn``: ``p``, ``gain``, ``transition``, ``group_size``...).
+            (for ``bkn``: ``p``, ``gain``, ``transition``, ``draws``, ``group_size``...).
         num_classes, in_channels, width: classifier size, input channels, first stage width.
     """
 
@@ -155,6 +164,7 @@ class CifarResNet(nn.Module):
         self.relu = nn.ReLU()
         self.fc = nn.Linear(channels, num_classes)
         self.transition = norm_options.get("transition", "official") if norm == "bkn" else None
+        self.draws = norm_options.get("draws", 1) if norm == "bkn" else 1
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # variance_scaling(2.0, fan_out) as the official script
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -166,13 +176,51 @@ class CifarResNet(nn.Module):
             out += ([b.norm_pre] if b.norm_pre is not None else []) + [b.norm1]
         return out + [self.norm_last]
 
+    def prior_report(self) -> list[dict] | None:
+        """Per normalization layer, as :func:`bkn.prior_report` (``bkn.prior_summary(model)`` prints it): the
+        official wiring (the plan) and whether the last training forward used a prior; None without BKN."""
+        from ..chain import FIRST_LAYER, NOT_RUN
+
+        names = {id(m): n for n, m in self.named_modules()}
+        if self.transition is None:
+            return None  # no BKN: nothing to report (bkn.prior_summary says there is no chain)
+        used = self.__dict__.get("_prior_last")
+        rows, carried, previous = [], [], ""  # carried: the norms whose statistics the block input carries
+        for layer in self.norm_layers():
+            name = names[id(layer)]
+            block = name.rsplit(".", 1)[0] if name.startswith("blocks.") else ""
+            if name == "norm0":
+                sources, path, carried = [], ["conv0"], ["norm0"]
+            elif name.endswith("norm1"):
+                sources = ["norm0"] if block == "blocks.0" else [f"{block}.norm_pre"]
+                path = ["relu", f"{block}.conv1"]
+            else:  # norm_pre, norm_last: the statistics carried by the previous block's sum
+                sources, path = list(carried), ["relu", f"{previous}.conv2", "add (+ shortcut)"]
+            if name.endswith("norm1"):  # the statistics this block's sum carries on
+                carried = (carried if block == "blocks.0" else [f"{block}.norm_pre (its prior)"]) + [name]
+                previous = block
+            if name == "norm0":
+                plan = FIRST_LAYER
+            else:
+                plan = f"prior ({self.transition}; wired by CifarResNet as the official code)"
+            if used is None:
+                last = NOT_RUN
+            elif used[len(rows)]:
+                last = "prior used"
+            else:
+                last = FIRST_LAYER if name == "norm0" else "no prior: the layer did not use the prior it was given"
+            rows.append({"layer": name, "sources": sources, "path": path, "plan": plan, "last": last})
+        return rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chain = _Chain(self.transition) if self.transition and self.training else None
+        chain = _Chain(self.transition, self.draws) if self.transition and self.training else None
         l = self.relu(self.norm0(self.conv0(x)))
         carried, source = None, self.norm0
         for block in self.blocks:
             l, carried, source = block(l, carried, source, chain)
         l = _Block._norm(self.norm_last, l, carried if chain else None)
+        if chain is not None:  # for prior_report: what this training forward did
+            self.__dict__["_prior_last"] = [layer.prior_used for layer in self.norm_layers()]
         l = self.relu(l).mean((2, 3))
         return self.fc(l)
 

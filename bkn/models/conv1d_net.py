@@ -64,6 +64,7 @@ class ConvNet1d(nn.Module):
         self.relu = nn.ReLU()
         self.fc = nn.Linear(width * length, num_classes)
         self.transition = norm_options.get("transition", "official") if norm == "bkn" else None
+        self.draws = norm_options.get("draws", 1) if norm == "bkn" else 1
         for m in self.convs:  # He initialisation for ReLU, as the CIFAR ResNet
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
@@ -72,7 +73,7 @@ class ConvNet1d(nn.Module):
         return list(self.norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chain = _Chain(self.transition) if self.transition and self.training else None
+        chain = _Chain(self.transition, self.draws) if self.transition and self.training else None
         previous = None  # (the norm that produced h, h) for the next layer's prior
         for conv, norm in zip(self.convs, self.norms):
             prior = chain.through_conv(previous[0], previous[1], conv) if chain and previous else None

@@ -37,8 +37,8 @@ class _Chain1d(_Chain):
     """The CIFAR ResNet's statistic propagation, with the 1-D shortcut's pool of 2 positions."""
 
     def pool_pad(self, stats: Moments, pool: nn.AvgPool1d, pad: int) -> Moments:
-        if self.name == "analytic":
-            stats = Moments(stats.mean, stats.var / 2)  # the average of 2 independent positions
+        if self.analytic:
+            stats = Moments(stats.mean, stats.var / 2)  # analytic: the average of 2 independent positions
         return stats.pad_channels(pad, pad)
 
 
@@ -123,6 +123,7 @@ class PreActResNet1d(nn.Module):
         self.relu = nn.ReLU()
         self.fc = nn.Linear(channels, num_classes)
         self.transition = norm_options.get("transition", "official") if norm == "bkn" else None
+        self.draws = norm_options.get("draws", 1) if norm == "bkn" else 1
         for m in self.modules():
             if isinstance(m, nn.Conv1d):  # variance_scaling(2.0, fan_out), as the CIFAR ResNet
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -135,7 +136,7 @@ class PreActResNet1d(nn.Module):
         return out + [self.norm_last]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chain = _Chain1d(self.transition) if self.transition and self.training else None
+        chain = _Chain1d(self.transition, self.draws) if self.transition and self.training else None
         l = self.relu(self.norm0(self.conv0(x)))
         carried, source = None, self.norm0
         for block in self.blocks:

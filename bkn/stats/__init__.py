@@ -13,7 +13,8 @@
   and their pooling over a per-sample norm's groups.
 * :mod:`bkn.stats.metrics` - per-channel drift metrics and their per-layer summaries.
 * :mod:`bkn.stats.estimated` - what each method normalizes with, recorded by forward hooks.
-* :mod:`bkn.stats.synthetic` - the linear-Gaussian chain with closed-form truth and the floor.
+* :mod:`bkn.stats.synthetic` - the plain linear-Gaussian chain with closed-form truth.
+* :mod:`bkn.stats.residual_chain` - the residual linear-Gaussian chain, its truth and its floor (the drift probe's).
 """
 
 from .estimated import DriftRecorder, running_estimate_rows
@@ -21,6 +22,7 @@ from .layer_kinds import is_batch_norm, is_per_sample_norm, normalization_layers
 from .metrics import METRICS, STATISTICS, channel_metrics, output_discrepancy, summarize
 from .normalizing import eval_mode, normalize_with, normalizing_with
 from .population import population_statistics
+from .residual_chain import ResidualGaussianChain
 from .running_estimates import use_population_statistics
 from .synthetic import LinearGaussianChain
 
@@ -41,4 +43,5 @@ __all__ = [
     "DriftRecorder",
     "running_estimate_rows",
     "LinearGaussianChain",
+    "ResidualGaussianChain",
 ]

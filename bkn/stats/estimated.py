@@ -24,6 +24,27 @@ What "the estimate" is depends on ``mode``:
 In every mode the output discrepancy compares the layer's output (for ``"floor"``:
 normalizing with the group moments) with the same layer normalizing the same input
 with the population statistics.
+
+Where a layer has an estimate, its signed errors (:func:`bkn.stats.metrics.signed_errors`)
+are kept too and split into bias and noise over groups (:func:`bkn.stats.metrics.decompose`):
+``mean_bias``, ``mean_noise``, ``mean_rmse`` (mean in population sigma), ``var_bias``,
+``var_noise``, ``var_rmse`` (variance relative to the population's), statistic ``rms``;
+``mean_signed_bias`` (statistic ``mean``).
+
+Two options of ``"train"`` mode:
+
+* ``isolate=True`` - *isolation mode*: after recording, the hook replaces the layer's
+  output by its output normalized with the population statistics, and a BKN layer's
+  posterior (what the next layer's prior is propagated from) by the population
+  statistics. Every layer then sees the population-mode input and a prior propagated
+  from the truth: what is left is its own estimation error (for BKN, its transition's).
+* :attr:`DriftRecorder.reference` - the layers' inputs for the same batch in population
+  mode (``{name: tensor}``, set by the caller before each forward, e.g. with
+  :func:`capture_inputs`): the *input drift*, how far the group's moments of the
+  layer's own input are from the moments the same samples give in population mode,
+  ``input_mean_drift`` = ``|m_o - m_o,pop| / sqrt(v + eps)`` and ``input_var_drift`` =
+  ``|log((v_o + eps) / (v_o,pop + eps))|`` per (group, channel): what upstream
+  mis-normalization did to this layer's input.
 """
 
 from __future__ import annotations
@@ -33,10 +54,11 @@ from torch import nn
 
 from ..layers._moments import batch_moments
 from .layer_kinds import is_batch_norm
-from .metrics import channel_metrics, output_discrepancy, summarize
+from .metrics import channel_metrics, decompose, output_discrepancy, signed_errors, summarize
 from .normalizing import normalize_with
 
 MODES = ("train", "eval", "floor")
+SIGNED_MEAN, SIGNED_VAR = "_mean_signed", "_var_signed"  # kept per (group, channel), reported as bias/noise
 
 
 class DriftRecorder:
@@ -49,7 +71,7 @@ class DriftRecorder:
         mode: ``"train"``, ``"eval"`` or ``"floor"`` (see the module docstring).
     """
 
-    def __init__(self, model: nn.Module, population: dict, group_size: int, mode: str = "train"):
+    def __init__(self, model: nn.Module, population: dict, group_size: int, mode: str = "train", isolate: bool = False):
         if mode not in MODES:
             raise ValueError(f"DriftRecorder: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if not isinstance(group_size, int) or group_size < 1:
@@ -58,7 +80,12 @@ class DriftRecorder:
         missing = [name for name in population if name not in modules]
         if missing:
             raise ValueError(f"DriftRecorder: the model has no module(s) {', '.join(map(repr, missing))}")
+        if isolate and mode != "train":
+            raise ValueError(f"DriftRecorder: isolation applies to mode 'train' only, not {mode!r}")
         self.model, self.population, self.group_size, self.mode = model, population, group_size, mode
+        self.isolate = isolate
+        self.reference: dict[str, torch.Tensor] | None = None  # population-mode inputs of the next forward
+        self.paused = False  # True: forwards pass unrecorded (e.g. the population-mode reference forward)
         self.layers = {name: modules[name] for name in population}
         self.values: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in population}
         self._handles: list = []
@@ -66,7 +93,9 @@ class DriftRecorder:
     def __enter__(self) -> "DriftRecorder":
         for name, module in self.layers.items():
             self._handles.append(
-                module.register_forward_hook(lambda mod, args, out, n=name: self._record(n, mod, args[0], out))
+                module.register_forward_hook(
+                    lambda mod, args, out, n=name: self._record(n, mod, args[0], out), prepend=True
+                )
             )
         return self
 
@@ -79,7 +108,9 @@ class DriftRecorder:
         self.values[name].setdefault(metric, []).append(value.detach().to(torch.float64).cpu())
 
     @torch.no_grad()
-    def _record(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _record(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        if self.paused:
+            return None
         n = x.shape[0]
         if n % self.group_size:
             raise ValueError(f"DriftRecorder: group_size={self.group_size} must divide the batch of {n}")
@@ -99,7 +130,33 @@ class DriftRecorder:
         if est_mean is not None:
             for metric, value in channel_metrics(est_mean, est_var, mean, var, eps).items():
                 self._add(name, metric, value)
+            mean_error, var_error = signed_errors(est_mean, est_var, mean, var, eps)
+            self._add(name, SIGNED_MEAN, mean_error.expand(groups, -1))
+            self._add(name, SIGNED_VAR, var_error.expand(groups, -1))
         self._add(name, "output_discrepancy", output_discrepancy(y, y_pop, groups))
+        if self.reference is not None and name in self.reference:
+            self._input_drift(name, x, self.reference[name], groups, mean, var, eps)
+        if self.isolate:
+            posterior = module.__dict__.get("posterior")
+            if isinstance(posterior, tuple):  # BKN: the next prior is propagated from the truth
+                g, c = posterior[0].shape
+                module.__dict__["posterior"] = (
+                    mean.to(posterior[0].dtype).expand(g, c),
+                    var.to(posterior[1].dtype).expand(g, c),
+                )
+            return y_pop.to(out.dtype)
+        return None
+
+    def _input_drift(self, name, x, x_pop, groups, mean, var, eps) -> None:
+        if x_pop.shape != x.shape:
+            raise ValueError(
+                f"DriftRecorder: reference input of {name!r} has shape {tuple(x_pop.shape)}, not {tuple(x.shape)}"
+            )
+        m_o, v_o = batch_moments(x.to(torch.float64), groups)
+        m_p, v_p = batch_moments(x_pop.to(torch.float64), groups)
+        scale = (var.to(torch.float64) + eps).sqrt()
+        self._add(name, "input_mean_drift", (m_o - m_p).abs() / scale)
+        self._add(name, "input_var_drift", (torch.log(v_o + eps) - torch.log(v_p + eps)).abs())
 
     @staticmethod
     def _training_stats(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +172,16 @@ class DriftRecorder:
         out = []
         for depth, (name, metrics) in enumerate(self.values.items()):
             for metric, values in metrics.items():
-                for statistic, value in summarize(values).items():
+                if metric in (SIGNED_MEAN, SIGNED_VAR):
+                    parts = decompose(values)
+                    prefix = metric[1:].split("_")[0]  # "mean" or "var"
+                    summary = [(f"{prefix}_{k}", "rms", parts[k]) for k in ("bias", "noise", "rmse")]
+                    summary.append((f"{prefix}_signed_bias", "mean", parts["signed_bias"]))
+                else:
+                    summary = [(metric, statistic, value) for statistic, value in summarize(values).items()]
+                for metric_name, statistic, value in summary:
                     out.append(
-                        {"layer": name, "depth": depth, "metric": metric, "statistic": statistic, "value": value}
+                        {"layer": name, "depth": depth, "metric": metric_name, "statistic": statistic, "value": value}
                     )
         return out
 
@@ -156,3 +220,26 @@ def running_estimate_rows(model: nn.Module, population: dict) -> list[dict]:
             for statistic, value in summarize(values).items():
                 out.append({"layer": name, "depth": depth, "metric": metric, "statistic": statistic, "value": value})
     return out
+
+
+class capture_inputs:
+    """Forward pre-hooks keeping the input of each named layer of the next forward: ``with capture_inputs(model,
+    names) as seen: model(x)``; then ``seen[name]`` is that layer's input (detached)."""
+
+    def __init__(self, model: nn.Module, names):
+        modules = dict(model.named_modules())
+        self.layers = {name: modules[name] for name in names}
+        self.seen: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> dict[str, torch.Tensor]:
+        for name, module in self.layers.items():
+            self._handles.append(
+                module.register_forward_pre_hook(lambda mod, args, n=name: self.seen.__setitem__(n, args[0].detach()))
+            )
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

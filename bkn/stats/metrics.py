@@ -98,3 +98,47 @@ def _numpy(v) -> np.ndarray:
     if isinstance(v, torch.Tensor):
         return v.detach().to(torch.float64).cpu().numpy()
     return np.asarray(v, dtype=np.float64)
+
+
+def signed_errors(
+    est_mean: torch.Tensor, est_var: torch.Tensor, pop_mean: torch.Tensor, pop_var: torch.Tensor, eps: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(group, channel) signed errors (float64): of the mean in population standard deviations,
+    ``(m_hat - m) / sqrt(v + eps)``, and of the variance relative to it, ``(v_hat - v) / (v + eps)``."""
+    mh, vh = est_mean.detach().to(torch.float64), est_var.detach().to(torch.float64)
+    m, v = pop_mean.detach().to(torch.float64), pop_var.detach().to(torch.float64) + eps
+    return (mh - m) / v.sqrt(), (vh + eps - v) / v
+
+
+def decompose(errors) -> dict[str, float]:
+    """Bias and noise of signed per-(group, channel) errors, pooled over a layer's channels.
+
+    ``errors``: (G, C) tensors (the groups of every recorded forward), concatenated over
+    groups. Per channel c, over its groups g: ``bias_c = mean_g e_gc`` (signed) and
+    ``noise_c^2 = mean_g (e_gc - bias_c)^2`` (the spread across groups), so that
+    ``mean_g e_gc^2 = bias_c^2 + noise_c^2`` exactly. The layer's values are root mean
+    squares over channels, which keeps the identity::
+
+        rmse^2 = mean_{g,c} e_gc^2 = bias^2 + noise^2,  bias^2 = mean_c bias_c^2,  noise^2 = mean_c noise_c^2
+
+    ``bias_c`` is measured over the recorded groups, so it carries about ``noise_c / sqrt(G)``
+    of sampling error: a small bias is an upper bound, not a measurement of zero.
+
+    Returns ``{"bias": ..., "noise": ..., "rmse": ...}``; ``"signed_bias"`` is the plain mean
+    of ``bias_c`` over channels (its sign says whether the layer over- or under-estimates).
+    """
+    e = torch.cat([_tensor(v).reshape(-1, _tensor(v).shape[-1]) for v in errors], 0).to(torch.float64)
+    if e.numel() == 0:
+        raise ValueError("decompose: no values")
+    bias = e.mean(0)
+    noise2 = (e - bias).square().mean(0)
+    return {
+        "bias": float(bias.square().mean().sqrt()),
+        "noise": float(noise2.mean().sqrt()),
+        "rmse": float(e.square().mean().sqrt()),
+        "signed_bias": float(bias.mean()),
+    }
+
+
+def _tensor(v) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v, dtype=np.float64))

@@ -1,4 +1,4 @@
-"""The synthetic linear-Gaussian chain: ground truth in closed form, and the floor (spec section 4).
+"""The plain linear-Gaussian chain: ground truth in closed form (spec section 4).
 
 A chain of ``depth`` blocks ``linear_k -> norm_k`` on (N, C, H, W) inputs, where
 ``linear_k`` is a 1x1 convolution (a linear map of the channels, with bias, applied at
@@ -23,17 +23,12 @@ each group (law of total variance; the same convention as
 :meth:`LinearGaussianChain.population_statistics` reads the weights from the model
 itself, so it stays the truth for any norm swapped in with ``bkn.convert``.
 
-The floor. A layer that estimates its statistics from its own group of ``n`` samples
-sees ``n * H * W`` i.i.d. Gaussian values per channel; the maximum-likelihood estimate
-from them - sample mean and biased sample variance - attains the Cramer-Rao bound for the
-mean (``m_hat ~ N(m, v / (n H W))``, ``v_hat ~ v chi2_{nHW-1} / (nHW)``). The probe's
-``floor`` method is that estimate, computed on the same micro-batches as every method
-from the layer's *population-mode* input (every earlier layer normalizing with its
-population statistics, so no error carried from earlier layers). One caveat, true of
-any linear chain: after a layer that normalizes with its own batch statistics, the
-group's mean of the next layer's input is exactly ``W beta + b``, which *is* the
-population mean, so BN's mean error at depth >= 1 is zero up to rounding - an
-estimator may beat the floor where the architecture makes a statistic known.
+What this chain cannot do: serve as the drift probe's floor. On a plain linear chain BN
+*is* the best estimator (the plug-in estimate of the input parameters from the group,
+pushed through the map, equals BN's statistics; after a layer that normalizes with its
+own batch statistics the next group mean is exactly ``W beta + b``), so no method can show
+an advantage on it. The probe uses :mod:`bkn.stats.residual_chain` instead; this chain
+remains the closed-form reference of the population-statistics tests.
 
 The parameters are drawn once from ``seed`` (numpy): ``mu_0 ~ N(0, 1)``,
 ``Sigma_0 = A A^T / C + 0.1 I`` with ``A ~ N(0, 1)`` (correlated channels),

@@ -12,6 +12,8 @@ between (ReLU, convolution, pooling, residual sums):
   is per-channel moments of the normalized-and-affine activation, pushed through
   ReLU (rectified Gaussian), convolutions and linear layers (independence assumed),
   pooling and residual sums. Deterministic; cost independent of batch and spatial size.
+* ``"official-affine"``, ``"official-relu-shortcut"``: ablations of ``official``, each
+  changing one thing (see :mod:`bkn.transitions.montecarlo`).
 * ``"identity"``: the prior is the previous layer's posterior (equal channels needed);
   handled by the chain, no state is propagated.
 """
@@ -20,18 +22,32 @@ from .analytic import Analytic
 from .montecarlo import MonteCarlo
 from .state import Moments, Sample
 
-NAMES = ("official", "analytic", "identity")
+NAMES = ("official", "official-affine", "official-relu-shortcut", "analytic", "identity")
+MONTE_CARLO = {
+    "official": {},
+    "official-affine": {"affine": True},
+    "official-relu-shortcut": {"shortcut": "activation"},
+}
 
 
 def get(name: str, **options):
-    """The transition object for a public option value (``identity`` has none: returns None)."""
-    if name == "official":
-        return MonteCarlo(**options)
+    """The transition object for a public option value (``identity`` has none: returns None).
+
+    ``options`` go to the transition's class (``draws=`` for the Monte-Carlo ones).
+    """
+    if name not in NAMES:
+        raise ValueError(f"unknown transition {name!r}; expected one of {', '.join(NAMES)}")
+    if name in MONTE_CARLO:
+        return MonteCarlo(**MONTE_CARLO[name], **options)
+    if options.get("draws", 1) != 1:
+        raise ValueError(
+            f"transition {name!r} draws no Monte-Carlo samples; draws={options['draws']!r} needs one of "
+            f"{', '.join(MONTE_CARLO)}"
+        )
+    options.pop("draws", None)
     if name == "analytic":
         return Analytic(**options)
-    if name == "identity":
-        return None
-    raise ValueError(f"unknown transition {name!r}; expected one of {', '.join(NAMES)}")
+    return None  # identity
 
 
-__all__ = ["Analytic", "MonteCarlo", "Moments", "Sample", "NAMES", "get"]
+__all__ = ["Analytic", "MonteCarlo", "Moments", "Sample", "NAMES", "MONTE_CARLO", "get"]

@@ -6,15 +6,18 @@ official Monte-Carlo construction makes):
 
 * after a normalization layer with posterior ``(m, v)``: mean ``beta``,
   variance ``gamma^2 * v / (v + eps)`` (the normalized-and-affine activation);
+  at its *input* (a residual stream that a pre-activation block normalizes): ``(m, v)``;
 * ReLU of N(mu, s^2): ``E = mu Phi(a) + s phi(a)``, ``E2 = (mu^2 + s^2) Phi(a) + mu s phi(a)``,
-  ``a = mu / s`` (rectified Gaussian);
+  ``a = mu / s`` (rectified Gaussian); ReLU6 and Hardtanh: the clipped Gaussian
+  (:func:`clip_moments`);
 * convolution / linear with weights ``W``: mean ``sum_taps(W) @ mean + bias``,
   variance ``sum_taps(W^2) @ var`` (zero-padding at borders ignored);
 * average pooling over ``A`` positions: mean kept, variance ``/ A``;
 * max pooling over ``A`` positions: Gaussian moment matching, mean ``mu + s e_A``,
   variance ``s^2 d_A`` with ``e_A, d_A`` the mean and variance of the maximum of
   ``A`` standard normals (numerical quadrature);
-* residual sums add means and variances; zero channel padding pads with zeros.
+* residual sums add means and variances; zero channel padding pads with zeros;
+  concatenation along the channels concatenates the moments.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from functools import lru_cache
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .state import Moments, Sample
 
@@ -66,18 +70,127 @@ def gaussian_max_moments(count: int) -> tuple[float, float]:
     return mean, second - mean * mean
 
 
-def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+_VAR_FLOOR = 1e-20  # the variance a standard deviation is taken of, at least (a point mass has none)
+
+
+class _ReluMoments(torch.autograd.Function):
+    """Mean and variance of ReLU(N(mu, s^2)), with the closed-form gradient as one autograd node.
+
+    Forward is the formula of :func:`relu_moments` op for op (so results are unchanged).
+    Backward, with ``a = mu / s``, ``Phi, phi`` the normal cdf and pdf at ``a``, ``E`` the
+    output mean and the output variance ``V = E2 - E^2`` (clamped at 0)::
+
+        dE/dmu = Phi                     dE/ds = phi
+        dE2/dmu = 2 mu Phi + s phi + v phi / s    (= 2 E when v = s^2)
+        dE2/dv = Phi (direct; its s-path is mu phi (1 - v / s^2) ds/dv = 0)
+        ds/dv = 1 / (2 s) where v > floor, else 0 (the clamp; and no gradient where V is clamped)
+
+    the same numbers autograd gets through the ~20 elementwise ops of the formula
+    (``tests/test_transitions.py`` checks both, and gradcheck), in a handful of ops: the
+    chain calls this once per ReLU per step, so the op count is its cost. Its backward is
+    not differentiable again (``once_differentiable``: a double backward raises).
+    """
+
+    @staticmethod
+    def forward(ctx, mean, var):
+        std = var.clamp_min(_VAR_FLOOR).sqrt()
+        a = mean / std
+        cdf = 0.5 * (1 + torch.erf(a / _SQRT2))
+        pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+        first = mean * cdf + std * pdf
+        second = (mean * mean + var) * cdf + mean * std * pdf
+        raw = second - first * first
+        ctx.save_for_backward(mean, var, std, cdf, pdf, first, raw)
+        return first, raw.clamp_min(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_first, g_var):
+        mean, var, std, cdf, pdf, first, raw = ctx.saved_tensors
+        g_var = g_var * (raw > 0)  # torch's clamp_min passes no gradient at the bound itself
+        ds_dv = (var > _VAR_FLOOR) / (2 * std)
+        d_second_d_mean = 2 * mean * cdf + std * pdf + var * pdf / std
+        grad_mean = g_first * cdf + g_var * (d_second_d_mean - 2 * first * cdf)
+        grad_var = (g_first - 2 * g_var * first) * pdf * ds_dv + g_var * cdf
+        return grad_mean, grad_var
+
+
+def clip_moments(mean: torch.Tensor, var: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``clamp(X, low, high)``, ``X ~ N(mean, var)`` (ReLU6: low 0, high 6).
+
+    With ``a = (low - mu) / s``, ``b = (high - mu) / s`` and ``P = Phi(b) - Phi(a)``:
+    ``E = low Phi(a) + high (1 - Phi(b)) + mu P + s (phi(a) - phi(b))`` and
+    ``E2 = low^2 Phi(a) + high^2 (1 - Phi(b)) + mu^2 P + 2 mu s (phi(a) - phi(b)) + s^2 (P + a phi(a) - b phi(b))``.
+    """
     std = var.clamp_min(1e-20).sqrt()
-    a = mean / std
-    cdf = 0.5 * (1 + torch.erf(a / _SQRT2))
-    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-    first = mean * cdf + std * pdf
-    second = (mean * mean + var) * cdf + mean * std * pdf
+    a, b = (low - mean) / std, (high - mean) / std
+    cdf_a, cdf_b = 0.5 * (1 + torch.erf(a / _SQRT2)), 0.5 * (1 + torch.erf(b / _SQRT2))
+    pdf_a, pdf_b = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi), torch.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
+    inside = cdf_b - cdf_a
+    first = low * cdf_a + high * (1 - cdf_b) + mean * inside + std * (pdf_a - pdf_b)
+    second = (
+        low * low * cdf_a
+        + high * high * (1 - cdf_b)
+        + mean * mean * inside
+        + 2 * mean * std * (pdf_a - pdf_b)
+        + var * (inside + a * pdf_a - b * pdf_b)
+    )
     return first, (second - first * first).clamp_min(0)
+
+
+def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ReLU(x), x ~ N(mean, var), elementwise (the rectified Gaussian)."""
+    return _ReluMoments.apply(mean, var)
+
+
+class _TapSums(torch.autograd.Function):
+    """``(sum_taps W, sum_taps W^2)`` of a convolution weight (O, I, *k), with a one-pass backward.
+
+    The gradient is ``g1 + 2 W g2`` (``g1, g2`` broadcast over the taps): one fused
+    ``addcmul`` over the weight instead of autograd's separate sum, square and product
+    backward (each a full pass over the weight, plus the accumulations between them).
+    Forward: the sums as matrix-vector products with ones (equal to ``sum`` up to the
+    order of additions).
+    The weight is the network's largest tensor the analytic transition touches, so this
+    is most of that transition's cost in a network step.
+    """
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.save_for_backward(weight)
+        out_c, in_c = weight.shape[:2]
+        taps = weight[0, 0].numel()
+        if weight.is_contiguous():
+            # A matrix-vector product with ones: torch's reduction over an inner dimension of
+            # kh * kw = 9 elements runs at a fraction of the memory bandwidth a gemv reaches.
+            flat = weight.view(out_c * in_c, taps)
+            ones = torch.ones(taps, dtype=weight.dtype, device=weight.device)
+            return (flat @ ones).view(out_c, in_c), (flat.square() @ ones).view(out_c, in_c)
+        flat = weight.flatten(2)
+        return flat.sum(-1), flat.square().sum(-1)
+
+    @staticmethod
+    def backward(ctx, g_sum, g_sq):
+        (weight,) = ctx.saved_tensors
+        view = weight.shape[:2] + (1,) * (weight.dim() - 2)
+        if g_sum is None:
+            g_sum = torch.zeros_like(g_sq)
+        if g_sq is None:
+            return g_sum.reshape(view).expand_as(weight).clone()
+        return torch.addcmul(g_sum.reshape(view), weight, g_sq.reshape(view), value=2.0)
+
+
+def tap_sums(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight.sum(taps), weight.square().sum(taps))`` for a (O, I, *kernel) convolution weight."""
+    if weight.dim() == 2:
+        return weight, weight.square()
+    return _TapSums.apply(weight)
 
 
 _PROPAGATED = (
     nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
     nn.modules.conv._ConvNd,
     nn.Linear,
     nn.AvgPool1d,
@@ -102,6 +215,7 @@ class Analytic:
     """The ``analytic`` transition: deterministic moment propagation."""
 
     name = "analytic"
+    shortcut = "activation"  # the CIFAR ResNet's first shortcut: moments of relu(norm0), see bkn.models.cifar_resnet
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -115,6 +229,11 @@ class Analytic:
             return Moments(torch.zeros_like(mean), normalized_var, tuple(spatial))
         out_mean = layer.bias.to(mean.dtype).expand_as(mean)
         return Moments(out_mean, layer.weight.to(var.dtype).square() * normalized_var, tuple(spatial))
+
+    def at_input(self, layer, spatial: tuple[int, ...]) -> Moments:
+        """The moments of the *input* of ``layer`` (which ran): its posterior ``(m, v)``."""
+        mean, var = layer.posterior
+        return Moments(mean, var, tuple(spatial))
 
     def to_prior(self, state) -> tuple[torch.Tensor, torch.Tensor]:
         m = state.moments() if isinstance(state, Sample) else state
@@ -130,6 +249,15 @@ class Analytic:
             raise Unsupported(f"residual sum of {a.channels} and {b.channels} channels")
         return a + b
 
+    def cat(self, states: list) -> Moments:
+        """Concatenation along the channels (DenseNet): the channels' moments side by side."""
+        states = [s.moments() if isinstance(s, Sample) else s for s in states]
+        spatial = {s.spatial for s in states if s.spatial}
+        if len(spatial) > 1:
+            raise Unsupported(f"concatenation of features of different spatial sizes {sorted(spatial)}")
+        mean = torch.cat([s.mean for s in states], -1)
+        return Moments(mean, torch.cat([s.var for s in states], -1), next(iter(spatial), ()))
+
     def pad_channels(self, state, before: int, after: int) -> Moments:
         state = state.moments() if isinstance(state, Sample) else state
         return state.pad_channels(before, after)
@@ -139,15 +267,18 @@ class Analytic:
             raise Unsupported("transposed convolution")
         w = conv.weight.to(state.mean.dtype)
         taps = tuple(range(2, w.dim()))
-        w_sum, w2_sum = w.sum(taps), w.square().sum(taps)  # (O, I / groups)
+        w_sum, w2_sum = tap_sums(w)  # (O, I / groups)
         groups, batch = conv.groups, state.mean.shape[0]
         out_c, in_per = w_sum.shape
-        mean_in = state.mean.reshape(batch, groups, in_per)
-        var_in = state.var.reshape(batch, groups, in_per)
-        w_sum = w_sum.reshape(groups, out_c // groups, in_per)
-        w2_sum = w2_sum.reshape(groups, out_c // groups, in_per)
-        mean = torch.einsum("bgi,goi->bgo", mean_in, w_sum).reshape(batch, out_c)
-        var = torch.einsum("bgi,goi->bgo", var_in, w2_sum).reshape(batch, out_c)
+        if groups == 1:  # one matrix product each (einsum would reshape and copy around a batched one)
+            mean, var = state.mean @ w_sum.t(), state.var @ w2_sum.t()
+        else:
+            mean_in = state.mean.reshape(batch, groups, in_per)
+            var_in = state.var.reshape(batch, groups, in_per)
+            w_sum = w_sum.reshape(groups, out_c // groups, in_per)
+            w2_sum = w2_sum.reshape(groups, out_c // groups, in_per)
+            mean = torch.einsum("bgi,goi->bgo", mean_in, w_sum).reshape(batch, out_c)
+            var = torch.einsum("bgi,goi->bgo", var_in, w2_sum).reshape(batch, out_c)
         if conv.bias is not None:
             mean = mean + conv.bias.to(mean.dtype)
         n = len(taps)
@@ -204,6 +335,8 @@ class Analytic:
             state = state.moments()
         if isinstance(module, nn.ReLU):
             return self.relu(state)
+        if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+            return Moments(*clip_moments(state.mean, state.var, module.min_val, module.max_val), state.spatial)
         if isinstance(module, nn.modules.conv._ConvNd):
             return self.conv(module, state)
         if isinstance(module, nn.Linear):

@@ -43,5 +43,10 @@ class Sample:
         v = self.value
         groups = v.shape[0] // self.draws
         v = v.reshape(groups, self.draws, *v.shape[1:]).transpose(1, 2).reshape(groups, v.shape[1], -1)
-        var, mean = torch.var_mean(v, dim=-1, correction=0)
+        # Two passes (the mean, then the mean of centred squares): the biased variance, as
+        # accurate as torch.var_mean's one-pass update and, with its backward, about 3x faster
+        # on the CPU at the surrogate's sizes (it runs once per BKN layer per step).
+        mean = v.mean(-1)
+        centred = v - mean.unsqueeze(-1)
+        var = (centred * centred).mean(-1)
         return Moments(mean, var, tuple(self.value.shape[2:]))

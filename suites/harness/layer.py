@@ -11,7 +11,7 @@ from bkn.methods import Method
 
 from .decode import decode_input
 from .matrix import SEED, check_pruned, reraise_unsupported, skip
-from .prior import KalmanPrior
+from .prior import GivenPrior
 from .process import configure_threads
 from .timing import synchronize
 
@@ -39,8 +39,10 @@ class LayerCase:
 
     The layer is ``bkn.methods.get(method).build(C)``: built without a group, so it
     normalizes its whole input, ``(group_size, *shape)``, as one group (``bn`` is then
-    torch's own ``BatchNorm*d``). A BKN method in training gets its prior from a
-    :class:`~suites.harness.prior.KalmanPrior`. Seeded; the input and the output gradient
+    torch's own ``BatchNorm*d``). A BKN method in training is handed a prior
+    (:class:`~suites.harness.prior.GivenPrior`: the norm alone, like for like with BN;
+    its propagation is the block benchmark's, :class:`suites.harness.block.BlockCase`).
+    Seeded; the input and the output gradient
     are standard normal. ``training=False`` builds the inference case (eval mode, running
     estimates, no autograd, no prior).
     """
@@ -68,7 +70,7 @@ class LayerCase:
         gen = torch.Generator().manual_seed(SEED)
         channels, spatial = dims[0], dims[1:]
         self.layer = method.build(channels, spatial_dims=len(spatial))
-        self.prior = KalmanPrior(method, channels, spatial, gen) if method.norm == "bkn" and training else None
+        self.prior = GivenPrior(channels, gen) if method.norm == "bkn" and training else None
         with torch.no_grad():  # a trained-looking affine, so no term is trivially zero
             if getattr(self.layer, "weight", None) is not None:
                 self.layer.weight.copy_(1.0 + 0.1 * torch.randn(self.layer.weight.shape, generator=gen))

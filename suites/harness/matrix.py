@@ -107,11 +107,13 @@ def check_pruned(group_size: int, shape: tuple[int, ...], device, dtype: str, me
     check_secondary_pruned(group_size, dtype, memory_format)
 
 
-def check_network_pruned(group_size: int, input_shape: tuple[int, ...], device, dtype: str, memory_format: str) -> None:
-    """Rule 3 of the CPU pruning (a network step on ``group_size`` inputs), and rule 2."""
+def check_network_pruned(
+    group_size: int, input_shape: tuple[int, ...], device, dtype: str, memory_format: str, batch: int | None = None
+) -> None:
+    """Rule 3 of the CPU pruning (a network step on ``batch`` inputs, default ``group_size``), and rule 2."""
     if device.type != "cpu":
         return
-    elements = group_size * math.prod(input_shape)
+    elements = (batch or group_size) * math.prod(input_shape)
     if elements > CPU_MAX_NETWORK_INPUT:
         skip(f"pruned on cpu: {elements} input elements per step > CPU_MAX_NETWORK_INPUT={CPU_MAX_NETWORK_INPUT}")
     check_secondary_pruned(group_size, dtype, memory_format)

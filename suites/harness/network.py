@@ -14,18 +14,21 @@ from .process import configure_threads
 from .timing import synchronize
 
 
-def cifar_resnet20(method: methods.Method) -> nn.Module:
-    """The paper's CIFAR ResNet-20 with ``method``'s layers, each normalizing its whole input (one group)."""
-    return cifar_resnet(20, method.norm, **method.layer_options())
+def cifar_resnet20(method: methods.Method, group_size: int | None = None) -> nn.Module:
+    """The paper's CIFAR ResNet-20 with ``method``'s layers, in groups of ``group_size`` (None: one group)."""
+    return cifar_resnet(20, method.norm, **method.layer_options(group_size))
 
 
 class NetworkCase:
     """One SGD training step of a whole network with every normalization layer of ``method``.
 
-    ``build(method)`` returns the model for a :class:`bkn.methods.Method` (BKN's priors are
-    wired by the model or by the converter), built without a group: the step's batch of
-    ``group_size`` samples is one normalization group. The step is forward,
-    cross-entropy, backward and an SGD update with momentum, on a fixed seeded batch.
+    ``build(method, group)`` returns the model for a :class:`bkn.methods.Method` (BKN's
+    priors are wired by the model or by the converter) with normalization groups of
+    ``group`` samples. Without ``batch_size`` the step's batch is ``group_size`` samples,
+    one group, and the norms are built without a group (``bn`` is torch's own
+    ``BatchNorm2d``); with it, the batch is ``batch_size`` samples in groups of
+    ``group_size`` (ghost batches; what BKN is for). The step is forward, cross-entropy,
+    backward and an SGD update with momentum, on a fixed seeded batch.
     """
 
     def __init__(
@@ -39,19 +42,23 @@ class NetworkCase:
         memory_format: str,
         num_classes: int,
         prune: bool = True,
+        batch_size: int | None = None,
     ):
         configure_threads()
         method = methods.get(method)
         spec = decode_input(shape, device, dtype, memory_format)
         dims, fmt, self.device, self.dtype = spec.dims, spec.memory_format, spec.device, spec.dtype
+        if batch_size is not None and (batch_size < group_size or batch_size % group_size):
+            raise ValueError(f"group_size {group_size} must divide batch_size {batch_size}")
+        batch = group_size if batch_size is None else batch_size
         if prune:
-            check_network_pruned(group_size, dims, self.device, dtype, memory_format)
+            check_network_pruned(group_size, dims, self.device, dtype, memory_format, batch=batch)
         torch.manual_seed(SEED)
-        model = build(method)
+        model = build(method, None if batch_size is None else group_size)
         self.model = model.to(device=self.device, dtype=self.dtype, memory_format=fmt).train()
         gen = torch.Generator().manual_seed(SEED)
-        self.x = spec.randn(group_size, gen)
-        self.y = torch.randint(0, num_classes, (group_size,), generator=gen).to(self.device)
+        self.x = spec.randn(batch, gen)
+        self.y = torch.randint(0, num_classes, (batch,), generator=gen).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
 
     def step(self) -> torch.Tensor:

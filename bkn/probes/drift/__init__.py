@@ -1,23 +1,29 @@
-"""The drift probe: how far each method's statistics drift from the population's (``nox -s accuracy``).
+"""The drift probe: how far each method's statistics drift from the population's, and what that does to the
+network's output (``nox -s accuracy``).
 
 For every normalization method, normalization group size ``n``, layer and seed, the
 probe measures what the method normalizes with in training mode - BN's batch statistics,
 BKN's posterior, BRN's effective statistics, the running (EMA) estimates - against the
 layer's exact population statistics (:func:`bkn.stats.population_statistics`), with the
-metrics of spec section 4 (:mod:`bkn.stats.metrics`), on the synthetic linear-Gaussian
-chain (closed-form truth and a floor) and on real images that ship with scikit-learn, for
-the paper's CIFAR ResNet and torchvision's ResNet-18 at initialisation and after a short
-training run.
+metrics of spec section 4 (:mod:`bkn.stats.metrics`): per-layer error split into bias and
+noise over groups, the input drift caused by upstream layers, and end to end (``layer =
+"output"``) the agreement of the network in training mode with the same network using
+population statistics. Two modes: in-network, and isolation (every earlier layer
+normalizing with its population statistics). Setups: the synthetic residual chain
+(closed-form truth and a real floor, :mod:`bkn.stats.residual_chain`) and real images that
+ship with scikit-learn, on the paper's CIFAR ResNet (and torchvision's ResNet-18 with
+``--full``), trained with BN (``trained``) and with each method (``trained-own``).
 
 Modules: :mod:`~bkn.probes.drift.methods` (the names measured: registry methods,
 ``<method>-ema``, ``floor``), :mod:`~bkn.probes.drift.setups` (data, networks, the cached
 training run), :mod:`~bkn.probes.drift.units` (one measurement),
 :mod:`~bkn.probes.drift.sweep` (all of them), :mod:`~bkn.probes.drift.summary` (the
-printed tables).
+printed tables), :mod:`~bkn.probes.drift.progress` (a bar on a terminal, one line per
+stage in a log).
 
 Command line: ``python -m bkn.probes.drift --help``. Results: ``<out>/drift.parquet``
-(:data:`bkn.results.DRIFT`: one row per data x network x state x method x group_size x
-layer x metric x statistic x seed, plus the environment columns) and ``<out>/meta.json``
+(:data:`bkn.results.DRIFT`: one row per data x network x state x method x group_size x mode
+x layer x metric x statistic x seed, plus the environment columns) and ``<out>/meta.json``
 (environment, arguments, duration, skipped units), both written atomically once the run
 is complete.
 """
@@ -40,9 +46,9 @@ def run(config: ProbeConfig, progress: bool = False):
     probe = Probe(config)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import Progress
 
-        bar = tqdm(total=len(probe.units()), unit="unit", desc="drift probe", dynamic_ncols=True)
+        bar = Progress(len(probe.units()))
         probe.progress = bar
     started = time.perf_counter()
     try:

@@ -7,31 +7,48 @@ import sys
 import time
 
 from .. import cli
-from . import methods, setups
+from . import methods, setups, units
 from .sweep import ProbeConfig
 
-DEFAULT_SETUPS = [("synthetic", "linear-chain"), ("digits", "cifar-resnet20")]
+DEFAULT_SETUPS = [("synthetic", "residual-chain"), ("digits", "cifar-resnet20")]
 FULL_SETUPS = list(setups.INPUT_SIZE)
 DEFAULT_SIZES, FULL_SIZES = [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32, 64]
-DEFAULT_SEEDS, FULL_SEEDS = [0, 1, 2], [0, 1, 2, 3, 4]
+DEFAULT_SEEDS, FULL_SEEDS = [0, 1], [0, 1, 2, 3, 4]
 
 EPILOG = (
     """
 what is measured (spec section 4): per method, normalization group size n, layer and seed,
 the statistics the method normalizes with in training mode (BN: the group's batch
 statistics; BKN: its posterior; BRN: its effective statistics; <method>-ema: the running
-estimates) against the layer's exact population statistics, as the median and 90th
-percentile over groups x channels of: mean_error |m_hat - m| / sqrt(v), var_logratio
-|log(v_hat / v)|, kl KL(N(m, v) || N(m_hat, v_hat)), and output_discrepancy
-||y_train - y_pop||^2 / ||y_pop||^2 (every method, GN and LN included).
+estimates) against the layer's exact population statistics:
+  per layer, median and 90th percentile over groups x channels of mean_error
+  |m_hat - m| / sqrt(v), var_logratio |log(v_hat / v)|, kl KL(N(m, v) || N(m_hat, v_hat)),
+  output_discrepancy ||y_train - y_pop||^2 / ||y_pop||^2 (every method, GN and LN included),
+  input_mean_drift / input_var_drift (the layer's input against its population-mode input,
+  same samples: what upstream layers did); and the error split over groups into bias and
+  noise, mean_bias/mean_noise/mean_rmse (population sigma) and var_* (relative), with
+  rmse^2 = bias^2 + noise^2;
+  end to end (layer "output"): agreement of the predictions of the network in training mode
+  with those of the same network using population statistics, logit_discrepancy
+  ||z_train - z_pop||^2 / ||z_pop||^2, accuracy in training mode (and accuracy_population).
+modes: in-network (as the network runs), isolation (every earlier layer normalizes with its
+population statistics and hands them on as BKN's posterior: each layer's own error alone).
+states: init, trained (weights trained with BN), trained-own (trained with the measured
+method, at normalization group 4). For BKN the population statistics are the reference, not
+what it uses at inference (its running estimates: '<method>-ema').
+synthetic/residual-chain: a residual linear-Gaussian chain with closed-form truth and a real
+floor ('floor': the best estimate a group can give; error/floor >= 1 for every method that
+estimates from its group alone - BN, BKN; BRN and running estimates pool earlier batches).
 
-default run: setups synthetic/linear-chain (init) and digits/cifar-resnet20 (trained),
-group sizes 1,2,4,8,16, seeds 0,1,2, every method but 'in' and 'brn-scheduled'.
+default run: setups synthetic/residual-chain (init) and digits/cifar-resnet20 (trained,
+trained-own), both modes, group sizes 1,2,4,8,16, seeds 0,1, every method but 'in',
+'brn-scheduled' and the ablations of BKN's official transition (bkn-official-affine,
+bkn-official-relu-shortcut: name them in --methods).
 --full: every setup (adds photos/cifar-resnet20, digits/resnet18, photos/resnet18), states
-init and trained, group sizes 1..64, seeds 0..4, every method but 'brn-scheduled' (the
-paper's schedule keeps BRN equal to BN for 5000 steps, far more than a unit's forwards:
-name it in --methods to measure it). The trained weights (a short seeded BN training run,
-bkn.training's engine) are cached under --cache.
+init, trained and trained-own, group sizes 1..64, seeds 0..4, every method but
+'brn-scheduled' (the paper's schedule keeps BRN equal to BN for 5000 steps, far more than a
+unit's forwards: name it in --methods to measure it). Trained weights (short seeded training
+runs, bkn.training's engine) are cached under --cache, keyed by their configuration.
 
 methods (bkn.methods, plus the probe's own estimators): """
     + ", ".join(methods.names())
@@ -59,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
         p,
         methods=f"default: {','.join(methods.DEFAULT_METHODS)}",
         group_sizes=f"default {','.join(map(str, DEFAULT_SIZES))}; --full {','.join(map(str, FULL_SIZES))}",
-        seeds="micro-batch sampling and Monte-Carlo draws; default 0,1,2; --full 0..4",
+        seeds="micro-batch sampling and Monte-Carlo draws; default 0,1; --full 0..4",
         threads=1,
         threads_help="; the probe runs many small ops, and on a shared 2-core machine 2 threads ran it 6-10x slower",
         out="results/accuracy",
@@ -72,8 +89,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--states",
         type=cli.name_list,
-        help="states of the real-data networks: init,trained (default trained; --full both)",
+        help="states of the real-data networks: init,trained,trained-own (default trained,trained-own; --full all)",
     )
+    p.add_argument("--modes", type=cli.name_list, help="in-network,isolation (default both)")
     p.add_argument(
         "--steps", type=cli.positive_int, default=10, help="measured training-mode forwards per unit (default 10)"
     )
@@ -112,7 +130,8 @@ def config_from(args: argparse.Namespace) -> ProbeConfig:
         )
     return ProbeConfig(
         setups=pairs,
-        states=list(args.states or (["init", "trained"] if args.full else ["trained"])),
+        states=list(args.states or (list(setups.STATES) if args.full else ["trained", setups.OWN])),
+        modes=list(args.modes or units.MODES),
         methods=list(args.methods or (methods.FULL_METHODS if args.full else methods.DEFAULT_METHODS)),
         group_sizes=list(args.group_sizes or (FULL_SIZES if args.full else DEFAULT_SIZES)),
         seeds=list(args.seeds or (FULL_SEEDS if args.full else DEFAULT_SEEDS)),
@@ -125,22 +144,12 @@ def config_from(args: argparse.Namespace) -> ProbeConfig:
 
 
 def print_summary(frame, record: dict) -> None:
-    from .summary import floor_table, format_table, real_data_table
+    from . import summary
 
-    real = real_data_table(frame)
-    if real is not None:
-        print(
-            "\nReal data: median over layers of the per-layer median, mean over seeds "
-            "(mean_error in population std; kl in nats), by group size"
-        )
-        print(format_table(real))
-    floor = floor_table(frame)
-    if floor is not None:
-        print(
-            "\nSynthetic linear-Gaussian chain: error / floor (best estimate from the group), "
-            "median over layers, mean over seeds, by group size"
-        )
-        print(format_table(floor))
+    for title, table in summary.tables(frame):
+        print("\n" + title)
+        print(summary.format_table(table))
+    print("\nnote: " + record["config"]["notes"][0])
     if record["skipped"]:
         reasons = {}
         for s in record["skipped"]:

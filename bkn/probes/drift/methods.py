@@ -39,8 +39,16 @@ def names() -> tuple[str, ...]:
     return single + tuple(name + EMA for name in batch) + (FLOOR,)
 
 
+# Ablations of BKN's official transition ("official-*" transitions, bkn.transitions): --full or --methods.
+ABLATIONS = tuple(
+    name
+    for method in registry.resolve(registry.names())
+    if str(method.options.get("transition", "")).startswith("official-")
+    for name in (method.name, method.name + EMA)
+)
 FULL_METHODS = tuple(name for name in names() if name not in ON_REQUEST)
-DEFAULT_METHODS = tuple(name for name in FULL_METHODS if name != "in")  # IN: --full or --methods
+# IN and the ablations: --full or --methods (each method costs the default run a training run and ~40 units)
+DEFAULT_METHODS = tuple(name for name in FULL_METHODS if name != "in" and name not in ABLATIONS)
 
 
 def base(name: str) -> registry.Method | None:

@@ -2,20 +2,28 @@
 
 Setups (data x network) and input sizes:
 
-    synthetic x linear-chain     the linear-Gaussian chain (32 channels, 8 norms, 4x4 positions)
+    synthetic x residual-chain   the residual linear-Gaussian chain (16 channels, 8 norms, 8x8 positions
+                                 subsampled to 4x4 and 2x2; :mod:`bkn.stats.residual_chain`)
     digits    x cifar-resnet20   scikit-learn's digits, upsampled to 16x16, grey repeated to RGB
     digits    x resnet18         the same at 32x32 (torchvision ResNet-18: 1x1 at its last stage)
     photos    x cifar-resnet20   1024 random 32x32 crops of the sample photographs
     photos    x resnet18         1024 random 64x64 crops
 
-States: ``init`` (seeded initialisation) and ``trained`` (a short seeded training run of
+States: ``init`` (seeded initialisation), ``trained`` (a short seeded training run of
 the network with torch's BatchNorm by :func:`bkn.training.train_epochs`, the engine the
-training probe uses too; weights cached under ``<cache>/accuracy/``). Every method's
-network is then built with the *same* weights: the CIFAR ResNet is constructed with the
-method's norm and loads the BN network's state dict; torchvision and the chain are
-converted with :meth:`bkn.methods.Method.convert`, which copies weights. So the trained
-state is "trained with BN, then measured with each method's statistics"; the synthetic
-chain has no ``trained`` state.
+training probe uses too) and ``trained-own`` (the same run with the measured method's own
+norms, at normalization group :data:`TRAIN_GROUP`); weights cached under
+``<cache>/accuracy/``, keyed by the whole configuration. In ``init`` and ``trained`` every
+method's network is built with the *same* weights: the CIFAR ResNet is constructed with
+the method's norm and loads the BN network's state dict; torchvision is converted with
+:meth:`bkn.methods.Method.convert`, which copies weights; the chain is rebuilt with the
+method's norms. So ``trained`` is "trained with BN, then measured with each method's
+statistics", ``trained-own`` "trained and measured with the method". The synthetic chain
+has only ``init`` (its weights define the truth).
+
+For BKN the population statistics are not what it normalizes with at inference (the
+running average of its posteriors, measured as ``<method>-ema``): they are the reference
+every method is measured against, and the statistics an ideal BN would use.
 """
 
 from __future__ import annotations
@@ -36,13 +44,16 @@ from bkn import training
 from bkn.data import Dataset, digits_dataset, photos_dataset
 from bkn.models import cifar_resnet
 from bkn.results import atomic_path
-from bkn.stats import LinearGaussianChain, population_statistics
+from bkn.stats import population_statistics
+from bkn.stats.residual_chain import ResidualChainNet, ResidualGaussianChain
 
 DATA = ("synthetic", "digits", "photos")
-NETWORKS = ("linear-chain", "cifar-resnet20", "resnet18")
-STATES = ("init", "trained")
+NETWORKS = ("residual-chain", "cifar-resnet20", "resnet18")
+STATES = ("init", "trained", "trained-own")
+OWN = "trained-own"
+TRAIN_GROUP = 4  # the normalization group of the trained-own runs: micro-batches, in a 32-sample SGD batch
 INPUT_SIZE = {
-    ("synthetic", "linear-chain"): 4,
+    ("synthetic", "residual-chain"): 8,
     ("digits", "cifar-resnet20"): 16,
     ("digits", "resnet18"): 32,
     ("photos", "cifar-resnet20"): 32,
@@ -65,18 +76,18 @@ TRAINING = {
 }
 FINAL_LOSS_STEPS = 20
 
-Source = Union[Dataset, LinearGaussianChain]  # where a setup's micro-batches come from: both have .sample()
+Source = Union[Dataset, ResidualGaussianChain]  # where a setup's micro-batches come from: both have .sample()
 
 
 def size(source: Source) -> float:
     """Number of samples (infinite for the synthetic chain, whose samples are drawn fresh)."""
-    return math.inf if isinstance(source, LinearGaussianChain) else len(source)
+    return math.inf if isinstance(source, ResidualGaussianChain) else len(source)
 
 
 def population(source: Source, model: nn.Module, per_sample: bool) -> dict:
     """The exact population statistics of ``model``'s layers: in closed form on the chain, over the whole
     data set (in batches of 256) otherwise."""
-    if isinstance(source, LinearGaussianChain):
+    if isinstance(source, ResidualGaussianChain):
         return source.population_statistics(model, per_sample=per_sample)
     return population_statistics(model, [x for x, _ in source.batches(256)], per_sample=per_sample)
 
@@ -96,7 +107,7 @@ def load_source(data: str, network: str) -> Source:
     check_pair(data, network)
     side = INPUT_SIZE[(data, network)]
     if data == "synthetic":
-        return LinearGaussianChain(spatial=(side, side))
+        return ResidualGaussianChain(spatial=(side, side))
     if data == "digits":
         return digits_dataset("all", size=side, channels=3, seed=0)
     return photos_dataset(size=side, count=PHOTO_CROPS, seed=0)
@@ -108,7 +119,7 @@ def load_source(data: str, network: str) -> Source:
 def base_network(network: str, source: Source, seed: int) -> nn.Module:
     """The network with torch's BatchNorm, initialised from ``seed``."""
     torch.manual_seed(seed)
-    if network == "linear-chain":
+    if network == "residual-chain":
         return source.model()
     if network == "cifar-resnet20":
         return cifar_resnet(20, "bn", num_classes=source.num_classes)
@@ -117,14 +128,20 @@ def base_network(network: str, source: Source, seed: int) -> nn.Module:
     return torchvision.models.resnet18(num_classes=source.num_classes)
 
 
-def method_network(network: str, base: nn.Module, method: registry.Method, group_size: int) -> nn.Module:
+def method_network(
+    network: str, base: nn.Module, method: registry.Method, group_size: int, total_steps: int | None = None
+) -> nn.Module:
     """``base`` with ``method``'s normalization layers (same weights), in training mode."""
+    options = method.layer_options(group_size, total_steps)
     if network == "cifar-resnet20":
         num_classes = base.fc.out_features
-        model = cifar_resnet(20, method.norm, num_classes=num_classes, **method.layer_options(group_size))
+        model = cifar_resnet(20, method.norm, num_classes=num_classes, **options)
+        load_weights(model, base.state_dict())
+    elif network == "residual-chain":
+        model = ResidualChainNet(base.conv0.in_channels, base.depth, base.subsample_after, method.norm, **options)
         load_weights(model, base.state_dict())
     else:
-        model = method.convert(copy.deepcopy(base), group_size)
+        model = method.convert(copy.deepcopy(base), group_size, total_steps=total_steps)
     return model.train()
 
 
@@ -148,7 +165,9 @@ def load_weights(model: nn.Module, state: dict) -> None:
 # -- the trained state: a short seeded training run, cached -----------------------------
 
 
-def _cache_file(cache_dir: pathlib.Path, network: str, data: str, seed: int) -> tuple[pathlib.Path, dict]:
+def _cache_file(
+    cache_dir: pathlib.Path, network: str, data: str, seed: int, method: registry.Method | None = None
+) -> tuple[pathlib.Path, dict]:
     config = {
         "network": network,
         "data": data,
@@ -157,28 +176,44 @@ def _cache_file(cache_dir: pathlib.Path, network: str, data: str, seed: int) -> 
         "photo_crops": PHOTO_CROPS if data == "photos" else None,
         **TRAINING,
     }
+    if method is not None:  # trained with the method's own norms
+        config["norm"] = method.norm
+        config["method"] = method.name
+        config["options"] = {k: repr(v) for k, v in sorted(method.layer_options(TRAIN_GROUP).items())}
+        config["group_size"] = TRAIN_GROUP
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_dir / "accuracy" / f"{network}-{data}-seed{seed}-{key}.pt", config
+    who = f"-{method.name}" if method is not None else ""  # the BN network keeps its earlier file name
+    return cache_dir / "accuracy" / f"{network}-{data}{who}-seed{seed}-{key}.pt", config
 
 
 def trained_network(
-    network: str, data: Source, seed: int, cache_dir: str | pathlib.Path, progress: bool = False
+    network: str,
+    data: Source,
+    seed: int,
+    cache_dir: str | pathlib.Path,
+    progress=None,
+    method: registry.Method | None = None,
 ) -> tuple[nn.Module, dict]:
-    """The BN network after the short training run; read from the cache or trained and cached (atomically).
+    """The network after the short training run - with torch's BatchNorm, or with ``method``'s norms at
+    group size :data:`TRAIN_GROUP` - read from the cache or trained and cached (atomically).
 
     Returns the model and a record ``{"cache": path, "cached": bool, "config": ..., "final_loss": ...}``.
+    ``progress``: a :class:`~bkn.probes.drift.progress.Progress` (or None).
     """
     if not isinstance(data, Dataset):
         raise ValueError("the synthetic chain has no trained state (its weights define the truth)")
-    path, config = _cache_file(pathlib.Path(cache_dir), network, data.name, seed)
+    path, config = _cache_file(pathlib.Path(cache_dir), network, data.name, seed, method)
     model = base_network(network, data, seed)
+    if method is not None:
+        torch.manual_seed(seed)  # BKN's Monte-Carlo draws during training
+        model = method_network(network, model, method, TRAIN_GROUP, total_steps=TRAINING["steps"])
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("config") == config:
             model.load_state_dict(saved["state_dict"])
             return model, {"cache": str(path), "cached": True, "config": config, "final_loss": saved["final_loss"]}
     started = time.perf_counter()
-    final_loss = train(model, data, seed, progress)
+    final_loss = train(model, data, seed, progress, method.name if method is not None else "BN")
     with atomic_path(path) as tmp:
         torch.save({"config": config, "state_dict": model.state_dict(), "final_loss": final_loss}, tmp)
     return model, {
@@ -190,7 +225,7 @@ def trained_network(
     }
 
 
-def train(model: nn.Module, data: Dataset, seed: int, progress: bool = False) -> float:
+def train(model: nn.Module, data: Dataset, seed: int, progress=None, what: str = "BN") -> float:
     """:data:`TRAINING`'s run of ``model`` (built from ``seed`` just before); returns its final loss."""
     recipe = training.Recipe(
         batch_size=TRAINING["batch_size"],
@@ -198,16 +233,16 @@ def train(model: nn.Module, data: Dataset, seed: int, progress: bool = False) ->
         momentum=TRAINING["momentum"],
         weight_decay=TRAINING["weight_decay"],
     )
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=TRAINING["steps"], desc="training (cached afterwards)", unit="step", leave=False)
+    step = None
+    if progress is not None:
+        step = progress.task(
+            f"training the {what} network ({TRAINING['steps']} steps, cached afterwards)", TRAINING["steps"]
+        )
     try:
-        epochs = training.train_epochs(model, data, recipe, TRAINING["steps"], seed, bar.update if bar else None)
+        epochs = training.train_epochs(model, data, recipe, TRAINING["steps"], seed, step)
         losses = [loss.item() for epoch in epochs for loss in epoch.losses]
     finally:
-        if bar is not None:
-            bar.close()
+        if progress is not None:
+            progress.end_task()
     tail = losses[-FINAL_LOSS_STEPS:]
     return sum(tail) / len(tail)

@@ -1,7 +1,9 @@
-"""The drift probe's sweep: per setup, the population statistics, then every method x group size x seed.
+"""The drift probe's sweep: per setup, the population statistics, then every method x mode x group size x seed.
 
 A setup is data x network x state; a *unit* measures one method at one normalization group
-size ``n`` with one seed on it (:mod:`bkn.probes.drift.units`). A method with batch
+size ``n`` with one seed in one mode (in-network or isolation) on it
+(:mod:`bkn.probes.drift.units`). In the ``trained-own`` state each method has its own
+weights (trained with it) and so its own population statistics. A method with batch
 statistics and its ``-ema`` twin share a unit (one network run). A method that cannot run
 at a group size (BN with one value per channel) is skipped and listed in ``meta.json``
 under ``skipped``, never silently dropped.
@@ -25,9 +27,10 @@ class ProbeConfig:
     """Everything a probe run depends on (recorded in ``meta.json``)."""
 
     setups: list[tuple[str, str]] = field(
-        default_factory=lambda: [("synthetic", "linear-chain"), ("digits", "cifar-resnet20")]
+        default_factory=lambda: [("synthetic", "residual-chain"), ("digits", "cifar-resnet20")]
     )
-    states: list[str] = field(default_factory=lambda: ["trained"])  # the synthetic chain: always "init"
+    states: list[str] = field(default_factory=lambda: ["trained", "trained-own"])  # the chain: always "init"
+    modes: list[str] = field(default_factory=lambda: list(units.MODES))
     methods: list[str] = field(default_factory=lambda: list(methods.DEFAULT_METHODS))
     group_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -44,6 +47,11 @@ class ProbeConfig:
         for state in self.states:
             if state not in setups.STATES:
                 raise ValueError(f"unknown state {state!r}; known: {', '.join(setups.STATES)}")
+        for mode in self.modes:
+            if mode not in units.MODES:
+                raise ValueError(f"unknown mode {mode!r}; known: {', '.join(units.MODES)}")
+        if not self.modes:
+            raise ValueError(f"give at least one mode ({', '.join(units.MODES)})")
         if not self.group_sizes or any(not isinstance(n, int) or n < 1 for n in self.group_sizes):
             raise ValueError(f"group sizes must be positive ints, got {self.group_sizes}")
         if not self.seeds:
@@ -98,19 +106,20 @@ class Probe:
         config.validate()
         self.config = config
         self.wanted = set(methods.resolve(config.methods))
-        self.progress = progress  # a tqdm bar (one step per unit), or None
+        self.progress = progress  # a bkn.probes.drift.progress.Progress, or None
         self.skipped: list[dict] = []
         self.training: list[dict] = []
         self.timings: dict[str, float] = {}
 
     def units(self) -> list[tuple]:
-        """``(data, network, state, method, n, seed)`` of every unit, in run order (for the progress bar)."""
+        """``(data, network, state, method, mode, n, seed)`` of every unit, in run order (the progress total)."""
         cfg = self.config
         return [
-            (data, network, state, name, n, seed)
+            (data, network, state, name, mode, n, seed)
             for data, network in cfg.setups
             for state in self._states(data)
             for name, _ in unit_methods(self.wanted, data)
+            for mode in cfg.modes
             for n in cfg.group_sizes
             for seed in cfg.seeds
         ]
@@ -130,11 +139,9 @@ class Probe:
                 rows += self._run_setup(data, source, network, state)
         return rows
 
-    def _base(self, source: setups.Source, network: str, state: str) -> nn.Module:
-        if state == "init":
-            return setups.base_network(network, source, self.config.weights_seed)
+    def _trained(self, source, network: str, method=None) -> nn.Module:
         model, record = setups.trained_network(
-            network, source, self.config.weights_seed, self.config.cache, progress=self.progress is not None
+            network, source, self.config.weights_seed, self.config.cache, self.progress, method=method
         )
         self.training.append(record)
         return model
@@ -142,69 +149,95 @@ class Probe:
     def _timed(self, name: str, started: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
 
+    def _population(self, setup: str, key: str, source, model, per_sample: bool) -> dict:
+        started = time.perf_counter()
+        try:
+            return setups.population(source, model, per_sample=per_sample)
+        finally:
+            self._timed(f"{setup}/{key}", started)
+
     def _run_setup(self, data: str, source: setups.Source, network: str, state: str) -> list[dict]:
         setup = f"{data}/{network}/{state}"
-        self._status(f"{setup}: weights")
-        base = self._base(source, network, state)
-        check_network(base, network)
-        self._status(f"{setup}: population statistics")
-        started = time.perf_counter()
-        population = setups.population(source, base, per_sample=False)
-        self._timed(f"{setup}/population", started)
+        own = state == setups.OWN
+        shared = shared_population = None
+        if not own:
+            self._status(f"{setup}: weights")
+            shared = (
+                setups.base_network(network, source, self.config.weights_seed)
+                if state == "init"
+                else self._trained(source, network)
+            )
+            check_network(shared, network)
+            self._status(f"{setup}: population statistics")
+            shared_population = self._population(setup, "population", source, shared, per_sample=False)
         rows = []
         for name, method in unit_methods(self.wanted, data):
-            self._status(f"{setup}: {name}")
-            pop = population
-            if method is not None and not method.uses_groups:  # per-sample norms: their own statistics
-                template = setups.method_network(network, base, method, self.config.group_sizes[0])
-                started = time.perf_counter()
-                try:
-                    pop = setups.population(source, template, per_sample=True)
-                except ValueError as err:  # e.g. InstanceNorm on a 1x1 feature map
-                    self._skip_method(
-                        dict(data=data, network=network, state=state), name, f"population statistics: {err}"
-                    )
-                    continue
-                self._timed(f"{setup}/population-{name}", started)
-            for n in self.config.group_sizes:
-                for seed in self.config.seeds:
-                    key = dict(data=data, network=network, state=state, group_size=n, seed=seed)
-                    started = time.perf_counter()
-                    try:
-                        unit_rows = self._unit(source, network, base, name, method, n, seed, pop)
-                    except ValueError as err:  # e.g. BN with one value per channel and group
-                        self.skipped.append({**key, "method": name, "reason": str(err)})
-                        unit_rows = []
-                    self._timed(f"{setup}/{name}", started)
-                    rows += [{**key, **r} for r in unit_rows]
-                    if self.progress is not None:
-                        self.progress.update(1)
+            where = dict(data=data, network=network, state=state)
+            base, pop = shared, shared_population
+            try:
+                if own and method is not None:
+                    self._status(f"{setup}: {name}: weights")
+                    base = self._trained(source, network, method)
+                if method is not None and (own or not method.uses_groups):
+                    # per-sample norms: their own statistics; trained-own: the method's own network
+                    self._status(f"{setup}: {name}: population statistics")
+                    template = base if own else setups.method_network(network, base, method, self.config.group_sizes[0])
+                    pop = self._population(setup, f"population-{name}", source, template, not method.uses_groups)
+            except ValueError as err:  # e.g. InstanceNorm on a 1x1 feature map
+                self._skip_method(where, name, f"population statistics: {err}")
+                continue
+            for mode in self.config.modes:
+                self._status(f"{setup}: {name}, {mode}")
+                for n in self.config.group_sizes:
+                    for seed in self.config.seeds:
+                        key = dict(**where, mode=mode, group_size=n, seed=seed)
+                        started = time.perf_counter()
+                        try:
+                            unit_rows = self._unit(source, network, base, name, method, n, seed, pop, mode)
+                        except ValueError as err:  # e.g. BN with one value per channel and group
+                            self.skipped.append({**key, "method": name, "reason": str(err)})
+                            unit_rows = []
+                        self._timed(f"{setup}/{name}/{mode}", started)
+                        rows += [{**key, **r} for r in unit_rows]
+                        if self.progress is not None:
+                            self.progress.update(1)
         return rows
 
-    def _unit(self, source, network: str, base, name: str, method, n: int, seed: int, population) -> list[dict]:
+    def _unit(self, source, network: str, base, name: str, method, n: int, seed: int, population, mode) -> list[dict]:
         passes = self.config.passes
         if method is None:
-            return units.floor_unit(base, source, population, n, seed, passes)
+            return units.floor_unit(source, population, n, seed, passes)
         model = setups.method_network(network, base, method, n)
         if method.uses_groups:
-            return units.batch_unit(model, name, source, population, n, seed, passes, self.wanted)
-        return units.per_sample_unit(model, name, source, population, n, seed, passes)
+            return units.batch_unit(model, name, source, population, n, seed, passes, self.wanted, mode)
+        return units.per_sample_unit(model, name, source, population, n, seed, passes, mode)
 
     def _skip_method(self, setup: dict, name: str, reason: str) -> None:
-        for n in self.config.group_sizes:
-            for seed in self.config.seeds:
-                self.skipped.append({**setup, "group_size": n, "seed": seed, "method": name, "reason": reason})
-                if self.progress is not None:
-                    self.progress.update(1)
+        for mode in self.config.modes:
+            for n in self.config.group_sizes:
+                for seed in self.config.seeds:
+                    self.skipped.append(
+                        {**setup, "mode": mode, "group_size": n, "seed": seed, "method": name, "reason": reason}
+                    )
+                    if self.progress is not None:
+                        self.progress.update(1)
 
     def _status(self, text: str) -> None:
         if self.progress is not None:
-            self.progress.set_description_str(text, refresh=True)
+            self.progress.stage(text)
 
 
 def config_record(config: ProbeConfig) -> dict:
     record = asdict(config)
     record["setups"] = [f"{d}/{n}" for d, n in config.setups]
+    record["trained_own_group_size"] = setups.TRAIN_GROUP
+    record["notes"] = [
+        "population statistics: every earlier layer normalizing with its own population statistics; for BKN "
+        "they are the reference, not what it normalizes with at inference (the running average of its "
+        "posteriors, measured as '<method>-ema')",
+        f"state 'trained': trained with torch BatchNorm; 'trained-own': trained with the measured method at "
+        f"normalization group {setups.TRAIN_GROUP}",
+    ]
     record["methods_known"] = list(methods.names())
     record["methods_resolved"] = methods.resolve(config.methods)
     record["method_of"] = {}  # result name -> the registry method (norm and options) whose network measures it

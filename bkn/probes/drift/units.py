@@ -1,4 +1,4 @@
-"""One unit of the drift probe: one method at one group size ``n`` with one seed, on one network.
+"""One unit of the drift probe: one method at one group size ``n`` with one seed, on one network, in one mode.
 
 1. the method's network (the setup's weights, the method's norms, ``group_size = n``)
    in training mode, running estimates reset;
@@ -9,31 +9,50 @@
    uncertainty estimates, the running estimates. The first of them uses momentum 1,
    so nothing is left of the reset values;
 3. ``steps`` more such forwards with a :class:`bkn.stats.DriftRecorder`: every group's
-   estimated statistics and output discrepancy, per layer (median, p90 over groups x
-   channels);
+   estimated statistics, their bias and noise, and the output discrepancy, per layer;
 4. for ``<method>-ema``: the running estimates after those forwards against the
    population, and the output discrepancy of one eval-mode forward.
+
+Modes (spec 4): ``in-network`` - the network as it runs; before each measured forward the
+same batch goes through the network normalizing with its population statistics, which
+gives every layer's *input drift* (its training-mode input against its population-mode
+input, same samples) and the *end-to-end* rows (``layer = "output"``): the network in
+training mode (the method's own statistics) against the same network with population
+statistics - ``agreement`` (share of equal argmax), ``logit_discrepancy``
+``||z_train - z_pop||^2 / ||z_pop||^2`` and ``accuracy`` in training mode (beside
+``accuracy_population``), over all measured samples; for ``<method>-ema`` the same with
+the running estimates in eval mode. ``isolation`` - every layer's output, and a BKN
+layer's posterior, replaced by the population-statistics ones after it is recorded
+(:class:`bkn.stats.DriftRecorder` ``isolate=True``, burn-in included), so each layer's
+error is its own estimator's alone.
 
 All methods see the same micro-batches for a given ``(n, seed)`` (common random numbers,
 so differences between methods are not sampling noise of the data); the seed also seeds
 BKN's Monte-Carlo draws. Per-sample norms (GN, LN, IN) skip the burn-in (they carry
-nothing between steps); ``floor`` (synthetic chain only) measures the population-mode
-network on the same micro-batches.
+nothing between steps); ``floor`` (synthetic chain only) is the chain's closed-form floor
+(:meth:`bkn.stats.residual_chain.ResidualGaussianChain.floor`).
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from bkn.stats import DriftRecorder, eval_mode, is_batch_norm, running_estimate_rows, use_population_statistics
+from bkn.data import Dataset
+from bkn.stats import DriftRecorder, eval_mode, is_batch_norm, normalizing_with, running_estimate_rows
+from bkn.stats.estimated import capture_inputs
+from bkn.stats.metrics import decompose
+from bkn.stats.residual_chain import ResidualGaussianChain
 
 from .methods import EMA, FLOOR
 from .setups import Source
+
+MODES = ("in-network", "isolation")
+OUTPUT = "output"  # the layer of the end-to-end rows
 
 
 @dataclass(frozen=True)
@@ -55,12 +74,23 @@ def unit_generator(seed: int, group_size: int) -> torch.Generator:
     return torch.Generator().manual_seed(1_000_003 * seed + group_size)
 
 
-def micro_batches(source: Source, n: int, seed: int, passes: Passes) -> Iterator[torch.Tensor]:
-    """The unit's stream of batches: ``burn_in`` then ``steps`` batches of B samples (groups of n)."""
+def draw(source: Source, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``size`` random samples and their labels (``None`` on the synthetic chain); the same draws as
+    :meth:`bkn.data.Dataset.sample`."""
+    if isinstance(source, Dataset):
+        if size > len(source):
+            raise ValueError(f"a batch of {size} is larger than the data set {source.name!r} ({len(source)} samples)")
+        index = torch.randperm(len(source), generator=gen)[:size]
+        return source.images[index], source.labels[index]
+    return source.sample(size, gen), None
+
+
+def micro_batches(source: Source, n: int, seed: int, passes: Passes) -> Iterator[tuple]:
+    """The unit's stream of ``(inputs, labels)``: ``burn_in`` then ``steps`` batches of B samples (groups of n)."""
     gen = unit_generator(seed, n)
     size = batch_for(n, passes.batch_size)
     for _ in range(passes.burn_in + passes.steps):
-        yield source.sample(size, gen)
+        yield draw(source, size, gen)
 
 
 def _labelled(name: str, rows: list[dict]) -> list[dict]:
@@ -68,9 +98,18 @@ def _labelled(name: str, rows: list[dict]) -> list[dict]:
 
 
 def batch_unit(
-    model: nn.Module, name: str, source: Source, population, n: int, seed: int, passes: Passes, wanted: set
+    model: nn.Module,
+    name: str,
+    source: Source,
+    population,
+    n: int,
+    seed: int,
+    passes: Passes,
+    wanted: set,
+    mode: str = "in-network",
 ) -> list[dict]:
     """Rows of ``name`` (a method with batch statistics) and of ``name-ema``, each if ``wanted``."""
+    isolate = _check_mode(mode)
     layers = [m for m in model.modules() if is_batch_norm(m)]
     for layer in layers:
         layer.reset_running_stats()
@@ -81,47 +120,137 @@ def batch_unit(
         momenta = [layer.momentum for layer in layers]
         for layer in layers:
             layer.momentum = 1.0  # the first step replaces the reset values entirely
-        model(next(batches))
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-        for _ in range(passes.burn_in - 1):
-            model(next(batches))
-        with DriftRecorder(model, population, n, mode="train") as recorder:
-            for x in batches:
-                model(x)
+        with _burn_in(model, population, n, isolate):
+            model(next(batches)[0])
+            for layer, momentum in zip(layers, momenta):
+                layer.momentum = momentum
+            for _ in range(passes.burn_in - 1):
+                model(next(batches)[0])
+        measured = list(batches)
+        with DriftRecorder(model, population, n, mode="train", isolate=isolate) as recorder:
+            outputs = _measure(model, recorder, population, measured, isolate)
         if name in wanted:
             rows += _labelled(name, recorder.rows())
+            if outputs is not None:
+                rows += _labelled(name, end_to_end_rows(*outputs, depth=len(population)))
         if name + EMA in wanted:
             rows += _labelled(name + EMA, running_estimate_rows(model, population))
-            check = source.sample(batch_for(n, passes.batch_size), unit_generator(seed + 7919, n))
+            check = draw(source, batch_for(n, passes.batch_size), unit_generator(seed + 7919, n))[0]
             with eval_mode(model), DriftRecorder(model, population, n, mode="eval") as recorder:
                 model(check)
             rows += _labelled(name + EMA, recorder.rows())
+            if not isolate:
+                with eval_mode(model):
+                    z = torch.cat([model(x) for x, _ in measured])
+                z_pop, labels = outputs[1], outputs[2]
+                rows += _labelled(name + EMA, end_to_end_rows(z, z_pop, labels, depth=len(population)))
     return rows
 
 
+def _check_mode(mode: str) -> bool:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    return mode == "isolation"
+
+
+def _burn_in(model, population, n: int, isolate: bool):
+    """Isolation mode warms up in isolation too (what a method carries sees population-mode inputs)."""
+    if isolate:
+        return DriftRecorder(model, population, n, mode="train", isolate=True)
+    return contextlib.nullcontext()
+
+
+def _measure(model, recorder: DriftRecorder, population, measured, isolate: bool):
+    """The measured forwards; in-network, each one preceded by the population-mode forward of the same
+    batch (the reference inputs of the input drift, and the end-to-end outputs). Returns ``(z_train, z_pop,
+    labels)`` over all measured samples, or ``None`` in isolation mode."""
+    z_train, z_pop, labels = [], [], []
+    for x, y in measured:
+        if not isolate:
+            recorder.paused = True
+            with eval_mode(model), normalizing_with(model, population), capture_inputs(model, population) as seen:
+                z_pop.append(model(x))
+            recorder.paused = False
+            recorder.reference = seen
+        z_train.append(model(x))
+        labels.append(y)
+    if isolate:
+        return None
+    labels = None if any(y is None for y in labels) else torch.cat(labels)
+    return torch.cat(z_train), torch.cat(z_pop), labels
+
+
+def end_to_end_rows(z: torch.Tensor, z_pop: torch.Tensor, labels: torch.Tensor | None, depth: int) -> list[dict]:
+    """``layer = "output"`` rows: ``logit_discrepancy`` ``||z - z_pop||^2 / ||z_pop||^2`` over all samples;
+    for a classifier (2-d outputs) also ``agreement`` (share of samples with equal argmax), and with labels
+    ``accuracy`` (of ``z``) and ``accuracy_population`` (of ``z_pop``)."""
+    values = end_to_end(z, z_pop, labels)
+    return [
+        {"layer": OUTPUT, "depth": depth, "metric": metric, "statistic": "overall", "value": value}
+        for metric, value in values.items()
+    ]
+
+
+def end_to_end(z: torch.Tensor, z_pop: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+    """The end-to-end metrics of :func:`end_to_end_rows` as ``{metric: value}``."""
+    if z.shape != z_pop.shape:
+        raise ValueError(f"end_to_end: outputs differ in shape, {tuple(z.shape)} vs {tuple(z_pop.shape)}")
+    z, z_pop = z.detach().to(torch.float64), z_pop.detach().to(torch.float64)
+    out = {"logit_discrepancy": float((z - z_pop).square().sum() / z_pop.square().sum())}
+    if z.dim() == 2:
+        predicted, predicted_pop = z.argmax(1), z_pop.argmax(1)
+        out["agreement"] = float((predicted == predicted_pop).double().mean())
+        if labels is not None:
+            out["accuracy"] = float((predicted == labels).double().mean())
+            out["accuracy_population"] = float((predicted_pop == labels).double().mean())
+    return out
+
+
 def per_sample_unit(
-    model: nn.Module, name: str, source: Source, population, n: int, seed: int, passes: Passes
+    model: nn.Module, name: str, source: Source, population, n: int, seed: int, passes: Passes, mode: str = "in-network"
 ) -> list[dict]:
-    """Rows of a per-sample norm: its output discrepancy on the unit's measured batches."""
+    """Rows of a per-sample norm: its output discrepancy (and, in-network, its layers' input drift) on the unit's
+    measured batches."""
+    isolate = _check_mode(mode)
     batches = micro_batches(source, n, seed, passes)
     with torch.no_grad():
         for _ in range(passes.burn_in):
             next(batches)  # drawn, not run: the same measured batches as every other method
-        with DriftRecorder(model, population, n, mode="train") as recorder:
-            for x in batches:
-                model(x)
+        with DriftRecorder(model, population, n, mode="train", isolate=isolate) as recorder:
+            _measure(model, recorder, population, list(batches), isolate)
     return _labelled(name, recorder.rows())
 
 
-def floor_unit(base: nn.Module, source: Source, population, n: int, seed: int, passes: Passes) -> list[dict]:
-    """Rows of ``floor``: the best estimate from each group (synthetic chain), on the same batches."""
-    model = use_population_statistics(copy.deepcopy(base), population)
-    batches = micro_batches(source, n, seed, passes)
-    with eval_mode(model):
-        for _ in range(passes.burn_in):
-            next(batches)
-        with DriftRecorder(model, population, n, mode="floor") as recorder:
-            for x in batches:
-                model(x)
-    return _labelled(FLOOR, recorder.rows())
+def floor_unit(chain: ResidualGaussianChain, population, n: int, seed: int, passes: Passes) -> list[dict]:
+    """Rows of ``floor`` on the residual chain, on the unit's measured micro-batches.
+
+    The mean: the maximum-likelihood estimate from each group - the grand mean of its whole
+    input, pushed through the exact map ``m_k = mu_0 + const`` - so its error at every
+    layer k is ``(xbar_g - mu_0) / sqrt(v_k + eps)``, split into bias and noise like every
+    method's (``mean_bias``, ``mean_noise``, ``mean_rmse``; same micro-batches: common random
+    numbers). The variance: the closed-form delta-method Cramer-Rao bound ``var_rmse``
+    (:meth:`~bkn.stats.residual_chain.ResidualGaussianChain.floor`).
+    """
+    if not isinstance(chain, ResidualGaussianChain):
+        raise ValueError("'floor' is defined on the residual synthetic chain only")
+    batches = list(micro_batches(chain, n, seed, passes))[passes.burn_in :]
+    mu0 = torch.from_numpy(chain.params["mu0"])
+    errors = []
+    for x, _ in batches:
+        xg = x.to(torch.float64).unflatten(0, (x.shape[0] // n, n))  # (G, n, C, H, W)
+        errors.append(xg.mean((1, 3, 4)) - mu0)  # (G, C)
+    rows = []
+    for depth, (name, (_, var_mse)) in enumerate(chain.floor(n).items()):
+        if name not in population:
+            continue
+        scale = (population[name][1] + chain.eps).sqrt()
+        parts = decompose([e / scale for e in errors])
+        for metric, statistic, value in (
+            ("mean_rmse", "rms", parts["rmse"]),
+            ("mean_bias", "rms", parts["bias"]),
+            ("mean_noise", "rms", parts["noise"]),
+            ("mean_signed_bias", "mean", parts["signed_bias"]),
+            ("var_rmse", "rms", float(var_mse.mean().sqrt())),
+        ):
+            rows.append({"layer": name, "depth": depth, "metric": metric, "statistic": statistic, "value": value})
+    return _labelled(FLOOR, rows)

@@ -53,7 +53,8 @@ from .runs import PRECISE, TrainConfig, make_model, train_model, train_run
 
 __all__ = ["PRECISE", "TrainConfig", "make_model", "train_model", "train_run", "configs", "datasets", "run"]
 
-# Every registry method but syncbn (it needs --world-size) and in (InstanceNorm: not a micro-batch rival).
+# Every registry method but syncbn (it needs --world-size), in (InstanceNorm: not a micro-batch rival) and the
+# official transition's ablations (bkn-official-affine, -relu-shortcut: drift-probe instruments; --methods adds them).
 DEFAULT_METHODS = (
     "bn",
     "bkn-official",

@@ -1,0 +1,208 @@
+"""Verdicts from interleaved rounds: the drift-robust comparison behind ``nox -s continuous``.
+
+``python -m analysis.continuous BASE HEAD`` (:mod:`analysis.continuous`) measures the two
+commits in ``R`` rounds; in round ``r`` it runs the tracking subset at one commit, then
+at the other (base first in even rounds, head first in odd ones: ABBA order, so a
+linear drift of the machine favours neither commit). It records each round's value of
+every benchmark -- the fastest of that round's samples, or the one measurement of a
+memory or ``track_`` benchmark -- in a *rounds file* (:func:`save`). Here, per benchmark:
+
+* ``d_r = log(head_r / base_r)``: the two commits measured back to back in round ``r``,
+  so whatever the machine did over minutes (another job starting, thermal state, the page
+  cache) mostly cancels. Measured one after the other, this machine showed 2-3 false
+  "significant" changes out of 81 (spec, "Regression gating"); that is the noise paired
+  rounds remove;
+* ``ratio = exp(mean d_r)`` (a geometric mean of the per-round ratios) and its ``1 - alpha``
+  confidence interval ``exp(mean d +- t_{1-alpha/2, R-1} s_d / sqrt(R))``;
+* ``p_value``: the two-sided one-sample t-test of ``mean d_r = 0`` (``R - 1`` degrees of
+  freedom). Rounds, not samples, are the independent units: samples inside one round share
+  its machine state, so a test over pooled samples (Mann-Whitney in
+  :mod:`analysis.regressions`) calls a drift significant. When every ``d_r`` is equal
+  (deterministic values: thread counts, often peak memory) the test is degenerate: p = 1
+  when they are all 0, else 0;
+* ``verdict``: ``regression`` when ``ratio >= 1 + threshold`` and ``p < alpha``;
+  ``improvement`` when ``ratio <= 1 / (1 + threshold)`` and ``p < alpha``; ``not
+  significant`` beyond the threshold otherwise; ``unchanged`` inside it; ``slower
+  (untested)``/``faster (untested)`` with fewer than :data:`MIN_ROUNDS` paired rounds;
+  ``failed`` (measured at base, not at head), ``fixed``, ``new``, ``removed``, ``skipped``.
+
+The default level, :data:`DEFAULT_ALPHA` = 0.01, is looser than the pooled test's 0.002
+because each test here has only ``R - 1`` degrees of freedom; the threshold is what keeps
+false alarms rare (a change must also be 10% or more). The false-alarm and detection
+rates of the two together are measured on this machine by ``.ci/gate_calibration.py``
+(suites/README.md, "Regression gating").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pandas as pd
+
+from bkn.results import write_json
+
+from .regressions import GROUP, VERDICT_ORDER
+
+ROUNDS_VERSION = 1
+MIN_ROUNDS = 3  # paired rounds below which no test is made (2 degrees of freedom at least)
+DEFAULT_ALPHA = 0.01
+ROW_FIELDS = ("round", "position", "commit", "benchmark", "param_key", "type", "unit", "value", "n_samples")
+COLUMNS = (
+    *GROUP,
+    "type",
+    "unit",
+    "base",
+    "head",
+    "ratio",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "significant",
+    "rounds",
+    "test",
+    "verdict",
+)
+
+
+def rounds_path(folder: str | pathlib.Path, base: str, head: str) -> pathlib.Path:
+    """Where the rounds file of the pair (base, head) lives: ``<folder>/<base>-<head>.json`` (full hashes)."""
+    return pathlib.Path(folder) / f"{base}-{head}.json"
+
+
+def save(
+    path: pathlib.Path, *, base: str, head: str, machine: str, env_name: str, rows: list[dict], meta: dict
+) -> None:
+    """Write a rounds file atomically: the pair, where it ran, and one row per round x commit x benchmark."""
+    missing = [f for f in ROW_FIELDS if rows and f not in rows[0]]
+    if missing:
+        raise ValueError(f"rounds rows lack the fields {missing}; expected {list(ROW_FIELDS)}")
+    write_json(
+        path,
+        {
+            "version": ROUNDS_VERSION,
+            "base": base,
+            "head": head,
+            "machine": machine,
+            "env_name": env_name,
+            **meta,
+            "rows": rows,
+        },
+    )
+
+
+def load(path: str | pathlib.Path) -> tuple[dict, pd.DataFrame]:
+    """(header, tidy rows) of a rounds file; ValueError naming the file when it is not one."""
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the rounds file ({exc})") from None
+    if not isinstance(data, dict) or data.get("version") != ROUNDS_VERSION or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path}: not a rounds file of version {ROUNDS_VERSION} (written by analysis.continuous)")
+    header = {k: v for k, v in data.items() if k != "rows"}
+    frame = pd.DataFrame(data["rows"], columns=list(ROW_FIELDS))
+    frame["machine"] = data.get("machine", "")
+    frame["env_name"] = data.get("env_name", "")
+    return header, frame
+
+
+def paired_test(base: np.ndarray, head: np.ndarray, alpha: float) -> tuple[float, float, float, float]:
+    """(ratio, ci_low, ci_high, p) of head vs base from per-round values paired by position.
+
+    See the module docstring; needs at least 2 pairs (NaN otherwise), positive values.
+    """
+    base, head = np.asarray(base, dtype=float), np.asarray(head, dtype=float)
+    if base.shape != head.shape:
+        raise ValueError(f"paired_test needs one head value per base value, got {base.shape} and {head.shape}")
+    if (base <= 0).any() or (head <= 0).any():
+        raise ValueError("paired_test needs positive values (times, bytes, counts)")
+    n = len(base)
+    if n < 2:
+        return math.nan, math.nan, math.nan, math.nan
+    d = np.log(head) - np.log(base)
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd == 0.0 or sd < 1e-12 * max(abs(mean), 1e-300):
+        ratio = math.exp(mean)
+        return ratio, ratio, ratio, (1.0 if mean == 0.0 else 0.0)
+    from scipy import stats  # here: the report imports this module, and needs scipy only for a rounds file
+
+    se = sd / math.sqrt(n)
+    t = mean / se
+    p = float(2.0 * stats.t.sf(abs(t), n - 1))
+    half = float(stats.t.ppf(1.0 - alpha / 2.0, n - 1)) * se
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half), p
+
+
+def _verdict(ratio: float, p: float, rounds: int, threshold: float, alpha: float) -> tuple[object, str]:
+    slower, faster = ratio >= 1 + threshold, ratio <= 1 / (1 + threshold)
+    if rounds < MIN_ROUNDS:
+        significant = None
+        verdict = "slower (untested)" if slower else "faster (untested)" if faster else "unchanged"
+        return significant, verdict
+    significant = bool(p < alpha)
+    if not (slower or faster):
+        return significant, "unchanged"
+    if not significant:
+        return significant, "not significant"
+    return significant, "regression" if slower else "improvement"
+
+
+def paired_verdicts(
+    rows: pd.DataFrame, base: str, head: str, threshold: float = 0.10, alpha: float = DEFAULT_ALPHA
+) -> pd.DataFrame:
+    """One verdict row per benchmark x parameters (columns :data:`COLUMNS`), worst first.
+
+    ``rows``: the tidy rows of a rounds file (:func:`load`). ``base``/``head``: the
+    medians of the per-round values. Rounds where either commit has no finite positive
+    value are left out of the pairing.
+    """
+    if threshold <= 0:
+        raise ValueError(f"threshold must be > 0 (a fraction: 0.1 means 10%), got {threshold}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    unknown = set(rows["commit"]) - {base, head}
+    if unknown:
+        raise ValueError(f"rounds rows of commits {sorted(c[:10] for c in unknown)}, expected only base and head")
+    out = []
+    for key, group in rows.groupby(GROUP, sort=False):
+        first = group.iloc[0]
+        values = group.assign(value=pd.to_numeric(group["value"], errors="coerce"))
+        ok = values[np.isfinite(values["value"]) & (values["value"] > 0)]
+        wide = ok.pivot_table(index="round", columns="commit", values="value", aggfunc="first")
+        has = {c: c in wide.columns and wide[c].notna().any() for c in (base, head)}
+        ran = {c: c in set(group["commit"]) for c in (base, head)}
+        row = dict(zip(GROUP, key), type=first["type"], unit=first["unit"])
+        row.update(base=math.nan, head=math.nan, ratio=math.nan, ci_low=math.nan, ci_high=math.nan)
+        row.update(p_value=math.nan, significant=None, rounds=0, test="")
+        if has[base]:
+            row["base"] = float(wide[base].median())
+        if has[head]:
+            row["head"] = float(wide[head].median())
+        if not (has[base] and has[head]):
+            if not ran[base] or not ran[head]:
+                row["verdict"] = "new" if not ran[base] else "removed"
+            elif has[base]:
+                row["verdict"] = "failed"
+            elif has[head]:
+                row["verdict"] = "fixed"
+            else:
+                row["verdict"] = "skipped"
+            out.append(row)
+            continue
+        paired = wide[[base, head]].dropna()
+        ratio, low, high, p = paired_test(paired[base].to_numpy(), paired[head].to_numpy(), alpha)
+        n = len(paired)
+        row.update(ratio=ratio, ci_low=low, ci_high=high, p_value=p, rounds=n)
+        row["test"] = f"paired rounds t-test (n={n})" if n >= MIN_ROUNDS else f"none ({n} paired round(s))"
+        row["significant"], row["verdict"] = _verdict(ratio, p, n, threshold, alpha)
+        out.append(row)
+    table = pd.DataFrame(out, columns=list(COLUMNS))
+    table["significant"] = table["significant"].astype("boolean")
+    table.insert(0, "head_commit", head)
+    table.insert(0, "base_commit", base)
+    table["_order"] = table["verdict"].map({v: i for i, v in enumerate(VERDICT_ORDER)})
+    table = table.sort_values(["_order", "ratio"], ascending=[True, False]).drop(columns="_order")
+    return table.reset_index(drop=True)

@@ -1,0 +1,72 @@
+"""``python -m suites.chain_cost``: the ResNet-18 step and layer/block cost measurement runs and says what it did.
+
+Nothing here asserts a speed (the machine is shared); the runs are tiny. What is checked:
+every entry is measured and paired with the reference in the same round, the variants
+reach the converter, bad input is a clear error, and the result file is written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from suites import chain_cost
+
+
+def test_step_measures_every_method_against_torch_bn(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    result = chain_cost.main(
+        [
+            *("--methods", "bn", "bkn-official"),
+            *("--variant", "half=bkn-official:surrogate_scale=0.5"),
+            *("--size", "32", "--batch", "4", "--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1"),
+            *("--profile", "--profile-steps", "1", "--out", str(out)),
+        ]
+    )
+    assert set(result["methods"]) == {chain_cost.REFERENCE, "bn", "bkn-official", "half"}
+    for name, r in result["methods"].items():
+        assert len(r["step_s"]) == 2 and all(t > 0 for t in r["step_s"])
+        assert r["ratio_q25"] <= r["ratio_median"] <= r["ratio_q75"]
+        assert r["profile"]["conv_calls"] >= 20  # ResNet-18's convolutions at least
+    assert result["methods"][chain_cost.REFERENCE]["ratio_median"] == 1.0
+    # The official transition pushes a surrogate through the convolutions: more conv calls than BN.
+    assert result["methods"]["bkn-official"]["profile"]["conv_calls"] > result["methods"]["bn"]["profile"]["conv_calls"]
+    assert result["entries"]["half"] == {"method": "bkn-official", "options": {"surrogate_scale": 0.5}}
+    assert json.loads(out.read_text())["setting"]["group_size"] == 2
+    assert "bkn-official" in capsys.readouterr().out
+
+
+def test_blocks_pair_each_case_with_bn(tmp_path):
+    result = chain_cost.main(
+        ["--blocks", "--block-inputs", "2x16x8x8", "--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1"]
+    )
+    entry = result["inputs"]["2x16x8x8"]
+    kinds = {f"{k} {m}" for k in ("layer", "block") for m in chain_cost.BLOCK_METHODS}
+    assert set(entry) == kinds
+    assert entry["layer bn"]["ratio_median"] == 1.0 and entry["block bn"]["ratio_median"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "6", "--group-size", "4"], "must divide"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        chain_cost.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_bad_variant_names_what_was_expected():
+    with pytest.raises(ValueError, match="NAME=METHOD:key=value"):
+        chain_cost._parse_variant("no-equals-sign")
+    with pytest.raises(ValueError, match="unknown method"):
+        chain_cost._parse_variant("x=not-a-method:draws=2")
+    assert chain_cost._parse_variant("a=bkn-official:draws=2,surrogate_scale=0.5") == (
+        "a",
+        "bkn-official",
+        {"draws": 2, "surrogate_scale": 0.5},
+    )

@@ -1,0 +1,187 @@
+"""The transitions' fast paths give the numbers of their direct formulas (values and gradients).
+
+The analytic transition's ReLU rule and convolution tap sums are autograd Functions with
+hand-written backwards (fewer ops per step, see ``bkn/transitions/analytic.py``); here
+they are checked against the plain formula differentiated by autograd, and by gradcheck
+in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import bkn
+from bkn.transitions import Analytic, Moments, MonteCarlo
+from bkn.transitions.analytic import relu_moments, tap_sums
+
+
+def _relu_moments_direct(mean, var):
+    """The rectified-Gaussian moments as plain tensor ops (what autograd differentiates)."""
+    std = var.clamp_min(1e-20).sqrt()
+    a = mean / std
+    cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    first = mean * cdf + std * pdf
+    second = (mean * mean + var) * cdf + mean * std * pdf
+    return first, (second - first * first).clamp_min(0)
+
+
+def _values_and_grads(fn, mean, var, weights):
+    mean, var = mean.clone().requires_grad_(), var.clone().requires_grad_()
+    first, second = fn(mean, var)
+    (first * weights[0] + second * weights[1]).sum().backward()
+    return first.detach(), second.detach(), mean.grad, var.grad
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    size=st.integers(1, 64),
+    scale=st.floats(0.01, 10.0),
+    zeros=st.integers(0, 3),
+)
+def test_relu_moments_gradient_equals_the_direct_formula(seed, size, scale, zeros):
+    gen = torch.Generator().manual_seed(seed)
+    mean = scale * torch.randn(size, generator=gen, dtype=torch.float64)
+    var = scale * torch.rand(size, generator=gen, dtype=torch.float64)
+    var[: min(zeros, size)] = 0.0  # a point mass: the clamped branch
+    weights = torch.randn(2, size, generator=gen, dtype=torch.float64)
+    fast = _values_and_grads(relu_moments, mean, var, weights)
+    direct = _values_and_grads(_relu_moments_direct, mean, var, weights)
+    for a, b in zip(fast, direct):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_relu_moments_gradcheck_and_no_silent_double_backward():
+    gen = torch.Generator().manual_seed(0)
+    mean = (2 * torch.randn(12, generator=gen, dtype=torch.float64)).requires_grad_()
+    var = (0.1 + torch.rand(12, generator=gen, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(relu_moments, (mean, var))
+    first, _ = relu_moments(mean, var)
+    (g,) = torch.autograd.grad(first.sum(), mean, create_graph=True)
+    with pytest.raises(RuntimeError):  # once_differentiable: an error, not a wrong second derivative
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 3, 3), (4, 2, 1, 1), (3, 2, 5), (2, 3, 2, 2, 2), (6, 4)])
+def test_tap_sums_values_gradients_and_gradcheck(shape):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    taps = tuple(range(2, w.dim()))
+    s1, s2 = tap_sums(w)
+    d1, d2 = (w.sum(taps), w.square().sum(taps)) if taps else (w, w.square())
+    torch.testing.assert_close(s1, d1)
+    torch.testing.assert_close(s2, d2)
+    g1, g2 = torch.randn(s1.shape, generator=gen, dtype=torch.float64), torch.randn(s1.shape, generator=gen).double()
+    (fast,) = torch.autograd.grad((s1 * g1 + s2 * g2).sum(), w)
+    (direct,) = torch.autograd.grad((d1 * g1 + d2 * g2).sum(), w)
+    torch.testing.assert_close(fast, direct)
+    assert torch.autograd.gradcheck(tap_sums, (w,))
+    assert torch.autograd.gradgradcheck(tap_sums, (w,))
+    (only_first,) = torch.autograd.grad(tap_sums(w)[0].sum(), w)  # one output unused
+    torch.testing.assert_close(only_first, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_analytic_conv_equals_the_einsum_rule(groups):
+    """The ungrouped fast path (two matrix products) against the rule as written in the docstring."""
+    gen = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups, bias=True).double()
+    mean = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    var = torch.rand(3, 4, generator=gen, dtype=torch.float64)
+    out = Analytic().conv(conv, Moments(mean, var, (5, 5)))
+    w = conv.weight.detach()
+    per = 4 // groups
+    expect_mean = torch.zeros(3, 6, dtype=torch.float64)
+    expect_var = torch.zeros(3, 6, dtype=torch.float64)
+    for o in range(6):
+        g = o // (6 // groups)
+        cols = slice(g * per, (g + 1) * per)
+        expect_mean[:, o] = mean[:, cols] @ w[o].sum((1, 2)) + conv.bias.detach()[o]
+        expect_var[:, o] = var[:, cols] @ w[o].square().sum((1, 2))
+    torch.testing.assert_close(out.mean.detach(), expect_mean)
+    torch.testing.assert_close(out.var.detach(), expect_var)
+    assert out.spatial == (5, 5)
+
+
+def test_tap_sums_of_a_channels_last_weight():
+    # Converted to channels_last, a convolution's weight is not contiguous: the general path.
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w.requires_grad_(True)
+    assert not w.is_contiguous()
+    s1, s2 = tap_sums(w)
+    torch.testing.assert_close(s1, w.sum((2, 3)))
+    torch.testing.assert_close(s2, w.square().sum((2, 3)))
+    assert torch.autograd.gradcheck(tap_sums, (w,))
+
+
+# -- the official transition's smaller surrogate (an option; the default is the authors') -------
+
+
+def _conv() -> nn.Conv2d:
+    torch.manual_seed(0)
+    return nn.Conv2d(8, 8, 3, padding=1, bias=False).double()
+
+
+POSTERIOR = (0.3, 2.0)  # the previous layer's pre-normalization mean and variance, every channel
+
+
+def _official_prior(scale: float, seed: int, size: int = 32) -> torch.Tensor:
+    """The prior mean of a 3x3 conv layer fed by ReLU of a posterior-drawn surrogate of side ``size``."""
+    conv = _conv()
+    layer = bkn.norms.create("bkn", 8)
+    layer.posterior = tuple(torch.full((1, 8), v, dtype=torch.float64) for v in POSTERIOR)
+    gen = torch.Generator().manual_seed(seed)
+    t = MonteCarlo(generator=gen, surrogate_scale=scale)
+    state = t.after_norm(layer, (size, size))
+    assert state.value.shape[-2:] == (math.ceil(size * scale),) * 2
+    mean, _ = t.to_prior(t.module(conv, t.relu(state)))
+    return mean.detach()[0]
+
+
+def _expected_prior_mean(side: int) -> torch.Tensor:
+    """E[spatial mean of conv(relu(x))] on a side x side map with zero padding, x ~ N(POSTERIOR) i.i.d.
+
+    A tap at offset (dy, dx) sees the map at a share (side - |dy|)(side - |dx|) / side^2 of the
+    output positions (zero padding elsewhere): the border share is what a smaller map pays.
+    """
+    relu_mean, _ = relu_moments(*(torch.tensor(v, dtype=torch.float64) for v in POSTERIOR))
+    w = _conv().weight.detach()
+    share = torch.tensor([(side - abs(d)) / side for d in (-1, 0, 1)], dtype=torch.float64)
+    return relu_mean * (w * share[:, None] * share[None, :]).sum((1, 2, 3))
+
+
+def test_smaller_surrogate_costs_the_expected_noise_and_border_bias():
+    # The prior is a spatial mean over i.i.d. positions: a quarter of the positions (scale 0.5
+    # in 2-d) doubles its sampling noise. Its expectation is the padded convolution's, with the
+    # border share of the map drawn (derived above): checked at both sizes, so the option's bias
+    # is the known one and nothing else. Seeds are the repeats.
+    full = torch.stack([_official_prior(1.0, s) for s in range(200)])
+    half = torch.stack([_official_prior(0.5, s) for s in range(200)])
+    ratio = (half.std(0) / full.std(0)).median().item()
+    assert 1.7 < ratio < 2.4, ratio
+    for draws, side in ((full, 32), (half, 16)):
+        se = draws.std(0) / math.sqrt(len(draws))
+        assert ((draws.mean(0) - _expected_prior_mean(side)).abs() < 5 * se).all(), side
+    # The instrument sees the bias: the half-size prior is not centred on the full-size expectation.
+    assert ((half.mean(0) - _expected_prior_mean(32)).abs() > 5 * half.std(0) / math.sqrt(200)).any()
+
+
+def test_surrogate_scale_is_an_official_option_reachable_from_convert():
+    import torchvision
+
+    with pytest.raises(ValueError, match="surrogate_scale"):
+        MonteCarlo(surrogate_scale=0.0)
+    with pytest.raises(ValueError, match="official transition only"):
+        bkn.convert(torchvision.models.resnet18(), "bkn", transition="analytic", surrogate_scale=0.5)
+    model = bkn.convert(torchvision.models.resnet18(), "bkn", transition="official", group_size=2, surrogate_scale=0.5)
+    assert model._bkn_chain.transition.surrogate_scale == 0.5
+    default = bkn.convert(torchvision.models.resnet18(), "bkn", group_size=2)
+    assert default._bkn_chain.transition.surrogate_scale == 1.0  # the faithful construction by default
+    model.train()(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert sum(m.prior_used for m in model.modules() if hasattr(m, "prior_used")) == 19
