@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..layers import _native
 from .state import Moments, Sample
 
 _SQRT2 = math.sqrt(2.0)
@@ -146,18 +147,28 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
 class _TapSums(torch.autograd.Function):
     """``(sum_taps W, sum_taps W^2)`` of a convolution weight (O, I, *k), with a one-pass backward.
 
-    The gradient is ``g1 + 2 W g2`` (``g1, g2`` broadcast over the taps): one fused
-    ``addcmul`` over the weight instead of autograd's separate sum, square and product
-    backward (each a full pass over the weight, plus the accumulations between them).
-    Forward: the sums as matrix-vector products with ones (equal to ``sum`` up to the
-    order of additions).
-    The weight is the network's largest tensor the analytic transition touches, so this
-    is most of that transition's cost in a network step.
+    The gradient is ``g1 + 2 W g2`` (``g1, g2`` broadcast over the taps). The weight is the
+    network's largest tensor the analytic transition touches, so the passes over it are most
+    of that transition's cost in a network step; hence two implementations:
+
+    * compiled (``bkn/csrc/fused_norm.cpp``, CPU float32/float64, contiguous weight; used
+      when ``compiled`` and the extension is available): forward reads the weight once and
+      writes both sums; backward reads it once and writes ``dW``;
+    * Python (the reference, and the path everywhere else): the sums as matrix-vector
+      products with ones (a squared copy of the weight for the second; equal to ``sum`` up to
+      the order of additions), the gradient as one ``addcmul`` (the same formula and
+      rounding as the compiled backward).
     """
 
     @staticmethod
-    def forward(ctx, weight):
+    def forward(ctx, weight, compiled):
         ctx.save_for_backward(weight)
+        ctx.compiled = compiled
+        native = _native.load() if compiled else None
+        if native is not None:
+            out = native.tap_sums(weight)
+            if out:  # [] when the kernel does not take these tensors (CUDA, float16, a strided weight)
+                return tuple(out)
         out_c, in_c = weight.shape[:2]
         taps = weight[0, 0].numel()
         if weight.is_contiguous():
@@ -176,15 +187,25 @@ class _TapSums(torch.autograd.Function):
         if g_sum is None:
             g_sum = torch.zeros_like(g_sq)
         if g_sq is None:
-            return g_sum.reshape(view).expand_as(weight).clone()
-        return torch.addcmul(g_sum.reshape(view), weight, g_sq.reshape(view), value=2.0)
+            return g_sum.reshape(view).expand_as(weight).clone(), None
+        # The compiled backward is not differentiable: a double backward (create_graph, which
+        # leaves grad mode on in here) takes the addcmul, which autograd differentiates again.
+        native = _native.load() if ctx.compiled and not torch.is_grad_enabled() else None
+        if native is not None:
+            grad = native.tap_sums_backward(weight, g_sum.contiguous(), g_sq.contiguous())
+            if grad is not None:  # None when the kernel does not take these tensors
+                return grad, None
+        return torch.addcmul(g_sum.reshape(view), weight, g_sq.reshape(view), value=2.0), None
 
 
-def tap_sums(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight.sum(taps), weight.square().sum(taps))`` for a (O, I, *kernel) convolution weight."""
+def tap_sums(weight: torch.Tensor, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight.sum(taps), weight.square().sum(taps))`` for a (O, I, *kernel) convolution weight.
+
+    ``compiled=False`` forces the Python implementation (the reference the compiled one is tested against).
+    """
     if weight.dim() == 2:
         return weight, weight.square()
-    return _TapSums.apply(weight)
+    return _TapSums.apply(weight, compiled)
 
 
 _PROPAGATED = (
