@@ -18,7 +18,7 @@ from torch import nn
 
 import bkn
 from bkn.transitions import Analytic, Moments, MonteCarlo
-from bkn.transitions.analytic import relu_moments, tap_sums
+from bkn.transitions.analytic import conv_moments, relu_moments, tap_sums
 
 
 def _relu_moments_direct(mean, var):
@@ -178,6 +178,68 @@ def test_compiled_tap_sums_gradcheck_and_fallbacks():
     g = torch.ones(7, 5, dtype=torch.float64)
     assert native.tap_sums_backward(w.detach(), g, g.float()) is None
     assert native.tap_sums_backward(strided, g, g) is None
+
+
+def _conv_moments_direct(w, mean, var):
+    """The rule as written: tap sums by ``sum``, then matrix products (what autograd differentiates)."""
+    taps = tuple(range(2, w.dim()))
+    return mean @ w.sum(taps).t(), var @ w.square().sum(taps).t()
+
+
+def _moments_and_grads(fn, w, mean, var, g_mean, g_var):
+    w, mean, var = (t.detach().clone().requires_grad_(True) for t in (w, mean, var))
+    out_mean, out_var = fn(w, mean, var)
+    grads = torch.autograd.grad((out_mean * g_mean + out_var * g_var).sum(), (w, mean, var))
+    return (out_mean.detach(), out_var.detach(), *grads)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.sampled_from([1, 2, 3, 4, 17]),  # 17: more than the fused kernel takes (matrix products instead)
+    out_c=st.integers(1, 9),
+    in_c=st.integers(1, 7),
+    kernel=st.sampled_from([(1, 1), (3, 3), (5, 5), (3,)]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_conv_moments_compiled_python_and_direct_agree(seed, groups, out_c, in_c, kernel, dtype):
+    _native_or_skip()
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_c, in_c, *kernel, generator=gen, dtype=dtype)
+    mean = torch.randn(groups, in_c, generator=gen, dtype=dtype)
+    var = torch.rand(groups, in_c, generator=gen, dtype=dtype)
+    g_mean = torch.randn(groups, out_c, generator=gen, dtype=dtype)
+    g_var = torch.randn(groups, out_c, generator=gen, dtype=dtype)
+    args = (w, mean, var, g_mean, g_var)
+    fast = _moments_and_grads(lambda *a: conv_moments(*a, compiled=True), *args)
+    python = _moments_and_grads(lambda *a: conv_moments(*a, compiled=False), *args)
+    exact = _moments_and_grads(_conv_moments_direct, *(t.double() for t in args))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for a, b, c in zip(fast, python, exact):
+        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(a.double(), c, **tol)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_conv_moments_gradcheck_gradgradcheck_and_unused_outputs(compiled):
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    var = torch.rand(2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    fn = lambda *a: conv_moments(*a, compiled=compiled)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (w, mean, var))
+    assert torch.autograd.gradgradcheck(fn, (w, mean, var))  # create_graph: the differentiable ops
+    direct = _conv_moments_direct(w, mean, var)
+    for used in (0, 1):  # one output unused: its gradient is None inside backward
+        got = torch.autograd.grad(fn(w, mean, var)[used].sum(), (w, mean, var), allow_unused=True)
+        expect = torch.autograd.grad(direct[used].sum(), (w, mean, var), retain_graph=True, allow_unused=True)
+        for a, b in zip(got, expect):
+            if b is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b)
+    frozen = w.detach()  # a frozen weight: no weight gradient is formed
+    (g,) = torch.autograd.grad(fn(frozen, mean, var)[1].sum(), var)
+    torch.testing.assert_close(g, frozen.square().sum((2, 3)).sum(0).expand(2, 3))
 
 
 # -- the official transition's smaller surrogate (an option; the default is the authors') -------

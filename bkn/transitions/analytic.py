@@ -144,6 +144,40 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
     return _ReluMoments.apply(mean, var)
 
 
+def _tap_sums_values(weight: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_taps W, sum_taps W^2)``, (O, I) each, as plain values (no graph)."""
+    native = _native.load() if compiled else None
+    if native is not None:
+        out = native.tap_sums(weight)
+        if out:  # [] when the kernel does not take these tensors (CUDA, float16, a strided weight)
+            return out[0], out[1]
+    out_c, in_c = weight.shape[:2]
+    taps = weight[0, 0].numel()
+    if weight.is_contiguous():
+        # A matrix-vector product with ones: torch's reduction over an inner dimension of
+        # kh * kw = 9 elements runs at a fraction of the memory bandwidth a gemv reaches.
+        flat = weight.view(out_c * in_c, taps)
+        ones = torch.ones(taps, dtype=weight.dtype, device=weight.device)
+        return (flat @ ones).view(out_c, in_c), (flat.square() @ ones).view(out_c, in_c)
+    flat = weight.flatten(2)
+    return flat.sum(-1), flat.square().sum(-1)
+
+
+def _tap_sums_grad(weight: torch.Tensor, g_sum: torch.Tensor, g_sq: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """``g_sum + 2 W g_sq`` (``g_sum, g_sq`` of shape (O, I) broadcast over the taps).
+
+    The compiled kernel is not differentiable: with grad mode on (a backward with
+    create_graph) the addcmul runs, which autograd differentiates again.
+    """
+    native = _native.load() if compiled and not torch.is_grad_enabled() else None
+    if native is not None:
+        grad = native.tap_sums_backward(weight, g_sum.contiguous(), g_sq.contiguous())
+        if grad is not None:  # None when the kernel does not take these tensors
+            return grad
+    view = weight.shape[:2] + (1,) * (weight.dim() - 2)
+    return torch.addcmul(g_sum.reshape(view), weight, g_sq.reshape(view), value=2.0)
+
+
 class _TapSums(torch.autograd.Function):
     """``(sum_taps W, sum_taps W^2)`` of a convolution weight (O, I, *k), with a one-pass backward.
 
@@ -156,46 +190,25 @@ class _TapSums(torch.autograd.Function):
       writes both sums; backward reads it once and writes ``dW``;
     * Python (the reference, and the path everywhere else): the sums as matrix-vector
       products with ones (a squared copy of the weight for the second; equal to ``sum`` up to
-      the order of additions), the gradient as one ``addcmul`` (the same formula and
-      rounding as the compiled backward).
+      the order of additions), the gradient as one ``addcmul`` (the same formula; the
+      compiled kernel rounds ``2 W g2 + g1`` without a fused multiply-add).
     """
 
     @staticmethod
     def forward(ctx, weight, compiled):
         ctx.save_for_backward(weight)
         ctx.compiled = compiled
-        native = _native.load() if compiled else None
-        if native is not None:
-            out = native.tap_sums(weight)
-            if out:  # [] when the kernel does not take these tensors (CUDA, float16, a strided weight)
-                return tuple(out)
-        out_c, in_c = weight.shape[:2]
-        taps = weight[0, 0].numel()
-        if weight.is_contiguous():
-            # A matrix-vector product with ones: torch's reduction over an inner dimension of
-            # kh * kw = 9 elements runs at a fraction of the memory bandwidth a gemv reaches.
-            flat = weight.view(out_c * in_c, taps)
-            ones = torch.ones(taps, dtype=weight.dtype, device=weight.device)
-            return (flat @ ones).view(out_c, in_c), (flat.square() @ ones).view(out_c, in_c)
-        flat = weight.flatten(2)
-        return flat.sum(-1), flat.square().sum(-1)
+        return _tap_sums_values(weight, compiled)
 
     @staticmethod
     def backward(ctx, g_sum, g_sq):
         (weight,) = ctx.saved_tensors
-        view = weight.shape[:2] + (1,) * (weight.dim() - 2)
+        if g_sq is None:
+            view = weight.shape[:2] + (1,) * (weight.dim() - 2)
+            return g_sum.reshape(view).expand_as(weight).clone(), None
         if g_sum is None:
             g_sum = torch.zeros_like(g_sq)
-        if g_sq is None:
-            return g_sum.reshape(view).expand_as(weight).clone(), None
-        # The compiled backward is not differentiable: a double backward (create_graph, which
-        # leaves grad mode on in here) takes the addcmul, which autograd differentiates again.
-        native = _native.load() if ctx.compiled and not torch.is_grad_enabled() else None
-        if native is not None:
-            grad = native.tap_sums_backward(weight, g_sum.contiguous(), g_sq.contiguous())
-            if grad is not None:  # None when the kernel does not take these tensors
-                return grad, None
-        return torch.addcmul(g_sum.reshape(view), weight, g_sq.reshape(view), value=2.0), None
+        return _tap_sums_grad(weight, g_sum, g_sq, ctx.compiled), None
 
 
 def tap_sums(weight: torch.Tensor, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +219,69 @@ def tap_sums(weight: torch.Tensor, compiled: bool = True) -> tuple[torch.Tensor,
     if weight.dim() == 2:
         return weight, weight.square()
     return _TapSums.apply(weight, compiled)
+
+
+class _ConvMoments(torch.autograd.Function):
+    """The convolution rule for one group, ``(mean @ S1^T, var @ S2^T)`` with ``S1, S2`` the tap
+    sums of ``W`` (O, I, *k) and ``mean, var`` of shape (G, I), as one autograd node.
+
+    Backward (``g_mean, g_var`` of shape (G, O))::
+
+        d mean = g_mean @ S1        d var = g_var @ S2
+        dW = dS1 + 2 W dS2          dS1 = g_mean^T @ mean,  dS2 = g_var^T @ var  (broadcast over the taps)
+
+    Compiled (``conv_moments_weight_grad``, up to 16 groups): ``dS1, dS2`` formed an output
+    channel at a time inside the one pass over the weight, so the (O, I) products never go
+    to memory; else two matrix products and the tap sums' gradient. This replaces the tap
+    sums' node and two matrix products' nodes (with their transposes) per convolution.
+    A backward with create_graph runs the rule as differentiable tensor ops (``S1, S2``
+    recomputed from ``W``), so a double backward is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, mean, var, compiled):
+        s1, s2 = _tap_sums_values(weight, compiled)
+        ctx.compiled = compiled
+        ctx.save_for_backward(weight, mean, var, s1, s2)
+        return mean @ s1.t(), var @ s2.t()
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var):
+        weight, mean, var, s1, s2 = ctx.saved_tensors
+        if g_mean is None:
+            g_mean = torch.zeros(mean.shape[0], weight.shape[0], dtype=mean.dtype, device=mean.device)
+        if g_var is None:
+            g_var = torch.zeros(var.shape[0], weight.shape[0], dtype=var.dtype, device=var.device)
+        if torch.is_grad_enabled():  # create_graph: every step differentiable
+            s1, s2 = tap_sums(weight, compiled=False)
+            grad_w = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False)
+            return grad_w, g_mean @ s1, g_var @ s2, None
+        grad_w = grad_mean = grad_var = None
+        if ctx.needs_input_grad[1]:
+            grad_mean = g_mean @ s1
+        if ctx.needs_input_grad[2]:
+            grad_var = g_var @ s2
+        if ctx.needs_input_grad[0]:
+            native = _native.load() if ctx.compiled else None
+            if native is not None:
+                grad_w = native.conv_moments_weight_grad(
+                    weight, g_mean.contiguous(), mean.contiguous(), g_var.contiguous(), var.contiguous()
+                )
+            if grad_w is None:  # not compiled, or not taken (None): the products, then one pass
+                grad_w = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, ctx.compiled)
+        return grad_w, grad_mean, grad_var, None
+
+
+def conv_moments(
+    weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, compiled: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean @ sum_taps(W)^T, var @ sum_taps(W^2)^T)`` for a one-group (O, I, *kernel) weight and (G, I) moments.
+
+    ``compiled=False`` forces the Python implementation (the reference).
+    """
+    if weight.dim() == 2:
+        return mean @ weight.t(), var @ weight.square().t()
+    return _ConvMoments.apply(weight, mean, var, compiled)
 
 
 _PROPAGATED = (
@@ -288,12 +364,12 @@ class Analytic:
             raise Unsupported("transposed convolution")
         w = conv.weight.to(state.mean.dtype)
         taps = tuple(range(2, w.dim()))
-        w_sum, w2_sum = tap_sums(w)  # (O, I / groups)
         groups, batch = conv.groups, state.mean.shape[0]
-        out_c, in_per = w_sum.shape
-        if groups == 1:  # one matrix product each (einsum would reshape and copy around a batched one)
-            mean, var = state.mean @ w_sum.t(), state.var @ w2_sum.t()
+        if groups == 1:  # one node: the tap sums and a matrix product each (see _ConvMoments)
+            mean, var = conv_moments(w, state.mean, state.var)
         else:
+            w_sum, w2_sum = tap_sums(w)  # (O, I / groups)
+            out_c, in_per = w_sum.shape
             mean_in = state.mean.reshape(batch, groups, in_per)
             var_in = state.var.reshape(batch, groups, in_per)
             w_sum = w_sum.reshape(groups, out_c // groups, in_per)
