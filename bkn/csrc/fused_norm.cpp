@@ -856,16 +856,29 @@ Tensor conv_moments_weight_grad_impl(const Tensor& w, const Tensor& gm, const Te
   at::parallel_for(0, O, std::max<int64_t>(1, 4096 / std::max<int64_t>(I * K, 1)), [&](int64_t begin, int64_t end) {
     std::vector<T> a(static_cast<size_t>(I)), b(static_cast<size_t>(I));
     for (int64_t o = begin; o < end; ++o) {
-      std::fill(a.begin(), a.end(), T(0));
-      std::fill(b.begin(), b.end(), T(0));
-      for (int64_t g = 0; g < G; ++g) {
-        const T cm = pgm[g * O + o], cv = pgv[g * O + o];
-        const T *rm = pm + g * I, *rv = pv + g * I;
-        T *pa = a.data(), *pb = b.data();
+      // a = sum_g g_mean[g, o] mean[g, :] (b likewise), two groups per sweep over the row
+      // (half the loads and stores of one axpy per group), in the order of g.
+      T *pa = a.data(), *pb = b.data();
+      int64_t g = 0;
+      if (G % 2) {
+        const T cm = pgm[o], cv = pgv[o];
 #pragma omp simd
         for (int64_t i = 0; i < I; ++i) {
-          pa[i] += cm * rm[i];
-          pb[i] += cv * rv[i];
+          pa[i] = cm * pm[i];
+          pb[i] = cv * pv[i];
+        }
+        g = 1;
+      } else {
+        std::fill(a.begin(), a.end(), T(0));
+        std::fill(b.begin(), b.end(), T(0));
+      }
+      for (; g < G; g += 2) {
+        const T cm0 = pgm[g * O + o], cm1 = pgm[(g + 1) * O + o], cv0 = pgv[g * O + o], cv1 = pgv[(g + 1) * O + o];
+        const T *rm0 = pm + g * I, *rm1 = rm0 + I, *rv0 = pv + g * I, *rv1 = rv0 + I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) {
+          pa[i] = pa[i] + cm0 * rm0[i] + cm1 * rm1[i];
+          pb[i] = pb[i] + cv0 * rv0[i] + cv1 * rv1[i];
         }
       }
 #if defined(__SSE2__)
