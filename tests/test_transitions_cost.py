@@ -180,6 +180,41 @@ def test_compiled_tap_sums_gradcheck_and_fallbacks():
     assert native.tap_sums_backward(strided, g, g) is None
 
 
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    size=st.integers(1, 40),
+    scale=st.floats(0.01, 10.0),
+    zeros=st.integers(0, 3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_compiled_relu_moments_equal_the_python_path(seed, size, scale, zeros, dtype):
+    native = _native_or_skip()
+    gen = torch.Generator().manual_seed(seed)
+    mean = scale * torch.randn(2, size, generator=gen, dtype=dtype)
+    var = scale * torch.rand(2, size, generator=gen, dtype=dtype)
+    var[0, : min(zeros, size)] = 0.0  # a point mass: the clamped branches
+    assert native.relu_moments_forward(mean, var), "the compiled path must take contiguous CPU float32/float64"
+    weights = torch.randn(2, 2, size, generator=gen, dtype=dtype)
+    fast = _values_and_grads(lambda m, v: relu_moments(m, v, compiled=True), mean, var, weights)
+    python = _values_and_grads(lambda m, v: relu_moments(m, v, compiled=False), mean, var, weights)
+    tol = {"rtol": 1e-5, "atol": 1e-5 * scale} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12 * scale}
+    for a, b in zip(fast, python):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_compiled_relu_moments_take_an_expanded_mean_and_gradcheck():
+    _native_or_skip()
+    gen = torch.Generator().manual_seed(5)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    var = (0.1 + torch.rand(3, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    # A norm's output mean is its bias expanded over the groups (stride 0), as after_norm gives it.
+    assert torch.autograd.gradcheck(lambda b, v: relu_moments(b.expand(3, 6), v, compiled=True), (bias, var))
+    fast = relu_moments(bias.expand(3, 6), var, compiled=True)
+    python = relu_moments(bias.expand(3, 6), var, compiled=False)
+    for a, b in zip(fast, python):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def _conv_moments_direct(w, mean, var):
     """The rule as written: tap sums by ``sum``, then matrix products (what autograd differentiates)."""
     taps = tuple(range(2, w.dim()))

@@ -913,6 +913,85 @@ Tensor conv_moments_weight_grad(const Tensor& w, const Tensor& g_mean, const Ten
                                     [&] { return conv_moments_weight_grad_impl<scalar_t>(w, g_mean, mean, g_var, var); });
 }
 
+// -- the analytic transition's ReLU moments (bkn/transitions/analytic.py, _ReluMoments) -----------
+//
+// The rectified-Gaussian formula and its closed-form backward, elementwise over the (G, C)
+// moments, in one loop each instead of some twenty tensor operations (a microsecond or more
+// of dispatch each, on tensors of a few hundred values). The operations are those of the
+// Python Function in the same order; erf and exp are the C library's (equal up to rounding).
+constexpr double RELU_VAR_FLOOR = 1e-20;  // _VAR_FLOOR
+
+bool relu_moments_takes(std::initializer_list<const Tensor*> ts) {
+  const Tensor& first = **ts.begin();
+  if (first.device().type() != at::kCPU) return false;
+  if (first.scalar_type() != at::kFloat && first.scalar_type() != at::kDouble) return false;
+  for (const Tensor* t : ts) {
+    if (!t->defined() || t->device().type() != at::kCPU || t->scalar_type() != first.scalar_type()) return false;
+    if (!t->is_contiguous() || !t->sizes().equals(first.sizes())) return false;
+  }
+  return true;
+}
+
+// (first, var_out, std, cdf, pdf, raw), or [] for the Python path.
+std::vector<Tensor> relu_moments_forward(const Tensor& mean, const Tensor& var) {
+  if (!relu_moments_takes({&mean, &var})) return {};
+  at::NoGradGuard no_grad;
+  std::vector<Tensor> out;
+  for (int i = 0; i < 6; ++i) out.push_back(at::empty_like(mean, at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "relu_moments_forward", [&] {
+    using T = scalar_t;
+    const T *pm = mean.data_ptr<T>(), *pv = var.data_ptr<T>();
+    T *first = out[0].data_ptr<T>(), *vout = out[1].data_ptr<T>(), *ps = out[2].data_ptr<T>(),
+      *pc = out[3].data_ptr<T>(), *pp = out[4].data_ptr<T>(), *pr = out[5].data_ptr<T>();
+    const T sqrt2 = T(std::sqrt(2.0)), inv_sqrt2pi = T(1.0 / std::sqrt(2.0 * M_PI)), floor = T(RELU_VAR_FLOOR);
+    const int64_t n = mean.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      const T m = pm[i], v = pv[i];
+      const T s = std::sqrt(std::max(v, floor));  // NaN stays NaN, as clamp_min
+      const T a = m / s;
+      const T cdf = T(0.5) * (T(1) + std::erf(a / sqrt2));
+      const T pdf = std::exp(T(-0.5) * a * a) * inv_sqrt2pi;
+      const T f = m * cdf + s * pdf;
+      const T second = (m * m + v) * cdf + m * s * pdf;
+      const T raw = second - f * f;
+      first[i] = f;
+      vout[i] = std::max(raw, T(0));
+      ps[i] = s;
+      pc[i] = cdf;
+      pp[i] = pdf;
+      pr[i] = raw;
+    }
+  });
+  return out;
+}
+
+// (grad_mean, grad_var), or [] for the Python path.
+std::vector<Tensor> relu_moments_backward(const Tensor& g_first, const Tensor& g_var, const Tensor& mean,
+                                          const Tensor& var, const Tensor& std_, const Tensor& cdf,
+                                          const Tensor& pdf, const Tensor& first, const Tensor& raw) {
+  if (!relu_moments_takes({&mean, &g_first, &g_var, &var, &std_, &cdf, &pdf, &first, &raw})) return {};
+  at::NoGradGuard no_grad;
+  Tensor grad_mean = at::empty_like(mean, at::MemoryFormat::Contiguous);
+  Tensor grad_var = at::empty_like(mean, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "relu_moments_backward", [&] {
+    using T = scalar_t;
+    const T *gf = g_first.data_ptr<T>(), *gv0 = g_var.data_ptr<T>(), *pm = mean.data_ptr<T>(),
+            *pv = var.data_ptr<T>(), *ps = std_.data_ptr<T>(), *pc = cdf.data_ptr<T>(), *pp = pdf.data_ptr<T>(),
+            *pf = first.data_ptr<T>(), *pr = raw.data_ptr<T>();
+    T *dm = grad_mean.data_ptr<T>(), *dv = grad_var.data_ptr<T>();
+    const T floor = T(RELU_VAR_FLOOR);
+    const int64_t n = mean.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      const T gv = gv0[i] * T(pr[i] > 0);  // no gradient where the variance was clamped
+      const T ds_dv = T(pv[i] > floor) / (T(2) * ps[i]);
+      const T d_second_d_mean = T(2) * pm[i] * pc[i] + ps[i] * pp[i] + pv[i] * pp[i] / ps[i];
+      dm[i] = gf[i] * pc[i] + gv * (d_second_d_mean - T(2) * pf[i] * pc[i]);
+      dv[i] = (gf[i] - T(2) * gv * pf[i]) * pp[i] * ds_dv + gv * pc[i];
+    }
+  });
+  return {grad_mean, grad_var};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -922,6 +1001,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("renorm", &renorm, "Batch Renormalization, one group: (y, m_o, sigma_B, r, d), or [] for the Python path");
   m.def("tap_sums", &tap_sums, "(sum_taps W, sum_taps W^2) of a conv weight, or [] for the Python path");
   m.def("tap_sums_backward", &tap_sums_backward, "g1 + 2 W g2 over a conv weight, or None for the Python path");
+  m.def("relu_moments_forward", &relu_moments_forward,
+        "ReLU moments: (first, var, std, cdf, pdf, raw), or [] for the Python path");
+  m.def("relu_moments_backward", &relu_moments_backward, "ReLU moments' backward, or [] for the Python path");
   m.def("conv_moments_weight_grad", &conv_moments_weight_grad,
         "dW of the analytic convolution rule (dS1 + 2 W dS2, the products fused), or None for the Python path");
 }
