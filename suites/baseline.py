@@ -12,9 +12,11 @@ kernels are built from its own source (their cache name carries its hash).
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import io
 import pathlib
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -37,6 +39,7 @@ def load(rev: str, repo: str | pathlib.Path = "."):
             f"--baseline: cannot read bkn/ at git revision {rev!r} of {repo}: {detail.decode().strip() or error}"
         ) from None
     root = pathlib.Path(tempfile.mkdtemp(prefix="bkn-baseline-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # the imported modules need no files once loaded
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(root, filter="data")
     (root / "bkn").rename(root / NAME)
