@@ -73,12 +73,13 @@ def _parse_variant(text: str) -> tuple[str, str, dict]:
     return name, method, options
 
 
-def build(name: str, method: str | None, group_size: int, options: dict, seed: int) -> nn.Module:
-    """ResNet-18 (random init, seeded), unconverted for ``method=None``, else converted in groups."""
+def build(name: str, method: str | None, group_size: int, options: dict, seed: int, registry=None) -> nn.Module:
+    """ResNet-18 (random init, seeded), unconverted for ``method=None``, else converted in groups
+    (by ``registry``: ``bkn.methods``, or a baseline revision's)."""
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(num_classes=1000)
     if method is not None:
-        model = methods.get(method).convert(model, group_size=group_size, **options)
+        model = (registry or methods).get(method).convert(model, group_size=group_size, **options)
     return model.train()
 
 
@@ -171,6 +172,13 @@ def main(argv=None) -> dict:
         default=list(BLOCK_INPUTS),
         help="inputs of --blocks as GROUPxCxHxW (one group each), e.g. 8x64x56x56",
     )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REV",
+        help="also time every method as the bkn package of git revision REV converts it (entries METHOD@REV), "
+        "interleaved in this process: before/after a change",
+    )
     parser.add_argument("--out", default=None, help="JSON file to write (atomically)")
     args = parser.parse_args(argv)
     for value, what in ((args.batch, "--batch"), (args.rounds, "--rounds"), (args.steps, "--steps")):
@@ -196,12 +204,23 @@ def main(argv=None) -> dict:
     for text in args.variant:
         name, method, options = _parse_variant(text)
         entries[name] = (method, options)
+    registries = {}
+    if args.baseline:
+        from . import baseline
+
+        try:
+            old = baseline.load(args.baseline).methods
+        except ValueError as error:
+            parser.error(str(error))
+        for m in args.methods:
+            name = f"{m}@{args.baseline}"
+            entries[name], registries[name] = (methods.get(m).name, {}), old
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=gen)
     y = torch.randint(0, 1000, (args.batch,), generator=gen)
     steps = {}
     for name, (method, options) in entries.items():
-        steps[name] = Step(build(name, method, args.group_size, options, args.seed), x, y)
+        steps[name] = Step(build(name, method, args.group_size, options, args.seed, registries.get(name)), x, y)
         for _ in range(args.warmup):
             steps[name]()
         log(f"built and warmed up {name}")
@@ -212,6 +231,7 @@ def main(argv=None) -> dict:
         },
         "reference": REFERENCE,
         "entries": {n: {"method": m, "options": o} for n, (m, o) in entries.items()},
+        "baseline": args.baseline,
         "environment": environment("cpu"),
         "methods": {},
     }

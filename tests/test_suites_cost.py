@@ -70,3 +70,30 @@ def test_bad_variant_names_what_was_expected():
         "bkn-official",
         {"draws": 2, "surrogate_scale": 0.5},
     )
+
+
+def test_baseline_revision_is_timed_beside_this_checkout(tmp_path):
+    """``--baseline REV``: each method also as REV's bkn converts it (a second package in the same process).
+
+    In a subprocess: a process imports one baseline at most."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ab.json"
+    argv = ["--methods", "bn", "bkn-analytic", "--baseline", "HEAD", "--size", "32", "--batch", "4"]
+    argv += ["--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1", "--out", str(out)]
+    check = (
+        "import sys, bkn; from suites import chain_cost; chain_cost.main(sys.argv[1:]); "
+        "old = sys.modules['bkn_baseline']; assert old.layers is not bkn.layers and old.__file__ != bkn.__file__"
+    )
+    done = subprocess.run([sys.executable, "-c", check, *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["methods"]) == {chain_cost.REFERENCE, "bn", "bkn-analytic", "bn@HEAD", "bkn-analytic@HEAD"}
+    assert result["entries"]["bkn-analytic@HEAD"]["method"] == "bkn-analytic" and result["baseline"] == "HEAD"
+
+
+def test_bad_baseline_revision_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        chain_cost.main(["--baseline", "no-such-revision-4b1d", "--size", "32", "--batch", "4"])
+    assert "cannot read bkn/ at git revision 'no-such-revision-4b1d'" in capsys.readouterr().err

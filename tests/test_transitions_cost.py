@@ -18,7 +18,7 @@ from torch import nn
 
 import bkn
 from bkn.transitions import Analytic, Moments, MonteCarlo
-from bkn.transitions.analytic import relu_moments, tap_sums
+from bkn.transitions.analytic import conv_moments, relu_moments, tap_sums
 
 
 def _relu_moments_direct(mean, var):
@@ -118,6 +118,163 @@ def test_tap_sums_of_a_channels_last_weight():
     torch.testing.assert_close(s1, w.sum((2, 3)))
     torch.testing.assert_close(s2, w.square().sum((2, 3)))
     assert torch.autograd.gradcheck(tap_sums, (w,))
+
+
+# -- the compiled tap sums (bkn/csrc/fused_norm.cpp) against the Python path ---------------------
+
+
+def _native_or_skip():
+    from bkn.layers import _native
+
+    native = _native.load()
+    if native is None:
+        pytest.skip("the compiled kernels are not available here (BKN_NATIVE=0 or the build failed)")
+    return native
+
+
+def _sums_and_grad(w, g1, g2, compiled):
+    w = w.detach().clone().requires_grad_(True)
+    s1, s2 = tap_sums(w, compiled=compiled)
+    (grad,) = torch.autograd.grad((s1 * g1 + s2 * g2).sum(), w)
+    return s1.detach(), s2.detach(), grad
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    out_c=st.integers(1, 9),
+    in_c=st.integers(1, 7),
+    kernel=st.sampled_from([(1, 1), (3, 3), (5, 5), (3,), (2, 3), (3, 3, 3)]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_compiled_tap_sums_equal_the_python_path(seed, out_c, in_c, kernel, dtype):
+    """Values and gradient of the compiled kernel (the float32 3x3 one vectorized 4 rows at a
+    time: row counts that are not multiples of 4 exercise its tail) against the Python path."""
+    native = _native_or_skip()
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_c, in_c, *kernel, generator=gen, dtype=dtype)
+    assert native.tap_sums(w), "the compiled path must take a contiguous CPU float32/float64 weight"
+    g1 = torch.randn(out_c, in_c, generator=gen, dtype=dtype)
+    g2 = torch.randn(out_c, in_c, generator=gen, dtype=dtype)
+    fast = _sums_and_grad(w, g1, g2, compiled=True)
+    python = _sums_and_grad(w, g1, g2, compiled=False)
+    exact = _sums_and_grad(w.double(), g1.double(), g2.double(), compiled=False)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for a, b, c in zip(fast, python, exact):
+        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(a.double(), c, **tol)
+
+
+def test_compiled_tap_sums_gradcheck_and_fallbacks():
+    native = _native_or_skip()
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(7, 5, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert native.tap_sums(w.detach())
+    assert torch.autograd.gradcheck(lambda x: tap_sums(x, compiled=True), (w,))
+    # A double backward runs the differentiable (Python) backward: the compiled one is not.
+    assert torch.autograd.gradgradcheck(lambda x: tap_sums(x, compiled=True), (w,))
+    # What the kernel does not take it says so (an empty list, None), and the Python path runs.
+    strided = w.detach().contiguous(memory_format=torch.channels_last)
+    assert native.tap_sums(strided) == [] and native.tap_sums(w.detach().half()) == []
+    g = torch.ones(7, 5, dtype=torch.float64)
+    assert native.tap_sums_backward(w.detach(), g, g.float()) is None
+    assert native.tap_sums_backward(strided, g, g) is None
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    size=st.integers(1, 40),
+    scale=st.floats(0.01, 10.0),
+    zeros=st.integers(0, 3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_compiled_relu_moments_equal_the_python_path(seed, size, scale, zeros, dtype):
+    native = _native_or_skip()
+    gen = torch.Generator().manual_seed(seed)
+    mean = scale * torch.randn(2, size, generator=gen, dtype=dtype)
+    var = scale * torch.rand(2, size, generator=gen, dtype=dtype)
+    var[0, : min(zeros, size)] = 0.0  # a point mass: the clamped branches
+    assert native.relu_moments_forward(mean, var), "the compiled path must take contiguous CPU float32/float64"
+    weights = torch.randn(2, 2, size, generator=gen, dtype=dtype)
+    fast = _values_and_grads(lambda m, v: relu_moments(m, v, compiled=True), mean, var, weights)
+    python = _values_and_grads(lambda m, v: relu_moments(m, v, compiled=False), mean, var, weights)
+    tol = {"rtol": 1e-5, "atol": 1e-5 * scale} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12 * scale}
+    for a, b in zip(fast, python):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_compiled_relu_moments_take_an_expanded_mean_and_gradcheck():
+    _native_or_skip()
+    gen = torch.Generator().manual_seed(5)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    var = (0.1 + torch.rand(3, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    # A norm's output mean is its bias expanded over the groups (stride 0), as after_norm gives it.
+    assert torch.autograd.gradcheck(lambda b, v: relu_moments(b.expand(3, 6), v, compiled=True), (bias, var))
+    fast = relu_moments(bias.expand(3, 6), var, compiled=True)
+    python = relu_moments(bias.expand(3, 6), var, compiled=False)
+    for a, b in zip(fast, python):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _conv_moments_direct(w, mean, var):
+    """The rule as written: tap sums by ``sum``, then matrix products (what autograd differentiates)."""
+    taps = tuple(range(2, w.dim()))
+    return mean @ w.sum(taps).t(), var @ w.square().sum(taps).t()
+
+
+def _moments_and_grads(fn, w, mean, var, g_mean, g_var):
+    w, mean, var = (t.detach().clone().requires_grad_(True) for t in (w, mean, var))
+    out_mean, out_var = fn(w, mean, var)
+    grads = torch.autograd.grad((out_mean * g_mean + out_var * g_var).sum(), (w, mean, var))
+    return (out_mean.detach(), out_var.detach(), *grads)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.sampled_from([1, 2, 3, 4, 17]),  # 17: more than the fused kernel takes (matrix products instead)
+    out_c=st.integers(1, 9),
+    in_c=st.integers(1, 7),
+    kernel=st.sampled_from([(1, 1), (3, 3), (5, 5), (3,)]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_conv_moments_compiled_python_and_direct_agree(seed, groups, out_c, in_c, kernel, dtype):
+    _native_or_skip()
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_c, in_c, *kernel, generator=gen, dtype=dtype)
+    mean = torch.randn(groups, in_c, generator=gen, dtype=dtype)
+    var = torch.rand(groups, in_c, generator=gen, dtype=dtype)
+    g_mean = torch.randn(groups, out_c, generator=gen, dtype=dtype)
+    g_var = torch.randn(groups, out_c, generator=gen, dtype=dtype)
+    args = (w, mean, var, g_mean, g_var)
+    fast = _moments_and_grads(lambda *a: conv_moments(*a, compiled=True), *args)
+    python = _moments_and_grads(lambda *a: conv_moments(*a, compiled=False), *args)
+    exact = _moments_and_grads(_conv_moments_direct, *(t.double() for t in args))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for a, b, c in zip(fast, python, exact):
+        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(a.double(), c, **tol)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_conv_moments_gradcheck_gradgradcheck_and_unused_outputs(compiled):
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    var = torch.rand(2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    fn = lambda *a: conv_moments(*a, compiled=compiled)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (w, mean, var))
+    assert torch.autograd.gradgradcheck(fn, (w, mean, var))  # create_graph: the differentiable ops
+    direct = _conv_moments_direct(w, mean, var)
+    for used in (0, 1):  # one output unused: its gradient is None inside backward
+        got = torch.autograd.grad(fn(w, mean, var)[used].sum(), (w, mean, var), allow_unused=True)
+        expect = torch.autograd.grad(direct[used].sum(), (w, mean, var), retain_graph=True, allow_unused=True)
+        for a, b in zip(got, expect):
+            if b is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b)
+    frozen = w.detach()  # a frozen weight: no weight gradient is formed
+    (g,) = torch.autograd.grad(fn(frozen, mean, var)[1].sum(), var)
+    torch.testing.assert_close(g, frozen.square().sum((2, 3)).sum(0).expand(2, 3))
 
 
 # -- the official transition's smaller surrogate (an option; the default is the authors') -------

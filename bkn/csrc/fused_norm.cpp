@@ -24,9 +24,15 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#include <xmmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -690,6 +696,302 @@ std::vector<Tensor> renorm(const Tensor& x, Maybe weight, Maybe bias, const Tens
   return Renorm::apply(x, weight, bias, running_mean, running_std, running_var, steps, momentum, rmax, dmax, eps);
 }
 
+
+// -- the analytic transition's convolution weight tap sums (bkn/transitions/analytic.py) ---------
+//
+// For a contiguous weight W viewed as (R = O * I/groups, K = kernel taps):
+//   forward:  s1[r] = sum_k W[r, k], s2[r] = sum_k W[r, k]^2, one read of W (the Python path
+//             reads it three times and writes a squared copy);
+//   backward: dW[r, k] = g1[r] + 2 W[r, k] g2[r] (addcmul's formula, the same rounding),
+//             one read of W and one write of dW.
+// Rows are split over threads with at::parallel_for. Sums accumulate in the weight's dtype
+// in tap order (K is a kernel's taps: 9 for 3x3).
+// Row sums, one row (K values) at a time: the generic loops (float64, kernels other than 3x3).
+template <typename T>
+void tap_sums_rows(const T* pw, T* p1, T* p2, int64_t begin, int64_t end, int64_t K) {
+  for (int64_t r = begin; r < end; ++r) {
+    const T* row = pw + r * K;
+    T a = 0, b = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      a += row[k];
+      b += row[k] * row[k];
+    }
+    p1[r] = a;
+    p2[r] = b;
+  }
+}
+
+template <typename T>
+void tap_grad_rows(const T* pw, const T* p1, const T* p2, T* pd, int64_t begin, int64_t end, int64_t K) {
+  for (int64_t r = begin; r < end; ++r) {
+    const T a = p1[r], b = p2[r];
+    const T* row = pw + r * K;
+    T* out = pd + r * K;
+    for (int64_t k = 0; k < K; ++k) out[k] = a + T(2) * row[k] * b;
+  }
+}
+
+#if defined(__SSE2__)
+// float32 3x3 kernels (K = 9) with SSE2, which every x86-64 compiler targets. One row's 9
+// additions are a chain of dependent scalar adds (about 4 cycles each), which leaves the
+// loop at a fraction of the memory bandwidth; here 4 rows at a time: each row's taps 0-3
+// and 4-7 as two vectors (added, and squared and added), the 4 rows' vectors transposed
+// and added (4 row sums in one vector), tap 8 added last. Sums are in another order than
+// the scalar loop's: equal up to rounding.
+void tap_sums_rows9(const float* pw, float* p1, float* p2, int64_t begin, int64_t end) {
+  int64_t r = begin;
+  for (; r + 4 <= end; r += 4) {
+    const float* p = pw + r * 9;
+    __m128 s[4], q[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m128 lo = _mm_loadu_ps(p + 9 * i), hi = _mm_loadu_ps(p + 9 * i + 4);
+      s[i] = _mm_add_ps(lo, hi);
+      q[i] = _mm_add_ps(_mm_mul_ps(lo, lo), _mm_mul_ps(hi, hi));
+    }
+    _MM_TRANSPOSE4_PS(s[0], s[1], s[2], s[3]);
+    _MM_TRANSPOSE4_PS(q[0], q[1], q[2], q[3]);
+    const __m128 last = _mm_setr_ps(p[8], p[17], p[26], p[35]);
+    const __m128 sum = _mm_add_ps(_mm_add_ps(_mm_add_ps(s[0], s[1]), _mm_add_ps(s[2], s[3])), last);
+    const __m128 sq = _mm_add_ps(_mm_add_ps(_mm_add_ps(q[0], q[1]), _mm_add_ps(q[2], q[3])), _mm_mul_ps(last, last));
+    _mm_storeu_ps(p1 + r, sum);
+    _mm_storeu_ps(p2 + r, sq);
+  }
+  tap_sums_rows<float>(pw, p1, p2, r, end, 9);
+}
+
+// dW = g1 + 2 W g2 for float32 3x3 kernels: taps 0-3 and 4-7 of a row as vectors (the
+// same operations in the same order as the scalar loop: the same results), tap 8 scalar.
+void tap_grad_rows9(const float* pw, const float* p1, const float* p2, float* pd, int64_t begin, int64_t end) {
+  const __m128 two = _mm_set1_ps(2.0f);
+  for (int64_t r = begin; r < end; ++r) {
+    const float* p = pw + r * 9;
+    float* out = pd + r * 9;
+    const __m128 a = _mm_set1_ps(p1[r]), b = _mm_set1_ps(p2[r]);
+    _mm_storeu_ps(out, _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p)), b)));
+    _mm_storeu_ps(out + 4, _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p + 4)), b)));
+    out[8] = p1[r] + 2.0f * p[8] * p2[r];
+  }
+}
+#endif
+
+template <typename T>
+std::vector<Tensor> tap_sums_impl(const Tensor& w, int64_t R, int64_t K) {
+  Tensor s1 = at::empty({R}, w.options()), s2 = at::empty({R}, w.options());
+  const T* pw = w.data_ptr<T>();
+  T *p1 = s1.data_ptr<T>(), *p2 = s2.data_ptr<T>();
+  at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (K == 9) return tap_sums_rows9(pw, p1, p2, begin, end);
+    }
+#endif
+    tap_sums_rows<T>(pw, p1, p2, begin, end, K);
+  });
+  return {s1, s2};
+}
+
+template <typename T>
+Tensor tap_sums_backward_impl(const Tensor& w, const Tensor& g1, const Tensor& g2, int64_t R, int64_t K) {
+  Tensor dw = at::empty_like(w, at::MemoryFormat::Contiguous);
+  const T *pw = w.data_ptr<T>(), *p1 = g1.data_ptr<T>(), *p2 = g2.data_ptr<T>();
+  T* pd = dw.data_ptr<T>();
+  at::parallel_for(0, R, 4096 / std::max<int64_t>(K, 1) + 1, [&](int64_t begin, int64_t end) {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (K == 9) return tap_grad_rows9(pw, p1, p2, pd, begin, end);
+    }
+#endif
+    tap_grad_rows<T>(pw, p1, p2, pd, begin, end, K);
+  });
+  return dw;
+}
+
+bool tap_sums_takes(const Tensor& w, std::initializer_list<const Tensor*> others) {
+  if (w.device().type() != at::kCPU || !w.is_contiguous() || w.dim() < 3) return false;
+  if (w.scalar_type() != at::kFloat && w.scalar_type() != at::kDouble) return false;
+  for (const Tensor* t : others) {
+    if (t->device().type() != at::kCPU || t->scalar_type() != w.scalar_type() || !t->is_contiguous()) return false;
+    if (t->numel() != w.size(0) * w.size(1)) return false;
+  }
+  return true;
+}
+
+// (sum_taps W, sum_taps W^2), each (O, I/groups), or [] when these tensors take the Python path.
+std::vector<Tensor> tap_sums(const Tensor& w) {
+  if (!tap_sums_takes(w, {})) return {};
+  at::NoGradGuard no_grad;
+  const int64_t R = w.size(0) * w.size(1), K = R ? w.numel() / R : 0;
+  auto out = AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "tap_sums", [&] { return tap_sums_impl<scalar_t>(w, R, K); });
+  return {out[0].view({w.size(0), w.size(1)}), out[1].view({w.size(0), w.size(1)})};
+}
+
+// dW = g1 + 2 W g2 (g1, g2 of shape (O, I/groups) broadcast over the taps), or an undefined
+// tensor when these tensors take the Python path.
+Tensor tap_sums_backward(const Tensor& w, const Tensor& g1, const Tensor& g2) {
+  if (!tap_sums_takes(w, {&g1, &g2})) return Tensor();
+  at::NoGradGuard no_grad;
+  const int64_t R = w.size(0) * w.size(1), K = R ? w.numel() / R : 0;
+  return AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "tap_sums_backward",
+                                    [&] { return tap_sums_backward_impl<scalar_t>(w, g1, g2, R, K); });
+}
+
+// The weight gradient of the analytic convolution rule, mean_out = mean @ S1^T and
+// var_out = var @ S2^T (S1, S2 the tap sums; mean, var of shape (G, I), the outputs (G, O)):
+//   dW[o, i, k] = dS1[o, i] + 2 W[o, i, k] dS2[o, i],
+//   dS1[o, i] = sum_g g_mean[g, o] mean[g, i],  dS2[o, i] = sum_g g_var[g, o] var[g, i],
+// in one pass over the weight: for each output channel o the rows dS1[o, :], dS2[o, :] are
+// computed into a buffer (G axpys over I values, from cache) and then used at once; the
+// (O, I) products never go to memory. For many groups (G > MAX_FUSED_GROUPS) the products
+// cost more than they save: the caller forms dS1, dS2 with matrix products instead.
+constexpr int64_t MAX_FUSED_GROUPS = 16;
+
+template <typename T>
+Tensor conv_moments_weight_grad_impl(const Tensor& w, const Tensor& gm, const Tensor& m, const Tensor& gv,
+                                     const Tensor& v) {
+  const int64_t O = w.size(0), I = w.size(1), G = m.size(0), K = O * I ? w.numel() / (O * I) : 0;
+  Tensor dw = at::empty_like(w, at::MemoryFormat::Contiguous);
+  const T *pw = w.data_ptr<T>(), *pgm = gm.data_ptr<T>(), *pm = m.data_ptr<T>(), *pgv = gv.data_ptr<T>(),
+          *pv = v.data_ptr<T>();
+  T* pd = dw.data_ptr<T>();
+  at::parallel_for(0, O, std::max<int64_t>(1, 4096 / std::max<int64_t>(I * K, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<T> a(static_cast<size_t>(I)), b(static_cast<size_t>(I));
+    for (int64_t o = begin; o < end; ++o) {
+      // a = sum_g g_mean[g, o] mean[g, :] (b likewise), two groups per sweep over the row
+      // (half the loads and stores of one axpy per group), in the order of g.
+      T *pa = a.data(), *pb = b.data();
+      int64_t g = 0;
+      if (G % 2) {
+        const T cm = pgm[o], cv = pgv[o];
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) {
+          pa[i] = cm * pm[i];
+          pb[i] = cv * pv[i];
+        }
+        g = 1;
+      } else {
+        std::fill(a.begin(), a.end(), T(0));
+        std::fill(b.begin(), b.end(), T(0));
+      }
+      for (; g < G; g += 2) {
+        const T cm0 = pgm[g * O + o], cm1 = pgm[(g + 1) * O + o], cv0 = pgv[g * O + o], cv1 = pgv[(g + 1) * O + o];
+        const T *rm0 = pm + g * I, *rm1 = rm0 + I, *rv0 = pv + g * I, *rv1 = rv0 + I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) {
+          pa[i] = pa[i] + cm0 * rm0[i] + cm1 * rm1[i];
+          pb[i] = pb[i] + cv0 * rv0[i] + cv1 * rv1[i];
+        }
+      }
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (K == 9) {
+          tap_grad_rows9(pw + o * I * K, a.data(), b.data(), pd + o * I * K, 0, I);
+          continue;
+        }
+      }
+#endif
+      tap_grad_rows<T>(pw + o * I * K, a.data(), b.data(), pd + o * I * K, 0, I, K);
+    }
+  });
+  return dw;
+}
+
+// dW of the analytic convolution rule (see above), or an undefined tensor when these tensors
+// take the Python path (not CPU float32/float64 of one dtype, not contiguous, too many groups).
+Tensor conv_moments_weight_grad(const Tensor& w, const Tensor& g_mean, const Tensor& mean, const Tensor& g_var,
+                                const Tensor& var) {
+  if (w.device().type() != at::kCPU || !w.is_contiguous() || w.dim() < 3) return Tensor();
+  if (w.scalar_type() != at::kFloat && w.scalar_type() != at::kDouble) return Tensor();
+  const int64_t O = w.size(0), I = w.size(1), G = mean.dim() == 2 ? mean.size(0) : -1;
+  if (G < 1 || G > MAX_FUSED_GROUPS) return Tensor();
+  const std::pair<const Tensor*, int64_t> parts[] = {{&g_mean, O}, {&mean, I}, {&g_var, O}, {&var, I}};
+  for (const auto& [t, cols] : parts) {
+    if (t->device().type() != at::kCPU || t->scalar_type() != w.scalar_type() || !t->is_contiguous()) return Tensor();
+    if (t->dim() != 2 || t->size(0) != G || t->size(1) != cols) return Tensor();
+  }
+  at::NoGradGuard no_grad;
+  return AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "conv_moments_weight_grad",
+                                    [&] { return conv_moments_weight_grad_impl<scalar_t>(w, g_mean, mean, g_var, var); });
+}
+
+// -- the analytic transition's ReLU moments (bkn/transitions/analytic.py, _ReluMoments) -----------
+//
+// The rectified-Gaussian formula and its closed-form backward, elementwise over the (G, C)
+// moments, in one loop each instead of some twenty tensor operations (a microsecond or more
+// of dispatch each, on tensors of a few hundred values). The operations are those of the
+// Python Function in the same order; erf and exp are the C library's (equal up to rounding).
+constexpr double RELU_VAR_FLOOR = 1e-20;  // _VAR_FLOOR
+
+bool relu_moments_takes(std::initializer_list<const Tensor*> ts) {
+  const Tensor& first = **ts.begin();
+  if (first.device().type() != at::kCPU) return false;
+  if (first.scalar_type() != at::kFloat && first.scalar_type() != at::kDouble) return false;
+  for (const Tensor* t : ts) {
+    if (!t->defined() || t->device().type() != at::kCPU || t->scalar_type() != first.scalar_type()) return false;
+    if (!t->is_contiguous() || !t->sizes().equals(first.sizes())) return false;
+  }
+  return true;
+}
+
+// (first, var_out, std, cdf, pdf, raw), or [] for the Python path.
+std::vector<Tensor> relu_moments_forward(const Tensor& mean, const Tensor& var) {
+  if (!relu_moments_takes({&mean, &var})) return {};
+  at::NoGradGuard no_grad;
+  std::vector<Tensor> out;
+  for (int i = 0; i < 6; ++i) out.push_back(at::empty_like(mean, at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "relu_moments_forward", [&] {
+    using T = scalar_t;
+    const T *pm = mean.data_ptr<T>(), *pv = var.data_ptr<T>();
+    T *first = out[0].data_ptr<T>(), *vout = out[1].data_ptr<T>(), *ps = out[2].data_ptr<T>(),
+      *pc = out[3].data_ptr<T>(), *pp = out[4].data_ptr<T>(), *pr = out[5].data_ptr<T>();
+    const T sqrt2 = T(std::sqrt(2.0)), inv_sqrt2pi = T(1.0 / std::sqrt(2.0 * M_PI)), floor = T(RELU_VAR_FLOOR);
+    const int64_t n = mean.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      const T m = pm[i], v = pv[i];
+      const T s = std::sqrt(std::max(v, floor));  // NaN stays NaN, as clamp_min
+      const T a = m / s;
+      const T cdf = T(0.5) * (T(1) + std::erf(a / sqrt2));
+      const T pdf = std::exp(T(-0.5) * a * a) * inv_sqrt2pi;
+      const T f = m * cdf + s * pdf;
+      const T second = (m * m + v) * cdf + m * s * pdf;
+      const T raw = second - f * f;
+      first[i] = f;
+      vout[i] = std::max(raw, T(0));
+      ps[i] = s;
+      pc[i] = cdf;
+      pp[i] = pdf;
+      pr[i] = raw;
+    }
+  });
+  return out;
+}
+
+// (grad_mean, grad_var), or [] for the Python path.
+std::vector<Tensor> relu_moments_backward(const Tensor& g_first, const Tensor& g_var, const Tensor& mean,
+                                          const Tensor& var, const Tensor& std_, const Tensor& cdf,
+                                          const Tensor& pdf, const Tensor& first, const Tensor& raw) {
+  if (!relu_moments_takes({&mean, &g_first, &g_var, &var, &std_, &cdf, &pdf, &first, &raw})) return {};
+  at::NoGradGuard no_grad;
+  Tensor grad_mean = at::empty_like(mean, at::MemoryFormat::Contiguous);
+  Tensor grad_var = at::empty_like(mean, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "relu_moments_backward", [&] {
+    using T = scalar_t;
+    const T *gf = g_first.data_ptr<T>(), *gv0 = g_var.data_ptr<T>(), *pm = mean.data_ptr<T>(),
+            *pv = var.data_ptr<T>(), *ps = std_.data_ptr<T>(), *pc = cdf.data_ptr<T>(), *pp = pdf.data_ptr<T>(),
+            *pf = first.data_ptr<T>(), *pr = raw.data_ptr<T>();
+    T *dm = grad_mean.data_ptr<T>(), *dv = grad_var.data_ptr<T>();
+    const T floor = T(RELU_VAR_FLOOR);
+    const int64_t n = mean.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      const T gv = gv0[i] * T(pr[i] > 0);  // no gradient where the variance was clamped
+      const T ds_dv = T(pv[i] > floor) / (T(2) * ps[i]);
+      const T d_second_d_mean = T(2) * pm[i] * pc[i] + ps[i] * pp[i] + pv[i] * pp[i] / ps[i];
+      dm[i] = gf[i] * pc[i] + gv * (d_second_d_mean - T(2) * pf[i] * pc[i]);
+      dv[i] = (gf[i] - T(2) * gv * pf[i]) * pp[i] * ds_dv + gv * pc[i];
+    }
+  });
+  return {grad_mean, grad_var};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -697,4 +999,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kalman_norm", &kalman_norm,
         "Kalman / ghost-batch normalization: (y, mean, var, obs_mean, obs_var), or [] for the Python path");
   m.def("renorm", &renorm, "Batch Renormalization, one group: (y, m_o, sigma_B, r, d), or [] for the Python path");
+  m.def("tap_sums", &tap_sums, "(sum_taps W, sum_taps W^2) of a conv weight, or [] for the Python path");
+  m.def("tap_sums_backward", &tap_sums_backward, "g1 + 2 W g2 over a conv weight, or None for the Python path");
+  m.def("relu_moments_forward", &relu_moments_forward,
+        "ReLU moments: (first, var, std, cdf, pdf, raw), or [] for the Python path");
+  m.def("relu_moments_backward", &relu_moments_backward, "ReLU moments' backward, or [] for the Python path");
+  m.def("conv_moments_weight_grad", &conv_moments_weight_grad,
+        "dW of the analytic convolution rule (dS1 + 2 W dS2, the products fused), or None for the Python path");
 }

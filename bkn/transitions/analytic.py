@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..layers import _native
 from .state import Moments, Sample
 
 _SQRT2 = math.sqrt(2.0)
@@ -76,7 +77,10 @@ _VAR_FLOOR = 1e-20  # the variance a standard deviation is taken of, at least (a
 class _ReluMoments(torch.autograd.Function):
     """Mean and variance of ReLU(N(mu, s^2)), with the closed-form gradient as one autograd node.
 
-    Forward is the formula of :func:`relu_moments` op for op (so results are unchanged).
+    Forward is the formula of :func:`relu_moments` op for op (so results are unchanged); on
+    CPU float32/float64 the same operations run as one loop each way in
+    ``bkn/csrc/fused_norm.cpp`` (equal up to rounding: the C library's ``erf`` and ``exp``),
+    unless ``compiled=False``.
     Backward, with ``a = mu / s``, ``Phi, phi`` the normal cdf and pdf at ``a``, ``E`` the
     output mean and the output variance ``V = E2 - E^2`` (clamped at 0)::
 
@@ -92,7 +96,17 @@ class _ReluMoments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mean, var):
+    def forward(ctx, mean, var, compiled=True):
+        native = _native.load() if compiled else None
+        if native is not None:  # the same formula in one loop (bkn/csrc/fused_norm.cpp), if it takes these
+            m, v = mean.contiguous(), var.contiguous()  # a norm's output mean is its bias, expanded
+            out = native.relu_moments_forward(m, v)
+            if out:
+                first, out_var, std, cdf, pdf, raw = out
+                ctx.compiled = True
+                ctx.save_for_backward(m, v, std, cdf, pdf, first, raw)
+                return first, out_var
+        ctx.compiled = False
         std = var.clamp_min(_VAR_FLOOR).sqrt()
         a = mean / std
         cdf = 0.5 * (1 + torch.erf(a / _SQRT2))
@@ -107,12 +121,19 @@ class _ReluMoments(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_first, g_var):
         mean, var, std, cdf, pdf, first, raw = ctx.saved_tensors
+        native = _native.load() if ctx.compiled else None
+        if native is not None:  # (autograd hands zeros, not None, for an unused output)
+            grads = native.relu_moments_backward(
+                g_first.contiguous(), g_var.contiguous(), mean, var, std, cdf, pdf, first, raw
+            )
+            if grads:
+                return grads[0], grads[1], None
         g_var = g_var * (raw > 0)  # torch's clamp_min passes no gradient at the bound itself
         ds_dv = (var > _VAR_FLOOR) / (2 * std)
         d_second_d_mean = 2 * mean * cdf + std * pdf + var * pdf / std
         grad_mean = g_first * cdf + g_var * (d_second_d_mean - 2 * first * cdf)
         grad_var = (g_first - 2 * g_var * first) * pdf * ds_dv + g_var * cdf
-        return grad_mean, grad_var
+        return grad_mean, grad_var, None
 
 
 def clip_moments(mean: torch.Tensor, var: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,53 +159,151 @@ def clip_moments(mean: torch.Tensor, var: torch.Tensor, low: float, high: float)
     return first, (second - first * first).clamp_min(0)
 
 
-def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of ReLU(x), x ~ N(mean, var), elementwise (the rectified Gaussian)."""
-    return _ReluMoments.apply(mean, var)
+def relu_moments(mean: torch.Tensor, var: torch.Tensor, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ReLU(x), x ~ N(mean, var), elementwise (the rectified Gaussian).
+
+    ``compiled=False`` forces the Python implementation (the reference)."""
+    return _ReluMoments.apply(mean, var, compiled)
+
+
+def _tap_sums_values(weight: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_taps W, sum_taps W^2)``, (O, I) each, as plain values (no graph)."""
+    native = _native.load() if compiled else None
+    if native is not None:
+        out = native.tap_sums(weight)
+        if out:  # [] when the kernel does not take these tensors (CUDA, float16, a strided weight)
+            return out[0], out[1]
+    out_c, in_c = weight.shape[:2]
+    taps = weight[0, 0].numel()
+    if weight.is_contiguous():
+        # A matrix-vector product with ones: torch's reduction over an inner dimension of
+        # kh * kw = 9 elements runs at a fraction of the memory bandwidth a gemv reaches.
+        flat = weight.view(out_c * in_c, taps)
+        ones = torch.ones(taps, dtype=weight.dtype, device=weight.device)
+        return (flat @ ones).view(out_c, in_c), (flat.square() @ ones).view(out_c, in_c)
+    flat = weight.flatten(2)
+    return flat.sum(-1), flat.square().sum(-1)
+
+
+def _tap_sums_grad(weight: torch.Tensor, g_sum: torch.Tensor, g_sq: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """``g_sum + 2 W g_sq`` (``g_sum, g_sq`` of shape (O, I) broadcast over the taps).
+
+    The compiled kernel is not differentiable: with grad mode on (a backward with
+    create_graph) the addcmul runs, which autograd differentiates again.
+    """
+    native = _native.load() if compiled and not torch.is_grad_enabled() else None
+    if native is not None:
+        grad = native.tap_sums_backward(weight, g_sum.contiguous(), g_sq.contiguous())
+        if grad is not None:  # None when the kernel does not take these tensors
+            return grad
+    view = weight.shape[:2] + (1,) * (weight.dim() - 2)
+    return torch.addcmul(g_sum.reshape(view), weight, g_sq.reshape(view), value=2.0)
 
 
 class _TapSums(torch.autograd.Function):
     """``(sum_taps W, sum_taps W^2)`` of a convolution weight (O, I, *k), with a one-pass backward.
 
-    The gradient is ``g1 + 2 W g2`` (``g1, g2`` broadcast over the taps): one fused
-    ``addcmul`` over the weight instead of autograd's separate sum, square and product
-    backward (each a full pass over the weight, plus the accumulations between them).
-    Forward: the sums as matrix-vector products with ones (equal to ``sum`` up to the
-    order of additions).
-    The weight is the network's largest tensor the analytic transition touches, so this
-    is most of that transition's cost in a network step.
+    The gradient is ``g1 + 2 W g2`` (``g1, g2`` broadcast over the taps). The weight is the
+    network's largest tensor the analytic transition touches, so the passes over it are most
+    of that transition's cost in a network step; hence two implementations:
+
+    * compiled (``bkn/csrc/fused_norm.cpp``, CPU float32/float64, contiguous weight; used
+      when ``compiled`` and the extension is available): forward reads the weight once and
+      writes both sums; backward reads it once and writes ``dW``;
+    * Python (the reference, and the path everywhere else): the sums as matrix-vector
+      products with ones (a squared copy of the weight for the second; equal to ``sum`` up to
+      the order of additions), the gradient as one ``addcmul`` (the same formula; the
+      compiled kernel rounds ``2 W g2 + g1`` without a fused multiply-add).
     """
 
     @staticmethod
-    def forward(ctx, weight):
+    def forward(ctx, weight, compiled):
         ctx.save_for_backward(weight)
-        out_c, in_c = weight.shape[:2]
-        taps = weight[0, 0].numel()
-        if weight.is_contiguous():
-            # A matrix-vector product with ones: torch's reduction over an inner dimension of
-            # kh * kw = 9 elements runs at a fraction of the memory bandwidth a gemv reaches.
-            flat = weight.view(out_c * in_c, taps)
-            ones = torch.ones(taps, dtype=weight.dtype, device=weight.device)
-            return (flat @ ones).view(out_c, in_c), (flat.square() @ ones).view(out_c, in_c)
-        flat = weight.flatten(2)
-        return flat.sum(-1), flat.square().sum(-1)
+        ctx.compiled = compiled
+        return _tap_sums_values(weight, compiled)
 
     @staticmethod
     def backward(ctx, g_sum, g_sq):
         (weight,) = ctx.saved_tensors
-        view = weight.shape[:2] + (1,) * (weight.dim() - 2)
+        if g_sq is None:
+            view = weight.shape[:2] + (1,) * (weight.dim() - 2)
+            return g_sum.reshape(view).expand_as(weight).clone(), None
         if g_sum is None:
             g_sum = torch.zeros_like(g_sq)
-        if g_sq is None:
-            return g_sum.reshape(view).expand_as(weight).clone()
-        return torch.addcmul(g_sum.reshape(view), weight, g_sq.reshape(view), value=2.0)
+        return _tap_sums_grad(weight, g_sum, g_sq, ctx.compiled), None
 
 
-def tap_sums(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight.sum(taps), weight.square().sum(taps))`` for a (O, I, *kernel) convolution weight."""
+def tap_sums(weight: torch.Tensor, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight.sum(taps), weight.square().sum(taps))`` for a (O, I, *kernel) convolution weight.
+
+    ``compiled=False`` forces the Python implementation (the reference the compiled one is tested against).
+    """
     if weight.dim() == 2:
         return weight, weight.square()
-    return _TapSums.apply(weight)
+    return _TapSums.apply(weight, compiled)
+
+
+class _ConvMoments(torch.autograd.Function):
+    """The convolution rule for one group, ``(mean @ S1^T, var @ S2^T)`` with ``S1, S2`` the tap
+    sums of ``W`` (O, I, *k) and ``mean, var`` of shape (G, I), as one autograd node.
+
+    Backward (``g_mean, g_var`` of shape (G, O))::
+
+        d mean = g_mean @ S1        d var = g_var @ S2
+        dW = dS1 + 2 W dS2          dS1 = g_mean^T @ mean,  dS2 = g_var^T @ var  (broadcast over the taps)
+
+    Compiled (``conv_moments_weight_grad``, up to 16 groups): ``dS1, dS2`` formed an output
+    channel at a time inside the one pass over the weight, so the (O, I) products never go
+    to memory; else two matrix products and the tap sums' gradient. This replaces the tap
+    sums' node and two matrix products' nodes (with their transposes) per convolution.
+    A backward with create_graph runs the rule as differentiable tensor ops (``S1, S2``
+    recomputed from ``W``), so a double backward is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, mean, var, compiled):
+        s1, s2 = _tap_sums_values(weight, compiled)
+        ctx.compiled = compiled
+        ctx.save_for_backward(weight, mean, var, s1, s2)
+        return mean @ s1.t(), var @ s2.t()
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var):
+        weight, mean, var, s1, s2 = ctx.saved_tensors
+        if g_mean is None:
+            g_mean = torch.zeros(mean.shape[0], weight.shape[0], dtype=mean.dtype, device=mean.device)
+        if g_var is None:
+            g_var = torch.zeros(var.shape[0], weight.shape[0], dtype=var.dtype, device=var.device)
+        if torch.is_grad_enabled():  # create_graph: every step differentiable
+            s1, s2 = tap_sums(weight, compiled=False)
+            grad_w = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False)
+            return grad_w, g_mean @ s1, g_var @ s2, None
+        grad_w = grad_mean = grad_var = None
+        if ctx.needs_input_grad[1]:
+            grad_mean = g_mean @ s1
+        if ctx.needs_input_grad[2]:
+            grad_var = g_var @ s2
+        if ctx.needs_input_grad[0]:
+            native = _native.load() if ctx.compiled else None
+            if native is not None:
+                grad_w = native.conv_moments_weight_grad(
+                    weight, g_mean.contiguous(), mean.contiguous(), g_var.contiguous(), var.contiguous()
+                )
+            if grad_w is None:  # not compiled, or not taken (None): the products, then one pass
+                grad_w = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, ctx.compiled)
+        return grad_w, grad_mean, grad_var, None
+
+
+def conv_moments(
+    weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, compiled: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean @ sum_taps(W)^T, var @ sum_taps(W^2)^T)`` for a one-group (O, I, *kernel) weight and (G, I) moments.
+
+    ``compiled=False`` forces the Python implementation (the reference).
+    """
+    if weight.dim() == 2:
+        return mean @ weight.t(), var @ weight.square().t()
+    return _ConvMoments.apply(weight, mean, var, compiled)
 
 
 _PROPAGATED = (
@@ -267,12 +386,12 @@ class Analytic:
             raise Unsupported("transposed convolution")
         w = conv.weight.to(state.mean.dtype)
         taps = tuple(range(2, w.dim()))
-        w_sum, w2_sum = tap_sums(w)  # (O, I / groups)
         groups, batch = conv.groups, state.mean.shape[0]
-        out_c, in_per = w_sum.shape
-        if groups == 1:  # one matrix product each (einsum would reshape and copy around a batched one)
-            mean, var = state.mean @ w_sum.t(), state.var @ w2_sum.t()
+        if groups == 1:  # one node: the tap sums and a matrix product each (see _ConvMoments)
+            mean, var = conv_moments(w, state.mean, state.var)
         else:
+            w_sum, w2_sum = tap_sums(w)  # (O, I / groups)
+            out_c, in_per = w_sum.shape
             mean_in = state.mean.reshape(batch, groups, in_per)
             var_in = state.var.reshape(batch, groups, in_per)
             w_sum = w_sum.reshape(groups, out_c // groups, in_per)
