@@ -232,3 +232,17 @@ def test_jobs_give_the_rows_of_one_process_and_the_tables_per_network(tmp_path, 
 
 def test_registry_gn_about_says_the_rule():
     assert "4 channels per group" in registry.get("gn").about
+
+
+def test_resnet1d_is_the_cifar_resnet_on_one_axis_and_reports_its_priors():
+    """One network definition for both (spatial_dims); the 1-D one's priors show in bkn.prior_report."""
+    import bkn
+    from bkn.models import CifarResNet, resnet1d
+
+    model = resnet1d(8, "bkn", transition="analytic", group_size=2)
+    assert isinstance(model, CifarResNet) and model.spatial_dims == 1
+    assert bkn.prior_report(model)[0]["last"] != "prior used"  # nothing ran yet
+    model(torch.randn(8, 1, 40))
+    rows = bkn.prior_report(model)
+    assert [r["layer"] for r in rows][0] == "norm0" and len(rows) == 7
+    assert [r["last"] == "prior used" for r in rows] == [False] + [True] * 6

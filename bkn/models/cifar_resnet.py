@@ -48,23 +48,30 @@ def _carry(prior) -> Moments | None:
     return None if prior is None else Moments(prior[0], prior[1])
 
 
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+# The 1-D network (bkn.models.resnet1d) pools sequences of any length, the 2-D one as the official code.
+_POOL = {1: lambda: nn.AvgPool1d(2, ceil_mode=True), 2: lambda: nn.AvgPool2d(2), 3: lambda: nn.AvgPool3d(2)}
+
+
 class _Block(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, first: bool, make_norm):
+    def __init__(self, in_channels: int, out_channels: int, first: bool, make_norm, spatial_dims: int = 2):
         super().__init__()
         self.first = first
         self.increase = out_channels != in_channels
+        self.spatial_dims = spatial_dims
+        conv = _CONV[spatial_dims]
         self.norm_pre = None if first else make_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 2 if self.increase else 1, 1, bias=False)
+        self.conv1 = conv(in_channels, out_channels, 3, 2 if self.increase else 1, 1, bias=False)
         self.norm1 = make_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.conv2 = conv(out_channels, out_channels, 3, 1, 1, bias=False)
         self.relu = nn.ReLU()
-        self.pool = nn.AvgPool2d(2) if self.increase else None
+        self.pool = _POOL[spatial_dims]() if self.increase else None
 
     def _shortcut(self, l: torch.Tensor) -> torch.Tensor:
         if not self.increase:
             return l
         pad = l.shape[1] // 2
-        return nn.functional.pad(self.pool(l), (0, 0, 0, 0, pad, pad))
+        return nn.functional.pad(self.pool(l), (0, 0) * self.spatial_dims + (pad, pad))
 
     def forward(
         self, l: torch.Tensor, carried: Moments | None, source, chain
@@ -84,7 +91,7 @@ class _Block(nn.Module):
             start = chain.block_input(carried, source, l) if self.first else carried
             if start is not None and m3 is not None:
                 if self.increase:
-                    start = chain.pool_pad(start, self.pool, l.shape[1] // 2)
+                    start = chain.pool_pad(start, 2**self.spatial_dims, l.shape[1] // 2)
                 out_stats = start + m3
         return c2 + self._shortcut(l), out_stats, self.norm1
 
@@ -121,9 +128,10 @@ class _Chain:
             return Moments(*self.t.to_prior(self.t.relu(self.t.after_norm(source, tuple(l.shape[2:])))))
         return Moments(*source.posterior)  # official: norm0's pre-normalization posterior
 
-    def pool_pad(self, stats: Moments, pool: nn.AvgPool2d, pad: int) -> Moments:
+    def pool_pad(self, stats: Moments, positions: int, pad: int) -> Moments:
+        """The down-sampling shortcut: an average of ``positions`` (2x2: 4), then zero channel padding."""
         if self.analytic:
-            stats = Moments(stats.mean, stats.var / 4)  # analytic: 2x2 average of independent positions
+            stats = Moments(stats.mean, stats.var / positions)  # analytic: an average of independent positions
         return stats.pad_channels(pad, pad)
 
 
@@ -135,6 +143,7 @@ class CifarResNet(nn.Module):
         norm: a name of :func:`bkn.norms.names`; ``norm_options`` go to ``bkn.norms.create``
             (for ``bkn``: ``p``, ``gain``, ``transition``, ``draws``, ``group_size``...).
         num_classes, in_channels, width: classifier size, input channels, first stage width.
+        spatial_dims: 2 (images); 1 builds the same network on sequences (:class:`bkn.models.PreActResNet1d`).
     """
 
     def __init__(
@@ -144,20 +153,25 @@ class CifarResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         width: int = 16,
+        spatial_dims: int = 2,
         **norm_options,
     ):
         super().__init__()
         if blocks_per_stage < 1:
             raise ValueError(f"CifarResNet: blocks_per_stage must be >= 1, got {blocks_per_stage}")
+        if spatial_dims not in _CONV:
+            raise ValueError(f"CifarResNet: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
         self.norm_name = norm
-        make_norm = lambda c: norms.create(norm, c, **norm_options)  # noqa: E731
-        self.conv0 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.spatial_dims = spatial_dims
+        make_norm = lambda c: norms.create(norm, c, spatial_dims=spatial_dims, **norm_options)  # noqa: E731
+        self.conv0 = _CONV[spatial_dims](in_channels, width, 3, 1, 1, bias=False)
         self.norm0 = make_norm(width)
         blocks, channels = [], width
         for stage in range(3):
             out = width * 2**stage
             for k in range(blocks_per_stage):
-                blocks.append(_Block(channels, out, first=(stage == 0 and k == 0), make_norm=make_norm))
+                first = stage == 0 and k == 0
+                blocks.append(_Block(channels, out, first, make_norm, spatial_dims))
                 channels = out
         self.blocks = nn.ModuleList(blocks)
         self.norm_last = make_norm(channels)
@@ -166,7 +180,7 @@ class CifarResNet(nn.Module):
         self.transition = norm_options.get("transition", "official") if norm == "bkn" else None
         self.draws = norm_options.get("draws", 1) if norm == "bkn" else 1
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # variance_scaling(2.0, fan_out) as the official script
+            if isinstance(m, nn.modules.conv._ConvNd):  # variance_scaling(2.0, fan_out) as the official script
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def norm_layers(self) -> list[nn.Module]:
@@ -221,7 +235,7 @@ class CifarResNet(nn.Module):
         l = _Block._norm(self.norm_last, l, carried if chain else None)
         if chain is not None:  # for prior_report: what this training forward did
             self.__dict__["_prior_last"] = [layer.prior_used for layer in self.norm_layers()]
-        l = self.relu(l).mean((2, 3))
+        l = self.relu(l).mean(tuple(range(2, 2 + self.spatial_dims)))
         return self.fc(l)
 
 
