@@ -8,10 +8,10 @@ from bkn import methods
 
 from .decode import decode_input
 from .layer import check_runnable
-from .matrix import SEED, check_pruned, reraise_unsupported, skip
+from .matrix import SEED, check_pruned, skip
 from .prior import KalmanPrior, link_module
 from .process import configure_threads
-from .timing import synchronize
+from .timing import warm_up_runs
 
 
 class BlockCase:
@@ -86,9 +86,4 @@ class BlockCase:
 
     def warm_up(self, what: str) -> None:
         """Run twice before timing (allocator, kernel selection); unsupported kernels skip."""
-        try:
-            for _ in range(2):
-                self.forward_backward()
-            synchronize(self.device)
-        except RuntimeError as err:
-            reraise_unsupported(err, what)
+        warm_up_runs(self.forward_backward, self.device, what)

@@ -10,10 +10,10 @@ from bkn import methods
 from bkn.methods import Method
 
 from .decode import decode_input
-from .matrix import SEED, check_pruned, reraise_unsupported, skip
+from .matrix import SEED, check_pruned, skip
 from .prior import GivenPrior
 from .process import configure_threads
-from .timing import synchronize
+from .timing import warm_up_runs
 
 
 def check_runnable(method: Method, group_size: int, shape: tuple[int, ...], training: bool) -> None:
@@ -103,9 +103,4 @@ class LayerCase:
 
     def warm_up(self, fn, what: str) -> None:
         """Run ``fn`` twice before timing (allocator, kernel selection); unsupported kernels skip."""
-        try:
-            for _ in range(2):
-                fn()
-            synchronize(self.device)
-        except RuntimeError as err:
-            reraise_unsupported(err, what)
+        warm_up_runs(fn, self.device, what)

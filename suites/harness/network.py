@@ -9,9 +9,9 @@ from bkn import methods
 from bkn.models import cifar_resnet
 
 from .decode import decode_input
-from .matrix import SEED, check_network_pruned, reraise_unsupported, skip
+from .matrix import SEED, check_network_pruned, skip
 from .process import configure_threads
-from .timing import synchronize
+from .timing import warm_up_runs
 
 
 def cifar_resnet20(method: methods.Method, group_size: int | None = None) -> nn.Module:
@@ -70,11 +70,7 @@ class NetworkCase:
 
     def warm_up(self, what: str) -> None:
         try:
-            for _ in range(2):
-                self.step()
-            synchronize(self.device)
-        except RuntimeError as err:
-            reraise_unsupported(err, what)
+            warm_up_runs(self.step, self.device, what)
         except ValueError as err:  # BN/BRN with one value per channel somewhere in the network
             if "value per channel" in str(err) or "more than 1 value" in str(err):
                 skip(f"{what}: {err}")

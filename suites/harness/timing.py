@@ -48,6 +48,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warm_up_runs(fn, device: torch.device, what: str) -> None:
+    """Run ``fn`` twice before timing (allocator, kernel selection); a kernel missing for this
+    dtype/device skips the case (:func:`~suites.harness.matrix.reraise_unsupported`)."""
+    from .matrix import reraise_unsupported
+
+    try:
+        for _ in range(2):
+            fn()
+        synchronize(device)
+    except RuntimeError as err:
+        reraise_unsupported(err, what)
+
+
 class Matrix:
     """Base of the benchmark classes: asv timing settings shared by every family.
 
