@@ -80,18 +80,7 @@ QUICK = {
     "epochs": 10,
 }
 # Several workers: SyncBN joins the methods; the quick grid compares BN, SyncBN and BKN at a per-worker group of 2.
-WORKER_METHODS = (
-    "bn",
-    "syncbn",
-    "bkn-official",
-    "bkn-official-adaptive",
-    "bkn-analytic",
-    "bkn-analytic-adaptive",
-    "brn",
-    "brn-scheduled",
-    "gn",
-    "ln",
-)
+WORKER_METHODS = ("bn", "syncbn", *DEFAULT_METHODS[1:])  # syncbn in legend order, right after bn
 QUICK_WORKERS = {
     "methods": ("bn", "syncbn", "bkn-official"),
     "group_sizes": (2,),
