@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from drift_fixtures import synthetic_rows
 from torch import nn
 
 from bkn.data import digits_dataset
-from bkn.probes.drift import Probe, ProbeConfig, units
+from bkn.probes.drift import units
 from bkn.probes.drift.progress import Progress
 from bkn.stats import population_statistics
 from bkn.stats.metrics import decompose, signed_errors
@@ -90,17 +92,7 @@ def test_residual_chain_floor_against_direct_formulas():
         chain.floor(0)
 
 
-def _synthetic(names, group_sizes, seeds=(0,), steps=16, burn_in=2, modes=("in-network",)) -> pd.DataFrame:
-    config = ProbeConfig(
-        setups=[("synthetic", "residual-chain")],
-        modes=list(modes),
-        methods=list(names),
-        group_sizes=list(group_sizes),
-        seeds=list(seeds),
-        steps=steps,
-        burn_in=burn_in,
-    )
-    return pd.DataFrame(Probe(config).run())
+_synthetic = functools.partial(synthetic_rows, steps=16, burn_in=2)  # more steps: the floor test's tolerance
 
 
 def test_no_method_beats_the_floor_and_bn_reaches_it_only_at_the_input_layer():

@@ -8,29 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from drift_fixtures import synthetic_rows
 from torch import nn
 
 from bkn.data import Dataset, load_photos
-from bkn.probes.drift import Probe, ProbeConfig, check_network, methods, setups
+from bkn.probes.drift import Probe, check_network, methods, setups
 from bkn.probes.drift.__main__ import main
 from bkn.probes.drift.sweep import check_group_sizes
 from bkn.results import DRIFT
 from bkn.stats import METRICS, STATISTICS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _synthetic(names, group_sizes, seeds=(0,), steps=10, burn_in=1, modes=("in-network",)) -> pd.DataFrame:
-    config = ProbeConfig(
-        setups=[("synthetic", "residual-chain")],
-        modes=list(modes),
-        methods=list(names),
-        group_sizes=list(group_sizes),
-        seeds=list(seeds),
-        steps=steps,
-        burn_in=burn_in,
-    )
-    return pd.DataFrame(Probe(config).run())
 
 
 def _value(frame, **where) -> pd.Series:
@@ -45,7 +33,7 @@ DECOMPOSED = {f"{p}_{k}" for p in ("mean", "var") for k in ("rmse", "bias", "noi
 
 
 def test_probe_rows_cover_every_method_layer_metric_and_statistic():
-    frame = _synthetic(
+    frame = synthetic_rows(
         ["bn", "bkn-official", "bkn-analytic-adaptive", "brn", "gn", "ln", "bn-ema", "brn-ema", "floor"],
         [2, 4],
         steps=2,
@@ -96,8 +84,8 @@ def test_probe_rows_cover_every_method_layer_metric_and_statistic():
 
 
 def test_same_seed_same_results_and_methods_share_micro_batches():
-    a = _synthetic(["bn", "bkn-official"], [2], steps=2, burn_in=2)
-    b = _synthetic(["bkn-official", "bn"], [2], steps=2, burn_in=2)
+    a = synthetic_rows(["bn", "bkn-official"], [2], steps=2, burn_in=2)
+    b = synthetic_rows(["bkn-official", "bn"], [2], steps=2, burn_in=2)
     key = ["method", "mode", "group_size", "layer", "metric", "statistic", "seed"]
     pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True))
     # depth 0 has no prior: BKN is BN there, on the same micro-batches -> identical values
