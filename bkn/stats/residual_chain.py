@@ -59,7 +59,7 @@ from torch import nn
 from .. import norms, transitions
 from ..layers import _BatchKalmanNorm
 from .layer_kinds import is_batch_norm, is_per_sample_norm
-from .synthetic import _grouped
+from .synthetic import record_norm_input
 
 
 class ResidualChainNet(nn.Module):
@@ -190,11 +190,7 @@ class ResidualGaussianChain:
         for k, (layer, conv) in enumerate(model.blocks()):
             if not (is_batch_norm(layer) or is_per_sample_norm(layer)):
                 raise ValueError(f"ResidualGaussianChain: norm{k} is a {type(layer).__name__}, not a norm")
-            m, v = mean.copy(), np.diag(cov).copy()
-            if is_per_sample_norm(layer):
-                m, v = _grouped(layer, m, v)
-            if is_batch_norm(layer) or per_sample:
-                out[f"norm{k}"] = (torch.from_numpy(m), torch.from_numpy(v))
+            m, v = record_norm_input(out, f"norm{k}", layer, mean, cov, per_sample)
             gamma = layer.weight.detach().double().numpy() if layer.weight is not None else np.ones_like(m)
             beta = layer.bias.detach().double().numpy() if layer.bias is not None else np.zeros_like(m)
             w = conv.weight.detach().double().numpy()[:, :, 0, 0]

@@ -126,11 +126,7 @@ class LinearGaussianChain:
                 mean = w @ mean + (module.bias.detach().double().numpy() if module.bias is not None else 0.0)
                 cov = w @ cov @ w.T
             elif is_batch_norm(module) or is_per_sample_norm(module):
-                m, v = mean.copy(), np.diag(cov).copy()
-                if is_per_sample_norm(module):
-                    m, v = _grouped(module, m, v)
-                if is_batch_norm(module) or per_sample:
-                    out[name] = (torch.from_numpy(m), torch.from_numpy(v))
+                m, v = record_norm_input(out, name, module, mean, cov, per_sample)
                 gamma = module.weight.detach().double().numpy() if module.weight is not None else 1.0
                 beta = module.bias.detach().double().numpy() if module.bias is not None else 0.0
                 scale = gamma / np.sqrt(v + module.eps)
@@ -142,6 +138,17 @@ class LinearGaussianChain:
                     f"({type(module).__name__}); expected 1x1 convolutions and norms"
                 )
         return out
+
+
+def record_norm_input(out: dict, name: str, module: nn.Module, mean, cov, per_sample: bool):
+    """A norm's input moments ``(m, v)`` from the closed-form ``(mean, cov)`` (pooled over its groups for a
+    per-sample norm), stored in ``out[name]`` as tensors unless a per-sample norm is left out; returns them."""
+    m, v = mean.copy(), np.diag(cov).copy()
+    if is_per_sample_norm(module):
+        m, v = _grouped(module, m, v)
+    if is_batch_norm(module) or per_sample:
+        out[name] = (torch.from_numpy(m), torch.from_numpy(v))
+    return m, v
 
 
 def _grouped(module: nn.Module, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
