@@ -18,7 +18,8 @@ from torch import nn
 
 import bkn
 from bkn.transitions import Analytic, Moments, MonteCarlo
-from bkn.transitions.analytic import conv_moments, relu_moments, tap_sums
+from bkn.transitions.analytic import conv_moments, norm_relu_moments, relu_moments, tap_sums
+from bkn.transitions.state import NormOutput
 
 
 def _relu_moments_direct(mean, var):
@@ -213,6 +214,54 @@ def test_compiled_relu_moments_take_an_expanded_mean_and_gradcheck():
     python = relu_moments(bias.expand(3, 6), var, compiled=False)
     for a, b in zip(fast, python):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _norm_relu_direct(var, weight, bias, eps):
+    """ReLU moments of a norm's affine output, every step a tensor op (what autograd differentiates)."""
+    out_var = weight.square() * (var / (var + eps))
+    return _relu_moments_direct(bias.expand_as(var), out_var)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.integers(1, 5),
+    channels=st.integers(1, 9),
+    eps=st.sampled_from([1e-5, 1e-3, 0.5]),
+    compiled=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_norm_relu_moments_equal_the_separate_ops(seed, groups, channels, eps, compiled, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    var = (0.01 + 3 * torch.rand(groups, channels, generator=gen, dtype=dtype)).requires_grad_()
+    weight = torch.randn(channels, generator=gen, dtype=dtype).requires_grad_()
+    bias = torch.randn(channels, generator=gen, dtype=dtype).requires_grad_()
+    g = torch.randn(2, groups, channels, generator=gen, dtype=dtype)
+    fused = norm_relu_moments(NormOutput(var, weight, bias, eps), compiled=compiled)
+    direct = _norm_relu_direct(var, weight, bias, eps)
+    tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-11}
+    grads = [
+        torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, g)), (var, weight, bias)) for out in (fused, direct)
+    ]
+    for a, b in zip((*fused, *grads[0]), (*direct, *grads[1])):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_norm_relu_moments_gradcheck_and_the_lazy_moments(compiled):
+    gen = torch.Generator().manual_seed(2)
+    var = (0.1 + torch.rand(3, 4, generator=gen, dtype=torch.float64)).requires_grad_()
+    weight = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
+    fn = lambda v, w, b: norm_relu_moments(NormOutput(v, w, b, 1e-3), compiled=compiled)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (var, weight, bias))
+    state = NormOutput(var, weight, bias, 1e-3, (5, 5))  # read as plain moments (e.g. by a conv): formed on use
+    torch.testing.assert_close(state.mean, bias.expand(3, 4))
+    torch.testing.assert_close(state.var, weight.square() * var / (var + 1e-3))
+    assert state.channels == 4 and state.spatial == (5, 5)
+    # Analytic.relu takes the one-node path for a norm's output and the plain rule otherwise: same numbers.
+    plain = Moments(state.mean, state.var, state.spatial)
+    for a, b in zip((Analytic().relu(state).mean, Analytic().relu(state).var), relu_moments(plain.mean, plain.var)):
+        torch.testing.assert_close(a, b)
 
 
 def _conv_moments_direct(w, mean, var):

@@ -913,6 +913,170 @@ Tensor conv_moments_weight_grad(const Tensor& w, const Tensor& g_mean, const Ten
                                     [&] { return conv_moments_weight_grad_impl<scalar_t>(w, g_mean, mean, g_var, var); });
 }
 
+// The whole convolution rule in one pass over the weight each way (float32/float64, CPU,
+// up to MAX_FUSED_GROUPS groups): no (O, I) product goes to memory and no matrix product
+// is dispatched:
+//   forward:  for each output channel o, the tap sums S1[o], S2[o] of W[o] (I values each,
+//             as tap_sums computes them; written out for the backward, 2/K of the weight's
+//             size), then mean_out[g, o] = S1[o, :] . mean[g, :] and
+//             var_out[g, o] = S2[o, :] . var[g, :] for every group g from cache;
+//   backward: for each o, dW[o] as conv_moments_weight_grad does and
+//             d mean[g, :] += g_mean[g, o] S1[o, :], d var likewise.
+// The backward's input gradients are sums over o: each block of BLOCK output channels adds
+// into its own (G, I) buffers, summed in block order at the end, so that results do not
+// depend on the number of threads.
+constexpr int64_t CONV_MOMENTS_BLOCK = 16;
+
+template <typename T>
+void tap_sums_of_rows(const T* pw, T* s1, T* s2, int64_t rows, int64_t K) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (K == 9) return tap_sums_rows9(pw, s1, s2, 0, rows);
+  }
+#endif
+  tap_sums_rows<T>(pw, s1, s2, 0, rows, K);
+}
+
+template <typename T>
+std::vector<Tensor> conv_moments_forward_impl(const Tensor& w, const Tensor& m, const Tensor& v) {
+  const int64_t O = w.size(0), I = w.size(1), G = m.size(0), K = O * I ? w.numel() / (O * I) : 0;
+  Tensor mo = at::empty({G, O}, m.options()), vo = at::empty({G, O}, m.options());
+  Tensor s1 = at::empty({O, I}, w.options()), s2 = at::empty({O, I}, w.options());
+  const T *pw = w.data_ptr<T>(), *pm = m.data_ptr<T>(), *pv = v.data_ptr<T>();
+  T *pmo = mo.data_ptr<T>(), *pvo = vo.data_ptr<T>(), *ps1 = s1.data_ptr<T>(), *ps2 = s2.data_ptr<T>();
+  at::parallel_for(0, O, std::max<int64_t>(1, 4096 / std::max<int64_t>(I * K, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const T *a = ps1 + o * I, *b = ps2 + o * I;
+      tap_sums_of_rows<T>(pw + o * I * K, ps1 + o * I, ps2 + o * I, I, K);
+      for (int64_t g = 0; g < G; ++g) {
+        const T *rm = pm + g * I, *rv = pv + g * I;
+        T dm = 0, dv = 0;
+#pragma omp simd reduction(+ : dm, dv)
+        for (int64_t i = 0; i < I; ++i) {
+          dm += a[i] * rm[i];
+          dv += b[i] * rv[i];
+        }
+        pmo[g * O + o] = dm;
+        pvo[g * O + o] = dv;
+      }
+    }
+  });
+  return {mo, vo, s1, s2};
+}
+
+template <typename T>
+std::vector<Tensor> conv_moments_backward_impl(const Tensor& w, const Tensor& gm, const Tensor& m, const Tensor& gv,
+                                               const Tensor& v, const Tensor& s1, const Tensor& s2, bool weight_grad,
+                                               bool input_grads) {
+  const int64_t O = w.size(0), I = w.size(1), G = m.size(0), K = O * I ? w.numel() / (O * I) : 0;
+  const int64_t blocks = (O + CONV_MOMENTS_BLOCK - 1) / CONV_MOMENTS_BLOCK;
+  Tensor dw = weight_grad ? at::empty_like(w, at::MemoryFormat::Contiguous) : Tensor();
+  // Per block: d mean (G, I) then d var (G, I).
+  std::vector<T> partial(input_grads ? static_cast<size_t>(blocks * 2 * G * I) : 0, T(0));
+  const T *pw = w.data_ptr<T>(), *pgm = gm.data_ptr<T>(), *pm = m.data_ptr<T>(), *pgv = gv.data_ptr<T>(),
+          *pv = v.data_ptr<T>(), *ps1 = s1.data_ptr<T>(), *ps2 = s2.data_ptr<T>();
+  T* pd = weight_grad ? dw.data_ptr<T>() : nullptr;
+  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<T> a(static_cast<size_t>(I)), b(static_cast<size_t>(I));
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      T* acc_m = input_grads ? partial.data() + blk * 2 * G * I : nullptr;
+      T* acc_v = input_grads ? acc_m + G * I : nullptr;
+      for (int64_t o = blk * CONV_MOMENTS_BLOCK; o < std::min(O, (blk + 1) * CONV_MOMENTS_BLOCK); ++o) {
+        const T* row = pw + o * I * K;
+        if (input_grads) {
+          for (int64_t g = 0; g < G; ++g) {
+            const T cm = pgm[g * O + o], cv = pgv[g * O + o];
+            T *am = acc_m + g * I, *av = acc_v + g * I;
+            const T *p1 = ps1 + o * I, *p2 = ps2 + o * I;
+#pragma omp simd
+            for (int64_t i = 0; i < I; ++i) {
+              am[i] += cm * p1[i];
+              av[i] += cv * p2[i];
+            }
+          }
+        }
+        if (!weight_grad) continue;
+        // a = sum_g g_mean[g, o] mean[g, :], b likewise (as conv_moments_weight_grad), then dW[o].
+        T *pa = a.data(), *pb = b.data();
+        std::fill(a.begin(), a.end(), T(0));
+        std::fill(b.begin(), b.end(), T(0));
+        for (int64_t g = 0; g < G; ++g) {
+          const T cm = pgm[g * O + o], cv = pgv[g * O + o];
+          const T *rm = pm + g * I, *rv = pv + g * I;
+#pragma omp simd
+          for (int64_t i = 0; i < I; ++i) {
+            pa[i] += cm * rm[i];
+            pb[i] += cv * rv[i];
+          }
+        }
+#if defined(__SSE2__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (K == 9) {
+            tap_grad_rows9(row, pa, pb, pd + o * I * K, 0, I);
+            continue;
+          }
+        }
+#endif
+        tap_grad_rows<T>(row, pa, pb, pd + o * I * K, 0, I, K);
+      }
+    }
+  });
+  Tensor d_mean, d_var;
+  if (input_grads) {  // the blocks' partial sums, in block order
+    d_mean = at::zeros({G, I}, m.options());
+    d_var = at::zeros({G, I}, m.options());
+    T *dm = d_mean.data_ptr<T>(), *dv = d_var.data_ptr<T>();
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const T *am = partial.data() + blk * 2 * G * I, *av = am + G * I;
+      for (int64_t j = 0; j < G * I; ++j) {
+        dm[j] += am[j];
+        dv[j] += av[j];
+      }
+    }
+  }
+  return {dw, d_mean, d_var};
+}
+
+// Whether the fused convolution rule takes these tensors: CPU, float32/float64 of one dtype,
+// contiguous, a (O, I, *k) weight and (G, cols) matrices with 1 <= G <= MAX_FUSED_GROUPS.
+bool conv_moments_takes(const Tensor& w, std::initializer_list<std::pair<const Tensor*, int64_t>> parts) {
+  if (w.device().type() != at::kCPU || !w.is_contiguous() || w.dim() < 3) return false;
+  if (w.scalar_type() != at::kFloat && w.scalar_type() != at::kDouble) return false;
+  const int64_t G = parts.begin()->first->dim() == 2 ? parts.begin()->first->size(0) : -1;
+  if (G < 1 || G > MAX_FUSED_GROUPS) return false;
+  for (const auto& [t, cols] : parts) {
+    if (t->device().type() != at::kCPU || t->scalar_type() != w.scalar_type() || !t->is_contiguous()) return false;
+    if (t->dim() != 2 || t->size(0) != G || t->size(1) != cols) return false;
+  }
+  return true;
+}
+
+// (mean @ S1^T, var @ S2^T, S1, S2), or [] for the Python path.
+std::vector<Tensor> conv_moments_forward(const Tensor& w, const Tensor& mean, const Tensor& var) {
+  if (!conv_moments_takes(w, {{&mean, w.size(1)}, {&var, w.size(1)}})) return {};
+  at::NoGradGuard no_grad;
+  return AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "conv_moments_forward",
+                                    [&] { return conv_moments_forward_impl<scalar_t>(w, mean, var); });
+}
+
+// (dW or undefined, d mean, d var) from the forward's S1, S2, or [] for the Python path;
+// weight_grad=false leaves dW undefined, input_grads=false the last two.
+std::vector<Tensor> conv_moments_backward(const Tensor& w, const Tensor& g_mean, const Tensor& mean,
+                                          const Tensor& g_var, const Tensor& var, const Tensor& s1,
+                                          const Tensor& s2, bool weight_grad, bool input_grads) {
+  const int64_t O = w.dim() >= 2 ? w.size(0) : -1, I = w.dim() >= 2 ? w.size(1) : -1;
+  if (!conv_moments_takes(w, {{&mean, I}, {&g_mean, O}, {&var, I}, {&g_var, O}})) return {};
+  for (const Tensor* s : {&s1, &s2}) {
+    if (s->scalar_type() != w.scalar_type() || !s->is_contiguous() || s->dim() != 2 || s->size(0) != O ||
+        s->size(1) != I || s->device().type() != at::kCPU)
+      return {};
+  }
+  at::NoGradGuard no_grad;
+  return AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "conv_moments_backward", [&] {
+    return conv_moments_backward_impl<scalar_t>(w, g_mean, mean, g_var, var, s1, s2, weight_grad, input_grads);
+  });
+}
+
 // -- the analytic transition's ReLU moments (bkn/transitions/analytic.py, _ReluMoments) -----------
 //
 // The rectified-Gaussian formula and its closed-form backward, elementwise over the (G, C)
@@ -1004,6 +1168,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_moments_forward", &relu_moments_forward,
         "ReLU moments: (first, var, std, cdf, pdf, raw), or [] for the Python path");
   m.def("relu_moments_backward", &relu_moments_backward, "ReLU moments' backward, or [] for the Python path");
+  m.def("conv_moments_forward", &conv_moments_forward,
+        "the analytic convolution rule (mean @ S1^T, var @ S2^T) in one pass, or [] for the Python path");
+  m.def("conv_moments_backward", &conv_moments_backward,
+        "its backward (dW, d mean, d var) in one pass over the weight, or [] for the Python path");
   m.def("conv_moments_weight_grad", &conv_moments_weight_grad,
         "dW of the analytic convolution rule (dS1 + 2 W dS2, the products fused), or None for the Python path");
 }

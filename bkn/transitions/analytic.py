@@ -30,7 +30,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..layers import _native
-from .state import Moments, Sample
+from .state import Moments, NormOutput, Sample
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -97,43 +97,96 @@ class _ReluMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean, var, compiled=True):
-        native = _native.load() if compiled else None
-        if native is not None:  # the same formula in one loop (bkn/csrc/fused_norm.cpp), if it takes these
-            m, v = mean.contiguous(), var.contiguous()  # a norm's output mean is its bias, expanded
-            out = native.relu_moments_forward(m, v)
-            if out:
-                first, out_var, std, cdf, pdf, raw = out
-                ctx.compiled = True
-                ctx.save_for_backward(m, v, std, cdf, pdf, first, raw)
-                return first, out_var
-        ctx.compiled = False
-        std = var.clamp_min(_VAR_FLOOR).sqrt()
-        a = mean / std
-        cdf = 0.5 * (1 + torch.erf(a / _SQRT2))
-        pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-        first = mean * cdf + std * pdf
-        second = (mean * mean + var) * cdf + mean * std * pdf
-        raw = second - first * first
-        ctx.save_for_backward(mean, var, std, cdf, pdf, first, raw)
-        return first, raw.clamp_min(0)
+        first, out_var, saved, ctx.compiled = _relu_moments_forward(mean, var, compiled)
+        ctx.save_for_backward(*saved)
+        return first, out_var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_first, g_var):
-        mean, var, std, cdf, pdf, first, raw = ctx.saved_tensors
-        native = _native.load() if ctx.compiled else None
-        if native is not None:  # (autograd hands zeros, not None, for an unused output)
-            grads = native.relu_moments_backward(
-                g_first.contiguous(), g_var.contiguous(), mean, var, std, cdf, pdf, first, raw
-            )
-            if grads:
-                return grads[0], grads[1], None
-        g_var = g_var * (raw > 0)  # torch's clamp_min passes no gradient at the bound itself
-        ds_dv = (var > _VAR_FLOOR) / (2 * std)
-        d_second_d_mean = 2 * mean * cdf + std * pdf + var * pdf / std
-        grad_mean = g_first * cdf + g_var * (d_second_d_mean - 2 * first * cdf)
-        grad_var = (g_first - 2 * g_var * first) * pdf * ds_dv + g_var * cdf
-        return grad_mean, grad_var, None
+        return (*_relu_moments_backward(ctx.compiled, ctx.saved_tensors, g_first, g_var), None)
+
+
+def _relu_moments_forward(mean, var, compiled: bool):
+    """``(first, var_out, saved tensors, compiled)`` of :class:`_ReluMoments` (see its docstring)."""
+    native = _native.load() if compiled else None
+    if native is not None:  # the same formula in one loop (bkn/csrc/fused_norm.cpp), if it takes these
+        m, v = mean.contiguous(), var.contiguous()  # a norm's output mean is its bias, expanded
+        out = native.relu_moments_forward(m, v)
+        if out:
+            first, out_var, std, cdf, pdf, raw = out
+            return first, out_var, (m, v, std, cdf, pdf, first, raw), True
+    std = var.clamp_min(_VAR_FLOOR).sqrt()
+    a = mean / std
+    cdf = 0.5 * (1 + torch.erf(a / _SQRT2))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    first = mean * cdf + std * pdf
+    second = (mean * mean + var) * cdf + mean * std * pdf
+    raw = second - first * first
+    return first, raw.clamp_min(0), (mean, var, std, cdf, pdf, first, raw), False
+
+
+def _relu_moments_backward(compiled: bool, saved, g_first, g_var) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d mean, d var)`` of :class:`_ReluMoments` from its saved tensors (see its docstring)."""
+    mean, var, std, cdf, pdf, first, raw = saved
+    native = _native.load() if compiled else None
+    if native is not None:  # (autograd hands zeros, not None, for an unused output)
+        grads = native.relu_moments_backward(
+            g_first.contiguous(), g_var.contiguous(), mean, var, std, cdf, pdf, first, raw
+        )
+        if grads:
+            return grads[0], grads[1]
+    g_var = g_var * (raw > 0)  # torch's clamp_min passes no gradient at the bound itself
+    ds_dv = (var > _VAR_FLOOR) / (2 * std)
+    d_second_d_mean = 2 * mean * cdf + std * pdf + var * pdf / std
+    grad_mean = g_first * cdf + g_var * (d_second_d_mean - 2 * first * cdf)
+    grad_var = (g_first - 2 * g_var * first) * pdf * ds_dv + g_var * cdf
+    return grad_mean, grad_var
+
+
+class _NormReluMoments(torch.autograd.Function):
+    """Moments of ``relu`` of a norm's affine output (:class:`NormOutput`) as one autograd node.
+
+    Forward: ``mu = beta`` (every group), ``s^2 = gamma^2 n`` with ``n = v / (v + eps)``, then
+    the rectified Gaussian of :class:`_ReluMoments` (compiled where that one is). Backward,
+    from that node's ``(d mu, d s^2)``::
+
+        d beta = sum_groups d mu     d gamma = 2 gamma sum_groups d s^2 n     d v = d s^2 gamma^2 eps / (v + eps)^2
+
+    The numbers are those of the separate nodes (the same operations, in the same order in the
+    forward); what goes is six autograd nodes per norm and their dispatch. Not differentiable
+    again (``once_differentiable``, as the ReLU moments).
+    """
+
+    @staticmethod
+    def forward(ctx, var, weight, bias, eps, compiled):
+        normalized = var / (var + eps)
+        out_var = weight.square() * normalized
+        mean = bias.expand_as(var)
+        first, relu_var, saved, ctx.compiled = _relu_moments_forward(mean, out_var, compiled)
+        ctx.save_for_backward(*saved, var, weight, normalized)
+        ctx.eps = eps
+        return first, relu_var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_first, g_var):
+        saved = ctx.saved_tensors
+        relu_saved, (var, weight, normalized) = saved[:-3], saved[-3:]
+        d_mean, d_out_var = _relu_moments_backward(ctx.compiled, relu_saved, g_first, g_var)
+        d_var = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_var = d_out_var * weight.square() * (ctx.eps / (var + ctx.eps).square())
+        if ctx.needs_input_grad[1]:
+            d_weight = 2 * weight * (d_out_var * normalized).sum(0)
+        if ctx.needs_input_grad[2]:
+            d_bias = d_mean.sum(0)
+        return d_var, d_weight, d_bias, None, None
+
+
+def norm_relu_moments(state: NormOutput, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``relu`` of a norm's affine output (see :class:`_NormReluMoments`)."""
+    return _NormReluMoments.apply(state.posterior_var, state.weight, state.bias, state.eps, compiled)
 
 
 def clip_moments(mean: torch.Tensor, var: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,20 +305,31 @@ class _ConvMoments(torch.autograd.Function):
         d mean = g_mean @ S1        d var = g_var @ S2
         dW = dS1 + 2 W dS2          dS1 = g_mean^T @ mean,  dS2 = g_var^T @ var  (broadcast over the taps)
 
-    Compiled (``conv_moments_weight_grad``, up to 16 groups): ``dS1, dS2`` formed an output
-    channel at a time inside the one pass over the weight, so the (O, I) products never go
-    to memory; else two matrix products and the tap sums' gradient. This replaces the tap
-    sums' node and two matrix products' nodes (with their transposes) per convolution.
+    Compiled (``conv_moments_forward`` / ``conv_moments_backward``, up to 16 groups): one
+    pass over the weight each way, an output channel at a time (forward: its tap sums, kept
+    for the backward, and their products with ``mean, var`` from cache; backward: ``dS1, dS2``,
+    ``dW`` and the input gradients), so no (O, I) product goes to memory and no matrix
+    product is dispatched. Else the tap sums, matrix products and the tap sums' gradient.
     A backward with create_graph runs the rule as differentiable tensor ops (``S1, S2``
     recomputed from ``W``), so a double backward is exact.
     """
 
     @staticmethod
     def forward(ctx, weight, mean, var, compiled):
-        s1, s2 = _tap_sums_values(weight, compiled)
+        native = _native.load() if compiled else None
+        out = []
+        if native is not None:
+            mean, var = mean.contiguous(), var.contiguous()  # (G, I): e.g. a norm's bias expanded over groups
+            out = native.conv_moments_forward(weight, mean, var)
         ctx.compiled = compiled
+        ctx.fused = bool(out)
+        if out:
+            mean_out, var_out, s1, s2 = out
+        else:
+            s1, s2 = _tap_sums_values(weight, compiled)
+            mean_out, var_out = mean @ s1.t(), var @ s2.t()
         ctx.save_for_backward(weight, mean, var, s1, s2)
-        return mean @ s1.t(), var @ s2.t()
+        return mean_out, var_out
 
     @staticmethod
     def backward(ctx, g_mean, g_var):
@@ -278,13 +342,21 @@ class _ConvMoments(torch.autograd.Function):
             s1, s2 = tap_sums(weight, compiled=False)
             grad_w = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False)
             return grad_w, g_mean @ s1, g_var @ s2, None
+        need_w, need_mean, need_var = ctx.needs_input_grad[:3]
+        native = _native.load() if ctx.compiled else None
+        if native is not None and ctx.fused:
+            out = native.conv_moments_backward(
+                weight, g_mean.contiguous(), mean, g_var.contiguous(), var, s1, s2, need_w, need_mean or need_var
+            )
+            if out:
+                grad_w, grad_mean, grad_var = out
+                return grad_w, grad_mean if need_mean else None, grad_var if need_var else None, None
         grad_w = grad_mean = grad_var = None
-        if ctx.needs_input_grad[1]:
+        if need_mean:
             grad_mean = g_mean @ s1
-        if ctx.needs_input_grad[2]:
+        if need_var:
             grad_var = g_var @ s2
-        if ctx.needs_input_grad[0]:
-            native = _native.load() if ctx.compiled else None
+        if need_w:
             if native is not None:
                 grad_w = native.conv_moments_weight_grad(
                     weight, g_mean.contiguous(), mean.contiguous(), g_var.contiguous(), var.contiguous()
@@ -343,11 +415,9 @@ class Analytic:
 
     def after_norm(self, layer, spatial: tuple[int, ...]) -> Moments:
         mean, var = layer.posterior
-        normalized_var = var / (var + layer.eps)
         if layer.weight is None:
-            return Moments(torch.zeros_like(mean), normalized_var, tuple(spatial))
-        out_mean = layer.bias.to(mean.dtype).expand_as(mean)
-        return Moments(out_mean, layer.weight.to(var.dtype).square() * normalized_var, tuple(spatial))
+            return Moments(torch.zeros_like(mean), var / (var + layer.eps), tuple(spatial))
+        return NormOutput(var, layer.weight.to(var.dtype), layer.bias.to(mean.dtype), layer.eps, spatial)
 
     def at_input(self, layer, spatial: tuple[int, ...]) -> Moments:
         """The moments of the *input* of ``layer`` (which ran): its posterior ``(m, v)``."""
@@ -359,6 +429,8 @@ class Analytic:
         return m.mean, m.var
 
     def relu(self, state: Moments) -> Moments:
+        if isinstance(state, NormOutput):  # relu right after a norm: one node (see _NormReluMoments)
+            return Moments(*norm_relu_moments(state), state.spatial)
         return Moments(*relu_moments(state.mean, state.var), state.spatial)
 
     def add(self, a, b) -> Moments:

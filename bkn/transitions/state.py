@@ -28,6 +28,40 @@ class Moments:
         return Moments(self.mean + other.mean, self.var + other.var, self.spatial or other.spatial)
 
 
+class NormOutput(Moments):
+    """The moments of a norm layer's affine output ``gamma * (x - m) / sqrt(v + eps) + beta`` for
+    ``x ~ N(m, v)`` (its posterior): mean ``beta``, variance ``gamma^2 v / (v + eps)``, per (group, channel).
+
+    Kept as the layer's tensors, ``mean`` and ``var`` formed (with autograd) on first use, so that
+    a ReLU right after the norm (the usual case) can take the moments of ``relu`` of it in one
+    autograd node (:func:`bkn.transitions.analytic.norm_relu_moments`) instead of some seven.
+    """
+
+    def __init__(self, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, spatial=()):
+        self.posterior_var, self.weight, self.bias, self.eps = var, weight, bias, eps
+        self.spatial = tuple(spatial)
+        self._moments = None
+
+    def _formed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._moments is None:
+            var = self.posterior_var
+            out_var = self.weight.square() * (var / (var + self.eps))
+            self._moments = (self.bias.expand_as(var), out_var)
+        return self._moments
+
+    @property
+    def mean(self) -> torch.Tensor:  # noqa: D102 (Moments' field)
+        return self._formed()[0]
+
+    @property
+    def var(self) -> torch.Tensor:  # noqa: D102
+        return self._formed()[1]
+
+    @property
+    def channels(self) -> int:
+        return self.posterior_var.shape[-1]
+
+
 @dataclass
 class Sample:
     """A surrogate activation of shape (G * draws, C, *spatial): ``draws`` Monte-Carlo draws per group."""
