@@ -117,3 +117,21 @@ def load():
         )
         _module = None
     return _module
+
+
+def cached_bytes() -> int:
+    """Bytes of freed CPU memory the compiled kernels keep for reuse (0 without them).
+
+    The analytic transition's weight gradients and tap sums come from a small caching
+    allocator in ``bkn/csrc/fused_norm.cpp`` (as large as the network's convolution weights,
+    allocated every step; glibc returns freed blocks of that size to the kernel, and every
+    page then faults again), holding at most 512 MiB of freed blocks.
+    """
+    module = _module if _tried else None
+    return 0 if module is None else int(module.pool_cached_bytes())
+
+
+def release_cached() -> int:
+    """Free the memory :func:`cached_bytes` counts (tensors in use are untouched); returns the bytes freed."""
+    module = _module if _tried else None
+    return 0 if module is None else int(module.pool_release_cached())
