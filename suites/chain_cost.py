@@ -146,7 +146,12 @@ def _quantile(values, q):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m suites.chain_cost", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="bkn.methods names")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="bkn.methods names, space- or comma-separated",
+    )
     parser.add_argument("--variant", action="append", default=[], help="NAME=METHOD:key=value,... (extra options)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=2)
@@ -181,6 +186,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--out", default=None, help="JSON file to write (atomically)")
     args = parser.parse_args(argv)
+    args.methods = [m for item in args.methods for m in item.split(",") if m]
     for value, what in ((args.batch, "--batch"), (args.rounds, "--rounds"), (args.steps, "--steps")):
         if value < 1:
             parser.error(f"{what} must be >= 1, got {value}")

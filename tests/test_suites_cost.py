@@ -18,7 +18,7 @@ def test_step_measures_every_method_against_torch_bn(tmp_path, capsys):
     out = tmp_path / "step.json"
     result = chain_cost.main(
         [
-            *("--methods", "bn", "bkn-official"),
+            *("--methods", "bn,bkn-official"),  # a comma list, as the other probes take it
             *("--variant", "half=bkn-official:surrogate_scale=0.5"),
             *("--size", "32", "--batch", "4", "--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1"),
             *("--profile", "--profile-steps", "1", "--out", str(out)),
