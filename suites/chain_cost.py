@@ -27,6 +27,12 @@ forward + backward, interleaved the same way, at the inputs ``--block-inputs`` (
 (8, 64, 56, 56), (8, 256, 14, 14), (2, 512, 7, 7)), each method's time over BN's (torch's
 ``BatchNorm2d``) in the same round.
 
+``--processes N`` runs the step measurement in N fresh processes instead and reports, per
+entry, the median and quartiles over processes of the per-process ratio (with ``--baseline``
+the processes alternate between this checkout and REV): on a small shared machine one
+process's ratios move by several points from one process to the next
+(:mod:`suites.chain_cost_spread`).
+
 Writes one JSON file (``--out``, atomically) with the environment and every number, and
 prints a table. Variants of a method (``--variant NAME=METHOD:key=value,...``) are
 measured beside the methods, e.g. ``official-s2=bkn-official:surrogate_stride=2``.
@@ -184,10 +190,23 @@ def main(argv=None) -> dict:
         help="also time every method as the bkn package of git revision REV converts it (entries METHOD@REV), "
         "interleaved in this process: before/after a change",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the step measurement in this many fresh processes and report the spread over them "
+        "(with --baseline, alternating this checkout and REV); see suites/chain_cost_spread.py",
+    )
+    parser.add_argument("--skip-current", action="store_true", help=argparse.SUPPRESS)  # a --processes child
     parser.add_argument("--out", default=None, help="JSON file to write (atomically)")
     args = parser.parse_args(argv)
     args.methods = [m for item in args.methods for m in item.split(",") if m]
-    for value, what in ((args.batch, "--batch"), (args.rounds, "--rounds"), (args.steps, "--steps")):
+    for value, what in (
+        (args.batch, "--batch"),
+        (args.rounds, "--rounds"),
+        (args.steps, "--steps"),
+        (args.processes, "--processes"),
+    ):
         if value < 1:
             parser.error(f"{what} must be >= 1, got {value}")
     if args.batch % args.group_size:
@@ -196,6 +215,20 @@ def main(argv=None) -> dict:
 
     def log(text):
         print(text, file=sys.stderr, flush=True)
+
+    if args.skip_current and not args.baseline:
+        parser.error("--skip-current needs --baseline")
+    if args.processes > 1:
+        if args.blocks or args.profile:
+            parser.error("--processes measures the step only: leave out --blocks and --profile")
+        from . import chain_cost_spread
+
+        result = chain_cost_spread.run(args, log)
+        print(chain_cost_spread.table(result))
+        if args.out:
+            write_json(args.out, result)
+            log(f"wrote {args.out}")
+        return result
 
     if args.blocks:
         result = blocks(args, log)
@@ -206,10 +239,11 @@ def main(argv=None) -> dict:
         return result
 
     entries = {REFERENCE: (None, {})}
-    entries.update({m: (methods.get(m).name, {}) for m in args.methods})
-    for text in args.variant:
-        name, method, options = _parse_variant(text)
-        entries[name] = (method, options)
+    if not args.skip_current:
+        entries.update({m: (methods.get(m).name, {}) for m in args.methods})
+        for text in args.variant:
+            name, method, options = _parse_variant(text)
+            entries[name] = (method, options)
     registries = {}
     if args.baseline:
         from . import baseline

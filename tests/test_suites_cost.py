@@ -97,3 +97,39 @@ def test_bad_baseline_revision_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         chain_cost.main(["--baseline", "no-such-revision-4b1d", "--size", "32", "--batch", "4"])
     assert "cannot read bkn/ at git revision 'no-such-revision-4b1d'" in capsys.readouterr().err
+
+
+def test_processes_alternate_this_checkout_and_the_baseline(tmp_path, capsys):
+    """``--processes N --baseline REV``: N fresh processes, even ones this checkout's methods, odd
+    ones only REV's, each beside torch-bn; the spread is taken over processes."""
+    out = tmp_path / "spread.json"
+    argv = ["--processes", "3", "--methods", "bn", "--baseline", "HEAD", "--size", "32", "--batch", "4"]
+    argv += ["--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1", "--out", str(out)]
+    result = chain_cost.main(argv)
+    spread = result["spread"]
+    assert list(spread) == [chain_cost.REFERENCE, "bn", "bn@HEAD"]
+    assert spread[chain_cost.REFERENCE]["ratio"]["n"] == 3
+    assert spread["bn"]["ratio"]["n"] == 2 and spread["bn@HEAD"]["ratio"]["n"] == 1
+    assert [set(r["methods"]) for r in result["runs"]] == [
+        {chain_cost.REFERENCE, "bn"},
+        {chain_cost.REFERENCE, "bn@HEAD"},
+        {chain_cost.REFERENCE, "bn"},
+    ]
+    q = spread["bn"]["ratio"]
+    assert q["min"] <= q["q25"] <= q["median"] <= q["q75"] <= q["max"]
+    assert json.loads(out.read_text())["processes"] == 3
+    assert "3 processes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--processes", "2", "--blocks"], "--processes measures the step only"),
+        (["--processes", "0"], "--processes must be >= 1"),
+        (["--skip-current"], "--skip-current needs --baseline"),
+    ],
+)
+def test_bad_process_arguments_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        chain_cost.main(argv)
+    assert message in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""``python -m suites.chain_cost --processes N``: the step ratios over N fresh processes.
+
+One process's ratios move by several points from one process to the next on a small
+shared machine (the allocator's page faults, the neighbours), more than the paired
+rounds inside a process show. Here each of N processes runs the same measurement (without
+``--profile``; its own ``--rounds`` and ``--steps``) and the result is, per entry, the
+median and quartiles over processes of the per-process median ratio. With ``--baseline
+REV`` the processes alternate: even ones measure this checkout's methods, odd ones only
+REV's (each beside its own torch-bn), so that each process holds one converted model and
+the two sides meet the same phases of the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def _child_argv(args, index: int, out: str) -> list[str]:
+    argv = ["--methods", *args.methods]
+    for key in ("batch", "group_size", "size", "threads", "rounds", "steps", "warmup", "seed", "clock"):
+        argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.baseline and index % 2:
+        argv += ["--baseline", args.baseline, "--skip-current"]
+    else:
+        for text in args.variant:
+            argv += ["--variant", text]
+    return argv + ["--out", out]
+
+
+def _spread(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"median": q[1], "q25": q[0], "q75": q[2], "min": min(values), "max": max(values), "n": len(values)}
+
+
+def run(args, log) -> dict:
+    """Run the N processes one after another; return the per-process results and the spread."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="chain_cost_") as tmp:
+        for i in range(args.processes):
+            out = os.path.join(tmp, f"run{i}.json")
+            argv = [sys.executable, "-m", "suites.chain_cost", *_child_argv(args, i, out)]
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"process {i + 1} of {args.processes} failed ({' '.join(argv)}):\n{done.stderr[-2000:]}"
+                )
+            with open(out) as f:
+                result = json.load(f)
+            runs.append(result)
+            ratios = ", ".join(f"{n} {r['ratio_median']:.3f}" for n, r in result["methods"].items() if n != "torch-bn")
+            log(f"process {i + 1}/{args.processes}: {ratios}")
+    names = list(dict.fromkeys(n for r in runs for n in r["methods"]))
+    names.sort(key=lambda n: n != "torch-bn")  # the reference first (the result files sort their keys)
+    spread = {}
+    for name in names:
+        ratios = [r["methods"][name]["ratio_median"] for r in runs if name in r["methods"]]
+        steps = [r["methods"][name]["step_s_median"] for r in runs if name in r["methods"]]
+        spread[name] = {"ratio": _spread(ratios), "step_s_median": statistics.median(steps)}
+    return {
+        "setting": runs[0]["setting"],
+        "processes": args.processes,
+        "baseline": args.baseline,
+        "spread": spread,
+        "runs": runs,
+    }
+
+
+def table(result: dict) -> str:
+    s = result["setting"]
+    lines = [
+        f"ResNet-18 SGD step, {s['size']}x{s['size']}, batch {s['batch']} in groups of {s['group_size']}, "
+        f"{s['threads']} threads, {result['processes']} processes of {s['rounds']} rounds of {s['steps']} steps, "
+        f"{s['clock']} clock; per process the median ratio to torch-bn, then over processes:",
+        f"{'method':<22}{'n':>4}{'step ms':>9}{'median':>8}{'q25..q75':>14}{'min..max':>14}",
+    ]
+    for name, r in result["spread"].items():
+        q = r["ratio"]
+        lines.append(
+            f"{name:<22}{q['n']:>4}{r['step_s_median'] * 1e3:>9.1f}{q['median']:>8.3f}"
+            f"{q['q25']:>7.2f}..{q['q75']:<5.2f}{q['min']:>7.2f}..{q['max']:<5.2f}"
+        )
+    return "\n".join(lines)
