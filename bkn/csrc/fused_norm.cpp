@@ -841,83 +841,10 @@ Tensor tap_sums_backward(const Tensor& w, const Tensor& g1, const Tensor& g2) {
                                     [&] { return tap_sums_backward_impl<scalar_t>(w, g1, g2, R, K); });
 }
 
-// The weight gradient of the analytic convolution rule, mean_out = mean @ S1^T and
-// var_out = var @ S2^T (S1, S2 the tap sums; mean, var of shape (G, I), the outputs (G, O)):
-//   dW[o, i, k] = dS1[o, i] + 2 W[o, i, k] dS2[o, i],
-//   dS1[o, i] = sum_g g_mean[g, o] mean[g, i],  dS2[o, i] = sum_g g_var[g, o] var[g, i],
-// in one pass over the weight: for each output channel o the rows dS1[o, :], dS2[o, :] are
-// computed into a buffer (G axpys over I values, from cache) and then used at once; the
-// (O, I) products never go to memory. For many groups (G > MAX_FUSED_GROUPS) the products
-// cost more than they save: the caller forms dS1, dS2 with matrix products instead.
+// Groups at most for the fused convolution rule below: for many groups the per-channel
+// products (G axpys per output channel) cost more than they save, and the caller forms
+// dS1, dS2 with matrix products instead.
 constexpr int64_t MAX_FUSED_GROUPS = 16;
-
-template <typename T>
-Tensor conv_moments_weight_grad_impl(const Tensor& w, const Tensor& gm, const Tensor& m, const Tensor& gv,
-                                     const Tensor& v) {
-  const int64_t O = w.size(0), I = w.size(1), G = m.size(0), K = O * I ? w.numel() / (O * I) : 0;
-  Tensor dw = at::empty_like(w, at::MemoryFormat::Contiguous);
-  const T *pw = w.data_ptr<T>(), *pgm = gm.data_ptr<T>(), *pm = m.data_ptr<T>(), *pgv = gv.data_ptr<T>(),
-          *pv = v.data_ptr<T>();
-  T* pd = dw.data_ptr<T>();
-  at::parallel_for(0, O, std::max<int64_t>(1, 4096 / std::max<int64_t>(I * K, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<T> a(static_cast<size_t>(I)), b(static_cast<size_t>(I));
-    for (int64_t o = begin; o < end; ++o) {
-      // a = sum_g g_mean[g, o] mean[g, :] (b likewise), two groups per sweep over the row
-      // (half the loads and stores of one axpy per group), in the order of g.
-      T *pa = a.data(), *pb = b.data();
-      int64_t g = 0;
-      if (G % 2) {
-        const T cm = pgm[o], cv = pgv[o];
-#pragma omp simd
-        for (int64_t i = 0; i < I; ++i) {
-          pa[i] = cm * pm[i];
-          pb[i] = cv * pv[i];
-        }
-        g = 1;
-      } else {
-        std::fill(a.begin(), a.end(), T(0));
-        std::fill(b.begin(), b.end(), T(0));
-      }
-      for (; g < G; g += 2) {
-        const T cm0 = pgm[g * O + o], cm1 = pgm[(g + 1) * O + o], cv0 = pgv[g * O + o], cv1 = pgv[(g + 1) * O + o];
-        const T *rm0 = pm + g * I, *rm1 = rm0 + I, *rv0 = pv + g * I, *rv1 = rv0 + I;
-#pragma omp simd
-        for (int64_t i = 0; i < I; ++i) {
-          pa[i] = pa[i] + cm0 * rm0[i] + cm1 * rm1[i];
-          pb[i] = pb[i] + cv0 * rv0[i] + cv1 * rv1[i];
-        }
-      }
-#if defined(__SSE2__)
-      if constexpr (std::is_same_v<T, float>) {
-        if (K == 9) {
-          tap_grad_rows9(pw + o * I * K, a.data(), b.data(), pd + o * I * K, 0, I);
-          continue;
-        }
-      }
-#endif
-      tap_grad_rows<T>(pw + o * I * K, a.data(), b.data(), pd + o * I * K, 0, I, K);
-    }
-  });
-  return dw;
-}
-
-// dW of the analytic convolution rule (see above), or an undefined tensor when these tensors
-// take the Python path (not CPU float32/float64 of one dtype, not contiguous, too many groups).
-Tensor conv_moments_weight_grad(const Tensor& w, const Tensor& g_mean, const Tensor& mean, const Tensor& g_var,
-                                const Tensor& var) {
-  if (w.device().type() != at::kCPU || !w.is_contiguous() || w.dim() < 3) return Tensor();
-  if (w.scalar_type() != at::kFloat && w.scalar_type() != at::kDouble) return Tensor();
-  const int64_t O = w.size(0), I = w.size(1), G = mean.dim() == 2 ? mean.size(0) : -1;
-  if (G < 1 || G > MAX_FUSED_GROUPS) return Tensor();
-  const std::pair<const Tensor*, int64_t> parts[] = {{&g_mean, O}, {&mean, I}, {&g_var, O}, {&var, I}};
-  for (const auto& [t, cols] : parts) {
-    if (t->device().type() != at::kCPU || t->scalar_type() != w.scalar_type() || !t->is_contiguous()) return Tensor();
-    if (t->dim() != 2 || t->size(0) != G || t->size(1) != cols) return Tensor();
-  }
-  at::NoGradGuard no_grad;
-  return AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "conv_moments_weight_grad",
-                                    [&] { return conv_moments_weight_grad_impl<scalar_t>(w, g_mean, mean, g_var, var); });
-}
 
 // CPU memory for the convolution rule's weight gradients and tap sums, kept for reuse: a
 // small caching allocator (c10::Allocator, so its tensors are ordinary CPU tensors).
@@ -1033,8 +960,10 @@ int64_t pool_release_cached() {
 //             as tap_sums computes them; written out for the backward, 2/K of the weight's
 //             size), then mean_out[g, o] = S1[o, :] . mean[g, :] and
 //             var_out[g, o] = S2[o, :] . var[g, :] for every group g from cache;
-//   backward: for each o, dW[o] as conv_moments_weight_grad does and
-//             d mean[g, :] += g_mean[g, o] S1[o, :], d var likewise.
+//   backward: for each o, the rows dS1[o, :] = sum_g g_mean[g, o] mean[g, :] and dS2[o, :]
+//             likewise into a buffer (G axpys over I values, from cache), used at once for
+//             dW[o, i, k] = dS1[o, i] + 2 W[o, i, k] dS2[o, i] (the (O, I) products never go
+//             to memory), and d mean[g, :] += g_mean[g, o] S1[o, :], d var likewise.
 // The backward's input gradients are sums over o: each block of BLOCK output channels adds
 // into its own (G, I) buffers, summed in block order at the end, so that results do not
 // depend on the number of threads.
@@ -1109,7 +1038,7 @@ std::vector<Tensor> conv_moments_backward_impl(const Tensor& w, const Tensor& gm
           }
         }
         if (!weight_grad) continue;
-        // a = sum_g g_mean[g, o] mean[g, :], b likewise (as conv_moments_weight_grad), then dW[o].
+        // a = dS1[o, :] = sum_g g_mean[g, o] mean[g, :], b = dS2[o, :] likewise, then dW[o].
         T *pa = a.data(), *pb = b.data();
         std::fill(a.begin(), a.end(), T(0));
         std::fill(b.begin(), b.end(), T(0));
@@ -1287,6 +1216,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "its backward (dW, d mean, d var) in one pass over the weight, or [] for the Python path");
   m.def("pool_cached_bytes", &pool_cached_bytes, "bytes of freed weight-gradient memory kept for reuse");
   m.def("pool_release_cached", &pool_release_cached, "free the memory kept for reuse; returns the bytes freed");
-  m.def("conv_moments_weight_grad", &conv_moments_weight_grad,
-        "dW of the analytic convolution rule (dS1 + 2 W dS2, the products fused), or None for the Python path");
 }

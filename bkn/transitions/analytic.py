@@ -356,13 +356,8 @@ class _ConvMoments(torch.autograd.Function):
             grad_mean = g_mean @ s1
         if need_var:
             grad_var = g_var @ s2
-        if need_w:
-            if native is not None:
-                grad_w = native.conv_moments_weight_grad(
-                    weight, g_mean.contiguous(), mean.contiguous(), g_var.contiguous(), var.contiguous()
-                )
-            if grad_w is None:  # not compiled, or not taken (None): the products, then one pass
-                grad_w = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, ctx.compiled)
+        if need_w:  # the products, then one pass (compiled where _tap_sums_grad's kernel takes them)
+            grad_w = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, ctx.compiled)
         return grad_w, grad_mean, grad_var, None
 
 
