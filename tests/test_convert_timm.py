@@ -94,18 +94,21 @@ def test_timm_sync_norm_act_converts_too():
 
 
 def test_timm_norm_act_chain_follows_the_activation():
-    """A converted BatchNormAct2d's activation is part of the chain: ReLU is propagated, Hardswish is
-    not modelled and the summary says so; training still runs and the report matches prior_used."""
+    """A converted BatchNormAct2d's activation is part of the chain (ReLU in closed form, Hardswish by
+    quadrature); squeeze-and-excitation's multiplication is not modelled and the report says so;
+    the report matches prior_used."""
     model = bkn.convert(_timm("mobilenetv3_small_050"), "bkn", transition="analytic", group_size=2).train()
     model(torch.randn(4, 3, 64, 64)).sum().backward()
     rows = {r["layer"]: r for r in bkn.prior_report(model)}
     layers = {n: m for n, m in model.named_modules() if isinstance(m, _BatchKalmanNorm)}
     for name, layer in layers.items():
         assert layer.prior_used == (rows[name]["last"] == "prior used"), rows[name]
-    assert "its act Hardswish is not modelled" in rows["blocks.0.0.bn1"]["last"]  # bn1's act is Hardswish
+    assert rows["blocks.0.0.bn1"]["last"] == "prior used"  # after the stem's bn1, whose act is Hardswish
+    assert "Hardswish(bn1.act)" in rows["blocks.0.0.bn1"]["path"]
     assert rows["blocks.1.0.bn2"]["last"] == "prior used"
     assert "ReLU(blocks.1.0.bn1.act)" in rows["blocks.1.0.bn2"]["path"]
-    assert sum(layer.prior_used for layer in layers.values()) >= 10
+    assert rows["blocks.0.0.bn2"]["last"] == "no prior: cannot propagate through mul (call_function mul)"  # SE
+    assert sum(layer.prior_used for layer in layers.values()) >= 20
 
 
 def test_timm_evonorm_model_left_untouched():
