@@ -97,3 +97,16 @@ def test_analytic_prior_through_silu_matches_the_population_closely():
     # Independence across taps and channels is assumed (spec 1.2): the mean is close, the variance a rougher guess.
     torch.testing.assert_close(mean.squeeze(0), real.mean((0, 2, 3)), atol=0.05, rtol=0.05)
     assert torch.all(var.squeeze(0) > 0.2 * real.var((0, 2, 3))) and torch.all(var.squeeze(0) < 5 * real.var((0, 2, 3)))
+
+
+def test_official_surrogate_is_not_written_over_by_an_inplace_activation():
+    """The chain evaluates lazily: a state read by two ops must come out of an in-place module unchanged."""
+    from bkn.transitions import MonteCarlo, Sample
+
+    t = MonteCarlo()
+    value = torch.randn(2, 4, 3, 3)
+    state = Sample(value.clone())
+    out = t.module(nn.ReLU(inplace=True), state)
+    assert torch.equal(state.value, value) and torch.equal(out.value, value.relu())
+    out = t.module(nn.SiLU(inplace=True), state)
+    assert torch.equal(state.value, value) and torch.allclose(out.value, nn.functional.silu(value))

@@ -40,6 +40,7 @@ maps are already small: a 4x4 map drawn at 2x2 has no interior position).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -154,6 +155,11 @@ class MonteCarlo(Analytic):
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.is_floating_point() and value.dtype != weight.dtype:
                 value = value.to(weight.dtype)  # a prior-fed BKN layer's posterior is float32 for bfloat16 inputs
+            if getattr(module, "inplace", False):
+                # The surrogate state may have other readers in this forward (states are cached and
+                # evaluated lazily, not in the network's order): never write over it.
+                module = copy.copy(module)
+                module.inplace = False
             # .forward, not __call__: the user's hooks must not see the surrogate.
             return Sample(module.forward(value), state.draws)
         raise Unsupported(type(module).__name__)
