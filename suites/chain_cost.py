@@ -363,11 +363,18 @@ def blocks_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def step_setting(s: dict) -> str:
+    """The measured step, as a table's heading starts (this table's and ``--processes``')."""
+    return (
+        f"ResNet-18 SGD step, {s['size']}x{s['size']}, batch {s['batch']} in groups of {s['group_size']}, "
+        f"{s['threads']} threads"
+    )
+
+
 def table(result: dict) -> str:
     s = result["setting"]
     lines = [
-        f"ResNet-18 SGD step, {s['size']}x{s['size']}, batch {s['batch']} in groups of {s['group_size']}, "
-        f"{s['threads']} threads, {s['rounds']} interleaved rounds of {s['steps']} steps, {s['clock']} clock",
+        f"{step_setting(s)}, {s['rounds']} interleaved rounds of {s['steps']} steps, {s['clock']} clock",
         f"{'method':<22}{'step ms':>9}{'ratio':>8}{'q25..q75':>14}",
     ]
     for name, r in result["methods"].items():

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 
+from . import chain_cost
+
 
 def _child_argv(args, index: int, out: str) -> list[str]:
     argv = ["--methods", *args.methods]
@@ -73,9 +75,8 @@ def run(args, log) -> dict:
 def table(result: dict) -> str:
     s = result["setting"]
     lines = [
-        f"ResNet-18 SGD step, {s['size']}x{s['size']}, batch {s['batch']} in groups of {s['group_size']}, "
-        f"{s['threads']} threads, {result['processes']} processes of {s['rounds']} rounds of {s['steps']} steps, "
-        f"{s['clock']} clock; per process the median ratio to torch-bn, then over processes:",
+        f"{chain_cost.step_setting(s)}, {result['processes']} processes of {s['rounds']} rounds of {s['steps']} "
+        f"steps, {s['clock']} clock; per process the median ratio to torch-bn, then over processes:",
         f"{'method':<22}{'n':>4}{'step ms':>9}{'median':>8}{'q25..q75':>14}{'min..max':>14}",
     ]
     for name, r in result["spread"].items():

@@ -780,19 +780,34 @@ void tap_grad_rows9(const float* pw, const float* p1, const float* p2, float* pd
 }
 #endif
 
+// Rows [begin, end) of the tap sums and of their gradient: the SSE2 loops for float32 3x3
+// kernels, the generic ones otherwise (every caller below goes through these two).
+template <typename T>
+void tap_sums_range(const T* pw, T* p1, T* p2, int64_t begin, int64_t end, int64_t K) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (K == 9) return tap_sums_rows9(pw, p1, p2, begin, end);
+  }
+#endif
+  tap_sums_rows<T>(pw, p1, p2, begin, end, K);
+}
+
+template <typename T>
+void tap_grad_range(const T* pw, const T* p1, const T* p2, T* pd, int64_t begin, int64_t end, int64_t K) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (K == 9) return tap_grad_rows9(pw, p1, p2, pd, begin, end);
+  }
+#endif
+  tap_grad_rows<T>(pw, p1, p2, pd, begin, end, K);
+}
+
 template <typename T>
 std::vector<Tensor> tap_sums_impl(const Tensor& w, int64_t R, int64_t K) {
   Tensor s1 = at::empty({R}, w.options()), s2 = at::empty({R}, w.options());
   const T* pw = w.data_ptr<T>();
   T *p1 = s1.data_ptr<T>(), *p2 = s2.data_ptr<T>();
-  at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
-#if defined(__SSE2__)
-    if constexpr (std::is_same_v<T, float>) {
-      if (K == 9) return tap_sums_rows9(pw, p1, p2, begin, end);
-    }
-#endif
-    tap_sums_rows<T>(pw, p1, p2, begin, end, K);
-  });
+  at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) { tap_sums_range<T>(pw, p1, p2, begin, end, K); });
   return {s1, s2};
 }
 
@@ -801,14 +816,8 @@ Tensor tap_sums_backward_impl(const Tensor& w, const Tensor& g1, const Tensor& g
   Tensor dw = at::empty_like(w, at::MemoryFormat::Contiguous);
   const T *pw = w.data_ptr<T>(), *p1 = g1.data_ptr<T>(), *p2 = g2.data_ptr<T>();
   T* pd = dw.data_ptr<T>();
-  at::parallel_for(0, R, 4096 / std::max<int64_t>(K, 1) + 1, [&](int64_t begin, int64_t end) {
-#if defined(__SSE2__)
-    if constexpr (std::is_same_v<T, float>) {
-      if (K == 9) return tap_grad_rows9(pw, p1, p2, pd, begin, end);
-    }
-#endif
-    tap_grad_rows<T>(pw, p1, p2, pd, begin, end, K);
-  });
+  at::parallel_for(0, R, 4096 / std::max<int64_t>(K, 1) + 1,
+                   [&](int64_t begin, int64_t end) { tap_grad_range<T>(pw, p1, p2, pd, begin, end, K); });
   return dw;
 }
 
@@ -970,16 +979,6 @@ int64_t pool_release_cached() {
 constexpr int64_t CONV_MOMENTS_BLOCK = 16;
 
 template <typename T>
-void tap_sums_of_rows(const T* pw, T* s1, T* s2, int64_t rows, int64_t K) {
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (K == 9) return tap_sums_rows9(pw, s1, s2, 0, rows);
-  }
-#endif
-  tap_sums_rows<T>(pw, s1, s2, 0, rows, K);
-}
-
-template <typename T>
 std::vector<Tensor> conv_moments_forward_impl(const Tensor& w, const Tensor& m, const Tensor& v) {
   const int64_t O = w.size(0), I = w.size(1), G = m.size(0), K = O * I ? w.numel() / (O * I) : 0;
   Tensor mo = at::empty({G, O}, m.options()), vo = at::empty({G, O}, m.options());
@@ -989,7 +988,7 @@ std::vector<Tensor> conv_moments_forward_impl(const Tensor& w, const Tensor& m, 
   at::parallel_for(0, O, std::max<int64_t>(1, 4096 / std::max<int64_t>(I * K, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const T *a = ps1 + o * I, *b = ps2 + o * I;
-      tap_sums_of_rows<T>(pw + o * I * K, ps1 + o * I, ps2 + o * I, I, K);
+      tap_sums_range<T>(pw + o * I * K, ps1 + o * I, ps2 + o * I, 0, I, K);
       for (int64_t g = 0; g < G; ++g) {
         const T *rm = pm + g * I, *rv = pv + g * I;
         T dm = 0, dv = 0;
@@ -1051,15 +1050,7 @@ std::vector<Tensor> conv_moments_backward_impl(const Tensor& w, const Tensor& gm
             pb[i] += cv * rv[i];
           }
         }
-#if defined(__SSE2__)
-        if constexpr (std::is_same_v<T, float>) {
-          if (K == 9) {
-            tap_grad_rows9(row, pa, pb, pd + o * I * K, 0, I);
-            continue;
-          }
-        }
-#endif
-        tap_grad_rows<T>(row, pa, pb, pd + o * I * K, 0, I, K);
+        tap_grad_range<T>(row, pa, pb, pd + o * I * K, 0, I, K);
       }
     }
   });
