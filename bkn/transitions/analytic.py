@@ -34,7 +34,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..layers import _native
-from .state import Moments, NormOutput, Sample
+from .state import Moments, NormOutput, Sample, affine_output_moments
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -164,9 +164,7 @@ class _NormReluMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, var, weight, bias, eps, compiled):
-        normalized = var / (var + eps)
-        out_var = weight.square() * normalized
-        mean = bias.expand_as(var)
+        mean, out_var, normalized = affine_output_moments(var, weight, bias, eps)
         first, relu_var, saved, ctx.compiled = _relu_moments_forward(mean, out_var, compiled)
         ctx.save_for_backward(*saved, var, weight, normalized)
         ctx.eps = eps

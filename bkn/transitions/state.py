@@ -28,6 +28,13 @@ class Moments:
         return Moments(self.mean + other.mean, self.var + other.var, self.spatial or other.spatial)
 
 
+def affine_output_moments(var, weight, bias, eps: float):
+    """``(mean, variance, v / (v + eps))`` of a norm's affine output ``gamma (x - m) / sqrt(v + eps) + beta``
+    for ``x ~ N(m, v)``, per (group, channel): ``beta`` (expanded over the groups), ``gamma^2 v / (v + eps)``."""
+    normalized = var / (var + eps)
+    return bias.expand_as(var), weight.square() * normalized, normalized
+
+
 class NormOutput(Moments):
     """The moments of a norm layer's affine output ``gamma * (x - m) / sqrt(v + eps) + beta`` for
     ``x ~ N(m, v)`` (its posterior): mean ``beta``, variance ``gamma^2 v / (v + eps)``, per (group, channel).
@@ -44,9 +51,7 @@ class NormOutput(Moments):
 
     def _formed(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._moments is None:
-            var = self.posterior_var
-            out_var = self.weight.square() * (var / (var + self.eps))
-            self._moments = (self.bias.expand_as(var), out_var)
+            self._moments = affine_output_moments(self.posterior_var, self.weight, self.bias, self.eps)[:2]
         return self._moments
 
     @property
