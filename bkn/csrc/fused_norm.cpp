@@ -737,6 +737,20 @@ void tap_grad_rows(const T* pw, const T* p1, const T* p2, T* pd, int64_t begin, 
   }
 }
 
+// dW = base + (g1 + 2 W g2): the rule's gradient added to another gradient of the weight in
+// the same pass (the sum autograd would form, with the same rounding: the rule's term first).
+template <typename T>
+void tap_grad_add_rows(const T* pw, const T* p1, const T* p2, const T* pb, T* pd, int64_t begin, int64_t end,
+                       int64_t K) {
+  for (int64_t r = begin; r < end; ++r) {
+    const T a = p1[r], b = p2[r];
+    const T* row = pw + r * K;
+    const T* base = pb + r * K;
+    T* out = pd + r * K;
+    for (int64_t k = 0; k < K; ++k) out[k] = base[k] + (a + T(2) * row[k] * b);
+  }
+}
+
 #if defined(__SSE2__)
 // float32 3x3 kernels (K = 9) with SSE2, which every x86-64 compiler targets. One row's 9
 // additions are a chain of dependent scalar adds (about 4 cycles each), which leaves the
@@ -778,10 +792,27 @@ void tap_grad_rows9(const float* pw, const float* p1, const float* p2, float* pd
     out[8] = p1[r] + 2.0f * p[8] * p2[r];
   }
 }
+
+// base + (g1 + 2 W g2) for float32 3x3 kernels, as tap_grad_rows9 (the same results as the scalar loop).
+void tap_grad_add_rows9(const float* pw, const float* p1, const float* p2, const float* pb, float* pd, int64_t begin,
+                        int64_t end) {
+  const __m128 two = _mm_set1_ps(2.0f);
+  for (int64_t r = begin; r < end; ++r) {
+    const float* p = pw + r * 9;
+    const float* base = pb + r * 9;
+    float* out = pd + r * 9;
+    const __m128 a = _mm_set1_ps(p1[r]), b = _mm_set1_ps(p2[r]);
+    _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(base), _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p)), b))));
+    _mm_storeu_ps(out + 4,
+                  _mm_add_ps(_mm_loadu_ps(base + 4), _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p + 4)), b))));
+    out[8] = base[8] + (p1[r] + 2.0f * p[8] * p2[r]);
+  }
+}
 #endif
 
-// Rows [begin, end) of the tap sums and of their gradient: the SSE2 loops for float32 3x3
-// kernels, the generic ones otherwise (every caller below goes through these two).
+// Rows [begin, end) of the tap sums and of their gradient (with or without a gradient to add
+// to): the SSE2 loops for float32 3x3 kernels, the generic ones otherwise (every caller below
+// goes through these).
 template <typename T>
 void tap_sums_range(const T* pw, T* p1, T* p2, int64_t begin, int64_t end, int64_t K) {
 #if defined(__SSE2__)
@@ -800,6 +831,17 @@ void tap_grad_range(const T* pw, const T* p1, const T* p2, T* pd, int64_t begin,
   }
 #endif
   tap_grad_rows<T>(pw, p1, p2, pd, begin, end, K);
+}
+
+template <typename T>
+void tap_grad_add_range(const T* pw, const T* p1, const T* p2, const T* pb, T* pd, int64_t begin, int64_t end,
+                        int64_t K) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (K == 9) return tap_grad_add_rows9(pw, p1, p2, pb, pd, begin, end);
+  }
+#endif
+  tap_grad_add_rows<T>(pw, p1, p2, pb, pd, begin, end, K);
 }
 
 template <typename T>
@@ -1008,15 +1050,18 @@ std::vector<Tensor> conv_moments_forward_impl(const Tensor& w, const Tensor& m, 
 template <typename T>
 std::vector<Tensor> conv_moments_backward_impl(const Tensor& w, const Tensor& gm, const Tensor& m, const Tensor& gv,
                                                const Tensor& v, const Tensor& s1, const Tensor& s2, bool weight_grad,
-                                               bool input_grads) {
+                                               bool input_grads, const Tensor& base) {
   const int64_t O = w.size(0), I = w.size(1), G = m.size(0), K = O * I ? w.numel() / (O * I) : 0;
   const int64_t blocks = (O + CONV_MOMENTS_BLOCK - 1) / CONV_MOMENTS_BLOCK;
   Tensor dw = weight_grad ? pooled_empty(w.sizes(), w) : Tensor();
   // Per block: d mean (G, I) then d var (G, I).
   std::vector<T> partial(input_grads ? static_cast<size_t>(blocks * 2 * G * I) : 0, T(0));
   const T *pw = w.data_ptr<T>(), *pgm = gm.data_ptr<T>(), *pm = m.data_ptr<T>(), *pgv = gv.data_ptr<T>(),
-          *pv = v.data_ptr<T>(), *ps1 = s1.data_ptr<T>(), *ps2 = s2.data_ptr<T>();
+          *pv = v.data_ptr<T>();
+  const T* ps1 = input_grads ? s1.data_ptr<T>() : nullptr;
+  const T* ps2 = input_grads ? s2.data_ptr<T>() : nullptr;
   T* pd = weight_grad ? dw.data_ptr<T>() : nullptr;
+  const T* pbase = weight_grad && base.defined() ? base.data_ptr<T>() : nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<T> a(static_cast<size_t>(I)), b(static_cast<size_t>(I));
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
@@ -1050,7 +1095,10 @@ std::vector<Tensor> conv_moments_backward_impl(const Tensor& w, const Tensor& gm
             pb[i] += cv * rv[i];
           }
         }
-        tap_grad_range<T>(row, pa, pb, pd + o * I * K, 0, I, K);
+        if (pbase != nullptr)
+          tap_grad_add_range<T>(row, pa, pb, pbase + o * I * K, pd + o * I * K, 0, I, K);
+        else
+          tap_grad_range<T>(row, pa, pb, pd + o * I * K, 0, I, K);
       }
     }
   });
@@ -1106,7 +1154,24 @@ std::vector<Tensor> conv_moments_backward(const Tensor& w, const Tensor& g_mean,
   }
   at::NoGradGuard no_grad;
   return AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "conv_moments_backward", [&] {
-    return conv_moments_backward_impl<scalar_t>(w, g_mean, mean, g_var, var, s1, s2, weight_grad, input_grads);
+    return conv_moments_backward_impl<scalar_t>(w, g_mean, mean, g_var, var, s1, s2, weight_grad, input_grads,
+                                                Tensor());
+  });
+}
+
+// base + the rule's dW in one pass (base: another gradient of W, of its shape and dtype, e.g.
+// the convolution's own; bkn/transitions/weight_grads.py), or an undefined tensor for the
+// Python path.
+Tensor conv_moments_weight_grad(const Tensor& w, const Tensor& g_mean, const Tensor& mean, const Tensor& g_var,
+                                const Tensor& var, const Tensor& base) {
+  const int64_t O = w.dim() >= 2 ? w.size(0) : -1, I = w.dim() >= 2 ? w.size(1) : -1;
+  if (!conv_moments_takes(w, {{&mean, I}, {&g_mean, O}, {&var, I}, {&g_var, O}})) return Tensor();
+  if (base.sizes() != w.sizes() || base.scalar_type() != w.scalar_type() || !base.is_contiguous() ||
+      base.device().type() != at::kCPU)
+    return Tensor();
+  at::NoGradGuard no_grad;
+  return AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "conv_moments_weight_grad", [&] {
+    return conv_moments_backward_impl<scalar_t>(w, g_mean, mean, g_var, var, Tensor(), Tensor(), true, false, base)[0];
   });
 }
 
@@ -1203,6 +1268,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_moments_backward", &relu_moments_backward, "ReLU moments' backward, or [] for the Python path");
   m.def("conv_moments_forward", &conv_moments_forward,
         "the analytic convolution rule (mean @ S1^T, var @ S2^T) in one pass, or [] for the Python path");
+  m.def("conv_moments_weight_grad", &conv_moments_weight_grad,
+        "base + the convolution rule's weight gradient in one pass, or None for the Python path");
   m.def("conv_moments_backward", &conv_moments_backward,
         "its backward (dW, d mean, d var) in one pass over the weight, or [] for the Python path");
   m.def("pool_cached_bytes", &pool_cached_bytes, "bytes of freed weight-gradient memory kept for reuse");

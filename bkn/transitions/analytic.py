@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from ..layers import _native
 from .state import Moments, NormOutput, Sample, affine_output_moments
+from .weight_grads import DeferredWeightGrads
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -362,12 +363,17 @@ class _ConvMoments(torch.autograd.Function):
     for the backward, and their products with ``mean, var`` from cache; backward: ``dS1, dS2``,
     ``dW`` and the input gradients), so no (O, I) product goes to memory and no matrix
     product is dispatched. Else the tap sums, matrix products and the tap sums' gradient.
+
+    ``deferred`` (a :class:`~bkn.transitions.weight_grads.DeferredWeightGrads`, which the
+    transition passes): on the compiled path the backward leaves ``dW`` to a hook on the
+    weight that adds it to the convolution's own weight gradient in one pass, where that
+    registry takes the weight (a leaf, no earlier hooks).
     A backward with create_graph runs the rule as differentiable tensor ops (``S1, S2``
     recomputed from ``W``), so a double backward is exact.
     """
 
     @staticmethod
-    def forward(ctx, weight, mean, var, compiled):
+    def forward(ctx, weight, mean, var, compiled, deferred=None):
         native = _native.load() if compiled else None
         out = []
         if native is not None:
@@ -375,6 +381,7 @@ class _ConvMoments(torch.autograd.Function):
             out = native.conv_moments_forward(weight, mean, var)
         ctx.compiled = compiled
         ctx.fused = bool(out)
+        ctx.deferred = deferred if out else None
         if out:
             mean_out, var_out, s1, s2 = out
         else:
@@ -393,16 +400,17 @@ class _ConvMoments(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: every step differentiable
             s1, s2 = tap_sums(weight, compiled=False)
             grad_w = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False)
-            return grad_w, g_mean @ s1, g_var @ s2, None
+            return grad_w, g_mean @ s1, g_var @ s2, None, None
         need_w, need_mean, need_var = ctx.needs_input_grad[:3]
         native = _native.load() if ctx.compiled else None
         if native is not None and ctx.fused:
-            out = native.conv_moments_backward(
-                weight, g_mean.contiguous(), mean, g_var.contiguous(), var, s1, s2, need_w, need_mean or need_var
-            )
+            g_mean, g_var = g_mean.contiguous(), g_var.contiguous()
+            if need_w and ctx.deferred is not None and ctx.deferred.defer(weight, (g_mean, mean, g_var, var)):
+                need_w = False  # added to the convolution's own dW by the weight's hook (bkn.transitions.weight_grads)
+            out = native.conv_moments_backward(weight, g_mean, mean, g_var, var, s1, s2, need_w, need_mean or need_var)
             if out:
                 grad_w, grad_mean, grad_var = out
-                return grad_w, grad_mean if need_mean else None, grad_var if need_var else None, None
+                return grad_w, grad_mean if need_mean else None, grad_var if need_var else None, None, None
         grad_w = grad_mean = grad_var = None
         if need_mean:
             grad_mean = g_mean @ s1
@@ -410,11 +418,11 @@ class _ConvMoments(torch.autograd.Function):
             grad_var = g_var @ s2
         if need_w:  # the products, then one pass (compiled where _tap_sums_grad's kernel takes them)
             grad_w = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, ctx.compiled)
-        return grad_w, grad_mean, grad_var, None
+        return grad_w, grad_mean, grad_var, None, None
 
 
 def conv_moments(
-    weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, compiled: bool = True
+    weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, compiled: bool = True, deferred=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean @ sum_taps(W)^T, var @ sum_taps(W^2)^T)`` for a one-group (O, I, *kernel) weight and (G, I) moments.
 
@@ -422,7 +430,7 @@ def conv_moments(
     """
     if weight.dim() == 2:
         return mean @ weight.t(), var @ weight.square().t()
-    return _ConvMoments.apply(weight, mean, var, compiled)
+    return _ConvMoments.apply(weight, mean, var, compiled, deferred)
 
 
 _PROPAGATED = (
@@ -455,6 +463,14 @@ class Analytic:
 
     name = "analytic"
     shortcut = "activation"  # the CIFAR ResNet's first shortcut: moments of relu(norm0), see bkn.models.cifar_resnet
+
+    @property
+    def _weight_grads(self) -> DeferredWeightGrads:
+        """This transition's deferred convolution-rule weight gradients (see :mod:`bkn.transitions.weight_grads`)."""
+        registry = self.__dict__.get("_deferred")
+        if registry is None:
+            registry = self.__dict__["_deferred"] = DeferredWeightGrads()
+        return registry
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -508,7 +524,7 @@ class Analytic:
         taps = tuple(range(2, w.dim()))
         groups, batch = conv.groups, state.mean.shape[0]
         if groups == 1:  # one node: the tap sums and a matrix product each (see _ConvMoments)
-            mean, var = conv_moments(w, state.mean, state.var)
+            mean, var = conv_moments(w, state.mean, state.var, deferred=self._weight_grads)
         else:
             w_sum, w2_sum = tap_sums(w)  # (O, I / groups)
             out_c, in_per = w_sum.shape
