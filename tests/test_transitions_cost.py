@@ -264,6 +264,59 @@ def test_norm_relu_moments_gradcheck_and_the_lazy_moments(compiled):
         torch.testing.assert_close(a, b)
 
 
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.integers(1, 4),
+    channels=st.integers(1, 7),
+    compiled=st.booleans(),
+    shared=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_relu_of_a_residual_sum_with_a_norm_output_is_one_node_with_the_same_numbers(
+    seed, groups, channels, compiled, shared, dtype
+):
+    """relu(bn(x) + identity): the moments of the sum, then the rectified Gaussian, and every gradient
+    (the norm's posterior variance, gamma, beta and the other summand's moments) as the separate ops."""
+    gen = torch.Generator().manual_seed(seed)
+    var = (0.01 + 3 * torch.rand(groups, channels, generator=gen, dtype=dtype)).requires_grad_()
+    weight = torch.randn(channels, generator=gen, dtype=dtype).requires_grad_()
+    bias = torch.randn(channels, generator=gen, dtype=dtype).requires_grad_()
+    rows = 1 if shared else groups  # the other summand's moments may be shared by the groups
+    other_mean = torch.randn(rows, channels, generator=gen, dtype=dtype).requires_grad_()
+    other_var = (0.01 + torch.rand(rows, channels, generator=gen, dtype=dtype)).requires_grad_()
+    g = torch.randn(2, groups, channels, generator=gen, dtype=dtype)
+    total = Analytic().add(Moments(other_mean, other_var, (4, 4)), NormOutput(var, weight, bias, 1e-3, (4, 4)))
+    assert total.channels == channels and total.spatial == (4, 4)
+    # the transition's path (compiled where the kernels are), or the Python one
+    fused = Analytic().relu(total) if compiled else Moments(*norm_relu_moments(total.norm, False, total.other))
+    direct_var = weight.square() * (var / (var + 1e-3)) + other_var
+    direct = _relu_moments_direct(bias.expand_as(var) + other_mean, direct_var)
+    tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-11}
+    inputs = (var, weight, bias, other_mean, other_var)
+    grads = [
+        torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, g)), inputs)
+        for out in ((fused.mean, fused.var), direct)
+    ]
+    for a, b in zip((fused.mean, fused.var, *grads[0]), (*direct, *grads[1])):
+        torch.testing.assert_close(a, b, **tol)
+    # read as plain moments (e.g. by a convolution): the sum, formed on use
+    torch.testing.assert_close(total.var, direct_var)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_relu_of_a_residual_sum_gradcheck(compiled):
+    gen = torch.Generator().manual_seed(3)
+    f64 = {"generator": gen, "dtype": torch.float64}
+    var = (0.1 + torch.rand(2, 3, **f64)).requires_grad_()
+    weight, bias = torch.randn(3, **f64).requires_grad_(), torch.randn(3, **f64).requires_grad_()
+    other_mean, other_var = torch.randn(2, 3, **f64).requires_grad_(), (0.1 + torch.rand(2, 3, **f64)).requires_grad_()
+
+    def fn(v, w, b, m, s):
+        return norm_relu_moments(NormOutput(v, w, b, 1e-3), compiled=compiled, extra=Moments(m, s))
+
+    assert torch.autograd.gradcheck(fn, (var, weight, bias, other_mean, other_var))
+
+
 def _conv_moments_direct(w, mean, var):
     """The rule as written: tap sums by ``sum``, then matrix products (what autograd differentiates)."""
     taps = tuple(range(2, w.dim()))

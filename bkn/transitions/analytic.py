@@ -34,7 +34,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..layers import _native
-from .state import Moments, NormOutput, Sample, affine_output_moments
+from .state import Moments, NormOutput, NormOutputSum, Sample, affine_output_moments
 from .weight_grads import DeferredWeightGrads
 
 _SQRT2 = math.sqrt(2.0)
@@ -150,22 +150,27 @@ def _relu_moments_backward(compiled: bool, saved, g_first, g_var) -> tuple[torch
 
 
 class _NormReluMoments(torch.autograd.Function):
-    """Moments of ``relu`` of a norm's affine output (:class:`NormOutput`) as one autograd node.
+    """Moments of ``relu`` of a norm's affine output (:class:`NormOutput`), plus optionally
+    independent moments ``(extra_mean, extra_var)`` added before the ReLU (a residual sum,
+    :class:`NormOutputSum`), as one autograd node.
 
-    Forward: ``mu = beta`` (every group), ``s^2 = gamma^2 n`` with ``n = v / (v + eps)``, then
-    the rectified Gaussian of :class:`_ReluMoments` (compiled where that one is). Backward,
-    from that node's ``(d mu, d s^2)``::
+    Forward: ``mu = beta`` (every group), ``s^2 = gamma^2 n`` with ``n = v / (v + eps)``, plus the
+    extra moments where given, then the rectified Gaussian of :class:`_ReluMoments` (compiled
+    where that one is). Backward, from that node's ``(d mu, d s^2)``::
 
         d beta = sum_groups d mu     d gamma = 2 gamma sum_groups d s^2 n     d v = d s^2 gamma^2 eps / (v + eps)^2
+        d extra_mean = d mu          d extra_var = d s^2
 
     The numbers are those of the separate nodes (the same operations, in the same order in the
-    forward); what goes is six autograd nodes per norm and their dispatch. Not differentiable
-    again (``once_differentiable``, as the ReLU moments).
+    forward); what goes is six autograd nodes per norm (ten with a residual sum) and their
+    dispatch. Not differentiable again (``once_differentiable``, as the ReLU moments).
     """
 
     @staticmethod
-    def forward(ctx, var, weight, bias, eps, compiled):
+    def forward(ctx, var, weight, bias, eps, compiled, extra_mean=None, extra_var=None):
         mean, out_var, normalized = affine_output_moments(var, weight, bias, eps)
+        if extra_mean is not None:  # a residual sum: independent summands
+            mean, out_var = mean + extra_mean, out_var + extra_var
         first, relu_var, saved, ctx.compiled = _relu_moments_forward(mean, out_var, compiled)
         ctx.save_for_backward(*saved, var, weight, normalized)
         ctx.eps = eps
@@ -184,12 +189,18 @@ class _NormReluMoments(torch.autograd.Function):
             d_weight = 2 * weight * (d_out_var * normalized).sum(0)
         if ctx.needs_input_grad[2]:
             d_bias = d_mean.sum(0)
-        return d_var, d_weight, d_bias, None, None
+        d_extra_mean = d_mean if ctx.needs_input_grad[5] else None
+        d_extra_var = d_out_var if ctx.needs_input_grad[6] else None
+        return d_var, d_weight, d_bias, None, None, d_extra_mean, d_extra_var
 
 
-def norm_relu_moments(state: NormOutput, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of ``relu`` of a norm's affine output (see :class:`_NormReluMoments`)."""
-    return _NormReluMoments.apply(state.posterior_var, state.weight, state.bias, state.eps, compiled)
+def norm_relu_moments(state: NormOutput, compiled: bool = True, extra: Moments | None = None):
+    """Mean and variance of ``relu`` of a norm's affine output, plus ``extra`` (independent moments
+    added before the ReLU) where given (see :class:`_NormReluMoments`)."""
+    extra_mean, extra_var = (None, None) if extra is None else (extra.mean, extra.var)
+    return _NormReluMoments.apply(
+        state.posterior_var, state.weight, state.bias, state.eps, compiled, extra_mean, extra_var
+    )
 
 
 # Elementwise activations propagated by quadrature (:func:`elementwise_moments`), through the
@@ -495,13 +506,18 @@ class Analytic:
     def relu(self, state: Moments) -> Moments:
         if isinstance(state, NormOutput):  # relu right after a norm: one node (see _NormReluMoments)
             return Moments(*norm_relu_moments(state), state.spatial)
+        if isinstance(state, NormOutputSum):  # relu of a residual sum with a norm's output: one node too
+            return Moments(*norm_relu_moments(state.norm, extra=state.other), state.spatial)
         return Moments(*relu_moments(state.mean, state.var), state.spatial)
 
     def add(self, a, b) -> Moments:
         a = a.moments() if isinstance(a, Sample) else a
         b = b.moments() if isinstance(b, Sample) else b
-        if a.mean.shape[-1] != b.mean.shape[-1]:
+        if a.channels != b.channels:
             raise Unsupported(f"residual sum of {a.channels} and {b.channels} channels")
+        if isinstance(a, NormOutput) or isinstance(b, NormOutput):  # kept as its parts (see NormOutputSum)
+            norm, other = (a, b) if isinstance(a, NormOutput) else (b, a)
+            return NormOutputSum(norm, other, a.spatial or b.spatial)
         return a + b
 
     def cat(self, states: list) -> Moments:

@@ -67,6 +67,38 @@ class NormOutput(Moments):
         return self.posterior_var.shape[-1]
 
 
+class NormOutputSum(Moments):
+    """A residual sum with a norm's affine output: ``norm`` (:class:`NormOutput`) plus ``other`` (any
+    moments state), independent summands, so means add and variances add.
+
+    Kept as its two parts, ``mean`` and ``var`` formed (with autograd) on first use, so that the
+    ReLU after a residual sum (``relu(bn2(conv2(...)) + identity)`` in a ResNet block) takes the
+    moments of ``relu`` of the sum in one autograd node
+    (:func:`bkn.transitions.analytic.norm_relu_moments` with ``extra``) instead of some ten.
+    """
+
+    def __init__(self, norm: NormOutput, other: Moments, spatial=()):
+        self.norm, self.other, self.spatial = norm, other, tuple(spatial)
+        self._moments = None
+
+    def _formed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._moments is None:
+            self._moments = (self.norm.mean + self.other.mean, self.norm.var + self.other.var)
+        return self._moments
+
+    @property
+    def mean(self) -> torch.Tensor:  # noqa: D102 (Moments' field)
+        return self._formed()[0]
+
+    @property
+    def var(self) -> torch.Tensor:  # noqa: D102
+        return self._formed()[1]
+
+    @property
+    def channels(self) -> int:
+        return self.norm.channels
+
+
 @dataclass
 class Sample:
     """A surrogate activation of shape (G * draws, C, *spatial): ``draws`` Monte-Carlo draws per group."""
