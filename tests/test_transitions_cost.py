@@ -317,6 +317,31 @@ def test_relu_of_a_residual_sum_gradcheck(compiled):
     assert torch.autograd.gradcheck(fn, (var, weight, bias, other_mean, other_var))
 
 
+def test_compiled_norm_relu_moments_take_shared_extras_and_equal_the_python_path():
+    native = _native_or_skip()
+    gen = torch.Generator().manual_seed(4)
+    f64 = {"generator": gen, "dtype": torch.float64}
+    var, weight, bias = 0.1 + torch.rand(3, 5, **f64), torch.randn(5, **f64), torch.randn(5, **f64)
+    g_first, g_var = torch.randn(3, 5, **f64), torch.randn(3, 5, **f64)
+    for extra in (None, (torch.randn(5, **f64), torch.rand(5, **f64))) + tuple(
+        (torch.randn(rows, 5, **f64), torch.rand(rows, 5, **f64)) for rows in (1, 3)
+    ):
+        out = native.norm_relu_moments_forward(var, weight, bias, 1e-3, *(extra or (None, None)))
+        assert out, "the compiled kernel did not take these tensors"
+        leaves = [t.clone().requires_grad_() for t in (var, weight, bias, *(extra or ()))]
+        state = NormOutput(*leaves[:3], 1e-3)
+        python = norm_relu_moments(state, False, None if extra is None else Moments(*leaves[3:]))
+        torch.testing.assert_close(out[0], python[0], rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(out[1], python[1], rtol=1e-13, atol=1e-13)
+        saved = [out[i] for i in (2, 3, 4, 5, 6, 0, 7, 8)]  # mean_in, var_in, std, cdf, pdf, first, raw, n
+        grads = native.norm_relu_moments_backward(g_first, g_var, saved, var, weight, 1e-3)
+        expected = torch.autograd.grad(python, leaves, (g_first, g_var))
+        for got, want in zip(grads, expected):  # d var, d gamma, d beta (, the added moments': per group)
+            torch.testing.assert_close(got.sum_to_size(want.shape), want, rtol=1e-12, atol=1e-12)
+    # a dtype the kernel does not take: the Python path
+    assert native.norm_relu_moments_forward(var.float(), weight, bias, 1e-3, None, None) == []
+
+
 def _conv_moments_direct(w, mean, var):
     """The rule as written: tap sums by ``sum``, then matrix products (what autograd differentiates)."""
     taps = tuple(range(2, w.dim()))

@@ -1254,6 +1254,128 @@ std::vector<Tensor> relu_moments_backward(const Tensor& g_first, const Tensor& g
   return {grad_mean, grad_var};
 }
 
+// -- ReLU of a norm's affine output, plus optional moments added before it ---------------------------
+// (bkn/transitions/analytic.py, _NormReluMoments): mean = beta (+ extra_mean), variance =
+// gamma^2 v / (v + eps) (+ extra_var), then the rectified Gaussian above, in one loop; the
+// backward likewise. The operations are those of the Python Function in the same order.
+bool norm_relu_takes(const Tensor& var, const Tensor& weight, const Tensor& bias, const Maybe& extra_mean,
+                     const Maybe& extra_var) {
+  if (!relu_moments_takes({&var}) || var.dim() != 2) return false;
+  const int64_t G = var.size(0), C = var.size(1);
+  for (const Tensor* t : {&weight, &bias}) {
+    if (t->device().type() != at::kCPU || t->scalar_type() != var.scalar_type() || t->dim() != 1 || t->size(0) != C)
+      return false;
+  }
+  if (extra_mean.has_value() != extra_var.has_value()) return false;
+  for (const Maybe* m : {&extra_mean, &extra_var}) {
+    if (!m->has_value()) continue;
+    const Tensor& t = **m;
+    if (t.device().type() != at::kCPU || t.scalar_type() != var.scalar_type()) return false;
+    const bool ok = (t.dim() == 1 && t.size(0) == C) || (t.dim() == 2 && (t.size(0) == 1 || t.size(0) == G) && t.size(1) == C);
+    if (!ok) return false;
+  }
+  return true;
+}
+
+// (first, var_out, mean_in, var_in, std, cdf, pdf, raw, normalized), or [] for the Python path.
+std::vector<Tensor> norm_relu_moments_forward(const Tensor& var, const Tensor& weight, const Tensor& bias, double eps,
+                                              Maybe extra_mean, Maybe extra_var) {
+  if (!norm_relu_takes(var, weight, bias, extra_mean, extra_var)) return {};
+  at::NoGradGuard no_grad;
+  std::vector<Tensor> out;
+  for (int i = 0; i < 9; ++i) out.push_back(at::empty_like(var, at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "norm_relu_moments_forward", [&] {
+    using T = scalar_t;
+    const T* pvar = var.data_ptr<T>();
+    const Rows<T> w(weight), b(bias), em = rows_or_empty<T>(get(extra_mean)), ev = rows_or_empty<T>(get(extra_var));
+    const bool extra = extra_mean.has_value();
+    T *first = out[0].data_ptr<T>(), *vout = out[1].data_ptr<T>(), *pm = out[2].data_ptr<T>(),
+      *pv = out[3].data_ptr<T>(), *ps = out[4].data_ptr<T>(), *pc = out[5].data_ptr<T>(), *pp = out[6].data_ptr<T>(),
+      *pr = out[7].data_ptr<T>(), *pn = out[8].data_ptr<T>();
+    const T sqrt2 = T(std::sqrt(2.0)), inv_sqrt2pi = T(1.0 / std::sqrt(2.0 * M_PI)), floor = T(RELU_VAR_FLOOR);
+    const T e = T(eps);
+    const int64_t G = var.size(0), C = var.size(1);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = g * C + c;
+        const T normalized = pvar[i] / (pvar[i] + e);
+        const T wc = w(0, c);
+        T m = b(0, c), v = (wc * wc) * normalized;
+        if (extra) {
+          m = m + em(g, c);
+          v = v + ev(g, c);
+        }
+        const T sd = std::sqrt(std::max(v, floor));
+        const T a = m / sd;
+        const T cdf = T(0.5) * (T(1) + std::erf(a / sqrt2));
+        const T pdf = std::exp(T(-0.5) * a * a) * inv_sqrt2pi;
+        const T f = m * cdf + sd * pdf;
+        const T second = (m * m + v) * cdf + m * sd * pdf;
+        const T raw = second - f * f;
+        first[i] = f;
+        vout[i] = std::max(raw, T(0));
+        pm[i] = m;
+        pv[i] = v;
+        ps[i] = sd;
+        pc[i] = cdf;
+        pp[i] = pdf;
+        pr[i] = raw;
+        pn[i] = normalized;
+      }
+    }
+  });
+  return out;
+}
+
+// (d var, d weight, d bias, d mean_in, d var_in) from the forward's saved values; d mean_in and
+// d var_in are the gradients of the added moments (per (group, channel)). [] for the Python path.
+std::vector<Tensor> norm_relu_moments_backward(const Tensor& g_first, const Tensor& g_var,
+                                               const std::vector<Tensor>& saved, const Tensor& var,
+                                               const Tensor& weight, double eps) {
+  if (saved.size() != 8) return {};
+  const Tensor &mean_in = saved[0], &var_in = saved[1], &std_ = saved[2], &cdf = saved[3], &pdf = saved[4],
+               &first = saved[5], &raw = saved[6], &normalized = saved[7];
+  if (!relu_moments_takes({&var, &g_first, &g_var, &mean_in, &var_in, &std_, &cdf, &pdf, &first, &raw, &normalized}))
+    return {};
+  if (var.dim() != 2 || weight.dim() != 1 || weight.size(0) != var.size(1) || weight.scalar_type() != var.scalar_type())
+    return {};
+  at::NoGradGuard no_grad;
+  const int64_t G = var.size(0), C = var.size(1);
+  Tensor d_var = at::empty_like(var, at::MemoryFormat::Contiguous), d_mean_in = at::empty_like(d_var),
+         d_var_in = at::empty_like(d_var);
+  Tensor d_weight = at::zeros({C}, var.options()), d_bias = at::zeros({C}, var.options());
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "norm_relu_moments_backward", [&] {
+    using T = scalar_t;
+    const T *gf = g_first.data_ptr<T>(), *gv0 = g_var.data_ptr<T>(), *pm = mean_in.data_ptr<T>(),
+            *pv = var_in.data_ptr<T>(), *ps = std_.data_ptr<T>(), *pc = cdf.data_ptr<T>(), *pp = pdf.data_ptr<T>(),
+            *pf = first.data_ptr<T>(), *pr = raw.data_ptr<T>(), *pn = normalized.data_ptr<T>(),
+            *pvar = var.data_ptr<T>();
+    const Rows<T> w(weight);
+    T *dv = d_var.data_ptr<T>(), *dmi = d_mean_in.data_ptr<T>(), *dvi = d_var_in.data_ptr<T>(),
+      *dw = d_weight.data_ptr<T>(), *db = d_bias.data_ptr<T>();
+    const T floor = T(RELU_VAR_FLOOR), e = T(eps);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = g * C + c;
+        // the rectified Gaussian's backward (relu_moments_backward)
+        const T gv = gv0[i] * T(pr[i] > 0);
+        const T ds_dv = T(pv[i] > floor) / (T(2) * ps[i]);
+        const T d_second_d_mean = T(2) * pm[i] * pc[i] + ps[i] * pp[i] + pv[i] * pp[i] / ps[i];
+        const T d_m = gf[i] * pc[i] + gv * (d_second_d_mean - T(2) * pf[i] * pc[i]);
+        const T d_s2 = (gf[i] - T(2) * gv * pf[i]) * pp[i] * ds_dv + gv * pc[i];
+        dmi[i] = d_m;
+        dvi[i] = d_s2;
+        const T wc = w(0, c), ve = pvar[i] + e;
+        dv[i] = d_s2 * (wc * wc) * (e / (ve * ve));
+        dw[c] += d_s2 * pn[i];  // sum over groups, times 2 gamma below
+        db[c] += d_m;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) dw[c] = T(2) * w(0, c) * dw[c];
+  });
+  return {d_var, d_weight, d_bias, d_mean_in, d_var_in};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1268,6 +1390,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_moments_backward", &relu_moments_backward, "ReLU moments' backward, or [] for the Python path");
   m.def("conv_moments_forward", &conv_moments_forward,
         "the analytic convolution rule (mean @ S1^T, var @ S2^T) in one pass, or [] for the Python path");
+  m.def("norm_relu_moments_forward", &norm_relu_moments_forward,
+        "ReLU moments of a norm's affine output (plus added moments), or [] for the Python path");
+  m.def("norm_relu_moments_backward", &norm_relu_moments_backward, "its backward, or [] for the Python path");
   m.def("conv_moments_weight_grad", &conv_moments_weight_grad,
         "base + the convolution rule's weight gradient in one pass, or None for the Python path");
   m.def("conv_moments_backward", &conv_moments_backward,

@@ -155,8 +155,10 @@ class _NormReluMoments(torch.autograd.Function):
     :class:`NormOutputSum`), as one autograd node.
 
     Forward: ``mu = beta`` (every group), ``s^2 = gamma^2 n`` with ``n = v / (v + eps)``, plus the
-    extra moments where given, then the rectified Gaussian of :class:`_ReluMoments` (compiled
-    where that one is). Backward, from that node's ``(d mu, d s^2)``::
+    extra moments where given, then the rectified Gaussian of :class:`_ReluMoments`. Compiled
+    (``norm_relu_moments_forward`` / ``_backward`` in ``bkn/csrc/fused_norm.cpp``, CPU
+    float32/float64) as one loop each way, else the tensor ops (with the compiled ReLU moments
+    where those take them). Backward, from that node's ``(d mu, d s^2)``::
 
         d beta = sum_groups d mu     d gamma = 2 gamma sum_groups d s^2 n     d v = d s^2 gamma^2 eps / (v + eps)^2
         d extra_mean = d mu          d extra_var = d s^2
@@ -168,29 +170,55 @@ class _NormReluMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, var, weight, bias, eps, compiled, extra_mean=None, extra_var=None):
+        ctx.eps = eps
+        native = _native.load() if compiled else None
+        out = native.norm_relu_moments_forward(var, weight, bias, eps, extra_mean, extra_var) if native else []
+        ctx.native = bool(out)
+        if out:  # the whole node in one loop each way (bkn/csrc/fused_norm.cpp), if it takes these tensors
+            first, relu_var, mean_in, var_in, std, cdf, pdf, raw, normalized = out
+            ctx.save_for_backward(mean_in, var_in, std, cdf, pdf, first, raw, normalized, var, weight)
+            return first, relu_var
         mean, out_var, normalized = affine_output_moments(var, weight, bias, eps)
         if extra_mean is not None:  # a residual sum: independent summands
             mean, out_var = mean + extra_mean, out_var + extra_var
         first, relu_var, saved, ctx.compiled = _relu_moments_forward(mean, out_var, compiled)
         ctx.save_for_backward(*saved, var, weight, normalized)
-        ctx.eps = eps
         return first, relu_var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_first, g_var):
         saved = ctx.saved_tensors
-        relu_saved, (var, weight, normalized) = saved[:-3], saved[-3:]
+        needs = ctx.needs_input_grad
+        if ctx.native:
+            grads = _native.load().norm_relu_moments_backward(
+                g_first.contiguous(), g_var.contiguous(), list(saved[:8]), saved[8], saved[9], ctx.eps
+            )
+            if grads:
+                d_var, d_weight, d_bias, d_mean, d_out_var = grads
+                return (
+                    d_var if needs[0] else None,
+                    d_weight if needs[1] else None,
+                    d_bias if needs[2] else None,
+                    None,
+                    None,
+                    d_mean if needs[5] else None,
+                    d_out_var if needs[6] else None,
+                )
+            (mean_in, var_in, std, cdf, pdf, first, raw, normalized, var, weight) = saved  # the Python formulas
+            relu_saved, ctx.compiled = (mean_in, var_in, std, cdf, pdf, first, raw), False
+        else:
+            relu_saved, (var, weight, normalized) = saved[:-3], saved[-3:]
         d_mean, d_out_var = _relu_moments_backward(ctx.compiled, relu_saved, g_first, g_var)
         d_var = d_weight = d_bias = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             d_var = d_out_var * weight.square() * (ctx.eps / (var + ctx.eps).square())
-        if ctx.needs_input_grad[1]:
+        if needs[1]:
             d_weight = 2 * weight * (d_out_var * normalized).sum(0)
-        if ctx.needs_input_grad[2]:
+        if needs[2]:
             d_bias = d_mean.sum(0)
-        d_extra_mean = d_mean if ctx.needs_input_grad[5] else None
-        d_extra_var = d_out_var if ctx.needs_input_grad[6] else None
+        d_extra_mean = d_mean if needs[5] else None
+        d_extra_var = d_out_var if needs[6] else None
         return d_var, d_weight, d_bias, None, None, d_extra_mean, d_extra_var
 
 
