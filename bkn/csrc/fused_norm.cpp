@@ -27,6 +27,7 @@
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#include <immintrin.h>
 #include <xmmintrin.h>
 #endif
 
@@ -833,11 +834,49 @@ void tap_grad_range(const T* pw, const T* p1, const T* p2, T* pd, int64_t begin,
   tap_grad_rows<T>(pw, p1, p2, pd, begin, end, K);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// base + (g1 + 2 W g2) for float32 3x3 kernels with AVX2, chosen at run time where the CPU has it:
+// 8 rows (72 values, 9 vectors) at a time, lane l of vector j being row (8j + l) / 9, whose
+// coefficients a permute of the 8 rows' puts in place. The same operations per value as the
+// scalar loop (no fused multiply-add): the same results.
+__attribute__((target("avx2"))) void tap_grad_add_rows9_avx2(const float* pw, const float* p1, const float* p2,
+                                                              const float* pb, float* pd, int64_t begin,
+                                                              int64_t end) {
+  alignas(32) static const int lanes[9][8] = {
+      {0, 0, 0, 0, 0, 0, 0, 0}, {0, 1, 1, 1, 1, 1, 1, 1}, {1, 1, 2, 2, 2, 2, 2, 2}, {2, 2, 2, 3, 3, 3, 3, 3},
+      {3, 3, 3, 3, 4, 4, 4, 4}, {4, 4, 4, 4, 4, 5, 5, 5}, {5, 5, 5, 5, 5, 5, 6, 6}, {6, 6, 6, 6, 6, 6, 6, 7},
+      {7, 7, 7, 7, 7, 7, 7, 7}};
+  const __m256 two = _mm256_set1_ps(2.0f);
+  int64_t r = begin;
+  for (; r + 8 <= end; r += 8) {
+    const __m256 a8 = _mm256_loadu_ps(p1 + r), b8 = _mm256_loadu_ps(p2 + r);
+    const float* w = pw + r * 9;
+    const float* base = pb + r * 9;
+    float* out = pd + r * 9;
+    for (int j = 0; j < 9; ++j) {
+      const __m256i lane = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes[j]));
+      const __m256 a = _mm256_permutevar8x32_ps(a8, lane), b = _mm256_permutevar8x32_ps(b8, lane);
+      const __m256 term = _mm256_add_ps(a, _mm256_mul_ps(_mm256_mul_ps(two, _mm256_loadu_ps(w + 8 * j)), b));
+      _mm256_storeu_ps(out + 8 * j, _mm256_add_ps(_mm256_loadu_ps(base + 8 * j), term));
+    }
+  }
+  tap_grad_add_rows9(pw, p1, p2, pb, pd, r, end);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
 template <typename T>
 void tap_grad_add_range(const T* pw, const T* p1, const T* p2, const T* pb, T* pd, int64_t begin, int64_t end,
                         int64_t K) {
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (K == 9 && cpu_has_avx2()) return tap_grad_add_rows9_avx2(pw, p1, p2, pb, pd, begin, end);
+#endif
     if (K == 9) return tap_grad_add_rows9(pw, p1, p2, pb, pd, begin, end);
   }
 #endif
