@@ -195,3 +195,18 @@ def test_a_gradient_the_kernel_does_not_take_gets_the_same_sum_in_torch_ops():
         contiguous = base.contiguous()
         registry.defer(weight, (g_mean, mean, g_var, var))
         torch.testing.assert_close(registry.apply(weight, contiguous), expected)  # the compiled kernel
+
+
+@pytest.mark.parametrize("in_channels", [5, 8, 13])  # the vector loops take 8 rows at a time: the rest, and none
+def test_the_hook_pass_equals_the_formula_in_float32(in_channels):
+    gen = torch.Generator().manual_seed(in_channels)
+    weight = torch.nn.Parameter(torch.randn(3, in_channels, 3, 3, generator=gen))
+    g_mean, g_var = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    mean, var = torch.randn(2, in_channels, generator=gen), torch.rand(2, in_channels, generator=gen)
+    base = torch.randn(weight.shape, generator=gen)
+    d_sum, d_sq = (g_mean.t() @ mean)[..., None, None], (g_var.t() @ var)[..., None, None]
+    registry = DeferredWeightGrads()
+    with torch.no_grad():
+        registry.defer(weight, (g_mean, mean, g_var, var))
+        got = registry.apply(weight, base)
+    torch.testing.assert_close(got, base + (d_sum + 2 * weight.detach() * d_sq), rtol=1e-6, atol=1e-6)

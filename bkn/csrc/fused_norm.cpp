@@ -39,6 +39,7 @@
 #include <unordered_map>
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -804,8 +805,8 @@ void tap_grad_add_rows9(const float* pw, const float* p1, const float* p2, const
     float* out = pd + r * 9;
     const __m128 a = _mm_set1_ps(p1[r]), b = _mm_set1_ps(p2[r]);
     _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(base), _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p)), b))));
-    _mm_storeu_ps(out + 4,
-                  _mm_add_ps(_mm_loadu_ps(base + 4), _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p + 4)), b))));
+    const __m128 high = _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p + 4)), b));
+    _mm_storeu_ps(out + 4, _mm_add_ps(_mm_loadu_ps(base + 4), high));
     out[8] = base[8] + (p1[r] + 2.0f * p[8] * p2[r]);
   }
 }
@@ -1222,6 +1223,33 @@ Tensor conv_moments_weight_grad(const Tensor& w, const Tensor& g_mean, const Ten
 // Python Function in the same order; erf and exp are the C library's (equal up to rounding).
 constexpr double RELU_VAR_FLOOR = 1e-20;  // _VAR_FLOOR
 
+// The rectified Gaussian's moments at one (group, channel), and what its backward needs.
+template <typename T>
+struct Rectified {
+  T s, cdf, pdf, first, raw;
+  Rectified(T m, T v) {
+    const T sqrt2 = T(std::sqrt(2.0)), inv_sqrt2pi = T(1.0 / std::sqrt(2.0 * M_PI));
+    s = std::sqrt(std::max(v, T(RELU_VAR_FLOOR)));  // NaN stays NaN, as clamp_min
+    const T a = m / s;
+    cdf = T(0.5) * (T(1) + std::erf(a / sqrt2));
+    pdf = std::exp(T(-0.5) * a * a) * inv_sqrt2pi;
+    first = m * cdf + s * pdf;
+    const T second = (m * m + v) * cdf + m * s * pdf;
+    raw = second - first * first;
+  }
+};
+
+// (d mean, d var) of the rectified Gaussian at one (group, channel) from its saved values.
+template <typename T>
+inline std::pair<T, T> rectified_backward(T g_first, T g_var, T m, T v, T s, T cdf, T pdf, T first, T raw) {
+  const T gv = g_var * T(raw > 0);  // no gradient where the variance was clamped
+  const T ds_dv = T(v > T(RELU_VAR_FLOOR)) / (T(2) * s);
+  const T d_second_d_mean = T(2) * m * cdf + s * pdf + v * pdf / s;
+  const T d_mean = g_first * cdf + gv * (d_second_d_mean - T(2) * first * cdf);
+  const T d_var = (g_first - T(2) * gv * first) * pdf * ds_dv + gv * cdf;
+  return {d_mean, d_var};
+}
+
 bool relu_moments_takes(std::initializer_list<const Tensor*> ts) {
   const Tensor& first = **ts.begin();
   if (first.device().type() != at::kCPU) return false;
@@ -1244,23 +1272,15 @@ std::vector<Tensor> relu_moments_forward(const Tensor& mean, const Tensor& var) 
     const T *pm = mean.data_ptr<T>(), *pv = var.data_ptr<T>();
     T *first = out[0].data_ptr<T>(), *vout = out[1].data_ptr<T>(), *ps = out[2].data_ptr<T>(),
       *pc = out[3].data_ptr<T>(), *pp = out[4].data_ptr<T>(), *pr = out[5].data_ptr<T>();
-    const T sqrt2 = T(std::sqrt(2.0)), inv_sqrt2pi = T(1.0 / std::sqrt(2.0 * M_PI)), floor = T(RELU_VAR_FLOOR);
     const int64_t n = mean.numel();
     for (int64_t i = 0; i < n; ++i) {
-      const T m = pm[i], v = pv[i];
-      const T s = std::sqrt(std::max(v, floor));  // NaN stays NaN, as clamp_min
-      const T a = m / s;
-      const T cdf = T(0.5) * (T(1) + std::erf(a / sqrt2));
-      const T pdf = std::exp(T(-0.5) * a * a) * inv_sqrt2pi;
-      const T f = m * cdf + s * pdf;
-      const T second = (m * m + v) * cdf + m * s * pdf;
-      const T raw = second - f * f;
-      first[i] = f;
-      vout[i] = std::max(raw, T(0));
-      ps[i] = s;
-      pc[i] = cdf;
-      pp[i] = pdf;
-      pr[i] = raw;
+      const Rectified<T> r(pm[i], pv[i]);
+      first[i] = r.first;
+      vout[i] = std::max(r.raw, T(0));
+      ps[i] = r.s;
+      pc[i] = r.cdf;
+      pp[i] = r.pdf;
+      pr[i] = r.raw;
     }
   });
   return out;
@@ -1280,14 +1300,9 @@ std::vector<Tensor> relu_moments_backward(const Tensor& g_first, const Tensor& g
             *pv = var.data_ptr<T>(), *ps = std_.data_ptr<T>(), *pc = cdf.data_ptr<T>(), *pp = pdf.data_ptr<T>(),
             *pf = first.data_ptr<T>(), *pr = raw.data_ptr<T>();
     T *dm = grad_mean.data_ptr<T>(), *dv = grad_var.data_ptr<T>();
-    const T floor = T(RELU_VAR_FLOOR);
     const int64_t n = mean.numel();
     for (int64_t i = 0; i < n; ++i) {
-      const T gv = gv0[i] * T(pr[i] > 0);  // no gradient where the variance was clamped
-      const T ds_dv = T(pv[i] > floor) / (T(2) * ps[i]);
-      const T d_second_d_mean = T(2) * pm[i] * pc[i] + ps[i] * pp[i] + pv[i] * pp[i] / ps[i];
-      dm[i] = gf[i] * pc[i] + gv * (d_second_d_mean - T(2) * pf[i] * pc[i]);
-      dv[i] = (gf[i] - T(2) * gv * pf[i]) * pp[i] * ds_dv + gv * pc[i];
+      std::tie(dm[i], dv[i]) = rectified_backward(gf[i], gv0[i], pm[i], pv[i], ps[i], pc[i], pp[i], pf[i], pr[i]);
     }
   });
   return {grad_mean, grad_var};
@@ -1310,7 +1325,8 @@ bool norm_relu_takes(const Tensor& var, const Tensor& weight, const Tensor& bias
     if (!m->has_value()) continue;
     const Tensor& t = **m;
     if (t.device().type() != at::kCPU || t.scalar_type() != var.scalar_type()) return false;
-    const bool ok = (t.dim() == 1 && t.size(0) == C) || (t.dim() == 2 && (t.size(0) == 1 || t.size(0) == G) && t.size(1) == C);
+    const bool rows = t.dim() == 2 && (t.size(0) == 1 || t.size(0) == G) && t.size(1) == C;
+    const bool ok = (t.dim() == 1 && t.size(0) == C) || rows;
     if (!ok) return false;
   }
   return true;
@@ -1331,7 +1347,6 @@ std::vector<Tensor> norm_relu_moments_forward(const Tensor& var, const Tensor& w
     T *first = out[0].data_ptr<T>(), *vout = out[1].data_ptr<T>(), *pm = out[2].data_ptr<T>(),
       *pv = out[3].data_ptr<T>(), *ps = out[4].data_ptr<T>(), *pc = out[5].data_ptr<T>(), *pp = out[6].data_ptr<T>(),
       *pr = out[7].data_ptr<T>(), *pn = out[8].data_ptr<T>();
-    const T sqrt2 = T(std::sqrt(2.0)), inv_sqrt2pi = T(1.0 / std::sqrt(2.0 * M_PI)), floor = T(RELU_VAR_FLOOR);
     const T e = T(eps);
     const int64_t G = var.size(0), C = var.size(1);
     for (int64_t g = 0; g < G; ++g) {
@@ -1344,21 +1359,15 @@ std::vector<Tensor> norm_relu_moments_forward(const Tensor& var, const Tensor& w
           m = m + em(g, c);
           v = v + ev(g, c);
         }
-        const T sd = std::sqrt(std::max(v, floor));
-        const T a = m / sd;
-        const T cdf = T(0.5) * (T(1) + std::erf(a / sqrt2));
-        const T pdf = std::exp(T(-0.5) * a * a) * inv_sqrt2pi;
-        const T f = m * cdf + sd * pdf;
-        const T second = (m * m + v) * cdf + m * sd * pdf;
-        const T raw = second - f * f;
-        first[i] = f;
-        vout[i] = std::max(raw, T(0));
+        const Rectified<T> r(m, v);
+        first[i] = r.first;
+        vout[i] = std::max(r.raw, T(0));
         pm[i] = m;
         pv[i] = v;
-        ps[i] = sd;
-        pc[i] = cdf;
-        pp[i] = pdf;
-        pr[i] = raw;
+        ps[i] = r.s;
+        pc[i] = r.cdf;
+        pp[i] = r.pdf;
+        pr[i] = r.raw;
         pn[i] = normalized;
       }
     }
@@ -1392,16 +1401,11 @@ std::vector<Tensor> norm_relu_moments_backward(const Tensor& g_first, const Tens
     const Rows<T> w(weight);
     T *dv = d_var.data_ptr<T>(), *dmi = d_mean_in.data_ptr<T>(), *dvi = d_var_in.data_ptr<T>(),
       *dw = d_weight.data_ptr<T>(), *db = d_bias.data_ptr<T>();
-    const T floor = T(RELU_VAR_FLOOR), e = T(eps);
+    const T e = T(eps);
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t i = g * C + c;
-        // the rectified Gaussian's backward (relu_moments_backward)
-        const T gv = gv0[i] * T(pr[i] > 0);
-        const T ds_dv = T(pv[i] > floor) / (T(2) * ps[i]);
-        const T d_second_d_mean = T(2) * pm[i] * pc[i] + ps[i] * pp[i] + pv[i] * pp[i] / ps[i];
-        const T d_m = gf[i] * pc[i] + gv * (d_second_d_mean - T(2) * pf[i] * pc[i]);
-        const T d_s2 = (gf[i] - T(2) * gv * pf[i]) * pp[i] * ds_dv + gv * pc[i];
+        const auto [d_m, d_s2] = rectified_backward(gf[i], gv0[i], pm[i], pv[i], ps[i], pc[i], pp[i], pf[i], pr[i]);
         dmi[i] = d_m;
         dvi[i] = d_s2;
         const T wc = w(0, c), ve = pvar[i] + e;

@@ -35,64 +35,64 @@ def affine_output_moments(var, weight, bias, eps: float):
     return bias.expand_as(var), weight.square() * normalized, normalized
 
 
-class NormOutput(Moments):
+class _LazyMoments(Moments):
+    """Moments kept as the parts they are computed from, ``mean`` and ``var`` formed (with
+    autograd) on first use by :meth:`_form`: a transition that knows the parts can take a
+    rule of them in one autograd node instead."""
+
+    _moments = None
+
+    def _form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def mean(self) -> torch.Tensor:  # noqa: D102 (Moments' field)
+        if self._moments is None:
+            self._moments = self._form()
+        return self._moments[0]
+
+    @property
+    def var(self) -> torch.Tensor:  # noqa: D102
+        if self._moments is None:
+            self._moments = self._form()
+        return self._moments[1]
+
+
+class NormOutput(_LazyMoments):
     """The moments of a norm layer's affine output ``gamma * (x - m) / sqrt(v + eps) + beta`` for
     ``x ~ N(m, v)`` (its posterior): mean ``beta``, variance ``gamma^2 v / (v + eps)``, per (group, channel).
 
-    Kept as the layer's tensors, ``mean`` and ``var`` formed (with autograd) on first use, so that
-    a ReLU right after the norm (the usual case) can take the moments of ``relu`` of it in one
-    autograd node (:func:`bkn.transitions.analytic.norm_relu_moments`) instead of some seven.
+    Kept as the layer's tensors, so that a ReLU right after the norm (the usual case) can take
+    the moments of ``relu`` of it in one autograd node
+    (:func:`bkn.transitions.analytic.norm_relu_moments`) instead of some seven.
     """
 
     def __init__(self, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, spatial=()):
         self.posterior_var, self.weight, self.bias, self.eps = var, weight, bias, eps
         self.spatial = tuple(spatial)
-        self._moments = None
 
-    def _formed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._moments is None:
-            self._moments = affine_output_moments(self.posterior_var, self.weight, self.bias, self.eps)[:2]
-        return self._moments
-
-    @property
-    def mean(self) -> torch.Tensor:  # noqa: D102 (Moments' field)
-        return self._formed()[0]
-
-    @property
-    def var(self) -> torch.Tensor:  # noqa: D102
-        return self._formed()[1]
+    def _form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return affine_output_moments(self.posterior_var, self.weight, self.bias, self.eps)[:2]
 
     @property
     def channels(self) -> int:
         return self.posterior_var.shape[-1]
 
 
-class NormOutputSum(Moments):
+class NormOutputSum(_LazyMoments):
     """A residual sum with a norm's affine output: ``norm`` (:class:`NormOutput`) plus ``other`` (any
     moments state), independent summands, so means add and variances add.
 
-    Kept as its two parts, ``mean`` and ``var`` formed (with autograd) on first use, so that the
-    ReLU after a residual sum (``relu(bn2(conv2(...)) + identity)`` in a ResNet block) takes the
-    moments of ``relu`` of the sum in one autograd node
+    Kept as its two parts, so that the ReLU after a residual sum (``relu(bn2(conv2(...)) +
+    identity)`` in a ResNet block) takes the moments of ``relu`` of the sum in one autograd node
     (:func:`bkn.transitions.analytic.norm_relu_moments` with ``extra``) instead of some ten.
     """
 
     def __init__(self, norm: NormOutput, other: Moments, spatial=()):
         self.norm, self.other, self.spatial = norm, other, tuple(spatial)
-        self._moments = None
 
-    def _formed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._moments is None:
-            self._moments = (self.norm.mean + self.other.mean, self.norm.var + self.other.var)
-        return self._moments
-
-    @property
-    def mean(self) -> torch.Tensor:  # noqa: D102 (Moments' field)
-        return self._formed()[0]
-
-    @property
-    def var(self) -> torch.Tensor:  # noqa: D102
-        return self._formed()[1]
+    def _form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.norm.mean + self.other.mean, self.norm.var + self.other.var
 
     @property
     def channels(self) -> int:
