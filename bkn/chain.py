@@ -44,6 +44,40 @@ _ADD_METHODS = {"add", "add_"}
 _RELU_METHODS = {"relu", "relu_"}
 _PAD = {F.pad, torch.constant_pad_nd}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+# Activations called as functions (``F.silu(x)``, ``torch.sigmoid(x)``, ``x.tanh()``): the module
+# that computes the same, built from the call's arguments, so both transitions take them as they
+# take the modules (the input is argument 0; ``inplace`` does not change the statistics).
+def _activation(module_type, *names, **defaults):
+    def build(args: tuple, kwargs: dict) -> nn.Module:
+        values = dict(defaults)
+        values.update(zip(names, args[1:]))
+        values.update((k, v) for k, v in kwargs.items() if k in names)
+        return module_type(**values)
+
+    return build
+
+
+_ACTIVATION_FUNCTIONS = {
+    F.silu: _activation(nn.SiLU),
+    F.gelu: _activation(nn.GELU, "approximate"),
+    F.mish: _activation(nn.Mish),
+    F.hardswish: _activation(nn.Hardswish),
+    F.hardsigmoid: _activation(nn.Hardsigmoid),
+    F.elu: _activation(nn.ELU, "alpha"),
+    F.celu: _activation(nn.CELU, "alpha"),
+    F.selu: _activation(nn.SELU),
+    F.leaky_relu: _activation(nn.LeakyReLU, "negative_slope"),
+    F.softplus: _activation(nn.Softplus, "beta", "threshold"),
+    F.relu6: _activation(nn.ReLU6),
+    F.hardtanh: _activation(nn.Hardtanh, "min_val", "max_val"),
+    torch.sigmoid: _activation(nn.Sigmoid),
+    F.sigmoid: _activation(nn.Sigmoid),
+    torch.tanh: _activation(nn.Tanh),
+    F.tanh: _activation(nn.Tanh),
+}
+_ACTIVATION_METHODS = {"sigmoid": _activation(nn.Sigmoid), "tanh": _activation(nn.Tanh)}
 # Integer arithmetic on tensor sizes (``pad = x.shape[1] // 2`` for a zero-padding shortcut).
 _ARITH = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg}
 
@@ -57,7 +91,8 @@ class _Op:
     """One node of the traced graph, as much of it as the chain needs.
 
     ``kind``: ``input`` (the model input), ``norm`` (a BKN layer's first call), ``module``
-    (a module the transitions model), ``add``, ``relu``, ``flatten``, ``pad`` (zero
+    (a module the transitions model), ``activation`` (an activation called as a function:
+    ``args`` holds the module that computes the same), ``add``, ``relu``, ``flatten``, ``pad`` (zero
     channel padding), ``cat`` (concatenation of channels), ``pass`` (no change to the
     statistics), ``size`` and ``arith`` (a tensor's size and integer arithmetic on it:
     values, not states), ``output`` or ``unsupported`` (``why`` says what is not modelled).
@@ -202,6 +237,13 @@ class PriorChain:
                 if dim == 1 and isinstance(tensors, (list, tuple)) and all(isinstance(t, fx.Node) for t in tensors):
                     return _Op(node.name, "cat", tuple(t.name for t in tensors), label)  # in order, repeats kept
                 return _Op(node.name, "unsupported", inputs, label, why=f"concatenation along dim {dim}, not channels")
+            build = (_ACTIVATION_METHODS if node.op == "call_method" else _ACTIVATION_FUNCTIONS).get(target)
+            if build is not None and len(inputs) == 1 and isinstance(node.args[0], fx.Node):
+                try:
+                    module = build(node.args, node.kwargs)
+                except (TypeError, ValueError) as err:  # arguments that are graph values, or invalid
+                    return _Op(node.name, "unsupported", inputs, label, why=f"{label} with these arguments ({err})")
+                return _Op(node.name, "activation", inputs, label, args=(module,))
             if target in _ADD or target in _ADD_METHODS:
                 if len(inputs) == 2 and not values and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2:
                     kind = "add"
@@ -476,6 +518,8 @@ class PriorChain:
         kind = op.kind
         if kind == "module":
             return t.module(self.modules[op.target], inputs[0])
+        if kind == "activation":  # an activation called as a function: its module (see _ACTIVATION_FUNCTIONS)
+            return t.module(op.args[0], inputs[0])
         if kind == "add":
             return t.add(inputs[0], inputs[1])
         if kind == "cat":
