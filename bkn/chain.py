@@ -49,10 +49,9 @@ _CAT = {torch.cat, torch.concat, torch.concatenate}
 # Activations called as functions (``F.silu(x)``, ``torch.sigmoid(x)``, ``x.tanh()``): the module
 # that computes the same, built from the call's arguments, so both transitions take them as they
 # take the modules (the input is argument 0; ``inplace`` does not change the statistics).
-def _activation(module_type, *names, **defaults):
+def _activation(module_type, *names):
     def build(args: tuple, kwargs: dict) -> nn.Module:
-        values = dict(defaults)
-        values.update(zip(names, args[1:]))
+        values = dict(zip(names, args[1:]))
         values.update((k, v) for k, v in kwargs.items() if k in names)
         return module_type(**values)
 

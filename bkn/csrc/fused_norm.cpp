@@ -729,27 +729,21 @@ void tap_sums_rows(const T* pw, T* p1, T* p2, int64_t begin, int64_t end, int64_
   }
 }
 
+// dW = g1 + 2 W g2, or with pb (another gradient of W, e.g. the convolution's own) pb + that:
+// the rule's gradient added to it in the same pass (the sum autograd would form, with the same
+// rounding: the rule's term first).
 template <typename T>
-void tap_grad_rows(const T* pw, const T* p1, const T* p2, T* pd, int64_t begin, int64_t end, int64_t K) {
+void tap_grad_rows(const T* pw, const T* p1, const T* p2, const T* pb, T* pd, int64_t begin, int64_t end, int64_t K) {
   for (int64_t r = begin; r < end; ++r) {
     const T a = p1[r], b = p2[r];
     const T* row = pw + r * K;
     T* out = pd + r * K;
-    for (int64_t k = 0; k < K; ++k) out[k] = a + T(2) * row[k] * b;
-  }
-}
-
-// dW = base + (g1 + 2 W g2): the rule's gradient added to another gradient of the weight in
-// the same pass (the sum autograd would form, with the same rounding: the rule's term first).
-template <typename T>
-void tap_grad_add_rows(const T* pw, const T* p1, const T* p2, const T* pb, T* pd, int64_t begin, int64_t end,
-                       int64_t K) {
-  for (int64_t r = begin; r < end; ++r) {
-    const T a = p1[r], b = p2[r];
-    const T* row = pw + r * K;
-    const T* base = pb + r * K;
-    T* out = pd + r * K;
-    for (int64_t k = 0; k < K; ++k) out[k] = base[k] + (a + T(2) * row[k] * b);
+    if (pb == nullptr) {
+      for (int64_t k = 0; k < K; ++k) out[k] = a + T(2) * row[k] * b;
+    } else {
+      const T* base = pb + r * K;
+      for (int64_t k = 0; k < K; ++k) out[k] = base[k] + (a + T(2) * row[k] * b);
+    }
   }
 }
 
@@ -781,40 +775,34 @@ void tap_sums_rows9(const float* pw, float* p1, float* p2, int64_t begin, int64_
   tap_sums_rows<float>(pw, p1, p2, r, end, 9);
 }
 
-// dW = g1 + 2 W g2 for float32 3x3 kernels: taps 0-3 and 4-7 of a row as vectors (the
-// same operations in the same order as the scalar loop: the same results), tap 8 scalar.
-void tap_grad_rows9(const float* pw, const float* p1, const float* p2, float* pd, int64_t begin, int64_t end) {
+// dW = g1 + 2 W g2 (or pb + that) for float32 3x3 kernels: taps 0-3 and 4-7 of a row as
+// vectors (the same operations in the same order as the scalar loop: the same results), tap 8 scalar.
+void tap_grad_rows9(const float* pw, const float* p1, const float* p2, const float* pb, float* pd, int64_t begin,
+                    int64_t end) {
   const __m128 two = _mm_set1_ps(2.0f);
   for (int64_t r = begin; r < end; ++r) {
     const float* p = pw + r * 9;
     float* out = pd + r * 9;
     const __m128 a = _mm_set1_ps(p1[r]), b = _mm_set1_ps(p2[r]);
-    _mm_storeu_ps(out, _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p)), b)));
-    _mm_storeu_ps(out + 4, _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p + 4)), b)));
-    out[8] = p1[r] + 2.0f * p[8] * p2[r];
-  }
-}
-
-// base + (g1 + 2 W g2) for float32 3x3 kernels, as tap_grad_rows9 (the same results as the scalar loop).
-void tap_grad_add_rows9(const float* pw, const float* p1, const float* p2, const float* pb, float* pd, int64_t begin,
-                        int64_t end) {
-  const __m128 two = _mm_set1_ps(2.0f);
-  for (int64_t r = begin; r < end; ++r) {
-    const float* p = pw + r * 9;
-    const float* base = pb + r * 9;
-    float* out = pd + r * 9;
-    const __m128 a = _mm_set1_ps(p1[r]), b = _mm_set1_ps(p2[r]);
-    _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(base), _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p)), b))));
-    const __m128 high = _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p + 4)), b));
-    _mm_storeu_ps(out + 4, _mm_add_ps(_mm_loadu_ps(base + 4), high));
-    out[8] = base[8] + (p1[r] + 2.0f * p[8] * p2[r]);
+    __m128 low = _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p)), b));
+    __m128 high = _mm_add_ps(a, _mm_mul_ps(_mm_mul_ps(two, _mm_loadu_ps(p + 4)), b));
+    float last = p1[r] + 2.0f * p[8] * p2[r];
+    if (pb != nullptr) {
+      const float* base = pb + r * 9;
+      low = _mm_add_ps(_mm_loadu_ps(base), low);
+      high = _mm_add_ps(_mm_loadu_ps(base + 4), high);
+      last = base[8] + last;
+    }
+    _mm_storeu_ps(out, low);
+    _mm_storeu_ps(out + 4, high);
+    out[8] = last;
   }
 }
 #endif
 
-// Rows [begin, end) of the tap sums and of their gradient (with or without a gradient to add
-// to): the SSE2 loops for float32 3x3 kernels, the generic ones otherwise (every caller below
-// goes through these).
+// Rows [begin, end) of the tap sums and (below) of their gradient, with or without a gradient
+// to add to: the SSE2 loops for float32 3x3 kernels (AVX2 for the gradient where the CPU has
+// it), the generic ones otherwise (every caller below goes through these).
 template <typename T>
 void tap_sums_range(const T* pw, T* p1, T* p2, int64_t begin, int64_t end, int64_t K) {
 #if defined(__SSE2__)
@@ -825,24 +813,13 @@ void tap_sums_range(const T* pw, T* p1, T* p2, int64_t begin, int64_t end, int64
   tap_sums_rows<T>(pw, p1, p2, begin, end, K);
 }
 
-template <typename T>
-void tap_grad_range(const T* pw, const T* p1, const T* p2, T* pd, int64_t begin, int64_t end, int64_t K) {
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (K == 9) return tap_grad_rows9(pw, p1, p2, pd, begin, end);
-  }
-#endif
-  tap_grad_rows<T>(pw, p1, p2, pd, begin, end, K);
-}
-
 #if defined(__x86_64__) && defined(__GNUC__)
-// base + (g1 + 2 W g2) for float32 3x3 kernels with AVX2, chosen at run time where the CPU has it:
-// 8 rows (72 values, 9 vectors) at a time, lane l of vector j being row (8j + l) / 9, whose
-// coefficients a permute of the 8 rows' puts in place. The same operations per value as the
-// scalar loop (no fused multiply-add): the same results.
-__attribute__((target("avx2"))) void tap_grad_add_rows9_avx2(const float* pw, const float* p1, const float* p2,
-                                                              const float* pb, float* pd, int64_t begin,
-                                                              int64_t end) {
+// dW = g1 + 2 W g2 (or pb + that) for float32 3x3 kernels with AVX2, chosen at run time where the
+// CPU has it: 8 rows (72 values, 9 vectors) at a time, lane l of vector j being row (8j + l) / 9,
+// whose coefficients a permute of the 8 rows' puts in place. The same operations per value as
+// the scalar loop (no fused multiply-add): the same results.
+__attribute__((target("avx2"))) void tap_grad_rows9_avx2(const float* pw, const float* p1, const float* p2,
+                                                          const float* pb, float* pd, int64_t begin, int64_t end) {
   alignas(32) static const int lanes[9][8] = {
       {0, 0, 0, 0, 0, 0, 0, 0}, {0, 1, 1, 1, 1, 1, 1, 1}, {1, 1, 2, 2, 2, 2, 2, 2}, {2, 2, 2, 3, 3, 3, 3, 3},
       {3, 3, 3, 3, 4, 4, 4, 4}, {4, 4, 4, 4, 4, 5, 5, 5}, {5, 5, 5, 5, 5, 5, 6, 6}, {6, 6, 6, 6, 6, 6, 6, 7},
@@ -852,16 +829,16 @@ __attribute__((target("avx2"))) void tap_grad_add_rows9_avx2(const float* pw, co
   for (; r + 8 <= end; r += 8) {
     const __m256 a8 = _mm256_loadu_ps(p1 + r), b8 = _mm256_loadu_ps(p2 + r);
     const float* w = pw + r * 9;
-    const float* base = pb + r * 9;
     float* out = pd + r * 9;
     for (int j = 0; j < 9; ++j) {
       const __m256i lane = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes[j]));
       const __m256 a = _mm256_permutevar8x32_ps(a8, lane), b = _mm256_permutevar8x32_ps(b8, lane);
-      const __m256 term = _mm256_add_ps(a, _mm256_mul_ps(_mm256_mul_ps(two, _mm256_loadu_ps(w + 8 * j)), b));
-      _mm256_storeu_ps(out + 8 * j, _mm256_add_ps(_mm256_loadu_ps(base + 8 * j), term));
+      __m256 term = _mm256_add_ps(a, _mm256_mul_ps(_mm256_mul_ps(two, _mm256_loadu_ps(w + 8 * j)), b));
+      if (pb != nullptr) term = _mm256_add_ps(_mm256_loadu_ps(pb + r * 9 + 8 * j), term);
+      _mm256_storeu_ps(out + 8 * j, term);
     }
   }
-  tap_grad_add_rows9(pw, p1, p2, pb, pd, r, end);
+  tap_grad_rows9(pw, p1, p2, pb, pd, r, end);
 }
 
 bool cpu_has_avx2() {
@@ -871,17 +848,17 @@ bool cpu_has_avx2() {
 #endif
 
 template <typename T>
-void tap_grad_add_range(const T* pw, const T* p1, const T* p2, const T* pb, T* pd, int64_t begin, int64_t end,
-                        int64_t K) {
+void tap_grad_range(const T* pw, const T* p1, const T* p2, const T* pb, T* pd, int64_t begin, int64_t end,
+                    int64_t K) {
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (K == 9 && cpu_has_avx2()) return tap_grad_add_rows9_avx2(pw, p1, p2, pb, pd, begin, end);
+    if (K == 9 && cpu_has_avx2()) return tap_grad_rows9_avx2(pw, p1, p2, pb, pd, begin, end);
 #endif
-    if (K == 9) return tap_grad_add_rows9(pw, p1, p2, pb, pd, begin, end);
+    if (K == 9) return tap_grad_rows9(pw, p1, p2, pb, pd, begin, end);
   }
 #endif
-  tap_grad_add_rows<T>(pw, p1, p2, pb, pd, begin, end, K);
+  tap_grad_rows<T>(pw, p1, p2, pb, pd, begin, end, K);
 }
 
 template <typename T>
@@ -899,7 +876,7 @@ Tensor tap_sums_backward_impl(const Tensor& w, const Tensor& g1, const Tensor& g
   const T *pw = w.data_ptr<T>(), *p1 = g1.data_ptr<T>(), *p2 = g2.data_ptr<T>();
   T* pd = dw.data_ptr<T>();
   at::parallel_for(0, R, 4096 / std::max<int64_t>(K, 1) + 1,
-                   [&](int64_t begin, int64_t end) { tap_grad_range<T>(pw, p1, p2, pd, begin, end, K); });
+                   [&](int64_t begin, int64_t end) { tap_grad_range<T>(pw, p1, p2, nullptr, pd, begin, end, K); });
   return dw;
 }
 
@@ -1135,10 +1112,7 @@ std::vector<Tensor> conv_moments_backward_impl(const Tensor& w, const Tensor& gm
             pb[i] += cv * rv[i];
           }
         }
-        if (pbase != nullptr)
-          tap_grad_add_range<T>(row, pa, pb, pbase + o * I * K, pd + o * I * K, 0, I, K);
-        else
-          tap_grad_range<T>(row, pa, pb, pd + o * I * K, 0, I, K);
+        tap_grad_range<T>(row, pa, pb, pbase == nullptr ? nullptr : pbase + o * I * K, pd + o * I * K, 0, I, K);
       }
     }
   });

@@ -97,13 +97,13 @@ class DeferredWeightGrads:
                 "such gradient reached the weight in this backward. Differentiate a loss of the network's "
                 "outputs, or build the prior with detach_prior=True."
             )
+        from .analytic import _tap_sums_grad  # (analytic imports this module)
+
         native = _native.load()
         for g_mean, mean, g_var, var in entry[1]:
             total = native.conv_moments_weight_grad(weight, g_mean, mean, g_var, var, grad) if native else None
             if total is None:  # a gradient the kernel does not take (not contiguous): the same sum in torch ops
-                view = weight.shape[:2] + (1,) * (weight.dim() - 2)
-                d_sum, d_sq = (g_mean.t() @ mean).reshape(view), (g_var.t() @ var).reshape(view)
-                total = grad + torch.addcmul(d_sum, weight, d_sq, value=2.0)
+                total = grad + _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False)
             grad = total
         return grad
 
