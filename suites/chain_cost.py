@@ -53,6 +53,9 @@ from torch import nn
 from bkn import methods
 from bkn.results import environment, write_json
 
+from .harness import allocator
+from .harness.allocator import ALLOCATORS
+
 REFERENCE = "torch-bn"  # the unconverted model
 DEFAULT_METHODS = ("bn", "brn", "gn", "bkn-analytic", "bkn-official")
 _CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::thnn_conv2d", "aten::_convolution")
@@ -106,23 +109,31 @@ class Step:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def interleaved(steps: dict, rounds: int, per_round, log, clock: str = "wall") -> dict[str, list[float]]:
+def interleaved(
+    steps: dict, rounds: int, per_round, log, clock: str = "wall", faults: dict | None = None
+) -> dict[str, list[float]]:
     """Mean seconds per call of every entry in each round, the order rotated every round.
 
     ``per_round``: calls per entry per round, one number or one per entry. ``clock``:
-    ``wall`` (elapsed time) or ``cpu`` (this process's CPU time, all its threads)."""
+    ``wall`` (elapsed time) or ``cpu`` (this process's CPU time, all its threads).
+    ``faults``: a dict that receives, per entry, the minor page faults per call in each round."""
     now = CLOCKS[clock]
     names = list(steps)
     counts = per_round if isinstance(per_round, dict) else dict.fromkeys(names, per_round)
     times = {n: [] for n in names}
+    per_call_faults = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
+            before = allocator.minor_faults()
             start = now()
             for _ in range(counts[n]):
                 steps[n]()
             times[n].append((now() - start) / counts[n])
+            per_call_faults[n].append((allocator.minor_faults() - before) / counts[n])
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names))
+    if faults is not None:
+        faults.update(per_call_faults)
     return times
 
 
@@ -174,6 +185,14 @@ def main(argv=None) -> dict:
         help="wall: elapsed time (the default); cpu: the process's CPU time, which a machine loaded by other "
         "processes inflates far less (with --threads 1; with more threads it counts spin-waiting)",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="steady",
+        help="steady (the default): glibc keeps freed memory for reuse, so no model's step pays page faults "
+        "after the warm-up; default: the C allocator as it comes, whose page faults land on one model or "
+        "another from round to round (suites/harness/allocator.py); the faults per step are reported either way",
+    )
     parser.add_argument("--profile", action="store_true", help="also profile where the time goes")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--blocks", action="store_true", help="time the layer and block cases instead of the step")
@@ -212,6 +231,11 @@ def main(argv=None) -> dict:
     if args.batch % args.group_size:
         parser.error(f"--group-size {args.group_size} must divide --batch {args.batch}")
     torch.set_num_threads(args.threads)
+    if args.allocator == "steady" and args.processes == 1:  # (--processes: each child sets its own)
+        try:
+            allocator.steady()
+        except RuntimeError as error:
+            parser.error(str(error))
 
     def log(text):
         print(text, file=sys.stderr, flush=True)
@@ -264,10 +288,12 @@ def main(argv=None) -> dict:
         for _ in range(args.warmup):
             steps[name]()
         log(f"built and warmed up {name}")
-    times = interleaved(steps, args.rounds, args.steps, log, args.clock)
+    faults = {}
+    times = interleaved(steps, args.rounds, args.steps, log, args.clock, faults)
     result = {
         "setting": {
-            k: getattr(args, k) for k in ("batch", "group_size", "size", "threads", "rounds", "steps", "seed", "clock")
+            k: getattr(args, k)
+            for k in ("batch", "group_size", "size", "threads", "rounds", "steps", "seed", "clock", "allocator")
         },
         "reference": REFERENCE,
         "entries": {n: {"method": m, "options": o} for n, (m, o) in entries.items()},
@@ -283,6 +309,8 @@ def main(argv=None) -> dict:
             "ratio_q25": _quantile(ratios, 0.25),
             "ratio_q75": _quantile(ratios, 0.75),
             "step_s": times[name],
+            "faults_per_step": faults[name],
+            "faults_per_step_median": statistics.median(faults[name]),
         }
     if args.profile:
         for name in entries:
@@ -367,7 +395,7 @@ def step_setting(s: dict) -> str:
     """The measured step, as a table's heading starts (this table's and ``--processes``')."""
     return (
         f"ResNet-18 SGD step, {s['size']}x{s['size']}, batch {s['batch']} in groups of {s['group_size']}, "
-        f"{s['threads']} threads"
+        f"{s['threads']} threads, {s.get('allocator', 'default')} allocator"
     )
 
 
@@ -375,12 +403,12 @@ def table(result: dict) -> str:
     s = result["setting"]
     lines = [
         f"{step_setting(s)}, {s['rounds']} interleaved rounds of {s['steps']} steps, {s['clock']} clock",
-        f"{'method':<22}{'step ms':>9}{'ratio':>8}{'q25..q75':>14}",
+        f"{'method':<22}{'step ms':>9}{'ratio':>8}{'q25..q75':>14}{'faults/step':>13}",
     ]
     for name, r in result["methods"].items():
         lines.append(
             f"{name:<22}{r['step_s_median'] * 1e3:>9.1f}{r['ratio_median']:>8.2f}"
-            f"{r['ratio_q25']:>7.2f}..{r['ratio_q75']:<5.2f}"
+            f"{r['ratio_q25']:>7.2f}..{r['ratio_q75']:<5.2f}{r.get('faults_per_step_median', math.nan):>13.0f}"
         )
     if all("profile" in r for r in result["methods"].values()):
         lines.append(f"profile (self CPU ms per step): {'total':>8}{'conv':>8}{'convs':>7}{'+conv':>8}{'+other':>8}")

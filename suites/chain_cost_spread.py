@@ -24,7 +24,7 @@ from . import chain_cost
 
 def _child_argv(args, index: int, out: str) -> list[str]:
     argv = ["--methods", *args.methods]
-    for key in ("batch", "group_size", "size", "threads", "rounds", "steps", "warmup", "seed", "clock"):
+    for key in ("batch", "group_size", "size", "threads", "rounds", "steps", "warmup", "seed", "clock", "allocator"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.baseline and index % 2:
         argv += ["--baseline", args.baseline, "--skip-current"]
@@ -62,7 +62,12 @@ def run(args, log) -> dict:
     for name in names:
         ratios = [r["methods"][name]["ratio_median"] for r in runs if name in r["methods"]]
         steps = [r["methods"][name]["step_s_median"] for r in runs if name in r["methods"]]
-        spread[name] = {"ratio": _spread(ratios), "step_s_median": statistics.median(steps)}
+        faults = [r["methods"][name]["faults_per_step_median"] for r in runs if name in r["methods"]]
+        spread[name] = {
+            "ratio": _spread(ratios),
+            "step_s_median": statistics.median(steps),
+            "faults_per_step_median": statistics.median(faults),
+        }
     return {
         "setting": runs[0]["setting"],
         "processes": args.processes,
@@ -77,12 +82,13 @@ def table(result: dict) -> str:
     lines = [
         f"{chain_cost.step_setting(s)}, {result['processes']} processes of {s['rounds']} rounds of {s['steps']} "
         f"steps, {s['clock']} clock; per process the median ratio to torch-bn, then over processes:",
-        f"{'method':<22}{'n':>4}{'step ms':>9}{'median':>8}{'q25..q75':>14}{'min..max':>14}",
+        f"{'method':<22}{'n':>4}{'step ms':>9}{'median':>8}{'q25..q75':>14}{'min..max':>14}{'faults/step':>13}",
     ]
     for name, r in result["spread"].items():
         q = r["ratio"]
         lines.append(
             f"{name:<22}{q['n']:>4}{r['step_s_median'] * 1e3:>9.1f}{q['median']:>8.3f}"
             f"{q['q25']:>7.2f}..{q['q75']:<5.2f}{q['min']:>7.2f}..{q['max']:<5.2f}"
+            f"{r['faults_per_step_median']:>13.0f}"
         )
     return "\n".join(lines)

@@ -22,6 +22,7 @@ def test_step_measures_every_method_against_torch_bn(tmp_path, capsys):
             *("--variant", "half=bkn-official:surrogate_scale=0.5"),
             *("--size", "32", "--batch", "4", "--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1"),
             *("--profile", "--profile-steps", "1", "--out", str(out)),
+            *("--allocator", "default"),  # (steady would change this test process's malloc for good)
         ]
     )
     assert set(result["methods"]) == {chain_cost.REFERENCE, "bn", "bkn-official", "half"}
@@ -29,17 +30,21 @@ def test_step_measures_every_method_against_torch_bn(tmp_path, capsys):
         assert len(r["step_s"]) == 2 and all(t > 0 for t in r["step_s"])
         assert r["ratio_q25"] <= r["ratio_median"] <= r["ratio_q75"]
         assert r["profile"]["conv_calls"] >= 20  # ResNet-18's convolutions at least
+        assert len(r["faults_per_step"]) == 2 and all(f >= 0 for f in r["faults_per_step"])
     assert result["methods"][chain_cost.REFERENCE]["ratio_median"] == 1.0
     # The official transition pushes a surrogate through the convolutions: more conv calls than BN.
     assert result["methods"]["bkn-official"]["profile"]["conv_calls"] > result["methods"]["bn"]["profile"]["conv_calls"]
     assert result["entries"]["half"] == {"method": "bkn-official", "options": {"surrogate_scale": 0.5}}
-    assert json.loads(out.read_text())["setting"]["group_size"] == 2
-    assert "bkn-official" in capsys.readouterr().out
+    setting = json.loads(out.read_text())["setting"]
+    assert setting["group_size"] == 2 and setting["allocator"] == "default"
+    printed = capsys.readouterr().out
+    assert "bkn-official" in printed and "faults/step" in printed and "default allocator" in printed
 
 
 def test_blocks_pair_each_case_with_bn(tmp_path):
     result = chain_cost.main(
         ["--blocks", "--block-inputs", "2x16x8x8", "--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1"]
+        + ["--allocator", "default"]
     )
     entry = result["inputs"]["2x16x8x8"]
     kinds = {f"{k} {m}" for k in ("layer", "block") for m in chain_cost.BLOCK_METHODS}
@@ -118,7 +123,10 @@ def test_processes_alternate_this_checkout_and_the_baseline(tmp_path, capsys):
     q = spread["bn"]["ratio"]
     assert q["min"] <= q["q25"] <= q["median"] <= q["q75"] <= q["max"]
     assert json.loads(out.read_text())["processes"] == 3
-    assert "3 processes" in capsys.readouterr().out
+    assert all(r["setting"]["allocator"] == "steady" for r in result["runs"])  # the default, set in each child
+    assert spread["bn"]["faults_per_step_median"] >= 0
+    printed = capsys.readouterr().out
+    assert "3 processes" in printed and "steady allocator" in printed
 
 
 @pytest.mark.parametrize(
