@@ -504,6 +504,15 @@ struct KalmanNorm : public FusedFunction<KalmanNorm> {
     // A fresh tensor, never a view of x: callers apply in-place ops to a norm's output.
     Tensor y = unit_affine<T>(x, u, sc, sh);
 
+    // Distinct tensors: the posterior (outputs 1, 2) is differentiable, the observation (3, 4) is
+    // not; without a prior they hold the same values. The posterior gets the copies, so that
+    // saved_data, which holds plain references, never holds an output of this node: that
+    // would be a reference cycle through the output's grad_fn, and the node, with the input
+    // it saved, would never be freed (a forward without a backward leaked it).
+    if (!has_prior) {
+      mean = obs_mean.clone();
+      var = obs_var.clone();
+    }
     ctx->save_for_backward({x, weight, mean});
     ctx->saved_data["block"] = block;
     ctx->saved_data["obs_mean"] = obs_mean;
@@ -515,11 +524,6 @@ struct KalmanNorm : public FusedFunction<KalmanNorm> {
       ctx->saved_data["prior_var"] = prior_var;
       ctx->saved_data["gain"] = gain_tensor ? gain : at::scalar_tensor(o.gain, obs_mean.options());
       ctx->saved_data["prior_mean_sizes"] = prior_mean.sizes().vec();
-    }
-    // Distinct tensors: the posterior is differentiable, the observation is not.
-    if (!has_prior) {
-      obs_mean = obs_mean.clone();
-      obs_var = obs_var.clone();
     }
     ctx->mark_non_differentiable({obs_mean, obs_var});
     return {y, mean, var, obs_mean, obs_var};
