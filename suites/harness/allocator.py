@@ -20,7 +20,9 @@ the work done. The process keeps its peak heap (no memory goes back to the syste
 exits). :func:`minor_faults` counts the faults, so a table can show them next to each time.
 ``tests/test_suites_allocator.py`` plants a step that faults on every call under the default
 allocator (a 40 MB block, above the dynamic threshold's ceiling, so mapped afresh each
-time) and checks that the counter sees it and that ``steady`` removes it.
+time) and checks that the counter sees it and that ``steady`` removes it. The regression gate
+does the same for asv's benchmark processes through glibc's environment variables
+(``analysis.continuous.MALLOC_ENV``): those are read when a process starts, this works inside one.
 """
 
 from __future__ import annotations
