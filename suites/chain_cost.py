@@ -341,7 +341,7 @@ def blocks(args, log) -> dict:
     methods_ = [m for m in args.methods if m in BLOCK_METHODS] or list(BLOCK_METHODS)
     if "bn" not in methods_:
         methods_.insert(0, "bn")
-    result = {"setting": {k: getattr(args, k) for k in ("threads", "rounds", "steps", "clock")}}
+    result = {"setting": {k: getattr(args, k) for k in ("threads", "rounds", "steps", "clock", "allocator")}}
     result["environment"] = environment("cpu")
     result["inputs"] = {}
     for text in args.block_inputs:
@@ -379,7 +379,8 @@ def blocks_table(result: dict) -> str:
     s = result["setting"]
     lines = [
         f"layer (norm alone, given a prior) and block (conv3x3 + norm + ReLU with the chain), forward + backward, "
-        f"{s['threads']} threads, {s['rounds']} interleaved rounds, {s['clock']} clock; ratio to bn in the same round",
+        f"{s['threads']} threads, {s['rounds']} interleaved rounds, {s['clock']} clock, "
+        f"{s.get('allocator', 'default')} allocator; ratio to bn in the same round",
         f"{'input':<14}{'case':<20}{'ms':>9}{'ratio':>8}{'q25..q75':>14}",
     ]
     for text, entry in result["inputs"].items():

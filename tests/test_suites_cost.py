@@ -50,6 +50,7 @@ def test_blocks_pair_each_case_with_bn(tmp_path):
     kinds = {f"{k} {m}" for k in ("layer", "block") for m in chain_cost.BLOCK_METHODS}
     assert set(entry) == kinds
     assert entry["layer bn"]["ratio_median"] == 1.0 and entry["block bn"]["ratio_median"] == 1.0
+    assert result["setting"]["allocator"] == "default"
 
 
 @pytest.mark.parametrize(

@@ -1160,11 +1160,18 @@ std::vector<Tensor> conv_moments_forward(const Tensor& w, const Tensor& mean, co
 
 // (dW or undefined, d mean, d var) from the forward's S1, S2, or [] for the Python path;
 // weight_grad=false leaves dW undefined, input_grads=false the last two.
+// Whether the rule's backward takes W (O, I, *k), the (G, O) gradients and the (G, I) moments.
+bool conv_moments_backward_takes(const Tensor& w, const Tensor& g_mean, const Tensor& mean, const Tensor& g_var,
+                                 const Tensor& var) {
+  const int64_t O = w.dim() >= 2 ? w.size(0) : -1, I = w.dim() >= 2 ? w.size(1) : -1;
+  return conv_moments_takes(w, {{&mean, I}, {&g_mean, O}, {&var, I}, {&g_var, O}});
+}
+
 std::vector<Tensor> conv_moments_backward(const Tensor& w, const Tensor& g_mean, const Tensor& mean,
                                           const Tensor& g_var, const Tensor& var, const Tensor& s1,
                                           const Tensor& s2, bool weight_grad, bool input_grads) {
-  const int64_t O = w.dim() >= 2 ? w.size(0) : -1, I = w.dim() >= 2 ? w.size(1) : -1;
-  if (!conv_moments_takes(w, {{&mean, I}, {&g_mean, O}, {&var, I}, {&g_var, O}})) return {};
+  if (!conv_moments_backward_takes(w, g_mean, mean, g_var, var)) return {};
+  const int64_t O = w.size(0), I = w.size(1);
   for (const Tensor* s : {&s1, &s2}) {
     if (s->scalar_type() != w.scalar_type() || !s->is_contiguous() || s->dim() != 2 || s->size(0) != O ||
         s->size(1) != I || s->device().type() != at::kCPU)
@@ -1182,8 +1189,7 @@ std::vector<Tensor> conv_moments_backward(const Tensor& w, const Tensor& g_mean,
 // Python path.
 Tensor conv_moments_weight_grad(const Tensor& w, const Tensor& g_mean, const Tensor& mean, const Tensor& g_var,
                                 const Tensor& var, const Tensor& base) {
-  const int64_t O = w.dim() >= 2 ? w.size(0) : -1, I = w.dim() >= 2 ? w.size(1) : -1;
-  if (!conv_moments_takes(w, {{&mean, I}, {&g_mean, O}, {&var, I}, {&g_var, O}})) return Tensor();
+  if (!conv_moments_backward_takes(w, g_mean, mean, g_var, var)) return Tensor();
   if (base.sizes() != w.sizes() || base.scalar_type() != w.scalar_type() || !base.is_contiguous() ||
       base.device().type() != at::kCPU)
     return Tensor();

@@ -174,6 +174,8 @@ class _NormReluMoments(torch.autograd.Function):
         native = _native.load() if compiled else None
         out = native.norm_relu_moments_forward(var, weight, bias, eps, extra_mean, extra_var) if native else []
         ctx.native = bool(out)
+        # Saved on either path: the ReLU moments' seven tensors (see _relu_moments_forward), then
+        # v / (v + eps), the posterior variance and gamma.
         if out:  # the whole node in one loop each way (bkn/csrc/fused_norm.cpp), if it takes these tensors
             first, relu_var, mean_in, var_in, std, cdf, pdf, raw, normalized = out
             ctx.save_for_backward(mean_in, var_in, std, cdf, pdf, first, raw, normalized, var, weight)
@@ -182,17 +184,18 @@ class _NormReluMoments(torch.autograd.Function):
         if extra_mean is not None:  # a residual sum: independent summands
             mean, out_var = mean + extra_mean, out_var + extra_var
         first, relu_var, saved, ctx.compiled = _relu_moments_forward(mean, out_var, compiled)
-        ctx.save_for_backward(*saved, var, weight, normalized)
+        ctx.save_for_backward(*saved, normalized, var, weight)
         return first, relu_var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_first, g_var):
         saved = ctx.saved_tensors
+        relu_saved, (normalized, var, weight) = saved[:7], saved[7:]
         needs = ctx.needs_input_grad
         if ctx.native:
             grads = _native.load().norm_relu_moments_backward(
-                g_first.contiguous(), g_var.contiguous(), list(saved[:8]), saved[8], saved[9], ctx.eps
+                g_first.contiguous(), g_var.contiguous(), list(saved[:8]), var, weight, ctx.eps
             )
             if grads:
                 d_var, d_weight, d_bias, d_mean, d_out_var = grads
@@ -205,10 +208,7 @@ class _NormReluMoments(torch.autograd.Function):
                     d_mean if needs[5] else None,
                     d_out_var if needs[6] else None,
                 )
-            (mean_in, var_in, std, cdf, pdf, first, raw, normalized, var, weight) = saved  # the Python formulas
-            relu_saved, ctx.compiled = (mean_in, var_in, std, cdf, pdf, first, raw), False
-        else:
-            relu_saved, (var, weight, normalized) = saved[:-3], saved[-3:]
+            ctx.compiled = False  # gradients the kernel does not take: the Python formulas
         d_mean, d_out_var = _relu_moments_backward(ctx.compiled, relu_saved, g_first, g_var)
         d_var = d_weight = d_bias = None
         if needs[0]:
