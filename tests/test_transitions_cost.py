@@ -149,7 +149,8 @@ def _sums_and_grad(w, g1, g2, compiled):
 )
 def test_compiled_tap_sums_equal_the_python_path(seed, out_c, in_c, kernel, dtype):
     """Values and gradient of the compiled kernel (the float32 3x3 one vectorized 4 rows at a
-    time: row counts that are not multiples of 4 exercise its tail) against the Python path."""
+    time with SSE2, 8 with AVX2: row counts that are not multiples of 8 exercise the tails)
+    against the Python path."""
     native = _native_or_skip()
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out_c, in_c, *kernel, generator=gen, dtype=dtype)
@@ -357,9 +358,10 @@ def _moments_and_grads(fn, w, mean, var, g_mean, g_var):
 
 @given(
     seed=st.integers(0, 2**31 - 1),
-    groups=st.sampled_from([1, 2, 3, 4, 17]),  # 17: more than the fused kernel takes (matrix products instead)
+    # 6: a sweep of 4 groups and one of 2 in the AVX2 loops; 17: more than the fused kernel takes
+    groups=st.sampled_from([1, 2, 3, 4, 6, 17]),
     out_c=st.integers(1, 9),
-    in_c=st.integers(1, 7),
+    in_c=st.integers(1, 21),  # 8 inputs at a time with AVX2 (float32), and a tail
     kernel=st.sampled_from([(1, 1), (3, 3), (5, 5), (3,)]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
@@ -402,6 +404,25 @@ def test_conv_moments_gradcheck_gradgradcheck_and_unused_outputs(compiled):
     frozen = w.detach()  # a frozen weight: no weight gradient is formed
     (g,) = torch.autograd.grad(fn(frozen, mean, var)[1].sum(), var)
     torch.testing.assert_close(g, frozen.square().sum((2, 3)).sum(0).expand(2, 3))
+
+
+def test_compiled_conv_moments_do_not_depend_on_the_thread_count():
+    """Forward, input gradients and weight gradient, float32 3x3 (the vector loops): bit for bit
+    the same at 1 and 2 threads, at sizes the kernels split over threads."""
+    _native_or_skip()
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 203, 3, 3, generator=gen)
+    mean, var = torch.randn(6, 203, generator=gen), torch.rand(6, 203, generator=gen)
+    g_mean, g_var = torch.randn(6, 64, generator=gen), torch.randn(6, 64, generator=gen)
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(_moments_and_grads(lambda *a: conv_moments(*a, compiled=True), w, mean, var, g_mean, g_var))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 # -- the official transition's smaller surrogate (an option; the default is the authors') -------

@@ -804,6 +804,46 @@ void tap_grad_rows9(const float* pw, const float* p1, const float* p2, const flo
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+
+// The sums of the 8 lanes of each of v[0..7], as one vector (lane r: v[r]'s sum): pairwise
+// horizontal adds, then the two 128-bit halves added.
+__attribute__((target("avx2"))) inline __m256 lane_sums8(const __m256* v) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // s0123: rows 0-3's sums of lanes 0-3 in its low half, of lanes 4-7 in its high half; s4567 likewise.
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// Tap sums for float32 3x3 kernels with AVX2, chosen at run time where the CPU has it: 8 rows at
+// a time, each row's taps 0-7 as one vector with tap 8 added into lane 7 (from a second load one
+// value further on), squared likewise, then the 8 rows' lane sums (lane_sums8). Where the SSE2
+// loop (tap_sums_rows9) spends a scalar load per row on tap 8 and 4-row transposes, this is two
+// loads and a blend per row; sums are in another order again: equal up to rounding.
+__attribute__((target("avx2"))) void tap_sums_rows9_avx2(const float* pw, float* p1, float* p2, int64_t begin,
+                                                          int64_t end) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t r = begin;
+  for (; r + 8 <= end; r += 8) {
+    const float* p = pw + r * 9;
+    __m256 s[8], q[8];
+    for (int i = 0; i < 8; ++i) {
+      const __m256 taps = _mm256_loadu_ps(p + 9 * i);  // taps 0-7
+      const __m256 last = _mm256_blend_ps(zero, _mm256_loadu_ps(p + 9 * i + 1), 0x80);  // tap 8 in lane 7
+      s[i] = _mm256_add_ps(taps, last);
+      q[i] = _mm256_add_ps(_mm256_mul_ps(taps, taps), _mm256_mul_ps(last, last));
+    }
+    _mm256_storeu_ps(p1 + r, lane_sums8(s));
+    _mm256_storeu_ps(p2 + r, lane_sums8(q));
+  }
+  tap_sums_rows9(pw, p1, p2, r, end);
+}
+#endif
+
 // Rows [begin, end) of the tap sums and (below) of their gradient, with or without a gradient
 // to add to: the SSE2 loops for float32 3x3 kernels (AVX2 for the gradient where the CPU has
 // it), the generic ones otherwise (every caller below goes through these).
@@ -811,6 +851,9 @@ template <typename T>
 void tap_sums_range(const T* pw, T* p1, T* p2, int64_t begin, int64_t end, int64_t K) {
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (K == 9 && cpu_has_avx2()) return tap_sums_rows9_avx2(pw, p1, p2, begin, end);
+#endif
     if (K == 9) return tap_sums_rows9(pw, p1, p2, begin, end);
   }
 #endif
@@ -822,33 +865,34 @@ void tap_sums_range(const T* pw, T* p1, T* p2, int64_t begin, int64_t end, int64
 // CPU has it: 8 rows (72 values, 9 vectors) at a time, lane l of vector j being row (8j + l) / 9,
 // whose coefficients a permute of the 8 rows' puts in place. The same operations per value as
 // the scalar loop (no fused multiply-add): the same results.
+// Lane l of vector j of 8 rows' 72 values belongs to row (8j + l) / 9.
+alignas(32) const int ROW_OF_LANE9[9][8] = {
+    {0, 0, 0, 0, 0, 0, 0, 0}, {0, 1, 1, 1, 1, 1, 1, 1}, {1, 1, 2, 2, 2, 2, 2, 2}, {2, 2, 2, 3, 3, 3, 3, 3},
+    {3, 3, 3, 3, 4, 4, 4, 4}, {4, 4, 4, 4, 4, 5, 5, 5}, {5, 5, 5, 5, 5, 5, 6, 6}, {6, 6, 6, 6, 6, 6, 6, 7},
+    {7, 7, 7, 7, 7, 7, 7, 7}};
+
+// dW = a + 2 W b (or pb + that) for 8 rows of 9 taps, a8 and b8 holding the rows' coefficients.
+__attribute__((target("avx2"))) inline void tap_grad_8rows9_avx2(const float* w, __m256 a8, __m256 b8, const float* pb,
+                                                                 float* out) {
+  const __m256 two = _mm256_set1_ps(2.0f);
+  for (int j = 0; j < 9; ++j) {
+    const __m256i lane = _mm256_load_si256(reinterpret_cast<const __m256i*>(ROW_OF_LANE9[j]));
+    const __m256 a = _mm256_permutevar8x32_ps(a8, lane), b = _mm256_permutevar8x32_ps(b8, lane);
+    __m256 term = _mm256_add_ps(a, _mm256_mul_ps(_mm256_mul_ps(two, _mm256_loadu_ps(w + 8 * j)), b));
+    if (pb != nullptr) term = _mm256_add_ps(_mm256_loadu_ps(pb + 8 * j), term);
+    _mm256_storeu_ps(out + 8 * j, term);
+  }
+}
+
 __attribute__((target("avx2"))) void tap_grad_rows9_avx2(const float* pw, const float* p1, const float* p2,
                                                           const float* pb, float* pd, int64_t begin, int64_t end) {
-  alignas(32) static const int lanes[9][8] = {
-      {0, 0, 0, 0, 0, 0, 0, 0}, {0, 1, 1, 1, 1, 1, 1, 1}, {1, 1, 2, 2, 2, 2, 2, 2}, {2, 2, 2, 3, 3, 3, 3, 3},
-      {3, 3, 3, 3, 4, 4, 4, 4}, {4, 4, 4, 4, 4, 5, 5, 5}, {5, 5, 5, 5, 5, 5, 6, 6}, {6, 6, 6, 6, 6, 6, 6, 7},
-      {7, 7, 7, 7, 7, 7, 7, 7}};
-  const __m256 two = _mm256_set1_ps(2.0f);
   int64_t r = begin;
-  for (; r + 8 <= end; r += 8) {
-    const __m256 a8 = _mm256_loadu_ps(p1 + r), b8 = _mm256_loadu_ps(p2 + r);
-    const float* w = pw + r * 9;
-    float* out = pd + r * 9;
-    for (int j = 0; j < 9; ++j) {
-      const __m256i lane = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes[j]));
-      const __m256 a = _mm256_permutevar8x32_ps(a8, lane), b = _mm256_permutevar8x32_ps(b8, lane);
-      __m256 term = _mm256_add_ps(a, _mm256_mul_ps(_mm256_mul_ps(two, _mm256_loadu_ps(w + 8 * j)), b));
-      if (pb != nullptr) term = _mm256_add_ps(_mm256_loadu_ps(pb + r * 9 + 8 * j), term);
-      _mm256_storeu_ps(out + 8 * j, term);
-    }
-  }
+  for (; r + 8 <= end; r += 8)
+    tap_grad_8rows9_avx2(pw + r * 9, _mm256_loadu_ps(p1 + r), _mm256_loadu_ps(p2 + r),
+                         pb == nullptr ? nullptr : pb + r * 9, pd + r * 9);
   tap_grad_rows9(pw, p1, p2, pb, pd, r, end);
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 #endif
 
 template <typename T>
@@ -1025,6 +1069,117 @@ int64_t pool_release_cached() {
   return freed;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The forward's products for one output channel with AVX2 and FMA (float32, where the CPU has
+// them): mo[g * O] = a . m[g], vo[g * O] = b . v[g] for every group g, 4 groups per sweep over
+// the I inputs (a and b loaded once for the 4; 8 independent accumulators, where one running sum
+// per product leaves the loop waiting on each addition's latency). Equal up to rounding.
+__attribute__((target("avx2,fma"))) void group_dots_avx2(const float* a, const float* b, const float* m,
+                                                         const float* v, float* mo, float* vo, int64_t G, int64_t I,
+                                                         int64_t O) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const int64_t n = std::min<int64_t>(4, G - g0);
+    __m256 am[4], av[4];
+    for (int j = 0; j < 4; ++j) am[j] = av[j] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const __m256 a8 = _mm256_loadu_ps(a + i), b8 = _mm256_loadu_ps(b + i);
+      for (int j = 0; j < n; ++j) {
+        am[j] = _mm256_fmadd_ps(a8, _mm256_loadu_ps(m + (g0 + j) * I + i), am[j]);
+        av[j] = _mm256_fmadd_ps(b8, _mm256_loadu_ps(v + (g0 + j) * I + i), av[j]);
+      }
+    }
+    for (int j = 0; j < n; ++j) {
+      alignas(32) float lm[8], lv[8];
+      _mm256_store_ps(lm, am[j]);
+      _mm256_store_ps(lv, av[j]);
+      float dm = ((lm[0] + lm[1]) + (lm[2] + lm[3])) + ((lm[4] + lm[5]) + (lm[6] + lm[7]));
+      float dv = ((lv[0] + lv[1]) + (lv[2] + lv[3])) + ((lv[4] + lv[5]) + (lv[6] + lv[7]));
+      const float *rm = m + (g0 + j) * I, *rv = v + (g0 + j) * I;
+      for (int64_t k = i; k < I; ++k) {  // the tail
+        dm += a[k] * rm[k];
+        dv += b[k] * rv[k];
+      }
+      mo[(g0 + j) * O] = dm;
+      vo[(g0 + j) * O] = dv;
+    }
+  }
+}
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The backward's dW for one output channel o of a float32 3x3 weight with AVX2 and FMA: the
+// coefficients dS1[o, i] = sum_g gm[g * O] m[g, i] and dS2[o, i] likewise, 8 inputs i at a time
+// in registers, used at once for those 8 rows' dW (tap_grad_8rows9_avx2), where the generic loop
+// writes them to a buffer with one pass of loads and stores per group first. w, pb and out
+// point at row o; gm and gv at column o of the (G, O) gradients.
+__attribute__((target("avx2,fma"))) void rule_grad_row9_avx2(const float* w, const float* gm, const float* gv,
+                                                             int64_t O, const float* m, const float* v, int64_t G,
+                                                             int64_t I, const float* pb, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= I; i += 8) {
+    __m256 a8 = _mm256_setzero_ps(), b8 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      a8 = _mm256_fmadd_ps(_mm256_set1_ps(gm[g * O]), _mm256_loadu_ps(m + g * I + i), a8);
+      b8 = _mm256_fmadd_ps(_mm256_set1_ps(gv[g * O]), _mm256_loadu_ps(v + g * I + i), b8);
+    }
+    tap_grad_8rows9_avx2(w + i * 9, a8, b8, pb == nullptr ? nullptr : pb + i * 9, out + i * 9);
+  }
+  for (; i < I; ++i) {  // the last I % 8 rows: the same operations, one lane
+    float a = 0, b = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      a = std::fma(gm[g * O], m[g * I + i], a);
+      b = std::fma(gv[g * O], v[g * I + i], b);
+    }
+    for (int k = 0; k < 9; ++k) {
+      const float term = a + 2.0f * w[i * 9 + k] * b;
+      out[i * 9 + k] = pb == nullptr ? term : pb[i * 9 + k] + term;
+    }
+  }
+}
+
+// The backward's input gradients d mean = g_mean @ S1 and d var = g_var @ S2 ((G, O) @ (O, I))
+// for inputs [i_begin, i_end) with AVX2 and FMA: 8 inputs and 4 groups at a time, summed over o
+// in registers (each S1, S2 value read once per 4 groups), where the generic loop adds one
+// output channel's rank-one update into (G, I) buffers at a time. Sums in o order, so the
+// result does not depend on how the inputs are split over threads.
+__attribute__((target("avx2,fma"))) void rule_input_grads_avx2(const float* s1, const float* s2, const float* gm,
+                                                               const float* gv, int64_t G, int64_t O, int64_t I,
+                                                               float* dm, float* dv, int64_t i_begin,
+                                                               int64_t i_end) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const int64_t n = std::min<int64_t>(4, G - g0);
+    int64_t i = i_begin;
+    for (; i + 8 <= i_end; i += 8) {
+      __m256 am[4], av[4];
+      for (int j = 0; j < 4; ++j) am[j] = av[j] = _mm256_setzero_ps();
+      for (int64_t o = 0; o < O; ++o) {
+        const __m256 x1 = _mm256_loadu_ps(s1 + o * I + i), x2 = _mm256_loadu_ps(s2 + o * I + i);
+        for (int j = 0; j < n; ++j) {
+          am[j] = _mm256_fmadd_ps(_mm256_set1_ps(gm[(g0 + j) * O + o]), x1, am[j]);
+          av[j] = _mm256_fmadd_ps(_mm256_set1_ps(gv[(g0 + j) * O + o]), x2, av[j]);
+        }
+      }
+      for (int j = 0; j < n; ++j) {
+        _mm256_storeu_ps(dm + (g0 + j) * I + i, am[j]);
+        _mm256_storeu_ps(dv + (g0 + j) * I + i, av[j]);
+      }
+    }
+    for (; i < i_end; ++i) {  // fewer than 8 inputs left: the same sums, one lane
+      for (int64_t j = 0; j < n; ++j) {
+        float a = 0, b = 0;
+        for (int64_t o = 0; o < O; ++o) {
+          a = std::fma(gm[(g0 + j) * O + o], s1[o * I + i], a);
+          b = std::fma(gv[(g0 + j) * O + o], s2[o * I + i], b);
+        }
+        dm[(g0 + j) * I + i] = a;
+        dv[(g0 + j) * I + i] = b;
+      }
+    }
+  }
+}
+#endif
+
 // The whole convolution rule in one pass over the weight each way (float32/float64, CPU,
 // up to MAX_FUSED_GROUPS groups): no (O, I) product goes to memory and no matrix product
 // is dispatched:
@@ -1052,6 +1207,14 @@ std::vector<Tensor> conv_moments_forward_impl(const Tensor& w, const Tensor& m, 
     for (int64_t o = begin; o < end; ++o) {
       const T *a = ps1 + o * I, *b = ps2 + o * I;
       tap_sums_range<T>(pw + o * I * K, ps1 + o * I, ps2 + o * I, 0, I, K);
+#if defined(__x86_64__) && defined(__GNUC__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (cpu_has_avx2()) {
+          group_dots_avx2(a, b, pm, pv, pmo + o, pvo + o, G, I, O);
+          continue;
+        }
+      }
+#endif
       for (int64_t g = 0; g < G; ++g) {
         const T *rm = pm + g * I, *rv = pv + g * I;
         T dm = 0, dv = 0;
@@ -1074,54 +1237,85 @@ std::vector<Tensor> conv_moments_backward_impl(const Tensor& w, const Tensor& gm
                                                bool input_grads, const Tensor& base) {
   const int64_t O = w.size(0), I = w.size(1), G = m.size(0), K = O * I ? w.numel() / (O * I) : 0;
   const int64_t blocks = (O + CONV_MOMENTS_BLOCK - 1) / CONV_MOMENTS_BLOCK;
+  // float32 where the CPU has AVX2: the input gradients as matrix products summed in registers
+  // (rule_input_grads_avx2), and for 3x3 kernels dW with its coefficients in registers.
+  bool avx2 = false;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<T, float>) avx2 = cpu_has_avx2();
+#endif
+  const bool blocked_inputs = input_grads && !avx2;
   Tensor dw = weight_grad ? pooled_empty(w.sizes(), w) : Tensor();
   // Per block: d mean (G, I) then d var (G, I).
-  std::vector<T> partial(input_grads ? static_cast<size_t>(blocks * 2 * G * I) : 0, T(0));
+  std::vector<T> partial(blocked_inputs ? static_cast<size_t>(blocks * 2 * G * I) : 0, T(0));
   const T *pw = w.data_ptr<T>(), *pgm = gm.data_ptr<T>(), *pm = m.data_ptr<T>(), *pgv = gv.data_ptr<T>(),
           *pv = v.data_ptr<T>();
   const T* ps1 = input_grads ? s1.data_ptr<T>() : nullptr;
   const T* ps2 = input_grads ? s2.data_ptr<T>() : nullptr;
   T* pd = weight_grad ? dw.data_ptr<T>() : nullptr;
   const T* pbase = weight_grad && base.defined() ? base.data_ptr<T>() : nullptr;
-  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<T> a(static_cast<size_t>(I)), b(static_cast<size_t>(I));
-    for (int64_t blk = block_begin; blk < block_end; ++blk) {
-      T* acc_m = input_grads ? partial.data() + blk * 2 * G * I : nullptr;
-      T* acc_v = input_grads ? acc_m + G * I : nullptr;
-      for (int64_t o = blk * CONV_MOMENTS_BLOCK; o < std::min(O, (blk + 1) * CONV_MOMENTS_BLOCK); ++o) {
-        const T* row = pw + o * I * K;
-        if (input_grads) {
-          for (int64_t g = 0; g < G; ++g) {
-            const T cm = pgm[g * O + o], cv = pgv[g * O + o];
-            T *am = acc_m + g * I, *av = acc_v + g * I;
-            const T *p1 = ps1 + o * I, *p2 = ps2 + o * I;
+  if (weight_grad || blocked_inputs) {
+    at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+      std::vector<T> a(static_cast<size_t>(I)), b(static_cast<size_t>(I));
+      for (int64_t blk = block_begin; blk < block_end; ++blk) {
+        T* acc_m = blocked_inputs ? partial.data() + blk * 2 * G * I : nullptr;
+        T* acc_v = blocked_inputs ? acc_m + G * I : nullptr;
+        for (int64_t o = blk * CONV_MOMENTS_BLOCK; o < std::min(O, (blk + 1) * CONV_MOMENTS_BLOCK); ++o) {
+          const T* row = pw + o * I * K;
+          if (blocked_inputs) {
+            for (int64_t g = 0; g < G; ++g) {
+              const T cm = pgm[g * O + o], cv = pgv[g * O + o];
+              T *am = acc_m + g * I, *av = acc_v + g * I;
+              const T *p1 = ps1 + o * I, *p2 = ps2 + o * I;
 #pragma omp simd
-            for (int64_t i = 0; i < I; ++i) {
-              am[i] += cm * p1[i];
-              av[i] += cv * p2[i];
+              for (int64_t i = 0; i < I; ++i) {
+                am[i] += cm * p1[i];
+                av[i] += cv * p2[i];
+              }
             }
           }
-        }
-        if (!weight_grad) continue;
-        // a = dS1[o, :] = sum_g g_mean[g, o] mean[g, :], b = dS2[o, :] likewise, then dW[o].
-        T *pa = a.data(), *pb = b.data();
-        std::fill(a.begin(), a.end(), T(0));
-        std::fill(b.begin(), b.end(), T(0));
-        for (int64_t g = 0; g < G; ++g) {
-          const T cm = pgm[g * O + o], cv = pgv[g * O + o];
-          const T *rm = pm + g * I, *rv = pv + g * I;
-#pragma omp simd
-          for (int64_t i = 0; i < I; ++i) {
-            pa[i] += cm * rm[i];
-            pb[i] += cv * rv[i];
+          if (!weight_grad) continue;
+          const T* row_base = pbase == nullptr ? nullptr : pbase + o * I * K;
+#if defined(__x86_64__) && defined(__GNUC__)
+          if constexpr (std::is_same_v<T, float>) {
+            if (avx2 && K == 9) {
+              rule_grad_row9_avx2(row, pgm + o, pgv + o, O, pm, pv, G, I, row_base, pd + o * I * K);
+              continue;
+            }
           }
+#endif
+          // a = dS1[o, :] = sum_g g_mean[g, o] mean[g, :], b = dS2[o, :] likewise, then dW[o].
+          T *pa = a.data(), *pb = b.data();
+          std::fill(a.begin(), a.end(), T(0));
+          std::fill(b.begin(), b.end(), T(0));
+          for (int64_t g = 0; g < G; ++g) {
+            const T cm = pgm[g * O + o], cv = pgv[g * O + o];
+            const T *rm = pm + g * I, *rv = pv + g * I;
+#pragma omp simd
+            for (int64_t i = 0; i < I; ++i) {
+              pa[i] += cm * rm[i];
+              pb[i] += cv * rv[i];
+            }
+          }
+          tap_grad_range<T>(row, pa, pb, row_base, pd + o * I * K, 0, I, K);
         }
-        tap_grad_range<T>(row, pa, pb, pbase == nullptr ? nullptr : pbase + o * I * K, pd + o * I * K, 0, I, K);
       }
-    }
-  });
+    });
+  }
   Tensor d_mean, d_var;
-  if (input_grads) {  // the blocks' partial sums, in block order
+  if (input_grads && !blocked_inputs) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (std::is_same_v<T, float>) {
+      d_mean = at::empty({G, I}, m.options());
+      d_var = at::empty({G, I}, m.options());
+      T *dm = d_mean.data_ptr<T>(), *dv = d_var.data_ptr<T>();
+      const int64_t chunks = (I + 7) / 8;
+      at::parallel_for(0, chunks, std::max<int64_t>(1, 32768 / std::max<int64_t>(8 * O * G, 1)),
+                       [&](int64_t begin, int64_t end) {
+                         rule_input_grads_avx2(ps1, ps2, pgm, pgv, G, O, I, dm, dv, begin * 8, std::min(I, end * 8));
+                       });
+    }
+#endif
+  } else if (input_grads) {  // the blocks' partial sums, in block order
     d_mean = at::zeros({G, I}, m.options());
     d_var = at::zeros({G, I}, m.options());
     T *dm = d_mean.data_ptr<T>(), *dv = d_var.data_ptr<T>();
