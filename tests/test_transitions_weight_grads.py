@@ -48,16 +48,25 @@ def _grads(model):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts the weights the hooks added a rule gradient to."""
+    """Records, per weight the hooks added a rule gradient to, where: ``"new"`` (the tensor hook
+    returned the sum) or ``"into .grad"`` (the post-accumulate-grad hook added it in place)."""
     applied = []
-    apply = DeferredWeightGrads.apply
+    apply, apply_accumulated = DeferredWeightGrads.apply, DeferredWeightGrads.apply_accumulated
 
     def counting(self, weight, grad):
         out = apply(self, weight, grad)
-        applied.append(out is not None)
+        if out is not None:
+            applied.append("new")
         return out
 
+    def counting_accumulated(self, weight):
+        entry = self._pending.get(id(weight))
+        if entry is not None and entry[0] == weight_grads._graph_task():
+            applied.append("into .grad")
+        apply_accumulated(self, weight)
+
     monkeypatch.setattr(DeferredWeightGrads, "apply", counting)
+    monkeypatch.setattr(DeferredWeightGrads, "apply_accumulated", counting_accumulated)
     return applied
 
 
@@ -82,11 +91,11 @@ def test_backward_gives_the_dense_gradients_bit_for_bit(monkeypatch, counted):
     model = _model()
     _loss(model).backward()
     _assert_same(_grads(model), expected)
-    # every convolution whose moments feed a prior had its rule gradient added by its hook
-    assert len(counted) == len(model._bkn_chain.norm_nodes) - 1 and all(counted)
+    # every convolution whose moments feed a prior had its rule gradient added into its fresh .grad
+    assert counted == ["into .grad"] * (len(model._bkn_chain.norm_nodes) - 1)
 
 
-def test_two_steps_accumulate_and_zero_grad_as_without_hooks(monkeypatch):
+def test_two_steps_accumulate_and_zero_grad_as_without_hooks(monkeypatch, counted):
     def two(model):
         loss = _loss(model, 1)
         loss.backward()
@@ -96,6 +105,30 @@ def test_two_steps_accumulate_and_zero_grad_as_without_hooks(monkeypatch):
     model = _model()
     two(model).backward()
     _assert_same(_grads(model), expected)
+    # the first backward adds into the fresh .grad; the second returns the sum, which autograd
+    # then adds onto .grad as it adds the dense path's (old + (dW + rule), the same rounding)
+    rules = len(model._bkn_chain.norm_nodes) - 1
+    assert counted == ["into .grad"] * rules + ["new"] * rules
+
+
+def test_a_hook_registered_after_the_chains_sees_the_whole_gradient(monkeypatch, counted):
+    seen = []
+
+    def build():
+        model = _model()
+        _loss(model).backward()  # the chain's hooks are installed now
+        model.zero_grad(set_to_none=True)
+        model.layer2[1].conv2.weight.register_hook(lambda g: seen.append(g.clone()))
+        return model
+
+    expected = _dense_reference(build, _loss, monkeypatch)
+    (dense_seen,) = seen
+    model = build()
+    counted.clear()
+    _loss(model).backward()
+    _assert_same(_grads(model), expected)
+    assert torch.equal(seen[1], dense_seen)  # the later hook saw dW + rule, not dW alone
+    assert sorted(counted) == ["into .grad"] * (len(model._bkn_chain.norm_nodes) - 2) + ["new"]
 
 
 def test_autograd_grad_with_respect_to_weights_gets_the_sum(monkeypatch):

@@ -1234,7 +1234,7 @@ std::vector<Tensor> conv_moments_forward_impl(const Tensor& w, const Tensor& m, 
 template <typename T>
 std::vector<Tensor> conv_moments_backward_impl(const Tensor& w, const Tensor& gm, const Tensor& m, const Tensor& gv,
                                                const Tensor& v, const Tensor& s1, const Tensor& s2, bool weight_grad,
-                                               bool input_grads, const Tensor& base) {
+                                               bool input_grads, const Tensor& base, bool into_base = false) {
   const int64_t O = w.size(0), I = w.size(1), G = m.size(0), K = O * I ? w.numel() / (O * I) : 0;
   const int64_t blocks = (O + CONV_MOMENTS_BLOCK - 1) / CONV_MOMENTS_BLOCK;
   // float32 where the CPU has AVX2: the input gradients as matrix products summed in registers
@@ -1244,7 +1244,7 @@ std::vector<Tensor> conv_moments_backward_impl(const Tensor& w, const Tensor& gm
   if constexpr (std::is_same_v<T, float>) avx2 = cpu_has_avx2();
 #endif
   const bool blocked_inputs = input_grads && !avx2;
-  Tensor dw = weight_grad ? pooled_empty(w.sizes(), w) : Tensor();
+  Tensor dw = weight_grad ? (into_base ? base : pooled_empty(w.sizes(), w)) : Tensor();
   // Per block: d mean (G, I) then d var (G, I).
   std::vector<T> partial(blocked_inputs ? static_cast<size_t>(blocks * 2 * G * I) : 0, T(0));
   const T *pw = w.data_ptr<T>(), *pgm = gm.data_ptr<T>(), *pm = m.data_ptr<T>(), *pgv = gv.data_ptr<T>(),
@@ -1381,15 +1381,19 @@ std::vector<Tensor> conv_moments_backward(const Tensor& w, const Tensor& g_mean,
 // base + the rule's dW in one pass (base: another gradient of W, of its shape and dtype, e.g.
 // the convolution's own; bkn/transitions/weight_grads.py), or an undefined tensor for the
 // Python path.
+// With in_place, the sum is written into base itself (each value read before it is written):
+// the pass then reads W and base and writes base back, where a new tensor costs a third stream
+// (the memory of the new tensor is read into the cache before it is written).
 Tensor conv_moments_weight_grad(const Tensor& w, const Tensor& g_mean, const Tensor& mean, const Tensor& g_var,
-                                const Tensor& var, const Tensor& base) {
+                                const Tensor& var, const Tensor& base, bool in_place) {
   if (!conv_moments_backward_takes(w, g_mean, mean, g_var, var)) return Tensor();
   if (base.sizes() != w.sizes() || base.scalar_type() != w.scalar_type() || !base.is_contiguous() ||
       base.device().type() != at::kCPU)
     return Tensor();
   at::NoGradGuard no_grad;
   return AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "conv_moments_weight_grad", [&] {
-    return conv_moments_backward_impl<scalar_t>(w, g_mean, mean, g_var, var, Tensor(), Tensor(), true, false, base)[0];
+    return conv_moments_backward_impl<scalar_t>(w, g_mean, mean, g_var, var, Tensor(), Tensor(), true, false, base,
+                                                in_place)[0];
   });
 }
 
@@ -1615,7 +1619,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "ReLU moments of a norm's affine output (plus added moments), or [] for the Python path");
   m.def("norm_relu_moments_backward", &norm_relu_moments_backward, "its backward, or [] for the Python path");
   m.def("conv_moments_weight_grad", &conv_moments_weight_grad,
-        "base + the convolution rule's weight gradient in one pass, or None for the Python path");
+        "base + the convolution rule's weight gradient in one pass (into base itself with in_place), or None for "
+        "the Python path",
+        py::arg("w"), py::arg("g_mean"), py::arg("mean"), py::arg("g_var"), py::arg("var"), py::arg("base"),
+        py::arg("in_place") = false);
   m.def("conv_moments_backward", &conv_moments_backward,
         "its backward (dW, d mean, d var) in one pass over the weight, or [] for the Python path");
   m.def("pool_cached_bytes", &pool_cached_bytes, "bytes of freed weight-gradient memory kept for reuse");

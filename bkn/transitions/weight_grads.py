@@ -23,9 +23,20 @@ over by a backward that did not reach the weight (``torch.autograd.grad`` with r
 something else) is dropped, as autograd would drop that gradient. ``torch.autograd.grad``
 with respect to the weight gets the sum too: tensor hooks also run on captured gradients.
 
+Where the sum is written: when the weight has no ``.grad`` yet (``zero_grad(set_to_none=True)``,
+torch's default) and its gradient is accumulated (``backward``, not ``torch.autograd.grad``),
+the tensor hook leaves the gradient as it is and a post-accumulate-grad hook
+(``Tensor.register_post_accumulate_grad_hook``) adds the rule's part into ``.grad`` in
+place: autograd makes the convolution's ``dW`` the ``.grad`` itself, so the pass reads ``W``
+and ``.grad`` and writes ``.grad`` back, where a new tensor for the sum costs a third stream
+of memory. The values are the same (``dW + rule``, the sum autograd forms). Otherwise (a
+``.grad`` to accumulate onto, a captured gradient, or another tensor hook registered after
+this one, which must see the whole gradient) the tensor hook returns the sum as a new tensor.
+
 Not deferred (the rule's dense gradient, as before): a weight that is not a leaf (a
 parametrization, ``.to`` of another dtype), that does not require grad, that had
-tensor hooks before the chain first used it (they would see part of the gradient), a
+tensor hooks or post-accumulate-grad hooks before the chain first used it (they would see part
+of the gradient), a
 backward with ``create_graph``, and a torch without ``_current_graph_task_id``. A loss that
 reaches a weight *only* through the prior (no gradient from the convolution itself, which
 no training loss does) cannot be completed from a hook; that raises an error that says so.
@@ -41,6 +52,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..layers import _native
 
 _graph_task = getattr(torch._C, "_current_graph_task_id", None)
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+_gradient_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
 
 
 class DeferredWeightGrads:
@@ -68,9 +81,11 @@ class DeferredWeightGrads:
             return False
         known = self._hooked.get(weight)
         if known is None:
-            known = not weight._backward_hooks  # hooks of others would see part of the gradient
+            # hooks of others would see part of the gradient
+            known = not weight._backward_hooks and not getattr(weight, "_post_accumulate_grad_hooks", None)
             if known:
                 weight.register_hook(_AddDeferred(self, weight))
+                weight.register_post_accumulate_grad_hook(_AddIntoGrad(self, weight))
             self._hooked[weight] = known
         return known
 
@@ -86,10 +101,15 @@ class DeferredWeightGrads:
         return True
 
     def apply(self, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
-        """``grad`` plus the rule gradients deferred for ``weight`` in this backward (None: unchanged)."""
-        entry = self._pending.pop(id(weight), None)
+        """``grad`` plus the rule gradients deferred for ``weight`` in this backward (None: unchanged,
+        also where they are left to :meth:`apply_accumulated`, see :func:`_into_grad`)."""
+        entry = self._pending.get(id(weight))
         if entry is None or entry[0] != _graph_task():
+            self._pending.pop(id(weight), None)
             return None
+        if grad is not None and _into_grad(weight):
+            return None  # added into .grad once autograd has made grad the .grad (apply_accumulated)
+        del self._pending[id(weight)]
         if grad is None:
             raise RuntimeError(
                 f"bkn: a convolution weight of shape {tuple(weight.shape)} gets a gradient through a BKN prior "
@@ -106,6 +126,48 @@ class DeferredWeightGrads:
                 total = grad + _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False)
             grad = total
         return grad
+
+    def apply_accumulated(self, weight: torch.Tensor) -> None:
+        """Add the rule gradients left by :meth:`apply` into ``weight.grad``, in place."""
+        entry = self._pending.pop(id(weight), None)
+        if entry is None or entry[0] != _graph_task():
+            return
+        from .analytic import _tap_sums_grad  # (analytic imports this module)
+
+        native, grad = _native.load(), weight.grad
+        for g_mean, mean, g_var, var in entry[1]:
+            done = native.conv_moments_weight_grad(weight, g_mean, mean, g_var, var, grad, True) if native else None
+            if done is None:  # a gradient the kernel does not take: the same sum in torch ops
+                grad.add_(_tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False))
+
+
+def _into_grad(weight: torch.Tensor) -> bool:
+    """Whether the rule's part of ``weight``'s gradient can wait for the post-accumulate-grad hook:
+    no ``.grad`` yet (autograd makes this gradient the ``.grad``, so adding into it gives the sum
+    autograd forms, bit for bit), this registry's hook the only tensor hook (a later one must see
+    the whole gradient) and the weight's accumulation part of this backward (not a gradient that
+    ``torch.autograd.grad`` captures)."""
+    if weight.grad is not None or len(weight._backward_hooks) != 1 or _will_execute is None or _gradient_edge is None:
+        return False
+    try:
+        return _will_execute(_gradient_edge(weight).node)
+    except RuntimeError:  # torch.autograd.grad: torch does not answer for leaves, whose gradients it captures
+        return False
+
+
+class _AddIntoGrad:
+    """Post-accumulate-grad hook on a convolution weight: adds the gradients :meth:`DeferredWeightGrads.apply`
+    left into ``.grad`` (weak references only, as :class:`_AddDeferred`)."""
+
+    __torch_unserializable__ = True
+
+    def __init__(self, registry: DeferredWeightGrads, weight: torch.Tensor):
+        self.registry, self.weight = weakref.ref(registry), weakref.ref(weight)
+
+    def __call__(self, weight):
+        registry = self.registry()
+        if registry is not None:
+            registry.apply_accumulated(weight)
 
 
 class _AddDeferred:
