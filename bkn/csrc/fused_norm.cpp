@@ -849,6 +849,14 @@ __attribute__((target("avx2"))) void tap_sums_rows9_avx2(const float* pw, float*
 // it), the generic ones otherwise (every caller below goes through these).
 template <typename T>
 void tap_sums_range(const T* pw, T* p1, T* p2, int64_t begin, int64_t end, int64_t K) {
+  if (K == 1) {  // 1x1 kernels: the sums are the weight and its square (a loop the compiler vectorizes)
+#pragma omp simd
+    for (int64_t r = begin; r < end; ++r) {
+      p1[r] = pw[r];
+      p2[r] = pw[r] * pw[r];
+    }
+    return;
+  }
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -898,6 +906,16 @@ __attribute__((target("avx2"))) void tap_grad_rows9_avx2(const float* pw, const 
 template <typename T>
 void tap_grad_range(const T* pw, const T* p1, const T* p2, const T* pb, T* pd, int64_t begin, int64_t end,
                     int64_t K) {
+  if (K == 1) {  // 1x1 kernels: one value per row, the generic loop's operations vectorized
+    if (pb == nullptr) {
+#pragma omp simd
+      for (int64_t r = begin; r < end; ++r) pd[r] = p1[r] + T(2) * pw[r] * p2[r];
+    } else {
+#pragma omp simd
+      for (int64_t r = begin; r < end; ++r) pd[r] = pb[r] + (p1[r] + T(2) * pw[r] * p2[r]);
+    }
+    return;
+  }
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__) && defined(__GNUC__)

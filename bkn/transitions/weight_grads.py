@@ -47,7 +47,6 @@ from __future__ import annotations
 import weakref
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..layers import _native
 
@@ -66,7 +65,13 @@ class DeferredWeightGrads:
 
     def __init__(self):
         self._pending: dict[int, tuple[int, list]] = {}  # id(weight) -> (backward pass, factors)
-        self._hooked = WeakIdKeyDictionary()  # weight -> whether this weight's gradients are deferred
+        # id(weight) -> (weak reference, whether its gradients are deferred): a plain dict, where a
+        # WeakIdKeyDictionary lookup builds a weak reference per call (it runs per weight per step)
+        self._hooked: dict[int, tuple[weakref.ref, bool]] = {}
+        # id(weight) -> its gradient accumulator (autograd's node), once asked for: kept, so that
+        # autograd keeps using this one node (as DDP keeps them), and found without the view
+        # that torch.autograd.graph.get_gradient_edge makes per call
+        self._accumulators: dict[int, object] = {}
 
     def __getstate__(self):
         # Hooks and pending gradients belong to this process's weights: a copy starts afresh.
@@ -79,14 +84,16 @@ class DeferredWeightGrads:
         """Whether ``weight``'s rule gradient can be deferred (installs the hook on first use)."""
         if _graph_task is None or not weight.is_leaf or not weight.requires_grad:
             return False
-        known = self._hooked.get(weight)
-        if known is None:
-            # hooks of others would see part of the gradient
-            known = not weight._backward_hooks and not getattr(weight, "_post_accumulate_grad_hooks", None)
-            if known:
-                weight.register_hook(_AddDeferred(self, weight))
-                weight.register_post_accumulate_grad_hook(_AddIntoGrad(self, weight))
-            self._hooked[weight] = known
+        entry = self._hooked.get(id(weight))
+        if entry is not None and entry[0]() is weight:
+            return entry[1]
+        # hooks of others would see part of the gradient
+        known = not weight._backward_hooks and not getattr(weight, "_post_accumulate_grad_hooks", None)
+        if known:
+            weight.register_hook(_AddDeferred(self, weight))
+            weight.register_post_accumulate_grad_hook(_AddIntoGrad(self, weight))
+        key = id(weight)
+        self._hooked[key] = (weakref.ref(weight, lambda _, d=self._hooked, k=key: d.pop(k, None)), known)
         return known
 
     def defer(self, weight: torch.Tensor, factors: tuple) -> bool:
@@ -102,12 +109,12 @@ class DeferredWeightGrads:
 
     def apply(self, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
         """``grad`` plus the rule gradients deferred for ``weight`` in this backward (None: unchanged,
-        also where they are left to :meth:`apply_accumulated`, see :func:`_into_grad`)."""
+        also where they are left to :meth:`apply_accumulated`, see :meth:`_into_grad`)."""
         entry = self._pending.get(id(weight))
         if entry is None or entry[0] != _graph_task():
             self._pending.pop(id(weight), None)
             return None
-        if grad is not None and _into_grad(weight):
+        if grad is not None and self._into_grad(weight):
             return None  # added into .grad once autograd has made grad the .grad (apply_accumulated)
         del self._pending[id(weight)]
         if grad is None:
@@ -127,6 +134,24 @@ class DeferredWeightGrads:
             grad = total
         return grad
 
+    def _into_grad(self, weight: torch.Tensor) -> bool:
+        """Whether the rule's part of ``weight``'s gradient can wait for the post-accumulate-grad hook:
+        no ``.grad`` yet (autograd makes this gradient the ``.grad``, so adding into it gives the sum
+        autograd forms, bit for bit), this registry's hook the only tensor hook (a later one must
+        see the whole gradient) and the weight's accumulation part of this backward (not a gradient
+        that ``torch.autograd.grad`` captures)."""
+        if _will_execute is None or _gradient_edge is None:
+            return False
+        if weight.grad is not None or len(weight._backward_hooks) != 1:
+            return False
+        node = self._accumulators.get(id(weight))
+        if node is None:
+            node = self._accumulators[id(weight)] = _gradient_edge(weight).node
+        try:
+            return _will_execute(node)
+        except RuntimeError:  # torch.autograd.grad: torch does not answer for leaves, whose gradients it captures
+            return False
+
     def apply_accumulated(self, weight: torch.Tensor) -> None:
         """Add the rule gradients left by :meth:`apply` into ``weight.grad``, in place."""
         entry = self._pending.pop(id(weight), None)
@@ -139,20 +164,6 @@ class DeferredWeightGrads:
             done = native.conv_moments_weight_grad(weight, g_mean, mean, g_var, var, grad, True) if native else None
             if done is None:  # a gradient the kernel does not take: the same sum in torch ops
                 grad.add_(_tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False))
-
-
-def _into_grad(weight: torch.Tensor) -> bool:
-    """Whether the rule's part of ``weight``'s gradient can wait for the post-accumulate-grad hook:
-    no ``.grad`` yet (autograd makes this gradient the ``.grad``, so adding into it gives the sum
-    autograd forms, bit for bit), this registry's hook the only tensor hook (a later one must see
-    the whole gradient) and the weight's accumulation part of this backward (not a gradient that
-    ``torch.autograd.grad`` captures)."""
-    if weight.grad is not None or len(weight._backward_hooks) != 1 or _will_execute is None or _gradient_edge is None:
-        return False
-    try:
-        return _will_execute(_gradient_edge(weight).node)
-    except RuntimeError:  # torch.autograd.grad: torch does not answer for leaves, whose gradients it captures
-        return False
 
 
 class _AddIntoGrad:
