@@ -124,6 +124,12 @@ def test_tap_sums_of_a_channels_last_weight():
 # -- the compiled tap sums (bkn/csrc/fused_norm.cpp) against the Python path ---------------------
 
 
+def _native_off() -> bool:
+    from bkn.layers import _native
+
+    return _native.load() is None
+
+
 def _native_or_skip():
     from bkn.layers import _native
 
@@ -255,6 +261,14 @@ def test_norm_relu_moments_gradcheck_and_the_lazy_moments(compiled):
     bias = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
     fn = lambda v, w, b: norm_relu_moments(NormOutput(v, w, b, 1e-3), compiled=compiled)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (var, weight, bias))
+    if compiled:  # one C++ autograd node (NormReluMomentsFn), not the Python Function
+        assert "NormReluMomentsFn" in fn(var, weight, bias)[0].grad_fn.name() or _native_off()
+    # differentiable once: a create_graph backward works, a double backward raises, not a wrong answer
+    first, _ = fn(var, weight, bias)
+    (g,) = torch.autograd.grad(first.square().sum(), var, create_graph=True)  # a gradient that requires grad
+    torch.testing.assert_close(g, torch.autograd.grad(fn(var, weight, bias)[0].square().sum(), var)[0])
+    with pytest.raises(RuntimeError, match="differentiable once|differentiate twice"):
+        g.sum().backward()
     state = NormOutput(var, weight, bias, 1e-3, (5, 5))  # read as plain moments (e.g. by a conv): formed on use
     torch.testing.assert_close(state.mean, bias.expand(3, 4))
     torch.testing.assert_close(state.var, weight.square() * var / (var + 1e-3))

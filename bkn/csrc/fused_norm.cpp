@@ -21,6 +21,8 @@
 // Built on first use by bkn/layers/_native.py (torch.utils.cpp_extension.load).
 
 #include <torch/extension.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -1619,6 +1621,75 @@ std::vector<Tensor> norm_relu_moments_backward(const Tensor& g_first, const Tens
   return {d_var, d_weight, d_bias, d_mean_in, d_var_in};
 }
 
+// A new autograd node held as torch holds them (std::shared_ptr, or c10::intrusive_ptr in newer torch).
+template <typename Pointer>
+struct NodePointer;
+template <typename N>
+struct NodePointer<std::shared_ptr<N>> {
+  template <typename T, typename... Args>
+  static std::shared_ptr<N> make(Args&&... args) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  }
+};
+template <typename N>
+struct NodePointer<c10::intrusive_ptr<N>> {
+  template <typename T, typename... Args>
+  static c10::intrusive_ptr<N> make(Args&&... args) {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+};
+
+// The ReLU moments of a norm's affine output (plus extra moments) as one C++ autograd node:
+// the kernels above, without the Python autograd Function around them (some 25 us a node per
+// step, forward and backward, in a network's chain). Like the Python Function
+// (_NormReluMoments, once_differentiable) its backward is not differentiable again: under
+// create_graph its gradients hang on an Error node, which raises if a double backward reaches it.
+struct NormReluMomentsFn : public torch::autograd::Function<NormReluMomentsFn> {
+  static variable_list forward(AutogradContext* ctx, Tensor var, Tensor weight, Tensor bias, Maybe extra_mean,
+                               Maybe extra_var, double eps) {
+    ctx->saved_data["input_index"] = input_index({true, true, true, extra_mean.has_value(), extra_var.has_value()});
+    ctx->saved_data["eps"] = eps;
+    auto out = norm_relu_moments_forward(var, weight, bias, eps, extra_mean, extra_var);
+    // first, relu_var, then what the backward reads: mean_in, var_in, std, cdf, pdf, raw, normalized
+    // (not inputs or outputs, none requires grad); first is an output (saved as one: no cycle).
+    ctx->save_for_backward({var, weight, out[0]});
+    ctx->saved_data["parts"] = std::vector<Tensor>{out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
+    return {out[0], out[1]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto parts = ctx->saved_data["parts"].toTensorVector();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const Tensor g_first = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(saved[2]);
+    const Tensor g_var = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(saved[2]);
+    // saved order of norm_relu_moments_backward: mean_in, var_in, std, cdf, pdf, first, raw, normalized
+    const std::vector<Tensor> relu_saved{parts[0], parts[1], parts[2], parts[3], parts[4], saved[2], parts[5], parts[6]};
+    auto g = norm_relu_moments_backward(g_first, g_var, relu_saved, saved[0], saved[1], eps);
+    TORCH_CHECK(!g.empty(), "bkn: the compiled ReLU moments' backward refused its gradients");
+    std::vector<Tensor> out(6);
+    for (int64_t a = 0; a < 5; ++a)
+      if (needs_grad(ctx, a)) out[a] = g[a];
+    if (at::GradMode::is_enabled()) {  // create_graph: these gradients are not differentiable again
+      return torch::autograd::wrap_outputs(grads, std::move(out), [](torch::autograd::edge_list&& next) {
+        return NodePointer<torch::autograd::function_constructor::result_type>::make<torch::autograd::Error>(
+            "bkn: the analytic transition's ReLU moments are differentiable once (their backward is a compiled "
+            "kernel): a double backward through a BKN prior is not supported; build the prior with "
+            "detach_prior=True",
+            std::move(next));
+      });
+    }
+    return out;
+  }
+};
+
+// (first, relu_var) as one autograd node, or [] for the Python path (tensors the kernels do not take).
+std::vector<Tensor> norm_relu_moments(const Tensor& var, const Tensor& weight, const Tensor& bias, double eps,
+                                      Maybe extra_mean, Maybe extra_var) {
+  if (!norm_relu_takes(var, weight, bias, extra_mean, extra_var)) return {};
+  return NormReluMomentsFn::apply(var, weight, bias, extra_mean, extra_var, eps);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1633,6 +1704,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_moments_backward", &relu_moments_backward, "ReLU moments' backward, or [] for the Python path");
   m.def("conv_moments_forward", &conv_moments_forward,
         "the analytic convolution rule (mean @ S1^T, var @ S2^T) in one pass, or [] for the Python path");
+  m.def("norm_relu_moments", &norm_relu_moments,
+        "ReLU moments of a norm's output (plus extra moments) as one C++ autograd node, or [] for the Python path");
   m.def("norm_relu_moments_forward", &norm_relu_moments_forward,
         "ReLU moments of a norm's affine output (plus added moments), or [] for the Python path");
   m.def("norm_relu_moments_backward", &norm_relu_moments_backward, "its backward, or [] for the Python path");

@@ -226,6 +226,11 @@ def norm_relu_moments(state: NormOutput, compiled: bool = True, extra: Moments |
     """Mean and variance of ``relu`` of a norm's affine output, plus ``extra`` (independent moments
     added before the ReLU) where given (see :class:`_NormReluMoments`)."""
     extra_mean, extra_var = (None, None) if extra is None else (extra.mean, extra.var)
+    native = _native.load() if compiled else None
+    if native is not None:  # the same node in C++ (NormReluMomentsFn in bkn/csrc/fused_norm.cpp), if it takes these
+        out = native.norm_relu_moments(state.posterior_var, state.weight, state.bias, state.eps, extra_mean, extra_var)
+        if out:
+            return out[0], out[1]
     return _NormReluMoments.apply(
         state.posterior_var, state.weight, state.bias, state.eps, compiled, extra_mean, extra_var
     )
