@@ -812,6 +812,12 @@ bool cpu_has_avx2() {
   return has;
 }
 
+// For the loops that also use fused multiply-adds.
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
 // The sums of the 8 lanes of each of v[0..7], as one vector (lane r: v[r]'s sum): pairwise
 // horizontal adds, then the two 128-bit halves added.
 __attribute__((target("avx2"))) inline __m256 lane_sums8(const __m256* v) {
@@ -847,8 +853,8 @@ __attribute__((target("avx2"))) void tap_sums_rows9_avx2(const float* pw, float*
 #endif
 
 // Rows [begin, end) of the tap sums and (below) of their gradient, with or without a gradient
-// to add to: the SSE2 loops for float32 3x3 kernels (AVX2 for the gradient where the CPU has
-// it), the generic ones otherwise (every caller below goes through these).
+// to add to: the SSE2 loops for float32 3x3 kernels (AVX2 where the CPU has it), vectorized
+// loops for 1x1 kernels, the generic ones otherwise (every caller below goes through these).
 template <typename T>
 void tap_sums_range(const T* pw, T* p1, T* p2, int64_t begin, int64_t end, int64_t K) {
   if (K == 1) {  // 1x1 kernels: the sums are the weight and its square (a loop the compiler vectorizes)
@@ -1229,7 +1235,7 @@ std::vector<Tensor> conv_moments_forward_impl(const Tensor& w, const Tensor& m, 
       tap_sums_range<T>(pw + o * I * K, ps1 + o * I, ps2 + o * I, 0, I, K);
 #if defined(__x86_64__) && defined(__GNUC__)
       if constexpr (std::is_same_v<T, float>) {
-        if (cpu_has_avx2()) {
+        if (cpu_has_avx2_fma()) {
           group_dots_avx2(a, b, pm, pv, pmo + o, pvo + o, G, I, O);
           continue;
         }
@@ -1257,11 +1263,11 @@ std::vector<Tensor> conv_moments_backward_impl(const Tensor& w, const Tensor& gm
                                                bool input_grads, const Tensor& base, bool into_base = false) {
   const int64_t O = w.size(0), I = w.size(1), G = m.size(0), K = O * I ? w.numel() / (O * I) : 0;
   const int64_t blocks = (O + CONV_MOMENTS_BLOCK - 1) / CONV_MOMENTS_BLOCK;
-  // float32 where the CPU has AVX2: the input gradients as matrix products summed in registers
+  // float32 where the CPU has AVX2 and FMA: the input gradients as matrix products summed in registers
   // (rule_input_grads_avx2), and for 3x3 kernels dW with its coefficients in registers.
   bool avx2 = false;
 #if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<T, float>) avx2 = cpu_has_avx2();
+  if constexpr (std::is_same_v<T, float>) avx2 = cpu_has_avx2_fma();
 #endif
   const bool blocked_inputs = input_grads && !avx2;
   Tensor dw = weight_grad ? (into_base ? base : pooled_empty(w.sizes(), w)) : Tensor();
@@ -1664,7 +1670,8 @@ struct NormReluMomentsFn : public torch::autograd::Function<NormReluMomentsFn> {
     const Tensor g_first = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(saved[2]);
     const Tensor g_var = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(saved[2]);
     // saved order of norm_relu_moments_backward: mean_in, var_in, std, cdf, pdf, first, raw, normalized
-    const std::vector<Tensor> relu_saved{parts[0], parts[1], parts[2], parts[3], parts[4], saved[2], parts[5], parts[6]};
+    const std::vector<Tensor> relu_saved{parts[0], parts[1], parts[2], parts[3],
+                                         parts[4], saved[2], parts[5], parts[6]};
     auto g = norm_relu_moments_backward(g_first, g_var, relu_saved, saved[0], saved[1], eps);
     TORCH_CHECK(!g.empty(), "bkn: the compiled ReLU moments' backward refused its gradients");
     std::vector<Tensor> out(6);

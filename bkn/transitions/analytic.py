@@ -224,7 +224,11 @@ class _NormReluMoments(torch.autograd.Function):
 
 def norm_relu_moments(state: NormOutput, compiled: bool = True, extra: Moments | None = None):
     """Mean and variance of ``relu`` of a norm's affine output, plus ``extra`` (independent moments
-    added before the ReLU) where given (see :class:`_NormReluMoments`)."""
+    added before the ReLU) where given (see :class:`_NormReluMoments`).
+
+    Compiled (``compiled`` and the kernels take these tensors): the same node as a C++ autograd
+    Function (``NormReluMomentsFn`` in ``bkn/csrc/fused_norm.cpp``, the same kernels without the
+    Python Function's per-call cost), else the Python Function."""
     extra_mean, extra_var = (None, None) if extra is None else (extra.mean, extra.var)
     native = _native.load() if compiled else None
     if native is not None:  # the same node in C++ (NormReluMomentsFn in bkn/csrc/fused_norm.cpp), if it takes these
