@@ -36,8 +36,7 @@ this one, which must see the whole gradient) the tensor hook returns the sum as 
 Not deferred (the rule's dense gradient, as before): a weight that is not a leaf (a
 parametrization, ``.to`` of another dtype), that does not require grad, that had
 tensor hooks or post-accumulate-grad hooks before the chain first used it (they would see part
-of the gradient), a
-backward with ``create_graph``, and a torch without ``_current_graph_task_id``. A loss that
+of the gradient), a backward with ``create_graph``, and a torch without ``_current_graph_task_id``. A loss that
 reaches a weight *only* through the prior (no gradient from the convolution itself, which
 no training loss does) cannot be completed from a hook; that raises an error that says so.
 """
@@ -91,7 +90,7 @@ class DeferredWeightGrads:
         known = not weight._backward_hooks and not getattr(weight, "_post_accumulate_grad_hooks", None)
         if known:
             weight.register_hook(_AddDeferred(self, weight))
-            weight.register_post_accumulate_grad_hook(_AddIntoGrad(self, weight))
+            weight.register_post_accumulate_grad_hook(_AddIntoGrad(self))
         key = id(weight)
         self._hooked[key] = (weakref.ref(weight, lambda _, d=self._hooked, k=key: d.pop(k, None)), known)
         return known
@@ -167,13 +166,13 @@ class DeferredWeightGrads:
 
 
 class _AddIntoGrad:
-    """Post-accumulate-grad hook on a convolution weight: adds the gradients :meth:`DeferredWeightGrads.apply`
-    left into ``.grad`` (weak references only, as :class:`_AddDeferred`)."""
+    """Post-accumulate-grad hook on a convolution weight (which autograd passes it): adds the gradients
+    :meth:`DeferredWeightGrads.apply` left into ``.grad`` (a weak reference to the registry only)."""
 
     __torch_unserializable__ = True
 
-    def __init__(self, registry: DeferredWeightGrads, weight: torch.Tensor):
-        self.registry, self.weight = weakref.ref(registry), weakref.ref(weight)
+    def __init__(self, registry: DeferredWeightGrads):
+        self.registry = weakref.ref(registry)
 
     def __call__(self, weight):
         registry = self.registry()
