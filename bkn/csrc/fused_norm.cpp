@@ -838,6 +838,12 @@ __attribute__((target("avx2"))) void tap_sums_rows9_avx2(const float* pw, float*
   int64_t r = begin;
   for (; r + 8 <= end; r += 8) {
     const float* p = pw + r * 9;
+    // The weight comes from memory (a convolution does not leave it in cache): asking for the
+    // lines 8 KB ahead overlaps their loads with this loop's arithmetic (a 512x512x3x3 weight
+    // out of cache: 0.33 ms without, 0.25 with; weight.sum() takes 0.21). A prefetch past the
+    // end of the weight is harmless (no fault).
+    const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + 2048 * sizeof(float);
+    for (int c = 0; c < 288; c += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + c), _MM_HINT_T0);
     __m256 s[8], q[8];
     for (int i = 0; i < 8; ++i) {
       const __m256 taps = _mm256_loadu_ps(p + 9 * i);  // taps 0-7
