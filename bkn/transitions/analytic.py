@@ -152,13 +152,12 @@ def _relu_moments_backward(compiled: bool, saved, g_first, g_var) -> tuple[torch
 class _NormReluMoments(torch.autograd.Function):
     """Moments of ``relu`` of a norm's affine output (:class:`NormOutput`), plus optionally
     independent moments ``(extra_mean, extra_var)`` added before the ReLU (a residual sum,
-    :class:`NormOutputSum`), as one autograd node.
+    :class:`NormOutputSum`), as one autograd node: the Python path of :func:`norm_relu_moments`.
 
     Forward: ``mu = beta`` (every group), ``s^2 = gamma^2 n`` with ``n = v / (v + eps)``, plus the
-    extra moments where given, then the rectified Gaussian of :class:`_ReluMoments`. Compiled
-    (``norm_relu_moments_forward`` / ``_backward`` in ``bkn/csrc/fused_norm.cpp``, CPU
-    float32/float64) as one loop each way, else the tensor ops (with the compiled ReLU moments
-    where those take them). Backward, from that node's ``(d mu, d s^2)``::
+    extra moments where given, then the rectified Gaussian of :class:`_ReluMoments` (the
+    tensor ops, with the compiled ReLU moments where those take them). Backward, from that
+    node's ``(d mu, d s^2)``::
 
         d beta = sum_groups d mu     d gamma = 2 gamma sum_groups d s^2 n     d v = d s^2 gamma^2 eps / (v + eps)^2
         d extra_mean = d mu          d extra_var = d s^2
@@ -171,15 +170,6 @@ class _NormReluMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, var, weight, bias, eps, compiled, extra_mean=None, extra_var=None):
         ctx.eps = eps
-        native = _native.load() if compiled else None
-        out = native.norm_relu_moments_forward(var, weight, bias, eps, extra_mean, extra_var) if native else []
-        ctx.native = bool(out)
-        # Saved on either path: the ReLU moments' seven tensors (see _relu_moments_forward), then
-        # v / (v + eps), the posterior variance and gamma.
-        if out:  # the whole node in one loop each way (bkn/csrc/fused_norm.cpp), if it takes these tensors
-            first, relu_var, mean_in, var_in, std, cdf, pdf, raw, normalized = out
-            ctx.save_for_backward(mean_in, var_in, std, cdf, pdf, first, raw, normalized, var, weight)
-            return first, relu_var
         mean, out_var, normalized = affine_output_moments(var, weight, bias, eps)
         if extra_mean is not None:  # a residual sum: independent summands
             mean, out_var = mean + extra_mean, out_var + extra_var
@@ -193,22 +183,6 @@ class _NormReluMoments(torch.autograd.Function):
         saved = ctx.saved_tensors
         relu_saved, (normalized, var, weight) = saved[:7], saved[7:]
         needs = ctx.needs_input_grad
-        if ctx.native:
-            grads = _native.load().norm_relu_moments_backward(
-                g_first.contiguous(), g_var.contiguous(), list(saved[:8]), var, weight, ctx.eps
-            )
-            if grads:
-                d_var, d_weight, d_bias, d_mean, d_out_var = grads
-                return (
-                    d_var if needs[0] else None,
-                    d_weight if needs[1] else None,
-                    d_bias if needs[2] else None,
-                    None,
-                    None,
-                    d_mean if needs[5] else None,
-                    d_out_var if needs[6] else None,
-                )
-            ctx.compiled = False  # gradients the kernel does not take: the Python formulas
         d_mean, d_out_var = _relu_moments_backward(ctx.compiled, relu_saved, g_first, g_var)
         d_var = d_weight = d_bias = None
         if needs[0]:
@@ -224,14 +198,14 @@ class _NormReluMoments(torch.autograd.Function):
 
 def norm_relu_moments(state: NormOutput, compiled: bool = True, extra: Moments | None = None):
     """Mean and variance of ``relu`` of a norm's affine output, plus ``extra`` (independent moments
-    added before the ReLU) where given (see :class:`_NormReluMoments`).
+    added before the ReLU) where given, as one autograd node (see :class:`_NormReluMoments`).
 
-    Compiled (``compiled`` and the kernels take these tensors): the same node as a C++ autograd
-    Function (``NormReluMomentsFn`` in ``bkn/csrc/fused_norm.cpp``, the same kernels without the
-    Python Function's per-call cost), else the Python Function."""
+    Compiled (``compiled`` and the kernels take these tensors: CPU float32/float64): the node in
+    C++ (``NormReluMomentsFn`` in ``bkn/csrc/fused_norm.cpp``, one loop each way,
+    ``norm_relu_moments_forward`` / ``_backward``), else the Python Function."""
     extra_mean, extra_var = (None, None) if extra is None else (extra.mean, extra.var)
     native = _native.load() if compiled else None
-    if native is not None:  # the same node in C++ (NormReluMomentsFn in bkn/csrc/fused_norm.cpp), if it takes these
+    if native is not None:  # [] where the kernels do not take these tensors
         out = native.norm_relu_moments(state.posterior_var, state.weight, state.bias, state.eps, extra_mean, extra_var)
         if out:
             return out[0], out[1]
