@@ -123,15 +123,7 @@ class DeferredWeightGrads:
                 "such gradient reached the weight in this backward. Differentiate a loss of the network's "
                 "outputs, or build the prior with detach_prior=True."
             )
-        from .analytic import _tap_sums_grad  # (analytic imports this module)
-
-        native = _native.load()
-        for g_mean, mean, g_var, var in entry[1]:
-            total = native.conv_moments_weight_grad(weight, g_mean, mean, g_var, var, grad) if native else None
-            if total is None:  # a gradient the kernel does not take (not contiguous): the same sum in torch ops
-                total = grad + _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False)
-            grad = total
-        return grad
+        return _add_rules(weight, grad, entry[1], in_place=False)
 
     def _into_grad(self, weight: torch.Tensor) -> bool:
         """Whether the rule's part of ``weight``'s gradient can wait for the post-accumulate-grad hook:
@@ -154,15 +146,24 @@ class DeferredWeightGrads:
     def apply_accumulated(self, weight: torch.Tensor) -> None:
         """Add the rule gradients left by :meth:`apply` into ``weight.grad``, in place."""
         entry = self._pending.pop(id(weight), None)
-        if entry is None or entry[0] != _graph_task():
-            return
-        from .analytic import _tap_sums_grad  # (analytic imports this module)
+        if entry is not None and entry[0] == _graph_task():
+            _add_rules(weight, weight.grad, entry[1], in_place=True)
 
-        native, grad = _native.load(), weight.grad
-        for g_mean, mean, g_var, var in entry[1]:
-            done = native.conv_moments_weight_grad(weight, g_mean, mean, g_var, var, grad, True) if native else None
-            if done is None:  # a gradient the kernel does not take: the same sum in torch ops
-                grad.add_(_tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False))
+
+def _add_rules(weight: torch.Tensor, grad: torch.Tensor, factors: list, in_place: bool) -> torch.Tensor:
+    """``grad`` plus the rule gradient of each ``(g_mean, mean, g_var, var)`` in ``factors``: a new
+    tensor, or written into ``grad`` itself with ``in_place``. One pass of the compiled kernel
+    each, or the same sum in torch ops for a gradient it does not take (not contiguous)."""
+    from .analytic import _tap_sums_grad  # (analytic imports this module)
+
+    native = _native.load()
+    for g_mean, mean, g_var, var in factors:
+        total = native.conv_moments_weight_grad(weight, g_mean, mean, g_var, var, grad, in_place) if native else None
+        if total is None:
+            rule = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False)
+            total = grad.add_(rule) if in_place else grad + rule
+        grad = total
+    return grad
 
 
 class _AddIntoGrad:
