@@ -10,7 +10,7 @@
                         significant slowdown (``-- BASE HEAD --threshold 1.10``), then reports/report.html
     nox -s report       reports/report.html from whatever results exist
     nox -s screenshot   check the report in headless Chromium, save reports/report.png
-    nox -s demo         short BKN-vs-BN comparison (posargs go to ``python -m bkn.demo``)
+    nox -s demo         short BKN-vs-BN comparison (posargs go to ``python -m bkn.probes.demo``)
     nox -s lint         ruff check + ruff format --check (its own small venv, no torch)
 
 One venv for everything that needs torch
@@ -154,7 +154,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
     """Print a short BKN-vs-BN comparison measured on this machine."""
-    torch_env(session, *EXTRAS).run("-m", "bkn.demo", *session.posargs)
+    torch_env(session, *EXTRAS).run("-m", "bkn.probes.demo", *session.posargs)
 
 
 @nox.session(venv_backend="none")

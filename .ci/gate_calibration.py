@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis import continuous, planted, rounds  # noqa: E402
-from bkn.results import environment, write_json  # noqa: E402
+from bkn.probes.results import environment, write_json  # noqa: E402
 
 
 def _thresholds(text: str) -> list[float]:

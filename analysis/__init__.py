@@ -3,7 +3,7 @@
 The pipeline, one job per module:
 
     asv_results.py   .asv/results (asv 0.6 files) -> tidy frames (one row per result, one per sample)
-    probes.py        the probes' result files, read through bkn.results (the contract) -> frames
+    probes.py        the probes' result files, read through bkn.probes.results (the contract) -> frames
     significance.py  the Mann-Whitney U test used for the significance of a change
     regressions.py   verdicts between a baseline and a head commit; trends across commits
     plots.py         seaborn figures on the tidy frames, as embeddable PNG data URIs

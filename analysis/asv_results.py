@@ -20,7 +20,7 @@ Two frames come out (:class:`AsvResults`):
 
 * ``results``: one row per machine x environment x commit x benchmark x parameter
   combination, with the parameters as columns (``method``, ``group_size``, ``shape``, ...: the
-  names the suites declare, :data:`bkn.results.LAYER_PARAMS`; a name this module uses for one
+  names the suites declare, :data:`bkn.probes.results.LAYER_PARAMS`; a name this module uses for one
   of its own columns gets a ``param_`` prefix),
   the result ``value`` (asv's estimate: the median of the samples), its ``status``
   (``ok``/``skipped``/``failed``) and asv's statistics;

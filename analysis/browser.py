@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 
-from bkn.results import atomic_path
+from bkn.probes.results import atomic_path
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 # Headless, sandbox off (containers run as root), and nothing that reaches the network.

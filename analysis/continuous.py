@@ -398,7 +398,7 @@ def measure(args, base: str, head: str, log) -> pd.DataFrame:
                 git(repo, "worktree", "remove", "--force", str(path), check=False)
             git(repo, "worktree", "prune", check=False)
 
-    from bkn.results import environment
+    from bkn.probes.results import environment
 
     machine, env_name = rows[0]["_machine"], rows[0]["_env"]
     rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]

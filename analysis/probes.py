@@ -1,7 +1,7 @@
-"""Load the drift and training probes' results through the results contract (:mod:`bkn.results`).
+"""Load the drift and training probes' results through the results contract (:mod:`bkn.probes.results`).
 
-``results/accuracy/drift.parquet`` (:data:`bkn.results.DRIFT`) and
-``results/convergence/convergence.parquet`` (:data:`bkn.results.TRAINING`), each with the
+``results/accuracy/drift.parquet`` (:data:`bkn.probes.results.DRIFT`) and
+``results/convergence/convergence.parquet`` (:data:`bkn.probes.results.TRAINING`), each with the
 ``meta.json`` beside it (the environment record and the probe's arguments). The columns,
 dtypes and schema versions are the contract's; nothing here repeats them.
 
@@ -19,7 +19,7 @@ import pathlib
 
 import pandas as pd
 
-from bkn.results import DRIFT, TRAINING, Schema, SchemaError
+from bkn.probes.results import DRIFT, TRAINING, Schema, SchemaError
 
 from .messages import Messages
 

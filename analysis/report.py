@@ -27,7 +27,7 @@ import sys
 import jinja2
 import markupsafe
 
-from bkn.results import atomic_path
+from bkn.probes.results import atomic_path
 
 from .asv_results import load_asv_results
 from .messages import Messages

@@ -42,7 +42,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 
-from bkn.results import write_json
+from bkn.probes.results import write_json
 
 from .regressions import GROUP, VERDICT_ORDER
 

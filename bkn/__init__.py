@@ -7,15 +7,24 @@
 * :func:`bkn.convert` - swap the BatchNorms of any model (torchvision ResNets...) and wire BKN priors;
   :func:`bkn.prior_summary` / :func:`bkn.prior_report` - each layer's planned prior and its last training forward.
 * :mod:`bkn.models` - the paper's CIFAR ResNet.
-* :mod:`bkn.results` - the result files' contract (columns, schema versions, atomic writes).
 
-The names below are loaded on first use, so ``import bkn.methods`` and ``import bkn.results``
+The lab built on the library (population statistics, data sets, the training engine, the
+drift and training probes, the result files' contract) lives in :mod:`bkn.probes`; importing
+``bkn`` loads none of it. Its old names (``bkn.stats``, ``bkn.data``, ``bkn.training``,
+``bkn.results``, ``bkn.distributed``, ``bkn.demo``) still import, with a DeprecationWarning,
+for one release (:mod:`bkn._moved`).
+
+The names below are loaded on first use, so ``import bkn.methods`` and ``import bkn.probes.results``
 do not import torch (the report builder reads results and labels without it).
 """
 
 from __future__ import annotations
 
 import importlib
+
+from . import _moved
+
+_moved.install()
 
 __version__ = "0.1.0"
 

@@ -7,13 +7,13 @@ memory system allows that the layer achieves (a forward + backward moves at leas
 about 2.5 such copies: read x, write y; read x and dy, write dx). Measured in the same
 run as the layers, with the same pruning (:func:`suites.harness.matrix.check_pruned`).
 
-Its asv name, ``bench_bandwidth.TimeCopy.time_copy``, is :data:`bkn.results.COPY_REFERENCE`:
+Its asv name, ``bench_bandwidth.TimeCopy.time_copy``, is :data:`bkn.probes.results.COPY_REFERENCE`:
 the report finds the reference by that name.
 """
 
 from __future__ import annotations
 
-from bkn.results import TENSOR_PARAMS
+from bkn.probes.results import TENSOR_PARAMS
 
 from .harness.matrix import TENSOR_VALUES
 from .harness.process import configure_threads

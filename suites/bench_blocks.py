@@ -7,16 +7,16 @@ prior. A network also pays for the prior's propagation from the previous layer (
 the previous posterior pushed through ReLU and the same convolution by the method's
 transition (:class:`suites.harness.block.BlockCase`). A BKN block's time over BN's is
 BKN's whole cost per block; the report's chain-cost figure splits it into the norm's
-share (from :data:`bkn.results.LAYER_BENCHMARK`) and the chain's.
+share (from :data:`bkn.probes.results.LAYER_BENCHMARK`) and the chain's.
 
 Matrix: the layer benchmarks' (:mod:`suites.harness.matrix`, same CPU pruning) without
 the 3-d case (its convolution dominates the block). Its name is
-:data:`bkn.results.BLOCK_BENCHMARK`: the report finds it by that name.
+:data:`bkn.probes.results.BLOCK_BENCHMARK`: the report finds it by that name.
 """
 
 from __future__ import annotations
 
-from bkn.results import LAYER_PARAMS
+from bkn.probes.results import LAYER_PARAMS
 
 from .harness.block import BlockCase
 from .harness.matrix import LAYER_VALUES

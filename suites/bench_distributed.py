@@ -21,7 +21,7 @@ torch.distributed or its gloo backend is unavailable.
 
 from __future__ import annotations
 
-from bkn.results import GROUP_PARAM, METHOD_PARAM
+from bkn.probes.results import GROUP_PARAM, METHOD_PARAM
 
 from .harness import ddp
 from .harness.process import configure_threads

@@ -19,7 +19,7 @@ warmed up (two calls) once per process, CUDA timings synchronise.
 
 from __future__ import annotations
 
-from bkn.results import LAYER_PARAMS
+from bkn.probes.results import LAYER_PARAMS
 
 from .harness.layer import LayerCase
 from .harness.matrix import LAYER_VALUES

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from bkn.results import LAYER_PARAMS
+from bkn.probes.results import LAYER_PARAMS
 
 from .harness.layer import LayerCase
 from .harness.matrix import DEVICES, skip, values

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torchvision
 
 from bkn.methods import Method
-from bkn.results import LAYER_PARAMS
+from bkn.probes.results import LAYER_PARAMS
 
 from .harness.matrix import values
 from .harness.network import NetworkCase, cifar_resnet20

@@ -51,7 +51,7 @@ import torchvision
 from torch import nn
 
 from bkn import methods
-from bkn.results import environment, write_json
+from bkn.probes.results import environment, write_json
 
 from .harness import allocator
 from .harness.allocator import ALLOCATORS

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from bkn import methods
-from bkn.results import GROUP_PARAM, METHOD_PARAM
+from bkn.probes.results import GROUP_PARAM, METHOD_PARAM
 
 from .harness.matrix import GROUP_SIZES, METHODS
 from .harness.process import configure_threads

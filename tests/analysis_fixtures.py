@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from bkn.results import COPY_REFERENCE, DRIFT, GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM, TENSOR_PARAMS, TRAINING
+from bkn.probes.results import COPY_REFERENCE, DRIFT, GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM, TENSOR_PARAMS, TRAINING
 
 MACHINE = "ci-box"
 ENV = "existing-py_usr_bin_python3"
@@ -203,7 +203,7 @@ SHAPES = ["64x56x56", "512x7x7"]
 def method_benches(memory_formats=("contiguous",)) -> list[Bench]:
     """A small version of the suite's matrix: forward time, peak memory, and the copy reference.
 
-    Parameter names and the copy reference's name are the suites' (:mod:`bkn.results`).
+    Parameter names and the copy reference's name are the suites' (:mod:`bkn.probes.results`).
     """
     names = list(LAYER_PARAMS)
     by_name = {
@@ -237,7 +237,7 @@ def method_truth(commit: int, bench: Bench, combo: tuple) -> float:
 
 
 def drift_frame(seed: int = 0) -> pd.DataFrame:
-    """A tidy drift frame in the contract's schema (bkn.results.DRIFT): error shrinks with group size,
+    """A tidy drift frame in the contract's schema (bkn.probes.results.DRIFT): error shrinks with group size,
     grows with depth; bias/noise rows in both modes, end-to-end rows, and the chain's floor."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -279,7 +279,7 @@ def drift_frame(seed: int = 0) -> pd.DataFrame:
 
 
 def training_frame(seed: int = 0) -> pd.DataFrame:
-    """A tidy training-probe frame in the contract's schema (bkn.results.TRAINING): two networks on MNIST-1D."""
+    """A tidy training-probe frame in the contract's schema (bkn.probes.results.TRAINING): two networks on MNIST-1D."""
     rng = np.random.default_rng(seed)
     rows = []
     quality = {"bn": 0.0, "bkn-official": 0.05, "gn": 0.03}

@@ -21,7 +21,7 @@ from analysis.asv_results import load_asv_results, parse_param
 from analysis.messages import Messages
 from analysis.regressions import FLAGGED, default_pair, resolve_commit, trends, verdicts
 from analysis.significance import mann_whitney_u, min_p_value
-from bkn.results import COPY_REFERENCE, GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM
+from bkn.probes.results import COPY_REFERENCE, GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM
 
 TOY = pathlib.Path(__file__).parent / "data" / "asv_toy_results"
 

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bkn import distributed, methods
-from bkn.distributed import DistributedDataParallel
+from bkn import methods
+from bkn.probes import distributed
+from bkn.probes.distributed import DistributedDataParallel
 from suites.bench_distributed import TimeDDPTrainStep
 from suites.harness import ddp, process, timing
 

@@ -140,8 +140,8 @@ def test_syncbn_on_one_gpu_is_torch_syncbatchnorm_and_equals_batchnorm():
     """World size 1 through the real torch.nn.SyncBatchNorm (NCCL process group of one GPU)."""
     import torch.distributed as dist
 
-    from bkn import distributed
     from bkn.layers import SyncBatchNorm
+    from bkn.probes import distributed
 
     if not dist.is_nccl_available():
         pytest.skip("this torch build has no NCCL")

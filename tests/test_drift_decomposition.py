@@ -12,12 +12,12 @@ import torch
 from drift_fixtures import synthetic_rows
 from torch import nn
 
-from bkn.data import digits_dataset
+from bkn.probes.data import digits_dataset
 from bkn.probes.drift import units
 from bkn.probes.drift.progress import Progress
-from bkn.stats import population_statistics
-from bkn.stats.metrics import decompose, signed_errors
-from bkn.stats.residual_chain import ResidualGaussianChain
+from bkn.probes.stats import population_statistics
+from bkn.probes.stats.metrics import decompose, signed_errors
+from bkn.probes.stats.residual_chain import ResidualGaussianChain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,12 +11,12 @@ import torch
 from drift_fixtures import synthetic_rows
 from torch import nn
 
-from bkn.data import Dataset, load_photos
+from bkn.probes.data import Dataset, load_photos
 from bkn.probes.drift import Probe, check_network, methods, setups
 from bkn.probes.drift.__main__ import main
 from bkn.probes.drift.sweep import check_group_sizes
-from bkn.results import DRIFT
-from bkn.stats import METRICS, STATISTICS
+from bkn.probes.results import DRIFT
+from bkn.probes.stats import METRICS, STATISTICS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

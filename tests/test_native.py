@@ -355,7 +355,7 @@ def test_threads_do_not_change_results(native):
 
 
 def test_demo_ratios_are_medians_over_rounds_and_it_runs(capsys):
-    from bkn import demo
+    from bkn.probes import demo
 
     samples = {"bn": [1.0, 2.0, 4.0], "bkn": [1.5, 2.0, 2.0]}
     assert demo.ratio_summary(samples, "bkn", "bn")[0] == pytest.approx(1.0)  # ratios 1.5, 1.0, 0.5

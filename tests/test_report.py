@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from analysis import report
-from bkn.results import BLOCK_BENCHMARK, COPY_REFERENCE, GROUP_PARAM, LAYER_BENCHMARK, LAYER_PARAMS, METHOD_PARAM
+from bkn.probes.results import BLOCK_BENCHMARK, COPY_REFERENCE, GROUP_PARAM, LAYER_BENCHMARK, LAYER_PARAMS, METHOD_PARAM
 
 TOY = pathlib.Path(__file__).parent / "data" / "asv_toy_results"
 
@@ -85,7 +85,7 @@ def test_report_end_to_end(tmp_path, capsys):
     bkn = ratio[ratio[METHOD_PARAM] == "bkn-official"]["ratio_to_bn"]
     assert bkn.median() == pytest.approx(1.5, rel=0.1)  # synthetic truth: 4.5 / 3.0 (plus the fixed 2 us)
     # Bandwidth: bytes the operation must move over its time, next to the copy's rate (the copy found
-    # by its name, bkn.results.COPY_REFERENCE). Synthetic truth at large tensors (the fixed 2 us fades):
+    # by its name, bkn.probes.results.COPY_REFERENCE). Synthetic truth at large tensors (the fixed 2 us fades):
     # the copy moves 2 x 4 bytes per element in 1e-9 s (8 GB/s); bn's forward 2 x 4 bytes in 3e-9 s, its
     # forward + backward 5 x 4 bytes in 7.5e-9 s (2.67 GB/s both); so a third of the copy's rate.
     rate = pd.read_csv(data / "timing_bandwidth.csv")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from analysis import report
-from bkn.results import GROUP_PARAM, METHOD_PARAM
+from bkn.probes.results import GROUP_PARAM, METHOD_PARAM
 
 DDP = "bench_distributed.TimeDDPTrainStep.time_train_step"
 # Synthetic truth (seconds): one process, and what 2 workers add (SyncBN's statistics all-reduces on top).

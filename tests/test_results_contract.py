@@ -1,4 +1,4 @@
-"""The results contract (bkn.results): schemas, their errors, and the torch-free report path."""
+"""The results contract (bkn.probes.results): schemas, their errors, and the torch-free report path."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from analysis.messages import Messages
 from analysis.probes import load_drift
-from bkn import results
-from bkn.results import DRIFT, SCHEMAS, TRAINING, SchemaError
+from bkn.probes import results
+from bkn.probes.results import DRIFT, SCHEMAS, TRAINING, SchemaError
 
 ROOT = results.ROOT
 ENV = {"commit": "abc", "torch": "2.x", "device": "cpu", "threads": 1}
@@ -45,7 +45,7 @@ def _python(code: str, cwd=ROOT) -> subprocess.CompletedProcess:
 
 def test_importing_the_report_builder_does_not_import_torch():
     run = _python(
-        "import sys, analysis.report, analysis.browser, bkn.methods, bkn.results; "
+        "import sys, analysis.report, analysis.browser, bkn.methods, bkn.probes.results; "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
     assert run.returncode == 0, run.stderr

@@ -1,4 +1,4 @@
-"""bkn.stats: population statistics (the contract), drift metrics, the synthetic chain, the recorder."""
+"""bkn.probes.stats: population statistics (the contract), drift metrics, the synthetic chain, the recorder."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 import bkn
 from bkn.models import cifar_resnet
-from bkn.stats import (
+from bkn.probes.stats import (
     DriftRecorder,
     LinearGaussianChain,
     channel_metrics,
@@ -25,8 +25,8 @@ from bkn.stats import (
     summarize,
     use_population_statistics,
 )
-from bkn.stats.pooled_moments import PooledMoments, pool_over_groups
-from bkn.stats.synthetic import _grouped
+from bkn.probes.stats.pooled_moments import PooledMoments, pool_over_groups
+from bkn.probes.stats.synthetic import _grouped
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,7 @@ def _perturb(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if bkn.stats.is_batch_norm(m) or bkn.stats.is_per_sample_norm(m):
+            if bkn.probes.stats.is_batch_norm(m) or bkn.probes.stats.is_per_sample_norm(m):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
     return model
@@ -110,7 +110,7 @@ def test_population_statistics_of_a_converted_torchvision_style_model():
     )
     model = _perturb(bkn.convert(base, "bkn", group_size=2, transition="analytic"))
     x = torch.randn(30, 3, 9, 9) - 2.0
-    layers = [(n, m) for n, m in model.named_modules() if bkn.stats.is_batch_norm(m)]
+    layers = [(n, m) for n, m in model.named_modules() if bkn.probes.stats.is_batch_norm(m)]
     got = population_statistics(model, (b for b in x.split(7)))  # a one-shot generator is fine too
     want = _direct_population(model, layers, x)
     assert list(got) == ["1", "4", "9"]
@@ -301,7 +301,7 @@ def test_running_estimates_with_small_momentum_converge_to_the_population():
     truth = chain.population_statistics()
     model = bkn.convert(chain.model(), "bn", group_size=8)
     for m in model.modules():
-        if bkn.stats.is_batch_norm(m):
+        if bkn.probes.stats.is_batch_norm(m):
             m.momentum = 0.01
     g = torch.Generator().manual_seed(0)
     model.train()

@@ -3,7 +3,7 @@
 A broken benchmark must fail here, in CI, not in the nightly ``asv run``. Nothing is
 timed. Also checked: what asv discovers (exactly the benchmarks below, none from the
 helper package), the skip rules (what cannot run raises ``NotImplementedError`` in
-setup), the parameter names of the results contract (:mod:`bkn.results`), the memory
+setup), the parameter names of the results contract (:mod:`bkn.probes.results`), the memory
 measure, and the drift probe's closed-form population moments against a Monte-Carlo
 estimate.
 """
@@ -25,7 +25,7 @@ import torch
 
 from bkn import layers as bkn_layers
 from bkn import methods
-from bkn.results import COPY_REFERENCE, GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM, TENSOR_PARAMS
+from bkn.probes.results import COPY_REFERENCE, GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM, TENSOR_PARAMS
 from suites.harness import ddp, decode, matrix, memory, process, timing
 from suites.harness.block import BlockCase
 from suites.harness.layer import LayerCase
@@ -151,7 +151,7 @@ def test_asv_discovers_exactly_the_benchmarks_of_the_bench_and_track_modules():
     discovery = pytest.importorskip("asv_runner.discovery")
     found = {b.name: b for b in discovery.disc_benchmarks(str(SUITES))}
     assert set(found) == BENCHMARKS
-    # The copy reference the report looks for (bkn.results.COPY_REFERENCE) is the copy benchmark.
+    # The copy reference the report looks for (bkn.probes.results.COPY_REFERENCE) is the copy benchmark.
     assert found[COPY_REFERENCE].param_names == list(TENSOR_PARAMS)
     for name, bench in found.items():
         assert name.split(".")[0] in MODULES, name  # nothing from suites.harness
@@ -176,7 +176,7 @@ def test_benchmark_modules_bind_no_asv_setting(module):
 
 
 def test_cases_take_the_contract_parameters_in_order():
-    # asv passes parameters by position in param_names order (bkn.results' constants).
+    # asv passes parameters by position in param_names order (bkn.probes.results' constants).
     def leading(cls, skip=0):
         return list(inspect.signature(cls).parameters)[skip:]
 

@@ -1,6 +1,6 @@
 """SyncBatchNorm on the CPU (gloo): exactly BatchNorm over the concatenated batch of every worker.
 
-Workers are real processes spawned by :func:`bkn.distributed.run` (process group over
+Workers are real processes spawned by :func:`bkn.probes.distributed.run` (process group over
 127.0.0.1, gloo, bounded by a timeout). float64, tolerance 1e-10.
 """
 
@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from bkn import distributed, methods
+from bkn import methods
 from bkn.layers import SyncBatchNorm
+from bkn.probes import distributed
 
 pytestmark = pytest.mark.skipif(not distributed.available(), reason="torch.distributed with gloo is not available")
 TOL = dict(rtol=1e-10, atol=1e-10)

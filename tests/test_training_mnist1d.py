@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from bkn import methods as registry
-from bkn import stats, training
-from bkn.data import load_mnist1d, mnist1d_dataset
 from bkn.layers import BatchKalmanNorm1d
 from bkn.models import ConvNet1d, PreActResNet1d, resnet1d
+from bkn.probes import engine as training
+from bkn.probes import stats
+from bkn.probes.data import load_mnist1d, mnist1d_dataset
+from bkn.probes.results import TRAINING
 from bkn.probes.training import TrainConfig, networks, train_model
 from bkn.probes.training.__main__ import main
-from bkn.results import TRAINING
 
 pytest.importorskip("mnist1d")
 

@@ -1,4 +1,4 @@
-"""The training probe (bkn.probes.training) and the training engine both probes use (bkn.training)."""
+"""The training probe (bkn.probes.training) and the training engine both probes use (bkn.probes.engine)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from bkn import methods as registry
-from bkn import training
-from bkn.data import Dataset, digits_dataset
 from bkn.layers.renorm import RenormSchedule
+from bkn.probes import engine as training
 from bkn.probes import training as probe
+from bkn.probes.data import Dataset, digits_dataset
+from bkn.probes.results import TRAINING
 from bkn.probes.training import TrainConfig, make_model, train_model, train_run
 from bkn.probes.training.__main__ import main, parser, resolve
-from bkn.results import TRAINING
 
 # Tiny configuration: 8x8 digits (the original resolution), CIFAR ResNet-8 of width 8.
 TINY = {"data": "digits", "network": "cifar-resnet", "image_size": 8, "width": 8, "depth": 8, "batch_size": 64}
@@ -71,7 +71,7 @@ def test_different_seeds_give_different_runs(digits8, one_thread):
 
 def test_evaluation_does_not_shift_training_draws(digits8, one_thread):
     """Precise evaluation every epoch must leave the training trajectory unchanged."""
-    pytest.importorskip("bkn.stats")
+    pytest.importorskip("bkn.probes.stats")
     train, test = _subset(digits8[0], 256), _subset(digits8[1], 128)
     base = dict(method="bkn-official", group_size=2, seed=5, epochs=2, **TINY)
     model_a, _ = train_model(TrainConfig(precise="none", **base), train, test)
@@ -116,7 +116,7 @@ def test_rows_are_tidy_and_methods_without_groups_use_the_batch(digits8, one_thr
 
 
 def test_precise_accuracy_uses_population_statistics_on_a_copy(digits8):
-    stats = pytest.importorskip("bkn.stats")
+    stats = pytest.importorskip("bkn.probes.stats")
     train, test = _subset(digits8[0], 256), _subset(digits8[1], 128)
     config = TrainConfig(method="bn", group_size=2, epochs=1, precise="none", **TINY)
     model, _ = train_model(config, train, test)

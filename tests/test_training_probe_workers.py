@@ -1,6 +1,6 @@
 """The training probe on several workers (DistributedDataParallel over gloo, processes spawned by the test).
 
-Every multi-process run is bounded: ``bkn.distributed.run`` stops workers that outlast the
+Every multi-process run is bounded: ``bkn.probes.distributed.run`` stops workers that outlast the
 probe's ``--timeout`` (given here), and the torchrun subprocess has a ``timeout``.
 """
 
@@ -17,10 +17,10 @@ import pytest
 import torch
 import training_workers as workers
 
-from bkn import distributed
+from bkn.probes import distributed
+from bkn.probes.results import TRAINING
 from bkn.probes.training import TrainConfig, launch
 from bkn.probes.training.__main__ import main, parser, resolve
-from bkn.results import TRAINING
 
 pytestmark = pytest.mark.skipif(not distributed.available(), reason="torch.distributed with gloo is not available")
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from bkn.data import Dataset, digits_dataset
+from bkn.probes.data import Dataset, digits_dataset
 from bkn.probes.training import TrainConfig, train_model
 
 

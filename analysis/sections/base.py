@@ -7,7 +7,7 @@ import math
 
 import pandas as pd
 
-from bkn.results import DEFAULT_VARIANT, VARIANT_PARAMS  # torch-free: the asv vocabulary the suites declare
+from bkn.probes.results import DEFAULT_VARIANT, VARIANT_PARAMS  # torch-free: the asv vocabulary the suites declare
 
 from ..asv_results import AsvResults
 from ..messages import Messages

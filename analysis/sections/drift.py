@@ -17,7 +17,7 @@ from __future__ import annotations
 import pandas as pd
 
 from bkn.methods import EMA_SUFFIX, FLOOR
-from bkn.results import DRIFT_METRICS
+from bkn.probes.results import DRIFT_METRICS
 
 from .. import plots
 from .base import Inputs, Section, label_rows, provenance

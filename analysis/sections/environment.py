@@ -6,7 +6,7 @@ import platform
 
 import pandas as pd
 
-from bkn.results import git_commit
+from bkn.probes.results import git_commit
 
 from .. import plots
 from .base import BENCH_COMMANDS, Inputs, Section, human

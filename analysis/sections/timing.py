@@ -1,17 +1,17 @@
 """Timing section: time and memory vs group size per method and device; ratio to BN; bandwidth; chain cost.
 
-Parameter names are the asv vocabulary of :mod:`bkn.results` (``method``, ``group_size``,
+Parameter names are the asv vocabulary of :mod:`bkn.probes.results` (``method``, ``group_size``,
 the tensor parameters, the variant axes), the same constants the suites declare; the
-copy-bandwidth reference is the benchmark named :data:`bkn.results.COPY_REFERENCE`.
+copy-bandwidth reference is the benchmark named :data:`bkn.probes.results.COPY_REFERENCE`.
 
-Bandwidth: a benchmark whose method name is in :data:`bkn.results.TENSOR_PASSES` must move
+Bandwidth: a benchmark whose method name is in :data:`bkn.probes.results.TENSOR_PASSES` must move
 at least ``passes x elements x element size`` bytes (forward: read x, write y;
 forward + backward also reads x and dy and writes dx); that over its time is the achieved
 rate, shown next to the copy's rate on the same tensors (2 passes over the copy's time).
 
-Chain cost: the block benchmark (:data:`bkn.results.BLOCK_BENCHMARK`, conv + norm + ReLU
+Chain cost: the block benchmark (:data:`bkn.probes.results.BLOCK_BENCHMARK`, conv + norm + ReLU
 with BKN's prior propagation) against the layer benchmark
-(:data:`bkn.results.LAYER_BENCHMARK`, the norm alone given its prior), both forward +
+(:data:`bkn.probes.results.LAYER_BENCHMARK`, the norm alone given its prior), both forward +
 backward on the same tensors. For a BKN method ``m``, per block, as fractions of BN's block::
 
     whole = (block_m - block_bn) / block_bn        norm = (layer_m - layer_bn) / block_bn
@@ -23,7 +23,7 @@ from __future__ import annotations
 import pandas as pd
 
 from bkn import methods as registry  # torch-free: the legend order of the methods
-from bkn.results import (
+from bkn.probes.results import (
     BLOCK_BENCHMARK,
     COPY_REFERENCE,
     DTYPE_BYTES,
@@ -52,7 +52,7 @@ from .base import (
 BASELINE = "bn"  # the method every time is divided by in the ratio figure
 SYNC = "syncbn"  # its extra time over BASELINE at K workers is the cost of pooling the statistics
 # Workers of a data-parallel step (suites/bench_distributed.py; 1 = one process, no DDP). Not
-# (yet) a bkn.results constant: the suites declare the same name in suites/harness/ddp.py.
+# (yet) a bkn.probes.results constant: the suites declare the same name in suites/harness/ddp.py.
 WORLD_PARAM = "world_size"
 GROUP_LABEL = "group size"  # axis label of GROUP_PARAM
 TYPE_ORDER = {"time": 0, "peakmemory": 1, "memory": 2, "track": 3}
@@ -104,7 +104,7 @@ def _where(frame: pd.DataFrame) -> pd.Series:
 
 
 def _copy_reference(rows: pd.DataFrame) -> pd.DataFrame:
-    """Timed rows of the copy-bandwidth reference (:data:`bkn.results.COPY_REFERENCE`) with every tensor parameter."""
+    """Timed rows of the copy-bandwidth reference (:data:`bkn.probes.results.COPY_REFERENCE`), every tensor parameter."""
     if any(c not in rows.columns for c in TENSOR_PARAMS):
         return rows.iloc[0:0]
     copies = rows[(rows["benchmark"] == COPY_REFERENCE) & (rows["type"] == "time")]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bkn.results import EVALUATIONS
+from bkn.probes.results import EVALUATIONS
 
 from .. import plots
 from .base import Inputs, Section, provenance

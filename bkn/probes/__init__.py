@@ -6,5 +6,5 @@
   training with each method.
 * :mod:`bkn.probes.cli`: the comma-list parsers and flags both command lines share.
 
-Both train with :func:`bkn.training.train_epochs` on a :class:`bkn.data.Dataset`.
+Both train with :func:`bkn.probes.engine.train_epochs` on a :class:`bkn.probes.data.Dataset`.
 """

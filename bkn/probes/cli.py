@@ -14,7 +14,7 @@ import argparse
 import pathlib
 from typing import Callable
 
-from .. import methods as registry
+from bkn import methods as registry
 
 
 def _split(text: str) -> list[str]:

@@ -5,7 +5,7 @@ One module per job:
 =============== =====================================================================
 ``process``     the benchmark process: a fixed torch thread count, and the imports the
                 fork server does once for all the forked benchmark processes
-``matrix``      the parameter values (named by :mod:`bkn.results`), ``skip``, and the
+``matrix``      the parameter values (named by :mod:`bkn.probes.results`), ``skip``, and the
                 rules that prune the matrix on the CPU
 ``decode``      parameter strings -> torch objects (shape, device, dtype, memory format)
 ``timing``      the one-case-per-process cache, asv's timing settings, synchronisation

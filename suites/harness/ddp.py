@@ -38,14 +38,15 @@ import traceback
 
 import torch
 
-from bkn import distributed, methods
-from bkn.distributed import DistributedDataParallel
+from bkn import methods
+from bkn.probes import distributed
+from bkn.probes.distributed import DistributedDataParallel
 
 from .matrix import SEED, skip
 from .network import NetworkCase, cifar_resnet20
 from .process import configure_threads
 
-# The asv parameter of the number of workers. Not (yet) one of bkn.results' constants.
+# The asv parameter of the number of workers. Not (yet) one of bkn.probes.results' constants.
 WORLD_PARAM = "world_size"
 WORLD_SIZES = (1, 2)
 # bn and bkn normalize each worker's batch alone; syncbn pools the K workers' batches.

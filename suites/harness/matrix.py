@@ -1,6 +1,6 @@
 """The parameter matrix of the suites, how a benchmark skips, and the CPU pruning rules.
 
-Parameter names are :mod:`bkn.results`' constants (the report reads the same ones):
+Parameter names are :mod:`bkn.probes.results`' constants (the report reads the same ones):
 
 =================== ==================================================================
 ``method``          a :mod:`bkn.methods` name: bn (built without a group, that is
@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 from bkn import methods
-from bkn.results import GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM, TENSOR_PARAMS
+from bkn.probes.results import GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM, TENSOR_PARAMS
 
 # -- the values -----------------------------------------------------------------------------------
 # Registry names, checked here (an unknown one is a ValueError listing the known ones); the
@@ -52,8 +52,8 @@ VALUES = {
     "memory_format": MEMORY_FORMATS,
 }
 _unknown = set(LAYER_PARAMS) - set(VALUES)
-if _unknown:  # bkn.results renamed or added a parameter: the suites must follow
-    raise ValueError(f"suites: no values for the asv parameters {sorted(_unknown)} of bkn.results.LAYER_PARAMS")
+if _unknown:  # bkn.probes.results renamed or added a parameter: the suites must follow
+    raise ValueError(f"suites: no values for the asv parameters {sorted(_unknown)} of bkn.probes.results.LAYER_PARAMS")
 
 
 def values(names, **only) -> list[list]:

@@ -4,13 +4,13 @@ network's output (``nox -s accuracy``).
 For every normalization method, normalization group size ``n``, layer and seed, the
 probe measures what the method normalizes with in training mode - BN's batch statistics,
 BKN's posterior, BRN's effective statistics, the running (EMA) estimates - against the
-layer's exact population statistics (:func:`bkn.stats.population_statistics`), with the
-metrics of spec section 4 (:mod:`bkn.stats.metrics`): per-layer error split into bias and
+layer's exact population statistics (:func:`bkn.probes.stats.population_statistics`), with the
+metrics of spec section 4 (:mod:`bkn.probes.stats.metrics`): per-layer error split into bias and
 noise over groups, the input drift caused by upstream layers, and end to end (``layer =
 "output"``) the agreement of the network in training mode with the same network using
 population statistics. Two modes: in-network, and isolation (every earlier layer
 normalizing with its population statistics). Setups: the synthetic residual chain
-(closed-form truth and a real floor, :mod:`bkn.stats.residual_chain`) and real images that
+(closed-form truth and a real floor, :mod:`bkn.probes.stats.residual_chain`) and real images that
 ship with scikit-learn, on the paper's CIFAR ResNet (and torchvision's ResNet-18 with
 ``--full``), trained with BN (``trained``) and with each method (``trained-own``).
 
@@ -22,7 +22,7 @@ printed tables), :mod:`~bkn.probes.drift.progress` (a bar on a terminal, one lin
 stage in a log).
 
 Command line: ``python -m bkn.probes.drift --help``. Results: ``<out>/drift.parquet``
-(:data:`bkn.results.DRIFT`: one row per data x network x state x method x group_size x mode
+(:data:`bkn.probes.results.DRIFT`: one row per data x network x state x method x group_size x mode
 x layer x metric x statistic x seed, plus the environment columns) and ``<out>/meta.json``
 (environment, arguments, duration, skipped units), both written atomically once the run
 is complete.
@@ -30,8 +30,8 @@ is complete.
 
 from __future__ import annotations
 
-from .methods import DEFAULT_METHODS, FULL_METHODS
-from .sweep import Probe, ProbeConfig, check_network, config_record
+from bkn.probes.drift.methods import DEFAULT_METHODS, FULL_METHODS
+from bkn.probes.drift.sweep import Probe, ProbeConfig, check_network, config_record
 
 __all__ = ["DEFAULT_METHODS", "FULL_METHODS", "Probe", "ProbeConfig", "check_network", "config_record", "run"]
 
@@ -40,13 +40,13 @@ def run(config: ProbeConfig, progress: bool = False):
     """Run the probe; returns ``(frame, record)``: the tidy results (the DRIFT schema) and ``meta.json``'s record."""
     import time
 
-    from bkn.results import DRIFT, environment
+    from bkn.probes.results import DRIFT, environment
 
     config.validate()
     probe = Probe(config)
     bar = None
     if progress:
-        from .progress import Progress
+        from bkn.probes.drift.progress import Progress
 
         bar = Progress(len(probe.units()))
         probe.progress = bar

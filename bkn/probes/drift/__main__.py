@@ -6,9 +6,9 @@ import argparse
 import sys
 import time
 
-from .. import cli
-from . import methods, setups, units
-from .sweep import ProbeConfig
+from bkn.probes import cli
+from bkn.probes.drift import methods, setups, units
+from bkn.probes.drift.sweep import ProbeConfig
 
 DEFAULT_SETUPS = [("synthetic", "residual-chain"), ("digits", "cifar-resnet20")]
 FULL_SETUPS = list(setups.INPUT_SIZE)
@@ -48,7 +48,7 @@ bkn-official-relu-shortcut: name them in --methods).
 init, trained and trained-own, group sizes 1..64, seeds 0..4, every method but
 'brn-scheduled' (the paper's schedule keeps BRN equal to BN for 5000 steps, far more than a
 unit's forwards: name it in --methods to measure it). Trained weights (short seeded training
-runs, bkn.training's engine) are cached under --cache, keyed by their configuration.
+runs, bkn.probes.engine's engine) are cached under --cache, keyed by their configuration.
 
 methods (bkn.methods, plus the probe's own estimators): """
     + ", ".join(methods.names())
@@ -144,7 +144,7 @@ def config_from(args: argparse.Namespace) -> ProbeConfig:
 
 
 def print_summary(frame, record: dict) -> None:
-    from . import summary
+    from bkn.probes.drift import summary
 
     for title, table in summary.tables(frame):
         print("\n" + title)
@@ -170,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bkn.results import DRIFT
-
-    from . import run
+    from bkn.probes.drift import run
+    from bkn.probes.results import DRIFT
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -9,7 +9,7 @@ A result's ``method`` value is one of
   have only the output discrepancy defined;
 * ``<method>-ema`` (a method with batch statistics): the running (EMA) estimates that
   method keeps for inference, after the probe's training-mode passes at the group size;
-* ``floor``: the synthetic chain's best achievable estimate (see :mod:`bkn.stats.synthetic`).
+* ``floor``: the synthetic chain's best achievable estimate (see :mod:`bkn.probes.stats.synthetic`).
 
 ``brn-scheduled`` is measured only when named in ``--methods``: the probe runs a few
 dozen forwards per unit, and the paper's schedule keeps BRN equal to BN for its first

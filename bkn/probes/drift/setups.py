@@ -3,14 +3,14 @@
 Setups (data x network) and input sizes:
 
     synthetic x residual-chain   the residual linear-Gaussian chain (16 channels, 8 norms, 8x8 positions
-                                 subsampled to 4x4 and 2x2; :mod:`bkn.stats.residual_chain`)
+                                 subsampled to 4x4 and 2x2; :mod:`bkn.probes.stats.residual_chain`)
     digits    x cifar-resnet20   scikit-learn's digits, upsampled to 16x16, grey repeated to RGB
     digits    x resnet18         the same at 32x32 (torchvision ResNet-18: 1x1 at its last stage)
     photos    x cifar-resnet20   1024 random 32x32 crops of the sample photographs
     photos    x resnet18         1024 random 64x64 crops
 
 States: ``init`` (seeded initialisation), ``trained`` (a short seeded training run of
-the network with torch's BatchNorm by :func:`bkn.training.train_epochs`, the engine the
+the network with torch's BatchNorm by :func:`bkn.probes.engine.train_epochs`, the engine the
 training probe uses too) and ``trained-own`` (the same run with the measured method's own
 norms, at normalization group :data:`TRAIN_GROUP`); weights cached under
 ``<cache>/accuracy/``, keyed by the whole configuration. In ``init`` and ``trained`` every
@@ -40,12 +40,12 @@ import torch
 from torch import nn
 
 from bkn import methods as registry
-from bkn import training
-from bkn.data import Dataset, digits_dataset, photos_dataset
 from bkn.models import cifar_resnet
-from bkn.results import atomic_path
-from bkn.stats import population_statistics
-from bkn.stats.residual_chain import ResidualChainNet, ResidualGaussianChain
+from bkn.probes import engine as training
+from bkn.probes.data import Dataset, digits_dataset, photos_dataset
+from bkn.probes.results import atomic_path
+from bkn.probes.stats import population_statistics
+from bkn.probes.stats.residual_chain import ResidualChainNet, ResidualGaussianChain
 
 DATA = ("synthetic", "digits", "photos")
 NETWORKS = ("residual-chain", "cifar-resnet20", "resnet18")

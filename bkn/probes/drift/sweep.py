@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from bkn import methods as registry
-from bkn.stats import is_batch_norm
-
-from . import methods, setups, units
+from bkn.probes.drift import methods, setups, units
+from bkn.probes.stats import is_batch_norm
 
 
 @dataclass

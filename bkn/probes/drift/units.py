@@ -8,7 +8,7 @@
    moving averages (which its effective statistics depend on), the adaptive gain's
    uncertainty estimates, the running estimates. The first of them uses momentum 1,
    so nothing is left of the reset values;
-3. ``steps`` more such forwards with a :class:`bkn.stats.DriftRecorder`: every group's
+3. ``steps`` more such forwards with a :class:`bkn.probes.stats.DriftRecorder`: every group's
    estimated statistics, their bias and noise, and the output discrepancy, per layer;
 4. for ``<method>-ema``: the running estimates after those forwards against the
    population, and the output discrepancy of one eval-mode forward.
@@ -23,14 +23,14 @@ statistics - ``agreement`` (share of equal argmax), ``logit_discrepancy``
 ``accuracy_population``), over all measured samples; for ``<method>-ema`` the same with
 the running estimates in eval mode. ``isolation`` - every layer's output, and a BKN
 layer's posterior, replaced by the population-statistics ones after it is recorded
-(:class:`bkn.stats.DriftRecorder` ``isolate=True``, burn-in included), so each layer's
+(:class:`bkn.probes.stats.DriftRecorder` ``isolate=True``, burn-in included), so each layer's
 error is its own estimator's alone.
 
 All methods see the same micro-batches for a given ``(n, seed)`` (common random numbers,
 so differences between methods are not sampling noise of the data); the seed also seeds
 BKN's Monte-Carlo draws. Per-sample norms (GN, LN, IN) skip the burn-in (they carry
 nothing between steps); ``floor`` (synthetic chain only) is the chain's closed-form floor
-(:meth:`bkn.stats.residual_chain.ResidualGaussianChain.floor`).
+(:meth:`bkn.probes.stats.residual_chain.ResidualGaussianChain.floor`).
 """
 
 from __future__ import annotations
@@ -42,14 +42,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from bkn.data import Dataset
-from bkn.stats import DriftRecorder, eval_mode, is_batch_norm, normalizing_with, running_estimate_rows
-from bkn.stats.estimated import capture_inputs
-from bkn.stats.metrics import decompose
-from bkn.stats.residual_chain import ResidualGaussianChain
-
-from .methods import EMA, FLOOR
-from .setups import Source
+from bkn.probes.data import Dataset
+from bkn.probes.drift.methods import EMA, FLOOR
+from bkn.probes.drift.setups import Source
+from bkn.probes.stats import DriftRecorder, eval_mode, is_batch_norm, normalizing_with, running_estimate_rows
+from bkn.probes.stats.estimated import capture_inputs
+from bkn.probes.stats.metrics import decompose
+from bkn.probes.stats.residual_chain import ResidualGaussianChain
 
 MODES = ("in-network", "isolation")
 OUTPUT = "output"  # the layer of the end-to-end rows
@@ -76,7 +75,7 @@ def unit_generator(seed: int, group_size: int) -> torch.Generator:
 
 def draw(source: Source, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``size`` random samples and their labels (``None`` on the synthetic chain); the same draws as
-    :meth:`bkn.data.Dataset.sample`."""
+    :meth:`bkn.probes.data.Dataset.sample`."""
     if isinstance(source, Dataset):
         if size > len(source):
             raise ValueError(f"a batch of {size} is larger than the data set {source.name!r} ({len(source)} samples)")
@@ -229,7 +228,7 @@ def floor_unit(chain: ResidualGaussianChain, population, n: int, seed: int, pass
     layer k is ``(xbar_g - mu_0) / sqrt(v_k + eps)``, split into bias and noise like every
     method's (``mean_bias``, ``mean_noise``, ``mean_rmse``; same micro-batches: common random
     numbers). The variance: the closed-form delta-method Cramer-Rao bound ``var_rmse``
-    (:meth:`~bkn.stats.residual_chain.ResidualGaussianChain.floor`).
+    (:meth:`~bkn.probes.stats.residual_chain.ResidualGaussianChain.floor`).
     """
     if not isinstance(chain, ResidualGaussianChain):
         raise ValueError("'floor' is defined on the residual synthetic chain only")

@@ -11,12 +11,12 @@ MNIST-1D generated locally (5,000 samples, 4,000 train / 1,000 test), a Conv1d n
 residual stream (``resnet1d``); ``--data digits`` trains the CIFAR ResNet-8 on
 scikit-learn's digits instead. Every run uses the same recipe
 (:class:`~bkn.probes.training.runs.TrainConfig`: SGD, momentum 0.9, weight decay 5e-4,
-lr 0.05 with cosine decay, 15 epochs) and the engine of :func:`bkn.training.train_epochs`.
+lr 0.05 with cosine decay, 15 epochs) and the engine of :func:`bkn.probes.engine.train_epochs`.
 Runs are spread over ``--jobs`` worker processes (default 2, one thread each).
 
 Output, in ``--out`` (default ``results/convergence``), written atomically at the end:
 
-* ``convergence.parquet`` (:data:`bkn.results.TRAINING`): tidy, one row per data x
+* ``convergence.parquet`` (:data:`bkn.probes.results.TRAINING`): tidy, one row per data x
   network x method x group_size x seed x epoch x evaluation x metric, with ``batch_size``
   (the SGD batch), ``world_size`` and the environment columns; metrics ``train_loss`` and
   ``step_time_s`` (evaluation ``training``) and ``test_acc`` with the method's running
@@ -24,7 +24,7 @@ Output, in ``--out`` (default ``results/convergence``), written atomically at th
   statistics recomputed after training (evaluation ``population``, PreciseBN) at the last
   epoch (``--precise every``: every epoch). GN and LN rows carry ``group_size`` = the SGD
   batch size (they normalize each sample on its own; plot them as reference lines).
-* ``meta.json``: :func:`bkn.results.environment`, the arguments, the recipe, the data,
+* ``meta.json``: :func:`bkn.probes.results.environment`, the arguments, the recipe, the data,
   ``duration_s``, the jobs and the workers (``world_size``, per-worker batch, launcher).
 
 At the end a table of final test accuracy per method x group size is printed, per data
@@ -47,9 +47,8 @@ import pathlib
 import time
 
 from bkn import methods as registry
-
-from . import networks
-from .runs import PRECISE, TrainConfig, make_model, train_model, train_run
+from bkn.probes.training import networks
+from bkn.probes.training.runs import PRECISE, TrainConfig, make_model, train_model, train_run
 
 __all__ = ["PRECISE", "TrainConfig", "make_model", "train_model", "train_run", "configs", "datasets", "run"]
 
@@ -128,13 +127,12 @@ def run(args: argparse.Namespace):
 
     With several workers the frame is returned (and written) by the launching process or
     torchrun's rank 0; the other torchrun ranks return ``None``. A failed worker raises
-    :class:`bkn.distributed.WorkerError` and nothing is written.
+    :class:`bkn.probes.distributed.WorkerError` and nothing is written.
     """
     import torch
 
-    from bkn.results import EVALUATIONS, TRAINING, environment
-
-    from . import launch
+    from bkn.probes.results import EVALUATIONS, TRAINING, environment
+    from bkn.probes.training import launch
 
     torch.set_num_threads(args.threads)  # environment() records it: the threads each run trained with
     train, test = datasets(args)

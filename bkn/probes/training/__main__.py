@@ -7,9 +7,8 @@ import sys
 import time
 
 from bkn import methods as registry
-
-from .. import cli
-from . import (
+from bkn.probes import cli
+from bkn.probes.training import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
     DEFAULT_GROUP_SIZES,
@@ -240,9 +239,8 @@ def main(argv=None) -> int:
         resolve(args)
     except ValueError as err:
         p.error(str(err))
-    from bkn.distributed import WorkerError
-
-    from .summary import summary
+    from bkn.probes.distributed import WorkerError
+    from bkn.probes.training.summary import summary
 
     started = time.perf_counter()
     try:

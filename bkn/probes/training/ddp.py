@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bkn.data import Dataset
-from bkn.distributed import DistributedDataParallel
+from bkn.probes.data import Dataset
+from bkn.probes.distributed import DistributedDataParallel
 
 
 def rank_of(world_size: int) -> int:
@@ -54,7 +54,7 @@ def rank_of(world_size: int) -> int:
 
 
 class Shard:
-    """Worker ``rank``'s rows of every global batch of ``data`` (what :func:`bkn.training.train_epochs`
+    """Worker ``rank``'s rows of every global batch of ``data`` (what :func:`bkn.probes.engine.train_epochs`
     iterates): the same permutation as the single-process run, each batch of ``B`` cut into ``world_size``
     consecutive slices of ``B / world_size``."""
 
@@ -94,7 +94,7 @@ def seed_draws(seed: int, rank: int) -> None:
 def epoch_totals(losses: list[torch.Tensor], seconds: float, world_size: int) -> tuple[float, float]:
     """An epoch's mean training loss over every worker's samples and the slowest worker's seconds per step.
 
-    One worker: exactly :attr:`bkn.training.Epoch.mean_loss` and ``seconds / steps``.
+    One worker: exactly :attr:`bkn.probes.engine.Epoch.mean_loss` and ``seconds / steps``.
     """
     steps = len(losses)
     if world_size == 1:

@@ -7,10 +7,10 @@
   the runs' order, so the result does not depend on J or on which job ran what. A job
   that raises stops the pool; the error propagates and nothing is written;
 * ``--world-size K``: :func:`spawn` starts K processes with a process group on 127.0.0.1
-  (:func:`bkn.distributed.run`: gloo on the CPU, NCCL for CUDA, a finite timeout); each
+  (:func:`bkn.probes.distributed.run`: gloo on the CPU, NCCL for CUDA, a finite timeout); each
   runs :func:`train_runs` and rank 0 sends its rows back. When a worker raises, dies or
   the whole run outlasts ``--timeout``, the others are stopped and
-  :class:`bkn.distributed.WorkerError` says which and why; the caller then writes nothing;
+  :class:`bkn.probes.distributed.WorkerError` says which and why; the caller then writes nothing;
 * under ``torchrun --nproc-per-node K -m bkn.probes.training ...`` (``RANK``,
   ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set): :func:`under_torchrun` joins the
   group torchrun set up and runs :func:`train_runs` in this process; rank 0 gets the rows
@@ -26,8 +26,8 @@ import datetime
 import multiprocessing
 import os
 
-from .progress import Progress
-from .runs import TrainConfig, train_run
+from bkn.probes.training.progress import Progress
+from bkn.probes.training.runs import TrainConfig, train_run
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 COLLECTIVE_TIMEOUT_S = 600.0  # under torchrun: a collective waits at most this long for a stuck peer
@@ -50,7 +50,7 @@ def backend(device: str = "cpu") -> str:
 
 def spawn(args: argparse.Namespace, runs: list[TrainConfig]) -> list[dict]:
     """Every run on ``args.world_size`` spawned workers; rank 0's rows (WorkerError when a worker fails)."""
-    from bkn import distributed
+    from bkn.probes import distributed
 
     values = distributed.run(
         train_runs, args.world_size, (args, runs), backend=backend(_device(args)), timeout_s=args.timeout
@@ -84,7 +84,7 @@ def train_runs(rank: int, world_size: int, args: argparse.Namespace, runs: list[
     """
     import torch
 
-    from . import datasets
+    from bkn.probes.training import datasets
 
     torch.set_num_threads(args.threads)
     _load_kernels()
@@ -124,7 +124,7 @@ _JOB: dict = {}  # in a job process: its data, loaded once by _job_init
 def _job_init(args: argparse.Namespace) -> None:
     import torch
 
-    from . import datasets
+    from bkn.probes.training import datasets
 
     torch.set_num_threads(args.threads)
     _load_kernels()

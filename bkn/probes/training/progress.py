@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .runs import TrainConfig
+from bkn.probes.training.runs import TrainConfig
 
 
 class Progress:

@@ -1,8 +1,8 @@
 """One run of the training probe: one network with one method at one group size from one seed.
 
 Every run uses the same recipe (no per-method tuning) and the engine of
-:func:`bkn.training.train_epochs`, and returns tidy rows per epoch, each with the
-``evaluation`` that produced it (:data:`bkn.results.EVALUATIONS`)::
+:func:`bkn.probes.engine.train_epochs`, and returns tidy rows per epoch, each with the
+``evaluation`` that produced it (:data:`bkn.probes.results.EVALUATIONS`)::
 
     train_loss    training   mean cross-entropy over the epoch's SGD steps (training mode)
     step_time_s   training   mean wall time of one SGD step (forward, backward, optimizer step)
@@ -11,7 +11,7 @@ Every run uses the same recipe (no per-method tuning) and the engine of
                              normalize each test sample with its own statistics
     test_acc      population test accuracy after replacing the running estimates by the
                              exact population statistics of the training set, recomputed layer
-                             by layer (PreciseBN, :func:`bkn.training.precise_accuracy`), on a
+                             by layer (PreciseBN, :func:`bkn.probes.engine.precise_accuracy`), on a
                              copy of the model; after the last epoch (``precise="last"``), every
                              epoch (``"every"``) or never (``"none"``)
 
@@ -44,10 +44,9 @@ import torch
 from torch import nn
 
 from bkn import methods as registry
-from bkn import training
-from bkn.data import Dataset
-
-from . import ddp, networks
+from bkn.probes import engine as training
+from bkn.probes.data import Dataset
+from bkn.probes.training import ddp, networks
 
 PRECISE = ("last", "every", "none")  # when to measure test_acc with population statistics
 
@@ -59,7 +58,7 @@ class TrainConfig:
     ``data`` and ``network``: :mod:`.networks` names (the network must train on the data);
     ``width`` ``None`` is the network's default, ``depth`` is the resnets' (6n+2), ``image_size``
     the digits' side. ``method``: a :mod:`bkn.methods` name. ``group_size`` is ignored (and
-    should be the SGD batch) for methods without groups. Optimizer: :class:`bkn.training.Recipe` (SGD with
+    should be the SGD batch) for methods without groups. Optimizer: :class:`bkn.probes.engine.Recipe` (SGD with
     momentum and weight decay, cosine decay of the learning rate to 0 over the run).
     ``world_size``: workers sharing each SGD batch of ``batch_size`` (each sees
     ``batch_size / world_size``, which ``group_size`` must divide).

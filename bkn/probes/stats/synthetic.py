@@ -19,7 +19,7 @@ exactly Gaussian and its moments follow in closed form::
 with ``m_k, v_k`` the diagonal moments of ``h_k`` for batch-statistic norms (BN, BRN,
 BKN), and for per-sample norms (GN, LN, IN) those moments pooled over the channels of
 each group (law of total variance; the same convention as
-:func:`bkn.stats.population_statistics` with ``per_sample=True``).
+:func:`bkn.probes.stats.population_statistics` with ``per_sample=True``).
 :meth:`LinearGaussianChain.population_statistics` reads the weights from the model
 itself, so it stays the truth for any norm swapped in with ``bkn.convert``.
 
@@ -27,7 +27,7 @@ What this chain cannot do: serve as the drift probe's floor. On a plain linear c
 *is* the best estimator (the plug-in estimate of the input parameters from the group,
 pushed through the map, equals BN's statistics; after a layer that normalizes with its
 own batch statistics the next group mean is exactly ``W beta + b``), so no method can show
-an advantage on it. The probe uses :mod:`bkn.stats.residual_chain` instead; this chain
+an advantage on it. The probe uses :mod:`bkn.probes.stats.residual_chain` instead; this chain
 remains the closed-form reference of the population-statistics tests.
 
 The parameters are drawn once from ``seed`` (numpy): ``mu_0 ~ N(0, 1)``,
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layer_kinds import groups_of, is_batch_norm, is_per_sample_norm
+from bkn.probes.stats.layer_kinds import groups_of, is_batch_norm, is_per_sample_norm
 
 
 @dataclass
@@ -112,7 +112,7 @@ class LinearGaussianChain:
         ``model`` defaults to :meth:`model`; any norm swapped in by ``bkn.convert`` keeps
         the truth exact, since the weights are read from the model. Per-sample norms get
         their group-pooled moments (``per_sample=False`` leaves them out, as
-        :func:`bkn.stats.population_statistics` does by default).
+        :func:`bkn.probes.stats.population_statistics` does by default).
         """
         model = self.model() if model is None else model
         mean, cov = self.input_moments()
@@ -154,7 +154,7 @@ def record_norm_input(out: dict, name: str, module: nn.Module, mean, cov, per_sa
 def _grouped(module: nn.Module, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel moments -> moments pooled over each group's channels, repeated per channel.
 
-    The numpy twin of :func:`bkn.stats.pooled_moments.pool_over_groups` (the closed-form truth
+    The numpy twin of :func:`bkn.probes.stats.pooled_moments.pool_over_groups` (the closed-form truth
     is computed in numpy).
     """
     groups = groups_of(module, mean.size)

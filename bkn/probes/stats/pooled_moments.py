@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer_kinds import groups_of
+from bkn.probes.stats.layer_kinds import groups_of
 
 
 class PooledMoments:

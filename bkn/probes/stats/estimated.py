@@ -2,7 +2,7 @@
 
 :class:`DriftRecorder` puts a forward hook on every normalization layer that has
 population statistics. Inside its ``with`` block, each call of a layer adds its
-per-(group, channel) drift metrics (:mod:`bkn.stats.metrics`) to the record; the
+per-(group, channel) drift metrics (:mod:`bkn.probes.stats.metrics`) to the record; the
 layer's value is then the median and the 90th percentile over everything recorded.
 
 What "the estimate" is depends on ``mode``:
@@ -16,17 +16,17 @@ What "the estimate" is depends on ``mode``:
   have no per-channel estimate; only their output discrepancy is recorded.
 * ``"eval"`` - the model in eval mode (running estimates); only the output discrepancy.
 * ``"floor"`` - the model normalizing with its population statistics (eval mode after
-  :func:`bkn.stats.use_population_statistics`): the estimate is the group's sample mean
+  :func:`bkn.probes.stats.use_population_statistics`): the estimate is the group's sample mean
   and biased variance of the layer's input, i.e. what BN would use if nothing upstream
   had drifted (on the linear-Gaussian chain, the best achievable estimate; see
-  :mod:`bkn.stats.synthetic`). Its output discrepancy compares normalizing with them.
+  :mod:`bkn.probes.stats.synthetic`). Its output discrepancy compares normalizing with them.
 
 In every mode the output discrepancy compares the layer's output (for ``"floor"``:
 normalizing with the group moments) with the same layer normalizing the same input
 with the population statistics.
 
-Where a layer has an estimate, its signed errors (:func:`bkn.stats.metrics.signed_errors`)
-are kept too and split into bias and noise over groups (:func:`bkn.stats.metrics.decompose`):
+Where a layer has an estimate, its signed errors (:func:`bkn.probes.stats.metrics.signed_errors`)
+are kept too and split into bias and noise over groups (:func:`bkn.probes.stats.metrics.decompose`):
 ``mean_bias``, ``mean_noise``, ``mean_rmse`` (mean in population sigma), ``var_bias``,
 ``var_noise``, ``var_rmse`` (variance relative to the population's), statistic ``rms``;
 ``mean_signed_bias`` (statistic ``mean``).
@@ -52,10 +52,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers._moments import batch_moments
-from .layer_kinds import is_batch_norm
-from .metrics import channel_metrics, decompose, output_discrepancy, signed_errors, summarize
-from .normalizing import normalize_with
+from bkn.layers._moments import batch_moments
+from bkn.probes.stats.layer_kinds import is_batch_norm
+from bkn.probes.stats.metrics import channel_metrics, decompose, output_discrepancy, signed_errors, summarize
+from bkn.probes.stats.normalizing import normalize_with
 
 MODES = ("train", "eval", "floor")
 SIGNED_MEAN, SIGNED_VAR = "_mean_signed", "_var_signed"  # kept per (group, channel), reported as bias/noise

@@ -147,7 +147,7 @@ class Schema:
         return self.conform(frame, str(path))
 
 
-_WRITER_BUG = "the code that produced these rows does not follow bkn.results (a bug: nothing was written)"
+_WRITER_BUG = "the code that produced these rows does not follow bkn.probes.results (a bug: nothing was written)"
 
 
 def _stamp(raw: bytes | None) -> dict | None:
@@ -205,7 +205,7 @@ TRAINING = Schema(
 
 SCHEMAS = {s.name: s for s in (DRIFT, TRAINING)}
 
-# The drift probe's metrics (spec section 4, computed by bkn.stats.metrics) and per-layer
+# The drift probe's metrics (spec section 4, computed by bkn.probes.stats.metrics) and per-layer
 # statistics, in the order reports show them; the training probe's metrics.
 DRIFT_METRICS = (
     "mean_error",

@@ -1,4 +1,4 @@
-"""A short BKN-vs-BN speed comparison: ``python -m bkn.demo`` (``nox -s demo``).
+"""A short BKN-vs-BN speed comparison: ``python -m bkn.probes.demo`` (``nox -s demo``).
 
 Prints two tables measured on this machine with ``torch.utils.benchmark``:
 1. one normalization layer, forward+backward in training mode, at the ResNet stage
@@ -23,9 +23,9 @@ import statistics
 import torch
 from torch.utils import benchmark
 
-from . import methods
-from .layers import _native
-from .models import cifar_resnet
+from bkn import methods
+from bkn.layers import _native
+from bkn.models import cifar_resnet
 
 LAYER_SHAPES = [(8, 64, 56, 56), (8, 256, 14, 14), (2, 512, 7, 7)]
 
@@ -120,7 +120,7 @@ def network_table(
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bkn.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bkn.probes.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the data and models (default 0)")
     parser.add_argument(

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer_kinds import is_batch_norm
-from .normalizing import Stats
+from bkn.probes.stats.layer_kinds import is_batch_norm
+from bkn.probes.stats.normalizing import Stats
 
 
 def use_population_statistics(model: nn.Module, stats: Stats) -> nn.Module:
-    """Write ``stats`` (from :func:`bkn.stats.population_statistics`) into the layers' running estimates.
+    """Write ``stats`` (from :func:`bkn.probes.stats.population_statistics`) into the layers' running estimates.
 
     ``running_mean``/``running_var`` are overwritten (cast to their dtype); Batch
     Renormalization's moving std is synced from the variance, so eval mode normalizes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import BatchStatNorm
+from bkn.layers import BatchStatNorm
 
 BATCH_NORMS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, BatchStatNorm)
 PER_SAMPLE_NORMS: tuple[type, ...] = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)

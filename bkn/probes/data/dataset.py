@@ -65,22 +65,22 @@ class Dataset:
 
 
 def digits_dataset(split: str = "all", size: int = 32, channels: int = 1, seed: int = 0) -> Dataset:
-    """scikit-learn's handwritten digits as a :class:`Dataset` (see :func:`bkn.data.load_digits`)."""
-    from .digits import load_digits
+    """scikit-learn's handwritten digits as a :class:`Dataset` (see :func:`bkn.probes.data.load_digits`)."""
+    from bkn.probes.data.digits import load_digits
 
     return Dataset(*load_digits(split, size, channels, seed), num_classes=10, name="digits")
 
 
 def mnist1d_dataset(split: str = "all", num_samples: int = 5000, seed: int = 0) -> Dataset:
     """MNIST-1D generated locally as a :class:`Dataset` of ``(N, 1, 40)`` sequences (see
-    :func:`bkn.data.load_mnist1d`)."""
-    from .mnist1d import load_mnist1d
+    :func:`bkn.probes.data.load_mnist1d`)."""
+    from bkn.probes.data.mnist1d import load_mnist1d
 
     return Dataset(*load_mnist1d(split, num_samples, seed), num_classes=10, name="mnist1d")
 
 
 def photos_dataset(size: int = 32, count: int = 1024, seed: int = 0) -> Dataset:
-    """Crops of scikit-learn's sample photographs as a :class:`Dataset` (see :func:`bkn.data.load_photos`)."""
-    from .photos import NUM_CLASSES, load_photos
+    """Crops of scikit-learn's sample photographs as a :class:`Dataset` (see :func:`bkn.probes.data.load_photos`)."""
+    from bkn.probes.data.photos import NUM_CLASSES, load_photos
 
     return Dataset(*load_photos(size=size, count=count, seed=seed), num_classes=NUM_CLASSES, name="photos")

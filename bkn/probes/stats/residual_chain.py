@@ -56,10 +56,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import norms, transitions
-from ..layers import _BatchKalmanNorm
-from .layer_kinds import is_batch_norm, is_per_sample_norm
-from .synthetic import record_norm_input
+from bkn import norms, transitions
+from bkn.layers import _BatchKalmanNorm
+from bkn.probes.stats.layer_kinds import is_batch_norm, is_per_sample_norm
+from bkn.probes.stats.synthetic import record_norm_input
 
 
 class ResidualChainNet(nn.Module):

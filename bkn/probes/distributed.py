@@ -179,7 +179,7 @@ class DistributedDataParallel(_TorchDDP):
     """
 
     def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
-        from .layers.sync import SyncBatchNorm
+        from bkn.layers.sync import SyncBatchNorm
 
         if any(isinstance(m, nn.SyncBatchNorm) and not isinstance(m, SyncBatchNorm) for m in module.modules()):
             super()._passing_sync_batchnorm_handle(module)

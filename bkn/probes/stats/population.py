@@ -43,9 +43,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .layer_kinds import is_per_sample_norm, normalization_layers
-from .normalizing import Stats, eval_mode, normalizing_with
-from .pooled_moments import PooledMoments, pool_over_groups
+from bkn.probes.stats.layer_kinds import is_per_sample_norm, normalization_layers
+from bkn.probes.stats.normalizing import Stats, eval_mode, normalizing_with
+from bkn.probes.stats.pooled_moments import PooledMoments, pool_over_groups
 
 
 def population_statistics(

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 # Re-exported: the names the result files and the report use are the results contract's.
-from ..results import DRIFT_METRICS as METRICS  # noqa: F401
-from ..results import DRIFT_STATISTICS as STATISTICS  # noqa: F401
+from bkn.probes.results import DRIFT_METRICS as METRICS  # noqa: F401
+from bkn.probes.results import DRIFT_STATISTICS as STATISTICS  # noqa: F401
 
 
 def channel_metrics(

@@ -5,10 +5,10 @@ use; `digits_dataset`, `mnist1d_dataset` and `photos_dataset` build one; :func:`
 :func:`load_mnist1d` and :func:`load_photos` return the bare tensors.
 """
 
-from .dataset import Dataset, digits_dataset, mnist1d_dataset, photos_dataset
-from .digits import load_digits
-from .mnist1d import load_mnist1d
-from .photos import load_photos
+from bkn.probes.data.dataset import Dataset, digits_dataset, mnist1d_dataset, photos_dataset
+from bkn.probes.data.digits import load_digits
+from bkn.probes.data.mnist1d import load_mnist1d
+from bkn.probes.data.photos import load_photos
 
 __all__ = [
     "Dataset",

@@ -1,4 +1,4 @@
-"""The training engine of both probes: seeded SGD on a :class:`bkn.data.Dataset`, and evaluation.
+"""The training engine of both probes: seeded SGD on a :class:`bkn.probes.data.Dataset`, and evaluation.
 
 * :func:`train_epochs` - the one training loop. The drift probe trains its networks for the
   ``trained`` state with it (:mod:`bkn.probes.drift.setups`), the training probe its runs
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Dataset
+from bkn.probes.data import Dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ def precise_accuracy(model: nn.Module, train: Dataset, test: Dataset, batch_size
     on ``test``; ``model`` is left untouched. NaN if the statistics are not finite (a
     diverged run).
     """
-    from . import stats
+    from bkn.probes import stats
 
     precise = copy.deepcopy(model)
     population = stats.population_statistics(precise, list(train.batches(batch_size)))
