@@ -104,7 +104,7 @@ def _where(frame: pd.DataFrame) -> pd.Series:
 
 
 def _copy_reference(rows: pd.DataFrame) -> pd.DataFrame:
-    """Timed rows of the copy-bandwidth reference (:data:`bkn.probes.results.COPY_REFERENCE`), every tensor parameter."""
+    """Timed rows of the copy-bandwidth reference (:data:`bkn.probes.results.COPY_REFERENCE`), all tensor params."""
     if any(c not in rows.columns for c in TENSOR_PARAMS):
         return rows.iloc[0:0]
     copies = rows[(rows["benchmark"] == COPY_REFERENCE) & (rows["type"] == "time")]
