@@ -49,10 +49,14 @@ class _AliasLoader(importlib.abc.Loader):
         pass  # the module under its new name has run already
 
     def get_code(self, fullname):
-        # `python -m <old name>`: run the new module as __main__
-        return compile(
-            f"import runpy\nrunpy.run_module({self.new!r}, run_name='__main__', alter_sys=True)", "<moved>", "exec"
+        # `python -m <old name>`: say so, then run the new module as __main__
+        message = f"{self.old} moved to {self.new}; run python -m {self.new}"
+        source = (
+            "import runpy, warnings\n"
+            f"warnings.warn({message!r}, DeprecationWarning)\n"
+            f"runpy.run_module({self.new!r}, run_name='__main__', alter_sys=True)\n"
         )
+        return compile(source, f"<{self.old}, moved to {self.new}>", "exec")
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder):
