@@ -11,7 +11,8 @@ is still a cycle of the design) that names module ``b`` of the scanned packages:
   imports the submodule, is a cycle);
 * relative imports are resolved against the importing module (its own package for an ``__init__``).
 
-Names outside the scanned packages (torch, numpy, the standard library) are not nodes.
+Names outside the scanned packages (torch, numpy, the standard library) are not nodes. Imports by
+a string at run time (``importlib.import_module``: ``bkn``'s lazy names, :mod:`bkn._moved`) are not seen.
 """
 
 from __future__ import annotations
