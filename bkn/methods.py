@@ -29,11 +29,9 @@ import dataclasses
 from types import MappingProxyType
 from typing import Any, Mapping
 
-# Norms that compute their statistics per group of ``group_size`` samples (ghost batches).
-GROUPED_NORMS = ("bn", "bkn", "brn")
-# Norms whose training-mode statistics depend on other samples: the grouped ones, and SyncBN
-# (the whole batch of every worker of a process group; it takes no group_size).
-BATCH_DEPENDENT_NORMS = GROUPED_NORMS + ("syncbn",)
+# Which norms are grouped and which batch-dependent: kept in bkn.norm_kinds (torch-free, below both
+# this module and bkn.norms), re-exported here where they always were.
+from .norm_kinds import BATCH_DEPENDENT_NORMS, GROUPED_NORMS
 
 
 @dataclasses.dataclass(frozen=True)

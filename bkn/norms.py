@@ -19,9 +19,9 @@ import inspect
 from torch import nn
 
 from . import layers
-from .methods import BATCH_DEPENDENT_NORMS
+from .norm_kinds import BATCH_DEPENDENT_NORMS, NAMES
 
-_NAMES = ("bn", "bkn", "brn", "syncbn", "gn", "ln", "in")
+_NAMES = NAMES
 _BATCH_DEPENDENT = BATCH_DEPENDENT_NORMS
 _TORCH_BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _GHOST_BN = {

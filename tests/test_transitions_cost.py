@@ -1,7 +1,8 @@
 """The transitions' fast paths give the numbers of their direct formulas (values and gradients).
 
 The analytic transition's ReLU rule and convolution tap sums are autograd Functions with
-hand-written backwards (fewer ops per step, see ``bkn/transitions/analytic.py``); here
+hand-written backwards (fewer ops per step, see ``bkn/transitions/activation_moments.py``
+and ``bkn/transitions/convolution.py``); here
 they are checked against the plain formula differentiated by autograd, and by gradcheck
 in float64.
 """

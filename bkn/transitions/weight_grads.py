@@ -1,7 +1,7 @@
 """The convolution rule's weight gradient, added to the convolution's own in one pass.
 
 The analytic transition propagates moments through a convolution with the tap sums of its
-weight (``S1 = sum_taps W``, ``S2 = sum_taps W^2``, see :class:`~bkn.transitions.analytic._ConvMoments`),
+weight (``S1 = sum_taps W``, ``S2 = sum_taps W^2``, see :class:`~bkn.transitions.convolution._ConvMoments`),
 so the prior's gradient reaches the weight as a second dense gradient,
 ``dW_rule = dS1 + 2 W dS2`` (broadcast over the taps). Left to autograd, that is two more
 passes over every convolution weight each step: the rule writes ``dW_rule``, then
@@ -48,6 +48,7 @@ import weakref
 import torch
 
 from ..layers import _native
+from .convolution import _tap_sums_grad
 
 _graph_task = getattr(torch._C, "_current_graph_task_id", None)
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
@@ -154,8 +155,6 @@ def _add_rules(weight: torch.Tensor, grad: torch.Tensor, factors: list, in_place
     """``grad`` plus the rule gradient of each ``(g_mean, mean, g_var, var)`` in ``factors``: a new
     tensor, or written into ``grad`` itself with ``in_place``. One pass of the compiled kernel
     each, or the same sum in torch ops for a gradient it does not take (not contiguous)."""
-    from .analytic import _tap_sums_grad  # (analytic imports this module)
-
     native = _native.load()
     for g_mean, mean, g_var, var in factors:
         total = native.conv_moments_weight_grad(weight, g_mean, mean, g_var, var, grad, in_place) if native else None

@@ -84,11 +84,9 @@ def train_runs(rank: int, world_size: int, args: argparse.Namespace, runs: list[
     """
     import torch
 
-    from bkn.probes.training import datasets
-
     torch.set_num_threads(args.threads)
     _load_kernels()
-    train, test = datasets(args)
+    train, test = _datasets(args)
     progress = Progress(len(runs), enabled=rank == 0 and not args.no_progress)
     on_step = _planted_exit(rank)
     rows: list[dict] = []
@@ -124,16 +122,22 @@ _JOB: dict = {}  # in a job process: its data, loaded once by _job_init
 def _job_init(args: argparse.Namespace) -> None:
     import torch
 
-    from bkn.probes.training import datasets
-
     torch.set_num_threads(args.threads)
     _load_kernels()
-    _JOB["data"] = datasets(args)
+    _JOB["data"] = _datasets(args)
 
 
 def _job_run(item: tuple[int, TrainConfig]) -> tuple[int, list[dict]]:
     index, config = item
     return index, train_run(config, *_JOB["data"])
+
+
+def _datasets(args: argparse.Namespace):
+    """The probe's ``(train, test)`` split, as :func:`bkn.probes.training.datasets` gives it: taken from
+    :mod:`.networks` directly, since the package's ``__init__`` imports this module (no import cycle)."""
+    from bkn.probes.training import networks
+
+    return networks.datasets(args.data, args.samples, args.image_size)
 
 
 def _load_kernels() -> None:

@@ -1,0 +1,174 @@
+"""Run-time propagation of the prior chain: a BKN layer's prior from the states of this forward.
+
+:class:`_Propagation` is the part of :class:`~bkn.chain.PriorChain` that, when a BKN layer
+asks for its prior in a training forward, evaluates the layer's sub-graph on transition
+states (:mod:`bkn.transitions`) from the latest normalization posteriors, memoising every
+node until the next forward.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+from .. import transitions
+from ..transitions.analytic import Unsupported
+from .graph import _Op, _Ref
+from .plan import FIRST_LAYER, PART_INPUT
+
+
+@dataclass
+class _Missing:
+    """No state for a node (the model input, or a layer that did not run); not an error of the graph."""
+
+    why: str
+    from_input: bool = False
+
+
+class _Propagation:
+    """States and priors (a part of :class:`~bkn.chain.PriorChain`: uses its ``ops``, ``transition``,
+    ``fallback``, ``routes`` and the per-forward ``_cache``, ``_ran``, ``_read``, ``_why``)."""
+
+    def prior(self, node_name: str):
+        """The prior for BKN node ``node_name`` in the current forward, or None (``_why`` says why)."""
+        layer = self.modules[self.norm_nodes[node_name]]
+        why = None
+        if self.transition is None:
+            prior = self._identity_prior(node_name, layer)
+            if prior is None:
+                why = "no prior: identity transition without a previous layer of the same width that ran"
+            self._why[node_name] = why
+            return prior
+        try:
+            state = self._state(self.input_of[node_name])
+        except Unsupported as err:
+            state, why = None, f"no prior: {err}"
+        if isinstance(state, _Missing):
+            if state.from_input:
+                state, why = None, FIRST_LAYER if not self.routes[node_name].sources else PART_INPUT
+            else:
+                state, why = None, f"no prior: {state.why}"
+        if state is None:
+            if self.fallback == "identity":
+                prior = self._identity_prior(node_name, layer)
+                if prior is not None:
+                    self._why[node_name] = None
+                    return prior
+                why += " (fallback: identity found no previous layer of the same width)"
+            self._why[node_name] = why
+            return None
+        mean, var = self.transition.to_prior(state)
+        if mean.shape[-1] != layer.num_features:
+            self._why[node_name] = (
+                f"no prior: the propagated statistics have {mean.shape[-1]} channels, the layer {layer.num_features}"
+            )
+            return None
+        self._why[node_name] = None
+        return mean, var
+
+    def _identity_prior(self, node_name: str, layer):
+        index = self.order.index(node_name)
+        if index == 0:
+            return None
+        previous = self.modules[self.norm_nodes[self.order[index - 1]]]
+        if previous.posterior is None or self.order[index - 1] not in self._ran:
+            return None
+        mean, var = previous.posterior
+        if mean.shape[-1] != layer.num_features:
+            return None
+        return mean, var
+
+    def _state(self, name: str):
+        cache = self._cache
+        if name in cache:
+            return cache[name]
+        state = self._evaluate(name)
+        cache[name] = state
+        return state
+
+    def _evaluate(self, name: str):
+        t = self.transition
+        reader = self._read.get(name)
+        if reader is not None:  # the input of a BKN layer that ran: its posterior estimates this tensor
+            return t.at_input(self.modules[self.norm_nodes[reader]], self._ran[reader])
+        op = self.ops[name]
+        kind = op.kind
+        if kind == "norm":
+            if name not in self._ran:
+                return _Missing(f"{op.target} did not run before it in this forward")
+            layer = self.modules[op.target]
+            state = t.after_norm(layer, self._ran[name])
+            for attr in getattr(layer, "_bkn_post", ()):  # a converted norm-activation (timm's BatchNormAct2d)
+                state = t.module(getattr(layer, attr), state)
+            return state
+        if kind == "input":
+            return _Missing("its input derives from the model input", from_input=True)
+        if kind == "unsupported":
+            raise Unsupported(f"cannot propagate through {op.label} ({op.why})")
+        if kind in ("size", "arith", "pad"):
+            return self._call(op)
+        inputs = [self._state(a) for a in op.inputs]
+        for state in inputs:
+            if isinstance(state, _Missing):
+                return state
+        try:
+            return self._apply(op, inputs)
+        except Unsupported as err:
+            raise Unsupported(f"cannot propagate through {op.label} ({err})") from None
+
+    def _resolve(self, value):
+        if isinstance(value, _Ref):
+            return self._state(value.name)
+        if isinstance(value, tuple):
+            return tuple(self._resolve(v) for v in value)
+        return value
+
+    def _call(self, op: _Op):
+        """A size, integer arithmetic on sizes, or a zero padding (its amounts may be such values)."""
+        args = [self._resolve(a) for a in ((_Ref(op.inputs[0]),) if op.kind == "size" else ()) + op.args]
+        for a in args:
+            if isinstance(a, _Missing):
+                return a
+        try:
+            if op.kind == "size":
+                state, dim = args[0], (args[1] if len(args) > 1 else None)
+                if isinstance(state, transitions.Sample):
+                    shape = (None, *state.value.shape[1:])
+                else:
+                    shape = (None, state.channels, *state.spatial)  # the batch is not a statistic
+                return shape if dim is None else shape[dim]
+            if op.kind == "arith":
+                if any(a is None for a in args):
+                    raise Unsupported("arithmetic on the batch size")
+                return getattr(operator, op.target)(*args)
+            state, pad = args
+            if not all(isinstance(p, int) for p in pad):
+                raise Unsupported(f"padding amounts {pad}")
+            rank = 1 + (len(state.value.shape) - 2 if isinstance(state, transitions.Sample) else len(state.spatial))
+            if len(pad) % 2 or len(pad) > 2 * rank or any(pad[: 2 * (rank - 1)]) or len(pad) < 2 * rank:
+                raise Unsupported(f"padding {tuple(pad)} of spatial positions (only channel padding is modelled)")
+            return self.transition.pad_channels(state, pad[-2], pad[-1])
+        except Unsupported as err:
+            raise Unsupported(f"cannot propagate through {op.label} ({err})") from None
+
+    def _apply(self, op: _Op, inputs: list):
+        t = self.transition
+        kind = op.kind
+        if kind == "module":
+            return t.module(self.modules[op.target], inputs[0])
+        if kind == "activation":  # an activation called as a function: its module (see _ACTIVATION_FUNCTIONS)
+            return t.module(op.args[0], inputs[0])
+        if kind == "add":
+            return t.add(inputs[0], inputs[1])
+        if kind == "cat":
+            return t.cat(inputs)
+        if kind == "relu":
+            return t.relu(inputs[0])
+        if kind == "flatten":
+            state = inputs[0]
+            if isinstance(state, transitions.Sample):
+                return transitions.Sample(state.value.flatten(1), state.draws)
+            return t.flatten(state)
+        if kind == "pass":
+            return inputs[0]
+        raise Unsupported(f"{kind} {op.label}")

@@ -1,0 +1,16 @@
+"""Facts about the norms, by name, without torch: which exist, which are grouped, which batch-dependent.
+
+Both :mod:`bkn.norms` (the constructor, which imports torch) and :mod:`bkn.methods` (the
+registry, which must import without torch: the report reads labels and colours from it)
+need these facts. They live here, below both, so that neither imports the other for them:
+``methods`` imports ``norms`` only lazily, where it builds a layer, and ``norms`` never
+imports ``methods`` (an import cycle otherwise).
+"""
+
+# Names accepted by bkn.norms.create, in the order bkn.norms.names() gives them.
+NAMES = ("bn", "bkn", "brn", "syncbn", "gn", "ln", "in")
+# Norms that compute their statistics per group of ``group_size`` samples (ghost batches).
+GROUPED_NORMS = ("bn", "bkn", "brn")
+# Norms whose training-mode statistics depend on other samples: the grouped ones, and SyncBN
+# (the whole batch of every worker of a process group; it takes no group_size).
+BATCH_DEPENDENT_NORMS = GROUPED_NORMS + ("syncbn",)
