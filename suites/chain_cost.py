@@ -58,7 +58,7 @@ from .harness import allocator
 from .harness.allocator import ALLOCATORS
 
 __all__ = ["REFERENCE", "blocks_table", "step_setting", "table", "main", "interleaved", "Step", "build"]
-DEFAULT_METHODS = ("bn", "brn", "gn", "bkn-analytic", "bkn-official")
+DEFAULT_METHODS = methods.names(tag="speed")
 _CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::thnn_conv2d", "aten::_convolution")
 
 
@@ -310,7 +310,7 @@ def main(argv=None) -> dict:
 
 BLOCK_INPUTS = ("8x64x56x56", "8x256x14x14", "2x512x7x7")
 MIN_ROUND_S = 0.02  # a case's share of a round lasts at least this long (short calls are repeated)
-BLOCK_METHODS = ("bn", "bkn-official", "bkn-analytic")
+BLOCK_METHODS = methods.names(tag="core")
 
 
 def blocks(args, log) -> dict:

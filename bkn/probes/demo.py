@@ -96,7 +96,7 @@ def network_table(
 ) -> list[tuple]:
     """Per method: median time of one SGD step of CIFAR ResNet-20 and its ratio to BN's (median over rounds)."""
     steps = {}
-    for name in ("bn", "bkn-official", "bkn-analytic", "brn", "gn"):
+    for name in methods.names(tag="speed"):
         method = methods.get(name)
         torch.manual_seed(seed)
         model = cifar_resnet(20, method.norm, **method.layer_options(group_size=group)).to(device)
