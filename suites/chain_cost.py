@@ -53,11 +53,10 @@ from bkn import methods
 from bkn.probes import measure, summary_stats
 from bkn.probes.results import environment, write_json
 
-from .chain_cost_tables import REFERENCE, blocks_table, step_setting, table
+from .chain_cost_tables import REFERENCE, blocks_table, step_setting, table  # noqa: F401 (step_setting: re-exported)
 from .harness import allocator
 from .harness.allocator import ALLOCATORS
 
-__all__ = ["REFERENCE", "blocks_table", "step_setting", "table", "main", "interleaved", "Step", "build"]
 DEFAULT_METHODS = methods.names(tag="speed")
 _CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::thnn_conv2d", "aten::_convolution")
 
