@@ -19,7 +19,7 @@ import pandas as pd
 
 from bkn.methods import FLOOR, names
 
-HEADLINE = names(tag="headline")
+HEADLINE = names(tag="headline")  # BN, BKN (both transitions, both gains), BRN: as the report's figure
 HEADLINE_SIZES = (2, 4, 16)
 
 
