@@ -1,4 +1,9 @@
-"""Regression verdicts between two commits, and trends across all commits.
+"""Regression verdicts between two commits from their pooled asv samples, and trends across all commits.
+
+This engine compares any two commits with asv results (the report's comparison, ``nox -s
+compare``); :mod:`analysis.rounds` is the drift-robust one for two commits timed in paired
+interleaved rounds (``nox -s continuous``). Both finish their tables with
+:mod:`analysis.verdict_table`.
 
 For every benchmark and parameter combination measured at both the baseline and the
 head commit (on the same machine, in the same environment):
@@ -43,6 +48,7 @@ import pandas as pd
 
 from .asv_results import AsvResults, sample_lookup
 from .significance import mann_whitney_u, min_p_value
+from .verdict_table import GROUP, VERDICT_ORDER, change_verdict, check_levels, finish  # noqa: F401 (re-exported)
 
 DEFAULT_THRESHOLD = 0.10  # as a fraction: head/base >= 1.10 is a slowdown beyond it
 
@@ -72,7 +78,6 @@ def threshold_arg(text: str) -> float:
 
 
 DEFAULT_ALPHA = 0.002
-GROUP = ["machine", "env_name", "benchmark", "param_key"]  # one measured thing across commits
 FLAGGED = ("regression", "improvement")
 
 
@@ -133,21 +138,6 @@ def _significance(
     return None, math.nan, "none (too few samples)"
 
 
-# Worst first in the verdict table.
-VERDICT_ORDER = (
-    "regression",
-    "failed",
-    "slower (untested)",
-    "improvement",
-    "faster (untested)",
-    "not significant",
-    "benchmark changed",
-    "new",
-    "removed",
-    "fixed",
-    "skipped",
-    "unchanged",
-)
 _KEPT = ("type", "unit", "version", "stale", "value", "status", "ci_99_a", "ci_99_b", "n_samples")
 _VERDICT_COLUMNS = ("base", "head", "ratio", "p_value", "significant", "test", "verdict")
 
@@ -179,15 +169,7 @@ def _compared(r, base_samples, head_samples, threshold: float, alpha: float) -> 
         {"ci_99_a": r["ci_99_a_head"], "ci_99_b": r["ci_99_b_head"]},
         alpha,
     )
-    slower, faster = ratio > 1 + threshold, ratio < 1 / (1 + threshold)
-    if not (slower or faster):
-        verdict = "unchanged"
-    elif sig is None:
-        verdict = "slower (untested)" if slower else "faster (untested)"
-    elif sig:
-        verdict = "regression" if slower else "improvement"
-    else:
-        verdict = "not significant"
+    verdict = change_verdict(ratio, sig, threshold, at_threshold=False)
     return {"ratio": ratio, "p_value": p, "significant": sig, "test": test, "verdict": verdict}
 
 
@@ -198,10 +180,7 @@ def verdicts(
 
     See the module docstring for the test and the verdicts.
     """
-    if threshold <= 0:
-        raise ValueError(f"threshold must be > 0 (a fraction: 0.1 means 10%), got {threshold}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    check_levels(threshold, alpha)
     frame = asv.results
     params = asv.param_names
     keep = [c for c in (*GROUP, *_KEPT, *params) if c in frame.columns]
@@ -222,13 +201,7 @@ def verdicts(
             samples = [lookup.get((machine, env, commit, benchmark, key)) for commit in (base, head)]
             row.update(_compared(r, *samples, threshold, alpha))
         rows.append(row)
-    out = pd.DataFrame(rows, columns=[*GROUP, "type", "unit", *params, *_VERDICT_COLUMNS])
-    out["significant"] = out["significant"].astype("boolean")
-    out.insert(0, "head_commit", head)
-    out.insert(0, "base_commit", base)
-    out["_order"] = out["verdict"].map({v: i for i, v in enumerate(VERDICT_ORDER)})
-    out = out.sort_values(["_order", "ratio"], ascending=[True, False]).drop(columns="_order")
-    return out.reset_index(drop=True)
+    return finish(rows, [*GROUP, "type", "unit", *params, *_VERDICT_COLUMNS], base, head)
 
 
 def trends(asv: AsvResults) -> pd.DataFrame:

@@ -44,7 +44,7 @@ import pandas as pd
 
 from bkn.probes.results import write_json
 
-from .regressions import GROUP, VERDICT_ORDER
+from .verdict_table import GROUP, change_verdict, check_levels, finish
 
 ROUNDS_VERSION = 1
 MIN_ROUNDS = 3  # paired rounds below which no test is made (2 degrees of freedom at least)
@@ -137,17 +137,8 @@ def paired_test(base: np.ndarray, head: np.ndarray, alpha: float) -> tuple[float
 
 
 def _verdict(ratio: float, p: float, rounds: int, threshold: float, alpha: float) -> tuple[object, str]:
-    slower, faster = ratio >= 1 + threshold, ratio <= 1 / (1 + threshold)
-    if rounds < MIN_ROUNDS:
-        significant = None
-        verdict = "slower (untested)" if slower else "faster (untested)" if faster else "unchanged"
-        return significant, verdict
-    significant = bool(p < alpha)
-    if not (slower or faster):
-        return significant, "unchanged"
-    if not significant:
-        return significant, "not significant"
-    return significant, "regression" if slower else "improvement"
+    significant = None if rounds < MIN_ROUNDS else bool(p < alpha)
+    return significant, change_verdict(ratio, significant, threshold, at_threshold=True)
 
 
 def paired_verdicts(
@@ -159,10 +150,7 @@ def paired_verdicts(
     medians of the per-round values. Rounds where either commit has no finite positive
     value are left out of the pairing.
     """
-    if threshold <= 0:
-        raise ValueError(f"threshold must be > 0 (a fraction: 0.1 means 10%), got {threshold}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    check_levels(threshold, alpha)
     unknown = set(rows["commit"]) - {base, head}
     if unknown:
         raise ValueError(f"rounds rows of commits {sorted(c[:10] for c in unknown)}, expected only base and head")
@@ -199,10 +187,4 @@ def paired_verdicts(
         row["test"] = f"paired rounds t-test (n={n})" if n >= MIN_ROUNDS else f"none ({n} paired round(s))"
         row["significant"], row["verdict"] = _verdict(ratio, p, n, threshold, alpha)
         out.append(row)
-    table = pd.DataFrame(out, columns=list(COLUMNS))
-    table["significant"] = table["significant"].astype("boolean")
-    table.insert(0, "head_commit", head)
-    table.insert(0, "base_commit", base)
-    table["_order"] = table["verdict"].map({v: i for i, v in enumerate(VERDICT_ORDER)})
-    table = table.sort_values(["_order", "ratio"], ascending=[True, False]).drop(columns="_order")
-    return table.reset_index(drop=True)
+    return finish(out, COLUMNS, base, head)

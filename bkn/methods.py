@@ -45,6 +45,7 @@ class Method:
     colour: str  # one colour per method in every plot (hex)
     about: str  # one sentence for docs and the report
     scheduled: bool = False  # BRN's rmax/dmax schedule (see layer_options)
+    tags: frozenset = frozenset()  # the subsets it belongs to (TAGS; names(tag=...))
 
     @property
     def uses_groups(self) -> bool:
@@ -93,14 +94,35 @@ class Method:
         return convert(model, self.norm, **options)
 
 
-def _method(name, norm, label, colour, about, options=None, **kw) -> Method:
-    return Method(name, norm, MappingProxyType(dict(options or {})), label, colour, about, **kw)
+# The named subsets of the registry: each part of the suite asks for its methods by tag
+# (:func:`names`), in registry order, instead of keeping its own list of names.
+TAGS = {
+    "core": "BN and BKN with either transition at the paper's gain: the layer and block cost (suites.chain_cost)",
+    "quick": "the training probe's CI run (--quick)",
+    "speed": "the speed comparisons' methods: the demo's network table, suites.chain_cost's default",
+    "matrix": "the asv layer and network benchmarks' method parameter (suites.harness.matrix)",
+    "distributed": "the asv DDP step benchmark's methods (suites.harness.ddp)",
+    "training": "the training probe's default methods (not syncbn: it needs --world-size; not in; no ablations)",
+    "headline": "the drift probe's headline tables and figures (bias vs noise, real data)",
+}
+
+
+def _method(name, norm, label, colour, about, options=None, tags=(), **kw) -> Method:
+    unknown = set(tags) - set(TAGS)
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown tags {sorted(unknown)}; known tags: {', '.join(TAGS)}")
+    return Method(name, norm, MappingProxyType(dict(options or {})), label, colour, about, tags=frozenset(tags), **kw)
 
 
 # The order here is the order of every legend and table. Colours: matplotlib's tab10, then Dark2.
 _TABLE = (
     _method(
-        "bn", "bn", "BN", "#1f77b4", "BatchNorm: the group's batch statistics (torch's BatchNorm2d when one group)"
+        "bn",
+        "bn",
+        "BN",
+        "#1f77b4",
+        "BatchNorm: the group's batch statistics (torch's BatchNorm2d when one group)",
+        tags=("core", "quick", "speed", "matrix", "distributed", "training", "headline"),
     ),
     _method(
         "bkn-official",
@@ -109,6 +131,7 @@ _TABLE = (
         "#ff7f0e",
         "BKN, Monte-Carlo transition, fixed gain p = 0.9 (the authors' code)",
         {"p": 0.9, "gain": "fixed", "transition": "official"},
+        tags=("core", "quick", "speed", "matrix", "distributed", "training", "headline"),
     ),
     _method(
         "bkn-official-adaptive",
@@ -117,6 +140,7 @@ _TABLE = (
         "#2ca02c",
         "BKN, Monte-Carlo transition, adaptive per-channel gain (this project's extension)",
         {"gain": "adaptive", "transition": "official"},
+        tags=("training", "headline"),
     ),
     _method(
         "bkn-official-affine",
@@ -143,6 +167,7 @@ _TABLE = (
         "#d62728",
         "BKN, closed-form transition, fixed gain p = 0.9",
         {"p": 0.9, "gain": "fixed", "transition": "analytic"},
+        tags=("core", "quick", "speed", "matrix", "distributed", "training", "headline"),
     ),
     _method(
         "bkn-analytic-adaptive",
@@ -151,6 +176,7 @@ _TABLE = (
         "#9467bd",
         "BKN, closed-form transition, adaptive per-channel gain (this project's extension)",
         {"gain": "adaptive", "transition": "analytic"},
+        tags=("training", "headline"),
     ),
     _method(
         "brn",
@@ -159,6 +185,7 @@ _TABLE = (
         "#8c564b",
         "Batch Renormalization with fixed limits rmax = 3, dmax = 5 (the paper's final values)",
         {"rmax": 3.0, "dmax": 5.0},
+        tags=("speed", "matrix", "training", "headline"),
     ),
     _method(
         "brn-scheduled",
@@ -167,6 +194,7 @@ _TABLE = (
         "#e377c2",
         "Batch Renormalization with the paper's schedule: BN first, then rmax -> 3, dmax -> 5",
         scheduled=True,
+        tags=("training",),
     ),
     _method(
         "syncbn",
@@ -175,6 +203,7 @@ _TABLE = (
         "#1b9e77",
         "BatchNorm with statistics pooled over the workers of a torch.distributed process group "
         "(torch.nn.SyncBatchNorm on CUDA, gloo collectives on the CPU; plain BN with one worker)",
+        tags=("distributed",),
     ),
     _method(
         "gn",
@@ -182,9 +211,17 @@ _TABLE = (
         "GN",
         "#7f7f7f",
         "GroupNorm: 32 groups, fewer when C is small, never fewer than 4 channels per group (C = 32: 8 groups)",
+        tags=("quick", "speed", "matrix", "training"),
     ),
-    _method("ln", "ln", "LN", "#bcbd22", "LayerNorm: GroupNorm(1, C) on conv features, LayerNorm on (N, C)"),
-    _method("in", "in", "IN", "#17becf", "InstanceNorm with affine parameters"),
+    _method(
+        "ln",
+        "ln",
+        "LN",
+        "#bcbd22",
+        "LayerNorm: GroupNorm(1, C) on conv features, LayerNorm on (N, C)",
+        tags=("matrix", "training"),
+    ),
+    _method("in", "in", "IN", "#17becf", "InstanceNorm with affine parameters", tags=("matrix",)),
 )
 _METHODS: dict[str, Method] = {m.name: m for m in _TABLE}
 
@@ -194,9 +231,14 @@ FLOOR = "floor"  # the synthetic chain's best achievable estimate (the drift pro
 REFERENCES = {FLOOR: ("floor (best estimate)", "#000000")}
 
 
-def names() -> tuple[str, ...]:
-    """Every method name, in the registry's (legend) order."""
-    return tuple(_METHODS)
+def names(tag: str | None = None) -> tuple[str, ...]:
+    """Every method name, or those tagged ``tag`` (see :data:`TAGS`), in the registry's (legend) order;
+    ``ValueError`` listing the known tags for an unknown one."""
+    if tag is None:
+        return tuple(_METHODS)
+    if tag not in TAGS:
+        raise ValueError(f"unknown method tag {tag!r}; known tags: {', '.join(TAGS)}")
+    return tuple(m.name for m in _TABLE if tag in m.tags)
 
 
 def get(name: str) -> Method:

@@ -44,20 +44,20 @@ import argparse
 import math
 import statistics
 import sys
-import time
 
 import torch
 import torchvision
 from torch import nn
 
 from bkn import methods
+from bkn.probes import measure, summary_stats
 from bkn.probes.results import environment, write_json
 
+from .chain_cost_tables import REFERENCE, blocks_table, step_setting, table  # noqa: F401 (step_setting: re-exported)
 from .harness import allocator
 from .harness.allocator import ALLOCATORS
 
-REFERENCE = "torch-bn"  # the unconverted model
-DEFAULT_METHODS = ("bn", "brn", "gn", "bkn-analytic", "bkn-official")
+DEFAULT_METHODS = methods.names(tag="speed")
 _CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::thnn_conv2d", "aten::_convolution")
 
 
@@ -92,49 +92,32 @@ def build(name: str, method: str | None, group_size: int, options: dict, seed: i
     return model.train()
 
 
-class Step:
-    """One model's training step on a fixed seeded batch."""
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        self.model, self.x, self.y = model, x, y
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def __call__(self) -> None:
-        loss = nn.functional.cross_entropy(self.model(self.x), self.y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+Step = measure.TrainStep  # one model's training step on a fixed seeded batch (lr 1e-3, momentum 0.9)
+CLOCKS = measure.CLOCKS
 
 
 def interleaved(
     steps: dict, rounds: int, per_round, log, clock: str = "wall", faults: dict | None = None
 ) -> dict[str, list[float]]:
-    """Mean seconds per call of every entry in each round, the order rotated every round.
+    """Mean seconds per call of every entry in each round, the order rotated every round
+    (:func:`bkn.probes.measure.interleaved`).
 
     ``per_round``: calls per entry per round, one number or one per entry. ``clock``:
     ``wall`` (elapsed time) or ``cpu`` (this process's CPU time, all its threads).
     ``faults``: a dict that receives, per entry, the minor page faults per call in each round."""
-    now = CLOCKS[clock]
-    names = list(steps)
-    counts = per_round if isinstance(per_round, dict) else dict.fromkeys(names, per_round)
-    times = {n: [] for n in names}
-    per_call_faults = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
-            before = allocator.minor_faults()
-            start = now()
-            for _ in range(counts[n]):
-                steps[n]()
-            times[n].append((now() - start) / counts[n])
-            per_call_faults[n].append((allocator.minor_faults() - before) / counts[n])
-        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names))
-    if faults is not None:
-        faults.update(per_call_faults)
-    return times
+
+    def on_round(r, times):
+        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items()))
+
+    return measure.interleaved(
+        steps,
+        rounds,
+        per_round,
+        clock=CLOCKS[clock],
+        on_round=on_round,
+        counter=allocator.minor_faults,
+        counted=faults,
+    )
 
 
 def profile(step: Step, count: int) -> dict[str, float]:
@@ -155,10 +138,10 @@ def profile(step: Step, count: int) -> dict[str, float]:
     }
 
 
-def _quantile(values, q):
-    return (
-        statistics.quantiles(values, n=4, method="inclusive")[{0.25: 0, 0.75: 2}[q]] if len(values) > 1 else values[0]
-    )
+def _ratio_summary(times: dict, name: str, reference: str) -> dict:
+    """Median and quartiles (inclusive) over rounds of the per-round ratios of ``name`` to ``reference``."""
+    q25, median, q75 = summary_stats.quartiles(summary_stats.paired_ratios(times, name, reference))
+    return {"ratio_median": median, "ratio_q25": q25, "ratio_q75": q75}
 
 
 def main(argv=None) -> dict:
@@ -302,12 +285,9 @@ def main(argv=None) -> dict:
         "methods": {},
     }
     for name in entries:
-        ratios = [t / ref for t, ref in zip(times[name], times[REFERENCE])]
         result["methods"][name] = {
             "step_s_median": statistics.median(times[name]),
-            "ratio_median": statistics.median(ratios),
-            "ratio_q25": _quantile(ratios, 0.25),
-            "ratio_q75": _quantile(ratios, 0.75),
+            **_ratio_summary(times, name, REFERENCE),
             "step_s": times[name],
             "faults_per_step": faults[name],
             "faults_per_step_median": statistics.median(faults[name]),
@@ -329,7 +309,7 @@ def main(argv=None) -> dict:
 
 BLOCK_INPUTS = ("8x64x56x56", "8x256x14x14", "2x512x7x7")
 MIN_ROUND_S = 0.02  # a case's share of a round lasts at least this long (short calls are repeated)
-BLOCK_METHODS = ("bn", "bkn-official", "bkn-analytic")
+BLOCK_METHODS = methods.names(tag="core")
 
 
 def blocks(args, log) -> dict:
@@ -352,9 +332,7 @@ def blocks(args, log) -> dict:
                 case = build(m, int(group), shape, "cpu", "float32", "contiguous", prune=False)
                 for _ in range(args.warmup):
                     case.forward_backward()
-                start = time.perf_counter()
-                case.forward_backward()
-                once = time.perf_counter() - start
+                once = measure.per_call(case.forward_backward, 1)
                 name = f"{kind} {m}"
                 cases[name] = case.forward_backward
                 counts[name] = max(args.steps, math.ceil(MIN_ROUND_S / max(once, 1e-6)))  # short calls: repeat
@@ -363,63 +341,10 @@ def blocks(args, log) -> dict:
         entry = {}
         for name in cases:
             kind = name.split()[0]
-            ratios = [t / ref for t, ref in zip(times[name], times[f"{kind} bn"])]
-            entry[name] = {
-                "s_median": statistics.median(times[name]),
-                "ratio_median": statistics.median(ratios),
-                "ratio_q25": _quantile(ratios, 0.25),
-                "ratio_q75": _quantile(ratios, 0.75),
-            }
+            entry[name] = {"s_median": statistics.median(times[name]), **_ratio_summary(times, name, f"{kind} bn")}
         result["inputs"][text] = entry
         log(f"measured {text}")
     return result
-
-
-def blocks_table(result: dict) -> str:
-    s = result["setting"]
-    lines = [
-        f"layer (norm alone, given a prior) and block (conv3x3 + norm + ReLU with the chain), forward + backward, "
-        f"{s['threads']} threads, {s['rounds']} interleaved rounds, {s['clock']} clock, "
-        f"{s.get('allocator', 'default')} allocator; ratio to bn in the same round",
-        f"{'input':<14}{'case':<20}{'ms':>9}{'ratio':>8}{'q25..q75':>14}",
-    ]
-    for text, entry in result["inputs"].items():
-        for name, r in entry.items():
-            lines.append(
-                f"{text:<14}{name:<20}{r['s_median'] * 1e3:>9.2f}{r['ratio_median']:>8.2f}"
-                f"{r['ratio_q25']:>7.2f}..{r['ratio_q75']:<5.2f}"
-            )
-    return "\n".join(lines)
-
-
-def step_setting(s: dict) -> str:
-    """The measured step, as a table's heading starts (this table's and ``--processes``')."""
-    return (
-        f"ResNet-18 SGD step, {s['size']}x{s['size']}, batch {s['batch']} in groups of {s['group_size']}, "
-        f"{s['threads']} threads, {s.get('allocator', 'default')} allocator"
-    )
-
-
-def table(result: dict) -> str:
-    s = result["setting"]
-    lines = [
-        f"{step_setting(s)}, {s['rounds']} interleaved rounds of {s['steps']} steps, {s['clock']} clock",
-        f"{'method':<22}{'step ms':>9}{'ratio':>8}{'q25..q75':>14}{'faults/step':>13}",
-    ]
-    for name, r in result["methods"].items():
-        lines.append(
-            f"{name:<22}{r['step_s_median'] * 1e3:>9.1f}{r['ratio_median']:>8.2f}"
-            f"{r['ratio_q25']:>7.2f}..{r['ratio_q75']:<5.2f}{r.get('faults_per_step_median', math.nan):>13.0f}"
-        )
-    if all("profile" in r for r in result["methods"].values()):
-        lines.append(f"profile (self CPU ms per step): {'total':>8}{'conv':>8}{'convs':>7}{'+conv':>8}{'+other':>8}")
-        for name, r in result["methods"].items():
-            p = r["profile"]
-            lines.append(
-                f"  {name:<30}{p['self_cpu_s'] * 1e3:>8.1f}{p['conv_s'] * 1e3:>8.1f}{p['conv_calls']:>7.0f}"
-                f"{p['extra_conv_s'] * 1e3:>8.1f}{p['extra_other_s'] * 1e3:>8.1f}"
-            )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import subprocess
 import sys
 import tempfile
 
-from . import chain_cost
+from bkn.probes import summary_stats
+
+from .chain_cost_tables import REFERENCE, step_setting
 
 
 def _child_argv(args, index: int, out: str) -> list[str]:
@@ -32,11 +34,6 @@ def _child_argv(args, index: int, out: str) -> list[str]:
         for text in args.variant:
             argv += ["--variant", text]
     return argv + ["--out", out]
-
-
-def _spread(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
-    return {"median": q[1], "q25": q[0], "q75": q[2], "min": min(values), "max": max(values), "n": len(values)}
 
 
 def run(args, log) -> dict:
@@ -54,17 +51,17 @@ def run(args, log) -> dict:
             with open(out) as f:
                 result = json.load(f)
             runs.append(result)
-            ratios = ", ".join(f"{n} {r['ratio_median']:.3f}" for n, r in result["methods"].items() if n != "torch-bn")
+            ratios = ", ".join(f"{n} {r['ratio_median']:.3f}" for n, r in result["methods"].items() if n != REFERENCE)
             log(f"process {i + 1}/{args.processes}: {ratios}")
     names = list(dict.fromkeys(n for r in runs for n in r["methods"]))
-    names.sort(key=lambda n: n != "torch-bn")  # the reference first (the result files sort their keys)
+    names.sort(key=lambda n: n != REFERENCE)  # the reference first (the result files sort their keys)
     spread = {}
     for name in names:
         ratios = [r["methods"][name]["ratio_median"] for r in runs if name in r["methods"]]
         steps = [r["methods"][name]["step_s_median"] for r in runs if name in r["methods"]]
         faults = [r["methods"][name]["faults_per_step_median"] for r in runs if name in r["methods"]]
         spread[name] = {
-            "ratio": _spread(ratios),
+            "ratio": summary_stats.spread(ratios),
             "step_s_median": statistics.median(steps),
             "faults_per_step_median": statistics.median(faults),
         }
@@ -80,8 +77,8 @@ def run(args, log) -> dict:
 def table(result: dict) -> str:
     s = result["setting"]
     lines = [
-        f"{chain_cost.step_setting(s)}, {result['processes']} processes of {s['rounds']} rounds of {s['steps']} "
-        f"steps, {s['clock']} clock; per process the median ratio to torch-bn, then over processes:",
+        f"{step_setting(s)}, {result['processes']} processes of {s['rounds']} rounds of {s['steps']} "
+        f"steps, {s['clock']} clock; per process the median ratio to {REFERENCE}, then over processes:",
         f"{'method':<22}{'n':>4}{'step ms':>9}{'median':>8}{'q25..q75':>14}{'min..max':>14}{'faults/step':>13}",
     ]
     for name, r in result["spread"].items():

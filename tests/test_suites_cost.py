@@ -142,3 +142,15 @@ def test_bad_process_arguments_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         chain_cost.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_spread_and_tables_do_not_import_chain_cost():
+    # chain_cost imports chain_cost_spread (for --processes); the shared pieces live below both.
+    import subprocess
+    import sys
+
+    code = "import sys, suites.chain_cost_spread; assert 'suites.chain_cost' not in sys.modules, 'import cycle'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from suites import chain_cost_tables
+
+    assert chain_cost.step_setting is chain_cost_tables.step_setting and chain_cost.REFERENCE == "torch-bn"

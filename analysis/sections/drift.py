@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bkn.methods import EMA_SUFFIX, FLOOR
+from bkn.methods import EMA_SUFFIX, FLOOR, names
 from bkn.probes.results import DRIFT_METRICS
 
 from .. import plots
@@ -24,7 +24,7 @@ from .base import Inputs, Section, label_rows, provenance
 
 OUTPUT = "output"
 PER_LAYER = ("mean_error", "var_logratio", "kl", "output_discrepancy", "input_mean_drift")
-HEADLINE = ("bn", "bkn-official", "bkn-official-adaptive", "bkn-analytic", "bkn-analytic-adaptive", "brn")
+HEADLINE = names(tag="headline")
 
 
 def _metric_order(metrics: pd.Series) -> list[str]:

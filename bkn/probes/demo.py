@@ -26,6 +26,7 @@ from torch.utils import benchmark
 from bkn import methods
 from bkn.layers import _native
 from bkn.models import cifar_resnet
+from bkn.probes import measure, summary_stats
 
 LAYER_SHAPES = [(8, 64, 56, 56), (8, 256, 14, 14), (2, 512, 7, 7)]
 
@@ -36,7 +37,7 @@ def interleaved(fns: dict, min_run_time: float, rounds: int) -> dict:
     A shared machine's speed drifts over seconds; timing each candidate in turn within
     every round and taking ratios per round cancels most of that drift. Returns
     ``{name: [seconds per call, one per round]}``; each function gets about ``min_run_time``
-    seconds in all.
+    seconds in all. A block is timed by ``torch.utils.benchmark`` (:func:`bkn.probes.measure.interleaved`).
     """
     timers = {
         name: benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
@@ -47,17 +48,12 @@ def interleaved(fns: dict, min_run_time: float, rounds: int) -> dict:
         fn()  # warm-up
     per_call = first.timeit(3).median
     number = max(1, int(min_run_time / rounds / per_call))
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            samples[name].append(timer.timeit(number).median)
-    return samples
+    return measure.interleaved(timers, rounds, number, rotate=False, measure=lambda timer, n: timer.timeit(n).median)
 
 
 def ratio_summary(samples: dict, name: str, base: str) -> tuple[float, float, float]:
     """Median and quartiles over rounds of ``samples[name] / samples[base]``."""
-    ratios = [a / b for a, b in zip(samples[name], samples[base])]
-    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    q1, q2, q3 = summary_stats.quartiles(summary_stats.paired_ratios(samples, name, base), method="exclusive")
     return q2, q1, q3
 
 
@@ -100,21 +96,12 @@ def network_table(
 ) -> list[tuple]:
     """Per method: median time of one SGD step of CIFAR ResNet-20 and its ratio to BN's (median over rounds)."""
     steps = {}
-    for name in ("bn", "bkn-official", "bkn-analytic", "brn", "gn"):
+    for name in methods.names(tag="speed"):
         method = methods.get(name)
         torch.manual_seed(seed)
         model = cifar_resnet(20, method.norm, **method.layer_options(group_size=group)).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
-
-        def step(model=model, opt=opt, x=x, y=y):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            return loss
-
-        steps[name] = step
+        steps[name] = measure.TrainStep(model, x, y, lr=0.01)
     samples = interleaved(steps, min_run_time, rounds)
     return [(name, statistics.median(samples[name]), ratio_summary(samples, name, "bn")[0]) for name in steps]
 

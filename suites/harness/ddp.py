@@ -50,7 +50,7 @@ from .process import configure_threads
 WORLD_PARAM = "world_size"
 WORLD_SIZES = (1, 2)
 # bn and bkn normalize each worker's batch alone; syncbn pools the K workers' batches.
-METHODS = tuple(methods.get(name).name for name in ("bn", "syncbn", "bkn-official", "bkn-analytic"))
+METHODS = methods.names(tag="distributed")
 # Per-worker batch: one normalization group of this many samples (the paper's micro-batch).
 GROUP_SIZES = (2,)
 SHAPE = "3x32x32"  # the CIFAR ResNet-20's input, as bench_network.TimeCifarResNetTrainStep

@@ -32,9 +32,8 @@ from bkn import methods
 from bkn.probes.results import GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM, TENSOR_PARAMS
 
 # -- the values -----------------------------------------------------------------------------------
-# Registry names, checked here (an unknown one is a ValueError listing the known ones); the
-# order is the matrix's own, so a new method in the registry never reorders a parameter.
-METHODS = tuple(methods.get(name).name for name in ("bn", "bkn-official", "bkn-analytic", "brn", "gn", "ln", "in"))
+# The registry's "matrix" methods, in registry order: a method joins the parameter only when tagged.
+METHODS = methods.names(tag="matrix")
 GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 STAGE_SHAPES = ("64x56x56", "128x28x28", "256x14x14", "512x7x7")
 SHAPES = STAGE_SHAPES + ("512", "64x8x28x28")

@@ -7,6 +7,7 @@ from torch import nn
 
 from bkn import methods
 from bkn.models import cifar_resnet
+from bkn.probes.measure import TrainStep
 
 from .decode import decode_input
 from .matrix import SEED, check_network_pruned, skip
@@ -59,14 +60,11 @@ class NetworkCase:
         gen = torch.Generator().manual_seed(SEED)
         self.x = spec.randn(batch, gen)
         self.y = torch.randint(0, num_classes, (batch,), generator=gen).to(self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.train_step = TrainStep(self.model, self.x, self.y)  # lr 1e-3, momentum 0.9
+        self.optimizer = self.train_step.optimizer
 
     def step(self) -> torch.Tensor:
-        loss = nn.functional.cross_entropy(self.model(self.x).float(), self.y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss
+        return self.train_step()
 
     def warm_up(self, what: str) -> None:
         try:

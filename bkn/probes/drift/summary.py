@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bkn.methods import FLOOR
+from bkn.methods import FLOOR, names
 
-HEADLINE = ("bn", "bkn-official", "bkn-analytic", "bkn-analytic-adaptive", "brn")
+HEADLINE = names(tag="headline")  # BN, BKN (both transitions, both gains), BRN: as the report's figure
 HEADLINE_SIZES = (2, 4, 16)
 
 

@@ -54,17 +54,7 @@ __all__ = ["PRECISE", "TrainConfig", "make_model", "train_model", "train_run", "
 
 # Every registry method but syncbn (it needs --world-size), in (InstanceNorm: not a micro-batch rival) and the
 # official transition's ablations (bkn-official-affine, -relu-shortcut: drift-probe instruments; --methods adds them).
-DEFAULT_METHODS = (
-    "bn",
-    "bkn-official",
-    "bkn-official-adaptive",
-    "bkn-analytic",
-    "bkn-analytic-adaptive",
-    "brn",
-    "brn-scheduled",
-    "gn",
-    "ln",
-)
+DEFAULT_METHODS = registry.names(tag="training")
 DEFAULT_GROUP_SIZES = (2, 4, 8, 32)
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_EPOCHS = 15
@@ -73,7 +63,7 @@ DEFAULT_LR = 0.05
 DEFAULT_JOBS = 2  # worker processes of one thread each: both cores of a 2-core machine
 # CI: BN at group 2 against BN at group 32 (the whole SGD batch), beside BKN and GN; both networks, one seed.
 QUICK = {
-    "methods": ("bn", "bkn-official", "bkn-analytic", "gn"),
+    "methods": registry.names(tag="quick"),
     "group_sizes": (2, 32),
     "seeds": (0,),
     "epochs": 10,
