@@ -17,7 +17,7 @@ options); this module names the combinations the suite measures. Importing it do
 import torch (the report reads labels and colours from here); building does.
 
 Vocabulary: ``group_size`` is the number of samples a norm computes its statistics over
-(ghost batches inside a larger batch, spec 1.3); ``batch_size`` is what one step sees.
+(ghost batches inside a larger batch, docs/design.md §3); ``batch_size`` is what one step sees.
 Per-sample norms (GN, LN, IN) have no groups: they accept ``group_size`` and ignore it,
 since it cannot change what they compute. ``syncbn`` has no groups either: it normalizes
 with the moments of every worker's batch in its process group (one worker: plain BN).

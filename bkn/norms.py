@@ -50,7 +50,7 @@ def batch_dependent(name: str) -> bool:
     return _check_name(name) in _BATCH_DEPENDENT
 
 
-MIN_GROUP_CHANNELS = 4  # GN's groups hold at least this many channels (spec section 3)
+MIN_GROUP_CHANNELS = 4  # GN's groups hold at least this many channels (docs/design.md §7)
 
 
 def gn_groups(num_channels: int, max_groups: int = 32, min_channels: int = MIN_GROUP_CHANNELS) -> int:

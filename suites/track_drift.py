@@ -1,6 +1,6 @@
 """Statistic drift tracked across commits: how far a method's statistics are from the truth.
 
-A two-layer probe with a closed-form answer (spec section 4, the synthetic case), small
+A two-layer probe with a closed-form answer (docs/design.md §9, the synthetic case), small
 enough to run in a second per parameter set, so that ``asv run`` tracks *accuracy*
 across commits next to speed (the full study is ``nox -s accuracy``)::
 

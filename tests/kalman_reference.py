@@ -1,5 +1,5 @@
 """Shared by the Batch Kalman Normalization tests (tests/test_kalman*.py): an independent numpy
-reference of spec section 1.1 and the builders of inputs, affine parameters and priors.
+reference of docs/design.md §1 and the builders of inputs, affine parameters and priors.
 
 The numpy functions below are an independent transcription of the spec, written
 without looking at how ``bkn`` computes anything: per (group, channel) observed
@@ -21,7 +21,7 @@ BN_FOR_NDIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.Ba
 SHAPE_FOR_NDIM = {2: (8, 3), 3: (8, 3, 5), 4: (8, 3, 3, 4), 5: (8, 3, 2, 3, 2)}
 
 
-# -- independent numpy reference of spec 1.1 ------------------------------------------------
+# -- independent numpy reference of docs/design.md §1 ------------------------------------------------
 
 
 def np_observed(x: np.ndarray, groups: int):

@@ -1,6 +1,6 @@
 """Shared by the Batch Renormalization tests (tests/test_renorm*.py): the choice of path (the
 compiled kernels or the torch Functions; conftest's ``path`` fixture uses it), input shapes,
-random layer state, and the numpy and torch references of spec section 2."""
+random layer state, and the numpy and torch references of docs/design.md §6."""
 
 from __future__ import annotations
 

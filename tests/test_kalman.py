@@ -1,4 +1,4 @@
-"""Batch Kalman Normalization layers against the reference (spec section 1.1) and torch BN:
+"""Batch Kalman Normalization layers against the reference (docs/design.md §1) and torch BN:
 p = 0 is BN, the official update against numpy, the ratio guard, gradients, micro-batch groups.
 
 The numpy reference is in kalman_reference.py; the adaptive gain, eval mode and detach_prior are in

@@ -1,5 +1,5 @@
 """Batch Kalman Normalization: the adaptive gain, eval mode, detach_prior and one value per channel
-(spec section 1.1; the numpy reference is in kalman_reference.py)."""
+(docs/design.md §1; the numpy reference is in kalman_reference.py)."""
 
 from __future__ import annotations
 

@@ -161,7 +161,7 @@ def _observed_var(kind, x):
         layer = BatchKalmanNorm2d(3, gain="adaptive")
         y = layer(x, prior=(torch.zeros(3), torch.ones(3)))
         return layer.observed[1][0], y
-    if kind == "brn":  # rmax = 1, dmax = 0 must be BN (spec 2); last_stats are then (m_o, v_o)
+    if kind == "brn":  # rmax = 1, dmax = 0 must be BN (docs/design.md §6); last_stats are then (m_o, v_o)
         layer = BatchRenorm2d(3, rmax=1.0, dmax=0.0)
         y = layer(x)
         return layer.last_stats[1][0], y

@@ -1,4 +1,4 @@
-"""Batch Renormalization (spec section 2), bkn.layers.renorm: rmax = 1, dmax = 0 is BN, clipping and
+"""Batch Renormalization (docs/design.md §6), bkn.layers.renorm: rmax = 1, dmax = 0 is BN, clipping and
 the stop-gradient through r and d, the numpy reference, micro-batch groups.
 
 Helpers and references are in renorm_reference.py; the schedule and error messages are in
@@ -199,7 +199,7 @@ def test_forward_and_running_updates_match_numpy(path, group_size, affine, spati
         np.testing.assert_allclose(layer.running_var.numpy(), sigma**2 - eps, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(layer.last_rd[0].numpy(), r, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(layer.last_rd[1].numpy(), d, rtol=1e-12, atol=1e-12)
-        # Effective statistics (spec 4): mean m_o - d sigma_B / r, var (sigma_B / r)^2 (here minus eps).
+        # Effective statistics (docs/design.md §9): mean m_o - d sigma_B / r, var (sigma_B / r)^2 (here minus eps).
         mean_eff, var_eff = layer.last_stats
         np.testing.assert_allclose(mean_eff.numpy(), m - d * sb / r, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(var_eff.numpy(), (sb / r) ** 2 - eps, rtol=1e-10, atol=1e-12)

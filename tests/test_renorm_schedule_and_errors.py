@@ -1,4 +1,4 @@
-"""Batch Renormalization (spec section 2): the rmax/dmax schedule, creation by name, and the
+"""Batch Renormalization (docs/design.md §6): the rmax/dmax schedule, creation by name, and the
 error messages for bad input and bad options (helpers in renorm_reference.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Batch Renormalization (spec section 2): inference with the running estimates, buffers and state
+"""Batch Renormalization (docs/design.md §6): inference with the running estimates, buffers and state
 dicts, determinism, half precision, copies, and the property test on both paths (helpers in
 renorm_reference.py)."""
 

@@ -1,4 +1,4 @@
-"""Prior transitions (spec 1.2): closed-form moment rules against Monte-Carlo, and the chain wiring."""
+"""Prior transitions (docs/design.md §4): closed-form moment rules against Monte-Carlo, and the chain wiring."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ablations of the official transition (spec 1.2), each its own transition and registry method name.
+"""Ablations of the official transition (docs/design.md §4), each its own transition and registry method name.
 
 * ``official-affine``: the surrogate is drawn from the previous layer's output distribution,
   ``gamma * z * sqrt(v / (v + eps)) + beta``, instead of ``z * sqrt(v) + m``;

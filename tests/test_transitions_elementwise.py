@@ -94,7 +94,7 @@ def test_analytic_prior_through_silu_matches_the_population_closely():
         real = model[3](model[2](model[1](model[0](x))))  # the same group: layer 1's statistics are these
         model(x)
     mean, var = seen["prior"]
-    # Independence across taps and channels is assumed (spec 1.2): the mean is close, the variance a rougher guess.
+    # Independence across taps and channels is assumed (docs/design.md §4): the mean is close, the variance rougher.
     torch.testing.assert_close(mean.squeeze(0), real.mean((0, 2, 3)), atol=0.05, rtol=0.05)
     assert torch.all(var.squeeze(0) > 0.2 * real.var((0, 2, 3))) and torch.all(var.squeeze(0) < 5 * real.var((0, 2, 3)))
 

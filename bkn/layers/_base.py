@@ -1,7 +1,7 @@
 """Shared base of the batch-statistic norms (ghost-batch BN, BRN, BKN).
 
 Holds what ``torch.nn.modules.batchnorm._NormBase`` holds (affine parameters,
-running buffers, momentum) plus the micro-batch ``group_size`` of spec 1.3, and
+running buffers, momentum) plus the micro-batch ``group_size`` of docs/design.md §3, and
 the input checks, so that every subclass raises the same clear errors.
 """
 

@@ -2,7 +2,7 @@
 
 It normalizes ``x`` per (group, channel) with statistics ``m, v`` and applies
 the affine transform. The statistics are the observed moments ``m_o, v_o``
-optionally mixed with a prior ``m_p, v_p`` (Batch Kalman Normalization, spec 1.1)::
+optionally mixed with a prior ``m_p, v_p`` (Batch Kalman Normalization, docs/design.md §1)::
 
     p     = 0 if mean(v_p / v_o) >= guard else p   # the ratio-100 guard
     m     = p_eff * m_p + (1 - p_eff) * m_o

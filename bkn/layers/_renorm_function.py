@@ -1,4 +1,4 @@
-"""Batch Renormalization's training step (spec 2) as Python autograd Functions.
+"""Batch Renormalization's training step (docs/design.md §6) as Python autograd Functions.
 
 With the corrections ``r, d`` constant, BRN's output is batch normalization with the
 affine ``gamma r`` and ``beta + gamma d``. :func:`renorm_train` computes the observed

@@ -1,4 +1,4 @@
-"""Kalman gains: how much weight ``p`` a BKN layer puts on its prior (spec 1.2).
+"""Kalman gains: how much weight ``p`` a BKN layer puts on its prior (docs/design.md §2).
 
 * ``FixedGain``    - a constant ``p`` (the official scripts: 0.9 for micro-batches of 2,
   0.05 for batch 128).

@@ -1,4 +1,4 @@
-"""Batch normalization with micro-batch groups ("ghost batches", spec 1.3).
+"""Batch normalization with micro-batch groups ("ghost batches", docs/design.md §3).
 
 ``GhostBatchNorm2d(C, group_size=g)`` computes statistics per group of ``g``
 consecutive samples, so the normalization batch size can be varied without

@@ -1,4 +1,4 @@
-"""Batch Kalman Normalization (Wang et al., arXiv 1802.03133), spec section 1.
+"""Batch Kalman Normalization (Wang et al., arXiv 1802.03133), docs/design.md §1.
 
 A BKN layer does not trust its micro-batch statistics alone. Given a *prior*
 ``(m_p, v_p)`` - a prediction of its statistics propagated from the previous

@@ -1,4 +1,4 @@
-"""Batch Renormalization (Ioffe, arXiv 1702.03275), spec section 2.
+"""Batch Renormalization (Ioffe, arXiv 1702.03275), docs/design.md §6.
 
 In training mode a BRN layer normalizes with its batch statistics, then corrects
 the result towards what its moving averages would give, with corrections that
@@ -32,13 +32,13 @@ training output and all gradients equal ``torch.nn.BatchNorm``'s (up to float ro
   :meth:`sync_running_std`. A state dict without ``running_std`` (one of
   ``torch.nn.BatchNorm``) loads with ``running_std = sqrt(running_var + eps)``.
   ``momentum=None`` gives a cumulative average, as in torch.
-* Micro-batch groups (spec 1.3): with ``group_size=g`` the statistics, ``r`` and ``d``
+* Micro-batch groups (docs/design.md §3): with ``group_size=g`` the statistics, ``r`` and ``d``
   are per (group, channel); each step the running estimates move towards the mean over
   groups of ``m_o`` and of ``sigma_B``.
 * ``track_running_stats=False``: there are no moving averages to correct towards, so
   the layer is plain batch normalization (``r = 1, d = 0``) in training and evaluation.
 * After a training-mode forward ``layer.last_rd = (r, d)`` and ``layer.last_stats``
-  holds the *effective* statistics the layer normalized with (spec 4), detached, of
+  holds the *effective* statistics the layer normalized with (docs/design.md §9), detached, of
   shape (G, C): mean ``m_o - d * sigma_B / r`` and variance ``(sigma_B / r)**2 - eps``,
   i.e. ``y = gamma * (x - mean) / sqrt(var + eps) + beta``; the same convention as
   the other layers' ``last_stats`` (with ``r = 1, d = 0`` they are BN's ``m_o, v_o``).
@@ -262,7 +262,7 @@ class _BatchRenorm(BatchStatNorm):
 
     @property
     def last_stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Effective (G, C) statistics of the last training forward, detached (spec 4).
+        """Effective (G, C) statistics of the last training forward, detached (docs/design.md §9).
 
         Mean ``m_o - d sigma_B / r`` and variance ``(sigma_B / r)^2 - eps``: the layer's
         output was ``gamma (x - mean) / sqrt(var + eps) + beta``.

@@ -26,7 +26,7 @@ official code wires it (``transition`` picks how the statistics are propagated):
   and starts the first block's shortcut from ``relu(norm0)`` instead.)
 * ``norm_last``: the prior carried by the last block's output.
 
-Ablations of ``official`` (``transition=``, spec 1.2): ``official-affine`` draws the
+Ablations of ``official`` (``transition=``, docs/design.md §4): ``official-affine`` draws the
 surrogates from each norm's output distribution (gamma, beta and the normalization
 included); ``official-relu-shortcut`` starts the first block's shortcut from the
 moments of the surrogate of ``relu(norm0)`` (the sample the official code pushes into

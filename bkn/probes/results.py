@@ -205,7 +205,7 @@ TRAINING = Schema(
 
 SCHEMAS = {s.name: s for s in (DRIFT, TRAINING)}
 
-# The drift probe's metrics (spec section 4, computed by bkn.probes.stats.metrics) and per-layer
+# The drift probe's metrics (docs/design.md §9, computed by bkn.probes.stats.metrics) and per-layer
 # statistics, in the order reports show them; the training probe's metrics.
 DRIFT_METRICS = (
     "mean_error",

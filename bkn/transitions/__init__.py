@@ -1,4 +1,4 @@
-"""Transitions: how a BKN layer's prior is propagated from the previous layer (spec 1.2).
+"""Transitions: how a BKN layer's prior is propagated from the previous layer (docs/design.md §4).
 
 A transition turns the posterior ``(m, v)`` of normalization layer k-1 into a
 prediction ``(m_p, v_p)`` for layer k by pushing a *state* through the modules in

@@ -12,7 +12,7 @@ Known weak points (kept on purpose; the drift probe must be able to show them):
 pre-normalization statistics and no gamma/beta, few spatial positions (noisy), and
 independence across positions and channels.
 
-Ablations (each its own transition name, so results never mix them; spec 1.2):
+Ablations (each its own transition name, so results never mix them; docs/design.md §4):
 
 * ``official-affine`` (``affine=True``): the surrogate is drawn from the previous
   layer's *output* distribution, ``gamma * z * sqrt(v / (v + eps)) + beta``, as the

@@ -60,7 +60,7 @@ class KalmanPrior(nn.Module):
     """The prior of a BKN layer, propagated from the previous layer's posterior, as a network does.
 
     In a network a BKN layer's prior is the previous normalization layer's posterior
-    pushed through ReLU and the convolution in between (spec 1.2), every training step.
+    pushed through ReLU and the convolution in between (docs/design.md §4), every training step.
     That propagation (the *chain*) is what separates the ``official`` transition (a
     surrogate activation of one sample per group through the *real* convolution) from the
     ``analytic`` one (closed form, O(C^2 k^2)). ``link`` is that convolution: in a block

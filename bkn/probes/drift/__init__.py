@@ -5,7 +5,7 @@ For every normalization method, normalization group size ``n``, layer and seed, 
 probe measures what the method normalizes with in training mode - BN's batch statistics,
 BKN's posterior, BRN's effective statistics, the running (EMA) estimates - against the
 layer's exact population statistics (:func:`bkn.probes.stats.population_statistics`), with the
-metrics of spec section 4 (:mod:`bkn.probes.stats.metrics`): per-layer error split into bias and
+metrics of docs/design.md §9 (:mod:`bkn.probes.stats.metrics`): per-layer error split into bias and
 noise over groups, the input drift caused by upstream layers, and end to end (``layer =
 "output"``) the agreement of the network in training mode with the same network using
 population statistics. Two modes: in-network, and isolation (every earlier layer

@@ -17,7 +17,7 @@ DEFAULT_SEEDS, FULL_SEEDS = [0, 1], [0, 1, 2, 3, 4]
 
 EPILOG = (
     """
-what is measured (spec section 4): per method, normalization group size n, layer and seed,
+what is measured (docs/design.md §9): per method, normalization group size n, layer and seed,
 the statistics the method normalizes with in training mode (BN: the group's batch
 statistics; BKN: its posterior; BRN: its effective statistics; <method>-ema: the running
 estimates) against the layer's exact population statistics:

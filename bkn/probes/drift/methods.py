@@ -4,7 +4,7 @@ A result's ``method`` value is one of
 
 * a :mod:`bkn.methods` name, with that method's options (``brn`` is rmax = 3, dmax = 5).
   Every method with batch statistics is built with ``group_size = n``, so its statistics
-  come from groups of ``n`` samples inside one larger batch (spec 1.3); ``bn`` with one
+  come from groups of ``n`` samples inside one larger batch (docs/design.md §3); ``bn`` with one
   group is ``torch.nn.BatchNorm2d`` bit for bit. Per-sample norms (``gn``, ``ln``, ``in``)
   have only the output discrepancy defined;
 * ``<method>-ema`` (a method with batch statistics): the running (EMA) estimates that

@@ -4,7 +4,7 @@
    in training mode, running estimates reset;
 2. ``burn_in`` training-mode forwards (no weight updates) of ``B = batch_for(n, batch_size)``
    random samples in groups of ``n``, as a network trains with micro-batch groups inside
-   an SGD batch (spec 1.3): they warm up what a method carries from step to step - BRN's
+   an SGD batch (docs/design.md §3): they warm up what a method carries from step to step - BRN's
    moving averages (which its effective statistics depend on), the adaptive gain's
    uncertainty estimates, the running estimates. The first of them uses momentum 1,
    so nothing is left of the reset values;
@@ -13,7 +13,7 @@
 4. for ``<method>-ema``: the running estimates after those forwards against the
    population, and the output discrepancy of one eval-mode forward.
 
-Modes (spec 4): ``in-network`` - the network as it runs; before each measured forward the
+Modes (docs/design.md §9): ``in-network`` - the network as it runs; before each measured forward the
 same batch goes through the network normalizing with its population statistics, which
 gives every layer's *input drift* (its training-mode input against its population-mode
 input, same samples) and the *end-to-end* rows (``layer = "output"``): the network in

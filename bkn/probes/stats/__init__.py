@@ -1,4 +1,4 @@
-"""Population statistics, estimated statistics and drift metrics (spec section 4).
+"""Population statistics, estimated statistics and drift metrics (docs/design.md §9).
 
 * :mod:`bkn.probes.stats.population` - :func:`population_statistics`, the exact population
   statistics of every normalization layer, measured layer by layer.

@@ -1,4 +1,4 @@
-"""Estimated statistics: what each layer normalizes with, measured against the population (spec section 4).
+"""Estimated statistics: what each layer normalizes with, measured against the population (docs/design.md §9).
 
 :class:`DriftRecorder` puts a forward hook on every normalization layer that has
 population statistics. Inside its ``with`` block, each call of a layer adds its

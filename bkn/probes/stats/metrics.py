@@ -1,4 +1,4 @@
-"""Drift metrics: how far an estimate of a layer's statistics is from the population's (spec section 4).
+"""Drift metrics: how far an estimate of a layer's statistics is from the population's (docs/design.md §9).
 
 Per channel ``c`` (and per micro-batch group ``g`` for estimates made per group), with
 population statistics ``(m, v)`` and an estimate ``(m_hat, v_hat)``:

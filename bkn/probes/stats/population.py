@@ -1,4 +1,4 @@
-"""Population statistics of a network's normalization layers (spec section 4), exactly.
+"""Population statistics of a network's normalization layers (docs/design.md §9), exactly.
 
 The *population statistics* of normalization layer k are the per-channel mean and
 (biased) variance of its input over the whole evaluation set, with every earlier

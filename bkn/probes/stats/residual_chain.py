@@ -1,4 +1,4 @@
-"""The residual linear-Gaussian chain: synthetic truth in closed form, and a floor that is a real bound (spec 4).
+"""The residual linear-Gaussian chain: truth in closed form, and a floor that is a real bound (docs/design.md §9).
 
 The chain (``width`` channels, ``depth`` blocks, inputs ``(N, C, H, W)``)::
 

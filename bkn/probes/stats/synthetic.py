@@ -1,4 +1,4 @@
-"""The plain linear-Gaussian chain: ground truth in closed form (spec section 4).
+"""The plain linear-Gaussian chain: ground truth in closed form (docs/design.md §9).
 
 A chain of ``depth`` blocks ``linear_k -> norm_k`` on (N, C, H, W) inputs, where
 ``linear_k`` is a 1x1 convolution (a linear map of the channels, with bias, applied at
