@@ -84,7 +84,7 @@ class _ReluMoments(torch.autograd.Function):
 
     Forward is the formula of :func:`relu_moments` op for op (so results are unchanged); on
     CPU float32/float64 the same operations run as one loop each way in
-    ``bkn/csrc/fused_norm.cpp`` (equal up to rounding: the C library's ``erf`` and ``exp``),
+    ``bkn/csrc/analytic_relu_moments.cpp`` (equal up to rounding: the C library's ``erf`` and ``exp``),
     unless ``compiled=False``.
     Backward, with ``a = mu / s``, ``Phi, phi`` the normal cdf and pdf at ``a``, ``E`` the
     output mean and the output variance ``V = E2 - E^2`` (clamped at 0)::
@@ -115,7 +115,7 @@ class _ReluMoments(torch.autograd.Function):
 def _relu_moments_forward(mean, var, compiled: bool):
     """``(first, var_out, saved tensors, compiled)`` of :class:`_ReluMoments` (see its docstring)."""
     native = _native.load() if compiled else None
-    if native is not None:  # the same formula in one loop (bkn/csrc/fused_norm.cpp), if it takes these
+    if native is not None:  # the same formula in one loop (bkn/csrc/analytic_relu_moments.cpp), if it takes these
         m, v = mean.contiguous(), var.contiguous()  # a norm's output mean is its bias, expanded
         out = native.relu_moments_forward(m, v)
         if out:
@@ -201,7 +201,7 @@ def norm_relu_moments(state: NormOutput, compiled: bool = True, extra: Moments |
     added before the ReLU) where given, as one autograd node (see :class:`_NormReluMoments`).
 
     Compiled (``compiled`` and the kernels take these tensors: CPU float32/float64): the node in
-    C++ (``NormReluMomentsFn`` in ``bkn/csrc/fused_norm.cpp``, one loop each way,
+    C++ (``NormReluMomentsFn`` in ``bkn/csrc/analytic_relu_moments.cpp``, one loop each way,
     ``norm_relu_moments_forward`` / ``_backward``), else the Python Function."""
     extra_mean, extra_var = (None, None) if extra is None else (extra.mean, extra.var)
     native = _native.load() if compiled else None
@@ -335,7 +335,7 @@ class _TapSums(torch.autograd.Function):
     network's largest tensor the analytic transition touches, so the passes over it are most
     of that transition's cost in a network step; hence two implementations:
 
-    * compiled (``bkn/csrc/fused_norm.cpp``, CPU float32/float64, contiguous weight; used
+    * compiled (``bkn/csrc/analytic_tap_sums.cpp``, CPU float32/float64, contiguous weight; used
       when ``compiled`` and the extension is available): forward reads the weight once and
       writes both sums; backward reads it once and writes ``dW``;
     * Python (the reference, and the path everywhere else): the sums as matrix-vector
@@ -380,8 +380,8 @@ class _ConvMoments(torch.autograd.Function):
         d mean = g_mean @ S1        d var = g_var @ S2
         dW = dS1 + 2 W dS2          dS1 = g_mean^T @ mean,  dS2 = g_var^T @ var  (broadcast over the taps)
 
-    Compiled (``conv_moments_forward`` / ``conv_moments_backward``, up to 16 groups): one
-    pass over the weight each way, an output channel at a time (forward: its tap sums, kept
+    Compiled (``conv_moments_forward`` / ``conv_moments_backward`` in
+    ``bkn/csrc/analytic_conv_moments.cpp``, up to 16 groups): one pass over the weight each way, an output channel at a time (forward: its tap sums, kept
     for the backward, and their products with ``mean, var`` from cache; backward: ``dS1, dS2``,
     ``dW`` and the input gradients), so no (O, I) product goes to memory and no matrix
     product is dispatched. Else the tap sums, matrix products and the tap sums' gradient.
