@@ -381,10 +381,11 @@ class _ConvMoments(torch.autograd.Function):
         dW = dS1 + 2 W dS2          dS1 = g_mean^T @ mean,  dS2 = g_var^T @ var  (broadcast over the taps)
 
     Compiled (``conv_moments_forward`` / ``conv_moments_backward`` in
-    ``bkn/csrc/analytic_conv_moments.cpp``, up to 16 groups): one pass over the weight each way, an output channel at a time (forward: its tap sums, kept
-    for the backward, and their products with ``mean, var`` from cache; backward: ``dS1, dS2``,
-    ``dW`` and the input gradients), so no (O, I) product goes to memory and no matrix
-    product is dispatched. Else the tap sums, matrix products and the tap sums' gradient.
+    ``bkn/csrc/analytic_conv_moments.cpp``, up to 16 groups): one pass over the weight each
+    way, an output channel at a time (forward: its tap sums, kept for the backward, and their
+    products with ``mean, var`` from cache; backward: ``dS1, dS2``, ``dW`` and the input
+    gradients), so no (O, I) product goes to memory and no matrix product is dispatched. Else
+    the tap sums, matrix products and the tap sums' gradient.
 
     ``deferred`` (a :class:`~bkn.transitions.weight_grads.DeferredWeightGrads`, which the
     transition passes): on the compiled path the backward leaves ``dW`` to a hook on the
