@@ -66,7 +66,7 @@ def one_thread():
 
 @pytest.fixture(params=["compiled", "python"])
 def kernels(request, monkeypatch):
-    """Run a test on the compiled kernels (bkn/csrc/fused_norm.cpp, the CPU default) and on the
+    """Run a test on the compiled kernels (bkn/csrc, the CPU default) and on the
     Python autograd Functions (the reference, and the path on GPUs and for other dtypes)."""
     from bkn.layers import _native
 

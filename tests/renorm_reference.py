@@ -22,7 +22,7 @@ PATHS = ("compiled", "torch")
 
 @contextlib.contextmanager
 def use_path(name: str):
-    """``compiled`` (bkn/csrc/fused_norm.cpp, the default on the CPU) or ``torch`` (the Python
+    """``compiled`` (bkn/csrc/_renorm_function.cpp, the default on the CPU) or ``torch`` (the Python
     autograd Functions: the reference, the path on GPUs and the fallback)."""
     load = _native.load
     if name == "compiled" and load() is None:

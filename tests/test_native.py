@@ -1,4 +1,4 @@
-"""The compiled kernels (bkn/csrc/fused_norm.cpp) against the Python autograd Functions.
+"""The compiled kernels (bkn/csrc) against the Python autograd Functions.
 
 The Python Functions are checked against independent numpy transcriptions of the spec
 in test_kalman*.py and test_renorm*.py (which run every test on both paths); here the
@@ -37,23 +37,27 @@ def test_compiled_kernels_are_built_unless_switched_off():
     """CI has a compiler and ninja: a silent fallback would hide a broken build (and the speed)."""
     if not _native.enabled():
         pytest.skip(f"{_native.ENV_SWITCH}=0")
-    assert _native.load() is not None, "bkn/csrc/fused_norm.cpp did not build: see the RuntimeWarning"
+    assert _native.load() is not None, "bkn/csrc did not build: see the RuntimeWarning"
 
 
 def test_two_checkouts_share_one_build_instead_of_rebuilding_each_other(tmp_path, monkeypatch):
-    """Two clones with the same source: the second loads the first one's build, no recompile.
+    """Two clones with the same sources: the second loads the first one's build, no recompile.
 
-    The build files must not name the checkout (torch writes the source path into
-    build.ninja, and a changed build.ninja makes ninja rebuild everything).
+    The build files must not name the checkout (torch writes the source paths into
+    build.ninja, and a changed build.ninja makes ninja rebuild everything), nor may the
+    build's name (a hash of the sources' names and bytes, not of their directory).
     """
     if not _native.enabled():
         pytest.skip(f"{_native.ENV_SWITCH}=0")
+    files = _native.source_files()
+    assert {f.suffix for f in files} == {".cpp", ".h"}  # headers are hashed and staged too
     built = []
     for clone in ("clone-a", "clone-b", "clone-a"):
-        source = tmp_path / clone / "csrc" / _native.SOURCE.name
-        source.parent.mkdir(parents=True, exist_ok=True)
-        source.write_bytes(_native.SOURCE.read_bytes())
-        monkeypatch.setattr(_native, "SOURCE", source)
+        sources = tmp_path / clone / "csrc"
+        sources.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (sources / f.name).write_bytes(f.read_bytes())
+        monkeypatch.setattr(_native, "SOURCE_DIR", sources)
         module = _native.build()
         directory = pathlib.Path(module.__file__).parent
         ninja = directory / "build.ninja"
@@ -62,6 +66,25 @@ def test_two_checkouts_share_one_build_instead_of_rebuilding_each_other(tmp_path
         assert str(tmp_path) not in ninja.read_text()
     assert len({b[0] for b in built}) == 1  # one build directory for both clones
     assert built[1][1:] == built[0][1:] and built[2][1:] == built[0][1:]  # build.ninja and .so untouched
+
+
+def test_build_name_covers_every_source_and_header(tmp_path):
+    """An edit of any file, a header included, or a file renamed, is a new build name."""
+    for f in _native.source_files():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    copies = sorted(tmp_path.iterdir())
+    name = _native.build_name(copies, ["-O3"], [])
+    assert name == _native.build_name(_native.source_files(), ["-O3"], [])  # the directory is not hashed
+    assert name != _native.build_name(copies, ["-O2"], [])
+    for f in copies:
+        original = f.read_bytes()
+        f.write_bytes(original + b"\n")
+        assert _native.build_name(copies, ["-O3"], []) != name, f.name
+        f.write_bytes(original)
+    header = next(f for f in copies if f.suffix == ".h")
+    renamed = header.with_name("renamed_" + header.name)
+    header.rename(renamed)
+    assert _native.build_name(sorted(tmp_path.iterdir()), ["-O3"], []) != name
 
 
 def test_switch_off_and_build_failure_fall_back_with_a_warning(monkeypatch):

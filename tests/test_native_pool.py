@@ -1,4 +1,4 @@
-"""The compiled kernels' memory pool (``bkn/csrc/fused_norm.cpp``): the analytic transition's
+"""The compiled kernels' memory pool (``bkn/csrc/_native_pool.cpp``): the analytic transition's
 weight gradients and tap sums come from freed blocks, which are reused only once released."""
 
 from __future__ import annotations

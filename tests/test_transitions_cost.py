@@ -122,7 +122,7 @@ def test_tap_sums_of_a_channels_last_weight():
     assert torch.autograd.gradcheck(tap_sums, (w,))
 
 
-# -- the compiled tap sums (bkn/csrc/fused_norm.cpp) against the Python path ---------------------
+# -- the compiled tap sums (bkn/csrc/analytic_tap_sums.cpp) against the Python path ---------------------
 
 
 def _native_off() -> bool:

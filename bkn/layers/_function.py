@@ -29,7 +29,7 @@ The posterior ``m, v`` is a differentiable output, because the next layer's
 prior is computed from it; gradients arriving there are added to ``dm, dv``.
 
 On the CPU in float32/float64, :func:`normalize_with_stats` runs the same Function
-compiled from ``bkn/csrc/fused_norm.cpp`` (see :mod:`bkn.layers._native`); this Python
+compiled from ``bkn/csrc/_function.cpp`` (see :mod:`bkn.layers._native`); this Python
 one is the reference, the fallback and the path on other devices and dtypes.
 """
 
@@ -277,7 +277,7 @@ def normalize_with_stats(
     gain_tensor = gain if isinstance(gain, torch.Tensor) else None
     running_mean, running_var, steps, momentum = running if running is not None else (None, None, None, 0.0)
     native = _native.load()
-    if native is not None:  # the same Function compiled (bkn/csrc/fused_norm.cpp), if it takes these tensors
+    if native is not None:  # the same Function compiled (bkn/csrc/_function.cpp), if it takes these tensors
         out = native.kalman_norm(
             x,
             weight,

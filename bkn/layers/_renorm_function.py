@@ -11,7 +11,7 @@ moments, the corrections and the update of the running estimates, and normalizes
   (:func:`bkn.layers._function.normalize_with_stats`) with a per-(group, channel) affine.
 
 One group on the CPU in float32/float64 runs the same step compiled instead (``Renorm`` in
-``bkn/csrc/fused_norm.cpp``, see :mod:`bkn.layers._native`), when that could be built; this
+``bkn/csrc/_renorm_function.cpp``, see :mod:`bkn.layers._native`), when that could be built; this
 Python one is the reference the tests compare it with, the path on other devices and
 dtypes, and the fallback.
 """

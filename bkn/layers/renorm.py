@@ -45,7 +45,7 @@ training output and all gradients equal ``torch.nn.BatchNorm``'s (up to float ro
 
 Implementation: the training step, one group or several, is
 :func:`bkn.layers._renorm_function.renorm_train` (autograd Functions on torch's native
-batch-norm kernels, or compiled from ``bkn/csrc/fused_norm.cpp`` on the CPU).
+batch-norm kernels, or compiled from ``bkn/csrc/_renorm_function.cpp`` on the CPU).
 """
 
 from __future__ import annotations

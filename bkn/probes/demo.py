@@ -132,7 +132,7 @@ def main(argv=None) -> None:
     if args.device == "cuda":  # the compiled kernels are CPU only: the GPU runs the torch Functions
         kernels, where = "Python Functions (torch ops on the GPU)", torch.cuda.get_device_name()
     else:
-        kernels = "compiled (bkn/csrc/fused_norm.cpp)" if _native.load() is not None else "Python Functions"
+        kernels = "compiled (bkn/csrc)" if _native.load() is not None else "Python Functions"
         where = platform.processor() or platform.machine()
     print(
         f"torch {torch.__version__}, device {args.device} ({where}), "

@@ -1,7 +1,7 @@
 """The activation rules of the analytic transition: moments of ``f(X)`` for ``X ~ N(mu, s^2)``, per channel.
 
 * ReLU: the rectified Gaussian (:func:`relu_moments`), one autograd node with a closed-form
-  backward (:class:`_ReluMoments`), compiled on the CPU (``bkn/csrc/fused_norm.cpp``);
+  backward (:class:`_ReluMoments`), compiled on the CPU (``bkn/csrc/analytic_relu_moments.cpp``);
 * ReLU right after a norm (and after a residual sum with a norm's output): the norm's
   affine output and the ReLU as one node (:func:`norm_relu_moments`);
 * ReLU6 and Hardtanh: the clipped Gaussian (:func:`clip_moments`);
@@ -34,7 +34,7 @@ class _ReluMoments(torch.autograd.Function):
 
     Forward is the formula of :func:`relu_moments` op for op (so results are unchanged); on
     CPU float32/float64 the same operations run as one loop each way in
-    ``bkn/csrc/fused_norm.cpp`` (equal up to rounding: the C library's ``erf`` and ``exp``),
+    ``bkn/csrc/analytic_relu_moments.cpp`` (equal up to rounding: the C library's ``erf`` and ``exp``),
     unless ``compiled=False``.
     Backward, with ``a = mu / s``, ``Phi, phi`` the normal cdf and pdf at ``a``, ``E`` the
     output mean and the output variance ``V = E2 - E^2`` (clamped at 0)::
@@ -65,7 +65,7 @@ class _ReluMoments(torch.autograd.Function):
 def _relu_moments_forward(mean, var, compiled: bool):
     """``(first, var_out, saved tensors, compiled)`` of :class:`_ReluMoments` (see its docstring)."""
     native = _native.load() if compiled else None
-    if native is not None:  # the same formula in one loop (bkn/csrc/fused_norm.cpp), if it takes these
+    if native is not None:  # the same formula in one loop (bkn/csrc/analytic_relu_moments.cpp), if it takes these
         m, v = mean.contiguous(), var.contiguous()  # a norm's output mean is its bias, expanded
         out = native.relu_moments_forward(m, v)
         if out:
@@ -151,7 +151,7 @@ def norm_relu_moments(state: NormOutput, compiled: bool = True, extra: Moments |
     added before the ReLU) where given, as one autograd node (see :class:`_NormReluMoments`).
 
     Compiled (``compiled`` and the kernels take these tensors: CPU float32/float64): the node in
-    C++ (``NormReluMomentsFn`` in ``bkn/csrc/fused_norm.cpp``, one loop each way,
+    C++ (``NormReluMomentsFn`` in ``bkn/csrc/analytic_relu_moments.cpp``, one loop each way,
     ``norm_relu_moments_forward`` / ``_backward``), else the Python Function."""
     extra_mean, extra_var = (None, None) if extra is None else (extra.mean, extra.var)
     native = _native.load() if compiled else None

@@ -4,7 +4,7 @@ A convolution with weight ``W`` (O, I, *k) maps per-channel moments ``(mean, var
 ``(mean @ S1^T, var @ S2^T)`` with the tap sums ``S1 = sum_taps W``, ``S2 = sum_taps W^2``
 (independence across positions and channels assumed, zero padding at borders ignored):
 :func:`tap_sums` and :func:`conv_moments`, each one autograd node with a one-pass backward,
-compiled on the CPU (``bkn/csrc/fused_norm.cpp``) where the kernels take the tensors.
+compiled on the CPU (``bkn/csrc/analytic_tap_sums.cpp, analytic_conv_moments.cpp``) where the kernels take the tensors.
 
 This module imports nothing of the transition above it: :mod:`bkn.transitions.weight_grads`
 (which finishes deferred weight gradients with :func:`_tap_sums_grad`) and
@@ -59,7 +59,7 @@ class _TapSums(torch.autograd.Function):
     network's largest tensor the analytic transition touches, so the passes over it are most
     of that transition's cost in a network step; hence two implementations:
 
-    * compiled (``bkn/csrc/fused_norm.cpp``, CPU float32/float64, contiguous weight; used
+    * compiled (``bkn/csrc/analytic_tap_sums.cpp``, CPU float32/float64, contiguous weight; used
       when ``compiled`` and the extension is available): forward reads the weight once and
       writes both sums; backward reads it once and writes ``dW``;
     * Python (the reference, and the path everywhere else): the sums as matrix-vector
@@ -104,7 +104,7 @@ class _ConvMoments(torch.autograd.Function):
         d mean = g_mean @ S1        d var = g_var @ S2
         dW = dS1 + 2 W dS2          dS1 = g_mean^T @ mean,  dS2 = g_var^T @ var  (broadcast over the taps)
 
-    Compiled (``conv_moments_forward`` / ``conv_moments_backward``, up to 16 groups): one
+    Compiled (``conv_moments_*`` in ``bkn/csrc/analytic_conv_moments.cpp``, up to 16 groups): one
     pass over the weight each way, an output channel at a time (forward: its tap sums, kept
     for the backward, and their products with ``mean, var`` from cache; backward: ``dS1, dS2``,
     ``dW`` and the input gradients), so no (O, I) product goes to memory and no matrix
