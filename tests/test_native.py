@@ -354,6 +354,7 @@ def test_threads_do_not_change_results(native):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.slow
 def test_demo_ratios_are_medians_over_rounds_and_it_runs(capsys):
     from bkn.probes import demo
 

@@ -202,6 +202,7 @@ def _without_times(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame.metric != "step_time_s"].drop(columns=["commit"]).reset_index(drop=True)
 
 
+@pytest.mark.slow
 def test_jobs_give_the_rows_of_one_process_and_the_tables_per_network(tmp_path, capsys, one_thread):
     """Two jobs (spawned processes) and one process: the same rows bit for bit; a table per network and
     evaluation; progress in a log (not a terminal) one line per run, no carriage returns."""
