@@ -164,6 +164,25 @@ def test_a_worker_that_dies_mid_training_stops_the_run_and_writes_nothing(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == [TRAINING.file]  # no meta.json, no temporary files
 
 
+def test_a_failed_run_on_workers_writes_nothing_in_this_process(tmp_path, monkeypatch, capsys):
+    """The fast stand-in for the test above (slow: it spawns the workers): the probe's side of a failed
+    multi-process run, with the spawning replaced by its WorkerError."""
+
+    def fail(fn, world_size, args, **options):
+        assert fn is launch.train_runs and world_size == 2 and options["timeout_s"] == 240
+        raise distributed.WorkerError("worker 1 of 2 exited with code 3")
+
+    monkeypatch.setattr(distributed, "run", fail)
+    previous = b"the previous results"
+    (tmp_path / TRAINING.file).write_bytes(previous)
+    assert main([*TINY_WORKERS, "--methods", "syncbn", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: the run on 2 workers failed, nothing was written" in err, err
+    assert "worker 1 of 2 exited with code 3" in err, err
+    assert (tmp_path / TRAINING.file).read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TRAINING.file]
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
