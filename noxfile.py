@@ -147,7 +147,8 @@ def main(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Run the test suite with pytest (posargs go to pytest)."""
+    """Run the test suite with pytest (posargs go to pytest): the slow tests are left out (pyproject's addopts),
+    ``nox -s tests -- -m slow`` runs only them, ``-- -m ""`` everything."""
     torch_env(session, *EXTRAS).run("-m", "pytest", *session.posargs)
 
 

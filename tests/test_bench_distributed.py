@@ -62,6 +62,7 @@ def test_rank0_gradients_are_the_two_workers_average():
 
 
 @needs_gloo
+@pytest.mark.slow
 def test_syncbn_pools_its_statistics_only_across_workers(monkeypatch):
     import torch.distributed.nn.functional as collectives
 
@@ -84,6 +85,7 @@ def test_syncbn_pools_its_statistics_only_across_workers(monkeypatch):
 
 
 @needs_gloo
+@pytest.mark.slow
 def test_a_dead_peer_is_a_clear_error_within_the_timeout():
     bench = set_up("bn", 2)
     peer = bench.case.peers[0]
@@ -98,6 +100,7 @@ def test_a_dead_peer_is_a_clear_error_within_the_timeout():
 
 
 @needs_gloo
+@pytest.mark.slow
 def test_a_peer_that_fails_to_start_is_a_clear_error_not_a_wait(monkeypatch):
     real = ddp.build_case
 
@@ -115,6 +118,7 @@ def test_a_peer_that_fails_to_start_is_a_clear_error_not_a_wait(monkeypatch):
 
 
 @needs_gloo
+@pytest.mark.slow
 def test_close_stops_the_peer_and_leaves_the_group():
     bench = set_up("bkn-analytic", 2)
     peer = bench.case.peers[0]

@@ -256,6 +256,7 @@ def test_results_file_follows_the_contract(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_the_previous_results_and_no_temporary_file(tmp_path, monkeypatch, capsys):
     assert main(TINY + ["--out", str(tmp_path)]) == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -285,6 +286,7 @@ def test_interrupted_run_leaves_the_previous_results_and_no_temporary_file(tmp_p
     assert DRIFT.read(tmp_path / "drift.parquet").shape[0] > 0
 
 
+@pytest.mark.slow
 def test_trained_weights_are_cached_and_reused(tmp_path, monkeypatch):
     """Short training runs on a 64-image subset of the digits - the BN network and one per measured method
     (trained-own) - and the second probe run reads them all from the cache."""

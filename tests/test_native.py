@@ -377,6 +377,7 @@ def test_threads_do_not_change_results(native):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.slow
 def test_demo_ratios_are_medians_over_rounds_and_it_runs(capsys):
     from bkn.probes import demo
 
@@ -396,6 +397,20 @@ def test_demo_ratios_are_medians_over_rounds_and_it_runs(capsys):
         torch.set_num_threads(threads)
     text = capsys.readouterr().out
     assert "(2, 512, 7, 7)" in text and "BKN/BN" in text and "kernels:" in text and "bkn-official" in text
+
+
+def test_demo_ratios_are_medians_over_rounds_and_rounds_interleave():
+    """The fast stand-in for the test above (slow: it times the demo's layers and networks): its ratio and
+    interleaved timing on calls that cost nothing."""
+    from bkn.probes import demo
+
+    samples = {"bn": [1.0, 2.0, 4.0], "bkn": [1.5, 2.0, 2.0]}
+    assert demo.ratio_summary(samples, "bkn", "bn")[0] == pytest.approx(1.0)  # ratios 1.5, 1.0, 0.5
+    order = []
+    out = demo.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 0.005, rounds=2)
+    assert [len(v) for v in out.values()] == [2, 2] and all(t > 0 for v in out.values() for t in v)
+    timed = order[5:]  # after the warm-up (a, b) and the calibration (a 3 times): a..., b..., a..., b... (2 rounds)
+    assert sum(x != y for x, y in zip(timed, timed[1:])) == 3 and timed.count("a") > 2 and timed.count("b") > 2
 
 
 def test_kernels_command_reports_ready_or_switched_off(capsys, monkeypatch):

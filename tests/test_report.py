@@ -56,6 +56,7 @@ def _run(tmp_path, *args) -> tuple[int, str, pathlib.Path]:
     return code, out.read_text(encoding="utf-8") if out.exists() else "", out
 
 
+@pytest.mark.slow
 def test_report_end_to_end(tmp_path, capsys):
     af.write_asv_results(tmp_path / "asv", af.method_benches(), af.planted_truth(), commits=2, samples=10, seed=5)
     af.write_probes(tmp_path / "results")
@@ -129,7 +130,7 @@ def _chain_benches() -> list:
     ]
 
 
-@pytest.mark.parametrize("planted", [True, False])
+@pytest.mark.parametrize("planted", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_chain_cost_splits_a_planted_chain_from_the_norm(tmp_path, planted):
     # Block time = conv (10 units) + norm + chain; per BN block (10 + 1): official's norm costs 1.2
     # (0.2 over BN's) and its chain 4.4, analytic's chain 1.1. Without a planted chain every BKN chain

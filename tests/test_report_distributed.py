@@ -52,6 +52,7 @@ def test_the_report_shows_what_two_workers_add_per_step(tmp_path):
     assert list(table.index) == ["bn", "bkn-official", "syncbn"]  # the registry's (legend) order
 
 
+@pytest.mark.slow
 def test_no_world_size_means_no_data_parallel_table(tmp_path):
     af.write_asv_results(tmp_path / "asv", af.method_benches(), af.method_truth, commits=1, samples=3)
     out = tmp_path / "out" / "report.html"

@@ -205,6 +205,7 @@ def test_benchmark_body_runs(cls, methods):
 
 
 @pytest.mark.skipif(not ddp.distributed.available(), reason="torch.distributed with gloo is unavailable")
+@pytest.mark.slow
 def test_ddp_body_runs_with_a_peer_process():
     # The cheapest set above is the one-process baseline; this is the 2-worker path (bounded:
     # the peer's start by READY_TIMEOUT_S, every collective by the process group's TIMEOUT_S).
@@ -392,6 +393,7 @@ def test_drift_orders_the_methods_as_expected():
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="asv needs git")
+@pytest.mark.slow
 def test_asv_check_passes():
     pytest.importorskip("asv")
     root = SUITES.parent

@@ -37,6 +37,7 @@ def _faults_per_step(mode: str) -> float:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.slow
 def test_counter_sees_planted_faults_and_steady_removes_them():
     pages = 40_000_000 // 4096  # 9,766 pages of 4 KiB
     default, steady = _faults_per_step("default"), _faults_per_step("steady")

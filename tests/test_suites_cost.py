@@ -78,6 +78,7 @@ def test_bad_variant_names_what_was_expected():
     )
 
 
+@pytest.mark.slow
 def test_baseline_revision_is_timed_beside_this_checkout(tmp_path):
     """``--baseline REV``: each method also as REV's bkn converts it (a second package in the same process).
 
@@ -105,6 +106,7 @@ def test_bad_baseline_revision_is_a_clear_error(capsys):
     assert "cannot read bkn/ at git revision 'no-such-revision-4b1d'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_processes_alternate_this_checkout_and_the_baseline(tmp_path, capsys):
     """``--processes N --baseline REV``: N fresh processes, even ones this checkout's methods, odd
     ones only REV's, each beside torch-bn; the spread is taken over processes."""

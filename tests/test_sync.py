@@ -44,6 +44,7 @@ def _reference(x, dy, momentum, steps):
         ((2, 3, 1), (7,), 0.3),  # (N, C) features
     ],
 )
+@pytest.mark.slow
 def test_pooled_statistics_equal_batchnorm_over_the_concatenated_batch(sizes, shape, momentum):
     gen = torch.Generator().manual_seed(0)
     n = sum(sizes)
@@ -109,6 +110,7 @@ def test_registry_and_conversion_give_a_torch_syncbatchnorm():
         ("hang", "did not finish within 20 s"),
     ],
 )
+@pytest.mark.slow
 def test_a_dead_or_stuck_worker_stops_the_run_with_a_clear_error(how, message):
     started = time.monotonic()
     with pytest.raises(distributed.WorkerError, match=message):
@@ -116,5 +118,6 @@ def test_a_dead_or_stuck_worker_stops_the_run_with_a_clear_error(how, message):
     assert time.monotonic() - started < 60  # bounded: never a hang
 
 
+@pytest.mark.slow
 def test_run_returns_each_ranks_value():
     assert distributed.run(workers.rank_and_size, 3, timeout_s=60) == [(0, 3), (1, 3), (2, 3)]

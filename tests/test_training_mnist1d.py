@@ -202,6 +202,7 @@ def _without_times(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame.metric != "step_time_s"].drop(columns=["commit"]).reset_index(drop=True)
 
 
+@pytest.mark.slow
 def test_jobs_give_the_rows_of_one_process_and_the_tables_per_network(tmp_path, capsys, one_thread):
     """Two jobs (spawned processes) and one process: the same rows bit for bit; a table per network and
     evaluation; progress in a log (not a terminal) one line per run, no carriage returns."""
@@ -229,6 +230,52 @@ def test_jobs_give_the_rows_of_one_process_and_the_tables_per_network(tmp_path, 
     value = last[(last.network == "resnet1d") & (last.method == "bn") & (last.group_size == 2)]
     assert f"{100 * value[value.evaluation == 'population'].value.iloc[0]:.1f}" in printed
     assert "with 2 jobs x 1 thread(s)" in printed
+
+
+class _PoolInThisProcess:
+    """A stand-in for the spawn context's Pool: the job initializer and runs in this process, the results
+    handed back in reverse order (the order of the rows must come from the runs, not from the pool)."""
+
+    def __init__(self, processes, initializer, initargs):
+        self.processes = processes
+        initializer(*initargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, items):
+        return reversed([fn(item) for item in items])
+
+
+def test_jobs_in_this_process_give_the_rows_of_one_process(tmp_path, capsys, one_thread, monkeypatch):
+    """The fast stand-in for the test above (slow: it spawns the job processes): ``--jobs 2`` with the
+    pool run in this process, the jobs' results coming back out of order, gives the rows of ``--jobs 1``."""
+    from bkn.probes.training import launch
+
+    class Context:
+        Pool = _PoolInThisProcess
+
+    monkeypatch.setattr(launch.multiprocessing, "get_context", lambda method: Context)
+    argv = ["--samples", "200", "--epochs", "1", "--seeds", "0", "--threads", "1", "--methods", "bn,gn"]
+    argv += ["--group-sizes", "32", "--no-progress"]
+    assert main([*argv, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    printed = capsys.readouterr().out
+    assert main([*argv, "--jobs", "1", "--out", str(tmp_path / "one")]) == 0
+    two = TRAINING.read(tmp_path / "two" / TRAINING.file)
+    one = TRAINING.read(tmp_path / "one" / TRAINING.file)
+    pd.testing.assert_frame_equal(_without_times(two), _without_times(one))  # bit for bit, in the runs' order
+    assert list(dict.fromkeys(zip(two.network, two.method))) == [
+        ("convnet", "bn"),
+        ("convnet", "gn"),
+        ("resnet1d", "bn"),
+        ("resnet1d", "gn"),
+    ]
+    assert "with 2 jobs x 1 thread(s)" in printed
+    for network in ("convnet", "resnet1d"):
+        assert f"mnist1d, {network}: final test accuracy (%) with the methods' running estimates" in printed
 
 
 def test_registry_gn_about_says_the_rule():

@@ -64,6 +64,7 @@ def two_workers(tmp_path_factory):
     return out, TRAINING.read(out / TRAINING.file), time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_two_workers_write_rows_for_each_method_and_group(two_workers):
     out, frame, _ = two_workers
     assert set(frame.world_size) == {2} and set(frame.batch_size) == {16}
@@ -90,6 +91,7 @@ def test_two_workers_write_rows_for_each_method_and_group(two_workers):
     assert meta["schema"] == {"name": "training", "version": TRAINING.version}
 
 
+@pytest.mark.slow
 def test_two_workers_are_deterministic_for_a_seed(two_workers, tmp_path, capsys):
     _, first, _ = two_workers
     assert main([*TINY_WORKERS, "--out", str(tmp_path)]) == 0
@@ -109,6 +111,7 @@ def _state_close(a: dict, b: dict, keys, atol: float) -> float:
     return worst
 
 
+@pytest.mark.slow
 def test_syncbn_on_two_workers_trains_the_weights_of_bn_over_the_whole_batch():
     """SyncBN over 2 workers of 8 = BN over the SGD batch of 16: after 8 SGD steps (float64) the weights and
     running estimates equal those of one process training BN over the whole batch, with the same seed and
@@ -146,6 +149,7 @@ def test_syncbn_on_two_workers_trains_the_weights_of_bn_over_the_whole_batch():
     assert diff > 1e-4, diff
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_mid_training_stops_the_run_and_writes_nothing(tmp_path, monkeypatch, capsys):
     previous = b"the previous results"
     (tmp_path / TRAINING.file).write_bytes(previous)
@@ -158,6 +162,25 @@ def test_a_worker_that_dies_mid_training_stops_the_run_and_writes_nothing(tmp_pa
     assert "worker 1 of 2 exited with code 3" in err, err
     assert (tmp_path / TRAINING.file).read_bytes() == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == [TRAINING.file]  # no meta.json, no temporary files
+
+
+def test_a_failed_run_on_workers_writes_nothing_in_this_process(tmp_path, monkeypatch, capsys):
+    """The fast stand-in for the test above (slow: it spawns the workers): the probe's side of a failed
+    multi-process run, with the spawning replaced by its WorkerError."""
+
+    def fail(fn, world_size, args, **options):
+        assert fn is launch.train_runs and world_size == 2 and options["timeout_s"] == 240
+        raise distributed.WorkerError("worker 1 of 2 exited with code 3")
+
+    monkeypatch.setattr(distributed, "run", fail)
+    previous = b"the previous results"
+    (tmp_path / TRAINING.file).write_bytes(previous)
+    assert main([*TINY_WORKERS, "--methods", "syncbn", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: the run on 2 workers failed, nothing was written" in err, err
+    assert "worker 1 of 2 exited with code 3" in err, err
+    assert (tmp_path / TRAINING.file).read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TRAINING.file]
 
 
 @pytest.mark.parametrize(
@@ -214,6 +237,7 @@ TORCHRUN = pathlib.Path(sys.executable).parent / "torchrun"
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+@pytest.mark.slow
 def test_torchrun_launch_gives_the_spawned_results(two_workers, tmp_path):
     """``torchrun --nproc-per-node 2 -m bkn.probes.training`` (no --world-size): the same rows as the
     spawned workers, written once by rank 0."""

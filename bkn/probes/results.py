@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 from typing import Iterator
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout (bkn/probes/results.py)
 SCHEMA_KEY = b"bkn.schema"  # parquet key-value metadata: {"name": ..., "version": ...}
 
 # What every result row records about where it came from (the rest is in meta.json).
