@@ -69,9 +69,14 @@ class TorchEnv:
         }
 
     def run(self, *args: str, **kwargs) -> None:
-        """``python *args`` with the shared venv's interpreter (and its bin/ first on PATH)."""
+        """``python *args`` with the shared venv's interpreter (and its bin/ first on PATH); skipped under
+        ``--install-only``."""
         env = {**self.env, **kwargs.pop("env", {})}
         self.session.run(self.python, *args, env=env, external=True, **kwargs)
+
+    def run_install(self, *args: str) -> None:
+        """Like :meth:`run`, but an install step: it runs under ``--install-only`` too."""
+        self.session.run_install(self.python, *args, env=self.env, external=True)
 
 
 def _python_works(python: str) -> bool:
@@ -87,9 +92,11 @@ def torch_env(session: nox.Session, *extras: str) -> TorchEnv:
     tenv = TorchEnv(session, location)
     stamp_file = location / STAMP
 
+    # Creating and installing use session.run_install, which runs under --install-only too (session.run is
+    # skipped there): `nox --install-only` prepares the venv, and the stamp is written only into a venv that exists.
     if not _python_works(tenv.python):
         session.log(f"Creating the shared torch venv in {location}")
-        session.run(sys.executable, "-m", "venv", "--clear", str(location), external=True)
+        session.run_install(sys.executable, "-m", "venv", "--clear", str(location), external=True)
 
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     try:
@@ -103,8 +110,11 @@ def torch_env(session: nox.Session, *extras: str) -> TorchEnv:
 
     want = sorted(set(extras) | (have or set()))
     target = f".[{','.join(want)}]" if want else "."
+    if session._runner.global_config.no_install:  # nox's --no-install (-R): use the venv as it is
+        session.log(f"--no-install: not installing {target} into {location} (its stamp does not cover it)")
+        return tenv
     stamp_file.unlink(missing_ok=True)  # an interrupted install must not look complete
-    tenv.run("-m", "pip", "install", "--disable-pip-version-check", "--progress-bar=off", "-e", target)
+    tenv.run_install("-m", "pip", "install", "--disable-pip-version-check", "--progress-bar=off", "-e", target)
     stamp_file.write_text(json.dumps({"pyproject": digest, "extras": want}) + "\n")
     return tenv
 
