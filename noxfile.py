@@ -1,6 +1,6 @@
 """Nox sessions for the bkn suite.
 
-    nox -s main         the main job: quick benchmarks + quick drift probe + HTML report
+    nox -s main         the main job: quick benchmarks + default drift probe + quick training probe + HTML report
     nox -s tests        pytest (posargs go to pytest: ``nox -s tests -- -k kalman -x``)
     nox -s bench        quick asv run of the working tree (posargs: benchmark filters)
     nox -s accuracy     the drift probe, python -m bkn.probes.drift (``-- --full``), then reports/accuracy.html
@@ -144,14 +144,17 @@ MAIN_BENCHMARKS = ("TimeForwardBackward", "TimeCopy", "TrackThreads")
 
 @nox.session(venv_backend="none")
 def main(session: nox.Session) -> None:
-    """The main job: quick benchmarks, the quick drift probe, then the HTML report (prints its path).
+    """The main job: quick benchmarks, the default drift probe, the quick training probe, then the HTML report.
 
-    Runs the sessions ``bench -- TimeForwardBackward TimeCopy TrackThreads``, ``accuracy``
-    and ``report`` in that order; posargs go to the report (e.g. ``-- --fail-on-regression``).
+    Runs the sessions ``bench -- TimeForwardBackward TimeCopy TrackThreads``, ``accuracy``,
+    ``convergence -- --quick`` and ``report`` in that order, so the report (its path printed
+    last) holds the timing, drift and training sections; posargs go to the report (e.g.
+    ``-- --fail-on-regression``).
     """
     torch_env(session, *EXTRAS)  # install once, before the queued sessions
     session.notify("bench", posargs=list(MAIN_BENCHMARKS))
     session.notify("accuracy", posargs=[])
+    session.notify("convergence", posargs=["--quick"])
     session.notify("report", posargs=list(session.posargs))
 
 
