@@ -92,3 +92,18 @@ def test_a_stale_stamp_reinstalls(fake_env):
     assert done.returncode == 0, done.stdout + done.stderr
     assert [c for c in _calls(log) if c.startswith("-m pip install")] != []
     assert json.loads(stamp.read_text())["pyproject"] != "an older pyproject.toml"
+
+
+def test_the_main_job_runs_bench_both_probes_then_the_report(fake_env):
+    """The report comes last, after every result it shows: timings, drift and training (the quick probe)."""
+    envdir, log, stamp = fake_env
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    stamp.write_text(json.dumps({"pyproject": digest, "extras": ["all"]}))
+    done = _run(envdir, "-s", "main", "--", "--fail-on-regression")
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = [c for c in _calls(log) if c.startswith("-m ") and not c.startswith("-m asv machine")]
+    modules = [c.split()[1] for c in calls]
+    # bench; the drift probe and its page; the training probe and its page; the main report
+    assert modules == ["asv", "bkn.probes.drift"] + ["analysis.report", "bkn.probes.training"] + 2 * ["analysis.report"]
+    assert "-m bkn.probes.training --quick" in calls
+    assert calls[-1] == "-m analysis.report --fail-on-regression"
