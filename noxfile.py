@@ -213,7 +213,12 @@ def continuous(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def accuracy(session: nox.Session) -> None:
-    """The drift probe: statistic drift vs the population statistics (``-- --full`` for the full sweep)."""
+    """The drift probe: statistic drift vs the population statistics (``-- --full`` for the full sweep).
+
+    The default (no posargs) is the main job's: the synthetic chain and the digits network trained with
+    each of BN, BKN (both transitions), BRN and GN, group sizes 1, 2, 4, 16, two seeds; its training
+    runs are cached under results/cache, so a second run skips them.
+    """
     tenv = torch_env(session, *EXTRAS)
     tenv.run("-m", "bkn.probes.drift", *session.posargs)
     _render_page(session, tenv, "drift", "drift probe")
