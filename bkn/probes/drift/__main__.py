@@ -42,7 +42,7 @@ synthetic/residual-chain: a residual linear-Gaussian chain with closed-form trut
 floor ('floor': the best estimate a group can give; error/floor >= 1 for every method that
 estimates from its group alone - BN, BKN; BRN and running estimates pool earlier batches).
 
-default run (about 3 minutes on 2 cores, half that with its training runs cached): setups
+default run (minutes on 2 cores: 5.2 with a cold cache on a busy machine; fewer cached): setups
 synthetic/residual-chain (init) and digits/cifar-resnet20 (trained-own), both modes, group
 sizes 1,2,4,16, seeds 0,1, methods BN, BKN with both transitions, BRN, GN, their running
 estimates and the floor:
