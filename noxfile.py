@@ -1,6 +1,6 @@
 """Nox sessions for the bkn suite.
 
-    nox -s main         the main job: quick benchmarks + quick drift probe + HTML report
+    nox -s main         the main job: quick benchmarks + default drift probe + quick training probe + HTML report
     nox -s tests        pytest (posargs go to pytest: ``nox -s tests -- -k kalman -x``)
     nox -s bench        quick asv run of the working tree (posargs: benchmark filters)
     nox -s accuracy     the drift probe, python -m bkn.probes.drift (``-- --full``), then reports/accuracy.html
@@ -69,9 +69,14 @@ class TorchEnv:
         }
 
     def run(self, *args: str, **kwargs) -> None:
-        """``python *args`` with the shared venv's interpreter (and its bin/ first on PATH)."""
+        """``python *args`` with the shared venv's interpreter (and its bin/ first on PATH); skipped under
+        ``--install-only``."""
         env = {**self.env, **kwargs.pop("env", {})}
         self.session.run(self.python, *args, env=env, external=True, **kwargs)
+
+    def run_install(self, *args: str) -> None:
+        """Like :meth:`run`, but an install step: it runs under ``--install-only`` too."""
+        self.session.run_install(self.python, *args, env=self.env, external=True)
 
 
 def _python_works(python: str) -> bool:
@@ -87,9 +92,11 @@ def torch_env(session: nox.Session, *extras: str) -> TorchEnv:
     tenv = TorchEnv(session, location)
     stamp_file = location / STAMP
 
+    # Creating and installing use session.run_install, which runs under --install-only too (session.run is
+    # skipped there): `nox --install-only` prepares the venv, and the stamp is written only into a venv that exists.
     if not _python_works(tenv.python):
         session.log(f"Creating the shared torch venv in {location}")
-        session.run(sys.executable, "-m", "venv", "--clear", str(location), external=True)
+        session.run_install(sys.executable, "-m", "venv", "--clear", str(location), external=True)
 
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     try:
@@ -103,8 +110,11 @@ def torch_env(session: nox.Session, *extras: str) -> TorchEnv:
 
     want = sorted(set(extras) | (have or set()))
     target = f".[{','.join(want)}]" if want else "."
+    if session._runner.global_config.no_install:  # nox's --no-install (-R): use the venv as it is
+        session.log(f"--no-install: not installing {target} into {location} (its stamp does not cover it)")
+        return tenv
     stamp_file.unlink(missing_ok=True)  # an interrupted install must not look complete
-    tenv.run("-m", "pip", "install", "--disable-pip-version-check", "--progress-bar=off", "-e", target)
+    tenv.run_install("-m", "pip", "install", "--disable-pip-version-check", "--progress-bar=off", "-e", target)
     stamp_file.write_text(json.dumps({"pyproject": digest, "extras": want}) + "\n")
     return tenv
 
@@ -134,14 +144,17 @@ MAIN_BENCHMARKS = ("TimeForwardBackward", "TimeCopy", "TrackThreads")
 
 @nox.session(venv_backend="none")
 def main(session: nox.Session) -> None:
-    """The main job: quick benchmarks, the quick drift probe, then the HTML report (prints its path).
+    """The main job: quick benchmarks, the default drift probe, the quick training probe, then the HTML report.
 
-    Runs the sessions ``bench -- TimeForwardBackward TimeCopy TrackThreads``, ``accuracy``
-    and ``report`` in that order; posargs go to the report (e.g. ``-- --fail-on-regression``).
+    Runs the sessions ``bench -- TimeForwardBackward TimeCopy TrackThreads``, ``accuracy``,
+    ``convergence -- --quick`` and ``report`` in that order, so the report (its path printed
+    last) holds the timing, drift and training sections; posargs go to the report (e.g.
+    ``-- --fail-on-regression``).
     """
     torch_env(session, *EXTRAS)  # install once, before the queued sessions
     session.notify("bench", posargs=list(MAIN_BENCHMARKS))
     session.notify("accuracy", posargs=[])
+    session.notify("convergence", posargs=["--quick"])
     session.notify("report", posargs=list(session.posargs))
 
 
@@ -201,7 +214,12 @@ def continuous(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def accuracy(session: nox.Session) -> None:
-    """The drift probe: statistic drift vs the population statistics (``-- --full`` for the full sweep)."""
+    """The drift probe: statistic drift vs the population statistics (``-- --full`` for the full sweep).
+
+    The default (no posargs) is the main job's: the synthetic chain and the digits network trained with
+    each of BN, BKN (both transitions), BRN and GN, group sizes 1, 2, 4, 16, two seeds; its training
+    runs are cached under results/cache, so a second run skips them.
+    """
     tenv = torch_env(session, *EXTRAS)
     tenv.run("-m", "bkn.probes.drift", *session.posargs)
     _render_page(session, tenv, "drift", "drift probe")

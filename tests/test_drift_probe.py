@@ -203,7 +203,9 @@ def test_flags_reach_the_config():
     assert full.methods == list(methods.FULL_METHODS) and full.group_sizes == [1, 2, 4, 8, 16, 32, 64]
     default = config_from(parser().parse_args([]))
     assert default.methods == list(methods.DEFAULT_METHODS) and default.batch_size == 16
-    assert default.states == ["trained", "trained-own"] and default.modes == ["in-network", "isolation"]
+    assert default.states == ["trained-own"] and default.modes == ["in-network", "isolation"]
+    assert default.group_sizes == [1, 2, 4, 16] and default.seeds == [0, 1] and "floor" in default.methods
+    assert {"bn", "bkn-official", "bkn-analytic", "brn", "gn", "bn-ema"} <= set(default.methods)
     assert default.setups == [("synthetic", "residual-chain"), ("digits", "cifar-resnet20")]
     assert config_from(parser().parse_args(["--modes", "isolation"])).modes == ["isolation"]
 
@@ -313,6 +315,10 @@ def test_trained_weights_are_cached_and_reused(tmp_path, monkeypatch):
         "1",
         "--modes",
         "in-network",
+        "--states",
+        "trained,trained-own",
+        "--jobs",
+        "1",  # the monkeypatched training and data do not reach spawned processes
     ]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0
     cached = sorted((tmp_path / "cache" / "accuracy").iterdir())

@@ -36,14 +36,16 @@ from bkn.probes.drift.sweep import Probe, ProbeConfig, check_network, config_rec
 __all__ = ["DEFAULT_METHODS", "FULL_METHODS", "Probe", "ProbeConfig", "check_network", "config_record", "run"]
 
 
-def run(config: ProbeConfig, progress: bool = False):
-    """Run the probe; returns ``(frame, record)``: the tidy results (the DRIFT schema) and ``meta.json``'s record."""
+def run(config: ProbeConfig, progress: bool = False, jobs: int = 1):
+    """Run the probe; returns ``(frame, record)``: the tidy results (the DRIFT schema) and ``meta.json``'s record.
+
+    ``jobs``: processes for the training runs the weights cache lacks (:mod:`bkn.probes.drift.pretrain`)."""
     import time
 
     from bkn.probes.results import DRIFT, environment
 
     config.validate()
-    probe = Probe(config)
+    probe = Probe(config, jobs=jobs)
     bar = None
     if progress:
         from bkn.probes.drift.progress import Progress
@@ -62,6 +64,7 @@ def run(config: ProbeConfig, progress: bool = False):
         **env,
         "config": config_record(config),
         "duration_s": round(time.perf_counter() - started, 2),
+        "jobs": jobs,
         "skipped": probe.skipped,
         "training": probe.training,
         "timings_s": {k: round(v, 3) for k, v in probe.timings.items()},

@@ -12,7 +12,9 @@ from bkn.probes.drift.sweep import ProbeConfig
 
 DEFAULT_SETUPS = [("synthetic", "residual-chain"), ("digits", "cifar-resnet20")]
 FULL_SETUPS = list(setups.INPUT_SIZE)
-DEFAULT_SIZES, FULL_SIZES = [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32, 64]
+DEFAULT_SIZES, FULL_SIZES = [1, 2, 4, 16], [1, 2, 4, 8, 16, 32, 64]
+DEFAULT_STATES = [setups.OWN]  # the real-data networks' states by default; --full: setups.STATES
+DEFAULT_JOBS = 2
 DEFAULT_SEEDS, FULL_SEEDS = [0, 1], [0, 1, 2, 3, 4]
 
 EPILOG = (
@@ -40,15 +42,21 @@ synthetic/residual-chain: a residual linear-Gaussian chain with closed-form trut
 floor ('floor': the best estimate a group can give; error/floor >= 1 for every method that
 estimates from its group alone - BN, BKN; BRN and running estimates pool earlier batches).
 
-default run: setups synthetic/residual-chain (init) and digits/cifar-resnet20 (trained,
-trained-own), both modes, group sizes 1,2,4,8,16, seeds 0,1, every method but 'in',
-'brn-scheduled' and the ablations of BKN's official transition (bkn-official-affine,
-bkn-official-relu-shortcut: name them in --methods).
+default run (minutes on 2 cores: 5.2 with a cold cache on a busy machine; fewer cached): setups
+synthetic/residual-chain (init) and digits/cifar-resnet20 (trained-own), both modes, group
+sizes 1,2,4,16, seeds 0,1, methods BN, BKN with both transitions, BRN, GN, their running
+estimates and the floor:
+  """
+    + ",".join(methods.DEFAULT_METHODS)
+    + """
+(name others in --methods); --states trained,trained-own adds the BN-trained network.
 --full: every setup (adds photos/cifar-resnet20, digits/resnet18, photos/resnet18), states
 init, trained and trained-own, group sizes 1..64, seeds 0..4, every method but
 'brn-scheduled' (the paper's schedule keeps BRN equal to BN for 5000 steps, far more than a
-unit's forwards: name it in --methods to measure it). Trained weights (short seeded training
-runs, bkn.probes.engine's engine) are cached under --cache, keyed by their configuration.
+unit's forwards: name it in --methods to measure it): about 60x the default's units, on
+bigger networks, so many hours (measure a part first). Trained weights (short seeded training
+runs, bkn.probes.engine's engine) are cached under --cache, keyed by their configuration, and
+trained --jobs at a time before the units.
 
 methods (bkn.methods, plus the probe's own estimators): """
     + ", ".join(methods.names())
@@ -89,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--states",
         type=cli.name_list,
-        help="states of the real-data networks: init,trained,trained-own (default trained,trained-own; --full all)",
+        help="states of the real-data networks: init,trained,trained-own (default trained-own; --full all)",
     )
     p.add_argument("--modes", type=cli.name_list, help="in-network,isolation (default both)")
     p.add_argument(
@@ -106,6 +114,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the network weights and training (default 0)")
     p.add_argument("--cache", default="results/cache", help="weights cache folder (default results/cache)")
+    p.add_argument(
+        "--jobs",
+        type=cli.positive_int,
+        default=DEFAULT_JOBS,
+        help="processes (one thread each) for the training runs the cache lacks, run before the units, which "
+        f"run in this process (default {DEFAULT_JOBS})",
+    )
     return p
 
 
@@ -130,7 +145,7 @@ def config_from(args: argparse.Namespace) -> ProbeConfig:
         )
     return ProbeConfig(
         setups=pairs,
-        states=list(args.states or (list(setups.STATES) if args.full else ["trained", setups.OWN])),
+        states=list(args.states or (list(setups.STATES) if args.full else DEFAULT_STATES)),
         modes=list(args.modes or units.MODES),
         methods=list(args.methods or (methods.FULL_METHODS if args.full else methods.DEFAULT_METHODS)),
         group_sizes=list(args.group_sizes or (FULL_SIZES if args.full else DEFAULT_SIZES)),
@@ -176,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     try:
-        frame, record = run(config, progress=not args.no_progress)
+        frame, record = run(config, progress=not args.no_progress, jobs=args.jobs)
     except ValueError as err:
         p.error(str(err))
     except KeyboardInterrupt:

@@ -101,9 +101,11 @@ def unit_methods(wanted, data: str) -> list[tuple[str, registry.Method | None]]:
 class Probe:
     """Runs every unit of a :class:`ProbeConfig`; :meth:`run` returns tidy rows (without the environment)."""
 
-    def __init__(self, config: ProbeConfig, progress=None):
+    def __init__(self, config: ProbeConfig, progress=None, jobs: int = 1):
         config.validate()
         self.config = config
+        self.jobs = jobs  # processes for the training runs (bkn.probes.drift.pretrain); measuring uses one
+        self.pretrained: dict = {}  # (network, data, method name or None) -> the record of a run trained there
         self.wanted = set(methods.resolve(config.methods))
         self.progress = progress  # a bkn.probes.drift.progress.Progress, or None
         self.skipped: list[dict] = []
@@ -132,16 +134,36 @@ class Probe:
         for data, network in self.config.setups:  # every check before any work
             sources[data, network] = setups.load_source(data, network)
             check_group_sizes(data, sources[data, network], self.config.group_sizes, self.config.batch_size)
+        if self.jobs > 1:
+            self._pretrain()
         rows: list[dict] = []
         for (data, network), source in sources.items():
             for state in self._states(data):
                 rows += self._run_setup(data, source, network, state)
         return rows
 
+    def _pretrain(self) -> None:
+        """The training runs the cache lacks, ``jobs`` at a time, before any unit."""
+        from bkn.probes.drift import pretrain
+
+        wanted = []
+        for data, network in self.config.setups:
+            for state in self._states(data):
+                if state == "trained":
+                    wanted.append((network, data, None))
+                elif state == setups.OWN:
+                    wanted += [(network, data, m.name) for _, m in unit_methods(self.wanted, data) if m is not None]
+        jobs = pretrain.needed(wanted, self.config.weights_seed, self.config.cache)
+        if len(jobs) > 1:
+            self.pretrained = pretrain.pretrain(jobs, self.jobs, self.progress)
+
     def _trained(self, source, network: str, method=None) -> nn.Module:
         model, record = setups.trained_network(
             network, source, self.config.weights_seed, self.config.cache, self.progress, method=method
         )
+        key = (network, source.name, method.name if method is not None else None)
+        if record["cached"] and key in self.pretrained:  # trained by this run, in another process
+            record = {**self.pretrained.pop(key), "process": "pretrain"}
         self.training.append(record)
         return model
 

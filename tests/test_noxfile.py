@@ -1,0 +1,109 @@
+"""``nox --install-only`` prepares the shared torch venv and runs nothing else (noxfile.py's ``torch_env``).
+
+A real torch venv costs gigabytes and minutes, so the shared venv here is a fake one: ``<envdir>/torch/bin/python``
+is a shell script that logs its arguments and exits 0. nox itself runs for real, on this repository's noxfile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAKE_PYTHON = """#!/bin/sh
+echo "$@" >> "{log}"
+exit 0
+"""
+
+
+def _nox() -> list[str]:
+    found = shutil.which("nox")
+    if found:
+        return [found]
+    try:
+        import nox  # noqa: F401
+    except ImportError:
+        pytest.skip("nox is not installed here (.ci/run puts it on PATH)")
+    return [sys.executable, "-m", "nox"]
+
+
+@pytest.fixture
+def fake_env(tmp_path):
+    """An envdir whose ``torch`` venv is a logging stub; returns (envdir, log file, stamp file)."""
+    if os.name == "nt":
+        pytest.skip("the stub interpreter is a POSIX shell script")
+    bindir = tmp_path / "envs" / "torch" / "bin"
+    bindir.mkdir(parents=True)
+    log = tmp_path / "python-calls.log"
+    python = bindir / "python"
+    python.write_text(FAKE_PYTHON.format(log=log))
+    python.chmod(0o755)
+    return tmp_path / "envs", log, tmp_path / "envs" / "torch" / "bkn-install.json"
+
+
+def _run(envdir: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*_nox(), "-f", str(ROOT / "noxfile.py"), "--envdir", str(envdir), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _calls(log: pathlib.Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("session", ["convergence", "main", "accuracy"])
+def test_install_only_installs_and_runs_nothing(fake_env, session):
+    envdir, log, stamp = fake_env
+    done = _run(envdir, "-s", session, "--install-only")
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = _calls(log)
+    installs = [c for c in calls if c.startswith("-m pip install")]
+    assert len(installs) == 1, calls  # installed once (main's queued sessions then find the stamp)
+    assert installs[0].endswith("-e .[all]")
+    assert not [c for c in calls if c.startswith("-m ") and not c.startswith("-m pip")], calls  # no probe, no report
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    assert json.loads(stamp.read_text()) == {"pyproject": digest, "extras": ["all"]}
+
+
+def test_install_only_with_a_valid_stamp_runs_nothing(fake_env):
+    envdir, log, stamp = fake_env
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    stamp.write_text(json.dumps({"pyproject": digest, "extras": ["all"]}))
+    done = _run(envdir, "-s", "convergence", "tests", "--install-only")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [c for c in _calls(log) if c != "-c import sys"] == []  # neither pip nor the sessions' commands
+    assert "Reusing the shared torch venv" in done.stdout + done.stderr
+
+
+def test_a_stale_stamp_reinstalls(fake_env):
+    envdir, log, stamp = fake_env
+    stamp.write_text(json.dumps({"pyproject": "an older pyproject.toml", "extras": ["all"]}))
+    done = _run(envdir, "-s", "report", "--install-only")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [c for c in _calls(log) if c.startswith("-m pip install")] != []
+    assert json.loads(stamp.read_text())["pyproject"] != "an older pyproject.toml"
+
+
+def test_the_main_job_runs_bench_both_probes_then_the_report(fake_env):
+    """The report comes last, after every result it shows: timings, drift and training (the quick probe)."""
+    envdir, log, stamp = fake_env
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    stamp.write_text(json.dumps({"pyproject": digest, "extras": ["all"]}))
+    done = _run(envdir, "-s", "main", "--", "--fail-on-regression")
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = [c for c in _calls(log) if c.startswith("-m ") and not c.startswith("-m asv machine")]
+    modules = [c.split()[1] for c in calls]
+    # bench; the drift probe and its page; the training probe and its page; the main report
+    assert modules == ["asv", "bkn.probes.drift"] + ["analysis.report", "bkn.probes.training"] + 2 * ["analysis.report"]
+    assert "-m bkn.probes.training --quick" in calls
+    assert calls[-1] == "-m analysis.report --fail-on-regression"
