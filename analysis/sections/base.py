@@ -16,6 +16,8 @@ from ..regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 from ..rounds import DEFAULT_ALPHA as ROUNDS_ALPHA
 
 SECTIONS = ["env", "timing", "regressions", "drift", "training"]
+BASELINE = "bn"  # the method the timing figures divide by (timing, chain_cost, distributed)
+GROUP_LABEL = "group size"  # axis label of GROUP_PARAM in the timing figures and tables
 MAX_TABLE_ROWS = 400  # longer tables are cut in the page (the saved CSV has every row)
 BENCH_COMMANDS = (
     "`nox -s bench` (a quick run of the working tree) or `asv run` (commits tracked over time; "

@@ -9,26 +9,19 @@ at least ``passes x elements x element size`` bytes (forward: read x, write y;
 forward + backward also reads x and dy and writes dx); that over its time is the achieved
 rate, shown next to the copy's rate on the same tensors (2 passes over the copy's time).
 
-Chain cost: the block benchmark (:data:`bkn.probes.results.BLOCK_BENCHMARK`, conv + norm + ReLU
-with BKN's prior propagation) against the layer benchmark
-(:data:`bkn.probes.results.LAYER_BENCHMARK`, the norm alone given its prior), both forward +
-backward on the same tensors. For a BKN method ``m``, per block, as fractions of BN's block::
-
-    whole = (block_m - block_bn) / block_bn        norm = (layer_m - layer_bn) / block_bn
-    chain = whole - norm                            (the prior's propagation)
+Two parts have their own modules: the chain cost (:mod:`.chain_cost`, what BKN's prior
+propagation adds per block) and the data-parallel step (:mod:`.distributed`, what K workers
+add over one process).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
-from bkn import methods as registry  # torch-free: the legend order of the methods
 from bkn.probes.results import (
-    BLOCK_BENCHMARK,
     COPY_REFERENCE,
     DTYPE_BYTES,
     GROUP_PARAM,
-    LAYER_BENCHMARK,
     METHOD_PARAM,
     TENSOR_PARAMS,
     TENSOR_PASSES,
@@ -39,7 +32,9 @@ from .. import plots
 from ..asv_results import AsvResults, parse_param
 from ..regressions import resolve_commit
 from .base import (
+    BASELINE,
     BENCH_COMMANDS,
+    GROUP_LABEL,
     Inputs,
     Section,
     default_variant,
@@ -48,13 +43,9 @@ from .base import (
     present_columns,
     short_commit,
 )
+from .chain_cost import chain_cost_part
+from .distributed import WORLD_PARAM, distributed_part
 
-BASELINE = "bn"  # the method every time is divided by in the ratio figure
-SYNC = "syncbn"  # its extra time over BASELINE at K workers is the cost of pooling the statistics
-# Workers of a data-parallel step (suites/bench_distributed.py; 1 = one process, no DDP). Not
-# (yet) a bkn.probes.results constant: the suites declare the same name in suites/harness/ddp.py.
-WORLD_PARAM = "world_size"
-GROUP_LABEL = "group size"  # axis label of GROUP_PARAM
 TYPE_ORDER = {"time": 0, "peakmemory": 1, "memory": 2, "track": 3}
 
 
@@ -267,71 +258,6 @@ def _bandwidth_figure(section: Section, benchmark: str, sub, copies, device) -> 
     return rate
 
 
-def _chain_cost_part(section: Section, rows: pd.DataFrame) -> pd.DataFrame | None:
-    """Each BKN method's extra time per block over BN's block: the norm's share and the chain's."""
-    keys = ["where", *TENSOR_PARAMS]  # TENSOR_PARAMS includes the device
-    if any(c not in rows.columns for c in keys):
-        return None
-    pick = {}
-    for name, bench in (("block", BLOCK_BENCHMARK), ("layer", LAYER_BENCHMARK)):
-        b = rows[(rows["benchmark"] == bench) & (rows["type"] == "time")]
-        pick[name] = b[keys + [METHOD_PARAM, "value"]]
-    if pick["block"].empty or pick["layer"].empty:
-        return None
-    bn = {k: v[v[METHOD_PARAM] == BASELINE].drop(columns=METHOD_PARAM) for k, v in pick.items()}
-    both = (
-        pick["block"]
-        .merge(pick["layer"], on=keys + [METHOD_PARAM], suffixes=("_block", "_layer"))
-        .merge(bn["block"].rename(columns={"value": "bn_block"}), on=keys)
-        .merge(bn["layer"].rename(columns={"value": "bn_layer"}), on=keys)
-    )
-    both = both[both[METHOD_PARAM].map(lambda m: m in registry.names() and registry.get(m).norm == "bkn")]
-    if both.empty:
-        return None
-    both = both.assign(
-        whole=(both["value_block"] - both["bn_block"]) / both["bn_block"],
-        norm=(both["value_layer"] - both["bn_layer"]) / both["bn_block"],
-    )
-    both = both.assign(chain=both["whole"] - both["norm"])
-    section.heading("Chain cost: what BKN's prior propagation adds per block")
-    section.text(
-        f"`{BLOCK_BENCHMARK}` times conv + norm + ReLU (forward and backward), for BKN with its prior "
-        f"propagated through the block's convolution by the method's transition; `{LAYER_BENCHMARK}` times "
-        "the norm alone given its prior. Per block, as a fraction of BN's block time: *whole* is the BKN "
-        "block's extra time over BN's, *norm* the BKN layer's extra time over BN's layer, *chain* the rest "
-        "(the prior's propagation: for the official transition a surrogate pushed through the convolution, "
-        "for the analytic one its weight's tap sums). Single samples of two benchmarks: read the pattern, "
-        "not a point."
-    )
-    for (where, device), sub in both.groupby(["where", "device"], sort=True):
-        shown, variant = default_variant(sub)
-        parts = shown.melt(
-            id_vars=[*keys, METHOD_PARAM],
-            value_vars=["whole", "norm", "chain"],
-            var_name="part",
-            value_name="overhead",
-        )
-        section.figure(
-            plots.lines_vs(
-                parts.assign(panel=parts["shape"].astype(str)),
-                GROUP_PARAM,
-                "overhead",
-                hue=METHOD_PARAM,
-                col="panel",
-                style="part",
-                xlabel=GROUP_LABEL,
-                ylabel="extra time / BN block time",
-                logy=False,
-                errorbar=None,
-                reference=0.0,
-                title=f"chain cost per block on {where}, device {device}" + (f" ({variant})" if variant else ""),
-            ),
-            "Extra time of each BKN method per block, over BN's block: whole, the norm's share and the "
-            "chain's (0 = free; 0.5 = half a BN block more).",
-        )
-    return both
-
-
 def _benchmark_part(section: Section, asv: AsvResults, benchmark: str, bench_rows, copies, found: dict) -> None:
     """Figures (per machine and device) and the table of one benchmark with a method and a group size."""
     unit, kind = bench_rows["unit"].iloc[0], bench_rows["type"].iloc[0]
@@ -360,59 +286,6 @@ def _benchmark_part(section: Section, asv: AsvResults, benchmark: str, bench_row
         if c in bench_rows.columns and bench_rows[c].notna().any()
     ]
     section.table(_timing_table(bench_rows, index, unit), f"{benchmark}: {kind} by group size.", collapsed=True)
-
-
-def _distributed_part(section: Section, rows: pd.DataFrame) -> pd.DataFrame | None:
-    """Data-parallel steps: each method at K workers against the same step in one process, and SyncBN over BN."""
-    if WORLD_PARAM not in rows.columns or METHOD_PARAM not in rows.columns or GROUP_PARAM not in rows.columns:
-        return None
-    timed = rows[(rows["type"] == "time") & rows[WORLD_PARAM].notna() & rows[METHOD_PARAM].notna()]
-    timed = timed.assign(workers=timed[WORLD_PARAM].astype(int), **{METHOD_PARAM: timed[METHOD_PARAM].astype(str)})
-    keys = ["where", "benchmark", GROUP_PARAM, METHOD_PARAM]
-    single = timed[timed["workers"] == 1][keys + ["value"]].rename(columns={"value": "one_process"})
-    multi = timed[timed["workers"] > 1][keys + ["workers", "value"]]
-    if multi.empty:
-        return None
-    pair = ["where", "benchmark", GROUP_PARAM, "workers"]
-    bn = multi[multi[METHOD_PARAM] == BASELINE][pair + ["value"]].rename(columns={"value": "bn_step"})
-    table = multi.merge(single, on=keys, how="left").merge(bn, on=pair, how="left")
-    table = table.assign(
-        added=table["value"] - table["one_process"],
-        ratio=table["value"] / table["one_process"],
-        over_bn=(table["value"] - table["bn_step"]).where(table[METHOD_PARAM] != BASELINE),
-    )
-    rank = {name: i for i, name in enumerate(registry.order(table[METHOD_PARAM]))}
-    table = table.assign(_rank=table[METHOD_PARAM].map(rank))
-    table = table.sort_values(["where", "benchmark", GROUP_PARAM, "workers", "_rank"]).drop(columns="_rank")
-    section.heading("Data-parallel step: what the all-reduce costs")
-    section.text(
-        f"Benchmarks with a `{WORLD_PARAM}`: one training step timed on rank 0 of K worker processes "
-        "(DDP over gloo, each worker on its own batch of `group_size` samples), against the same step in one "
-        "process without DDP. The difference is what data parallelism adds per step on that machine: DDP's "
-        f"gradient all-reduce and the wait for the slower worker. `{SYNC}` also all-reduces every norm "
-        f"layer's statistics, forward and backward: its time over `{BASELINE}`'s at the same K is that cost."
-    )
-    shown = pd.DataFrame(
-        {
-            "where": table["where"],
-            "benchmark": table["benchmark"],
-            GROUP_LABEL: table[GROUP_PARAM],
-            METHOD_PARAM: table[METHOD_PARAM],
-            "workers": table["workers"],
-            "step, 1 process": [human(v, "seconds") for v in table["one_process"]],
-            "step, K workers": [human(v, "seconds") for v in table["value"]],
-            "added by K workers": [human(v, "seconds") for v in table["added"]],
-            "K workers / 1 process": [f"{v:.2f}" if pd.notna(v) else "–" for v in table["ratio"]],
-            f"over {BASELINE} at K workers": [human(v, "seconds") for v in table["over_bn"]],
-        }
-    )
-    section.table(
-        shown,
-        "Per-step time of each method at K workers and in one process; 'added by K workers' is the "
-        f"difference (all-reduces and waiting), 'over {BASELINE}' the extra time of the method at the same K "
-        f"(for {SYNC}: its statistics all-reduces).",
-    )
-    return table
 
 
 def build_timing(inputs: Inputs) -> Section:
@@ -471,13 +344,13 @@ def build_timing(inputs: Inputs) -> Section:
             f"{', '.join(f'`{c}`' for c in TENSOR_PARAMS)}) in these results, so achieved bandwidth is "
             "shown without the copy's rate beside it."
         )
-    found["chain_cost"] = [_chain_cost_part(section, per_method)]
+    found["chain_cost"] = [chain_cost_part(section, per_method)]
     for name, frames in found.items():
         frames = [f for f in frames if f is not None]
         if frames:
             section.data[name] = pd.concat(frames).drop(columns=["file"], errors="ignore")
 
-    distributed = _distributed_part(section, rows)
+    distributed = distributed_part(section, rows)
     if distributed is not None:
         section.data["distributed"] = distributed
 

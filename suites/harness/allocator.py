@@ -22,7 +22,7 @@ exits). :func:`minor_faults` counts the faults, so a table can show them next to
 allocator (a 40 MB block, above the dynamic threshold's ceiling, so mapped afresh each
 time) and checks that the counter sees it and that ``steady`` removes it. The regression gate
 does the same for asv's benchmark processes through glibc's environment variables
-(``analysis.continuous.MALLOC_ENV``): those are read when a process starts, this works inside one.
+(``analysis.checkouts.MALLOC_ENV``): those are read when a process starts, this works inside one.
 """
 
 from __future__ import annotations
