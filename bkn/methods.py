@@ -104,6 +104,7 @@ TAGS = {
     "distributed": "the asv DDP step benchmark's methods (suites.harness.ddp)",
     "training": "the training probe's default methods (not syncbn: it needs --world-size; not in; no ablations)",
     "headline": "the drift probe's headline tables and figures (bias vs noise, real data)",
+    "drift": "the drift probe's default run (each costs it a training run per seed; the rest: --full or --methods)",
 }
 
 
@@ -122,7 +123,7 @@ _TABLE = (
         "BN",
         "#1f77b4",
         "BatchNorm: the group's batch statistics (torch's BatchNorm2d when one group)",
-        tags=("core", "quick", "speed", "matrix", "distributed", "training", "headline"),
+        tags=("core", "quick", "speed", "matrix", "distributed", "training", "headline", "drift"),
     ),
     _method(
         "bkn-official",
@@ -131,7 +132,7 @@ _TABLE = (
         "#ff7f0e",
         "BKN, Monte-Carlo transition, fixed gain p = 0.9 (the authors' code)",
         {"p": 0.9, "gain": "fixed", "transition": "official"},
-        tags=("core", "quick", "speed", "matrix", "distributed", "training", "headline"),
+        tags=("core", "quick", "speed", "matrix", "distributed", "training", "headline", "drift"),
     ),
     _method(
         "bkn-official-adaptive",
@@ -167,7 +168,7 @@ _TABLE = (
         "#d62728",
         "BKN, closed-form transition, fixed gain p = 0.9",
         {"p": 0.9, "gain": "fixed", "transition": "analytic"},
-        tags=("core", "quick", "speed", "matrix", "distributed", "training", "headline"),
+        tags=("core", "quick", "speed", "matrix", "distributed", "training", "headline", "drift"),
     ),
     _method(
         "bkn-analytic-adaptive",
@@ -185,7 +186,7 @@ _TABLE = (
         "#8c564b",
         "Batch Renormalization with fixed limits rmax = 3, dmax = 5 (the paper's final values)",
         {"rmax": 3.0, "dmax": 5.0},
-        tags=("speed", "matrix", "training", "headline"),
+        tags=("speed", "matrix", "training", "headline", "drift"),
     ),
     _method(
         "brn-scheduled",
@@ -211,7 +212,7 @@ _TABLE = (
         "GN",
         "#7f7f7f",
         "GroupNorm: 32 groups, fewer when C is small, never fewer than 4 channels per group (C = 32: 8 groups)",
-        tags=("quick", "speed", "matrix", "training"),
+        tags=("quick", "speed", "matrix", "training", "drift"),
     ),
     _method(
         "ln",

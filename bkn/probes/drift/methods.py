@@ -47,13 +47,11 @@ ABLATIONS = tuple(
     for name in (method.name, method.name + EMA)
 )
 FULL_METHODS = tuple(name for name in names() if name not in ON_REQUEST)
-# The default run's methods: BN, BKN with each transition (fixed gain), BRN, GN, their running estimates, the floor.
-# The others (the adaptive gains, LN, IN, the ablations): --full or --methods; each method costs the default run a
-# training run, its population statistics and 32 units (BKN analytic and BRN ~4x BN's).
+# The default run's methods: those tagged "drift" in the registry (BN, BKN with each transition at a fixed gain,
+# BRN, GN), their running estimates, and the floor. The others (the adaptive gains, LN, IN, the ablations): --full or
+# --methods; each method costs the default run a training run, its population statistics and 32 units.
 DEFAULT_METHODS = tuple(
-    name
-    for name in FULL_METHODS
-    if name.removesuffix(EMA) in ("bn", "bkn-official", "bkn-analytic", "brn", "gn") or name == FLOOR
+    name for name in FULL_METHODS if name.removesuffix(EMA) in registry.names(tag="drift") or name == FLOOR
 )
 
 
