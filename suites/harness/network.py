@@ -56,12 +56,18 @@ class NetworkCase:
             check_network_pruned(group_size, dims, self.device, dtype, memory_format, batch=batch)
         torch.manual_seed(SEED)
         model = build(method, None if batch_size is None else group_size)
-        self.model = model.to(device=self.device, dtype=self.dtype, memory_format=fmt).train()
+        model = model.to(device=self.device, dtype=self.dtype, memory_format=fmt).train()
         gen = torch.Generator().manual_seed(SEED)
-        self.x = spec.randn(batch, gen)
-        self.y = torch.randint(0, num_classes, (batch,), generator=gen).to(self.device)
-        self.train_step = TrainStep(self.model, self.x, self.y)  # lr 1e-3, momentum 0.9
+        x = spec.randn(batch, gen)
+        y = torch.randint(0, num_classes, (batch,), generator=gen).to(self.device)
+        self.train_step = TrainStep(model, x, y)  # lr 1e-3, momentum 0.9
         self.optimizer = self.train_step.optimizer
+
+    # The step reads the model and batch from its TrainStep, so a caller that replaces them (a DDP
+    # wrapper, another rank's batch: suites.harness.ddp) changes what the step runs on.
+    model = property(lambda self: self.train_step.model, lambda self, v: setattr(self.train_step, "model", v))
+    x = property(lambda self: self.train_step.x, lambda self, v: setattr(self.train_step, "x", v))
+    y = property(lambda self: self.train_step.y, lambda self, v: setattr(self.train_step, "y", v))
 
     def step(self) -> torch.Tensor:
         return self.train_step()
