@@ -41,7 +41,10 @@ def load(rev: str, repo: str | pathlib.Path = "."):
     root = pathlib.Path(tempfile.mkdtemp(prefix="bkn-baseline-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)  # the imported modules need no files once loaded
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(root, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.12, 3.11.4+: refuse links and paths outside root
+            tar.extractall(root, filter="data")
+        else:  # older Pythons have no filter; the archive is git's own tree of bkn/ (plain files)
+            tar.extractall(root)
     (root / "bkn").rename(root / NAME)
     init = root / NAME / "__init__.py"
     init.write_text(init.read_text().replace('"bkn.', f'"{NAME}.'))
