@@ -1,0 +1,187 @@
+"""Count the aten ops and host synchronisations of a training step (the accelerator path).
+
+A host sync (``.item()``, ``float(t)``, ``int(t)``, ``bool(t)``, a tensor in an ``if``) makes
+the CPU wait for the GPU queue to drain and rules out CUDA-graph capture. Every one of them
+reaches the dispatcher as ``aten._local_scalar_dense`` (``aten.item`` / ``aten.is_nonzero``
+decompose into it above the Python dispatch key; they are listed in case a build keeps them),
+so a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that sees every op of the step,
+backward included, counts them exactly.
+
+Syncs inside :func:`bkn.layers._checks.device_check` are not counted: on CUDA that check is
+``torch._assert_async`` (no sync); only on CPU tensors, where there is no queue to drain, does
+it read the condition on the host to raise a ``ValueError``. The checker marks a thread-local
+flag while it runs (:func:`bkn.layers._checks.checking`), which :class:`DispatchCounter` reads.
+
+The accelerator path: CPU float tensors normally take the compiled kernels of ``bkn/csrc``
+(:mod:`bkn.layers._native`); :func:`accelerator_path` switches them off for a block, so the
+CPU runs the Python Functions that CUDA tensors take. ``python -m bkn.probes.dispatch_count``
+prints the table of docs/speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import traceback
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bkn.layers import _checks, _native
+
+SYNC_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in ("_local_scalar_dense", "item", "is_nonzero")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts every aten op (``ops``, by name) and every host sync outside ``device_check`` (``syncs``).
+
+    With ``stacks=True`` each entry of ``syncs`` is the short Python stack (``file:line function``
+    lines, innermost last) that asked for the value; otherwise the op's name.
+    """
+
+    def __init__(self, stacks: bool = False, depth: int = 8):
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.syncs: list[str] = []
+        self.stacks, self.depth = stacks, depth
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        if func in SYNC_OPS and not _checks.checking():
+            if self.stacks:
+                frames = traceback.extract_stack()[:-1][-self.depth :]
+                self.syncs.append("\n".join(f"{f.filename}:{f.lineno} {f.name}" for f in frames))
+            else:
+                self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def count(fn, stacks: bool = False) -> DispatchCounter:
+    """Run ``fn()`` under a fresh :class:`DispatchCounter` and return the counter."""
+    counter = DispatchCounter(stacks=stacks)
+    with counter:
+        fn()
+    return counter
+
+
+@contextlib.contextmanager
+def accelerator_path():
+    """Within the block the compiled CPU kernels are off (``_native.load`` returns None), whatever ``BKN_NATIVE`` says."""
+    saved = _native.load
+    _native.load = lambda: None
+    try:
+        yield
+    finally:
+        _native.load = saved
+
+
+def small_net(identity_norms: bool = False) -> nn.Module:
+    """Two conv-BN-ReLU stages and a linear head on 3x8x8 inputs; ``identity_norms``: BN replaced by nn.Identity."""
+    norm = (lambda c: nn.Identity()) if identity_norms else nn.BatchNorm2d
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        norm(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        norm(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+
+NORM_LAYERS = 2  # in small_net
+
+
+def _step(model: nn.Module, x, target, optimizer):
+    def run():
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+
+    return run
+
+
+def measure_method(name: str, batch: int = 8, group_size: int = 2, sgd: bool = False, stacks: bool = False) -> dict:
+    """Ops and host syncs of one training step of :func:`small_net` converted to method ``name``.
+
+    The step is forward, cross-entropy, backward (and an SGD step if ``sgd``), on the accelerator
+    path (:func:`accelerator_path`), after one warm-up step (first-call work is not a step's).
+    Returns ``{"ops": total aten ops, "ops_per_norm": ..., "syncs": count, "where": [stacks]}``;
+    ``ops_per_norm`` = (the step's ops - the ops of the same step of the net with its norms
+    replaced by ``nn.Identity``) / the number of norm layers (2).
+    """
+    import bkn.methods
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 8, 8)
+    target = torch.randint(0, 10, (batch,))
+    counts = []
+    for identity in (False, True):
+        torch.manual_seed(1)
+        model = small_net(identity)
+        if not identity:
+            model = bkn.methods.get(name).convert(model, group_size=group_size)
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if sgd else None
+        with accelerator_path():
+            step = _step(model, x, target, optimizer)
+            step()  # warm-up
+            model.zero_grad(set_to_none=True)
+            counts.append(count(step, stacks=stacks))
+    net, bare = counts
+    return {
+        "ops": net.total,
+        "ops_per_norm": (net.total - bare.total) / NORM_LAYERS,
+        "syncs": len(net.syncs),
+        "where": net.syncs,
+    }
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """A 1-process gloo group in this process (for ``syncbn``), torn down afterwards; a no-op if one exists."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    import bkn.methods
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("methods", nargs="*", help="registry methods (default: all)")
+    parser.add_argument("--sgd", action="store_true", help="include an SGD step")
+    parser.add_argument("--where", action="store_true", help="print the stack of each host sync")
+    args = parser.parse_args(argv)
+    print(f"{'method':28s} {'ops/step':>9s} {'ops/norm':>9s} {'syncs':>6s}")
+    with single_process_group():
+        for name in args.methods or bkn.methods.names():
+            r = measure_method(name, sgd=args.sgd, stacks=args.where)
+            print(f"{name:28s} {r['ops']:9d} {r['ops_per_norm']:9.1f} {r['syncs']:6d}")
+            if args.where:
+                for stack in r["where"]:
+                    print("    " + stack.replace("\n", "\n    ") + "\n")
+
+
+if __name__ == "__main__":
+    main()
