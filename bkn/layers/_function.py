@@ -4,7 +4,7 @@ It normalizes ``x`` per (group, channel) with statistics ``m, v`` and applies
 the affine transform. The statistics are the observed moments ``m_o, v_o``
 optionally mixed with a prior ``m_p, v_p`` (Batch Kalman Normalization, docs/design.md §1)::
 
-    p     = 0 if mean(v_p / v_o) >= guard else p   # the ratio-100 guard
+    p     = 0 if mean(v_p / v_o) >= guard else p   # the ratio-100 guard (on the device, no host sync)
     m     = p_eff * m_p + (1 - p_eff) * m_o
     v     = p_eff * v_p + (1 - p_eff) * v_o + p_eff * (1 - p_eff) * (m_o - m_p)^2
     y     = weight * (x - m) / sqrt(v + eps) + bias
@@ -78,7 +78,12 @@ def _posterior(obs_mean, obs_var, prior_mean, prior_var, p):
 
 
 def _backward_coefficients(s, weight, sum_dy, sum_dy_xhat, dmean_ext, dvar_ext, count, obs_mean, prior):
-    """Per-channel coefficients of the backward (module docstring); ``prior`` = (p, d, v_p, v_o) or None."""
+    """Per-channel coefficients of the backward (module docstring).
+
+    ``prior`` = (p, d, v_p, v_o, use) or None; ``use`` is None or a 0-d bool tensor, false where
+    the guard dropped the prior: then the coefficients are selected to be exactly those without
+    a prior (``p = 0``) and the prior's and gain's gradients are zeros.
+    """
     ws = s if weight is None else s * weight
     dmean = -ws * sum_dy
     dvar = ws * s * sum_dy_xhat * -0.5
@@ -90,21 +95,29 @@ def _backward_coefficients(s, weight, sum_dy, sum_dy_xhat, dmean_ext, dvar_ext, 
     if prior is None:
         dobs_mean, dobs_var = dmean, dvar
     else:
-        p, d, prior_var, obs_var = prior
+        p, d, prior_var, obs_var, use = prior
         cross = d * dvar * (2 * (p - p * p))
         dobs_mean = dmean * (1 - p) + cross
         dobs_var = dvar * (1 - p)
         dgain = (prior_var - obs_var + d * d * (1 - 2 * p)) * dvar - d * dmean
         dprior = (dmean * p - cross, dvar * p, dgain)
+        if use is not None:  # selected, not multiplied by p = 0: exact, and no 0 * inf
+            dobs_mean, dobs_var = torch.where(use, dobs_mean, dmean), torch.where(use, dobs_var, dvar)
+            dprior = tuple(torch.where(use, g, 0.0) for g in dprior)
     x_coef = dobs_var * (2.0 / count)
     const = dobs_mean * (1.0 / count) - x_coef * obs_mean
     return ws, x_coef, const, dprior
 
 
-def _prior_ratio_sum(prior_var: torch.Tensor, obs_var: torch.Tensor) -> float:
-    """``sum(v_p / v_o)`` over groups and channels; a zero observed variance gives inf (or nan
-    for 0/0, which fails the guard's comparison)."""
-    return float((prior_var / obs_var).sum())
+def _prior_used(prior_var: torch.Tensor, obs_var: torch.Tensor, guard: float) -> torch.Tensor:
+    """The guard as a 0-d bool tensor on the device (no host sync): ``not sum(v_p / v_o) >= guard * count``.
+
+    The sum is taken in the statistics' dtype and compared in float64, as the host-side
+    ``float(sum) >= guard * count`` it replaces. A zero observed variance gives inf (prior
+    dropped), or nan for 0/0, which fails the comparison (prior kept), as before.
+    """
+    ratio_sum = (prior_var / obs_var).sum().double()
+    return (ratio_sum >= guard * obs_var.numel()).logical_not_()
 
 
 def _observed_moments(x: torch.Tensor, prior_mean, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +173,9 @@ def _gradient_sums(dy, x, mean, var, groups: int, eps: float) -> tuple[torch.Ten
     dims = reduce_dims(x.dim())
     dyg = as_groups(dy, groups).to(mean.dtype)
     sum_dy = dyg.sum(dims)
-    sum_dy_xhat = (dyg * as_groups(x, groups)).sum(dims).sub_(mean * sum_dy).mul_(torch.rsqrt(var + eps))
+    # Centred, sum(dy * (x - m)), not sum(dy * x) - m * sum(dy): that cancels when |m| >> spread.
+    centred = as_groups(x, groups).to(mean.dtype) - per_channel_view(mean, x.dim())
+    sum_dy_xhat = (dyg * centred).sum(dims).mul_(torch.rsqrt(var + eps))
     return sum_dy, sum_dy_xhat
 
 
@@ -188,19 +203,21 @@ class _NormalizeWithStats(torch.autograd.Function):
         if obs_mean is None:
             obs_mean, obs_var = _observed_moments(x, prior_mean, groups)
         has_prior = prior_mean is not None
-        p = 0.0
+        p, use = 0.0, None
         if has_prior:
             stat_dtype = torch.promote_types(x.dtype, torch.float32)
             mp, vp = _as_dtype(prior_mean, stat_dtype), _as_dtype(prior_var, stat_dtype)
             p = gain
-            # The guard of the official code (a tf.cond there): one host-side comparison.
-            if math.isfinite(guard) and _prior_ratio_sum(vp, obs_var) >= guard * obs_var.numel():
-                p = 0.0
         if isinstance(p, float) and p == 0.0:
             mean, var = obs_mean, obs_var
             has_prior = False
         else:
             d, mean, var = _posterior(obs_mean, obs_var, mp, vp, p)
+            if math.isfinite(guard):
+                # The guard of the official code (a tf.cond there), on the device: where it drops
+                # the prior the posterior is selected to be exactly the observation (p = 0).
+                use = _prior_used(vp, obs_var, guard)
+                mean, var = torch.where(use, mean, obs_mean), torch.where(use, var, obs_var)
 
         if running is not None:
             _update_running(running, mean, var, x.numel() // (groups * x.shape[1]))
@@ -210,7 +227,7 @@ class _NormalizeWithStats(torch.autograd.Function):
         ctx.groups, ctx.eps = groups, eps
         # Per-channel quantities of the backward, computed now while they are at hand.
         inv_std = (var + eps).sqrt_().reciprocal_()
-        ctx.per_channel = (inv_std, (p, d, vp, obs_var) if has_prior else None)
+        ctx.per_channel = (inv_std, (p, d, vp, obs_var, use) if has_prior else None)
         ctx.shapes = tuple(
             t.shape if isinstance(t, torch.Tensor) else None for t in (weight, bias, prior_mean, prior_var, gain)
         )
@@ -302,7 +319,9 @@ def normalize_with_stats(
         factor = momentum
         if steps is not None:
             steps.add_(1)
-            factor = 1.0 / float(steps) if momentum is None else momentum
+            # momentum=None: 1 / steps as a float64 0-d tensor on the device (no host sync); ops
+            # with it round as with the Python float it replaces.
+            factor = steps.double().reciprocal() if momentum is None else momentum
         running = (running_mean, running_var, factor)
     return _NormalizeWithStats.apply(
         x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, float(guard), running

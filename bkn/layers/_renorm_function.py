@@ -71,7 +71,8 @@ def renorm_train(x, weight, bias, running_mean, running_std, running_var, steps,
     Counts the step in ``steps`` and updates the running estimates in place: ``mu``
     and ``sigma`` move towards the mean over groups of ``m_o`` and of ``sigma_B`` with
     the factor ``momentum`` (``1 / steps`` for ``momentum=None``), and
-    ``running_var = sigma**2 - eps``.
+    ``running_var = sigma**2 - eps``. ``rmax``, ``dmax`` are floats or 0-d tensors (a
+    scheduled layer's limits, computed on the device).
     """
     if groups == 1:
         native = _native.load()
@@ -85,14 +86,16 @@ def renorm_train(x, weight, bias, running_mean, running_std, running_var, steps,
                 running_var,
                 steps,
                 math.nan if momentum is None else momentum,
-                rmax,
-                dmax,
+                float(rmax),  # a scheduled limit may be a 0-d tensor; the compiled path runs on the host
+                float(dmax),
                 eps,
             )
             if out:
                 return tuple(out)
     steps.add_(1)
-    factor = 1.0 / float(steps) if momentum is None else momentum
+    # momentum=None: 1 / steps as a float64 0-d tensor on the device (no host sync); ops with it
+    # round as with the Python float it replaces.
+    factor = steps.double().reciprocal() if momentum is None else momentum
     running = (running_mean, running_std, running_var)
     if groups == 1 and x.dtype == running_std.dtype and (weight is None or weight.dtype == x.dtype):
         args, raw = _one_group(x, weight, bias, running, factor, rmax, dmax, eps)
@@ -164,6 +167,8 @@ def _corrections(mean, var, running, rmax: float, dmax: float, factor: float, ep
     r = (std_b / sigma).clamp_(1.0 / rmax, rmax)
     d = ((mean - mu_t.to(mean.dtype)) / sigma).clamp_(-dmax, dmax)
     # Running estimates: towards the mean over groups of m_o and of sigma_B.
+    if isinstance(factor, torch.Tensor):  # lerp_ wants a weight tensor of its own dtype
+        factor = factor.to(mu_t.dtype)
     mu_t.lerp_(mean.mean(0).to(mu_t.dtype), factor)
     sigma_t.lerp_(std_b.mean(0).to(sigma_t.dtype), factor)
     torch.mul(sigma_t, sigma_t, out=running_var).sub_(eps)

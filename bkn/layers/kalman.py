@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 
 from ._base import BatchStatNorm, Dims1d, Dims2d, Dims3d
+from ._checks import check_prior_var
 from ._function import normalize_with_stats
 from ._moments import batch_moments
 from .gain import GAIN_KINDS, AdaptiveGain, FixedGain, make_gain
@@ -153,6 +154,8 @@ class _BatchKalmanNorm(BatchStatNorm):
                     f"{self.label}: prior {name} must have shape ({c},) or "
                     f"({groups}, {c}) for {groups} group(s), got {tuple(shape)}"
                 )
+        # On the device (no host sync on CUDA): a negative or NaN prior variance would make the posterior NaN.
+        check_prior_var(var.detach(), self.label)
         if self.detach_prior:
             mean, var = mean.detach(), var.detach()
         return mean, var

@@ -108,6 +108,23 @@ class RenormSchedule:
         dmax = self.dmax_max * self._ramp(step, self.dmax_steps)
         return rmax, dmax
 
+    def _tensor_ramp(self, step: torch.Tensor, end: int) -> torch.Tensor:
+        if end <= self.warmup_steps:  # step <= warmup: 0; beyond: 1
+            return (step > self.warmup_steps).double()
+        ramp = (step - self.warmup_steps) / (end - self.warmup_steps)
+        return torch.where(step <= self.warmup_steps, 0.0, torch.where(step >= end, 1.0, ramp))
+
+    def on_device(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self(step)`` for a 0-d integer tensor ``step``, as float64 0-d tensors on its device.
+
+        No host sync (a training step must not read the step counter on the host); the values
+        equal the float ones (the same float64 arithmetic).
+        """
+        step = step.double()
+        rmax = 1.0 + (self.rmax_max - 1.0) * self._tensor_ramp(step, self.rmax_steps)
+        dmax = self.dmax_max * self._tensor_ramp(step, self.dmax_steps)
+        return rmax, dmax
+
     def scaled(self, total_steps: int, reference_steps: int = 40_000) -> "RenormSchedule":
         """The schedule stretched so that what it does in ``reference_steps`` happens in ``total_steps``.
 
@@ -290,7 +307,11 @@ class _BatchRenorm(BatchStatNorm):
             self.__dict__["_last_raw"] = (mean.detach(), std_b, ones, zeros)
             return y
 
-        rmax, dmax = self.current_limits()
+        steps = self._buffers["num_batches_tracked"]
+        if type(self.schedule) is RenormSchedule and steps is not None:
+            rmax, dmax = self.schedule.on_device(steps)  # no host sync; valid by construction
+        else:
+            rmax, dmax = self.current_limits()  # a custom schedule is called with an int: a host read
         p, b = self._parameters, self._buffers
         y, *raw = renorm_train(
             x,

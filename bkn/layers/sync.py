@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import device_check
+
 
 def _world_size(group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
@@ -84,8 +86,9 @@ def _pooled_batch_norm(layer: SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
     var = (pooled[channels + 1 :] / n - mean * mean).clamp_min(0)
     factor = layer._ema_factor()
     if layer.training and layer.track_running_stats:
-        if float(n.detach()) < 2:
-            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel over all workers, got {int(n)}")
+        device_check(
+            n.detach() >= 2, "SyncBatchNorm: expected more than 1 value per channel over all workers, got 1 or 0"
+        )
         with torch.no_grad():
             unbiased = var * (n / (n - 1))
             layer.running_mean.mul_(1 - factor).add_(mean.to(layer.running_mean.dtype), alpha=factor)

@@ -76,7 +76,7 @@ def count(fn, stacks: bool = False) -> DispatchCounter:
 
 @contextlib.contextmanager
 def accelerator_path():
-    """Within the block the compiled CPU kernels are off (``_native.load`` returns None), whatever ``BKN_NATIVE`` says."""
+    """Within the block the compiled CPU kernels are off (``_native.load`` returns None), whatever ``BKN_NATIVE``."""
     saved = _native.load
     _native.load = lambda: None
     try:
