@@ -175,7 +175,7 @@ def _gradient_sums(dy, x, mean, var, groups: int, eps: float) -> tuple[torch.Ten
     sum_dy = dyg.sum(dims)
     # Centred, sum(dy * (x - m)), not sum(dy * x) - m * sum(dy): that cancels when |m| >> spread.
     centred = as_groups(x, groups).to(mean.dtype) - per_channel_view(mean, x.dim())
-    sum_dy_xhat = (dyg * centred).sum(dims).mul_(torch.rsqrt(var + eps))
+    sum_dy_xhat = centred.mul_(dyg).sum(dims).mul_(torch.rsqrt(var + eps))  # centred is a fresh tensor
     return sum_dy, sum_dy_xhat
 
 
