@@ -260,6 +260,10 @@ def test_compiled_kalman_equals_python_function(case):
     for a, b in zip(got["stats"], ref["stats"]):
         torch.testing.assert_close(a, b, **close)
     for a, b in zip(got["grads"], ref["grads"]):
+        # Where the guard drops the prior the compiled path (host-side guard) gives the prior and
+        # gain no gradient, the Python one (guard on the device, no host sync) zeros: the same numbers.
+        if a is None and b is not None:
+            a = torch.zeros_like(b)
         assert (a is None) == (b is None)
         if a is not None:
             assert a.shape == b.shape
