@@ -214,3 +214,39 @@ def test_gain_is_built_on_the_layers_device(gain):
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-10, atol=1e-10)
     for a, b in zip(g_gpu + b_gpu, g_cpu + b_cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "strided-batch"])
+@pytest.mark.parametrize("name", ["bkn", "ghost", "brn"])
+def test_layouts_on_cuda_equal_cpu_contiguous(name, layout):
+    """channels_last and non-contiguous inputs on the GPU (tests/test_accelerator_layouts.py on the CPU)."""
+    from test_accelerator_layouts import _layouts, _steps
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 6, 4, 5, generator=gen, dtype=torch.float64) * 2 + 0.5
+    dy = torch.randn(8, 6, 4, 4, generator=gen, dtype=torch.float64)
+    got = _steps(name, 2, _layouts(base.cuda())[layout], dy)
+    want = _steps(name, 2, _layouts(base)["contiguous"], dy)
+    for (y, dx, grads, buffers), (y0, dx0, grads0, buffers0) in zip(got, want):
+        torch.testing.assert_close(y.cpu(), y0, rtol=1e-10, atol=1e-10)
+        for a, b in zip([dx] + grads + buffers, [dx0] + grads0 + buffers0, strict=True):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["bkn", "ghost", "brn"])
+def test_autocast_bfloat16_on_cuda(name):
+    """Under CUDA autocast a bfloat16 input gives a bfloat16 output close to float32; state stays float32."""
+    from test_accelerator_layouts import _steps
+
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this CUDA device has no bfloat16")
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 6, 5, 5, generator=gen) * 2 + 0.5).cuda()
+    dy = torch.randn(8, 6, 5, 5, generator=gen)
+    reference = _steps(name, 2, x, dy, dtype=torch.float32)
+    for (y, dx, grads, buffers), (y0, dx0, _, _) in zip(
+        _steps(name, 2, x.bfloat16(), dy, dtype=torch.float32, autocast=True), reference
+    ):
+        assert y.dtype == dx.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in grads + buffers)
+        torch.testing.assert_close(y.float(), y0, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(dx.float(), dx0, rtol=0.1, atol=0.1)
