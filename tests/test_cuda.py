@@ -162,3 +162,91 @@ def test_syncbn_on_one_gpu_is_torch_syncbatchnorm_and_equals_batchnorm():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     finally:
         dist.destroy_process_group()
+
+
+def test_official_transition_draws_on_cuda_with_a_cpu_generator():
+    """A CPU generator seeds a CUDA generator at each draw (bkn.transitions.montecarlo): the draws are
+    made on the GPU, reproducible from the CPU generator's seed, and differ from draw to draw."""
+    import pickle
+
+    from bkn import BatchKalmanNorm2d
+    from bkn.transitions import MonteCarlo
+
+    layer = BatchKalmanNorm2d(4, device="cuda", dtype=torch.float64)
+    mean, var = (
+        torch.zeros(2, 4, device="cuda", dtype=torch.float64),
+        torch.ones(2, 4, device="cuda", dtype=torch.float64),
+    )
+    layer.posterior = (mean, var)
+    runs = []
+    for _ in range(2):
+        mc = MonteCarlo(draws=2, generator=torch.Generator().manual_seed(3))
+        runs.append([mc.after_norm(layer, (32, 32)).value for _ in range(2)])
+    (a1, a2), (b1, b2) = runs
+    assert a1.device.type == "cuda" and a1.shape == (4, 4, 32, 32)
+    assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, a2)
+    z = torch.cat([a1, a2]).flatten()  # N(0, 1): 32768 draws
+    assert abs(float(z.mean())) < 5 / z.numel() ** 0.5 and abs(float(z.std()) - 1) < 5 * (0.5 / z.numel()) ** 0.5
+    copied = pickle.loads(pickle.dumps(mc))
+    assert copied.after_norm(layer, (3, 3)).value.device.type == "cuda"
+
+
+@pytest.mark.parametrize("gain", ["learned", "adaptive"])
+def test_gain_is_built_on_the_layers_device(gain):
+    """``device="cuda"`` puts the gain's parameters and buffers on the GPU too, and the layer equals
+    the same layer on the CPU over three steps (the adaptive gain initialises on the device)."""
+    from bkn import BatchKalmanNorm2d
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 6, 5, 5, generator=gen, dtype=torch.float64) * 2 + 0.5
+    dy = torch.randn(8, 6, 5, 5, generator=gen, dtype=torch.float64)
+    results = {}
+    for device in ("cpu", "cuda"):
+        layer = BatchKalmanNorm2d(6, gain=gain, group_size=2, device=device, dtype=torch.float64)
+        for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+            assert t.device.type == device, name
+        prior = _prior(6, device, torch.float64)
+        for _ in range(3):
+            for p in layer.parameters():
+                p.grad = None
+            results[device] = _run(layer, x.to(device), dy.to(device), prior)
+    (y_cpu, g_cpu, b_cpu), (y_gpu, g_gpu, b_gpu) = results["cpu"], results["cuda"]
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g_gpu + b_gpu, g_cpu + b_cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "strided-batch"])
+@pytest.mark.parametrize("name", ["bkn", "ghost", "brn"])
+def test_layouts_on_cuda_equal_cpu_contiguous(name, layout):
+    """channels_last and non-contiguous inputs on the GPU (tests/test_accelerator_layouts.py on the CPU)."""
+    from test_accelerator_layouts import _layouts, _steps
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 6, 4, 5, generator=gen, dtype=torch.float64) * 2 + 0.5
+    dy = torch.randn(8, 6, 4, 4, generator=gen, dtype=torch.float64)
+    got = _steps(name, 2, _layouts(base.cuda())[layout], dy)
+    want = _steps(name, 2, _layouts(base)["contiguous"], dy)
+    for (y, dx, grads, buffers), (y0, dx0, grads0, buffers0) in zip(got, want):
+        torch.testing.assert_close(y.cpu(), y0, rtol=1e-10, atol=1e-10)
+        for a, b in zip([dx] + grads + buffers, [dx0] + grads0 + buffers0, strict=True):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["bkn", "ghost", "brn"])
+def test_autocast_bfloat16_on_cuda(name):
+    """Under CUDA autocast a bfloat16 input gives a bfloat16 output close to float32; state stays float32."""
+    from test_accelerator_layouts import _steps
+
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this CUDA device has no bfloat16")
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 6, 5, 5, generator=gen) * 2 + 0.5).cuda()
+    dy = torch.randn(8, 6, 5, 5, generator=gen)
+    reference = _steps(name, 2, x, dy, dtype=torch.float32)
+    for (y, dx, grads, buffers), (y0, dx0, _, _) in zip(
+        _steps(name, 2, x.bfloat16(), dy, dtype=torch.float32, autocast=True), reference
+    ):
+        assert y.dtype == dx.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in grads + buffers)
+        torch.testing.assert_close(y.float(), y0, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(dx.float(), dx0, rtol=0.1, atol=0.1)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from kalman_reference import EPS, make_input, np_bkn, np_observed, random_affine, random_prior, t2n
 
-from bkn import BatchKalmanNorm1d, BatchKalmanNorm2d
+from bkn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
+from bkn.layers.gain import make_gain
 
 # Every test here runs on the compiled kernels and on the Python Functions (conftest.kernels).
 pytestmark = pytest.mark.usefixtures("kernels")
@@ -97,6 +98,62 @@ def test_adaptive_gain_p_property_is_the_gain_used():
     layer(x, prior=prior)
     layer(x, prior=prior)  # the gain used now comes from the estimates the property reads
     torch.testing.assert_close(layer.gain.p, seen[-1])
+
+
+def test_adaptive_gain_first_three_steps_follow_the_formula():
+    """Step 1 uses batch 1's own estimates (the device-side initialisation), step 2 the same
+    (an EMA of one batch), step 3 their EMA with batch 2; each p = U_obs / (U_obs + U_prior)."""
+    c, g = 3, 4
+    mu, x1 = _adaptive_data(n=32, seed=3)
+    _, x2 = _adaptive_data(n=32, seed=4, s=2.0)
+    _, x3 = _adaptive_data(n=32, seed=5, s=0.5)
+    prior = (mu + torch.tensor([0.4, -0.2, 0.1]), torch.ones(c))
+    layer = BatchKalmanNorm2d(c, gain="adaptive", group_size=g)
+    seen = _capture_gain(layer)
+    for x in (x1, x2, x3):
+        layer(x, prior=prior)
+
+    def stats(x):
+        xn = t2n(x)
+        m_o, _ = np_observed(xn, x.shape[0] // g)
+        return xn.mean(axis=(2, 3)).var(axis=0, ddof=1), ((m_o - t2n(prior[0])) ** 2).mean(0)
+
+    def gain(spread, innov):
+        u_obs = spread / g
+        return u_obs / (u_obs + np.maximum(innov - u_obs, 0))
+
+    (s1, i1), (s2, i2) = stats(x1), stats(x2)
+    expected = [gain(s1, i1), gain(s1, i1), gain(0.9 * s1 + 0.1 * s2, 0.9 * i1 + 0.1 * i2)]
+    for got, want in zip(seen, expected):
+        np.testing.assert_allclose(t2n(got), want, rtol=1e-5, atol=1e-7)
+    assert bool(layer.gain.initialised)
+
+
+def test_adaptive_gain_runs_without_reading_the_device():
+    """On ``meta`` tensors (no values) a ``bool(...)`` of a tensor raises: the gain's first-step
+    initialisation must be chosen on the device, not by a host read (a sync per step on a GPU)."""
+    gain = make_gain("adaptive", 0.9, 3, device="meta")
+    x = torch.empty(8, 3, 4, 4, device="meta")
+    obs, prior = torch.empty(4, 3, device="meta"), torch.empty(3, device="meta")
+    for _ in range(2):
+        p = gain(x, obs, prior, 2)
+        assert p.device.type == "meta" and p.shape == (3,)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "learned", "adaptive"])
+@pytest.mark.parametrize("cls", [BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d])
+def test_gain_follows_the_layers_device_and_dtype(kind, cls):
+    layer = cls(5, gain=kind, p=0.3, device="meta", dtype=torch.float64)
+    tensors = dict(layer.named_parameters()) | dict(layer.named_buffers())
+    if kind != "fixed":
+        assert any(name.startswith("gain.") for name in tensors)
+    for name, t in tensors.items():
+        assert t.device.type == "meta", name
+        if t.is_floating_point():
+            assert t.dtype == torch.float64, name
+    moved = cls(5, gain=kind, p=0.3).to("meta")
+    for name, t in list(moved.named_parameters()) + list(moved.named_buffers()):
+        assert t.device.type == "meta", name
 
 
 # -- eval mode, detach_prior, one value per channel -------------------------------------------

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -68,6 +70,36 @@ def test_affine_surrogate_is_the_previous_layers_output_distribution():
     torch.testing.assert_close(at_input.value, expected_official.reshape(4, 3, *spatial), rtol=1e-12, atol=1e-12)
     moments = Analytic().at_input(layer, spatial)
     assert torch.equal(moments.mean, mean) and torch.equal(moments.var, var)
+
+
+def test_a_generator_on_the_activations_device_draws_the_surrogate_itself():
+    """The CPU behaviour is unchanged: the given CPU generator draws z directly, bit for bit."""
+    layer = _layer_with_posterior()
+    gen, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    got = MonteCarlo(draws=2, generator=gen).after_norm(layer, (4, 5))
+    z = torch.randn((4, 3, 4, 5), generator=ref, dtype=torch.float64)
+    mean, var = layer.posterior
+    view = (2, 1, 3, 1, 1)
+    expected = z.view(2, 2, 3, 4, 5) * var.sqrt().view(view) + mean.view(view)
+    torch.testing.assert_close(got.value, expected.reshape(4, 3, 4, 5), rtol=1e-12, atol=1e-12)
+    assert torch.equal(gen.get_state(), ref.get_state())
+
+
+def test_a_generator_on_another_device_seeds_that_devices_draws():
+    """A CPU generator with activations elsewhere (``meta`` here, CUDA in tests/test_cuda.py): torch
+    refuses to draw on one device with another's generator, so each draw takes one seed from it."""
+    layer = _layer_with_posterior().to("meta")
+    layer.posterior = tuple(t.to("meta") for t in layer.posterior)
+    gen, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    mc = MonteCarlo(draws=2, generator=gen)
+    for _ in range(2):
+        got = mc.after_norm(layer, (4, 5))
+        assert got.value.device.type == "meta" and got.value.shape == (4, 3, 4, 5) and got.draws == 2
+        torch.randint(0, 2**62, (), generator=ref)  # one seed per draw, from the given stream
+        assert torch.equal(gen.get_state(), ref.get_state())
+    # The transition still copies and pickles (chains hold it).
+    assert copy.deepcopy(mc).generator.initial_seed() == 3
+    assert pickle.loads(pickle.dumps(mc)).draws == 2
 
 
 def _plain_chain():

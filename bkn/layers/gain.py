@@ -21,6 +21,10 @@
   towards 1, an unreliable prediction towards 0. The gain is computed from the
   estimates *before* the current batch is folded in (the first batch initialises
   them), and it is a statistic, not a parameter: no gradient flows into it.
+
+Gains are submodules of their layer: ``make_gain`` takes the layer's ``device`` and
+``dtype`` (factory keyword arguments, as torch's layers take them), so a layer built on
+an accelerator has its gain there too, and ``layer.to(...)`` moves it with the layer.
 """
 
 from __future__ import annotations
@@ -49,11 +53,11 @@ class FixedGain(nn.Module):
 
 
 class LearnedGain(nn.Module):
-    def __init__(self, p: float):
+    def __init__(self, p: float, device=None, dtype=None):
         super().__init__()
         if not 0.0 < p < 1.0:
             raise ValueError(f"LearnedGain: initial p must lie in (0, 1), got {p!r}")
-        self.logit = nn.Parameter(torch.tensor(logit(p)))
+        self.logit = nn.Parameter(torch.tensor(logit(p), device=device, dtype=dtype))
 
     def forward(self, x, obs_mean, prior_mean, group_size):
         return torch.sigmoid(self.logit)
@@ -64,12 +68,13 @@ class LearnedGain(nn.Module):
 
 
 class AdaptiveGain(nn.Module):
-    def __init__(self, num_features: int, momentum: float = 0.1):
+    def __init__(self, num_features: int, momentum: float = 0.1, device=None, dtype=None):
         super().__init__()
+        factory = {"device": device, "dtype": dtype}
         self.momentum = momentum
-        self.register_buffer("sample_mean_var", torch.zeros(num_features))
-        self.register_buffer("innovation_sq", torch.zeros(num_features))
-        self.register_buffer("initialised", torch.tensor(False))
+        self.register_buffer("sample_mean_var", torch.zeros(num_features, **factory))
+        self.register_buffer("innovation_sq", torch.zeros(num_features, **factory))
+        self.register_buffer("initialised", torch.tensor(False, device=device))
         self.group_size = 1  # of the last forward: U_obs shrinks with it, and ``p`` reports that gain
 
     @torch.no_grad()
@@ -78,10 +83,14 @@ class AdaptiveGain(nn.Module):
         means = sample_means(x)
         innovation_sq = (obs_mean - prior_mean.to(obs_mean.dtype)).square().mean(0)
         spread = means.var(0, unbiased=True) if means.shape[0] > 1 else None
-        if not bool(self.initialised):
-            self.sample_mean_var.copy_(spread if spread is not None else torch.zeros_like(innovation_sq))
-            self.innovation_sq.copy_(innovation_sq)
-            self.initialised.fill_(True)
+        # The first forward initialises the estimates. Selected on the device (``torch.where`` on
+        # the flag) rather than branched on ``bool(self.initialised)``, which would wait for the
+        # accelerator at every training step; the values are the same either way.
+        done = self.initialised
+        first_spread = spread if spread is not None else torch.zeros_like(innovation_sq)
+        self.sample_mean_var.copy_(torch.where(done, self.sample_mean_var, first_spread))
+        self.innovation_sq.copy_(torch.where(done, self.innovation_sq, innovation_sq))
+        done.fill_(True)
         p = self._gain(self.sample_mean_var / group_size)
         if self.training:
             if spread is not None:
@@ -99,11 +108,12 @@ class AdaptiveGain(nn.Module):
         return u_obs / (u_obs + u_prior).clamp_min(torch.finfo(u_obs.dtype).tiny)
 
 
-def make_gain(kind: str, p: float, num_features: int, momentum: float = 0.1) -> nn.Module:
+def make_gain(kind: str, p: float, num_features: int, momentum: float = 0.1, device=None, dtype=None) -> nn.Module:
+    """The gain ``kind`` with its tensors created on ``device`` in ``dtype`` (the layer's factory arguments)."""
     if kind == "fixed":
-        return FixedGain(p)
+        return FixedGain(p)  # a float: nothing to place
     if kind == "learned":
-        return LearnedGain(p)
+        return LearnedGain(p, device, dtype)
     if kind == "adaptive":
-        return AdaptiveGain(num_features, momentum)
+        return AdaptiveGain(num_features, momentum, device, dtype)
     raise ValueError(f"unknown gain {kind!r}; expected one of {', '.join(GAIN_KINDS)}")

@@ -107,7 +107,9 @@ class _BatchKalmanNorm(BatchStatNorm):
         self.draws = draws
         self.guard = math.inf if guard is None else float(guard)
         self.detach_prior = detach_prior
-        self.gain = make_gain(gain, float(p), num_features, 0.1 if momentum is None else momentum)
+        self.gain = make_gain(
+            gain, float(p), num_features, 0.1 if momentum is None else momentum, device=device, dtype=dtype
+        )
         self.prior_provider: Callable[[], Prior | None] | None = None
         self.posterior: Prior | None = None
         self.observed: Prior | None = None

@@ -36,6 +36,21 @@ draws the surrogate with every spatial side scaled by it (``ceil(side * scale)``
 variance of i.i.d. positions, so its sampling noise grows by about ``scale^(-d/2)`` (x2 at
 scale 0.5 in 2-d), and zero padding touches a larger share of a smaller map (a bias where
 maps are already small: a 4x4 map drawn at 2x2 has no interior position).
+
+Random streams. Without a ``generator`` the draws come from torch's default generator of
+the activations' device. A given generator on the activations' device draws directly, as
+it always did (the same seed gives the same CPU draws as before). A generator on another
+device (the usual case: a CPU ``torch.Generator`` for a model on a GPU, where torch refuses
+to mix them) is not used to draw the surrogate itself: each draw takes one 62-bit seed
+from it and re-seeds a generator of the activations' device with it (one per device, kept
+by the transition), which then draws. So the draws are a function of the given
+generator's state (re-seeding it reproduces them, and every draw advances it), they are
+made where the activations live (no host-side sampling nor copy of a surrogate as large
+as an activation, and no wait for the device: the seed comes from the host generator),
+but they are not the draws the same generator gives on the CPU: CPU and CUDA random
+streams differ anyway. Drawing on the generator's device and copying over was the
+alternative; it would make GPU draws equal CPU ones at the cost of sampling every
+surrogate on the host and copying it at each step.
 """
 
 from __future__ import annotations
@@ -60,7 +75,9 @@ class MonteCarlo(Analytic):
 
     Args:
         draws: surrogate samples per group (the official code: 1).
-        generator: the random stream of the draws (torch's global one by default).
+        generator: the random stream of the draws (torch's global one by default); on another
+            device than the activations it seeds a generator of theirs at each draw (see the
+            module docstring).
         affine: draw the surrogate from the previous layer's output distribution
             (``official-affine``) instead of its pre-normalization posterior.
         shortcut: where the hand-wired CIFAR ResNet's first block takes its shortcut
@@ -99,12 +116,33 @@ class MonteCarlo(Analytic):
         if self.surrogate_scale != 1.0:
             spatial = tuple(max(1, math.ceil(s * self.surrogate_scale)) for s in spatial)
         shape = (groups * self.draws, channels, *spatial)
-        z = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=self.generator)
+        z = torch.randn(shape, dtype=mean.dtype, device=mean.device, generator=self._generator_on(mean.device))
         view = (groups, 1, channels) + (1,) * len(spatial)
         z = z.view(groups, self.draws, channels, *spatial)
         # One fused pass over the surrogate (shift + z * scale), not a product and then a sum.
         value = torch.addcmul(shift.view(view), z, scale.view(view))
         return Sample(value.reshape(shape), self.draws)
+
+    def _generator_on(self, device: torch.device) -> torch.Generator | None:
+        """The generator to draw on ``device`` with: the given one where it lives there, else a generator of
+        ``device`` re-seeded from the given one (module docstring); ``None``: the device's default stream."""
+        given = self.generator
+        if given is None or given.device == device:
+            return given
+        seed = int(torch.randint(0, 2**62, (), generator=given, device=given.device))
+        if device.type == "meta":
+            return None  # meta tensors hold no values (and torch has no meta generator): the seed is still taken
+        local = self.__dict__.setdefault("_device_generators", {})
+        gen = local.get(device)
+        if gen is None:
+            gen = local[device] = torch.Generator(device)
+        return gen.manual_seed(seed)
+
+    def __getstate__(self):
+        # The per-device generators are re-seeded at each draw: copies and pickles rebuild them when needed.
+        state = self.__dict__.copy()
+        state.pop("_device_generators", None)
+        return state
 
     def at_input(self, layer, spatial: tuple[int, ...]) -> Sample:
         """A surrogate of the *input* of ``layer`` (which ran): ``z * sqrt(v) + m`` from its posterior."""
