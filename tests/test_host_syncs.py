@@ -31,10 +31,6 @@ from bkn.probes.dispatch_count import (
     small_net,
 )
 
-# The adaptive gain's ``bool(initialised)`` (bkn/layers/gain.py) is removed on another branch;
-# until that lands, syncs from there are reported but not failed on here.
-PENDING = "bkn/layers/gain.py"
-
 
 def _train_step_syncs(name: str) -> list[str]:
     torch.manual_seed(0)
@@ -53,8 +49,7 @@ def _train_step_syncs(name: str) -> list[str]:
 def test_no_host_sync_in_a_training_step(name):
     with single_process_group() if name == "syncbn" else contextlib.nullcontext():
         syncs = _train_step_syncs(name)
-    unexpected = [s for s in syncs if PENDING not in s]
-    assert not unexpected, f"{name}: {len(unexpected)} host sync(s) in a training step:\n" + "\n\n".join(unexpected)
+    assert not syncs, f"{name}: {len(syncs)} host sync(s) in a training step:\n" + "\n\n".join(syncs)
 
 
 def test_counter_sees_a_planted_sync():
