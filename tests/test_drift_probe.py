@@ -258,6 +258,37 @@ def test_results_file_follows_the_contract(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_interrupted_run_leaves_earlier_files_alone_fast(tmp_path, monkeypatch, capsys):
+    """Fast stand-in of the slow test below: Ctrl-C during the run writes nothing over what is there."""
+    (tmp_path / "drift.parquet").write_bytes(b"earlier results")
+    (tmp_path / "meta.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Probe, "run", interrupted)
+    assert main(TINY + ["--out", str(tmp_path)]) == 130
+    assert "interrupted: nothing written" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_trained_weights_are_cached_and_reused_fast(tmp_path, monkeypatch):
+    """Fast stand-in of the slow test below: one method's network, trained for 2 steps, is read back."""
+    monkeypatch.setitem(setups.TRAINING, "steps", 2)
+    real_load = setups.load_source
+    monkeypatch.setattr(setups, "load_source", lambda data, network: real_load(data, network).head(32))
+    argv = "--data digits --methods bn --group-sizes 4 --seeds 0 --steps 1 --burn-in 1 --no-progress --threads 1"
+    argv = argv.split() + ["--cache", str(tmp_path / "cache"), "--modes", "in-network", "--states", "trained-own"]
+    argv += ["--jobs", "1"]  # the monkeypatched training and data do not reach spawned processes
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    first, second = (json.loads((tmp_path / d / "meta.json").read_text())["training"] for d in "ab")
+    assert [r["cached"] for r in first] == [False] and [r["cached"] for r in second] == [True]
+    a, b = (DRIFT.read(tmp_path / d / "drift.parquet") for d in "ab")
+    pd.testing.assert_series_equal(a["value"], b["value"])  # the cached weights give the same results
+
+
 @pytest.mark.slow
 def test_interrupted_run_leaves_the_previous_results_and_no_temporary_file(tmp_path, monkeypatch, capsys):
     assert main(TINY + ["--out", str(tmp_path)]) == 0
