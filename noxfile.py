@@ -74,9 +74,9 @@ class TorchEnv:
         env = {**self.env, **kwargs.pop("env", {})}
         self.session.run(self.python, *args, env=env, external=True, **kwargs)
 
-    def run_install(self, *args: str) -> None:
+    def run_install(self, *args: str, **kwargs) -> None:
         """Like :meth:`run`, but an install step: it runs under ``--install-only`` too."""
-        self.session.run_install(self.python, *args, env=self.env, external=True)
+        self.session.run_install(self.python, *args, env=self.env, external=True, **kwargs)
 
 
 def _python_works(python: str) -> bool:
@@ -116,6 +116,10 @@ def torch_env(session: nox.Session, *extras: str) -> TorchEnv:
     stamp_file.unlink(missing_ok=True)  # an interrupted install must not look complete
     tenv.run_install("-m", "pip", "install", "--disable-pip-version-check", "--progress-bar=off", "-e", target)
     stamp_file.write_text(json.dumps({"pyproject": digest, "extras": want}) + "\n")
+    # Part of preparing the venv: compile the C++ kernels for it now (about a minute on 2 cores), so that the
+    # first test or probe run does not. A failed build is not an install failure: it says so, and the layers
+    # fall back to the Python Functions (exit status 1 of python -m bkn.kernels).
+    tenv.run_install("-m", "bkn.kernels", success_codes=[0, 1])
     return tenv
 
 
