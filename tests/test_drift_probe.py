@@ -262,15 +262,21 @@ def test_interrupted_run_leaves_earlier_files_alone_fast(tmp_path, monkeypatch, 
     """Fast stand-in of the slow test below: Ctrl-C during the run writes nothing over what is there."""
     (tmp_path / "drift.parquet").write_bytes(b"earlier results")
     (tmp_path / "meta.json").write_text("{}")
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _interrupt_and_check_nothing_written(tmp_path, monkeypatch, capsys)
+
+
+def _interrupt_and_check_nothing_written(out, monkeypatch, capsys):
+    """Ctrl-C in the probe's run: exit status 130, a message, and the files in ``out`` as they were."""
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def interrupted(self):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Probe, "run", interrupted)
-    assert main(TINY + ["--out", str(tmp_path)]) == 130
+    assert main(TINY + ["--out", str(out)]) == 130
     assert "interrupted: nothing written" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    return before
 
 
 def test_trained_weights_are_cached_and_reused_fast(tmp_path, monkeypatch):
@@ -292,15 +298,7 @@ def test_trained_weights_are_cached_and_reused_fast(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_interrupted_run_leaves_the_previous_results_and_no_temporary_file(tmp_path, monkeypatch, capsys):
     assert main(TINY + ["--out", str(tmp_path)]) == 0
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-
-    def interrupted(self):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Probe, "run", interrupted)
-    assert main(TINY + ["--out", str(tmp_path)]) == 130
-    assert "interrupted: nothing written" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    before = _interrupt_and_check_nothing_written(tmp_path, monkeypatch, capsys)
 
     # interrupted *while writing* the parquet file: half a file is written, then Ctrl-C
     monkeypatch.undo()
