@@ -72,14 +72,17 @@ def test_install_only_installs_and_runs_nothing(fake_env, session):
     assert installs[0].endswith("-e .[all]")
     # after the install, the kernels are compiled for the new venv; no probe, no report
     assert [c for c in calls if c.startswith("-m ") and not c.startswith("-m pip")] == ["-m bkn.kernels"], calls
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    assert json.loads(stamp.read_text()) == {"pyproject": digest, "extras": ["all"]}
+    assert json.loads(stamp.read_text()) == _valid_stamp()
+
+
+def _valid_stamp() -> dict:
+    """The stamp of a venv that holds ``.[all]`` installed from this pyproject.toml."""
+    return {"pyproject": hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest(), "extras": ["all"]}
 
 
 def test_install_only_with_a_valid_stamp_runs_nothing(fake_env):
     envdir, log, stamp = fake_env
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    stamp.write_text(json.dumps({"pyproject": digest, "extras": ["all"]}))
+    stamp.write_text(json.dumps(_valid_stamp()))
     done = _run(envdir, "-s", "convergence", "tests", "--install-only")
     assert done.returncode == 0, done.stdout + done.stderr
     assert [c for c in _calls(log) if c != "-c import sys"] == []  # neither pip nor the sessions' commands
@@ -98,8 +101,7 @@ def test_a_stale_stamp_reinstalls(fake_env):
 def test_the_main_job_runs_bench_both_probes_then_the_report(fake_env):
     """The report comes last, after every result it shows: timings, drift and training (the quick probe)."""
     envdir, log, stamp = fake_env
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    stamp.write_text(json.dumps({"pyproject": digest, "extras": ["all"]}))
+    stamp.write_text(json.dumps(_valid_stamp()))
     done = _run(envdir, "-s", "main", "--", "--fail-on-regression")
     assert done.returncode == 0, done.stdout + done.stderr
     calls = [c for c in _calls(log) if c.startswith("-m ") and not c.startswith("-m asv machine")]
