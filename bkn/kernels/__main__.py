@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .layers import _native
+from ..layers import _native
 
 
 def main(argv=None) -> int:
