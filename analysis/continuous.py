@@ -25,7 +25,11 @@ What it does, in order:
    prints the verdict table (paired-rounds t-test, see there), builds the HTML report
    (``python -m analysis.report --base --head``, whose Regressions section reads the
    rounds file) and exits 1 when a benchmark is slower by ``--threshold`` or more and
-   the difference is significant (``--alpha``), 2 on a usage or measurement error.
+   the difference is significant (``--alpha``), 2 on a usage or measurement error;
+5. before that verdict, the benchmarks the first rounds call a regression are timed again,
+   alone, in ``--confirm-rounds`` fresh rounds (default 6, same ABBA order), and stay a
+   regression only if those rounds alone say so too (:mod:`analysis.rounds`, "confirmation").
+   The cost is paid only when something is flagged.
 
 The git and checkout plumbing of steps 1-2 (revisions, worktrees' asv configs, the timer, the
 checkout check) is in :mod:`analysis.checkouts`; its names are importable from here too.
@@ -53,6 +57,7 @@ from .regressions import DEFAULT_THRESHOLD, threshold_arg
 
 DEFAULT_ROUNDS = 6
 DEFAULT_REPEAT = 5
+DEFAULT_CONFIRM_ROUNDS = 6
 
 
 def tracking_entries(only: str | None) -> list[tuple[str, tuple]]:
@@ -92,18 +97,23 @@ def _commit_values(results: pathlib.Path, commit: str) -> dict[tuple, tuple]:
     return out
 
 
-def wanted_keys(results: pathlib.Path, entries) -> set[tuple[str, str]]:
-    """(benchmark, param_key) of the tracking entries, with the parameter names asv's discovery recorded."""
+def entry_keys(results: pathlib.Path, entries) -> dict[tuple[str, str], tuple]:
+    """(benchmark, param_key) -> tracking entry, with the parameter names asv's discovery recorded."""
     from .asv_results import param_key
 
     benchmarks = load_benchmarks(results / "benchmarks.json", Messages(echo=False))
-    keys = set()
+    keys = {}
     for name, params in entries:
         names = list((benchmarks.get(name) or {}).get("param_names") or [])
         if len(names) != len(params):
             names = [f"param{i + 1}" for i in range(len(params))]  # as the loader names them
-        keys.add((name, param_key(names, tuple(params))))
+        keys[(name, param_key(names, tuple(params)))] = (name, params)
     return keys
+
+
+def wanted_keys(results: pathlib.Path, entries) -> set[tuple[str, str]]:
+    """(benchmark, param_key) of the tracking entries (:func:`entry_keys`)."""
+    return set(entry_keys(results, entries))
 
 
 def round_rows(before: dict, after: dict, wanted: set, *, replaced: bool, round_index: int, position: int, commit: str):
@@ -164,6 +174,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved rounds (each: both commits)")
     p.add_argument("--repeat", type=int, default=DEFAULT_REPEAT, help="samples per benchmark per round")
     p.add_argument(
+        "--confirm-rounds",
+        type=int,
+        default=DEFAULT_CONFIRM_ROUNDS,
+        help="rounds that time the benchmarks flagged by the first rounds again, alone; a regression must "
+        "show in them too (0: no confirmation)",
+    )
+    p.add_argument(
         "--timer",
         choices=("cpu", "wall"),
         default="cpu",
@@ -187,6 +204,11 @@ def _check_args(args) -> None:
         raise ValueError(f"--rounds must be at least {rounds_mod.MIN_ROUNDS} (the paired test needs them)")
     if args.repeat < 1:
         raise ValueError(f"--repeat must be a positive number of samples, got {args.repeat}")
+    if args.confirm_rounds != 0 and args.confirm_rounds < rounds_mod.MIN_ROUNDS:
+        raise ValueError(
+            f"--confirm-rounds must be 0 (no confirmation) or at least {rounds_mod.MIN_ROUNDS}, "
+            f"got {args.confirm_rounds}"
+        )
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -256,41 +278,63 @@ def measure(args, base: str, head: str, log) -> pd.DataFrame:
             subprocess.run([args.python, "-m", "asv", "machine", "--yes"], stdout=asv_log, stderr=asv_log, check=True)
             log(f"ready to time ({time.monotonic() - started:.0f} s)")
             rows: list[dict] = []
-            wanted: set = set()
-            for r in range(args.rounds):
+            keys: dict = {}
+
+            def run_round(r: int, stage: int, selected: list[str], wanted: set, total: int) -> None:
+                nonlocal keys
                 order = (base, head) if r % 2 == 0 else (head, base)
                 for position, sha in enumerate(order):
                     before = _commit_values(results, sha)
                     t0 = time.monotonic()
                     cmd = [args.python, "-m", "asv", "run", "--config", str(configs[sha]), "--python=same"]
                     cmd += [f"--set-commit-hash={sha}", "--record-samples", "--launch-method=forkserver"]
-                    cmd += ["-a", "rounds=1", "-a", f"repeat={args.repeat}", *bench]
+                    cmd += ["-a", "rounds=1", "-a", f"repeat={args.repeat}", *selected]
                     if r > 0:  # the first call replaces older samples of these benchmarks, later ones add
                         cmd.append("--append-samples")
-                    asv_log.write(f"\n### round {r + 1}, {sha[:10]}: {' '.join(cmd)}\n")
+                    asv_log.write(f"\n### round {r + 1} (stage {stage}), {sha[:10]}: {' '.join(cmd)}\n")
                     asv_log.flush()
                     rc = subprocess.run(cmd, env=envs[sha], stdout=asv_log, stderr=subprocess.STDOUT).returncode
-                    wanted = wanted or wanted_keys(results, entries)  # benchmarks.json exists after a first call
+                    keys = keys or entry_keys(results, entries)  # benchmarks.json exists after a first call
                     new = round_rows(
                         before,
                         _commit_values(results, sha),
-                        wanted,
+                        wanted or set(keys),
                         replaced=r == 0,
                         round_index=r,
                         position=position,
                         commit=sha,
                     )
+                    for row in new:
+                        row["stage"] = stage
                     rows.extend(new)
                     which = "base" if sha == base else "head"
                     log(
-                        f"round {r + 1}/{args.rounds} {which} {sha[:10]}: {len(new)} benchmarks in "
-                        f"{time.monotonic() - t0:.0f} s (total {time.monotonic() - started:.0f} s)"
+                        f"{'confirmation ' if stage else ''}round {r + 1}/{total} {which} {sha[:10]}: "
+                        f"{len(new)} benchmarks in {time.monotonic() - t0:.0f} s "
+                        f"(total {time.monotonic() - started:.0f} s)"
                         + (f"; asv exit status {rc}, see {log_file}" if rc else "")
                     )
                     if not new:
                         raise ValueError(
                             f"asv recorded no result for {sha[:10]} (asv exit status {rc}); see {log_file}"
                         )
+
+            for r in range(args.rounds):
+                run_round(r, 0, bench, set(), args.rounds)
+            frame = pd.DataFrame(rows).rename(columns={"_machine": "machine", "_env": "env_name"})
+            first = rounds_mod.paired_verdicts(frame, base, head, args.threshold, args.alpha)
+            first = first[first["verdict"] == "regression"]
+            flagged = set(zip(first["benchmark"], first["param_key"]))
+            if flagged and args.confirm_rounds:
+                again = [keys[k] for k in sorted(flagged) if k in keys]
+                log(
+                    f"{len(flagged)} benchmark(s) flagged by the first {args.rounds} rounds; timing them again, alone, "
+                    f"in {args.confirm_rounds} confirmation rounds: " + ", ".join(f"{b}{p}" for b, p in again)
+                )
+                selected = [a for s in selectors(again) for a in ("--bench", s)]
+                total = args.rounds + args.confirm_rounds
+                for r in range(args.rounds, total):
+                    run_round(r, 1, selected, flagged, total)
         finally:
             for path in checkouts.values():
                 git(repo, "worktree", "remove", "--force", str(path), check=False)
@@ -302,6 +346,7 @@ def measure(args, base: str, head: str, log) -> pd.DataFrame:
     rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
     meta = {
         "rounds_run": args.rounds,
+        "confirm_rounds": args.confirm_rounds,
         "repeat": args.repeat,
         "tracking": [list(e[:1]) + [list(e[1])] for e in entries],
         "seconds": round(time.monotonic() - started, 1),

@@ -20,6 +20,7 @@ VERDICT_ORDER = (
     "improvement",
     "faster (untested)",
     "not significant",
+    "not confirmed",  # analysis.rounds: flagged by the first rounds, not by the confirmation rounds
     "benchmark changed",
     "new",
     "removed",

@@ -142,6 +142,49 @@ def test_planted_slowdown_is_a_regression_and_drift_is_not(rng):
     assert p < 0.002 and np.median(head_samples) / np.median(base_samples) > 1.1
 
 
+def test_a_first_stage_regression_stands_only_if_the_confirmation_rounds_repeat_it(rng):
+    """Confirmation rounds (stage 1) are a replication: a real slowdown repeats, a burst of load does not."""
+    noise = lambda: math.exp(rng.normal(0, 0.02))  # noqa: E731
+    # First rounds: head 25% slower in every round (a burst that happened to land on head).
+    first = _rows(lambda r, pos, c, b, p: (1.25 if c == HEAD else 1.0) * noise(), benches=("b.T.time_x", "b.T.time_y"))
+    assert set(rounds.paired_verdicts(first, BASE, HEAD)["verdict"]) == {"regression"}
+
+    def confirmation(slowdown):
+        again = _rows(lambda r, pos, c, b, p: (slowdown if c == HEAD else 1.0) * noise(), benches=("b.T.time_x",))
+        return again.assign(round=again["round"] + 6, stage=1)
+
+    # x is timed again: unchanged there -> not confirmed; y had no confirmation rounds -> stays as it was.
+    table = rounds.paired_verdicts(pd.concat([first.assign(stage=0), confirmation(1.0)]), BASE, HEAD)
+    table = table.set_index("benchmark")
+    assert table.loc["b.T.time_x", "verdict"] == "not confirmed"
+    assert table.loc["b.T.time_x", "confirm_rounds"] == 6 and table.loc["b.T.time_x", "confirm_ratio"] < 1.05
+    assert table.loc["b.T.time_x", "ratio"] == pytest.approx(1.25, rel=0.05)  # the first stage's figures stay
+    assert table.loc["b.T.time_y", "verdict"] == "regression" and table.loc["b.T.time_y", "confirm_rounds"] == 0
+
+    # The slowdown repeats in the confirmation rounds -> regression, with the second test's figures.
+    table = rounds.paired_verdicts(pd.concat([first.assign(stage=0), confirmation(1.3)]), BASE, HEAD)
+    row = table.set_index("benchmark").loc["b.T.time_x"]
+    assert row["verdict"] == "regression" and row["confirm_ratio"] == pytest.approx(1.3, rel=0.05)
+    assert row["confirm_p_value"] < rounds.DEFAULT_ALPHA
+
+    # Stage-1 rows never create a verdict on their own (they exist only for flagged benchmarks).
+    quiet = _rows(lambda r, pos, c, b, p: noise())
+    again = confirmation(1.5).assign(benchmark="b.T.time_x")
+    assert rounds.paired_verdicts(pd.concat([quiet.assign(stage=0), again]), BASE, HEAD)["verdict"].tolist() == [
+        "unchanged"
+    ]
+
+
+def test_rounds_file_keeps_the_stage_and_reads_files_without_it(tmp_path):
+    rows = _rows(lambda r, pos, c, b, p: 1.0).drop(columns=["machine", "env_name"])
+    path = rounds.rounds_path(tmp_path, BASE, HEAD)
+    staged = rows.assign(stage=[0] * (len(rows) - 2) + [1, 1])
+    rounds.save(path, base=BASE, head=HEAD, machine="m", env_name="e", rows=staged.to_dict("records"), meta={})
+    assert rounds.load(path)[1]["stage"].tolist() == staged["stage"].tolist()
+    rounds.save(path, base=BASE, head=HEAD, machine="m", env_name="e", rows=rows.to_dict("records"), meta={})
+    assert (rounds.load(path)[1]["stage"] == 0).all()  # written before the field existed: first stage
+
+
 def test_verdicts_for_missing_values_and_too_few_rounds():
     def value(r, pos, c, b, p):
         if b == "b.T.time_failed" and c == HEAD:
@@ -237,6 +280,8 @@ def test_bad_arguments_are_errors(tmp_path, capsys):
     assert "same commit" in capsys.readouterr().err
     assert continuous.main(["--rounds", "2", "--no-report"]) == 2
     assert "--rounds must be at least 3" in capsys.readouterr().err
+    assert continuous.main(["--confirm-rounds", "2", "--no-report"]) == 2
+    assert "--confirm-rounds must be 0 (no confirmation) or at least 3" in capsys.readouterr().err
     assert continuous.main(["nosuchrev", "HEAD", "--no-report"]) == 2
     assert "does not know the revision 'nosuchrev'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="matches no entry"):

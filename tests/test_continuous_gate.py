@@ -7,7 +7,8 @@ analysis.continuous`` then times each pair with real asv runs on a part of the t
 subset (BRN and two methods it must not drag along, the copy reference): ``(base, slow)``
 must fail with BRN's benchmarks flagged and nothing else; ``(slow, comment)`` must pass.
 
-Slow (about 7 minutes on a busy 2-core machine: two sessions of 6 rounds x 2 commits).
+Slow (about 7 minutes on a busy 2-core machine: two sessions of 6 rounds x 2 commits, plus 6 confirmation
+rounds of the flagged benchmarks).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def _session(tmp_path: pathlib.Path, repo: pathlib.Path, base: str, head: str, n
     )
     header, frame = rounds.load(rounds.rounds_path(tmp_path / "rounds", base, head))
     table = rounds.paired_verdicts(frame, base, head)
+    # Confirmation rounds time exactly the benchmarks the first rounds flagged, and nothing else.
+    first = rounds.paired_verdicts(frame[frame["stage"] == 0], base, head)
+    flagged = set(zip(*(first.loc[first["verdict"] == "regression", c] for c in ("benchmark", "param_key"))))
+    again = frame[frame["stage"] == 1]
+    assert set(zip(again["benchmark"], again["param_key"])) == flagged
+    assert again["round"].nunique() == (header["confirm_rounds"] if flagged else 0)
     return code, table
 
 
@@ -59,6 +66,7 @@ def test_planted_slowdown_is_flagged_and_a_comment_edit_is_not(tmp_path):
     assert code == 1
     assert set(flagged["param_key"].str.split(",").str[0]) == {f"method={planted.SLOW_METHOD}"}
     assert len(flagged) == 2  # brn's forward+backward and its inference
+    assert (flagged["confirm_rounds"] == 6).all() and (flagged["confirm_ratio"] > 1.1).all()  # confirmed
     assert (table["verdict"] != "improvement").all()
 
     code, table = _session(tmp_path, tmp_path / "repo", commits["slow"], commits["comment"], "comment")
