@@ -1,0 +1,454 @@
+"""Triton kernels of the analytic transition (docs/design.md §4): the ReLU and convolution moment rules.
+
+The same operations as the Python reference (``bkn/transitions/activation_moments.py``,
+``convolution.py``) and the C++ twins (``bkn/csrc/analytic_relu_moments.cpp``,
+``analytic_conv_moments.cpp``), written for CUDA tensors (and CPU tensors in Triton's
+interpreter, ``TRITON_INTERPRET=1``, which must be set before this module is first imported:
+``triton.jit`` reads it when the kernels are defined). One launch a kernel, no host sync, no
+atomics (each program owns what it writes; sums run in a fixed order):
+
+* ``_relu_fwd`` / ``_relu_bwd``: the rectified Gaussian's moments over the (G, C) moments and
+  its closed-form gradient (recomputed from ``mean, var`` instead of saved);
+* ``_norm_relu_fwd`` / ``_norm_relu_bwd``: ReLU of a norm's affine output (plus independent
+  extra moments: a residual sum); the backward, one program per block of channels, loops over
+  the groups and also writes ``d gamma`` and ``d beta`` (sums over the groups);
+* ``_conv_fwd``: per block of output channels, one pass over its rows of ``W``: the tap sums
+  ``S1, S2`` (kept for the backward) and ``mean_out = mean @ S1^T``, ``var_out = var @ S2^T``;
+  grouped convolutions (``groups`` > 1, depthwise) read each output channel's input slice;
+* ``_conv_input_grads``: ``d mean = g_mean @ S1``, ``d var = g_var @ S2`` per block of input
+  channels (from the saved tap sums, 2/K of the weight);
+* ``_weight_grad``: ``dW = dS1 + 2 W dS2`` (broadcast over the taps) with ``dS1 = g_mean^T @ mean``,
+  ``dS2 = g_var^T @ var`` formed per tile (or given: the tap sums' own backward), optionally
+  added to a gradient already there (the deferred weight gradient, in place or not).
+
+Every launch goes through :func:`_launch`, which counts them (:data:`LAUNCHES`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+LAUNCHES = 0  # kernel launches so far (this module's); see _launch
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch ``kernel`` on ``grid``, counting it in :data:`LAUNCHES` (the one place this module launches)."""
+    global LAUNCHES
+    LAUNCHES += 1
+    kernel[grid](*args, **kwargs)
+
+
+_SQRT2 = tl.constexpr(math.sqrt(2.0))
+_SQRT_2PI = tl.constexpr(math.sqrt(2 * math.pi))
+_VAR_FLOOR = tl.constexpr(1e-20)  # activation_moments._VAR_FLOOR
+
+
+@triton.jit
+def _rectified(mean, var):
+    """The rectified Gaussian's moments and parts, op for op as ``_relu_moments_forward``."""
+    clamped = tl.maximum(var, _VAR_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # NaN stays, as clamp_min
+    if var.dtype.is_fp64():
+        std = tl.sqrt(clamped)  # IEEE in float64
+    else:
+        std = tl.sqrt_rn(clamped)  # tl.sqrt may be approximate in float32
+    a = mean / std
+    cdf = 0.5 * (1 + tl.erf(a / _SQRT2))
+    pdf = tl.exp(-0.5 * a * a) / _SQRT_2PI
+    first = mean * cdf + std * pdf
+    second = (mean * mean + var) * cdf + mean * std * pdf
+    raw = second - first * first
+    return std, cdf, pdf, first, raw
+
+
+@triton.jit
+def _rectified_grads(g_first, g_var, mean, var):
+    """``(d mean, d var)`` of the rectified Gaussian, op for op as ``_relu_moments_backward``."""
+    std, cdf, pdf, first, raw = _rectified(mean, var)
+    g_var = g_var * (raw > 0).to(g_var.dtype)
+    ds_dv = (var > _VAR_FLOOR).to(var.dtype) / (2 * std)
+    d_second_d_mean = 2 * mean * cdf + std * pdf + var * pdf / std
+    grad_mean = g_first * cdf + g_var * (d_second_d_mean - 2 * first * cdf)
+    grad_var = (g_first - 2 * g_var * first) * pdf * ds_dv + g_var * cdf
+    return grad_mean, grad_var
+
+
+@triton.jit
+def _relu_fwd(m_ptr, v_ptr, first_ptr, var_out_ptr, N, C, smg, smc, svg, svc, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < N
+    g, c = n // C, n % C
+    mean = tl.load(m_ptr + g * smg + c * smc, mask=mask, other=0).to(DTYPE)
+    var = tl.load(v_ptr + g * svg + c * svc, mask=mask, other=1).to(DTYPE)
+    std, cdf, pdf, first, raw = _rectified(mean, var)
+    tl.store(first_ptr + n, first, mask=mask)
+    tl.store(var_out_ptr + n, tl.maximum(raw, 0.0, propagate_nan=tl.PropagateNan.ALL), mask=mask)
+
+
+@triton.jit
+def _relu_bwd(gf_ptr, gv_ptr, m_ptr, v_ptr, dm_ptr, dv_ptr, N, C, sfg, sfc, sgg, sgc, smg, smc, svg, svc,
+              DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < N
+    g, c = n // C, n % C
+    g_first = tl.load(gf_ptr + g * sfg + c * sfc, mask=mask, other=0).to(DTYPE)
+    g_var = tl.load(gv_ptr + g * sgg + c * sgc, mask=mask, other=0).to(DTYPE)
+    mean = tl.load(m_ptr + g * smg + c * smc, mask=mask, other=0).to(DTYPE)
+    var = tl.load(v_ptr + g * svg + c * svc, mask=mask, other=1).to(DTYPE)
+    grad_mean, grad_var = _rectified_grads(g_first, g_var, mean, var)
+    tl.store(dm_ptr + n, grad_mean, mask=mask)
+    tl.store(dv_ptr + n, grad_var, mask=mask)
+
+
+@triton.jit
+def _eps(eps_hi, eps_mid, eps_lo, DTYPE: tl.constexpr):
+    """``eps`` in ``DTYPE`` from its three float32 parts (a float argument reaches a kernel as float32)."""
+    return eps_hi.to(DTYPE) + eps_mid.to(DTYPE) + eps_lo.to(DTYPE)
+
+
+@triton.jit
+def _affine_relu_inputs(var, w, b, em_ptr, ev_ptr, g, c, mask, semg, semc, sevg, sevc, eps, HAS_EXTRA: tl.constexpr):
+    """The ReLU's input moments: ``(beta [+ extra mean], gamma^2 v / (v + eps) [+ extra var], v / (v + eps))``."""
+    normalized = var / (var + eps)
+    mean = b
+    out_var = w * w * normalized
+    if HAS_EXTRA:
+        mean = mean + tl.load(em_ptr + g * semg + c * semc, mask=mask, other=0).to(var.dtype)
+        out_var = out_var + tl.load(ev_ptr + g * sevg + c * sevc, mask=mask, other=0).to(var.dtype)
+    return mean, out_var, normalized
+
+
+@triton.jit
+def _norm_relu_fwd(v_ptr, w_ptr, b_ptr, em_ptr, ev_ptr, first_ptr, var_out_ptr, N, C, svg, svc, sw, sb,
+                   semg, semc, sevg, sevc, eps_hi, eps_mid, eps_lo,
+                   HAS_EXTRA: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < N
+    g, c = n // C, n % C
+    eps = _eps(eps_hi, eps_mid, eps_lo, DTYPE)
+    var = tl.load(v_ptr + g * svg + c * svc, mask=mask, other=1).to(DTYPE)
+    w = tl.load(w_ptr + c * sw, mask=mask, other=0).to(DTYPE)
+    b = tl.load(b_ptr + c * sb, mask=mask, other=0).to(DTYPE)
+    mean, out_var, _ = _affine_relu_inputs(
+        var, w, b, em_ptr, ev_ptr, g, c, mask, semg, semc, sevg, sevc, eps, HAS_EXTRA
+    )
+    std, cdf, pdf, first, raw = _rectified(mean, out_var)
+    tl.store(first_ptr + n, first, mask=mask)
+    tl.store(var_out_ptr + n, tl.maximum(raw, 0.0, propagate_nan=tl.PropagateNan.ALL), mask=mask)
+
+
+@triton.jit
+def _norm_relu_bwd(gf_ptr, gv_ptr, v_ptr, w_ptr, b_ptr, em_ptr, ev_ptr, dv_ptr, dw_ptr, db_ptr, dem_ptr, dev_ptr,
+                   G, C, sfg, sfc, sgg, sgc, svg, svc, sw, sb, semg, semc, sevg, sevc, eps_hi, eps_mid, eps_lo,
+                   HAS_EXTRA: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    eps = _eps(eps_hi, eps_mid, eps_lo, DTYPE)
+    w = tl.load(w_ptr + c * sw, mask=mask, other=0).to(DTYPE)
+    b = tl.load(b_ptr + c * sb, mask=mask, other=0).to(DTYPE)
+    sum_w = tl.zeros((BLOCK,), dtype=DTYPE)
+    sum_b = tl.zeros((BLOCK,), dtype=DTYPE)
+    for g in range(0, G):  # the groups in order: d gamma and d beta are sums over them
+        var = tl.load(v_ptr + g * svg + c * svc, mask=mask, other=1).to(DTYPE)
+        g_first = tl.load(gf_ptr + g * sfg + c * sfc, mask=mask, other=0).to(DTYPE)
+        g_var = tl.load(gv_ptr + g * sgg + c * sgc, mask=mask, other=0).to(DTYPE)
+        mean, out_var, normalized = _affine_relu_inputs(
+            var, w, b, em_ptr, ev_ptr, g, c, mask, semg, semc, sevg, sevc, eps, HAS_EXTRA
+        )
+        d_mean, d_out_var = _rectified_grads(g_first, g_var, mean, out_var)
+        denom = var + eps
+        tl.store(dv_ptr + g * C + c, d_out_var * (w * w) * (eps / (denom * denom)), mask=mask)
+        if HAS_EXTRA:
+            tl.store(dem_ptr + g * C + c, d_mean, mask=mask)
+            tl.store(dev_ptr + g * C + c, d_out_var, mask=mask)
+        sum_w += d_out_var * normalized
+        sum_b += d_mean
+    tl.store(dw_ptr + c, 2 * w * sum_w, mask=mask)
+    tl.store(db_ptr + c, sum_b, mask=mask)
+
+
+@triton.jit
+def _conv_fwd(w_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, s1_ptr, s2_ptr, G, O, I, O_per, K, swo, swi, swk,
+              smg, smc, svg, svc, MOMENTS: tl.constexpr, DTYPE: tl.constexpr,
+              BG: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    # I: inputs per group (the weight's dim 1); output channel o reads inputs (o // O_per) * I + i
+    o = tl.program_id(0) * BO + tl.arange(0, BO)
+    o_mask = o < O
+    base = (o // O_per) * I
+    g = tl.arange(0, BG)
+    g_mask = g < G
+    k = tl.arange(0, BK)
+    acc_m = tl.zeros((BG, BO), dtype=DTYPE)
+    acc_v = tl.zeros((BG, BO), dtype=DTYPE)
+    for i0 in range(0, I, BI):
+        i = i0 + tl.arange(0, BI)
+        oi_mask = o_mask[:, None] & (i < I)[None, :]
+        w_mask = oi_mask[:, :, None] & (k < K)[None, None, :]
+        w = tl.load(w_ptr + o[:, None, None] * swo + i[None, :, None] * swi + k[None, None, :] * swk, mask=w_mask)
+        w = w.to(DTYPE)
+        s1 = tl.sum(w, axis=2)
+        s2 = tl.sum(w * w, axis=2)
+        tl.store(s1_ptr + o[:, None] * I + i[None, :], s1, mask=oi_mask)
+        tl.store(s2_ptr + o[:, None] * I + i[None, :], s2, mask=oi_mask)
+        if MOMENTS:
+            ch = base[:, None] + i[None, :]  # (BO, BI) input channels
+            gm_mask = g_mask[:, None, None] & oi_mask[None, :, :]
+            m = tl.load(m_ptr + g[:, None, None] * smg + ch[None, :, :] * smc, mask=gm_mask, other=0).to(DTYPE)
+            v = tl.load(v_ptr + g[:, None, None] * svg + ch[None, :, :] * svc, mask=gm_mask, other=0).to(DTYPE)
+            acc_m += tl.sum(m * s1[None, :, :], axis=2)
+            acc_v += tl.sum(v * s2[None, :, :], axis=2)
+    if MOMENTS:
+        out_mask = g_mask[:, None] & o_mask[None, :]
+        tl.store(mo_ptr + g[:, None] * O + o[None, :], acc_m, mask=out_mask)
+        tl.store(vo_ptr + g[:, None] * O + o[None, :], acc_v, mask=out_mask)
+
+
+@triton.jit
+def _conv_input_grads(s1_ptr, s2_ptr, gm_ptr, gv_ptr, dm_ptr, dv_ptr, G, O, I, O_per, C_in,
+                      sgmg, sgmo, sgvg, sgvo, DTYPE: tl.constexpr,
+                      BG: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    # input channel c = group * I + i gets sum over the group's O_per outputs o of g[., o] S[o, i]
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    c_mask = c < C_in
+    i = c % I
+    first_o = (c // I) * O_per
+    g = tl.arange(0, BG)
+    g_mask = g < G
+    acc_m = tl.zeros((BG, BC), dtype=DTYPE)
+    acc_v = tl.zeros((BG, BC), dtype=DTYPE)
+    for o0 in range(0, O_per, BO):
+        j = o0 + tl.arange(0, BO)
+        oc_mask = (j < O_per)[:, None] & c_mask[None, :]
+        o = first_o[None, :] + j[:, None]  # (BO, BC)
+        s1 = tl.load(s1_ptr + o * I + i[None, :], mask=oc_mask, other=0).to(DTYPE)
+        s2 = tl.load(s2_ptr + o * I + i[None, :], mask=oc_mask, other=0).to(DTYPE)
+        goc_mask = g_mask[:, None, None] & oc_mask[None, :, :]
+        gm = tl.load(gm_ptr + g[:, None, None] * sgmg + o[None, :, :] * sgmo, mask=goc_mask, other=0).to(DTYPE)
+        gv = tl.load(gv_ptr + g[:, None, None] * sgvg + o[None, :, :] * sgvo, mask=goc_mask, other=0).to(DTYPE)
+        acc_m += tl.sum(gm * s1[None, :, :], axis=1)
+        acc_v += tl.sum(gv * s2[None, :, :], axis=1)
+    out_mask = g_mask[:, None] & c_mask[None, :]
+    tl.store(dm_ptr + g[:, None] * C_in + c[None, :], acc_m, mask=out_mask)
+    tl.store(dv_ptr + g[:, None] * C_in + c[None, :], acc_v, mask=out_mask)
+
+
+@triton.jit
+def _weight_grad(w_ptr, a_ptr, x_ptr, b_ptr, y_ptr, base_ptr, out_ptr, G, O, I, O_per, K,
+                 swo, swi, swk, sbo, sbi, sbk, soo, soi, sok, sag, sao, sxg, sxc, sbg, sbo2, syg, syc,
+                 FACTORS: tl.constexpr, HAS_BASE: tl.constexpr, DTYPE: tl.constexpr,
+                 BG: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    # FACTORS: dS1[o, i] = sum_g a[g, o] x[g, ch], dS2 likewise from (b, y), ch = (o // O_per) * I + i;
+    # else a, b are dS1, dS2 themselves, (O, I) contiguous.
+    o = tl.program_id(0) * BO + tl.arange(0, BO)
+    i = tl.program_id(1) * BI + tl.arange(0, BI)
+    k = tl.arange(0, BK)
+    oi_mask = (o < O)[:, None] & (i < I)[None, :]
+    if FACTORS:
+        g = tl.arange(0, BG)
+        g_mask = g < G
+        ch = ((o // O_per) * I)[:, None] + i[None, :]
+        goi_mask = g_mask[:, None, None] & oi_mask[None, :, :]
+        go_mask = g_mask[:, None] & (o < O)[None, :]
+        a = tl.load(a_ptr + g[:, None] * sag + o[None, :] * sao, mask=go_mask, other=0).to(DTYPE)
+        b = tl.load(b_ptr + g[:, None] * sbg + o[None, :] * sbo2, mask=go_mask, other=0).to(DTYPE)
+        x = tl.load(x_ptr + g[:, None, None] * sxg + ch[None, :, :] * sxc, mask=goi_mask, other=0).to(DTYPE)
+        y = tl.load(y_ptr + g[:, None, None] * syg + ch[None, :, :] * syc, mask=goi_mask, other=0).to(DTYPE)
+        d1 = tl.sum(a[:, :, None] * x, axis=0)
+        d2 = tl.sum(b[:, :, None] * y, axis=0)
+    else:
+        d1 = tl.load(a_ptr + o[:, None] * I + i[None, :], mask=oi_mask, other=0).to(DTYPE)
+        d2 = tl.load(b_ptr + o[:, None] * I + i[None, :], mask=oi_mask, other=0).to(DTYPE)
+    w_mask = oi_mask[:, :, None] & (k < K)[None, None, :]
+    o3, i3, k3 = o[:, None, None], i[None, :, None], k[None, None, :]
+    w = tl.load(w_ptr + o3 * swo + i3 * swi + k3 * swk, mask=w_mask, other=0).to(DTYPE)
+    grad = d1[:, :, None] + 2 * w * d2[:, :, None]
+    if HAS_BASE:
+        grad = tl.load(base_ptr + o3 * sbo + i3 * sbi + k3 * sbk, mask=w_mask, other=0).to(DTYPE) + grad
+    tl.store(out_ptr + o3 * soo + i3 * soi + k3 * sok, grad, mask=w_mask)
+
+
+# -- host side: shapes, strides, blocks, launches ---------------------------------------------------------
+
+_DTYPES = {torch.float64: tl.float64}  # else the sums run in float32 (float16, bfloat16 inputs stored back)
+
+
+def _dtype(t: torch.Tensor):
+    return _DTYPES.get(t.dtype, tl.float32)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _budget() -> int:
+    """Elements a program's largest tile may hold: registers on a GPU, numpy arrays in the interpreter."""
+    return 1 << 16 if interpreting() else 1 << 12
+
+
+def _arg(t: torch.Tensor) -> torch.Tensor:
+    # The interpreter copies arguments through numpy, which refuses tensors that require grad.
+    return t.detach() if interpreting() and t.requires_grad else t
+
+
+def _eps_parts(eps: float) -> tuple[float, float, float]:
+    """``eps`` as three float32 values whose sum, formed in float64, is ``eps`` (float64 kernels need all its bits)."""
+    hi = float(np.float32(eps))
+    mid = float(np.float32(eps - hi))
+    return hi, mid, float(np.float32(eps - hi - mid))
+
+
+def _elementwise_block(n: int) -> int:
+    return min(_pow2(n), 1024)
+
+
+def relu_forward(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E relu X, Var relu X)`` for ``X ~ N(mean, var)``, (G, C) each: one launch."""
+    G, C = var.shape
+    first = torch.empty((G, C), dtype=var.dtype, device=var.device)
+    out_var = torch.empty_like(first)
+    block = _elementwise_block(G * C)
+    _launch(_relu_fwd, (triton.cdiv(G * C, block),), _arg(mean), _arg(var), first, out_var, G * C, C,
+            *mean.stride(), *var.stride(), DTYPE=_dtype(var), BLOCK=block)  # fmt: skip
+    return first, out_var
+
+
+def relu_backward(g_first, g_var, mean, var) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d mean, d var)`` of :func:`relu_forward`: one launch."""
+    G, C = var.shape
+    d_mean = torch.empty((G, C), dtype=var.dtype, device=var.device)
+    d_var = torch.empty_like(d_mean)
+    block = _elementwise_block(G * C)
+    _launch(_relu_bwd, (triton.cdiv(G * C, block),), g_first, g_var, _arg(mean), _arg(var), d_mean, d_var, G * C, C,
+            *g_first.stride(), *g_var.stride(), *mean.stride(), *var.stride(),
+            DTYPE=_dtype(var), BLOCK=block)  # fmt: skip
+    return d_mean, d_var
+
+
+def _extra_args(var, extra_mean, extra_var):
+    if extra_mean is None:
+        return var, var, (0, 0), (0, 0), False
+    return _arg(extra_mean), _arg(extra_var), extra_mean.stride(), extra_var.stride(), True
+
+
+def norm_relu_forward(var, weight, bias, eps: float, extra_mean=None, extra_var=None):
+    """Moments of ``relu`` of a norm's affine output (plus ``extra`` moments): one launch."""
+    G, C = var.shape
+    first = torch.empty((G, C), dtype=var.dtype, device=var.device)
+    out_var = torch.empty_like(first)
+    em, ev, sem, sev, has_extra = _extra_args(var, extra_mean, extra_var)
+    block = _elementwise_block(G * C)
+    _launch(_norm_relu_fwd, (triton.cdiv(G * C, block),), _arg(var), _arg(weight), _arg(bias), em, ev, first, out_var,
+            G * C, C, *var.stride(), weight.stride(0), bias.stride(0), *sem, *sev, *_eps_parts(eps),
+            HAS_EXTRA=has_extra, DTYPE=_dtype(var), BLOCK=block)  # fmt: skip
+    return first, out_var
+
+
+def norm_relu_backward(g_first, g_var, var, weight, bias, eps: float, extra_mean=None, extra_var=None):
+    """``(d var, d gamma, d beta, d extra_mean, d extra_var)`` of :func:`norm_relu_forward` (the last two
+    None without extra moments): one launch."""
+    G, C = var.shape
+    d_var = torch.empty((G, C), dtype=var.dtype, device=var.device)
+    d_weight = torch.empty(C, dtype=var.dtype, device=var.device)
+    d_bias = torch.empty_like(d_weight)
+    em, ev, sem, sev, has_extra = _extra_args(var, extra_mean, extra_var)
+    d_em = torch.empty_like(d_var) if has_extra else d_var
+    d_ev = torch.empty_like(d_var) if has_extra else d_var
+    block = min(_pow2(C), 256)
+    _launch(_norm_relu_bwd, (triton.cdiv(C, block),), g_first, g_var, _arg(var), _arg(weight), _arg(bias), em, ev,
+            d_var, d_weight, d_bias, d_em, d_ev, G, C, *g_first.stride(), *g_var.stride(), *var.stride(),
+            weight.stride(0), bias.stride(0), *sem, *sev, *_eps_parts(eps),
+            HAS_EXTRA=has_extra, DTYPE=_dtype(var), BLOCK=block)  # fmt: skip
+    return d_var, d_weight, d_bias, (d_em if has_extra else None), (d_ev if has_extra else None)
+
+
+def _taps(weight: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
+    """``(weight, O, I, K, stride of o, of i, of a tap)``: the taps as one strided run (else a contiguous copy)."""
+    if weight.dim() == 2:
+        return weight, *weight.shape, 1, *weight.stride(), 0
+    shape, stride = weight.shape, weight.stride()
+    taps = [(n, s) for n, s in zip(shape[2:], stride[2:]) if n != 1]
+    if any(s != taps[j + 1][1] * taps[j + 1][0] for j, (_, s) in enumerate(taps[:-1])):
+        weight = weight.contiguous()  # taps not one strided run (a permuted kernel): rare
+        return _taps(weight)
+    return weight, shape[0], shape[1], math.prod(shape[2:]), stride[0], stride[1], (taps[-1][1] if taps else 0)
+
+
+def _conv_blocks(G: int, O: int, I: int, K: int) -> tuple[int, int, int, int]:
+    """``(BG, BO, BI, BK)`` for the (BG, BO, BI) and (BO, BI, BK) tiles of the convolution kernels."""
+    budget = _budget()
+    bg, bk = _pow2(G), _pow2(K)
+    bo = min(_pow2(O), 16 if interpreting() else 4)
+    bi = min(_pow2(I), max(1, budget // (bo * max(bg, bk))))
+    return bg, bo, bi, bk
+
+
+def conv_forward(weight: torch.Tensor, mean=None, var=None, groups: int = 1):
+    """``(mean_out, var_out, S1, S2)`` of the convolution rule for a (O, I / groups, *k) weight and (G, I) moments
+    (``mean=None``: the tap sums only, the first two None): one launch, one pass over the weight."""
+    weight, O, I, K, swo, swi, swk = _taps(weight)
+    dtype, device = (var if var is not None else weight).dtype, weight.device
+    s1 = torch.empty((O, I), dtype=dtype, device=device)
+    s2 = torch.empty_like(s1)
+    moments = mean is not None
+    G = var.shape[0] if moments else 1
+    mo = torch.empty((G, O), dtype=dtype, device=device) if moments else s1
+    vo = torch.empty_like(mo) if moments else s1
+    m, v = (_arg(mean), _arg(var)) if moments else (s1, s1)
+    bg, bo, bi, bk = _conv_blocks(G, O, I, K)
+    _launch(_conv_fwd, (triton.cdiv(O, bo),), _arg(weight), m, v, mo, vo, s1, s2, G, O, I, O // groups, K,
+            swo, swi, swk, *m.stride(), *v.stride(), MOMENTS=moments, DTYPE=_dtype(s1),
+            BG=bg, BO=bo, BI=bi, BK=bk)  # fmt: skip
+    return (mo if moments else None), (vo if moments else None), s1, s2
+
+
+def conv_input_grads(s1, s2, g_mean, g_var, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d mean, d var)`` = ``(g_mean @ S1, g_var @ S2)`` per convolution group: one launch."""
+    O, I = s1.shape
+    G = g_mean.shape[0]
+    c_in = I * groups
+    d_mean = torch.empty((G, c_in), dtype=s1.dtype, device=s1.device)
+    d_var = torch.empty_like(d_mean)
+    bg = _pow2(G)
+    bc = min(_pow2(c_in), 64 if interpreting() else 16)
+    bo = min(_pow2(O // groups), max(1, _budget() // (bg * bc)))
+    _launch(_conv_input_grads, (triton.cdiv(c_in, bc),), s1, s2, g_mean, g_var, d_mean, d_var, G, O, I, O // groups,
+            c_in, *g_mean.stride(), *g_var.stride(), DTYPE=_dtype(s1), BG=bg, BO=bo, BC=bc)  # fmt: skip
+    return d_mean, d_var
+
+
+def weight_grad(weight, factors=None, sums=None, groups: int = 1, base=None, in_place: bool = False):
+    """``dS1 + 2 W dS2`` (broadcast over the taps), plus ``base`` where given (written into it with
+    ``in_place``), for ``factors = (g_mean, mean, g_var, var)`` (dS1 = g_mean^T @ mean per group,
+    dS2 likewise) or ``sums = (dS1, dS2)`` ((O, I) each): one launch, one pass over the weight."""
+    w, O, I, K, swo, swi, swk = _taps(weight)
+    out = base if in_place else torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    b = out if base is None else base
+    for t in (b, out):
+        if t.shape != weight.shape or _taps(t)[0] is not t:
+            raise ValueError(
+                f"weight_grad: a gradient of shape {tuple(t.shape)} and strides {t.stride()}: expected the weight's "
+                f"shape {tuple(weight.shape)} with its taps one strided run"
+            )
+    sbo, sbi, sbk = _taps(b)[4:]
+    soo, soi, sok = _taps(out)[4:]
+    if factors is not None:
+        a, x, bb, y = factors
+        G = a.shape[0]
+        args = (_arg(a), _arg(x), _arg(bb), _arg(y))
+        strides = (*a.stride(), *x.stride(), *bb.stride(), *y.stride())
+    else:
+        G = 1
+        d1, d2 = sums[0].contiguous(), sums[1].contiguous()
+        args, strides = (d1, d1, d2, d2), (0,) * 8
+    bg, bo, bi, bk = _conv_blocks(G, O, I, K)
+    grid = (triton.cdiv(O, bo), triton.cdiv(I, bi))
+    _launch(_weight_grad, grid, _arg(w), args[0], args[1], args[2], args[3], _arg(b), out, G, O, I, O // groups, K,
+            swo, swi, swk, sbo, sbi, sbk, soo, soi, sok, *strides, FACTORS=factors is not None,
+            HAS_BASE=base is not None, DTYPE=_dtype(out), BG=bg, BO=bo, BI=bi, BK=bk)  # fmt: skip
+    return out
