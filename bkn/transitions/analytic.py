@@ -196,18 +196,8 @@ class Analytic:
             raise Unsupported("transposed convolution")
         w = conv.weight.to(state.mean.dtype)
         taps = tuple(range(2, w.dim()))
-        groups, batch = conv.groups, state.mean.shape[0]
-        if groups == 1:  # one node: the tap sums and a matrix product each (see _ConvMoments)
-            mean, var = conv_moments(w, state.mean, state.var, deferred=self._weight_grads)
-        else:
-            w_sum, w2_sum = tap_sums(w)  # (O, I / groups)
-            out_c, in_per = w_sum.shape
-            mean_in = state.mean.reshape(batch, groups, in_per)
-            var_in = state.var.reshape(batch, groups, in_per)
-            w_sum = w_sum.reshape(groups, out_c // groups, in_per)
-            w2_sum = w2_sum.reshape(groups, out_c // groups, in_per)
-            mean = torch.einsum("bgi,goi->bgo", mean_in, w_sum).reshape(batch, out_c)
-            var = torch.einsum("bgi,goi->bgo", var_in, w2_sum).reshape(batch, out_c)
+        # one node (see _ConvMoments; the Triton kernels for any groups), or the tap sums and a product per group
+        mean, var = conv_moments(w, state.mean, state.var, deferred=self._weight_grads, groups=conv.groups)
         if conv.bias is not None:
             mean = mean + conv.bias.to(mean.dtype)
         n = len(taps)
