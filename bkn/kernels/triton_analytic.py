@@ -108,8 +108,9 @@ def _relu_bwd(gf_ptr, gv_ptr, m_ptr, v_ptr, dm_ptr, dv_ptr, N, C, sfg, sfc, sgg,
 
 @triton.jit
 def _eps(eps_hi, eps_mid, eps_lo, DTYPE: tl.constexpr):
-    """``eps`` in ``DTYPE`` from its three float32 parts (a float argument reaches a kernel as float32)."""
-    return eps_hi.to(DTYPE) + eps_mid.to(DTYPE) + eps_lo.to(DTYPE)
+    """``eps`` in ``DTYPE`` from its three float32 parts (a float argument reaches a kernel as float32; in the
+    interpreter as a Python float): summed in ``DTYPE``, exactly ``eps`` in float64."""
+    return tl.full((1,), 0, DTYPE) + eps_hi + eps_mid + eps_lo
 
 
 @triton.jit
@@ -152,8 +153,8 @@ def _norm_relu_bwd(gf_ptr, gv_ptr, v_ptr, w_ptr, b_ptr, em_ptr, ev_ptr, dv_ptr, 
     eps = _eps(eps_hi, eps_mid, eps_lo, DTYPE)
     w = tl.load(w_ptr + c * sw, mask=mask, other=0).to(DTYPE)
     b = tl.load(b_ptr + c * sb, mask=mask, other=0).to(DTYPE)
-    sum_w = tl.zeros((BLOCK,), dtype=DTYPE)
-    sum_b = tl.zeros((BLOCK,), dtype=DTYPE)
+    sum_w = tl.full((BLOCK,), 0, DTYPE)
+    sum_b = tl.full((BLOCK,), 0, DTYPE)
     for g in range(0, G):  # the groups in order: d gamma and d beta are sums over them
         var = tl.load(v_ptr + g * svg + c * svc, mask=mask, other=1).to(DTYPE)
         g_first = tl.load(gf_ptr + g * sfg + c * sfc, mask=mask, other=0).to(DTYPE)
@@ -184,8 +185,8 @@ def _conv_fwd(w_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, s1_ptr, s2_ptr, G, O, I, O_pe
     g = tl.arange(0, BG)
     g_mask = g < G
     k = tl.arange(0, BK)
-    acc_m = tl.zeros((BG, BO), dtype=DTYPE)
-    acc_v = tl.zeros((BG, BO), dtype=DTYPE)
+    acc_m = tl.full((BG, BO), 0, DTYPE)
+    acc_v = tl.full((BG, BO), 0, DTYPE)
     for i0 in range(0, I, BI):
         i = i0 + tl.arange(0, BI)
         oi_mask = o_mask[:, None] & (i < I)[None, :]
@@ -220,8 +221,8 @@ def _conv_input_grads(s1_ptr, s2_ptr, gm_ptr, gv_ptr, dm_ptr, dv_ptr, G, O, I, O
     first_o = (c // I) * O_per
     g = tl.arange(0, BG)
     g_mask = g < G
-    acc_m = tl.zeros((BG, BC), dtype=DTYPE)
-    acc_v = tl.zeros((BG, BC), dtype=DTYPE)
+    acc_m = tl.full((BG, BC), 0, DTYPE)
+    acc_v = tl.full((BG, BC), 0, DTYPE)
     for o0 in range(0, O_per, BO):
         j = o0 + tl.arange(0, BO)
         oc_mask = (j < O_per)[:, None] & c_mask[None, :]
