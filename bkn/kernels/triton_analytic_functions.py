@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import triton_analytic as kernels
+from . import triton_analytic_launch as kernels
 
 
 class ReluMoments(torch.autograd.Function):
