@@ -188,8 +188,8 @@ def _conv_fwd(w_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, s1_ptr, s2_ptr, G, O, I, O_pe
         i = i0 + tl.arange(0, BI)
         oi_mask = o_mask[:, None] & (i < I)[None, :]
         w_mask = oi_mask[:, :, None] & (k < K)[None, None, :]
-        w = tl.load(w_ptr + o[:, None, None] * swo + i[None, :, None] * swi + k[None, None, :] * swk, mask=w_mask)
-        w = w.to(DTYPE)
+        w_at = w_ptr + o[:, None, None] * swo + i[None, :, None] * swi + k[None, None, :] * swk
+        w = tl.load(w_at, mask=w_mask, other=0).to(DTYPE)  # masked lanes 0: they enter the sums
         s1 = tl.sum(w, axis=2)
         s2 = tl.sum(w * w, axis=2)
         tl.store(s1_ptr + o[:, None] * I + i[None, :], s1, mask=oi_mask)
