@@ -40,7 +40,7 @@ def _close(got, want, dtype):
     """Equal to float rounding: ``rtol``, and ``atol`` relative to the tensor's largest value (a gradient
     that is a difference of larger terms keeps their absolute rounding error, not its own relative one)."""
     tol = TOL[dtype]
-    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    scale = max(1.0, float(want.detach().abs().max())) if want.numel() else 1.0
     torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
