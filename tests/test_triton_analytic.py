@@ -129,6 +129,26 @@ def test_conv_moments_channels_last_weight(fns):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("groups,extra", [(1, False), (2, True)])
+def test_norm_relu_then_conv_as_one_node(fns, dtype, groups, extra):
+    """The fused node (a convolution right after a norm and a ReLU) equals the two reference rules in turn."""
+    batch, channels, out_c, eps = 3, 6, 5 * groups, 1e-5
+    var = torch.rand(batch, channels, dtype=dtype) + 1e-3
+    w_n, b_n = torch.randn(channels, dtype=dtype), torch.randn(channels, dtype=dtype)
+    weight = torch.randn(out_c, channels // groups, 3, 3, dtype=dtype)
+    more = list(_moments(batch, channels, dtype)) if extra else []
+
+    def reference(v, w, b, conv_w, *more):
+        first, relu_var = _NormReluMoments.apply(v, w, b, eps, False, *(more or (None, None)))
+        return convolution.conv_moments(conv_w, first, relu_var, compiled=False, groups=groups)
+
+    def triton(v, w, b, conv_w, *more):
+        return fns.norm_relu_conv_moments(v, w, b, eps, *(more or (None, None)), conv_w, groups)
+
+    _compare(triton, reference, [var, w_n, b_n, weight, *more], dtype)
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 def test_deferred_weight_grad_adds_the_rule_to_a_gradient(fns, in_place):
     """The deferred weight gradient: ``grad + dS1 + 2 W dS2`` in one pass, in place or not."""
@@ -239,4 +259,4 @@ def test_kernels_compile_for_a_gpu_target():
         [sys.executable, "tests/triton_compile.py"], cwd=root, env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok ") == 14
+    assert run.stdout.count("ok ") == 16

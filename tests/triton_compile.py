@@ -27,6 +27,7 @@ def _cases(dtype):
         k._norm_relu_bwd: dict(DTYPE=dtype, BLOCK=256, HAS_EXTRA=False),
         k._conv_fwd: dict(DTYPE=dtype, MOMENTS=True, BG=4, BO=4, BI=64, BK=16),
         k._conv_input_grads: dict(DTYPE=dtype, BG=4, BO=64, BC=16),
+        k._conv_norm_relu_grads: dict(DTYPE=dtype, BG=4, BO=64, BC=16, HAS_EXTRA=True),
         k._weight_grad: dict(DTYPE=dtype, FACTORS=True, HAS_BASE=True, BG=4, BO=4, BI=64, BK=16),
     }
 

@@ -16,7 +16,8 @@ atomics (each program owns what it writes; sums run in a fixed order):
   ``S1, S2`` (kept for the backward) and ``mean_out = mean @ S1^T``, ``var_out = var @ S2^T``;
   grouped convolutions (``groups`` > 1, depthwise) read each output channel's input slice;
 * ``_conv_input_grads``: ``d mean = g_mean @ S1``, ``d var = g_var @ S2`` per block of input
-  channels (from the saved tap sums, 2/K of the weight);
+  channels (from the saved tap sums, 2/K of the weight); ``_conv_norm_relu_grads``: the same, carried
+  on through the norm-ReLU rule in the same program (a convolution right after a norm and a ReLU);
 * ``_weight_grad``: ``dW = dS1 + 2 W dS2`` (broadcast over the taps) with ``dS1 = g_mean^T @ mean``,
   ``dS2 = g_var^T @ var`` formed per tile (or given: the tap sums' own backward), optionally
   added to a gradient already there (the deferred weight gradient, in place or not).
@@ -208,16 +209,12 @@ def _conv_fwd(w_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, s1_ptr, s2_ptr, G, O, I, O_pe
 
 
 @triton.jit
-def _conv_input_grads(s1_ptr, s2_ptr, gm_ptr, gv_ptr, dm_ptr, dv_ptr, G, O, I, O_per, C_in,
-                      sgmg, sgmo, sgvg, sgvo, DTYPE: tl.constexpr,
-                      BG: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-    # input channel c = group * I + i gets sum over the group's O_per outputs o of g[., o] S[o, i]
-    c = tl.program_id(0) * BC + tl.arange(0, BC)
-    c_mask = c < C_in
+def _input_grad_sums(s1_ptr, s2_ptr, gm_ptr, gv_ptr, c, c_mask, g, g_mask, I, O_per, sgmg, sgmo, sgvg, sgvo,
+                     DTYPE: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    """``(g_mean @ S1, g_var @ S2)`` at input channels ``c`` (BG, BC): channel c = group * I + i gets the sum
+    over its group's O_per outputs o of ``g[., o] S[o, i]``, in o order."""
     i = c % I
     first_o = (c // I) * O_per
-    g = tl.arange(0, BG)
-    g_mask = g < G
     acc_m = tl.full((BG, BC), 0, DTYPE)
     acc_v = tl.full((BG, BC), 0, DTYPE)
     for o0 in range(0, O_per, BO):
@@ -231,9 +228,61 @@ def _conv_input_grads(s1_ptr, s2_ptr, gm_ptr, gv_ptr, dm_ptr, dv_ptr, G, O, I, O
         gv = tl.load(gv_ptr + g[:, None, None] * sgvg + o[None, :, :] * sgvo, mask=goc_mask, other=0).to(DTYPE)
         acc_m += tl.sum(gm * s1[None, :, :], axis=1)
         acc_v += tl.sum(gv * s2[None, :, :], axis=1)
+    return acc_m, acc_v
+
+
+@triton.jit
+def _conv_input_grads(s1_ptr, s2_ptr, gm_ptr, gv_ptr, dm_ptr, dv_ptr, G, O, I, O_per, C_in,
+                      sgmg, sgmo, sgvg, sgvo, DTYPE: tl.constexpr,
+                      BG: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    c_mask = c < C_in
+    g = tl.arange(0, BG)
+    g_mask = g < G
+    acc_m, acc_v = _input_grad_sums(
+        s1_ptr, s2_ptr, gm_ptr, gv_ptr, c, c_mask, g, g_mask, I, O_per, sgmg, sgmo, sgvg, sgvo, DTYPE, BG, BO, BC
+    )
     out_mask = g_mask[:, None] & c_mask[None, :]
     tl.store(dm_ptr + g[:, None] * C_in + c[None, :], acc_m, mask=out_mask)
     tl.store(dv_ptr + g[:, None] * C_in + c[None, :], acc_v, mask=out_mask)
+
+
+@triton.jit
+def _conv_norm_relu_grads(s1_ptr, s2_ptr, gm_ptr, gv_ptr, v_ptr, w_ptr, b_ptr, em_ptr, ev_ptr,
+                          dv_ptr, dw_ptr, db_ptr, dem_ptr, dev_ptr, G, O, I, O_per, C_in, sgmg, sgmo, sgvg, sgvo,
+                          svg, svc, sw, sb, semg, semc, sevg, sevc, eps_hi, eps_mid, eps_lo,
+                          HAS_EXTRA: tl.constexpr, DTYPE: tl.constexpr,
+                          BG: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    # The convolution rule's input gradients, which are the ReLU moments' output gradients, carried on
+    # through the norm-ReLU rule at once: a program holds every group of its channels, so d gamma and
+    # d beta (sums over the groups) are its own.
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    c_mask = c < C_in
+    g = tl.arange(0, BG)
+    g_mask = g < G
+    g_first, g_var = _input_grad_sums(
+        s1_ptr, s2_ptr, gm_ptr, gv_ptr, c, c_mask, g, g_mask, I, O_per, sgmg, sgmo, sgvg, sgvo, DTYPE, BG, BO, BC
+    )
+    eps = _eps(eps_hi, eps_mid, eps_lo, DTYPE)
+    gc_mask = g_mask[:, None] & c_mask[None, :]
+    g2, c2 = g[:, None], c[None, :]
+    var = tl.load(v_ptr + g2 * svg + c2 * svc, mask=gc_mask, other=1).to(DTYPE)
+    w = tl.load(w_ptr + c2 * sw, mask=c_mask[None, :], other=0).to(DTYPE)
+    b = tl.load(b_ptr + c2 * sb, mask=c_mask[None, :], other=0).to(DTYPE)
+    mean, out_var, normalized = _affine_relu_inputs(
+        var, w, b, em_ptr, ev_ptr, g2, c2, gc_mask, semg, semc, sevg, sevc, eps, HAS_EXTRA
+    )
+    d_mean, d_out_var = _rectified_grads(g_first, g_var, mean, out_var)
+    denom = var + eps
+    tl.store(dv_ptr + g2 * C_in + c2, d_out_var * (w * w) * (eps / (denom * denom)), mask=gc_mask)
+    if HAS_EXTRA:
+        tl.store(dem_ptr + g2 * C_in + c2, d_mean, mask=gc_mask)
+        tl.store(dev_ptr + g2 * C_in + c2, d_out_var, mask=gc_mask)
+    sum_w = tl.sum(tl.where(gc_mask, d_out_var * normalized, 0.0), axis=0)
+    sum_b = tl.sum(tl.where(gc_mask, d_mean, 0.0), axis=0)
+    w1 = tl.load(w_ptr + c * sw, mask=c_mask, other=0).to(DTYPE)
+    tl.store(dw_ptr + c, 2 * w1 * sum_w, mask=c_mask)
+    tl.store(db_ptr + c, sum_b, mask=c_mask)
 
 
 @triton.jit

@@ -13,6 +13,8 @@ the Python reference up to rounding (``tests/test_triton_analytic*.py``):
   the latter left to the weight's hook where the transition's :class:`DeferredWeightGrads`
   takes it (one group: the hook adds the rule's part to the convolution's own ``dW`` in the
   same single pass, :func:`add_weight_grad`);
+* :class:`NormReluConvMoments`: a convolution right after a norm and a ReLU (the usual case), forward 2,
+  backward 1 for every input gradient but the weight's and 1 for ``dW`` (deferred as above);
 * :class:`TapSums`: forward 1, backward 1.
 
 Importing this module imports triton (and defines the kernels): the transitions import it
@@ -110,6 +112,45 @@ class ConvMoments(torch.autograd.Function):
         return grad_w, grad_mean if need_mean else None, grad_var if need_var else None, None, None
 
 
+class NormReluConvMoments(torch.autograd.Function):
+    """A convolution right after ``relu`` of a norm's affine output (plus extra moments): the norm-ReLU rule,
+    then the convolution rule, as one node. Forward: the two kernels (the ReLU moments kept for the
+    weight gradient); backward: one kernel for every input gradient but the weight's
+    (``_conv_norm_relu_grads``) and one pass over ``W`` for that (deferred as in :class:`ConvMoments`)."""
+
+    @staticmethod
+    def forward(ctx, var, weight_n, bias_n, eps, extra_mean, extra_var, weight, groups, deferred=None):
+        first, relu_var = kernels.norm_relu_forward(var, weight_n, bias_n, eps, extra_mean, extra_var)
+        mean_out, var_out, s1, s2 = kernels.conv_forward(weight, first, relu_var, groups)
+        ctx.eps, ctx.groups, ctx.deferred = eps, groups, deferred
+        ctx.save_for_backward(var, weight_n, bias_n, extra_mean, extra_var, weight, first, relu_var, s1, s2)
+        return mean_out, var_out
+
+    @staticmethod
+    @once_differentiable  # as the norm-ReLU rule's reference (_NormReluMoments)
+    def backward(ctx, g_mean, g_var):
+        var, weight_n, bias_n, extra_mean, extra_var, weight, first, relu_var, s1, s2 = ctx.saved_tensors
+        needs, groups = ctx.needs_input_grad, ctx.groups
+        d_var, d_wn, d_bn, d_em, d_ev = kernels.conv_norm_relu_grads(
+            s1, s2, g_mean, g_var, groups, var, weight_n, bias_n, ctx.eps, extra_mean, extra_var
+        )
+        grad_w = None
+        factors = (g_mean, first, g_var, relu_var)
+        if needs[6] and not (groups == 1 and ctx.deferred is not None and ctx.deferred.defer(weight, factors)):
+            grad_w = kernels.weight_grad(weight, factors=factors, groups=groups)
+        return (
+            d_var if needs[0] else None,
+            d_wn if needs[1] else None,
+            d_bn if needs[2] else None,
+            None,
+            d_em if needs[4] else None,
+            d_ev if needs[5] else None,
+            grad_w,
+            None,
+            None,
+        )
+
+
 class TapSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight):
@@ -135,6 +176,10 @@ def norm_relu_moments(var, weight, bias, eps, extra_mean=None, extra_var=None):
 
 def conv_moments(weight, mean, var, groups: int = 1, deferred=None):
     return ConvMoments.apply(weight, mean, var, groups, deferred)
+
+
+def norm_relu_conv_moments(var, weight_n, bias_n, eps, extra_mean, extra_var, weight, groups: int = 1, deferred=None):
+    return NormReluConvMoments.apply(var, weight_n, bias_n, eps, extra_mean, extra_var, weight, groups, deferred)
 
 
 def tap_sums(weight):

@@ -341,3 +341,27 @@ def weight_grad(weight, factors=None, sums=None, groups: int = 1, base=None, in_
         BK=bk,
     )
     return out
+
+
+def conv_norm_relu_grads(s1, s2, g_mean, g_var, groups, var, weight, bias, eps: float, extra_mean=None, extra_var=None):
+    """The gradients of the norm-ReLU rule's inputs (as :func:`norm_relu_backward`) through the convolution rule
+    after it (as :func:`conv_input_grads`), from the convolution's output gradients: one launch."""
+    O, I = s1.shape
+    G, c_in = var.shape
+    d_var = torch.empty((G, c_in), dtype=var.dtype, device=var.device)
+    d_weight = torch.empty(c_in, dtype=var.dtype, device=var.device)
+    d_bias = torch.empty_like(d_weight)
+    em, ev, sem, sev, has_extra = _extra_args(var, extra_mean, extra_var)
+    d_em = torch.empty_like(d_var) if has_extra else d_var
+    d_ev = torch.empty_like(d_var) if has_extra else d_var
+    bg = _pow2(G)
+    bc = min(_pow2(c_in), 64 if interpreting() else 16)
+    bo = min(_pow2(O // groups), max(1, _budget() // (bg * bc)))
+    kern._launch(
+        kern._conv_norm_relu_grads,
+        (triton.cdiv(c_in, bc),),
+        s1, s2, g_mean, g_var, _arg(var), _arg(weight), _arg(bias), em, ev, d_var, d_weight, d_bias, d_em, d_ev,
+        G, O, I, O // groups, c_in, *g_mean.stride(), *g_var.stride(), *var.stride(), weight.stride(0),
+        bias.stride(0), *sem, *sev, *_eps_parts(eps), HAS_EXTRA=has_extra, DTYPE=_dtype(var), BG=bg, BO=bo, BC=bc,
+    )  # fmt: skip
+    return d_var, d_weight, d_bias, (d_em if has_extra else None), (d_ev if has_extra else None)

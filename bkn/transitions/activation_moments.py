@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from ..layers import _native
 from . import _backend
-from .state import Moments, NormOutput, affine_output_moments
+from .state import Moments, NormOutput, _LazyMoments, affine_output_moments
 
 _SQRT2 = math.sqrt(2.0)
 _VAR_FLOOR = 1e-20  # the variance a standard deviation is taken of, at least (a point mass has none)
@@ -169,6 +169,29 @@ def norm_relu_moments(state: NormOutput, compiled: bool = True, extra: Moments |
     return _NormReluMoments.apply(
         state.posterior_var, state.weight, state.bias, state.eps, compiled, extra_mean, extra_var
     )
+
+
+class NormReluOutput(_LazyMoments):
+    """``relu`` of a norm's affine output (:class:`NormOutput`) plus ``extra`` moments (or None), kept as
+    those parts where the rules run as Triton kernels: a convolution right after it takes the
+    norm-ReLU and convolution rules as one node
+    (:class:`bkn.kernels.triton_analytic_functions.NormReluConvMoments`); anything else forms the
+    moments with :func:`norm_relu_moments` on first use."""
+
+    def __init__(self, norm: NormOutput, extra: Moments | None, spatial=()):
+        self.norm, self.extra, self.spatial = norm, extra, tuple(spatial)
+
+    def _form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return norm_relu_moments(self.norm, extra=self.extra)
+
+    @property
+    def channels(self) -> int:
+        return self.norm.channels
+
+    @property
+    def formed(self) -> bool:
+        """Whether the moments were formed already (a convolution then uses them)."""
+        return self._moments is not None
 
 
 # Elementwise activations propagated by quadrature (:func:`elementwise_moments`), through the
