@@ -85,7 +85,7 @@ def _relu_moments_forward(mean, var, compiled: bool):
 def _relu_moments_backward(compiled: bool, saved, g_first, g_var) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d mean, d var)`` of :class:`_ReluMoments` from its saved tensors (see its docstring)."""
     mean, var, std, cdf, pdf, first, raw = saved
-    native = _backend.native(mean, compiled)
+    native = _native.load() if compiled else None  # compiled: the forward ran the compiled kernel
     if native is not None:  # (autograd hands zeros, not None, for an unused output)
         grads = native.relu_moments_backward(
             g_first.contiguous(), g_var.contiguous(), mean, var, std, cdf, pdf, first, raw
