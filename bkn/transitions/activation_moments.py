@@ -23,7 +23,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..layers import _native
-from .state import Moments, NormOutput, affine_output_moments
+from . import _backend
+from .state import Moments, NormOutput, _LazyMoments, affine_output_moments
 
 _SQRT2 = math.sqrt(2.0)
 _VAR_FLOOR = 1e-20  # the variance a standard deviation is taken of, at least (a point mass has none)
@@ -64,7 +65,7 @@ class _ReluMoments(torch.autograd.Function):
 
 def _relu_moments_forward(mean, var, compiled: bool):
     """``(first, var_out, saved tensors, compiled)`` of :class:`_ReluMoments` (see its docstring)."""
-    native = _native.load() if compiled else None
+    native = _backend.native(mean, compiled)
     if native is not None:  # the same formula in one loop (bkn/csrc/analytic_relu_moments.cpp), if it takes these
         m, v = mean.contiguous(), var.contiguous()  # a norm's output mean is its bias, expanded
         out = native.relu_moments_forward(m, v)
@@ -84,7 +85,7 @@ def _relu_moments_forward(mean, var, compiled: bool):
 def _relu_moments_backward(compiled: bool, saved, g_first, g_var) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d mean, d var)`` of :class:`_ReluMoments` from its saved tensors (see its docstring)."""
     mean, var, std, cdf, pdf, first, raw = saved
-    native = _native.load() if compiled else None
+    native = _native.load() if compiled else None  # compiled: the forward ran the compiled kernel
     if native is not None:  # (autograd hands zeros, not None, for an unused output)
         grads = native.relu_moments_backward(
             g_first.contiguous(), g_var.contiguous(), mean, var, std, cdf, pdf, first, raw
@@ -150,11 +151,17 @@ def norm_relu_moments(state: NormOutput, compiled: bool = True, extra: Moments |
     """Mean and variance of ``relu`` of a norm's affine output, plus ``extra`` (independent moments
     added before the ReLU) where given, as one autograd node (see :class:`_NormReluMoments`).
 
+    Where ``bkn.kernels.backend_for`` says ``triton``: the Triton kernels (one launch each way).
     Compiled (``compiled`` and the kernels take these tensors: CPU float32/float64): the node in
     C++ (``NormReluMomentsFn`` in ``bkn/csrc/analytic_relu_moments.cpp``, one loop each way,
     ``norm_relu_moments_forward`` / ``_backward``), else the Python Function."""
     extra_mean, extra_var = (None, None) if extra is None else (extra.mean, extra.var)
-    native = _native.load() if compiled else None
+    which = _backend.backend(state.posterior_var, compiled)
+    if which == "triton":  # one launch each way (bkn/kernels/triton_analytic.py)
+        return _backend.triton_functions().norm_relu_moments(
+            state.posterior_var, state.weight, state.bias, state.eps, extra_mean, extra_var
+        )
+    native = _native.load() if which == "native" else None
     if native is not None:  # [] where the kernels do not take these tensors
         out = native.norm_relu_moments(state.posterior_var, state.weight, state.bias, state.eps, extra_mean, extra_var)
         if out:
@@ -162,6 +169,29 @@ def norm_relu_moments(state: NormOutput, compiled: bool = True, extra: Moments |
     return _NormReluMoments.apply(
         state.posterior_var, state.weight, state.bias, state.eps, compiled, extra_mean, extra_var
     )
+
+
+class NormReluOutput(_LazyMoments):
+    """``relu`` of a norm's affine output (:class:`NormOutput`) plus ``extra`` moments (or None), kept as
+    those parts where the rules run as Triton kernels: a convolution right after it takes the
+    norm-ReLU and convolution rules as one node
+    (:class:`bkn.kernels.triton_analytic_functions.NormReluConvMoments`); anything else forms the
+    moments with :func:`norm_relu_moments` on first use."""
+
+    def __init__(self, norm: NormOutput, extra: Moments | None, spatial=()):
+        self.norm, self.extra, self.spatial = norm, extra, tuple(spatial)
+
+    def _form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return norm_relu_moments(self.norm, extra=self.extra)
+
+    @property
+    def channels(self) -> int:
+        return self.norm.channels
+
+    @property
+    def formed(self) -> bool:
+        """Whether the moments were formed already (a convolution then uses them)."""
+        return self._moments is not None
 
 
 # Elementwise activations propagated by quadrature (:func:`elementwise_moments`), through the
@@ -240,5 +270,8 @@ def clip_moments(mean: torch.Tensor, var: torch.Tensor, low: float, high: float)
 def relu_moments(mean: torch.Tensor, var: torch.Tensor, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of ReLU(x), x ~ N(mean, var), elementwise (the rectified Gaussian).
 
-    ``compiled=False`` forces the Python implementation (the reference)."""
+    ``compiled=False`` forces the Python implementation (the reference); where ``bkn.kernels.backend_for``
+    says ``triton``, the Triton kernels run it (one launch each way)."""
+    if compiled and _backend.backend(mean) == "triton":
+        return _backend.triton_functions().relu_moments(mean, var)
     return _ReluMoments.apply(mean, var, compiled)

@@ -37,10 +37,12 @@ import torch
 from torch import nn
 
 # The rules live one job a file; their public names are re-exported here, where they always were.
+from . import _backend
 from .activation_moments import (
     _SQRT2,
     ELEMENTWISE,
     QUADRATURE_NODES,
+    NormReluOutput,
     clip_moments,
     elementwise_moments,
     norm_relu_moments,
@@ -162,10 +164,12 @@ class Analytic:
         return m.mean, m.var
 
     def relu(self, state: Moments) -> Moments:
-        if isinstance(state, NormOutput):  # relu right after a norm: one node (see _NormReluMoments)
-            return Moments(*norm_relu_moments(state), state.spatial)
-        if isinstance(state, NormOutputSum):  # relu of a residual sum with a norm's output: one node too
-            return Moments(*norm_relu_moments(state.norm, extra=state.other), state.spatial)
+        if isinstance(state, (NormOutput, NormOutputSum)):
+            # relu right after a norm, or of a residual sum with a norm's output: one node (see _NormReluMoments)
+            norm, extra = (state, None) if isinstance(state, NormOutput) else (state.norm, state.other)
+            if _backend.backend(norm.posterior_var) == "triton":  # kept: a convolution next fuses both rules
+                return NormReluOutput(norm, extra, state.spatial)
+            return Moments(*norm_relu_moments(norm, extra=extra), state.spatial)
         return Moments(*relu_moments(state.mean, state.var), state.spatial)
 
     def add(self, a, b) -> Moments:
@@ -194,20 +198,24 @@ class Analytic:
     def conv(self, conv: nn.modules.conv._ConvNd, state: Moments) -> Moments:
         if isinstance(conv, nn.modules.conv._ConvTransposeNd):
             raise Unsupported("transposed convolution")
-        w = conv.weight.to(state.mean.dtype)
+        kept = isinstance(state, NormReluOutput)  # its moments not formed unless used (see NormReluOutput)
+        w = conv.weight.to(state.norm.posterior_var.dtype if kept else state.mean.dtype)
         taps = tuple(range(2, w.dim()))
-        groups, batch = conv.groups, state.mean.shape[0]
-        if groups == 1:  # one node: the tap sums and a matrix product each (see _ConvMoments)
-            mean, var = conv_moments(w, state.mean, state.var, deferred=self._weight_grads)
-        else:
-            w_sum, w2_sum = tap_sums(w)  # (O, I / groups)
-            out_c, in_per = w_sum.shape
-            mean_in = state.mean.reshape(batch, groups, in_per)
-            var_in = state.var.reshape(batch, groups, in_per)
-            w_sum = w_sum.reshape(groups, out_c // groups, in_per)
-            w2_sum = w2_sum.reshape(groups, out_c // groups, in_per)
-            mean = torch.einsum("bgi,goi->bgo", mean_in, w_sum).reshape(batch, out_c)
-            var = torch.einsum("bgi,goi->bgo", var_in, w2_sum).reshape(batch, out_c)
+        if kept and not state.formed and w.dim() > 2:  # the Triton path: one node
+            norm, extra = state.norm, state.extra
+            mean, var = _backend.triton_functions().norm_relu_conv_moments(
+                norm.posterior_var,
+                norm.weight,
+                norm.bias,
+                norm.eps,
+                None if extra is None else extra.mean,
+                None if extra is None else extra.var,
+                w,
+                conv.groups,
+                self._weight_grads,
+            )
+        else:  # one node (see _ConvMoments; the Triton kernels for any groups), or the tap sums and a product per group
+            mean, var = conv_moments(w, state.mean, state.var, deferred=self._weight_grads, groups=conv.groups)
         if conv.bias is not None:
             mean = mean + conv.bias.to(mean.dtype)
         n = len(taps)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 
 from ..layers import _native
+from . import _backend
 
 
 def _tap_sums_values(weight: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_taps W, sum_taps W^2)``, (O, I) each, as plain values (no graph)."""
-    native = _native.load() if compiled else None
+    native = _backend.native(weight, compiled)
     if native is not None:
         out = native.tap_sums(weight)
         if out:  # [] when the kernel does not take these tensors (CUDA, float16, a strided weight)
@@ -43,7 +44,7 @@ def _tap_sums_grad(weight: torch.Tensor, g_sum: torch.Tensor, g_sq: torch.Tensor
     The compiled kernel is not differentiable: with grad mode on (a backward with
     create_graph) the addcmul runs, which autograd differentiates again.
     """
-    native = _native.load() if compiled and not torch.is_grad_enabled() else None
+    native = _backend.native(weight, compiled) if not torch.is_grad_enabled() else None
     if native is not None:
         grad = native.tap_sums_backward(weight, g_sum.contiguous(), g_sq.contiguous())
         if grad is not None:  # None when the kernel does not take these tensors
@@ -88,10 +89,13 @@ class _TapSums(torch.autograd.Function):
 def tap_sums(weight: torch.Tensor, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight.sum(taps), weight.square().sum(taps))`` for a (O, I, *kernel) convolution weight.
 
-    ``compiled=False`` forces the Python implementation (the reference the compiled one is tested against).
+    ``compiled=False`` forces the Python implementation (the reference the compiled one is tested against);
+    where ``bkn.kernels.backend_for`` says ``triton``, the Triton kernels run it (one launch each way).
     """
     if weight.dim() == 2:
         return weight, weight.square()
+    if compiled and _backend.backend(weight) == "triton":
+        return _backend.triton_functions().tap_sums(weight)
     return _TapSums.apply(weight, compiled)
 
 
@@ -120,7 +124,7 @@ class _ConvMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, mean, var, compiled, deferred=None):
-        native = _native.load() if compiled else None
+        native = _backend.native(weight, compiled)
         out = []
         if native is not None:
             mean, var = mean.contiguous(), var.contiguous()  # (G, I): e.g. a norm's bias expanded over groups
@@ -168,12 +172,35 @@ class _ConvMoments(torch.autograd.Function):
 
 
 def conv_moments(
-    weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, compiled: bool = True, deferred=None
+    weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, compiled: bool = True, deferred=None, groups: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean @ sum_taps(W)^T, var @ sum_taps(W^2)^T)`` for a one-group (O, I, *kernel) weight and (G, I) moments.
+    """``(mean @ sum_taps(W)^T, var @ sum_taps(W^2)^T)`` for a (O, I / groups, *kernel) weight and (G, I) moments,
+    per convolution group (input channels ``[j I / groups, (j + 1) I / groups)`` feed outputs
+    ``[j O / groups, (j + 1) O / groups)``).
 
-    ``compiled=False`` forces the Python implementation (the reference).
+    ``compiled=False`` forces the Python implementation (the reference). Where
+    ``bkn.kernels.backend_for`` says ``triton``, the Triton kernels run the rule for any
+    ``groups`` (:class:`bkn.kernels.triton_analytic_functions.ConvMoments`: one launch forward,
+    two backward). Else one group is one node (:class:`_ConvMoments`, compiled on the CPU) and
+    several groups are the tap sums and two batched matrix products.
     """
+    if weight.dim() > 2 and compiled and _backend.backend(weight) == "triton":
+        return _backend.triton_functions().conv_moments(weight, mean, var, groups, deferred)
+    if groups != 1:
+        return _grouped_conv_moments(weight, mean, var, groups, compiled)
     if weight.dim() == 2:
         return mean @ weight.t(), var @ weight.square().t()
     return _ConvMoments.apply(weight, mean, var, compiled, deferred)
+
+
+def _grouped_conv_moments(weight, mean, var, groups: int, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution rule for ``groups`` > 1: the tap sums, then a product per group (``einsum``)."""
+    w_sum, w2_sum = tap_sums(weight, compiled)  # (O, I / groups)
+    out_c, in_per = w_sum.shape
+    batch = mean.shape[0]
+    mean_in = mean.reshape(batch, groups, in_per)
+    var_in = var.reshape(batch, groups, in_per)
+    w_sum = w_sum.reshape(groups, out_c // groups, in_per)
+    w2_sum = w2_sum.reshape(groups, out_c // groups, in_per)
+    mean_out = torch.einsum("bgi,goi->bgo", mean_in, w_sum).reshape(batch, out_c)
+    return mean_out, torch.einsum("bgi,goi->bgo", var_in, w2_sum).reshape(batch, out_c)

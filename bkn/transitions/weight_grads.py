@@ -48,6 +48,7 @@ import weakref
 import torch
 
 from ..layers import _native
+from . import _backend
 from .convolution import _tap_sums_grad
 
 _graph_task = getattr(torch._C, "_current_graph_task_id", None)
@@ -154,10 +155,16 @@ class DeferredWeightGrads:
 def _add_rules(weight: torch.Tensor, grad: torch.Tensor, factors: list, in_place: bool) -> torch.Tensor:
     """``grad`` plus the rule gradient of each ``(g_mean, mean, g_var, var)`` in ``factors``: a new
     tensor, or written into ``grad`` itself with ``in_place``. One pass of the compiled kernel
-    each, or the same sum in torch ops for a gradient it does not take (not contiguous)."""
-    native = _native.load()
+    each (the C++ one, or the Triton one where ``bkn.kernels.backend_for`` says ``triton``), or the
+    same sum in torch ops for a gradient it does not take (not contiguous)."""
+    which = _backend.backend(weight)
+    native = _native.load() if which == "native" else None
     for g_mean, mean, g_var, var in factors:
-        total = native.conv_moments_weight_grad(weight, g_mean, mean, g_var, var, grad, in_place) if native else None
+        total = None
+        if which == "triton":
+            total = _backend.triton_functions().add_weight_grad(weight, (g_mean, mean, g_var, var), grad, in_place)
+        elif native is not None:
+            total = native.conv_moments_weight_grad(weight, g_mean, mean, g_var, var, grad, in_place)
         if total is None:
             rule = _tap_sums_grad(weight, g_mean.t() @ mean, g_var.t() @ var, compiled=False)
             total = grad.add_(rule) if in_place else grad + rule
