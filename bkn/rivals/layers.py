@@ -42,17 +42,31 @@ def _as_4d(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 class FilterResponseNorm(FilterResponseNormTlu2d):
     """FRN (+ TLU with ``apply_act``): timm's ``FilterResponseNormTlu2d``, also on (N, C, L)."""
 
+    bkn_statistics = "per_sample"  # how the lab's drift probe reads it (bkn.probes.stats.layer_kinds)
+
     def __init__(self, num_features: int, apply_act: bool = True, eps: float = 1e-5, device=None, dtype=None):
         super().__init__(num_features, apply_act=apply_act, eps=eps, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, apply_act={self.tau is not None}, eps={self.eps}"
 
     def forward(self, x):
         x4, one_d = _as_4d(self, x)
         y = super().forward(x4)
         return y.squeeze(-1) if one_d else y
 
+    def normalize_with(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """The output had the mean square over positions been ``var + mean^2`` (per channel, the drift probe's)."""
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        nu2 = (var + mean.square()).to(x.dtype).view(shape)
+        y = x * (nu2 + self.eps).rsqrt() * self.weight.view(shape) + self.bias.view(shape)
+        return torch.maximum(y, self.tau.view(shape)) if self.tau is not None else y
+
 
 class EvoNormS0(EvoNorm2dS0):
     """EvoNorm-S0: timm's ``EvoNorm2dS0`` (``bkn.norms.create`` gives it GN's group rule, ``gn_groups``)."""
+
+    bkn_statistics = "per_sample"
 
     def __init__(
         self, num_features: int, groups: int = 32, apply_act: bool = True, eps: float = 1e-5, device=None, dtype=None
@@ -71,6 +85,17 @@ class EvoNormS0(EvoNorm2dS0):
             shape = (1, -1, 1, 1)
             y = x4 / group_std(x4, self.groups, self.eps) * self.weight.view(shape) + self.bias.view(shape)
         return y.squeeze(-1) if one_d else y
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, groups={self.groups}, apply_act={self.v is not None}, eps={self.eps}"
+
+    def normalize_with(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """The output with the group std replaced by ``sqrt(var + eps)`` per channel (``mean`` unused: no centring)."""
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = x / (var.to(x.dtype).view(shape) + self.eps).sqrt()
+        if self.v is not None:
+            y = y * (x * self.v.view(shape)).sigmoid()
+        return y * self.weight.view(shape) + self.bias.view(shape)
 
 
 class _GroupedView:
@@ -119,8 +144,16 @@ class EvoNormB0(EvoNorm2dB0):
             del self.v
             self.register_buffer("v", torch.zeros(num_features, device=self.weight.device, dtype=self.weight.dtype))
 
+    bkn_statistics = "batch"
+
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, group_size={self.group_size}, apply_act={self.apply_act}, eps={self.eps}"
+
+    def normalize_with(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """The output with the batch variance replaced by ``var`` (timm's eval formula; ``mean`` unused)."""
+        x4, one_d = _as_4d(self, x)
+        y = EvoNorm2dB0.forward(_GroupedView(self, var.to(x4.dtype), 1), x4)
+        return y.squeeze(-1) if one_d else y
 
     def forward(self, x):
         x4, one_d = _as_4d(self, x)
