@@ -247,11 +247,9 @@ def convert(model: nn.Module, norm: str, options: dict, *, norm_kind, tracer_cls
     rewrite, modules = False, dict(model.named_modules())
     for norm_name, node in absorb.items():
         kind = _activation(node, modules)
-        if node.op == "call_module" and node.target in in_place:
-            if not isinstance(model.get_submodule(node.target), nn.Identity):
-                old = type(model.get_submodule(node.target)).__name__
-                _set(model, node.target, nn.Identity())
-                report.replaced.append(Replacement(node.target, "activation", old, "Identity", f"after {norm_name}"))
+        if node.op == "call_module" and node.target in in_place:  # one row per absorbed call, one module swap
+            _set(model, node.target, nn.Identity())
+            report.replaced.append(Replacement(node.target, "activation", kind, "Identity", f"after {norm_name}"))
             continue
         where = node.target if node.op == "call_module" else f"{node.name} ({kind})"
         report.replaced.append(Replacement(where, "activation", kind, "removed from graph", f"after {norm_name}"))

@@ -149,6 +149,10 @@ class EvoNormB0(EvoNorm2dB0):
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, group_size={self.group_size}, apply_act={self.apply_act}, eps={self.eps}"
 
+    def reset_running_stats(self) -> None:
+        """The running variance back to ones (as at construction; torch's BatchNorm has the same method)."""
+        self.running_var.fill_(1.0)
+
     def normalize_with(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """The output with the batch variance replaced by ``var`` (timm's eval formula; ``mean`` unused)."""
         x4, one_d = _as_4d(self, x)
@@ -177,7 +181,8 @@ class EvoNormB0(EvoNorm2dB0):
             raise ValueError(f"EvoNormB0: a group needs more than one value per channel (group_size={g}, {h}x{w})")
         groups = n // g
         side = x.reshape(groups, g, c, h, w).transpose(0, 1).reshape(g, groups * c, h, w)  # group k's channels k*C...
-        var = side.float().var(dim=(0, 2, 3), unbiased=False).view(groups, c)
+        # timm computes the variance in float32 (x.float()); float64 stays float64 (gradcheck)
+        var = side.to(torch.promote_types(x.dtype, torch.float32)).var(dim=(0, 2, 3), unbiased=False).view(groups, c)
         with torch.no_grad():
             count = g * h * w
             self.running_var.mul_(1 - self.momentum).add_(var.mean(0) * (self.momentum * count / (count - 1)))
