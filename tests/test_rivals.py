@@ -175,7 +175,10 @@ EXPECTED = {
 LAYER = {"frn": FilterResponseNorm, "evonorm-b0": EvoNormB0, "evonorm-s0": EvoNormS0}
 
 
-@pytest.mark.parametrize("network", list(NETWORKS))
+@pytest.mark.parametrize(
+    "network",
+    ["torchvision-resnet18", pytest.param("torchvision-mobilenet_v2", marks=pytest.mark.slow), "timm-resnet18"],
+)
 @pytest.mark.parametrize("name", RIVALS)
 def test_convert_real_networks_lists_what_it_replaced_and_trains(name, network):
     torch.manual_seed(0)
@@ -208,3 +211,81 @@ def test_convert_real_networks_lists_what_it_replaced_and_trains(name, network):
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss) and any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+class Block(nn.Module):
+    """conv-bn-relu (a shared ReLU module), conv-bn + shortcut then the same ReLU, a functional relu, a ReLU6."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.conv4, self.bn4, self.act6 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU6()
+        self.relu, self.drop = nn.ReLU(), nn.Identity()
+
+    def forward(self, x):
+        h = self.relu(self.drop(self.bn1(self.conv1(x))))  # absorbed through the identity
+        h = self.relu(self.bn2(self.conv2(h)) + h)  # bn2 feeds the add: kept; the shared relu stays here
+        h = F.relu(self.bn3(self.conv3(h)))  # functional: removed from the graph
+        return self.act6(self.bn4(self.conv4(h))).mean((2, 3))  # ReLU6 module: Identity
+
+
+@pytest.mark.parametrize("name", ["frn", "evonorm-b0", "evonorm-s0"])
+def test_convert_absorbs_exactly_the_relus_that_follow_a_norm(name):
+    torch.manual_seed(0)
+    model = bkn.convert(Block(), name, **({"group_size": 2} if name == "evonorm-b0" else {}))
+    assert isinstance(model, torch.fx.GraphModule)  # the functional relu and the shared ReLU's first call
+    report = bkn.conversion_report(model)
+    notes = {r.module: r.note for r in report.replaced if r.role == "norm"}
+    assert [m for m, note in notes.items() if note == "with nonlinearity"] == ["bn1", "bn3", "bn4"]
+    assert {(r.old, r.new) for r in report.replaced if r.role == "activation"} == {
+        ("ReLU", "removed from graph"),
+        ("relu", "removed from graph"),
+        ("ReLU6", "Identity"),
+    }
+    m, x = model, torch.randn(4, 3, 6, 6)
+    for layer in (m.bn1, m.bn2, m.bn3, m.bn4):
+        _randomize(layer, seed=id(layer) % 1000)
+    expected = m.bn1(m.conv1(x))  # the rival with its nonlinearity, no ReLU after it
+    expected = torch.relu(m.bn2(m.conv2(expected)) + expected)
+    expected = m.bn4(m.conv4(m.bn3(m.conv3(expected)))).mean((2, 3))
+    torch.testing.assert_close(model(x), expected)
+    assert type(m.act6) is nn.Identity and type(m.relu) is nn.ReLU
+    model(x).sum().backward()
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = (
+            nn.Conv2d(3, 4, 3, padding_mode="reflect", padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+        )
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        return self.relu(h) if h.sum() > 0 else h  # data-dependent: torch.fx cannot trace it
+
+
+def test_what_convert_cannot_do_is_said_at_run_time():
+    with pytest.warns(RivalConversionWarning, match="could not trace Untraceable.*no activation is absorbed"):
+        model = bkn.convert(Untraceable(), "frn")
+    assert type(model.relu) is nn.ReLU and model.bn.tau is None  # FRN without TLU, the ReLU kept
+    assert bkn.conversion_report(model).problems
+    with pytest.warns(RivalConversionWarning, match="convolution 'conv' left without weight standardization"):
+        model = bkn.convert(Untraceable(), "gn-ws")
+    assert type(model.conv) is nn.Conv2d and type(model.bn) is nn.GroupNorm
+    with pytest.raises(ValueError, match=r"cannot replace BatchNorm3d \['1'\]"):
+        bkn.convert(nn.Sequential(nn.Conv3d(3, 4, 1), nn.BatchNorm3d(4)), "evonorm-s0")
+    with pytest.raises(ValueError, match="was not converted to a rival"):
+        bkn.conversion_report(nn.Linear(2, 2))
+
+
+def test_gn_ws_keeps_the_convolution_parameters_themselves():
+    net = nn.Sequential(nn.Conv1d(2, 8, 5, bias=True), nn.BatchNorm1d(8), nn.ReLU())
+    weight, bias = net[0].weight, net[0].bias
+    model = bkn.convert(net, "gn-ws")
+    assert type(model[0]) is StdConv1d and model[0].weight is weight and model[0].bias is bias
+    assert type(model[1]) is nn.GroupNorm and type(model[2]) is nn.ReLU
