@@ -289,3 +289,21 @@ def test_gn_ws_keeps_the_convolution_parameters_themselves():
     model = bkn.convert(net, "gn-ws")
     assert type(model[0]) is StdConv1d and model[0].weight is weight and model[0].bias is bias
     assert type(model[1]) is nn.GroupNorm and type(model[2]) is nn.ReLU
+
+
+def test_timms_norm_act_layers_absorb_their_own_relu_and_keep_another_act():
+    from timm.layers import BatchNormAct2d
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        BatchNormAct2d(8, act_layer=nn.ReLU),
+        nn.Conv2d(8, 8, 1),
+        BatchNormAct2d(8, act_layer=nn.SiLU),
+    )
+    model = bkn.convert(net, "frn")
+    notes = [r.note for r in bkn.conversion_report(model).replaced]
+    assert notes == ["ReLU absorbed (1.act)", "its act SiLU kept"]
+    assert model[1].tau is not None and model[3].tau is None
+    x = torch.randn(2, 3, 4, 4)
+    h = model[1](model[0](x))
+    torch.testing.assert_close(model(x), F.silu(FilterResponseNormTlu2d.forward(model[3], model[2](h))))
