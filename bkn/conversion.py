@@ -16,7 +16,8 @@ so it is either converted into an equivalent - timm's norm-activation layers
 (a forward hook; state_dict keys unchanged), as timm's own ``convert_sync_batchnorm``
 does - or rejected with a ``TypeError`` naming the class, before anything is replaced.
 Other normalization layers (``GroupNorm``, timm's ``GroupNormAct``, EvoNorm...) are left
-untouched.
+untouched. The rivals ``gn-ws``, ``frn``, ``evonorm-b0`` and ``evonorm-s0`` also swap convolutions
+or absorb the activation after a norm: :mod:`bkn.rivals.conversion` (``bkn.conversion_report``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import fx, nn
 from . import norms
 from .chain import PriorChain, format_report
 from .layers import SyncBatchNorm
+from .norm_kinds import RIVAL_NORMS
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CHAIN_OPTIONS = ("fallback", "surrogate_scale", "chain")
@@ -141,6 +143,12 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
     """
     norms.create(norm, 4, **{k: v for k, v in options.items() if k not in _CHAIN_OPTIONS})  # validate early
     layer_options = {k: v for k, v in options.items() if k not in _CHAIN_OPTIONS}
+    if norm in RIVAL_NORMS:  # GN+WS, FRN, EvoNorm: they swap convolutions or absorb activations (docs/design.md §15)
+        from .rivals import conversion as rivals
+
+        return rivals.convert(
+            model, norm, layer_options, norm_kind=_norm_kind, tracer_cls=_Tracer, replace=_replacement
+        )
     if _norm_kind(model) is not None:
         return _replacement(model, norm, layer_options)
     targets = [name for name, m in model.named_modules() if _norm_kind(m) is not None]

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 # Which norms are grouped and which batch-dependent: kept in bkn.norm_kinds (torch-free, below both
 # this module and bkn.norms), re-exported here where they always were.
-from .norm_kinds import BATCH_DEPENDENT_NORMS, GROUPED_NORMS
+from .norm_kinds import BATCH_DEPENDENT_NORMS, CONVERTED_NORMS, GROUPED_NORMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,19 @@ class Method:
     def batch_dependent(self) -> bool:
         """Whether a sample's output depends on the other samples (grouped norms and SyncBN)."""
         return self.norm in BATCH_DEPENDENT_NORMS
+
+    @property
+    def converts(self) -> bool:
+        """Whether a network gets this method only through :meth:`convert` (it also swaps convolutions or absorbs
+        activations): builders make the network with BatchNorm, then convert it (:meth:`network`)."""
+        return self.norm in CONVERTED_NORMS
+
+    def network(self, builder, group_size: int | None = None, *, total_steps=None):
+        """``builder(norm, **options)`` (a network constructor taking a bkn.norms name) with this method:
+        built with it, or, for a method that :attr:`converts`, built with torch's BN and converted."""
+        if self.converts:
+            return self.convert(builder("bn"), group_size, total_steps=total_steps)
+        return builder(self.norm, **self.layer_options(group_size, total_steps))
 
     def layer_options(self, group_size: int | None = None, total_steps: int | None = None) -> dict:
         """The keyword options of :func:`bkn.norms.create` for this method.
@@ -115,7 +128,7 @@ def _method(name, norm, label, colour, about, options=None, tags=(), **kw) -> Me
     return Method(name, norm, MappingProxyType(dict(options or {})), label, colour, about, tags=frozenset(tags), **kw)
 
 
-# The order here is the order of every legend and table. Colours: matplotlib's tab10, then Dark2.
+# The order here is the order of every legend and table. Colours: matplotlib's tab10, then Dark2, then tab20b.
 _TABLE = (
     _method(
         "bn",
@@ -223,6 +236,44 @@ _TABLE = (
         tags=("matrix", "training"),
     ),
     _method("in", "in", "IN", "#17becf", "InstanceNorm with affine parameters", tags=("matrix",)),
+    # The micro-batch rivals from timm's layers (bkn.rivals, docs/design.md §15); networks get them by bkn.convert.
+    # matrix + training: the step cost and accuracy the comparison needs. Only evonorm-b0 has batch statistics, so
+    # only it joins the drift probe's default run (the per-sample ones would each cost it a training run per seed
+    # for an output discrepancy only: --full or --methods). Not speed/core: those are BN vs BKN comparisons.
+    _method(
+        "gn-ws",
+        "gn-ws",
+        "GN+WS",
+        "#637939",
+        "GroupNorm (GN's group rule) with Weight Standardization on every convolution (timm's StdConv2d; BiT)",
+        tags=("matrix", "training"),
+    ),
+    _method(
+        "frn",
+        "frn",
+        "FRN+TLU",
+        "#7b4173",
+        "Filter Response Normalization: x / rms over positions, affine, then TLU max(y, tau) in place of the ReLU "
+        "after it (timm's FilterResponseNormTlu2d; no TLU where no ReLU follows)",
+        tags=("matrix", "training"),
+    ),
+    _method(
+        "evonorm-b0",
+        "evonorm-b0",
+        "EvoNorm-B0",
+        "#393b79",
+        "EvoNorm-B0: x / max(sqrt(group batch var + eps), v * x + instance std), affine, in place of norm -> ReLU "
+        "(timm's EvoNorm2dB0, batch variance per group of group_size)",
+        tags=("matrix", "training", "drift"),
+    ),
+    _method(
+        "evonorm-s0",
+        "evonorm-s0",
+        "EvoNorm-S0",
+        "#843c39",
+        "EvoNorm-S0: x * sigmoid(v * x) / group std, affine, in place of norm -> ReLU (timm's EvoNorm2dS0, per sample)",
+        tags=("matrix", "training"),
+    ),
 )
 _METHODS: dict[str, Method] = {m.name: m for m in _TABLE}
 

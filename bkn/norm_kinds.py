@@ -7,10 +7,15 @@ need these facts. They live here, below both, so that neither imports the other 
 imports ``methods`` (an import cycle otherwise).
 """
 
+# The micro-batch rivals built from timm's layers (bkn.rivals, docs/design.md §15): a network gets them by
+# conversion only (bkn.convert), since they also change the convolutions or absorb the activation after a norm.
+RIVAL_NORMS = ("gn-ws", "frn", "evonorm-b0", "evonorm-s0")
 # Names accepted by bkn.norms.create, in the order bkn.norms.names() gives them.
-NAMES = ("bn", "bkn", "brn", "syncbn", "gn", "ln", "in")
+NAMES = ("bn", "bkn", "brn", "syncbn", "gn", "ln", "in") + RIVAL_NORMS
 # Norms that compute their statistics per group of ``group_size`` samples (ghost batches).
-GROUPED_NORMS = ("bn", "bkn", "brn")
+GROUPED_NORMS = ("bn", "bkn", "brn", "evonorm-b0")
 # Norms whose training-mode statistics depend on other samples: the grouped ones, and SyncBN
 # (the whole batch of every worker of a process group; it takes no group_size).
 BATCH_DEPENDENT_NORMS = GROUPED_NORMS + ("syncbn",)
+# Norms a network gets only through bkn.convert (not by building its norm layers one by one).
+CONVERTED_NORMS = RIVAL_NORMS

@@ -2,7 +2,7 @@
 
     >>> from bkn import norms
     >>> norms.names()
-    ('bn', 'bkn', 'brn', 'syncbn', 'gn', 'ln', 'in')
+    ('bn', 'bkn', 'brn', 'syncbn', 'gn', 'ln', 'in', 'gn-ws', 'frn', 'evonorm-b0', 'evonorm-s0')
     >>> layer = norms.create("bkn", 64, p=0.9, transition="official", group_size=2)
 
 ``spatial_dims`` picks the input rank: 0 for (N, C) features, 1 for (N, C, L),
@@ -19,7 +19,7 @@ import inspect
 from torch import nn
 
 from . import layers
-from .norm_kinds import BATCH_DEPENDENT_NORMS, NAMES
+from .norm_kinds import BATCH_DEPENDENT_NORMS, NAMES, RIVAL_NORMS
 
 _NAMES = NAMES
 _BATCH_DEPENDENT = BATCH_DEPENDENT_NORMS
@@ -100,6 +100,8 @@ def create(name: str, num_features: int, *, spatial_dims: int = 2, **options) ->
     _check_name(name)
     if spatial_dims not in (0, 1, 2, 3):
         raise ValueError(f"norm {name!r}: spatial_dims must be 0, 1, 2 or 3, got {spatial_dims!r}")
+    if name in RIVAL_NORMS:
+        return _rival(name, num_features, spatial_dims, options)
     if name == "bn":
         if options.get("group_size") is None:
             options.pop("group_size", None)
@@ -133,3 +135,27 @@ def create(name: str, num_features: int, *, spatial_dims: int = 2, **options) ->
         raise ValueError("norm 'in' (instance norm) needs spatial positions; (N, C) features have none")
     options.setdefault("affine", True)
     return _build(name, _IN[spatial_dims], num_features, **options)
+
+
+def _rival(name: str, num_features: int, spatial_dims: int, options: dict) -> nn.Module:
+    """A rival from timm's layers (:mod:`bkn.rivals.layers`, docs/design.md §15); imports timm."""
+    if spatial_dims not in (1, 2):
+        raise ValueError(
+            f"norm {name!r}: spatial_dims must be 1 or 2 (timm's rivals are 2-d layers, a 1-d input runs as "
+            f"(N, C, L, 1)), got {spatial_dims!r}"
+        )
+    if name != "evonorm-b0" and options.get("group_size") is not None:
+        raise ValueError(
+            f"norm {name!r} normalizes each sample on its own and takes no group_size "
+            f"(got group_size={options['group_size']})"
+        )
+    if name != "evonorm-b0":
+        options.pop("group_size", None)
+    if name == "gn-ws":  # the norm; bkn.convert swaps the convolutions for weight-standardized ones
+        groups = options.pop("num_groups", gn_groups(num_features))
+        return _build(name, nn.GroupNorm, groups, num_features, **options)
+    from .rivals import layers as rivals
+
+    if name == "evonorm-s0":
+        options.setdefault("groups", gn_groups(num_features))
+    return _build(name, rivals.NORMS[name], num_features, **options)

@@ -26,8 +26,9 @@ Reported (median over batches x channels, in the units the drift probe uses):
 * ``track_var_logratio``: ``|log(v_hat / v)|``.
 
 Only the methods whose statistics depend on the group take part (``Method.uses_groups``:
-BN, BKN, BRN); GN/LN/IN normalize each sample with its own statistics (their drift is the
-drift probe's output discrepancy).
+BN, BKN, BRN; not EvoNorm-B0, which replaces ``norm1 -> ReLU`` and centres nothing);
+GN/LN/IN normalize each sample with its own statistics (their drift is the drift probe's
+output discrepancy).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ SIZE = 4
 WARMUP_STEPS = 50
 BATCHES = 24
 SEED = 0
-# The matrix's methods whose training statistics depend on the group (no per-sample norms).
-GROUP_METHODS = tuple(name for name in METHODS if methods.get(name).uses_groups)
+# The matrix's methods whose training statistics depend on the group (no per-sample norms), but not EvoNorm-B0:
+# it replaces norm1 -> ReLU (so norm2's input has no closed form here) and estimates no mean.
+GROUP_METHODS = tuple(name for name in METHODS if methods.get(name).uses_groups and not methods.get(name).converts)
 
 
 def population_moments(sd, gamma, beta, weight, eps: float):

@@ -127,6 +127,8 @@ def test_the_library_loads_none_of_the_lab():
     loaded = _loaded_after(LIBRARY_USE)
     assert "bkn.chain.core" in loaded and "torch" in loaded  # it did run
     assert _lab_loaded_by(LIBRARY_USE) == []
+    # timm: only the rivals' layers need it (bkn.rivals.layers, loaded when one is built)
+    assert _matching(loaded, ("timm", "bkn.rivals.layers")) == []
 
 
 @pytest.mark.parametrize("module", ["bkn.methods", "bkn.probes.results"])

@@ -9,6 +9,7 @@ from torch import nn
 import bkn
 from bkn import methods
 from bkn.layers import BatchKalmanNorm2d, BatchRenorm2d, GhostBatchNorm2d, RenormSchedule, SyncBatchNorm
+from bkn.rivals.layers import EvoNormB0, EvoNormS0, FilterResponseNorm
 
 EXPECTED_TYPES = {
     "bn": GhostBatchNorm2d,
@@ -18,6 +19,10 @@ EXPECTED_TYPES = {
     "gn": nn.GroupNorm,
     "ln": nn.GroupNorm,
     "in": nn.InstanceNorm2d,
+    "gn-ws": nn.GroupNorm,  # and its convolutions weight-standardized by convert (tests/test_rivals.py)
+    "frn": FilterResponseNorm,
+    "evonorm-b0": EvoNormB0,
+    "evonorm-s0": EvoNormS0,
 }
 
 

@@ -16,8 +16,9 @@ from .timing import warm_up_runs
 
 
 def cifar_resnet20(method: methods.Method, group_size: int | None = None) -> nn.Module:
-    """The paper's CIFAR ResNet-20 with ``method``'s layers, in groups of ``group_size`` (None: one group)."""
-    return cifar_resnet(20, method.norm, **method.layer_options(group_size))
+    """The paper's CIFAR ResNet-20 with ``method``'s layers, in groups of ``group_size`` (None: one group); a
+    rival (``method.converts``) is built with BN and converted by ``bkn.convert``."""
+    return method.network(lambda norm, **options: cifar_resnet(20, norm, **options), group_size)
 
 
 class NetworkCase:

@@ -133,7 +133,9 @@ def method_network(
 ) -> nn.Module:
     """``base`` with ``method``'s normalization layers (same weights), in training mode."""
     options = method.layer_options(group_size, total_steps)
-    if network == "cifar-resnet20":
+    if method.converts:  # the rivals (gn-ws, frn, evonorm-*): bkn.convert swaps convolutions or absorbs activations
+        model = method.convert(copy.deepcopy(base), group_size, total_steps=total_steps)
+    elif network == "cifar-resnet20":
         num_classes = base.fc.out_features
         model = cifar_resnet(20, method.norm, num_classes=num_classes, **options)
         load_weights(model, base.state_dict())

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from bkn.layers._moments import batch_moments
-from bkn.probes.stats.layer_kinds import is_batch_norm
+from bkn.probes.stats.layer_kinds import has_estimates
 from bkn.probes.stats.metrics import channel_metrics, decompose, output_discrepancy, signed_errors, summarize
 from bkn.probes.stats.normalizing import normalize_with
 
@@ -123,7 +123,7 @@ class DriftRecorder:
             y = _normalize_groups(module, x, est_mean, est_var)
         else:
             y = out
-            if self.mode == "train" and is_batch_norm(module):
+            if self.mode == "train" and has_estimates(module):
                 est_mean, est_var = self._training_stats(module, x)
             else:
                 est_mean = est_var = None
@@ -213,7 +213,7 @@ def running_estimate_rows(model: nn.Module, population: dict) -> list[dict]:
     out = []
     for depth, (name, (mean, var)) in enumerate(population.items()):
         module = modules[name]
-        if not is_batch_norm(module) or getattr(module, "running_mean", None) is None:
+        if not has_estimates(module) or getattr(module, "running_mean", None) is None:
             continue
         metrics = channel_metrics(module.running_mean, module.running_var, mean, var, module.eps)
         for metric, values in metrics.items():

@@ -16,8 +16,11 @@ Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 def normalize_with(module: nn.Module, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """``module``'s output had it normalized ``x`` with per-channel ``(mean, var)``.
 
-    That is ``gamma (x - m) / sqrt(v + eps) + beta`` with the module's affine and ``eps``.
+    That is ``gamma (x - m) / sqrt(v + eps) + beta`` with the module's affine and ``eps``; a layer with its
+    own formula (the rivals of :mod:`bkn.rivals.layers`: FRN, EvoNorm) says it by its ``normalize_with``.
     """
+    if callable(getattr(module, "normalize_with", None)):
+        return module.normalize_with(x, mean, var)
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, module.eps)
 

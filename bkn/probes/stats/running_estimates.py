@@ -26,7 +26,8 @@ def use_population_statistics(model: nn.Module, stats: Stats) -> nn.Module:
             raise ValueError(f"use_population_statistics: the model has no module named {name!r}")
         _check_statistics(name, module, mean, var)
         with torch.no_grad():
-            module.running_mean.copy_(mean)
+            if getattr(module, "running_mean", None) is not None:  # EvoNorm-B0 keeps a running variance only
+                module.running_mean.copy_(mean)
             module.running_var.copy_(var)
             if hasattr(module, "sync_running_std"):  # BRN: eval normalizes with its moving std
                 module.sync_running_std()
@@ -41,9 +42,9 @@ def _check_statistics(name: str, module: nn.Module, mean: torch.Tensor, var: tor
             f"keeps no running estimates; expected a batch-statistic norm "
             f"(BN, ghost BN, BRN, BKN)"
         )
-    if getattr(module, "running_mean", None) is None:
+    if getattr(module, "running_var", None) is None:
         raise ValueError(f"use_population_statistics: {name!r} has no running estimates (track_running_stats=False)")
-    expected = tuple(module.running_mean.shape)
+    expected = tuple(module.running_var.shape)
     if tuple(mean.shape) != expected or tuple(var.shape) != expected:
         raise ValueError(
             f"use_population_statistics: statistics for {name!r} must have shape "

@@ -141,10 +141,13 @@ def make_model(
     for the first 1/8 of the steps, limits fully relaxed at the end).
     """
     method = registry.get(config.method)
-    options = method.layer_options(config.group_size, total_steps)
-    return networks.build(
-        config.network, method.norm, in_channels, length, num_classes, config.width, config.depth, **options
-    )
+
+    def build(norm, **options):
+        return networks.build(
+            config.network, norm, in_channels, length, num_classes, config.width, config.depth, **options
+        )
+
+    return method.network(build, config.group_size, total_steps=total_steps)  # the rivals: built with BN, converted
 
 
 def train_run(
