@@ -8,9 +8,9 @@ imports ``methods`` (an import cycle otherwise).
 """
 
 # Names accepted by bkn.norms.create, in the order bkn.norms.names() gives them.
-NAMES = ("bn", "bkn", "brn", "syncbn", "gn", "ln", "in")
+NAMES = ("bn", "bkn", "brn", "syncbn", "gn", "ln", "in", "mabn", "cbn")
 # Norms that compute their statistics per group of ``group_size`` samples (ghost batches).
-GROUPED_NORMS = ("bn", "bkn", "brn")
+GROUPED_NORMS = ("bn", "bkn", "brn", "mabn", "cbn")
 # Norms whose training-mode statistics depend on other samples: the grouped ones, and SyncBN
 # (the whole batch of every worker of a process group; it takes no group_size).
 BATCH_DEPENDENT_NORMS = GROUPED_NORMS + ("syncbn",)

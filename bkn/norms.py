@@ -37,6 +37,18 @@ _BKN = {
     3: layers.BatchKalmanNorm3d,
 }
 _BRN = {0: layers.BatchRenorm1d, 1: layers.BatchRenorm1d, 2: layers.BatchRenorm2d, 3: layers.BatchRenorm3d}
+_MABN = {
+    0: layers.MovingAverageBatchNorm1d,
+    1: layers.MovingAverageBatchNorm1d,
+    2: layers.MovingAverageBatchNorm2d,
+    3: layers.MovingAverageBatchNorm3d,
+}
+_CBN = {
+    0: layers.CrossIterationBatchNorm1d,
+    1: layers.CrossIterationBatchNorm1d,
+    2: layers.CrossIterationBatchNorm2d,
+    3: layers.CrossIterationBatchNorm3d,
+}
 _IN = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
@@ -109,6 +121,10 @@ def create(name: str, num_features: int, *, spatial_dims: int = 2, **options) ->
         return _build(name, _BKN[spatial_dims], num_features, **options)
     if name == "brn":
         return _build(name, _BRN[spatial_dims], num_features, **options)
+    if name == "mabn":
+        return _build(name, _MABN[spatial_dims], num_features, **options)
+    if name == "cbn":
+        return _build(name, _CBN[spatial_dims], num_features, **options)
     if name == "syncbn":
         if options.pop("group_size", None) is not None:
             raise ValueError(
