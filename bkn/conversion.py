@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from . import norms
+from . import cross_iteration_conversion, norms
 from .chain import PriorChain, format_report
 from .layers import SyncBatchNorm
 
@@ -92,6 +92,8 @@ def _spatial_dims(bn: nn.Module) -> int:
 
 def _replacement(bn: nn.Module, norm: str, options: dict) -> nn.Module:
     options = dict(options)
+    if norm in cross_iteration_conversion.NORMS:  # MABN keeps its own momentum
+        options = cross_iteration_conversion.layer_options(norm, options)
     if norms.batch_dependent(norm) or norm == "in":
         options.setdefault("eps", bn.eps)
     if norms.batch_dependent(norm):
@@ -117,6 +119,7 @@ def _replacement(bn: nn.Module, norm: str, options: dict) -> nn.Module:
                 new.sync_running_std()
         if bn.affine and getattr(new, "weight", None) is not None:
             new.weight.requires_grad_(bn.weight.requires_grad)
+    cross_iteration_conversion.after_copy(bn, new)  # MABN: the second moment, a fresh iteration count
     new.train(bn.training)
     if _norm_kind(bn) == "norm-act":
         new.drop, new.act = bn.drop, bn.act  # same modules, same state_dict keys (drop.*, act.*)
@@ -150,6 +153,7 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
             graph = _Tracer({id(model.get_submodule(name)) for name in targets}).trace(model)
         except Exception as err:  # data-dependent control flow etc.: no chain, say why
             model._bkn_chain_error = f"torch.fx could not trace the model ({type(err).__name__}: {err})"
+    replaced = [(name, type(model.get_submodule(name))) for name in targets]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -165,6 +169,8 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
         )
         chain.attach(model)
         model._bkn_chain = chain
+    if norm in cross_iteration_conversion.NORMS:  # centred convolutions (mabn), wiring (cbn): docs/design.md §13
+        cross_iteration_conversion.finish(model, norm, replaced)
     return model
 
 

@@ -8,7 +8,15 @@ from torch import nn
 
 import bkn
 from bkn import methods
-from bkn.layers import BatchKalmanNorm2d, BatchRenorm2d, GhostBatchNorm2d, RenormSchedule, SyncBatchNorm
+from bkn.layers import (
+    BatchKalmanNorm2d,
+    BatchRenorm2d,
+    CrossIterationBatchNorm2d,
+    GhostBatchNorm2d,
+    MovingAverageBatchNorm2d,
+    RenormSchedule,
+    SyncBatchNorm,
+)
 
 EXPECTED_TYPES = {
     "bn": GhostBatchNorm2d,
@@ -18,6 +26,8 @@ EXPECTED_TYPES = {
     "gn": nn.GroupNorm,
     "ln": nn.GroupNorm,
     "in": nn.InstanceNorm2d,
+    "mabn": MovingAverageBatchNorm2d,
+    "cbn": CrossIterationBatchNorm2d,
 }
 
 

@@ -184,7 +184,7 @@ def test_cases_take_the_contract_parameters_in_order():
     assert leading(BlockCase)[: len(LAYER_PARAMS)] == list(LAYER_PARAMS)
     assert leading(NetworkCase, 1)[: len(LAYER_PARAMS)] == list(LAYER_PARAMS)
     assert leading(TensorCase)[: len(TENSOR_PARAMS)] == list(TENSOR_PARAMS)
-    assert matrix.METHODS == ("bn", "bkn-official", "bkn-analytic", "brn", "gn", "ln", "in")
+    assert matrix.METHODS == ("bn", "bkn-official", "bkn-analytic", "brn", "gn", "ln", "in", "mabn", "cbn")
 
 
 @pytest.fixture(autouse=True)

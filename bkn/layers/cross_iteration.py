@@ -53,14 +53,17 @@ def _per_sample(stat: torch.Tensor, like: torch.Tensor, groups: int) -> torch.Te
 def weight_gradients(stat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``d stat[j, c] / d weight[c]`` for a (G, C) statistic: shape (G, *weight.shape), detached.
 
-    One autograd pass per group (batched: ``is_grads_batched``); channel ``c`` of the statistic
-    depends on output channel ``c`` of the convolution only, so summing over channels separates them.
+    One autograd pass per group, through the convolution only (``weight`` is its leaf); channel ``c``
+    of the statistic depends on output channel ``c`` of the convolution only, so summing over channels
+    separates them. (``is_grads_batched`` would do the groups in one pass, but breaks on tensor hooks
+    such as ``retain_grad`` in the graph.)
     """
-    groups = stat.shape[0]
-    if groups == 1:
-        return torch.autograd.grad(stat, weight, torch.ones_like(stat), retain_graph=True)[0].unsqueeze(0)
-    rows = torch.eye(groups, dtype=stat.dtype, device=stat.device)[:, :, None].expand(groups, groups, stat.shape[1])
-    return torch.autograd.grad(stat, weight, rows, retain_graph=True, is_grads_batched=True)[0]
+    rows = []
+    for j in range(stat.shape[0]):
+        select = torch.zeros_like(stat)
+        select[j] = 1
+        rows.append(torch.autograd.grad(stat, weight, select, retain_graph=True)[0])
+    return torch.stack(rows)
 
 
 class _CrossIterationBatchNorm(BatchStatNorm):

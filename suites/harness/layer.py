@@ -21,12 +21,17 @@ def check_runnable(method: Method, group_size: int, shape: tuple[int, ...], trai
 
     Batch statistics without a prior (BN, BRN) need more than one value per channel in
     training mode (torch raises); BKN with a prior does not, that is the paper's point.
-    Instance norm needs spatial positions.
+    Instance norm needs spatial positions. CBN in training needs its convolution (docs/design.md §13).
     """
     if method.norm == "in" and len(shape) == 1:
         skip("instance norm needs spatial positions; (N, C) features have none")
     values_per_channel = group_size * math.prod(shape[1:])
-    if training and method.norm in ("bn", "brn") and values_per_channel < 2:
+    if training and method.norm == "cbn":
+        skip(
+            "cbn in training differentiates its statistics through the convolution feeding it, which a layer "
+            "benchmark lacks (it would time plain BN); its training cost is the network step's (bench_network)"
+        )
+    if training and method.norm in ("bn", "brn", "mabn") and values_per_channel < 2:
         skip(
             f"{method.name} in training mode needs more than one value per channel (group size {group_size} of {shape})"
         )

@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bkn import cross_iteration_conversion
 from bkn import methods as registry
 from bkn.probes import engine as training
 from bkn.probes.data import Dataset
@@ -142,9 +143,10 @@ def make_model(
     """
     method = registry.get(config.method)
     options = method.layer_options(config.group_size, total_steps)
-    return networks.build(
+    model = networks.build(
         config.network, method.norm, in_channels, length, num_classes, config.width, config.depth, **options
     )
+    return cross_iteration_conversion.prepare(model, method.norm)  # mabn: centred convs; cbn: wired (§13)
 
 
 def train_run(
