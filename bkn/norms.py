@@ -2,7 +2,7 @@
 
     >>> from bkn import norms
     >>> norms.names()
-    ('bn', 'bkn', 'brn', 'syncbn', 'gn', 'ln', 'in')
+    ('bn', 'bkn', 'brn', 'syncbn', 'gn', 'ln', 'in', 'mabn', 'cbn')
     >>> layer = norms.create("bkn", 64, p=0.9, transition="official", group_size=2)
 
 ``spatial_dims`` picks the input rank: 0 for (N, C) features, 1 for (N, C, L),
