@@ -169,7 +169,7 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
         )
         chain.attach(model)
         model._bkn_chain = chain
-    if norm in cross_iteration_conversion.NORMS:  # centred convolutions (mabn), wiring (cbn): docs/design.md §13
+    if norm in cross_iteration_conversion.NORMS:  # centred convolutions (mabn), wiring (cbn): docs/design.md §15
         cross_iteration_conversion.finish(model, norm, replaced)
     return model
 

@@ -1,6 +1,6 @@
 """What ``bkn.convert`` (and the probes' own networks) do besides swapping the norm, for MABN and CBN.
 
-docs/design.md §13. Both rivals need more than a norm in place of each BatchNorm:
+docs/design.md §15. Both rivals need more than a norm in place of each BatchNorm:
 
 * ``mabn``: MABN does not centre its input; the paper centres the convolutions' weights instead.
   Every ``torch.nn.Conv1d/2d/3d`` becomes a :class:`~bkn.layers.CenteredConv2d` (same class

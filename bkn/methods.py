@@ -228,7 +228,7 @@ _TABLE = (
         tags=("matrix", "training"),
     ),
     _method("in", "in", "IN", "#17becf", "InstanceNorm with affine parameters", tags=("matrix",)),
-    # The cross-iteration rivals (docs/design.md §13): the authors' defaults, said in the about.
+    # The cross-iteration rivals (docs/design.md §15): the authors' defaults, said in the about.
     _method(
         "mabn",
         "mabn",

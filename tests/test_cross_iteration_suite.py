@@ -1,4 +1,4 @@
-"""MABN and CBN (docs/design.md §13) in every part of the suite: ``bkn.convert`` with its listing of what
+"""MABN and CBN (docs/design.md §15) in every part of the suite: ``bkn.convert`` with its listing of what
 replaced what, the asv benchmarks, the drift probe and the training probe (one fast call each)."""
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def test_every_tag_used_in_code_is_known_and_non_empty():
 
 def test_the_subsets_the_suite_relied_on_are_kept():
     # What each hand-kept list held before it became a tag (set equality: the order is the registry's).
-    rivals = {"mabn", "cbn"}  # added with issue 25 (docs/design.md §13)
+    rivals = {"mabn", "cbn"}  # added with issue 25 (docs/design.md §15)
     assert set(methods.names(tag="matrix")) - rivals == {"bn", "bkn-official", "bkn-analytic", "brn", "gn", "ln", "in"}
     assert rivals <= set(methods.names(tag="matrix")) and rivals <= set(methods.names(tag="training"))
     assert set(methods.names(tag="speed")) == {"bn", "bkn-official", "bkn-analytic", "brn", "gn"}

@@ -1,4 +1,4 @@
-"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021, arXiv 2002.05712), docs/design.md §13.
+"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021, arXiv 2002.05712), docs/design.md §15.
 
 CBN averages the current group's statistics with those of the last ``k`` iterations, each
 compensated to the current weights ``W_t`` of the convolution that feeds the layer by a
@@ -18,7 +18,7 @@ instead clamps ``nu`` to at least ``mu^2`` (``invalid="clamp"``). Burn-in: for t
 ``window`` is the authors' ``buffer_num`` (past iterations; the average has ``window + 1`` terms).
 
 The derivatives ``d mu / d W`` and ``d nu / d W`` come from autograd through the convolution, so the
-layer must know that convolution: ``bkn.convert`` wires it (docs/design.md §13), or pass
+layer must know that convolution: ``bkn.convert`` wires it (docs/design.md §15), or pass
 ``weight=`` to ``forward`` (the authors' signature ``forward(input, weight)``). An unwired layer,
 and any forward whose input carries no gradient (``torch.no_grad``, a frozen convolution), is plain
 BN on the current group, as the authors' code is for inputs that do not require grad; it warns

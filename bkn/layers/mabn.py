@@ -1,5 +1,5 @@
 """Moving Average Batch Normalization (Yan et al., ICLR 2020, "Towards Stabilizing Batch Statistics in
-Backward Propagation of Batch Normalization"), docs/design.md §13.
+Backward Propagation of Batch Normalization"), docs/design.md §15.
 
 MABN normalizes without centring (the convolutions centre their weights instead,
 :class:`CenteredConv2d`) and replaces the two batch statistics of BN's forward and

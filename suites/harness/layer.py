@@ -21,7 +21,7 @@ def check_runnable(method: Method, group_size: int, shape: tuple[int, ...], trai
 
     Batch statistics without a prior (BN, BRN) need more than one value per channel in
     training mode (torch raises); BKN with a prior does not, that is the paper's point.
-    Instance norm needs spatial positions. CBN in training needs its convolution (docs/design.md §13).
+    Instance norm needs spatial positions. CBN in training needs its convolution (docs/design.md §15).
     """
     if method.norm == "in" and len(shape) == 1:
         skip("instance norm needs spatial positions; (N, C) features have none")

@@ -18,7 +18,7 @@ from .timing import warm_up_runs
 def cifar_resnet20(method: methods.Method, group_size: int | None = None) -> nn.Module:
     """The paper's CIFAR ResNet-20 with ``method``'s layers, in groups of ``group_size`` (None: one group)."""
     model = cifar_resnet(20, method.norm, **method.layer_options(group_size))
-    return cross_iteration_conversion.prepare(model, method.norm)  # mabn, cbn: docs/design.md §13
+    return cross_iteration_conversion.prepare(model, method.norm)  # mabn, cbn: docs/design.md §15
 
 
 class NetworkCase:

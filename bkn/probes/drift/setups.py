@@ -144,7 +144,7 @@ def method_network(
     else:
         model = method.convert(copy.deepcopy(base), group_size, total_steps=total_steps)
         return model.train()
-    return cross_iteration_conversion.prepare(model, method.norm).train()  # mabn, cbn: docs/design.md §13
+    return cross_iteration_conversion.prepare(model, method.norm).train()  # mabn, cbn: docs/design.md §15
 
 
 def load_weights(model: nn.Module, state: dict) -> None:
