@@ -171,3 +171,34 @@ def test_cbn_rejects_bad_options():
         CrossIterationBatchNorm2d(4, invalid="nope")
     with pytest.raises(ValueError, match="output channels"):
         CrossIterationBatchNorm2d(4).wire(nn.Conv2d(2, 5, 1), "x")
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_folded_weight_gradients_equal_autograd_per_group(dims):
+    """The wired layer's one-call derivatives (groups as channel blocks of a grouped convolution's weight gradient)
+    against one autograd pass per group, on a strided, dilated, grouped convolution with a bias."""
+    from bkn.layers.cross_iteration import conv_weight_gradients, weight_gradients
+
+    torch.manual_seed(0)
+    conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(4, 6, 3, stride=2, padding=2, dilation=2, groups=2).double()
+    u = torch.randn(6, 4, *([7] * dims), dtype=torch.float64)
+    x = conv(u)
+    groups = 3
+    xg = x.unflatten(0, (groups, 2))
+    dims_ = (1,) + tuple(range(3, xg.dim()))
+    mu, nu = xg.mean(dims_), (xg * xg).mean(dims_)
+    dmu, dnu = conv_weight_gradients(conv, u, x, groups)
+    torch.testing.assert_close(dmu, weight_gradients(mu, conv.weight))
+    torch.testing.assert_close(dnu, weight_gradients(nu, conv.weight))
+
+
+def test_a_wired_layer_takes_the_folded_path(monkeypatch):
+    import bkn.layers.cross_iteration as ci
+
+    calls = []
+    monkeypatch.setattr(ci, "weight_gradients", lambda *a: calls.append(a) or pytest.fail("autograd path taken"))
+    conv = nn.Conv2d(2, 3, 3)
+    layer = CrossIterationBatchNorm2d(3, group_size=2).train()
+    layer.wire(conv, "test")
+    layer(conv(torch.randn(4, 2, 5, 5)))
+    assert layer.last_used == 0 and len(layer.history) == 1 and not calls

@@ -294,11 +294,11 @@ def test_quick_defaults_and_explicit_options():
     full = resolve(parser().parse_args([]))
     assert (full.batch_size, full.lr, full.epochs, full.samples) == (32, 0.05, 15, 5000)
     runs = probe.configs(full)
-    # every registry method but syncbn, in and the drift probe's transition ablations: seven batch-dependent x
-    # four groups, GN, LN; 3 seeds; 2 networks
+    # every registry method but syncbn, in and the drift probe's transition ablations: nine batch-dependent (with
+    # mabn and cbn) x four groups, GN, LN; 3 seeds; 2 networks
     ablations = {n for n in registry.names() if n.startswith("bkn-official-") and n != "bkn-official-adaptive"}
     assert {r.method for r in runs} == set(registry.names()) - {"syncbn", "in"} - ablations
-    assert len(runs) == (7 * 4 + 2) * 3 * 2
+    assert len(runs) == (9 * 4 + 2) * 3 * 2
     digits = resolve(parser().parse_args(["--data", "digits", "--quick"]))
     assert digits.networks == ("cifar-resnet",)
 

@@ -66,6 +66,44 @@ def weight_gradients(stat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
+_CONV_WEIGHT_GRAD = {3: torch.nn.grad.conv1d_weight, 4: torch.nn.grad.conv2d_weight, 5: torch.nn.grad.conv3d_weight}
+
+
+def _fold(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(G * g, C, ...) as (g, G * C, ...): the groups side by side as channel blocks."""
+    return t.unflatten(0, (groups, t.shape[0] // groups)).transpose(0, 1).flatten(1, 2)
+
+
+def conv_weight_gradients(conv: nn.Module, u: torch.Tensor, x: torch.Tensor, groups: int):
+    """``(d mu / d W, d nu / d W)`` per group, shape (G, *W.shape) each, for ``x = conv(u)``, in one weight-gradient
+    call per statistic: the groups become channel blocks of a grouped convolution (``G * conv.groups`` groups),
+    whose weight gradient holds each group's. ``None`` where the convolution is not plain (string padding, a
+    padding mode other than zeros): then :func:`weight_gradients` (autograd) is used."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or u.dim() not in _CONV_WEIGHT_GRAD:
+        return None
+    values = (x.shape[0] // groups) * x[0, 0].numel()
+    w = conv.weight
+    shape = (groups * w.shape[0],) + tuple(w.shape[1:])
+    grad = _CONV_WEIGHT_GRAD[u.dim()]
+    options = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+    options["groups"] = groups * conv.groups
+    with torch.no_grad():
+        uf = _fold(u.detach().to(x.dtype), groups)
+        dmu = grad(uf, shape, torch.full_like(_fold(x, groups), 1.0 / values), **options)
+        dnu = grad(uf, shape, _fold(x.detach(), groups) * (2.0 / values), **options)
+    return dmu.view(groups, *w.shape), dnu.view(groups, *w.shape)
+
+
+class _KeepInput:
+    """Forward hook of a wired convolution: hands its input to the CBN layer it feeds."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, module, args, output):
+        self.layer.__dict__["_conv_io"] = (args[0], output)
+
+
 class _CrossIterationBatchNorm(BatchStatNorm):
     """Base of :class:`CrossIterationBatchNorm1d`/``2d``/``3d`` (the module docstring has the math).
 
@@ -104,6 +142,8 @@ class _CrossIterationBatchNorm(BatchStatNorm):
         self.iterations = 0  # training forwards seen (Python state, as the authors' iter_count)
         self.history: list[tuple] = []  # newest first: (mu, nu, dmu/dW, dnu/dW, W), each detached
         self.__dict__["source"] = None  # the convolution feeding the layer (not a submodule: no state_dict keys)
+        self.__dict__["_hook"] = None  # on that convolution: keeps its last input and output (_conv_io)
+        self.__dict__["_conv_io"] = None
         self.wiring = "not wired (no convolution given)"
         self._warned = False
         self.last_stats = None
@@ -123,6 +163,11 @@ class _CrossIterationBatchNorm(BatchStatNorm):
                 f"{self.label}: its convolution must have {self.num_features} output channels, "
                 f"got {type(conv).__name__} with {getattr(conv, 'out_channels', None)}"
             )
+        handle = self.__dict__.get("_hook")
+        if handle is not None:
+            handle.remove()
+        self.__dict__["_hook"] = conv.register_forward_hook(_KeepInput(self)) if conv is not None else None
+        self.__dict__["_conv_io"] = None
         self.__dict__["source"] = conv
         self.wiring = why if conv is not None else f"not wired: {why}"
         self._warned = conv is None  # conversion already said why
@@ -158,7 +203,7 @@ class _CrossIterationBatchNorm(BatchStatNorm):
             and torch.is_grad_enabled()
         )
         if active:
-            mu, var = self._cross_iteration(xa, cur_mu, weight, groups)
+            mu, var = self._cross_iteration(x, xa, cur_mu, weight, groups)
         else:
             mu, var = cur_mu, grouped(xa, groups).var(dim=(1, *range(3, x.dim() + 1)), correction=0)
             self.last_used = 0
@@ -176,10 +221,17 @@ class _CrossIterationBatchNorm(BatchStatNorm):
             y = y * self.weight.to(acc).view(shape) + self.bias.to(acc).view(shape)
         return y.to(x.dtype)
 
-    def _cross_iteration(self, xa, cur_mu, weight, groups):
+    def _cross_iteration(self, x, xa, cur_mu, weight, groups):
         cur_nu = group_mean(xa * xa, groups)
-        dmu = weight_gradients(cur_mu, weight)
-        dnu = weight_gradients(cur_nu, weight)
+        source, io = self.__dict__["source"], self.__dict__.get("_conv_io")
+        folded = None
+        if source is not None and weight is source.weight and io is not None and io[1] is x:
+            folded = conv_weight_gradients(source, io[0], xa, groups)  # the convolution's input: one call each
+        self.__dict__["_conv_io"] = None
+        if folded is not None:
+            dmu, dnu = (d.to(weight.dtype) for d in folded)
+        else:
+            dmu, dnu = weight_gradients(cur_mu, weight), weight_gradients(cur_nu, weight)
         if self.history and self.history[0][0].shape != cur_mu.shape:
             self.history = []  # the number of groups changed: the histories restart
         w_now = weight.detach()

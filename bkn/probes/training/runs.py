@@ -146,7 +146,7 @@ def make_model(
     model = networks.build(
         config.network, method.norm, in_channels, length, num_classes, config.width, config.depth, **options
     )
-    return cross_iteration_conversion.prepare(model, method.norm)  # mabn: centred convs; cbn: wired (docs/design.md §15)
+    return cross_iteration_conversion.prepare(model, method.norm)  # mabn, cbn: docs/design.md §15
 
 
 def train_run(
