@@ -202,3 +202,18 @@ def test_a_wired_layer_takes_the_folded_path(monkeypatch):
     layer.wire(conv, "test")
     layer(conv(torch.randn(4, 2, 5, 5)))
     assert layer.last_used == 0 and len(layer.history) == 1 and not calls
+
+
+def test_a_wired_model_deep_copies_and_rewires_after_training_forwards():
+    import copy
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), CrossIterationBatchNorm2d(3, group_size=2, burnin=1))
+    model[1].wire(model[0], "test")
+    for _ in range(2):  # one in burn-in, one with the window
+        model(torch.randn(4, 2, 5, 5)).sum().backward()
+    twin = copy.deepcopy(model)
+    assert twin[1].source is twin[0] and len(twin[0]._forward_hooks) == 1
+    twin(torch.randn(4, 2, 5, 5)).sum().backward()
+    assert twin[1].last_used == 1 and len(model[1].history) == 1  # the copy's window is its own
+    model[1].wire(None, "unwired in a test")
+    assert len(model[0]._forward_hooks) == 0 and len(twin[0]._forward_hooks) == 1

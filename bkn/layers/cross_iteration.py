@@ -142,8 +142,7 @@ class _CrossIterationBatchNorm(BatchStatNorm):
         self.iterations = 0  # training forwards seen (Python state, as the authors' iter_count)
         self.history: list[tuple] = []  # newest first: (mu, nu, dmu/dW, dnu/dW, W), each detached
         self.__dict__["source"] = None  # the convolution feeding the layer (not a submodule: no state_dict keys)
-        self.__dict__["_hook"] = None  # on that convolution: keeps its last input and output (_conv_io)
-        self.__dict__["_conv_io"] = None
+        self.__dict__["_conv_io"] = None  # that convolution's last (input, output), set by its hook, read once
         self.wiring = "not wired (no convolution given)"
         self._warned = False
         self.last_stats = None
@@ -163,10 +162,13 @@ class _CrossIterationBatchNorm(BatchStatNorm):
                 f"{self.label}: its convolution must have {self.num_features} output channels, "
                 f"got {type(conv).__name__} with {getattr(conv, 'out_channels', None)}"
             )
-        handle = self.__dict__.get("_hook")
-        if handle is not None:
-            handle.remove()
-        self.__dict__["_hook"] = conv.register_forward_hook(_KeepInput(self)) if conv is not None else None
+        previous = self.__dict__["source"]
+        if previous is not None:  # no handle kept: a deep copy's handle would point at the original's hooks
+            for key, hook in list(previous._forward_hooks.items()):
+                if isinstance(hook, _KeepInput) and hook.layer is self:
+                    del previous._forward_hooks[key]
+        if conv is not None:
+            conv.register_forward_hook(_KeepInput(self))
         self.__dict__["_conv_io"] = None
         self.__dict__["source"] = conv
         self.wiring = why if conv is not None else f"not wired: {why}"
@@ -185,7 +187,8 @@ class _CrossIterationBatchNorm(BatchStatNorm):
         self._check_enough_values(x, groups)
         if self.training:
             self.iterations += 1
-        source = self.__dict__["source"]
+        source, io = self.__dict__["source"], self.__dict__["_conv_io"]
+        self.__dict__["_conv_io"] = None  # read once: no activation kept past this forward (deep copies work)
         if weight is None and source is not None:
             weight = source.weight
         if weight is None and self.training and not self._warned:
@@ -203,7 +206,7 @@ class _CrossIterationBatchNorm(BatchStatNorm):
             and torch.is_grad_enabled()
         )
         if active:
-            mu, var = self._cross_iteration(x, xa, cur_mu, weight, groups)
+            mu, var = self._cross_iteration(x, xa, cur_mu, weight, groups, io)
         else:
             mu, var = cur_mu, grouped(xa, groups).var(dim=(1, *range(3, x.dim() + 1)), correction=0)
             self.last_used = 0
@@ -221,13 +224,12 @@ class _CrossIterationBatchNorm(BatchStatNorm):
             y = y * self.weight.to(acc).view(shape) + self.bias.to(acc).view(shape)
         return y.to(x.dtype)
 
-    def _cross_iteration(self, x, xa, cur_mu, weight, groups):
+    def _cross_iteration(self, x, xa, cur_mu, weight, groups, io):
         cur_nu = group_mean(xa * xa, groups)
-        source, io = self.__dict__["source"], self.__dict__.get("_conv_io")
+        source = self.__dict__["source"]
         folded = None
         if source is not None and weight is source.weight and io is not None and io[1] is x:
             folded = conv_weight_gradients(source, io[0], xa, groups)  # the convolution's input: one call each
-        self.__dict__["_conv_io"] = None
         if folded is not None:
             dmu, dnu = (d.to(weight.dtype) for d in folded)
         else:
