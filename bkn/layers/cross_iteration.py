@@ -181,14 +181,14 @@ class _CrossIterationBatchNorm(BatchStatNorm):
         self.history = []
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        source, io = self.__dict__["source"], self.__dict__["_conv_io"]
+        self.__dict__["_conv_io"] = None  # read once: no activation kept past this forward (deep copies work)
         groups = self._check_input(x)
         if not self._uses_batch_stats():
             return self._normalize_eval(x)
         self._check_enough_values(x, groups)
         if self.training:
             self.iterations += 1
-        source, io = self.__dict__["source"], self.__dict__["_conv_io"]
-        self.__dict__["_conv_io"] = None  # read once: no activation kept past this forward (deep copies work)
         if weight is None and source is not None:
             weight = source.weight
         if weight is None and self.training and not self._warned:
