@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from . import norms
+from . import cross_iteration_conversion, norms
 from .chain import PriorChain, format_report
 from .layers import SyncBatchNorm
 from .norm_kinds import RIVAL_NORMS
@@ -94,6 +94,8 @@ def _spatial_dims(bn: nn.Module) -> int:
 
 def _replacement(bn: nn.Module, norm: str, options: dict) -> nn.Module:
     options = dict(options)
+    if norm in cross_iteration_conversion.NORMS:  # MABN keeps its own momentum
+        options = cross_iteration_conversion.layer_options(norm, options)
     if norms.batch_dependent(norm) or norm == "in":
         options.setdefault("eps", bn.eps)
     if norms.batch_dependent(norm):
@@ -119,6 +121,7 @@ def _replacement(bn: nn.Module, norm: str, options: dict) -> nn.Module:
                 new.sync_running_std()
         if bn.affine and getattr(new, "weight", None) is not None:
             new.weight.requires_grad_(bn.weight.requires_grad)
+    cross_iteration_conversion.after_copy(bn, new)  # MABN: the second moment, a fresh iteration count
     new.train(bn.training)
     if _norm_kind(bn) == "norm-act":
         new.drop, new.act = bn.drop, bn.act  # same modules, same state_dict keys (drop.*, act.*)
@@ -143,7 +146,7 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
     """
     norms.create(norm, 4, **{k: v for k, v in options.items() if k not in _CHAIN_OPTIONS})  # validate early
     layer_options = {k: v for k, v in options.items() if k not in _CHAIN_OPTIONS}
-    if norm in RIVAL_NORMS:  # GN+WS, FRN, EvoNorm: they swap convolutions or absorb activations (docs/design.md §15)
+    if norm in RIVAL_NORMS:  # GN+WS, FRN, EvoNorm: they swap convolutions or absorb activations (docs/design.md §16)
         from .rivals import conversion as rivals
 
         return rivals.convert(
@@ -158,6 +161,7 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
             graph = _Tracer({id(model.get_submodule(name)) for name in targets}).trace(model)
         except Exception as err:  # data-dependent control flow etc.: no chain, say why
             model._bkn_chain_error = f"torch.fx could not trace the model ({type(err).__name__}: {err})"
+    replaced = [(name, type(model.get_submodule(name))) for name in targets]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -173,6 +177,8 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
         )
         chain.attach(model)
         model._bkn_chain = chain
+    if norm in cross_iteration_conversion.NORMS:  # centred convolutions (mabn), wiring (cbn): docs/design.md §16
+        cross_iteration_conversion.finish(model, norm, replaced)
     return model
 
 

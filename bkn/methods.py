@@ -45,6 +45,7 @@ class Method:
     colour: str  # one colour per method in every plot (hex)
     about: str  # one sentence for docs and the report
     scheduled: bool = False  # BRN's rmax/dmax schedule (see layer_options)
+    burnin_share: float | None = None  # CBN: burn-in as a share of the run's steps (see layer_options)
     tags: frozenset = frozenset()  # the subsets it belongs to (TAGS; names(tag=...))
 
     @property
@@ -77,6 +78,8 @@ class Method:
         norms). ``total_steps``: for a scheduled method, the length of the training run the
         paper's schedule is scaled to (BN for the first 1/8 of the steps, limits fully
         relaxed at the end); without it the paper's own step counts (5k, 25k, 40k) apply.
+        For a method with a ``burnin_share`` (CBN) it sets the burn-in to that share of
+        ``total_steps``; without it the layer's own (no burn-in).
         """
         options = dict(self.options)
         if self.uses_groups and group_size is not None:
@@ -88,6 +91,8 @@ class Method:
 
             schedule = RenormSchedule()
             options["schedule"] = schedule.scaled(total_steps) if total_steps is not None else schedule
+        if self.burnin_share is not None and total_steps is not None:
+            options["burnin"] = round(self.burnin_share * total_steps)
         return options
 
     def build(
@@ -272,6 +277,31 @@ _TABLE = (
         "EvoNorm-S0",
         "#843c39",
         "EvoNorm-S0: x * sigmoid(v * x) / group std, affine, in place of norm -> ReLU (timm's EvoNorm2dS0, per sample)",
+        tags=("matrix", "training"),
+    ),
+    # The cross-iteration rivals (docs/design.md §16): the authors' defaults, said in the about.
+    _method(
+        "mabn",
+        "mabn",
+        "MABN",
+        "#e7ba52",
+        "Moving Average BN (Yan et al. 2020): no centring, E[x^2] and the backward's E[g z] averaged over the last "
+        "32 / group_size iterations (the authors' real_B / B with real_B = 32), warm-up 100 iterations, renorm "
+        "factor 1 for 1000 iterations then clipped to [1/5, 5], momentum 0.98 (theirs); convolutions centre "
+        "their weights",
+        {"real_batch_size": 32, "warmup_iters": 100},
+        tags=("matrix", "training"),
+    ),
+    _method(
+        "cbn",
+        "cbn",
+        "CBN",
+        "#ad494a",
+        "Cross-Iteration BN (Yao et al. 2021): the group's mean and E[x^2] averaged with those of the last 3 "
+        "iterations (the authors' buffer_num), compensated to the current weights of the convolution feeding "
+        "it by a Taylor step; burn-in the first 2/3 of the run (the authors' 8 of 12 epochs)",
+        {"window": 3},
+        burnin_share=8 / 12,
         tags=("matrix", "training"),
     ),
 )

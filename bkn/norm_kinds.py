@@ -11,9 +11,9 @@ imports ``methods`` (an import cycle otherwise).
 # conversion only (bkn.convert), since they also change the convolutions or absorb the activation after a norm.
 RIVAL_NORMS = ("gn-ws", "frn", "evonorm-b0", "evonorm-s0")
 # Names accepted by bkn.norms.create, in the order bkn.norms.names() gives them.
-NAMES = ("bn", "bkn", "brn", "syncbn", "gn", "ln", "in") + RIVAL_NORMS
+NAMES = ("bn", "bkn", "brn", "syncbn", "gn", "ln", "in") + RIVAL_NORMS + ("mabn", "cbn")
 # Norms that compute their statistics per group of ``group_size`` samples (ghost batches).
-GROUPED_NORMS = ("bn", "bkn", "brn", "evonorm-b0")
+GROUPED_NORMS = ("bn", "bkn", "brn", "evonorm-b0", "mabn", "cbn")
 # Norms whose training-mode statistics depend on other samples: the grouped ones, and SyncBN
 # (the whole batch of every worker of a process group; it takes no group_size).
 BATCH_DEPENDENT_NORMS = GROUPED_NORMS + ("syncbn",)

@@ -2,7 +2,7 @@
 
     >>> from bkn import norms
     >>> norms.names()
-    ('bn', 'bkn', 'brn', 'syncbn', 'gn', 'ln', 'in', 'gn-ws', 'frn', 'evonorm-b0', 'evonorm-s0')
+    ('bn', 'bkn', 'brn', 'syncbn', 'gn', 'ln', 'in', 'gn-ws', 'frn', 'evonorm-b0', 'evonorm-s0', 'mabn', 'cbn')
     >>> layer = norms.create("bkn", 64, p=0.9, transition="official", group_size=2)
 
 ``spatial_dims`` picks the input rank: 0 for (N, C) features, 1 for (N, C, L),
@@ -37,6 +37,18 @@ _BKN = {
     3: layers.BatchKalmanNorm3d,
 }
 _BRN = {0: layers.BatchRenorm1d, 1: layers.BatchRenorm1d, 2: layers.BatchRenorm2d, 3: layers.BatchRenorm3d}
+_MABN = {
+    0: layers.MovingAverageBatchNorm1d,
+    1: layers.MovingAverageBatchNorm1d,
+    2: layers.MovingAverageBatchNorm2d,
+    3: layers.MovingAverageBatchNorm3d,
+}
+_CBN = {
+    0: layers.CrossIterationBatchNorm1d,
+    1: layers.CrossIterationBatchNorm1d,
+    2: layers.CrossIterationBatchNorm2d,
+    3: layers.CrossIterationBatchNorm3d,
+}
 _IN = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
@@ -111,6 +123,10 @@ def create(name: str, num_features: int, *, spatial_dims: int = 2, **options) ->
         return _build(name, _BKN[spatial_dims], num_features, **options)
     if name == "brn":
         return _build(name, _BRN[spatial_dims], num_features, **options)
+    if name == "mabn":
+        return _build(name, _MABN[spatial_dims], num_features, **options)
+    if name == "cbn":
+        return _build(name, _CBN[spatial_dims], num_features, **options)
     if name == "syncbn":
         if options.pop("group_size", None) is not None:
             raise ValueError(

@@ -171,6 +171,8 @@ EXPECTED_TYPE = {
     "gn": nn.GroupNorm,
     "ln": nn.GroupNorm,
     "in": nn.InstanceNorm2d,
+    "mabn": bkn.layers.MovingAverageBatchNorm2d,
+    "cbn": bkn.layers.CrossIterationBatchNorm2d,
 }
 
 

@@ -51,8 +51,9 @@ def test_every_tag_used_in_code_is_known_and_non_empty():
 
 def test_the_subsets_the_suite_relied_on_are_kept():
     # What each hand-kept list held before it became a tag (set equality: the order is the registry's).
-    rivals = {"gn-ws", "frn", "evonorm-b0", "evonorm-s0"}  # timm's rivals: in the layer and network benchmarks
+    rivals = {"gn-ws", "frn", "evonorm-b0", "evonorm-s0", "mabn", "cbn"}  # issue 25: layer and network benchmarks
     assert set(methods.names(tag="matrix")) == {"bn", "bkn-official", "bkn-analytic", "brn", "gn", "ln", "in"} | rivals
+    assert rivals <= set(methods.names(tag="training"))
     assert set(methods.names(tag="speed")) == {"bn", "bkn-official", "bkn-analytic", "brn", "gn"}
     assert set(methods.names(tag="distributed")) == {"bn", "syncbn", "bkn-official", "bkn-analytic"}
     assert methods.names(tag="core") == ("bn", "bkn-official", "bkn-analytic")

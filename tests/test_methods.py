@@ -8,7 +8,15 @@ from torch import nn
 
 import bkn
 from bkn import methods
-from bkn.layers import BatchKalmanNorm2d, BatchRenorm2d, GhostBatchNorm2d, RenormSchedule, SyncBatchNorm
+from bkn.layers import (
+    BatchKalmanNorm2d,
+    BatchRenorm2d,
+    CrossIterationBatchNorm2d,
+    GhostBatchNorm2d,
+    MovingAverageBatchNorm2d,
+    RenormSchedule,
+    SyncBatchNorm,
+)
 from bkn.rivals.layers import EvoNormB0, EvoNormS0, FilterResponseNorm
 
 EXPECTED_TYPES = {
@@ -23,6 +31,8 @@ EXPECTED_TYPES = {
     "frn": FilterResponseNorm,
     "evonorm-b0": EvoNormB0,
     "evonorm-s0": EvoNormS0,
+    "mabn": MovingAverageBatchNorm2d,
+    "cbn": CrossIterationBatchNorm2d,
 }
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bkn
+from bkn import layers as L
 from bkn import norms
 
 SHAPES = {0: (4, 6), 1: (4, 6, 5), 2: (4, 6, 3, 4), 3: (4, 6, 2, 3, 2)}
@@ -19,15 +20,20 @@ EXPECTED = {
     "gn": {d: nn.GroupNorm for d in range(4)},
     "ln": {0: nn.LayerNorm, 1: nn.GroupNorm, 2: nn.GroupNorm, 3: nn.GroupNorm},
     "in": {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
+    "mabn": {0: L.MovingAverageBatchNorm1d, 1: L.MovingAverageBatchNorm1d, 2: L.MovingAverageBatchNorm2d}
+    | {3: L.MovingAverageBatchNorm3d},
+    "cbn": {0: L.CrossIterationBatchNorm1d, 1: L.CrossIterationBatchNorm1d, 2: L.CrossIterationBatchNorm2d}
+    | {3: L.CrossIterationBatchNorm3d},
 }
 
 
 def test_names():
     assert isinstance(norms.names(), tuple)
     rivals = {"gn-ws", "frn", "evonorm-b0", "evonorm-s0"}  # timm's layers: tests/test_rivals.py
-    assert set(norms.names()) == {"bn", "bkn", "brn", "syncbn", "gn", "ln", "in"} | rivals
+    assert set(norms.names()) == {"bn", "bkn", "brn", "syncbn", "gn", "ln", "in", "mabn", "cbn"} | rivals
     assert set(EXPECTED) == set(norms.names()) - rivals
-    assert {n for n in norms.names() if norms.batch_dependent(n)} == {"bn", "bkn", "brn", "syncbn", "evonorm-b0"}
+    batch = {"bn", "bkn", "brn", "syncbn", "evonorm-b0", "mabn", "cbn"}
+    assert {n for n in norms.names() if norms.batch_dependent(n)} == batch
 
 
 def _cases():

@@ -294,12 +294,12 @@ def test_quick_defaults_and_explicit_options():
     full = resolve(parser().parse_args([]))
     assert (full.batch_size, full.lr, full.epochs, full.samples) == (32, 0.05, 15, 5000)
     runs = probe.configs(full)
-    # every registry method but syncbn, in and the drift probe's transition ablations: eight batch-dependent
-    # (EvoNorm-B0 among them) x four groups, GN, LN and the per-sample rivals GN+WS, FRN, EvoNorm-S0; 3 seeds;
-    # 2 networks
+    # every registry method but syncbn, in and the drift probe's transition ablations: ten batch-dependent
+    # (EvoNorm-B0, MABN, CBN among them) x four groups, GN, LN and the per-sample rivals GN+WS, FRN, EvoNorm-S0;
+    # 3 seeds; 2 networks
     ablations = {n for n in registry.names() if n.startswith("bkn-official-") and n != "bkn-official-adaptive"}
     assert {r.method for r in runs} == set(registry.names()) - {"syncbn", "in"} - ablations
-    assert len(runs) == (8 * 4 + 5) * 3 * 2
+    assert len(runs) == (10 * 4 + 5) * 3 * 2
     digits = resolve(parser().parse_args(["--data", "digits", "--quick"]))
     assert digits.networks == ("cifar-resnet",)
 

@@ -22,14 +22,19 @@ def check_runnable(method: Method, group_size: int, shape: tuple[int, ...], trai
     Batch statistics without a prior (BN, BRN) need more than one value per channel in
     training mode (torch raises); BKN with a prior does not, that is the paper's point.
     Instance norm needs spatial positions; the rivals from timm (``method.converts``) run on
-    1-d and 2-d positions only.
+    1-d and 2-d positions only. CBN in training needs its convolution (docs/design.md §16).
     """
     if method.norm == "in" and len(shape) == 1:
         skip("instance norm needs spatial positions; (N, C) features have none")
     if method.converts and len(shape) not in (2, 3):
         skip(f"{method.name} is built from timm's 2-d layers: (N, C, L) and (N, C, H, W) inputs only")
     values_per_channel = group_size * math.prod(shape[1:])
-    if training and method.norm in ("bn", "brn", "evonorm-b0") and values_per_channel < 2:
+    if training and method.norm == "cbn":
+        skip(
+            "cbn in training differentiates its statistics through the convolution feeding it, which a layer "
+            "benchmark lacks (it would time plain BN); its training cost is the network step's (bench_network)"
+        )
+    if training and method.norm in ("bn", "brn", "evonorm-b0", "mabn") and values_per_channel < 2:
         skip(
             f"{method.name} in training mode needs more than one value per channel (group size {group_size} of {shape})"
         )

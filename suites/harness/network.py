@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bkn import methods
+from bkn import cross_iteration_conversion, methods
 from bkn.models import cifar_resnet
 from bkn.probes.measure import TrainStep
 
@@ -17,8 +17,9 @@ from .timing import warm_up_runs
 
 def cifar_resnet20(method: methods.Method, group_size: int | None = None) -> nn.Module:
     """The paper's CIFAR ResNet-20 with ``method``'s layers, in groups of ``group_size`` (None: one group); a
-    rival (``method.converts``) is built with BN and converted by ``bkn.convert``."""
-    return method.network(lambda norm, **options: cifar_resnet(20, norm, **options), group_size)
+    rival (``method.converts``) is built with BN and converted by ``bkn.convert``; MABN and CBN are prepared."""
+    model = method.network(lambda norm, **options: cifar_resnet(20, norm, **options), group_size)
+    return cross_iteration_conversion.prepare(model, method.norm)  # mabn, cbn: docs/design.md §16
 
 
 class NetworkCase:

@@ -39,6 +39,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from bkn import cross_iteration_conversion
 from bkn import methods as registry
 from bkn.models import cifar_resnet
 from bkn.probes import engine as training
@@ -144,7 +145,8 @@ def method_network(
         load_weights(model, base.state_dict())
     else:
         model = method.convert(copy.deepcopy(base), group_size, total_steps=total_steps)
-    return model.train()
+        return model.train()
+    return cross_iteration_conversion.prepare(model, method.norm).train()  # mabn, cbn: docs/design.md §16
 
 
 def load_weights(model: nn.Module, state: dict) -> None:

@@ -4,8 +4,9 @@
 SGD batch fixed (32) and the normalization group size varied (2, 4, 8, 32), for every
 method of :mod:`bkn.methods` but SyncBN (which needs workers) and IN: BN (ghost batches),
 BKN (official and analytic transitions, fixed p = 0.9 and adaptive gain), BRN (fixed
-limits, and the paper's schedule scaled to the run) at every group size, and GN and LN
-(which have no group) once per seed; three seeds. Data and networks (:mod:`.networks`):
+limits, and the paper's schedule scaled to the run), MABN and CBN (their authors' warm-up and
+burn-in, docs/design.md §16) at every group size, and GN and LN (which have no group) once per
+seed; three seeds. Data and networks (:mod:`.networks`):
 MNIST-1D generated locally (5,000 samples, 4,000 train / 1,000 test), a Conv1d net
 (``convnet``) and a 1-D pre-activation ResNet-8 with BKN priors wired through its
 residual stream (``resnet1d``); ``--data digits`` trains the CIFAR ResNet-8 on

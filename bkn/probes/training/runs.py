@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bkn import cross_iteration_conversion
 from bkn import methods as registry
 from bkn.probes import engine as training
 from bkn.probes.data import Dataset
@@ -147,7 +148,8 @@ def make_model(
             config.network, norm, in_channels, length, num_classes, config.width, config.depth, **options
         )
 
-    return method.network(build, config.group_size, total_steps=total_steps)  # the rivals: built with BN, converted
+    model = method.network(build, config.group_size, total_steps=total_steps)  # the rivals: built with BN, converted
+    return cross_iteration_conversion.prepare(model, method.norm)  # mabn, cbn: docs/design.md §16
 
 
 def train_run(
