@@ -63,9 +63,12 @@ def group_sizes(accuracy: pd.DataFrame) -> list[int]:
 
 
 def at_group(accuracy: pd.DataFrame, group: int) -> pd.DataFrame:
-    """The rows that answer "at a group of ``group``": grouped methods at that group, the others at their one."""
+    """The rows that answer "at a group of ``group``": grouped methods at that group, the others at their one (the
+    SGD batch; the largest recorded, should there be several)."""
     grouped = accuracy["method"].map(has_groups)
-    return accuracy[(grouped & (accuracy["group_size"] == group)) | ~grouped].assign(group_size=group)
+    largest = accuracy.groupby("method")["group_size"].transform("max")
+    keep = (grouped & (accuracy["group_size"] == group)) | (~grouped & (accuracy["group_size"] == largest))
+    return accuracy[keep].assign(group_size=group)
 
 
 def _run_times(frame: pd.DataFrame) -> pd.DataFrame:
