@@ -14,8 +14,9 @@ The cost comes from one of two sources, chosen per group size (:func:`relative_c
   that group size (the benchmark's groups are 2, 4 and 16);
 * ``probe``: otherwise the training probe's own ``step_time_s`` (forward, backward and SGD
   update, timed inside each run): per run the median over epochs, then per seed the ratio to
-  BN's run of the same network, group and seed, then the geometric mean over seeds. Runs
-  train in parallel worker processes on a shared machine, so these ratios carry its noise.
+  BN's run of the same network, group and seed, then the geometric mean over seeds
+  (``cost_spread``: the geometric standard deviation of the per-seed ratios). Runs train in
+  parallel worker processes, not interleaved, so these ratios carry the machine's noise.
 
 The *Pareto frontier* (:func:`frontier`) holds the methods no other method beats on both
 axes: none is at most as costly and at least as accurate, better in one.
@@ -32,7 +33,7 @@ from bkn import methods as registry
 
 BASELINE = "bn"
 NETWORK_STEP = "TimeCifarResNetGroupedStep.time_train_step"  # the asv benchmark the cost comes from when it can
-COST_COLUMNS = ("data", "network", "group_size", "method", "cost", "source")
+COST_COLUMNS = ("data", "network", "group_size", "method", "cost", "source")  # probe_cost adds cost_spread
 
 
 def has_groups(method: str) -> bool:
@@ -92,9 +93,11 @@ def probe_cost(frame: pd.DataFrame) -> pd.DataFrame:
             for method, rows in here.groupby("method", sort=False):
                 ratios = rows.set_index("seed")["value"] / base
                 ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
-                cost = float(np.exp(np.log(ratios).mean())) if len(ratios) else math.nan
-                out.append((data, network, group, method, cost, "probe"))
-    return pd.DataFrame(out, columns=list(COST_COLUMNS))
+                logs = np.log(ratios.to_numpy())
+                cost = float(np.exp(logs.mean())) if len(logs) else math.nan
+                spread = float(np.exp(logs.std(ddof=1))) if len(logs) > 1 else math.nan
+                out.append((data, network, group, method, cost, "probe", spread))
+    return pd.DataFrame(out, columns=[*COST_COLUMNS, "cost_spread"])
 
 
 def asv_cost(results: pd.DataFrame, commit: str | None) -> pd.DataFrame:
@@ -136,6 +139,7 @@ def relative_cost(frame: pd.DataFrame, asv_results: pd.DataFrame | None = None, 
         if here.any() and set(cost.loc[here, "method"]) <= set(known.index):
             cost.loc[here, "cost"] = cost.loc[here, "method"].map(known).to_numpy()
             cost.loc[here, "source"] = "asv"
+            cost.loc[here, "cost_spread"] = math.nan
     return cost
 
 

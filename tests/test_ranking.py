@@ -165,6 +165,7 @@ def test_points_cost_and_frontier_from_the_probes_step_times():
     assert at.loc[("convnet", 2, "bkn-analytic"), "cost"] == pytest.approx(0.75)  # BN is twice as slow at 2
     assert at.loc[("convnet", 2, "gn"), "cost"] == pytest.approx(0.6)  # GN's one run, in every panel
     assert at.loc[("convnet", 32, "gn"), "cost"] == pytest.approx(1.2)
+    assert at.loc[("convnet", 32, "gn"), "cost_spread"] == pytest.approx(1.0)
     assert at.loc[("convnet", 2, "bkn-analytic"), "mean"] == pytest.approx(93.1)
     assert at.loc[("convnet", 2, "bkn-analytic"), "sd"] == pytest.approx(0.1)
     # At 32: BN cheapest, BKN most accurate, GN dominated by neither (cheaper than BKN, better than BN).
@@ -221,6 +222,7 @@ def test_the_answer_renders_a_decodable_chart_and_the_ranked_tables():
     image = mpimg.imread(io.BytesIO(png), format="png")
     assert image.shape[0] > 200 and image.shape[1] > 600
     assert "the training probe's own step time" in section.blocks[1]["caption"]
+    assert "vary by a factor 1.00" in section.blocks[1]["caption"]  # the planted times are the same every seed
     table = next(b for b in section.blocks if b["kind"] == "table")
     assert "at a group of 2" in table["caption"] and "Holm-corrected over all 3 pairs" in table["caption"]
     assert table["html"].index("BKN analytic") < table["html"].index("GN") < table["html"].index("BN</td>")

@@ -70,10 +70,16 @@ def _sources(table: pd.DataFrame) -> str:
             f"the asv network-step benchmark ({pareto.NETWORK_STEP}, the CIFAR ResNet-20) of this commit"
             if source == "asv"
             else "the training probe's own step time (median over epochs per run, ratio to BN's run of the same "
-            "seed, geometric mean over seeds; runs share a machine, so a ratio within about 10% of 1 is noise)"
+            f"seed, geometric mean over seeds; the runs were not interleaved: per-seed ratios vary by a factor "
+            f"{_spread(rows)} (median geometric sd), so smaller cost differences are noise)"
         )
         parts.append(f"{what} at group {sizes}")
     return "; ".join(parts) or "none (no step time recorded)"
+
+
+def _spread(rows: pd.DataFrame) -> str:
+    spread = rows["cost_spread"].dropna() if "cost_spread" in rows else pd.Series(dtype=float)
+    return f"{spread.median():.2f}" if len(spread) else "unknown (one seed)"
 
 
 def _ranked_block(section: Section, accuracy: pd.DataFrame, data: str, network: str, group: int) -> None:
