@@ -263,3 +263,63 @@ def trend_grid(frame: pd.DataFrame, keys: list[tuple], *, labels: dict, base: st
     fig.suptitle(title, y=1.0)
     fig.tight_layout()
     return to_data_uri(fig)
+
+
+def pareto(points: pd.DataFrame, *, title: str, xlabel: str, ylabel: str) -> str:
+    """Accuracy (``mean`` ± ``sd``) against ``cost``, one point per method in its registry colour, one panel per
+    ``panel`` value; the frontier (``on_frontier``) drawn as a staircase and its points labelled."""
+    points = points.dropna(subset=["cost", "mean"])
+    panels = list(dict.fromkeys(points["panel"]))[:MAX_FACETS]
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.1 * nrows), squeeze=False)
+    colours = palette(points["method"])
+    for ax, name in zip(axes.flat, panels):
+        part = points[points["panel"] == name]
+        for row in part.itertuples(index=False):
+            ax.errorbar(
+                row.cost,
+                row.mean,
+                yerr=0.0 if pd.isna(row.sd) else row.sd,
+                fmt="o",
+                ms=5,
+                capsize=2,
+                color=colours[row.method],
+                label=row.method,
+                zorder=3,
+            )
+        best = part[part["on_frontier"]].sort_values("cost")
+        if len(best):
+            ax.step(best["cost"], best["mean"], where="post", color="0.25", lw=1.0, ls="--", zorder=2)
+            for row in best.itertuples(index=False):
+                ax.annotate(
+                    registry.label(row.method),
+                    (row.cost, row.mean),
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                    fontsize=6.5,
+                    color=colours[row.method],
+                )
+        ax.axvline(1.0, color="0.6", lw=0.8, ls=":")
+        ax.set_title(str(name), fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    handles = {}
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+    ordered = [m for m in hue_order(handles) if m in handles]
+    fig.legend(
+        [handles[m] for m in ordered],
+        [registry.label(m) for m in ordered],
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(4, max(1, len(ordered))),
+        frameon=False,
+        fontsize=8,
+    )
+    fig.suptitle(title, y=1.0)
+    fig.tight_layout()
+    return to_data_uri(fig)

@@ -79,7 +79,10 @@ def test_report_end_to_end(tmp_path, capsys):
         "regressions_trends.csv",
         "drift_drift_by_group_size.csv",
         "training_training_final.csv",
+        "training_pareto_points.csv",
+        "training_ranked_mnist1d_convnet.csv",
     } <= names
+    assert "The answer: accuracy against the cost of a step" in html and "at a group of 2" in html
     saved = pd.read_csv(data / "regressions_verdicts.csv")
     assert (saved["verdict"] == "regression").sum() == 1
     ratio = pd.read_csv(data / "timing_ratio_to_bn.csv")

@@ -294,12 +294,17 @@ def test_quick_defaults_and_explicit_options():
     full = resolve(parser().parse_args([]))
     assert (full.batch_size, full.lr, full.epochs, full.samples) == (32, 0.05, 15, 5000)
     runs = probe.configs(full)
-    # every registry method but syncbn, in and the drift probe's transition ablations: ten batch-dependent
-    # (EvoNorm-B0, MABN, CBN among them) x four groups, GN, LN and the per-sample rivals GN+WS, FRN, EvoNorm-S0;
-    # 3 seeds; 2 networks
+    # every registry method but syncbn, in and the drift probe's transition ablations: the grouped ones x four
+    # groups, the others once; every default seed; 2 networks
     ablations = {n for n in registry.names() if n.startswith("bkn-official-") and n != "bkn-official-adaptive"}
-    assert {r.method for r in runs} == set(registry.names()) - {"syncbn", "in"} - ablations
-    assert len(runs) == (10 * 4 + 5) * 3 * 2
+    assert {r.method for r in runs} == set(registry.names(tag="training"))
+    assert not {"syncbn", "in"} & {r.method for r in runs} and not ablations & {r.method for r in runs}
+    grouped = sum(registry.get(m).uses_groups for m in registry.names(tag="training"))
+    others = len(registry.names(tag="training")) - grouped
+    # BN, BKN x 4, BRN x 2, EvoNorm-B0, MABN, CBN; GN, LN, GN+WS, FRN, EvoNorm-S0
+    assert grouped == 10 and others == 5
+    assert len(runs) == (grouped * 4 + others) * len(probe.DEFAULT_SEEDS) * 2
+    assert full.group_sizes == (2, 4, 8, 32) and full.networks == ("convnet", "resnet1d")
     digits = resolve(parser().parse_args(["--data", "digits", "--quick"]))
     assert digits.networks == ("cifar-resnet",)
 

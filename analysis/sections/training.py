@@ -5,7 +5,9 @@ accuracy against the normalization group size, one line per method with a band o
 standard deviation over seeds, in two labelled panels - with the methods' running
 estimates (``evaluation = "running"``; GN and LN: their per-sample statistics) and with
 population statistics recomputed after training (``"population"``, PreciseBN) - and a
-table of mean ± standard deviation over seeds. Then the learning curves.
+table of mean ± standard deviation over seeds. Before them the answer (:mod:`.answer`):
+accuracy against the cost of a step (a Pareto chart) and the ranks at a group of 2 with
+paired tests over seeds. Then the learning curves.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pandas as pd
 from bkn.probes.results import EVALUATIONS
 
 from .. import plots
+from .answer import add_answer
 from .base import Inputs, Section, provenance
 
 # Panel titles: which statistics the network normalized with at test time.
@@ -58,6 +61,8 @@ def build_training(inputs: Inputs) -> Section:
         "statistics are not what it normalizes with in training (its Kalman posterior), so its two numbers "
         "can differ either way."
     )
+    asv = inputs.asv.results if inputs.asv is not None else None
+    add_answer(section, frame, probe.meta, asv)
     for data, network in networks:
         part = final[(final["data"] == data) & (final["network"] == network)]
         _accuracy_block(section, part, data, network)
