@@ -122,6 +122,8 @@ TAGS = {
     "distributed": "the asv DDP step benchmark's methods (suites.harness.ddp)",
     "training": "the training probe's default methods (not syncbn: it needs --world-size; not in; no ablations)",
     "headline": "the drift probe's headline tables and figures (bias vs noise, real data)",
+    "rival": "the methods published since 2018 for small batches (GN+WS, FRN, EvoNorm, MABN, CBN; docs/design.md §15, "
+    "§16); timed by the asv suites and the report, left out of the regression gate's tracking subset (suites.tracking)",
     "drift": "the drift probe's default run (each costs it a training run per seed; the rest: --full or --methods)",
 }
 
@@ -251,7 +253,7 @@ _TABLE = (
         "GN+WS",
         "#637939",
         "GroupNorm (GN's group rule) with Weight Standardization on every convolution (timm's StdConv2d; BiT)",
-        tags=("matrix", "training"),
+        tags=("matrix", "training", "rival"),
     ),
     _method(
         "frn",
@@ -260,7 +262,7 @@ _TABLE = (
         "#7b4173",
         "Filter Response Normalization: x / rms over positions, affine, then TLU max(y, tau) in place of the ReLU "
         "after it (timm's FilterResponseNormTlu2d; no TLU where no ReLU follows)",
-        tags=("matrix", "training"),
+        tags=("matrix", "training", "rival"),
     ),
     _method(
         "evonorm-b0",
@@ -269,7 +271,7 @@ _TABLE = (
         "#393b79",
         "EvoNorm-B0: x / max(sqrt(group batch var + eps), v * x + instance std), affine, in place of norm -> ReLU "
         "(timm's EvoNorm2dB0, batch variance per group of group_size)",
-        tags=("matrix", "training", "drift"),
+        tags=("matrix", "training", "drift", "rival"),
     ),
     _method(
         "evonorm-s0",
@@ -277,7 +279,7 @@ _TABLE = (
         "EvoNorm-S0",
         "#843c39",
         "EvoNorm-S0: x * sigmoid(v * x) / group std, affine, in place of norm -> ReLU (timm's EvoNorm2dS0, per sample)",
-        tags=("matrix", "training"),
+        tags=("matrix", "training", "rival"),
     ),
     # The cross-iteration rivals (docs/design.md §16): the authors' defaults, said in the about.
     _method(
@@ -290,7 +292,7 @@ _TABLE = (
         "factor 1 for 1000 iterations then clipped to [1/5, 5], momentum 0.98 (theirs); convolutions centre "
         "their weights",
         {"real_batch_size": 32, "warmup_iters": 100},
-        tags=("matrix", "training"),
+        tags=("matrix", "training", "rival"),
     ),
     _method(
         "cbn",
@@ -302,7 +304,7 @@ _TABLE = (
         "it by a Taylor step; burn-in the first 2/3 of the run (the authors' 8 of 12 epochs)",
         {"window": 3},
         burnin_share=8 / 12,
-        tags=("matrix", "training"),
+        tags=("matrix", "training", "rival"),
     ),
 )
 _METHODS: dict[str, Method] = {m.name: m for m in _TABLE}

@@ -418,7 +418,7 @@ def test_demo_ratios_are_medians_over_rounds_and_rounds_interleave():
 
 
 def test_kernels_command_reports_ready_or_switched_off(capsys, monkeypatch):
-    from bkn import kernels
+    from bkn.kernels import __main__ as kernels
 
     if _native.load() is not None:
         assert kernels.main([]) == 0
