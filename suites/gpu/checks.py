@@ -1,0 +1,132 @@
+"""The checks of the GPU run: graph replay against eager (with host syncs counted) and the CUDA tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+import torch
+
+from .parts import build_network, network_inputs, shape_text, train_step
+
+GRAPH_METHODS = ("bn", "brn", "bkn-analytic", "bkn-official")  # in groups of 2: bn is ghost BN
+GRAPH_TOLERANCE = 1e-4  # largest relative difference of a loss, parameter or buffer, replay vs eager
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SYNC_DEBUG_OPTION = "--cuda-sync-debug=error"  # tests/conftest.py: steps under torch.cuda.set_sync_debug_mode
+
+
+def graph_checks(run, part, device, names, quick: bool) -> None:
+    """Per method, a converted ResNet-18 step: host syncs per step (any device) and, on CUDA, graph replay
+    against eager from the same state (:func:`bkn.probes.graphs.compare_with_eager`)."""
+    from bkn.probes import dispatch_count, graphs
+
+    label = f"resnet18-{shape_text(network_inputs('resnet18', quick))}"
+    for name in names:
+        if part.expired(8.0):
+            run.skip("graph", name, part.why(), shape=label, mode="graphed")
+            continue
+        try:
+            torch.manual_seed(0)
+            step, _ = train_step(build_network("resnet18", name, quick), "resnet18", device, quick)
+            path = dispatch_count.accelerator_path() if device.type == "cpu" else contextlib.nullcontext()
+            with path, dispatch_count.single_process_group():
+                step()  # warm-up: first-call work is not a step's
+                counter = dispatch_count.count(step, stacks=True)
+            first = counter.syncs[0].splitlines()[-1] if counter.syncs else ""
+            where = "the accelerator path (torch Functions) on the CPU" if device.type == "cpu" else "CUDA"
+            note = f"counted on {where}" + (f"; first at {first}" if first else "")
+            run.add("graph", name, "host_syncs", len(counter.syncs), target=0, note=note, shape=label)
+            run.say(f"graph: {name} host syncs per step: {len(counter.syncs)}" + (f" (first at {first})" if first else ""))
+        except Exception as exc:  # noqa: BLE001
+            run.fail("graph", name, exc, shape=label)
+        if device.type != "cuda":
+            run.skip("graph", name, "CUDA graphs need a CUDA device (this run: --device cpu)", shape=label, mode="graphed")
+            continue
+        try:
+            torch.manual_seed(0)
+            model = build_network("resnet18", name, quick)
+            result = graphs.compare_with_eager(lambda m: train_step(m, "resnet18", device, quick), model)
+        except graphs.GraphCaptureError as exc:
+            run.fail("graph", name, f"capture impossible: {exc}", shape=label, mode="graphed")
+            continue
+        except Exception as exc:  # noqa: BLE001
+            run.fail("graph", name, exc, shape=label, mode="graphed")
+            continue
+        equal = max(result["loss_rel"], result["state_rel"]) <= GRAPH_TOLERANCE
+        status = "ok" if equal else "failed"
+        note = f"3 replays vs 3 eager steps after 3 warm-ups; losses eager {result['losses_eager']}"
+        for metric in ("loss_rel", "state_rel"):
+            run.add("graph", name, metric, result[metric], target=GRAPH_TOLERANCE, status=status, note=note, shape=label)
+        run.say(f"graph: {name} replay vs eager: loss {result['loss_rel']:.2e}, state {result['state_rel']:.2e} ({status})")
+
+
+def cuda_test_files() -> list[str]:
+    """tests/test_cuda.py and every other test file that marks tests ``cuda``."""
+    files = sorted(p for p in (ROOT / "tests").glob("test_*.py") if "mark.cuda" in p.read_text(encoding="utf-8"))
+    return [str(p.relative_to(ROOT)) for p in files]
+
+
+def cuda_tests(run, part, device, log_dir: pathlib.Path) -> None:
+    """The CUDA-marked tests (not slow) under ``set_sync_debug_mode("error")`` in a pytest subprocess."""
+    files = cuda_test_files()
+    if part.expired(10.0):
+        run.skip("tests", " ".join(files), part.why())
+        return
+    env = {**os.environ, "BKN_NATIVE": "0", "PYTHONUNBUFFERED": "1"}  # no CPU kernel build on the lent machine
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = pathlib.Path(tmp) / "junit.xml"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda and not slow"]
+        command += [SYNC_DEBUG_OPTION, f"--junitxml={junit}", *files]
+        with contextlib.suppress(ImportError):
+            import xdist  # noqa: F401
+
+            if device.type == "cuda":
+                command += ["-n", "4"]
+        run.say(f"tests: {' '.join(command[1:])}")
+        log = log_dir / "pytest.log"
+        try:
+            with log.open("w", encoding="utf-8") as out:
+                code = subprocess.run(
+                    command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=max(part.left(), 1)
+                ).returncode
+        except subprocess.TimeoutExpired:
+            run.skip("tests", " ".join(files), f"{part.why()} while pytest ran (its output: {log.name})")
+            return
+        counts = read_junit(junit)
+    tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
+    if counts is None:
+        run.fail("tests", " ".join(files), f"pytest exited {code} without a report: {tail[0]}")
+        return
+    bad = counts["failed"] + counts["errors"]
+    status = "failed" if bad or code not in (0, 5) else "ok"
+    note = "; ".join(counts["failing"][:8]) or tail[0]
+    for metric in ("passed", "failed", "errors", "skipped"):
+        run.add("tests", " ".join(files), metric, counts[metric], status=status, note=note)
+    run.say(f"tests: {counts['passed']} passed, {bad} failed or errors, {counts['skipped']} skipped ({status})")
+
+
+def read_junit(path: pathlib.Path) -> dict | None:
+    """Counts (passed, failed, errors, skipped) and failing test ids from a pytest junit XML file."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failing": []}
+    for case in root.iter("testcase"):
+        ident = f"{case.get('classname', '')}::{case.get('name', '')}"
+        if case.find("failure") is not None:
+            counts["failed"] += 1
+            counts["failing"].append(ident)
+        elif case.find("error") is not None:
+            counts["errors"] += 1
+            counts["failing"].append(ident)
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts
