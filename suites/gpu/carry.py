@@ -141,16 +141,22 @@ def asv_part(run, part, device, out_dir: pathlib.Path) -> None:
             config = asv_config(tmp)
             env = {"ASV_PYTHONPATH": str(ROOT), "BKN_BENCH_THREADS": "1", "BKN_NATIVE": "0", "PATH": _path(python)}
             asv = [str(python), "-m", "asv"]
-            subprocess.run([*asv, "machine", "--yes", "--machine", MACHINE, "--config", str(config)], env=_env(env),
-                           check=True, capture_output=True, timeout=60)  # fmt: skip
+            subprocess.run(
+                [*asv, "machine", "--yes", "--machine", MACHINE, "--config", str(config)],
+                env=_env(env),
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
             sha = commit.split("+")[0]
             command = [*asv, "run", "--config", str(config), "--python=same", "--quick", "--record-samples"]
             command += [f"--set-commit-hash={sha}", "--machine", MACHINE, "--launch-method=forkserver"]
             command += [arg for regex in selectors(ASV_SUBSET) for arg in ("--bench", regex)]
             run.say(f"asv: {len(ASV_SUBSET)} benchmarks, commit {sha[:8]}")
             with (out_dir / "asv.log").open("w", encoding="utf-8") as log:
-                proc = subprocess.run(command, env=_env(env), stdout=log, stderr=subprocess.STDOUT,
-                                      timeout=max(part.left(), 1))  # fmt: skip
+                proc = subprocess.run(
+                    command, env=_env(env), stdout=log, stderr=subprocess.STDOUT, timeout=max(part.left(), 1)
+                )
         except subprocess.TimeoutExpired:
             run.skip("asv", "asv", f"{part.why()} while asv ran (asv.log)")
             proc = None

@@ -41,11 +41,13 @@ def graph_checks(run, part, device, names, quick: bool) -> None:
             where = "the accelerator path (torch Functions) on the CPU" if device.type == "cpu" else "CUDA"
             note = f"counted on {where}" + (f"; first at {first}" if first else "")
             run.add("graph", name, "host_syncs", len(counter.syncs), target=0, note=note, shape=label)
-            run.say(f"graph: {name} host syncs per step: {len(counter.syncs)}" + (f" (first at {first})" if first else ""))
+            at = f" (first at {first})" if first else ""
+            run.say(f"graph: {name} host syncs per step: {len(counter.syncs)}{at}")
         except Exception as exc:  # noqa: BLE001
             run.fail("graph", name, exc, shape=label)
         if device.type != "cuda":
-            run.skip("graph", name, "CUDA graphs need a CUDA device (this run: --device cpu)", shape=label, mode="graphed")
+            why = "CUDA graphs need a CUDA device (this run: --device cpu)"
+            run.skip("graph", name, why, shape=label, mode="graphed")
             continue
         try:
             torch.manual_seed(0)
@@ -61,8 +63,10 @@ def graph_checks(run, part, device, names, quick: bool) -> None:
         status = "ok" if equal else "failed"
         note = f"3 replays vs 3 eager steps after 3 warm-ups; losses eager {result['losses_eager']}"
         for metric in ("loss_rel", "state_rel"):
-            run.add("graph", name, metric, result[metric], target=GRAPH_TOLERANCE, status=status, note=note, shape=label)
-        run.say(f"graph: {name} replay vs eager: loss {result['loss_rel']:.2e}, state {result['state_rel']:.2e} ({status})")
+            value = result[metric]
+            run.add("graph", name, metric, value, target=GRAPH_TOLERANCE, status=status, note=note, shape=label)
+        diffs = f"loss {result['loss_rel']:.2e}, state {result['state_rel']:.2e}"
+        run.say(f"graph: {name} replay vs eager: {diffs} ({status})")
 
 
 def cuda_test_files() -> list[str]:

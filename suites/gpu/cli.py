@@ -25,16 +25,25 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the pipeline on the CPU")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds, float32 only (a pipeline check)")
-    p.add_argument("--budget", type=float, help=f"seconds for the whole run (default {sum(BUDGETS.values())}; "
-                   f"{QUICK_BUDGET:.0f} with --quick); the parts' budgets are scaled to it")  # fmt: skip
+    p.add_argument(
+        "--budget",
+        type=float,
+        help=f"seconds for the whole run (default {sum(BUDGETS.values())}; "
+        f"{QUICK_BUDGET:.0f} with --quick); the parts' budgets are scaled to it",
+    )
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--methods", nargs="*", help="registry methods of the layer table (default: all)")
     p.add_argument("--results", type=pathlib.Path, default=pathlib.Path("results"), help="results root")
     p.add_argument("--out", type=pathlib.Path, help="also copy the files written (at most 8) into this folder")
     p.add_argument("--pack", action="store_true", help="fill .gpu/ with what the lent machine needs, then exit")
     p.add_argument("--pythons", nargs="*", help="with --pack: Python versions to fetch wheels for")
-    p.add_argument("--import", dest="import_from", type=pathlib.Path, metavar="DIR",
-                   help="take a run's files that came back (DIR) into results/gpu and .asv/results, then exit")  # fmt: skip
+    p.add_argument(
+        "--import",
+        dest="import_from",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="take the files a run brought back (DIR) into results/gpu and .asv/results, then exit",
+    )
     return p
 
 
@@ -83,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from bkn import methods
     from bkn.probes.results import GPU
 
-    from . import carry, checks, parts as measured
+    from . import carry, checks
+    from . import parts as measured
     from .run import Run
 
     device = torch.device(args.device)
@@ -95,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     out = GPU.path(args.results).parent
     run = Run(budget, out / LOG)
     env = environment(device)
-    run.say(f"{env['device_name']}; torch {env['torch']}, triton {env['triton']}, backend {env['backend']}, "
-            f"commit {env['commit']}, budget {budget:.0f} s{' (quick)' if args.quick else ''}")  # fmt: skip
+    run.say(
+        f"{env['device_name']}; torch {env['torch']}, triton {env['triton']}, backend {env['backend']}, "
+        f"commit {env['commit']}, budget {budget:.0f} s{' (quick)' if args.quick else ''}"
+    )
     names = args.methods or list(methods.names())
     quick = args.quick
     rounds, block_s = (3, 0.002) if quick else (7, 0.01)
@@ -180,14 +192,17 @@ def summary(frame) -> str:
     """The short table printed last (the device tool's reply carries the end of the output)."""
     lines = []
     for part in ("graph", "layer", "network", "tests", "asv"):
-        sub = frame[(frame["part"] == part) & frame["metric"].isin(["ratio_to_bn", "loss_rel", "host_syncs", "passed",
-                                                                     "failed", "benchmarks_measured"])]  # fmt: skip
+        sub = frame[
+            (frame["part"] == part)
+            & frame["metric"].isin(["ratio_to_bn", "loss_rel", "host_syncs", "passed", "failed", "benchmarks_measured"])
+        ]
         for r in sub.itertuples():
             mark = "" if r.target != r.target else (" ok" if r.value <= r.target else " MISSED") + f" (<= {r.target:g})"
             if r.metric == "fraction_of_copy":
                 mark = ""
-            lines.append(f"{part:8s} {r.item:24s} {r.shape:22s} {r.dtype:9s} {r.mode:8s} {r.metric:12s} "
-                         f"{r.value:10.4g}{mark}")  # fmt: skip
+            lines.append(
+                f"{part:8s} {r.item:24s} {r.shape:22s} {r.dtype:9s} {r.mode:8s} {r.metric:12s} {r.value:10.4g}{mark}"
+            )
     problems = frame[frame["status"] != "ok"]
     for r in problems.itertuples():
         lines.append(f"{r.status.upper():8s} {r.part} {r.item} {r.shape} {r.dtype} {r.mode}: {r.note[:160]}")

@@ -53,7 +53,7 @@ def bandwidth(run, part, device, shapes, dtypes, rounds: int) -> dict:
                 dst = torch.empty_like(src)
                 for _ in range(3):
                     dst.copy_(src)
-                result = timed({"copy": lambda: dst.copy_(src)}, device, rounds, 0.01, "copy")["copy"]
+                result = timed({"copy": lambda d=dst, s=src: d.copy_(s)}, device, rounds, 0.01, "copy")["copy"]
                 rate = 2 * src.numel() * src.element_size() / result["time_s"]
                 rates[(shape_text(shape), dtype)] = rate
                 run.add("bandwidth", "copy", "time_s", result["time_s"], **where)

@@ -27,7 +27,7 @@ class Part:
         return self.left() <= need_s
 
     def why(self) -> str:
-        return f"out of time: the {self.name} part had until {self.ends_at:.0f} s of the run's {self.run.budget_s:.0f} s"
+        return f"out of time: the {self.name} part had until {self.ends_at:.0f} s of the run's {self.run.budget_s:.0f}"
 
 
 class Run:
