@@ -15,11 +15,11 @@ import copy
 
 import pytest
 import torch
+from cuda_sync import no_host_sync
 from torch import nn
 
 from bkn import methods
 from bkn.models import cifar_resnet
-from cuda_sync import no_host_sync
 
 pytestmark = [
     pytest.mark.cuda,

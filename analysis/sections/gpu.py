@@ -118,7 +118,7 @@ def build_gpu(inputs: Inputs) -> Section:
         for dtype in ratios["dtype"].unique():
             section.figure(
                 ratio_figure(ratios[ratios["dtype"] == dtype], f"forward + backward over torch BN, {dtype}"),
-                f"Ratio to torch's BN per shape ({dtype}; log scale; dashed: parity; black ticks: the issue's targets).",
+                f"Ratio to torch's BN per shape ({dtype}; log scale; dashed: parity; black ticks: the targets).",
             )
         fraction = _rows(frame, "layer", "fraction_of_copy")
         if not fraction.empty:
