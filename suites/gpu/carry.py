@@ -18,6 +18,7 @@ the suites), recording into ``.asv/results``; the new result files go back as on
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import platform
 import re
@@ -34,6 +35,7 @@ from suites.tracking import selectors
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACK = ROOT / ".gpu"
 WHEELS, REPO, COMMIT = PACK / "wheels", PACK / "repo.git", PACK / "commit"
+RESULTS = ROOT / ".asv" / "results"
 MACHINE_PYTHON = "3.12"  # the lent machines' python3 (KINDS.md: 3.12.3)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 ASV_ARCHIVE = "asv-results.tar.gz"
@@ -86,11 +88,29 @@ def packed_commit() -> str | None:
 
 
 def install_asv(venv: pathlib.Path, wheels: pathlib.Path = WHEELS, timeout: float = 120) -> pathlib.Path:
-    """A venv at ``venv`` that sees the system's packages, with asv installed from ``wheels`` only; its python."""
+    """A venv at ``venv`` that sees this interpreter's packages, with asv installed from ``wheels`` only; its python.
+
+    ``--system-site-packages`` reaches the *base* interpreter's packages; where this interpreter is
+    itself a venv (the lent machines' python3 is /opt/torch/.venv/bin/python3, where torch lives),
+    a ``.pth`` file in the new venv adds this interpreter's site-packages too.
+    """
+    import site
+    import sysconfig
+
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=timeout)
     python = venv / "bin" / "python"
+    found = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    pathlib.Path(found.stdout.strip(), "bkn-parent-site.pth").write_text("\n".join(sorted(ours)) + "\n")
     command = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index"]
-    command += ["--find-links", str(wheels), f"asv=={asv_version_in(wheels)}"]
+    # --ignore-installed: asv and its needs come from the wheels even where the parent has some (as here, in tests)
+    command += ["--ignore-installed", "--find-links", str(wheels), f"asv=={asv_version_in(wheels)}"]
     subprocess.run(command, check=True, timeout=timeout)
     return python
 
@@ -102,14 +122,14 @@ def asv_version_in(wheels: pathlib.Path) -> str:
     return found[-1].name.split("-")[1]
 
 
-def asv_config(tmp: pathlib.Path) -> pathlib.Path:
+def asv_config(tmp: pathlib.Path, results_dir: pathlib.Path = RESULTS) -> pathlib.Path:
     """The repository's asv.conf.json with the carried repository, absolute folders and a temporary env dir."""
     text = (ROOT / "asv.conf.json").read_text(encoding="utf-8")
     conf = json.loads("\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//")))
     conf.update(
         repo=str(REPO),
         benchmark_dir=str(ROOT / "suites"),
-        results_dir=str(ROOT / ".asv" / "results"),
+        results_dir=str(results_dir),
         env_dir=str(tmp / "env"),
         html_dir=str(tmp / "html"),
     )
@@ -118,11 +138,9 @@ def asv_config(tmp: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def asv_part(run, part, device, out_dir: pathlib.Path) -> None:
-    """Install asv offline and record :data:`ASV_SUBSET` into .asv/results; archive the new files in ``out_dir``."""
-    if device.type != "cuda":
-        run.skip("asv", "asv", "the asv subset is CUDA rows (this run: --device cpu)")
-        return
+def asv_part(run, part, out_dir: pathlib.Path, subset=ASV_SUBSET, results_dir: pathlib.Path = RESULTS) -> None:
+    """Install asv offline and record ``subset`` (benchmark, params) into ``results_dir``; archive the new result
+    files in ``out_dir`` (:data:`ASV_ARCHIVE`, paths relative to the checkout)."""
     commit = packed_commit()
     if not WHEELS.is_dir() or not REPO.is_dir() or commit is None:
         run.skip("asv", "asv", "nothing packed: run `python -m suites.gpu --pack` before the call and carry .gpu")
@@ -138,7 +156,7 @@ def asv_part(run, part, device, out_dir: pathlib.Path) -> None:
         tmp = pathlib.Path(tmp)
         try:
             python = install_asv(tmp / "venv", timeout=max(part.left() - 10, 5))
-            config = asv_config(tmp)
+            config = asv_config(tmp, results_dir)
             env = {"ASV_PYTHONPATH": str(ROOT), "BKN_BENCH_THREADS": "1", "BKN_NATIVE": "0", "PATH": _path(python)}
             asv = [str(python), "-m", "asv"]
             subprocess.run(
@@ -151,8 +169,8 @@ def asv_part(run, part, device, out_dir: pathlib.Path) -> None:
             sha = commit.split("+")[0]
             command = [*asv, "run", "--config", str(config), "--python=same", "--quick", "--record-samples"]
             command += [f"--set-commit-hash={sha}", "--machine", MACHINE, "--launch-method=forkserver"]
-            command += [arg for regex in selectors(ASV_SUBSET) for arg in ("--bench", regex)]
-            run.say(f"asv: {len(ASV_SUBSET)} benchmarks, commit {sha[:8]}")
+            command += [arg for regex in selectors(subset) for arg in ("--bench", regex)]
+            run.say(f"asv: {len(subset)} benchmarks, commit {sha[:8]}")
             with (out_dir / "asv.log").open("w", encoding="utf-8") as log:
                 proc = subprocess.run(
                     command, env=_env(env), stdout=log, stderr=subprocess.STDOUT, timeout=max(part.left(), 1)
@@ -163,11 +181,11 @@ def asv_part(run, part, device, out_dir: pathlib.Path) -> None:
         except (subprocess.CalledProcessError, OSError, FileNotFoundError) as exc:
             run.fail("asv", "asv", exc)
             return
-    new = [p for p in (ROOT / ".asv" / "results").rglob("*.json") if p.stat().st_mtime >= started - 1]
+    new = [p for p in results_dir.rglob("*.json") if p.stat().st_mtime >= started - 1]
     if new:
         with tarfile.open(out_dir / ASV_ARCHIVE, "w:gz") as tar:
             for p in new:
-                tar.add(p, arcname=str(p.relative_to(ROOT)))
+                tar.add(p, arcname=str(pathlib.Path(".asv", "results", p.relative_to(results_dir))))
     if proc is None:
         return
     measured = _measured(new)
@@ -178,7 +196,8 @@ def asv_part(run, part, device, out_dir: pathlib.Path) -> None:
 
 
 def _measured(files) -> int:
-    """Parameter combinations with a number, over the asv result files among ``files``."""
+    """Parameter combinations with a finite number, over the asv result files among ``files`` (asv stores every
+    combination of a benchmark's matrix: null where not run, NaN where setup skipped it)."""
     count = 0
     for p in files:
         if p.name in ("machine.json", "benchmarks.json"):
@@ -190,7 +209,7 @@ def _measured(files) -> int:
         for value in results.values():
             first = value[0] if isinstance(value, list) and value else value
             flat = first if isinstance(first, list) else [first]
-            count += sum(1 for v in flat if isinstance(v, (int, float)))
+            count += sum(1 for v in flat if isinstance(v, (int, float)) and math.isfinite(v))  # n/a is NaN
     return count
 
 

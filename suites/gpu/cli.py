@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 checks.cuda_tests(run, part, device, out)
         elif name == "asv":
-            carry.asv_part(run, part, device, out)
+            if device.type == "cuda":
+                carry.asv_part(run, part, out)
+            else:
+                run.skip("asv", "asv", "the asv subset is CUDA rows (this run: --device cpu)")
     env["duration_s"] = run.elapsed()
     env.update(budget_s=budget, quick=quick, parts=parts, argv=sys.argv[1:] if argv is None else argv)
     frame = GPU.frame([{**r, **{k: env[k] for k in ("triton", "device_name", "backend")}} for r in run.rows], env)
