@@ -21,18 +21,19 @@ SYNC_DEBUG_OPTION = "--cuda-sync-debug=error"  # tests/conftest.py: steps under 
 
 
 def graph_checks(run, part, device, names, quick: bool) -> None:
-    """Per method, a converted ResNet-18 step: host syncs per step (any device) and, on CUDA, graph replay
-    against eager from the same state (:func:`bkn.probes.graphs.compare_with_eager`)."""
+    """Per method, a converted ResNet-18 step (``quick``: the tiny CIFAR ResNet): host syncs per step (any
+    device) and, on CUDA, graph replay against eager from the same state (``bkn.probes.graphs.compare_with_eager``)."""
     from bkn.probes import dispatch_count, graphs
 
-    label = f"resnet18-{shape_text(network_inputs('resnet18', quick))}"
+    network = "cifar-resnet20" if quick else "resnet18"
+    label = f"{network}-{shape_text(network_inputs(network, quick))}"
     for name in names:
         if part.expired(8.0):
             run.skip("graph", name, part.why(), shape=label, mode="graphed")
             continue
         try:
             torch.manual_seed(0)
-            step, _ = train_step(build_network("resnet18", name, quick), "resnet18", device, quick)
+            step, _ = train_step(build_network(network, name, quick), network, device, quick)
             path = dispatch_count.accelerator_path() if device.type == "cpu" else contextlib.nullcontext()
             with path, dispatch_count.single_process_group():
                 step()  # warm-up: first-call work is not a step's
@@ -51,8 +52,8 @@ def graph_checks(run, part, device, names, quick: bool) -> None:
             continue
         try:
             torch.manual_seed(0)
-            model = build_network("resnet18", name, quick)
-            result = graphs.compare_with_eager(lambda m: train_step(m, "resnet18", device, quick), model)
+            model = build_network(network, name, quick)
+            result = graphs.compare_with_eager(lambda m: train_step(m, network, device, quick), model)
         except graphs.GraphCaptureError as exc:
             run.fail("graph", name, f"capture impossible: {exc}", shape=label, mode="graphed")
             continue

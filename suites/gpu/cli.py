@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--methods", nargs="*", help="registry methods of the layer table (default: all)")
+    p.add_argument("--networks", default="resnet18,cifar-resnet20", help="comma-separated networks of the network part")
+    p.add_argument("--threads", type=int, help="torch's CPU thread count (default: torch's own)")
     p.add_argument("--results", type=pathlib.Path, default=pathlib.Path("results"), help="results root")
     p.add_argument("--out", type=pathlib.Path, help="also copy the files written (at most 8) into this folder")
     p.add_argument("--pack", action="store_true", help="fill .gpu/ with what the lent machine needs, then exit")
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from .run import Run
 
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device (use --device cpu --quick for the pipeline)")
         return 2
@@ -129,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             measured.layers(run, part, device, stage, large, dtypes, names, copy_rates, rounds, block_s)
         elif name == "network":
             speed = [n for n in methods.names(tag="speed") if n in names]
-            measured.networks(run, part, device, speed, rounds, block_s * 2, quick, graphs=device.type == "cuda")
+            which = [n.strip() for n in args.networks.split(",") if n.strip()]
+            cuda = device.type == "cuda"
+            measured.networks(run, part, device, speed, rounds, block_s * 2, quick, graphs=cuda, which=which)
         elif name == "tests":
             if quick:
                 run.skip("tests", " ".join(checks.cuda_test_files()), "--quick: the CUDA tests skip without a GPU")

@@ -183,11 +183,14 @@ def train_step(model: nn.Module, network: str, device, quick: bool, seed: int = 
     return TrainStep(model, x, y), model_tensors(model, x, y)
 
 
-def networks(run, part, device, names, rounds: int, block_s: float, quick: bool, graphs: bool):
+NETWORKS = ("resnet18", "cifar-resnet20")
+
+
+def networks(run, part, device, names, rounds: int, block_s: float, quick: bool, graphs: bool, which=NETWORKS):
     """Each network's training step per method, eager and (on CUDA) graphed, with ratios to torch-bn."""
     from bkn.probes.graphs import GraphCaptureError, GraphedStep
 
-    for network in ("resnet18", "cifar-resnet20"):
+    for network in which:
         label = f"{network}-{shape_text(network_inputs(network, quick))}"
         if part.expired(10.0):
             run.skip("network", "(every method)", part.why(), shape=label)
