@@ -191,7 +191,8 @@ def import_results(source: pathlib.Path, results: pathlib.Path) -> int:
     if archive.is_file():
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(".asv/results/")]
-            tar.extractall(ROOT, members=members)
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(ROOT, members=members, **safe)
         print(f"unpacked {len(members)} asv result file(s) into .asv/results")
     print(f"imported {len(frame)} rows ({frame['device_name'].iloc[0] if len(frame) else '?'}) into {out}")
     return 0

@@ -136,7 +136,8 @@ def layers(run, part, device, shapes, large_shape, dtypes, names, copy_rates: di
                 achieved = nbytes / r["time_s"]
                 run.add("layer", name, "achieved_Bps", achieved, note=f"{PASSES} tensor passes / time", **where)
                 if copy_rate:
-                    fraction_target = COPY_FRACTION_TARGET if layer_target(norms[name], True, dtype) else None
+                    ours = name != BASELINE and layer_target(norms[name], True, dtype) is not None
+                    fraction_target = COPY_FRACTION_TARGET if ours else None
                     run.add("layer", name, "fraction_of_copy", achieved / copy_rate, target=fraction_target, **where)
         shown = ", ".join(f"{n} {r['ratio']:.2f}x" for n, r in results.items() if n != BASELINE)
         run.say(f"layer {shape_text(shape)} {dtype}: torch-bn {results[BASELINE]['time_s'] * 1e6:.0f} us; {shown}")
