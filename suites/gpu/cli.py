@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget or (QUICK_BUDGET if args.quick else float(sum(BUDGETS.values())))
     scale = budget / sum(BUDGETS.values())
     out = GPU.path(args.results).parent
+    for stale in ("pytest.log", "asv.log", carry.ASV_ARCHIVE):  # an earlier run's, which --out must not copy
+        (out / stale).unlink(missing_ok=True)
     run = Run(budget, out / LOG)
     env = environment(device)
     run.say(
