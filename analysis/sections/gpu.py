@@ -57,6 +57,7 @@ def ratio_figure(ratios: pd.DataFrame, title: str) -> str:
         ax.scatter(xs, targets, marker="_", s=300, color="black", linewidths=2, zorder=3, label="target")
         ax.axhline(1.0, color="0.3", lw=0.8, ls="--")
         ax.set_yscale("log")
+        plots._plain_log_y(ax)
         ax.set_xticks(list(xs), [registry.label(n) for n in names], rotation=60, ha="right", fontsize=7)
         ax.set_title(shape, fontsize=9)
     axes[0][0].set_ylabel("time / torch BN time")
@@ -155,7 +156,12 @@ def build_gpu(inputs: Inputs) -> Section:
     graph = graph[graph["metric"].isin(["host_syncs", "loss_rel", "state_rel"])]
     if not graph.empty:
         section.heading("Graph checks")
-        shown = graph[["item", "shape", "metric", "value", "target", "status", "note"]]
+        shown = graph.assign(
+            meets=[
+                "–" if not math.isfinite(t) else ("✓" if v <= t else "✗")
+                for v, t in zip(graph["value"], graph["target"])
+            ]
+        )[["item", "shape", "metric", "value", "target", "meets", "status", "note"]]
         section.table(
             shown.rename(columns={"item": "method"}),
             "Host syncs per training step (target 0; each one drains the GPU queue and rules out capture) and the "

@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         f"commit {env['commit']}, budget {budget:.0f} s{' (quick)' if args.quick else ''}"
     )
     names = args.methods or list(methods.names())
+    for name in names:
+        methods.get(name)  # ValueError naming the known methods
     quick = args.quick
     rounds, block_s = (3, 0.002) if quick else (7, 0.01)
     stage = measured.QUICK_STAGE_SHAPES if quick else measured.STAGE_SHAPES
