@@ -16,6 +16,7 @@ import tarfile
 
 import pandas as pd
 import pytest
+import torch
 
 from analysis import report
 from bkn.probes.results import ENVIRONMENT_COLUMNS, GPU
@@ -210,3 +211,14 @@ def test_asv_installs_offline_from_the_packed_wheels_and_records_a_cpu_subset(tm
     with tarfile.open(tmp_path / carry.ASV_ARCHIVE) as tar:
         names = tar.getnames()
     assert ".asv/results/benchmarks.json" in names and any(n.startswith(".asv/results/gpu-lent/") for n in names)
+
+
+@pytest.mark.slow
+def test_the_tests_part_runs_pytest_with_the_sync_debug_option(tmp_path):
+    """On the CPU every CUDA test skips; the run still goes through the option, the junit file and the rows."""
+    run = Run(600.0)
+    checks.cuda_tests(run, run.part("tests", 600), torch.device("cpu"), tmp_path)
+    rows = {r["metric"]: r for r in run.rows}
+    assert set(rows) == {"passed", "failed", "errors", "skipped"} and rows["skipped"]["value"] > 100
+    assert rows["failed"]["value"] == rows["errors"]["value"] == 0 and rows["passed"]["status"] == "ok"
+    assert "--cuda-sync-debug=error" in run.lines[0] and (tmp_path / "pytest.log").is_file()
