@@ -75,6 +75,11 @@ def environment(device) -> dict:
         env["backend"] = kernels.backend_for(torch.empty(0, device=device))
     except ValueError as exc:
         env["backend"] = f"error: {exc}"
+    if env["backend"] == "native":
+        from bkn.layers import _native
+
+        if not _native.enabled():  # BKN_NATIVE=0 (this script's default): the torch Functions run
+            env["backend"] = "torch"
     return env
 
 
