@@ -10,8 +10,8 @@
 * ``commit``: HEAD's hash, ``+dirty`` when the tree has changes (what the tidy file records).
 
 On the machine the ``asv`` part makes a venv with ``--system-site-packages`` (the machine's
-torch, triton and numpy are used), installs asv from the wheels with ``pip install --no-index
---find-links``, and runs ``asv run --python=same --quick`` on :data:`ASV_SUBSET` (CUDA rows of
+torch, triton and numpy are used; :func:`install_asv`), installs asv from the wheels with ``pip
+install --no-index --find-links``, and runs ``asv run --python=same --quick`` on :data:`ASV_SUBSET` (CUDA rows of
 the suites), recording into ``.asv/results``; the new result files go back as one archive.
 """
 
@@ -92,12 +92,16 @@ def install_asv(venv: pathlib.Path, wheels: pathlib.Path = WHEELS, timeout: floa
 
     ``--system-site-packages`` reaches the *base* interpreter's packages; where this interpreter is
     itself a venv (the lent machines' python3 is /opt/torch/.venv/bin/python3, where torch lives),
-    a ``.pth`` file in the new venv adds this interpreter's site-packages too.
+    a ``.pth`` file in the new venv adds this interpreter's site-packages too. The venv is made
+    ``--without-pip`` (no ensurepip needed, which a system Python may lack) and this interpreter's
+    pip installs into its site-packages (``--target``, which ignores what is installed elsewhere:
+    asv and its needs come from the wheels, ``--no-index``).
     """
     import site
     import sysconfig
 
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=timeout)
+    command = [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)]
+    subprocess.run(command, check=True, timeout=timeout)
     python = venv / "bin" / "python"
     found = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -106,11 +110,11 @@ def install_asv(venv: pathlib.Path, wheels: pathlib.Path = WHEELS, timeout: floa
         text=True,
         timeout=timeout,
     )
+    target = pathlib.Path(found.stdout.strip())
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
-    pathlib.Path(found.stdout.strip(), "bkn-parent-site.pth").write_text("\n".join(sorted(ours)) + "\n")
-    command = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index"]
-    # --ignore-installed: asv and its needs come from the wheels even where the parent has some (as here, in tests)
-    command += ["--ignore-installed", "--find-links", str(wheels), f"asv=={asv_version_in(wheels)}"]
+    (target / "bkn-parent-site.pth").write_text("\n".join(sorted(ours)) + "\n")
+    command = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index"]
+    command += ["--no-compile", "--target", str(target), "--find-links", str(wheels), f"asv=={asv_version_in(wheels)}"]
     subprocess.run(command, check=True, timeout=timeout)
     return python
 
