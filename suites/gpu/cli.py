@@ -207,22 +207,35 @@ def import_results(source: pathlib.Path, results: pathlib.Path) -> int:
     return 0
 
 
+def _mark(value: float, target: float, above: bool = False) -> str:
+    if value != value:
+        return "-"
+    text = f"{value:.3g}"
+    if target == target:
+        text += "" if (value >= target if above else value <= target) else "!"
+    return text
+
+
 def summary(frame) -> str:
-    """The short table printed last (the device tool's reply carries the end of the output)."""
+    """The short tables printed last (the device tool's reply carries the end of the output): ratios to torch's
+    BN per method (``!``: misses its target), the graph checks, the tests, asv, then what was skipped or failed."""
     lines = []
-    for part in ("graph", "layer", "network", "tests", "asv"):
-        sub = frame[
-            (frame["part"] == part)
-            & frame["metric"].isin(["ratio_to_bn", "loss_rel", "host_syncs", "passed", "failed", "benchmarks_measured"])
-        ]
-        for r in sub.itertuples():
-            mark = "" if r.target != r.target else (" ok" if r.value <= r.target else " MISSED") + f" (<= {r.target:g})"
-            if r.metric == "fraction_of_copy":
-                mark = ""
-            lines.append(
-                f"{part:8s} {r.item:24s} {r.shape:22s} {r.dtype:9s} {r.mode:8s} {r.metric:12s} {r.value:10.4g}{mark}"
-            )
-    problems = frame[frame["status"] != "ok"]
-    for r in problems.itertuples():
-        lines.append(f"{r.status.upper():8s} {r.part} {r.item} {r.shape} {r.dtype} {r.mode}: {r.note[:160]}")
+    for part, columns in (("layer", ["shape", "dtype"]), ("network", ["shape", "mode"])):
+        sub = frame[(frame["part"] == part) & (frame["metric"] == "ratio_to_bn")]
+        if sub.empty:
+            continue
+        short = sub[columns].astype(str).replace({"float32": "f32", "bfloat16": "bf16"})
+        sub = sub.assign(column=short.agg(" ".join, axis=1))
+        cells = sub.assign(cell=[_mark(v, t) for v, t in zip(sub["value"], sub["target"])])
+        wide = cells.pivot_table(index="item", columns="column", values="cell", aggfunc="first", sort=False)
+        lines.append(f"{part} ratio to torch BN ('!' misses its target):")
+        lines.extend("  " + line for line in wide.fillna("-").to_string().splitlines())
+    checks = frame[frame["metric"].isin(["host_syncs", "loss_rel", "state_rel", "fraction_of_copy"])]
+    for r in checks.itertuples():
+        mark = _mark(r.value, r.target, above=r.metric == "fraction_of_copy")
+        lines.append(f"{r.part} {r.item} {r.shape} {r.dtype} {r.metric}: {mark}")
+    for r in frame[frame["part"].isin(["tests", "asv"]) & (frame["status"] != "skipped")].itertuples():
+        lines.append(f"{r.part} {r.metric}: {r.value:g} ({r.status}) {r.note[:200]}")
+    for r in frame[frame["status"] != "ok"].itertuples():
+        lines.append(f"{r.status.upper()} {r.part} {r.item} {r.shape} {r.dtype} {r.mode}: {r.note[:160]}")
     return "\n".join(lines)
