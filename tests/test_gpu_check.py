@@ -88,6 +88,19 @@ def test_parts_out_of_budget_are_recorded_as_skipped(tmp_path, monkeypatch, one_
     assert (timed_out["status"] == "skipped").all() and timed_out["value"].isna().all()
 
 
+def test_a_part_that_raises_is_recorded_and_the_rest_goes_on(tmp_path, monkeypatch):
+    from suites.gpu import parts
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(parts, "bandwidth", broken)
+    frame = _quick(tmp_path, monkeypatch, "--parts", "bandwidth,tests", "--methods", "bn")
+    row = frame[frame["part"] == "bandwidth"].iloc[0]
+    assert row["status"] == "failed" and "illegal memory access" in row["note"] and row["item"] == "(the part)"
+    assert (frame["part"] == "tests").any() and (tmp_path / "out" / "gpu.parquet").is_file()
+
+
 def test_each_part_ends_at_its_point_of_the_schedule():
     run = Run(100.0)
     first, second, third = run.part("a", 30), run.part("b", 50), run.part("c", 40)

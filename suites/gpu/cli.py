@@ -129,43 +129,60 @@ def main(argv: list[str] | None = None) -> int:
     large = measured.QUICK_LARGE_SHAPE if quick else measured.LARGE_SHAPE
     dtypes = ("float32",) if quick else measured.DTYPES
     copy_rates = {}
+    env.update(budget_s=budget, quick=quick, parts=parts, argv=sys.argv[1:] if argv is None else argv)
     for name in PARTS:
         part = run.part(name, BUDGETS[name] * scale)
         if name not in parts:
             continue
         run.say(f"-- {name} (until {part.ends_at:.0f} s)")
-        if name == "bandwidth":
-            copy_rates = measured.bandwidth(run, part, device, (large,), dtypes, rounds)
-        elif name == "graph":
-            checks.graph_checks(run, part, device, [n for n in checks.GRAPH_METHODS if n in names], quick)
-        elif name == "layer":
-            measured.layers(run, part, device, stage, large, dtypes, names, copy_rates, rounds, block_s)
-        elif name == "network":
-            speed = [n for n in methods.names(tag="speed") if n in names]
-            which = [n.strip() for n in args.networks.split(",") if n.strip()]
-            cuda = device.type == "cuda"
-            measured.networks(run, part, device, speed, rounds, block_s * 2, quick, graphs=cuda, which=which)
-        elif name == "tests":
-            if quick:
-                run.skip("tests", " ".join(checks.cuda_test_files()), "--quick: the CUDA tests skip without a GPU")
-            else:
-                checks.cuda_tests(run, part, device, out)
-        elif name == "asv":
-            if device.type == "cuda":
-                carry.asv_part(run, part, out)
-            else:
-                run.skip("asv", "asv", "the asv subset is CUDA rows (this run: --device cpu)")
-    env["duration_s"] = run.elapsed()
-    env.update(budget_s=budget, quick=quick, parts=parts, argv=sys.argv[1:] if argv is None else argv)
-    frame = GPU.frame([{**r, **{k: env[k] for k in ("triton", "device_name", "backend")}} for r in run.rows], env)
-    table, meta = GPU.write(frame, env, out)
+        try:
+            if name == "bandwidth":
+                copy_rates = measured.bandwidth(run, part, device, (large,), dtypes, rounds)
+            elif name == "graph":
+                checks.graph_checks(run, part, device, [n for n in checks.GRAPH_METHODS if n in names], quick)
+            elif name == "layer":
+                measured.layers(run, part, device, stage, large, dtypes, names, copy_rates, rounds, block_s)
+            elif name == "network":
+                speed = [n for n in methods.names(tag="speed") if n in names]
+                which = [n.strip() for n in args.networks.split(",") if n.strip()]
+                cuda = device.type == "cuda"
+                measured.networks(run, part, device, speed, rounds, block_s * 2, quick, graphs=cuda, which=which)
+            elif name == "tests":
+                if quick:
+                    why = "--quick: the CUDA tests skip without a GPU"
+                    run.skip("tests", " ".join(checks.cuda_test_files()), why)
+                else:
+                    checks.cuda_tests(run, part, device, out)
+            elif name == "asv":
+                if device.type == "cuda":
+                    carry.asv_part(run, part, out)
+                else:
+                    run.skip("asv", "asv", "the asv subset is CUDA rows (this run: --device cpu)")
+        except Exception as exc:  # noqa: BLE001 - e.g. a sticky CUDA error: the part is recorded, the rest goes on
+            run.fail(name, "(the part)", exc)
+        _write(run, env, out, args.out)  # after every part: a run cut short still leaves its rows
+    frame = _write(run, env, out, args.out)
     failed = int((frame["status"] == "failed").sum())
     skipped = int((frame["status"] == "skipped").sum())
-    run.say(f"wrote {table} ({len(frame)} rows: {failed} failed, {skipped} skipped) and {meta}")
+    run.say(f"wrote {GPU.path(args.results)} ({len(frame)} rows: {failed} failed, {skipped} skipped)")
     if args.out is not None:
         copy_out(out, args.out, run)
     print(summary(frame))
     return 0
+
+
+def _write(run, env: dict, out: pathlib.Path, copies: pathlib.Path | None):
+    """The tidy file and meta.json of the rows so far (atomically), copied into ``copies`` too."""
+    from bkn.probes.results import GPU
+
+    env["duration_s"] = run.elapsed()
+    frame = GPU.frame([{**r, **{k: env[k] for k in ("triton", "device_name", "backend")}} for r in run.rows], env)
+    GPU.write(frame, env, out)
+    if copies is not None:
+        copies.mkdir(parents=True, exist_ok=True)
+        for name in (GPU.file, META, LOG):
+            shutil.copy2(out / name, copies / name)
+    return frame
 
 
 def copy_out(folder: pathlib.Path, dest: pathlib.Path, run) -> list[pathlib.Path]:
