@@ -239,3 +239,14 @@ def test_the_tests_part_runs_pytest_with_the_sync_debug_option(tmp_path):
     assert set(rows) == {"passed", "failed", "errors", "skipped"} and rows["skipped"]["value"] > 100
     assert rows["failed"]["value"] == rows["errors"]["value"] == 0 and rows["passed"]["status"] == "ok"
     assert "--cuda-sync-debug=error" in run.lines[0] and (tmp_path / "pytest.log").is_file()
+
+
+def test_the_asv_subset_names_real_cuda_combinations():
+    """Every entry of suites.gpu.carry.ASV_SUBSET is a benchmark asv finds, with parameter values in its matrix."""
+    discovery = pytest.importorskip("asv_runner.discovery")
+    found = {b.name: b for b in discovery.disc_benchmarks(str(ROOT / "suites"))}
+    for name, params in carry.ASV_SUBSET:
+        bench = found[name]
+        matrix = bench.params or []  # each value as its repr, as in asv's names
+        assert len(params) == len(matrix) and all(repr(p) in values for p, values in zip(params, matrix)), name
+        assert not params or "cuda" in params
