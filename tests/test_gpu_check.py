@@ -63,6 +63,8 @@ def test_quick_cpu_run_writes_the_tidy_file_and_the_report_shows_it(tmp_path, mo
     graph = frame[frame["part"] == "graph"]
     syncs = graph[graph["metric"] == "host_syncs"].set_index("item")
     assert syncs["value"].to_dict() == {"bn": 0, "bkn-analytic": 0} and (syncs["target"] == 0).all()
+    launches = graph[graph["metric"] == "aten_ops_per_norm"].set_index("item")
+    assert (launches["value"] > 2).all() and launches["target"].to_dict() == {"bn": 8, "bkn-analytic": 16}
     skipped = graph[graph["status"] == "skipped"]
     assert len(skipped) == 2 and skipped["note"].str.contains("CUDA graphs need a CUDA device").all()
     for part, why in (("tests", "--quick"), ("asv", "CUDA rows")):

@@ -70,6 +70,65 @@ def graph_checks(run, part, device, names, quick: bool) -> None:
         run.say(f"graph: {name} replay vs eager: {diffs} ({status})")
 
 
+# The issue's bound on launches (aten ops + Triton launches) per norm layer per training step.
+LAUNCH_TARGET = {"bn": 8, "brn": 8, "bkn-analytic": 16, "bkn-official": 24}
+
+
+def launches(run, part, device, names) -> None:
+    """Per method: aten ops per norm layer in one training step of the small conv net (``bkn.probes.dispatch_count``;
+    on the CPU on the accelerator path), and on CUDA the device kernels per norm layer (torch's profiler: Triton
+    launches included). Both net of the same net with its norms replaced by ``nn.Identity``."""
+    from bkn.probes import dispatch_count
+
+    for name in names:
+        if part.expired(3.0):
+            run.skip("graph", name, part.why(), shape="small-net", mode="launches")
+            continue
+        target = LAUNCH_TARGET.get(name)
+        try:
+            with dispatch_count.single_process_group():
+                ops = dispatch_count.measure_method(name)["ops_per_norm"]
+            where = "the accelerator path on the CPU" if device.type == "cpu" else "the CPU's accelerator path"
+            note = f"counted on {where}"
+            run.add("graph", name, "aten_ops_per_norm", ops, target=target, note=note, shape="small-net")
+            if device.type == "cuda":
+                kernels = _kernels_per_norm(name, device)
+                note = "device kernels per norm layer per step (torch.profiler), Triton's included"
+                run.add("graph", name, "kernels_per_norm", kernels, target=target, note=note, shape="small-net")
+                run.say(f"graph: {name} aten ops per norm {ops:.1f}, CUDA kernels per norm {kernels:.1f}")
+            else:
+                run.say(f"graph: {name} aten ops per norm {ops:.1f}")
+        except Exception as exc:  # noqa: BLE001
+            run.fail("graph", name, exc, shape="small-net", mode="launches")
+
+
+def _kernels_per_norm(name: str, device) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    from bkn import methods
+    from bkn.probes import dispatch_count
+
+    counts = []
+    for identity in (False, True):
+        torch.manual_seed(1)
+        model = dispatch_count.small_net(identity)
+        if not identity:
+            model = methods.get(name).convert(model, group_size=2)
+        model = model.to(device).train()
+        x, target = torch.randn(8, 3, 8, 8, device=device), torch.randint(0, 10, (8,), device=device)
+
+        def step(model=model, x=x, target=target):
+            torch.nn.functional.cross_entropy(model(x), target).backward()
+
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        counts.append(sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA))
+    return (counts[0] - counts[1]) / dispatch_count.NORM_LAYERS
+
+
 def cuda_test_files() -> list[str]:
     """tests/test_cuda.py and every other test file that marks tests ``cuda``."""
     files = sorted(p for p in (ROOT / "tests").glob("test_*.py") if "mark.cuda" in p.read_text(encoding="utf-8"))

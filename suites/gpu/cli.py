@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 copy_rates = measured.bandwidth(run, part, device, (large,), dtypes, rounds)
             elif name == "graph":
                 checks.graph_checks(run, part, device, [n for n in checks.GRAPH_METHODS if n in names], quick)
+                checks.launches(run, part, device, [n for n in checks.GRAPH_METHODS if n in names])
             elif name == "layer":
                 measured.layers(run, part, device, stage, large, dtypes, names, copy_rates, rounds, block_s)
             elif name == "network":
@@ -247,7 +248,8 @@ def summary(frame) -> str:
         wide = cells.pivot_table(index="item", columns="column", values="cell", aggfunc="first", sort=False)
         lines.append(f"{part} ratio to torch BN ('!' misses its target):")
         lines.extend("  " + line for line in wide.fillna("-").to_string().splitlines())
-    checks = frame[frame["metric"].isin(["host_syncs", "loss_rel", "state_rel", "fraction_of_copy"])]
+    shown = ["host_syncs", "aten_ops_per_norm", "kernels_per_norm", "loss_rel", "state_rel", "fraction_of_copy"]
+    checks = frame[frame["metric"].isin(shown)]
     for r in checks.itertuples():
         mark = _mark(r.value, r.target, above=r.metric == "fraction_of_copy")
         lines.append(f"{r.part} {r.item} {r.shape} {r.dtype} {r.metric}: {mark}")
