@@ -10,6 +10,8 @@
                         significant slowdown (``-- BASE HEAD --threshold 1.10``), then reports/report.html
     nox -s report       reports/report.html from whatever results exist
     nox -s screenshot   check the report in headless Chromium, save reports/report.png
+    nox -s gpu          the GPU check, python -m suites.gpu (``-- --device cpu --quick`` on a machine without one;
+                        docs/gpu.md: the device call), then reports/report.html
     nox -s demo         short BKN-vs-BN comparison (posargs go to ``python -m bkn.probes.demo``)
     nox -s lint         ruff check + ruff format --check (its own small venv, no torch)
 
@@ -246,6 +248,20 @@ def report(session: nox.Session) -> None:
     significant regression (CI gating), ``-- --help`` lists the rest.
     """
     torch_env(session, *EXTRAS).run("-m", "analysis.report", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """The GPU check (posargs go to ``python -m suites.gpu``): bandwidth, graph replay, the layer table, network
+    steps, the CUDA tests under sync debug mode, asv's CUDA subset; results/gpu/gpu.parquet, then the report.
+
+    On a machine without a GPU: ``nox -s gpu -- --device cpu --quick`` (the pipeline on tiny shapes). On a lent GPU
+    machine there is no nox: docs/gpu.md gives the device call, which runs ``python3 -m suites.gpu`` itself.
+    """
+    tenv = torch_env(session, *EXTRAS)
+    tenv.run("-m", "suites.gpu", *session.posargs)
+    if not {"-h", "--help", "--pack"} & set(session.posargs):
+        tenv.run("-m", "analysis.report")
 
 
 @nox.session(venv_backend="none")

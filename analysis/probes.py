@@ -1,7 +1,8 @@
 """Load the drift and training probes' results through the results contract (:mod:`bkn.probes.results`).
 
 ``results/accuracy/drift.parquet`` (:data:`bkn.probes.results.DRIFT`) and
-``results/convergence/convergence.parquet`` (:data:`bkn.probes.results.TRAINING`), each with the
+``results/convergence/convergence.parquet`` (:data:`bkn.probes.results.TRAINING`) and the GPU check's
+``results/gpu/gpu.parquet`` (:data:`bkn.probes.results.GPU`), each with the
 ``meta.json`` beside it (the environment record and the probe's arguments). The columns,
 dtypes and schema versions are the contract's; nothing here repeats them.
 
@@ -19,7 +20,7 @@ import pathlib
 
 import pandas as pd
 
-from bkn.probes.results import DRIFT, TRAINING, Schema, SchemaError
+from bkn.probes.results import DRIFT, GPU, TRAINING, Schema, SchemaError
 
 from .messages import Messages
 
@@ -75,3 +76,8 @@ def load_drift(results: str | pathlib.Path, messages: Messages) -> ProbeResults:
 
 def load_training(results: str | pathlib.Path, messages: Messages) -> ProbeResults:
     return load_probe(results, TRAINING, messages)
+
+
+def load_gpu(results: str | pathlib.Path, messages: Messages) -> ProbeResults:
+    """The GPU check's tidy file, ``results/gpu/gpu.parquet`` (``python -m suites.gpu``)."""
+    return load_probe(results, GPU, messages)

@@ -2,8 +2,8 @@
 
 Reads whatever results exist -- asv results under ``.asv/results`` (every machine and
 commit), the drift probe's ``results/accuracy/drift.parquet`` and the training
-probe's ``results/convergence/convergence.parquet`` -- builds the sections
-(environment, timing, regressions, statistic drift, training probe), renders them with
+probe's ``results/convergence/convergence.parquet`` and the GPU check's ``results/gpu/gpu.parquet``
+-- builds the sections (environment, timing, regressions, statistic drift, training probe, GPU), renders them with
 the jinja2 template ``analysis/templates/report.html.j2`` into one HTML file whose
 images are embedded as PNG data URIs (it opens offline), and saves the tidy frames the
 sections drew from beside it, in ``<report stem>_data/`` (CSV). Every file is written
@@ -31,7 +31,7 @@ from bkn.probes.results import atomic_path
 
 from .asv_results import load_asv_results
 from .messages import Messages
-from .probes import load_drift, load_training
+from .probes import load_drift, load_gpu, load_training
 from .regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD, threshold_arg
 from .sections import SECTIONS, Inputs, Section, build
 from .sections.base import ROUNDS_ALPHA
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds_dir=args.rounds_dir,
         rounds_alpha=args.rounds_alpha,
         no_base=args.no_base,
+        gpu=load_gpu(args.results, messages),
     )
     sections = build(inputs, args.sections)
 

@@ -23,7 +23,16 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from bkn.probes.results import COPY_REFERENCE, DRIFT, GROUP_PARAM, LAYER_PARAMS, METHOD_PARAM, TENSOR_PARAMS, TRAINING
+from bkn.probes.results import (
+    COPY_REFERENCE,
+    DRIFT,
+    GPU,
+    GROUP_PARAM,
+    LAYER_PARAMS,
+    METHOD_PARAM,
+    TENSOR_PARAMS,
+    TRAINING,
+)
 
 MACHINE = "ci-box"
 ENV = "existing-py_usr_bin_python3"
@@ -318,8 +327,24 @@ def training_frame(seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_probes(results: pathlib.Path, drift: bool = True, training: bool = True) -> None:
-    """Both probes' result files, written through the results contract as the probes write them."""
+def gpu_frame() -> pd.DataFrame:
+    """A small GPU-check tidy file (suites.gpu's columns): a layer ratio, a network step, a graph check, a skip."""
+    extra = {"triton": "3.6.0", "device_name": "Synthetic GPU", "backend": "triton", "commit": "abc123"}
+    extra.update(torch="2.11.0", device="cuda", threads=16, dtype="float32", note="")
+    rows = [
+        dict(part="layer", item="torch-bn", shape="8x64x56x56", mode="fwd+bwd", metric="time_s", value=1e-4),
+        dict(part="layer", item="bn", shape="8x64x56x56", mode="fwd+bwd", metric="ratio_to_bn", value=1.1, target=1.2),
+        dict(part="network", item="brn", shape="resnet18-8x3x224x224", mode="eager", metric="ratio_to_bn", value=1.2),
+        dict(part="graph", item="bn", shape="resnet18-8x3x224x224", mode="", metric="host_syncs", value=0, target=0),
+        dict(part="asv", item="asv", shape="", mode="", metric="skipped", status="skipped", note="nothing packed"),
+    ]
+    frame = pd.DataFrame([{"value": math.nan, "target": math.nan, "status": "ok", **extra, **r} for r in rows])
+    return GPU.conform(frame, "gpu_frame")
+
+
+def write_probes(results: pathlib.Path, drift: bool = True, training: bool = True, gpu: bool = True) -> None:
+    """Every probe's result file (the drift and training probes', the GPU check's), written through the results
+    contract as they write them."""
     env = {
         "commit": "abc123",
         "torch": "2.x",
@@ -333,6 +358,8 @@ def write_probes(results: pathlib.Path, drift: bool = True, training: bool = Tru
         DRIFT.write(drift_frame(), env, DRIFT.path(results).parent)
     if training:
         TRAINING.write(training_frame(), env, TRAINING.path(results).parent)
+    if gpu:
+        GPU.write(gpu_frame(), env, GPU.path(results).parent)
 
 
 # -- a planted change between two commits --------------------------------------------------------

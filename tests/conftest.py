@@ -36,6 +36,26 @@ try:
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
     pass
 
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cuda-sync-debug",
+        choices=("default", "warn", "error"),
+        default=None,
+        help="run the CUDA tests' training steps under torch.cuda.set_sync_debug_mode (tests/cuda_sync.py)",
+    )
+
+
+def pytest_configure(config):
+    import os
+
+    from cuda_sync import ENV
+
+    chosen = config.getoption("--cuda-sync-debug")
+    if chosen is not None:
+        os.environ[ENV] = chosen  # read by cuda_sync.no_host_sync (and inherited by pytest-xdist workers)
+
+
 # Results must not depend on how many cores the test machine has.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -4,7 +4,9 @@ On the GPU the layers run their torch autograd Functions (the compiled kernels a
 only), so these tests compare each method on CUDA with the same method on the CPU in
 float64 (outputs, input and parameter gradients, running statistics), check bfloat16
 against float32, and run converted networks with their prior chains. Every test is
-marked ``cuda`` and skipped where no CUDA device is present.
+marked ``cuda`` and skipped where no CUDA device is present. The training steps run inside
+``cuda_sync.no_host_sync``: with ``pytest --cuda-sync-debug=error`` (``python -m suites.gpu``)
+any host sync in them is an error.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from cuda_sync import no_host_sync
 from torch import nn
 
 from bkn import methods
@@ -35,8 +38,9 @@ def _prior(channels: int, device, dtype, seed: int = 1):
 
 def _run(layer, x, dy, prior):
     x = x.clone().requires_grad_(True)
-    y = layer(x, prior=prior) if prior is not None else layer(x)
-    y.backward(dy)
+    with no_host_sync():
+        y = layer(x, prior=prior) if prior is not None else layer(x)
+        y.backward(dy)
     grads = [x.grad] + [p.grad for p in layer.parameters()]
     buffers = [b for b in layer.buffers() if b.is_floating_point()]
     return y.detach(), grads, buffers
@@ -108,8 +112,10 @@ def test_cifar_resnet_prior_chain_on_cuda_equals_cpu(name):
     out = {}
     for device in ("cpu", "cuda"):
         net = copy.deepcopy(model).to(device).train()
-        y = net(x.to(device))
-        y.sum().backward()
+        inputs = x.to(device)
+        with no_host_sync():
+            y = net(inputs)
+            y.sum().backward()
         used = [m.prior_used for m in net.modules() if hasattr(m, "prior_used")]
         first_weight = next(net.parameters())
         out[device] = (y.detach().cpu(), first_weight.grad.cpu(), used)
@@ -127,10 +133,11 @@ def test_converted_torchvision_resnet_trains_on_cuda(name):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(8, 3, 64, 64, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
     for _ in range(2):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        with no_host_sync():
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     assert torch.isfinite(loss)
     used = [m.prior_used for m in model.modules() if hasattr(m, "prior_used")]
     assert sum(used) >= len(used) - 1  # every BKN layer but the first gets a prior in ResNet-18

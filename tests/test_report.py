@@ -65,7 +65,7 @@ def test_report_end_to_end(tmp_path, capsys):
     assert f"Report written: {out.resolve()}" in capsys.readouterr().out
     images = _check_self_contained(html)
     assert images >= 12
-    for title in ("Environment", "Timing", "Regressions across commits", "Statistic drift", "Training probe"):
+    for title in ("Environment", "Timing", "Regressions across commits", "Statistic drift", "Training probe", "GPU"):
         assert f"<h2>{title}</h2>" in html
     assert 'class="badge ok"' in html and "badge error" not in html and "badge missing" not in html
     assert "1 significant regression</span>" in html and "Missing:" not in html
@@ -173,8 +173,8 @@ def test_missing_inputs_say_which_command_produces_them(tmp_path):
     code, html, _ = _run(tmp_path)
     assert code == 0
     nav = html.split("<nav>")[1].split("</nav>")[0]
-    assert nav.count('class="badge missing"') == 5 and html.count("Missing:") >= 6
-    for command in ("nox -s bench", "asv run", "nox -s accuracy", "nox -s convergence"):
+    assert nav.count('class="badge missing"') == 6 and html.count("Missing:") >= 7
+    for command in ("nox -s bench", "asv run", "nox -s accuracy", "nox -s convergence", "python -m suites.gpu"):
         assert f"<code>{command}" in html
     _check_self_contained(html)
 

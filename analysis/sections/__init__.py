@@ -12,6 +12,7 @@ from .base import SECTIONS, Inputs, Section, human
 from .comparison import build_regressions
 from .drift import build_drift
 from .environment import build_env
+from .gpu import build_gpu
 from .timing import build_timing
 from .training import build_training
 
@@ -23,6 +24,7 @@ BUILDERS = {
     "regressions": build_regressions,
     "drift": build_drift,
     "training": build_training,
+    "gpu": build_gpu,
 }
 
 

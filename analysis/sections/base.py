@@ -15,7 +15,7 @@ from ..probes import ProbeResults
 from ..regressions import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 from ..rounds import DEFAULT_ALPHA as ROUNDS_ALPHA
 
-SECTIONS = ["env", "timing", "regressions", "drift", "training"]
+SECTIONS = ["env", "timing", "regressions", "drift", "training", "gpu"]
 BASELINE = "bn"  # the method the timing figures divide by (timing, chain_cost, distributed)
 GROUP_LABEL = "group size"  # axis label of GROUP_PARAM in the timing figures and tables
 MAX_TABLE_ROWS = 400  # longer tables are cut in the page (the saved CSV has every row)
@@ -42,6 +42,7 @@ class Inputs:
     rounds_alpha: float = ROUNDS_ALPHA
     no_base: str | None = None  # why there is no baseline to compare with (the section says it)
     regressions_found: int = 0
+    gpu: ProbeResults | None = None  # the GPU check's tidy file (python -m suites.gpu); None: not looked for
     errors: list[str] = dataclasses.field(default_factory=list)  # requested comparisons that were impossible
 
 

@@ -3,8 +3,9 @@
 One place for the probes (which write) and ``analysis/`` (which reads):
 
 * :class:`Schema`: a result file's columns, dtypes and schema version, and the command
-  that rewrites it. :data:`DRIFT` (the drift probe, ``results/accuracy/drift.parquet``) and
-  :data:`TRAINING` (the training probe, ``results/convergence/convergence.parquet``).
+  that rewrites it. :data:`DRIFT` (the drift probe, ``results/accuracy/drift.parquet``),
+  :data:`TRAINING` (the training probe, ``results/convergence/convergence.parquet``) and
+  :data:`GPU` (the GPU check, ``results/gpu/gpu.parquet``).
   :meth:`Schema.write` stores the version in the parquet file's metadata (and in
   ``meta.json``); :meth:`Schema.read` gives a :class:`SchemaError` that names the file,
   the offending column and the command to run when a file does not match, including
@@ -203,7 +204,31 @@ TRAINING = Schema(
     about="the training probe: test accuracy vs normalization group size, per data set, network and method",
 )
 
-SCHEMAS = {s.name: s for s in (DRIFT, TRAINING)}
+GPU = Schema(
+    name="gpu",
+    folder="gpu",
+    file="gpu.parquet",
+    version=1,
+    columns={
+        "part": "string",  # bandwidth, layer, network, graph, tests, asv (suites.gpu's parts)
+        "item": "string",  # a bkn.methods name, "torch-bn" (the baseline), "copy", a test file, "asv"
+        "shape": "string",  # the input, "8x64x56x56", or a network and its input, "resnet18-8x3x224x224"
+        "dtype": "string",  # float32, bfloat16; "" where none applies
+        "mode": "string",  # fwd+bwd (a layer), eager or graphed (a training step); "" where none applies
+        "metric": "string",  # time_s, ratio_to_bn, copy_Bps, achieved_Bps, fraction_of_copy, loss_rel, ...
+        "value": "float64",  # NaN for a row that records a skip or a failure
+        "target": "float64",  # the target for this metric (a ratio bound, a fraction), NaN where none
+        "status": "string",  # ok, failed, skipped
+        "note": "string",  # why a part was skipped or failed; what a number is
+        "triton": "string",  # triton's version, or "none"
+        "device_name": "string",  # torch.cuda.get_device_name(), or the CPU's model
+        "backend": "string",  # which implementation the layers took on the device's tensors (bkn.kernels)
+    },
+    command="python -m suites.gpu",
+    about="the GPU check: copy bandwidth, CUDA tests, graph replay, the layer table and network steps",
+)
+
+SCHEMAS = {s.name: s for s in (DRIFT, TRAINING, GPU)}
 
 # The drift probe's metrics (docs/design.md §9, computed by bkn.probes.stats.metrics) and per-layer
 # statistics, in the order reports show them; the training probe's metrics.
