@@ -269,12 +269,13 @@ def _interrupt_and_check_nothing_written(out, monkeypatch, capsys):
     """Ctrl-C in the probe's run: exit status 130, a message, and the files in ``out`` as they were."""
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def interrupted(self):
+    def interrupted(self, env=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Probe, "run", interrupted)
     assert main(TINY + ["--out", str(out)]) == 130
-    assert "interrupted: nothing written" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "interrupted: " in err and "drift.parquet not written" in err and "run the same command again" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     return before
 
