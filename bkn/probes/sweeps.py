@@ -32,12 +32,15 @@ import hashlib
 import importlib.util
 import json
 import multiprocessing
+import os
 import pathlib
 import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+# Tests only: seconds each run pauses after saving its shard, so a test can kill a sweep between two runs.
+PAUSE_VARIABLE = "BKN_SWEEP_PAUSE_S"
 EXECUTORS = "local, dask:ADDRESS, dask:local, submitit or submitit:FOLDER"
 PACKAGES = {"dask": ("distributed", "'dask[distributed]'"), "submitit": ("submitit", "submitit")}
 
@@ -179,6 +182,8 @@ def saved_task(task: Callable, payload, where: tuple[str, str] | None, key: str)
         from bkn.probes.results import SCHEMAS
 
         SCHEMAS[where[0]].write_shard(where[1], key, rows, record)
+        if os.environ.get(PAUSE_VARIABLE):
+            time.sleep(float(os.environ[PAUSE_VARIABLE]))
     return rows, record
 
 

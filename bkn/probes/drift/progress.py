@@ -66,6 +66,8 @@ class Progress:
                 self.bar.refresh()
             else:
                 self.bar.update(count)
+                if label:
+                    self.bar.set_description_str(label, refresh=False)
         elif not resumed and (time.perf_counter() - self.last_line >= self.interval or self.done == self.total):
             self._line(f"done {label}" if label else "unit done")
 

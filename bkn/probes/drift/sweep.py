@@ -16,12 +16,10 @@ import functools
 import pathlib
 from dataclasses import asdict, dataclass, field
 
-from torch import nn
-
 from bkn import methods as registry
 from bkn.probes import sweeps
 from bkn.probes.drift import methods, setups, units, worker
-from bkn.probes.stats import is_batch_norm
+from bkn.probes.drift.worker import check_network  # noqa: F401 (where it always was)
 
 
 @dataclass
@@ -65,15 +63,6 @@ class ProbeConfig:
     @property
     def passes(self) -> units.Passes:
         return units.Passes(self.burn_in, self.steps, self.batch_size)
-
-
-def check_network(model: nn.Module, name: str = "network") -> None:
-    """``ValueError`` unless ``model`` has a normalization layer with batch statistics."""
-    if not any(is_batch_norm(m) for m in model.modules()):
-        raise ValueError(
-            f"{name} ({type(model).__name__}) has no normalization layers with batch statistics "
-            f"(BatchNorm, ghost BN, BRN, BKN): there is nothing for the drift probe to measure"
-        )
 
 
 def check_group_sizes(data: str, source: setups.Source, group_sizes, batch_size: int) -> None:

@@ -18,10 +18,22 @@ import dataclasses
 import json
 import time
 
+from torch import nn
+
 from bkn.probes.drift import methods, setups, units
+from bkn.probes.stats import is_batch_norm
 
 Unit = tuple  # (data, network, state, method, mode, group_size, seed)
 _MEMO: dict = {"key": None}
+
+
+def check_network(model: nn.Module, name: str = "network") -> None:
+    """``ValueError`` unless ``model`` has a normalization layer with batch statistics."""
+    if not any(is_batch_norm(m) for m in model.modules()):
+        raise ValueError(
+            f"{name} ({type(model).__name__}) has no normalization layers with batch statistics "
+            f"(BatchNorm, ghost BN, BRN, BKN): there is nothing for the drift probe to measure"
+        )
 
 
 def forget() -> None:
@@ -67,8 +79,6 @@ def measure(payload: tuple, progress=None) -> tuple[list[dict], dict]:
     except ValueError as err:  # e.g. InstanceNorm on a 1x1 feature map
         record["skipped"].append({**key, "method": name, "reason": f"population statistics: {err}"})
         return [], record
-    if progress is not None:
-        progress.stage(f"{setup}: {name}, {mode}, n={n}, seed {seed}")
     started = time.perf_counter()
     try:
         rows = _unit(config, memo["source"], network, base, name, method, n, seed, population, mode)
@@ -88,8 +98,6 @@ def _setup(config, data: str, network: str, state: str, record: dict, progress) 
     source = setups.load_source(data, network)
     _MEMO.update(key=key, source=source, methods={}, shared=None, population=None)
     if state != setups.OWN:
-        from bkn.probes.drift.sweep import check_network
-
         setup = f"{data}/{network}/{state}"
         _stage(progress, f"{setup}: weights")
         if state == "init":
