@@ -276,3 +276,33 @@ def test_status_estimates_the_time_left_from_this_sessions_pace(monkeypatch):
     assert sweeps.status(6, 10, 4, 40.0) == "6/10 runs (4 from earlier), 60 s elapsed, about 2.0 min left"
     now[0] = 40.0 + 7200
     assert sweeps.status(9, 10, 0, 40.0, "units") == "9/10 units, 2.0 h elapsed, about 13.3 min left"
+
+
+@pytest.mark.slow
+def test_executor_trains_the_missing_networks_first(tmp_path, monkeypatch):
+    """With an executor the training runs the weights cache lacks go to it before the units (a thread here,
+    so the shortened training reaches it), and the units then read the weights from the cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bkn.probes.drift import ProbeConfig, run, setups
+
+    monkeypatch.setitem(setups.TRAINING, "steps", 2)
+    real_load = setups.load_source
+    monkeypatch.setattr(setups, "load_source", lambda data, network: real_load(data, network).head(32))
+    config = ProbeConfig(
+        setups=[("digits", "cifar-resnet20")],
+        states=["trained-own"],
+        modes=["in-network"],
+        methods=["bn"],
+        group_sizes=[4],
+        seeds=[0],
+        steps=1,
+        burn_in=1,
+        cache=str(tmp_path / "cache"),
+    )
+    with ThreadPoolExecutor(1) as pool:
+        there, record = run(config, out=tmp_path / "there", executor=pool)
+    assert [(r["cached"], r.get("process")) for r in record["training"]] == [(False, "pretrain")]
+    here, record = run(config, out=tmp_path / "here")
+    assert [r["cached"] for r in record["training"]] == [True]
+    pd.testing.assert_frame_equal(here, there)

@@ -14,7 +14,11 @@ scikit-learn's digits instead. Every run uses the same recipe
 lr 0.05 with cosine decay, 15 epochs) and the engine of :func:`bkn.probes.engine.train_epochs`.
 Runs are spread over ``--jobs`` worker processes (default 2, one thread each).
 
-Output, in ``--out`` (default ``results/convergence``), written atomically at the end:
+Output, in ``--out`` (default ``results/convergence``), written atomically at the end (each
+run's rows are saved as a shard under ``<out>/shards/training/`` as soon as it ends, so the
+same command run again after an interruption trains only the runs not saved yet;
+``--fresh`` starts over; ``--executor`` sends the runs to a Dask or SLURM cluster,
+:mod:`bkn.probes.sweeps`):
 
 * ``convergence.parquet`` (:data:`bkn.probes.results.TRAINING`): tidy, one row per data x
   network x method x group_size x seed x epoch x evaluation x metric, with ``batch_size``
