@@ -68,7 +68,7 @@ class Progress:
                 self.bar.update(count)
                 if label:
                     self.bar.set_description_str(label, refresh=False)
-        elif not resumed and (time.perf_counter() - self.last_line >= self.interval or self.done == self.total):
+        elif not resumed and time.perf_counter() - self.last_line >= self.interval:
             self._line(f"done {label}" if label else "unit done")
 
     def task(self, text: str, steps: int) -> Callable[[], None]:
