@@ -139,7 +139,7 @@ def add_sweep_flags(parser: argparse.ArgumentParser, jobs: str) -> None:
     parser.add_argument(
         "--fresh",
         action="store_true",
-        help="start over: delete the runs an earlier run of this command saved in OUT/shards/ (default: run "
+        help="start over: delete the runs saved in OUT/shards/<probe>/ by earlier runs (default: run "
         "only the runs not saved yet, so an interrupted sweep resumes where it stopped)",
     )
 
