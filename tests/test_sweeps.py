@@ -188,6 +188,7 @@ def test_run_keys_change_with_what_determines_the_run():
         ("slurm", "unknown executor 'slurm'; expected one of local, dask:ADDRESS"),
         ("dask", "unknown executor 'dask'"),
         ("local:4", "unknown executor 'local:4'"),
+        ("submitit:logs,timeout_min", "submitit parameter 'timeout_min': expected key=value"),
     ],
 )
 def test_bad_executor_is_a_clear_error(capsys, spec, message):
@@ -204,6 +205,10 @@ def test_missing_executor_package_names_what_to_install(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "needs the 'submitit' package, which is not installed: pip install submitit" in err, err
     assert sweeps.check_executor("dask:tcp://10.0.0.1:8786") == "dask:tcp://10.0.0.1:8786"  # installed: the extra
+    assert sweeps._submitit_spec("logs,timeout_min=240,slurm_partition=gpu") == (
+        "logs",
+        {"timeout_min": 240, "slurm_partition": "gpu"},
+    )
 
 
 def test_executor_path_gives_the_rows_of_this_process(tmp_path):

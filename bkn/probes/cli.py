@@ -134,7 +134,8 @@ def add_sweep_flags(parser: argparse.ArgumentParser, jobs: str) -> None:
         type=executor_spec,
         help="send every run to this executor, each saving its shard as it ends: local (--jobs spawned "
         "processes), dask:ADDRESS (a Dask distributed scheduler, e.g. dask:tcp://host:8786; dask:local starts a "
-        f"LocalCluster of --jobs worker processes), submitit[:FOLDER] (SLURM via submitit). Default: {jobs}",
+        f"LocalCluster of --jobs worker processes), submitit[:FOLDER[,key=value...]] (SLURM via submitit; the "
+        f"pairs go to its update_parameters, e.g. timeout_min=240,slurm_partition=gpu). Default: {jobs}",
     )
     parser.add_argument(
         "--fresh",

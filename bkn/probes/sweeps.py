@@ -17,8 +17,10 @@ task function turns into ``(rows, record)``. :func:`execute`:
 Executors (:func:`open_executor`, the probes' ``--executor``): ``local`` (a pool of
 ``--jobs`` spawned processes), ``dask:ADDRESS`` (a Dask ``distributed`` scheduler, through
 ``Client(ADDRESS).get_executor()``; ``dask:local`` starts a ``LocalCluster`` of ``--jobs``
-worker processes), ``submitit[:FOLDER]`` (SLURM through submitit, or local processes where
-there is no SLURM; logs under FOLDER). Dask and submitit are imported only when asked for.
+worker processes), ``submitit[:FOLDER[,key=value...]]`` (SLURM through submitit's
+``AutoExecutor``, or local processes where there is no SLURM; logs under FOLDER; the pairs
+go to its ``update_parameters``, e.g. ``timeout_min=240,slurm_partition=gpu``). Dask and
+submitit are imported only when asked for.
 Workers on other machines need the output folder (and the drift probe's weights cache) on
 a shared file system; a shard a worker wrote where this process cannot see it is written
 again here.
@@ -41,7 +43,7 @@ from typing import Any, Callable, Iterator
 
 # Tests only: seconds each run pauses after saving its shard, so a test can kill a sweep between two runs.
 PAUSE_VARIABLE = "BKN_SWEEP_PAUSE_S"
-EXECUTORS = "local, dask:ADDRESS, dask:local, submitit or submitit:FOLDER"
+EXECUTORS = "local, dask:ADDRESS, dask:local, submitit or submitit:FOLDER[,key=value...]"
 PACKAGES = {"dask": ("distributed", "'dask[distributed]'"), "submitit": ("submitit", "submitit")}
 
 
@@ -66,6 +68,8 @@ def check_executor(spec: str) -> str:
         return spec
     if kind not in PACKAGES or (kind == "dask" and not rest):
         raise ValueError(f"unknown executor {spec!r}; expected one of {EXECUTORS}")
+    if kind == "submitit":
+        _submitit_spec(rest)
     module, package = PACKAGES[kind]
     if importlib.util.find_spec(module) is None:
         raise ValueError(
@@ -109,8 +113,23 @@ def open_executor(
     else:
         import submitit
 
-        with _Submitit(submitit.AutoExecutor(folder=rest or "results/submitit")) as pool:
+        folder, params = _submitit_spec(rest)
+        executor = submitit.AutoExecutor(folder=folder)
+        executor.update_parameters(**params)
+        with _Submitit(executor) as pool:
             yield pool
+
+
+def _submitit_spec(rest: str) -> tuple[str, dict]:
+    """``"FOLDER,key=value,..."`` -> the log folder and submitit's parameters (ints where they are digits)."""
+    folder, *pairs = rest.split(",")
+    params = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not (key and eq):
+            raise ValueError(f"submitit parameter {pair!r}: expected key=value, e.g. timeout_min=120")
+        params[key] = int(value) if value.isdigit() else value
+    return folder or "results/submitit", params
 
 
 class _Submitit(concurrent.futures.Executor):
