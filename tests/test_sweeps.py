@@ -124,6 +124,9 @@ def test_rerun_skips_saved_units_and_fresh_starts_over(tmp_path):
     assert drift_main(argv + ["--out", str(out), "--fresh"]) == 0  # the saved units deleted, all run again
     again = {p.name: p.stat().st_mtime_ns for p in _shards(out)}
     assert again.keys() == first.keys() and all(again[k] != first[k] for k in first)
+    # another setting is another sweep: once it is complete, the shards beside its results file are its own
+    assert drift_main(argv + ["--out", str(out), "--steps", "3"]) == 0
+    assert len(_shards(out)) == 4 and not {p.name for p in _shards(out)} & set(first)
 
 
 # -- the shards in the results contract --------------------------------------------------------

@@ -191,7 +191,26 @@ def execute(
         finally:
             for future in futures:
                 future.cancel()
+    if out is not None:
+        prune(schema, out, keys)
     return [results[key] for key in keys]
+
+
+def prune(schema, out, keys: list[str]) -> int:
+    """Once a sweep is complete: delete the shards in ``out`` that are not its runs (an earlier sweep's with
+    other settings or code: the results file beside them will hold this sweep's), and temporary files a
+    killed process left over an hour ago. The number of files deleted."""
+    folder, keep, deleted = schema.shard_folder(out), {f"{k}.parquet" for k in keys}, 0
+    old = time.time() - 3600
+    for path in folder.glob("*.parquet") if folder.exists() else []:
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+            deleted += 1
+    for path in folder.glob(".*.tmp") if folder.exists() else []:
+        if path.stat().st_mtime < old:
+            path.unlink(missing_ok=True)
+            deleted += 1
+    return deleted
 
 
 def saved_task(task: Callable, payload, where: tuple[str, str] | None, key: str) -> tuple[list, dict]:

@@ -154,6 +154,7 @@ def run(args: argparse.Namespace):
             launcher = "spawn"
             launch.spawn(args, todo, todo_keys)
         found = TRAINING.read_shards(args.out, keys)
+        sweeps.prune(TRAINING, args.out, keys)
         rows = [row for key in keys for row in found[key][0].to_dict("records")]
     else:
         launcher = f"{args.executor} executor" if args.executor else "single process"
