@@ -267,16 +267,22 @@ def test_interrupted_run_leaves_earlier_files_alone_fast(tmp_path, monkeypatch, 
 
 def _interrupt_and_check_nothing_written(out, monkeypatch, capsys):
     """Ctrl-C in the probe's run: exit status 130, a message, and the files in ``out`` as they were."""
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = _files(out)
 
-    def interrupted(self):
+    def interrupted(self, env=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Probe, "run", interrupted)
     assert main(TINY + ["--out", str(out)]) == 130
-    assert "interrupted: nothing written" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    err = capsys.readouterr().err
+    assert "interrupted: " in err and "drift.parquet not written" in err and "run the same command again" in err
+    assert _files(out) == before
     return before
+
+
+def _files(out) -> dict:
+    """Every file under ``out`` (the results, meta.json, the saved units' shards) and its bytes."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def test_trained_weights_are_cached_and_reused_fast(tmp_path, monkeypatch):
@@ -313,7 +319,7 @@ def test_interrupted_run_leaves_the_previous_results_and_no_temporary_file(tmp_p
     with pytest.raises(KeyboardInterrupt):
         main(TINY + ["--out", str(tmp_path)])
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert _files(tmp_path) == before
     assert DRIFT.read(tmp_path / "drift.parquet").shape[0] > 0
 
 

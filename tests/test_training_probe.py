@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -271,15 +272,23 @@ def test_probe_writes_tidy_results_and_prints_a_summary(tmp_path, capsys, one_th
 
 
 def test_progress_in_a_log_is_one_line_per_run(tmp_path, capsys, one_thread):
-    """Progress on a stream that is not a terminal (a CI log): one line per finished run, no bar redraws."""
+    """Progress on a stream that is not a terminal (a CI log): one line per finished run - runs done/total,
+    elapsed, the time left once a run has finished - no bar redraws; a rerun reads both runs back."""
     argv = ["--methods", "bn,gn", "--group-sizes", "8", "--seeds", "0", "--epochs", "1", *DIGITS_ARGS]
     assert main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("training probe:")]
-    assert (
-        lines[0].startswith("training probe: run 1/2 done, cifar-resnet bn g=8 seed=0: test_acc ") and len(lines) == 2
-    )
-    assert "\r" not in err and "run 2/2 done, cifar-resnet gn g=64 seed=0" in lines[1]
+    lines = [line for line in err.splitlines() if line.startswith("training probe")]
+    assert len(lines) == 2, err
+    assert re.match(
+        r"training probe \[1/2 runs, \d+ s elapsed, about \d+ s left\]: cifar-resnet bn g=8 seed=0: test_acc "
+        r"\d+\.\d% \(running estimates\) in \d+ s$",
+        lines[0],
+    ), lines[0]
+    assert re.match(r"training probe \[2/2 runs, \d+ s elapsed\]: cifar-resnet gn g=64 seed=0: ", lines[1]), lines[1]
+    assert "\r" not in err
+    assert main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0  # both saved: read back, none trained
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training probe")]
+    assert lines == ["training probe: 2 of 2 runs read back from an earlier run's shards"]
 
 
 def test_quick_defaults_and_explicit_options():

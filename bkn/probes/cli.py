@@ -114,3 +114,54 @@ def add_shared_flags(
         "--out", type=pathlib.Path, default=pathlib.Path(out), help="output folder (default %(default)s)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def executor_spec(text: str) -> str:
+    """An ``--executor`` value (:func:`bkn.probes.sweeps.check_executor`)."""
+    from bkn.probes import sweeps
+
+    try:
+        return sweeps.check_executor(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_sweep_flags(parser: argparse.ArgumentParser, jobs: str) -> None:
+    """Add ``--executor`` and ``--fresh``: where a sweep's runs go, and whether to ignore the runs saved by an
+    earlier, interrupted run (:mod:`bkn.probes.sweeps`). ``jobs`` says what ``--jobs`` means without one."""
+    parser.add_argument(
+        "--executor",
+        type=executor_spec,
+        help="send every run to this executor, each saving its shard as it ends: local (--jobs spawned "
+        "processes), dask:ADDRESS (a Dask distributed scheduler, e.g. dask:tcp://host:8786; dask:local starts a "
+        f"LocalCluster of --jobs worker processes), submitit[:FOLDER[,key=value...]] (SLURM via submitit; the "
+        f"pairs go to its update_parameters, e.g. timeout_min=240,slurm_partition=gpu). Default: {jobs}",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: delete the runs saved in OUT/shards/<probe>/ by earlier runs (default: run "
+        "only the runs not saved yet, so an interrupted sweep resumes where it stopped)",
+    )
+
+
+def interrupted(out, schema, total: int) -> str:
+    """What Ctrl-C leaves: the runs saved so far and how to finish."""
+    saved = len(list(schema.shard_folder(out).glob("*.parquet"))) if schema.shard_folder(out).exists() else 0
+    return (
+        f"\ninterrupted: {out / schema.file} not written (earlier results, if any, are left as they were); "
+        f"{saved} finished run(s) of this and earlier sweeps are saved in {schema.shard_folder(out)} "
+        f"({total} in this sweep): run the same command again to finish the rest (--fresh starts over)"
+    )
+
+
+def open_executor(args: argparse.Namespace):
+    """A context giving the executor ``args.executor`` names (with ``args.jobs`` local or Dask-local workers),
+    or ``None`` (no ``--executor``: the probe's own way)."""
+    import contextlib
+
+    from bkn.probes import sweeps
+
+    if not getattr(args, "executor", None):
+        return contextlib.nullcontext(None)
+    return sweeps.open_executor(args.executor, args.jobs)

@@ -16,6 +16,10 @@ One place for the probes (which write) and ``analysis/`` (which reads):
   and :func:`atomic_path`: a result is written to a temporary file beside its target
   and renamed over it only once complete, so an interrupted run never leaves a
   half-written file and never destroys the previous one.
+* shards: a sweep (:mod:`bkn.probes.sweeps`) writes each finished run's rows at once to
+  ``<out>/shards/<schema>/<run key>.parquet`` (:meth:`Schema.write_shard`, atomically); a
+  rerun reads them back (:meth:`Schema.read_shards`) and runs only the rest, and the
+  results file is written from them, in the runs' order, once every run is done.
 
 This module imports only the standard library at import time (pandas and pyarrow when
 a frame is written or read; torch only inside :func:`environment`), so the report builder
@@ -147,7 +151,54 @@ class Schema:
             )
         return self.conform(frame, str(path))
 
+    # -- shards: one finished run of a sweep, written the moment it ends (bkn.probes.sweeps) --------
+    def shard_folder(self, out: str | os.PathLike) -> pathlib.Path:
+        """``<out>/shards/<name>``: one file per finished run, named by the run's key."""
+        return pathlib.Path(out) / SHARDS / self.name
 
+    def write_shard(self, out: str | os.PathLike, key: str, rows, record: dict) -> pathlib.Path:
+        """One run's ``rows`` (the schema's own columns, no environment) and its JSON-able ``record``
+        (what ``meta.json`` gathers: skipped units, timings...) in one parquet file, atomically."""
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = list(rows)
+        frame = pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(self.columns))
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise SchemaError(f"{self.name} shard {key}: column {missing[0]!r} is missing; {_WRITER_BUG}")
+        table = pa.Table.from_pandas(frame[list(self.columns)].astype(self.columns), preserve_index=False)
+        stamp = {"name": self.name, "version": self.version, "key": key, "record": record}
+        table = table.replace_schema_metadata({SCHEMA_KEY: json.dumps(stamp, default=str).encode()})
+        path = self.shard_folder(out) / f"{key}.parquet"
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        return path
+
+    def read_shards(self, out: str | os.PathLike, keys=None) -> dict:
+        """``{key: (frame, record)}`` of the finished runs under ``<out>/shards/<name>`` (those of ``keys``
+        when given). A shard of another schema version, or unreadable, counts as not done (it is run again)."""
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        folder = self.shard_folder(out)
+        paths = sorted(folder.glob("*.parquet")) if keys is None else [folder / f"{k}.parquet" for k in keys]
+        found = {}
+        for path in paths:
+            if not path.exists():
+                continue
+            try:
+                stamp = _stamp(pq.read_schema(path).metadata.get(SCHEMA_KEY)) or {}
+                frame = pd.read_parquet(path)
+            except Exception:  # a foreign or damaged file: the run is done again and the file replaced
+                continue
+            if (stamp.get("name"), stamp.get("version"), stamp.get("key")) == (self.name, self.version, path.stem):
+                found[path.stem] = (frame.astype(self.columns), stamp.get("record") or {})
+        return found
+
+
+SHARDS = "shards"  # <out>/shards/<schema name>/<run key>.parquet
 _WRITER_BUG = "the code that produced these rows does not follow bkn.probes.results (a bug: nothing was written)"
 
 

@@ -25,7 +25,10 @@ Command line: ``python -m bkn.probes.drift --help``. Results: ``<out>/drift.parq
 (:data:`bkn.probes.results.DRIFT`: one row per data x network x state x method x group_size x mode
 x layer x metric x statistic x seed, plus the environment columns) and ``<out>/meta.json``
 (environment, arguments, duration, skipped units), both written atomically once the run
-is complete.
+is complete. Each unit's rows are saved under ``<out>/shards/drift/`` as soon as it ends,
+so the same command run again after an interruption runs only the units not saved yet
+(``--fresh`` starts over); units can go to any ``concurrent.futures`` executor
+(``--executor``, :mod:`bkn.probes.sweeps`).
 """
 
 from __future__ import annotations
@@ -36,16 +39,21 @@ from bkn.probes.drift.sweep import Probe, ProbeConfig, check_network, config_rec
 __all__ = ["DEFAULT_METHODS", "FULL_METHODS", "Probe", "ProbeConfig", "check_network", "config_record", "run"]
 
 
-def run(config: ProbeConfig, progress: bool = False, jobs: int = 1):
+def run(config: ProbeConfig, progress: bool = False, jobs: int = 1, out=None, executor=None, fresh: bool = False):
     """Run the probe; returns ``(frame, record)``: the tidy results (the DRIFT schema) and ``meta.json``'s record.
 
-    ``jobs``: processes for the training runs the weights cache lacks (:mod:`bkn.probes.drift.pretrain`)."""
+    ``jobs``: processes for the training runs the weights cache lacks (:mod:`bkn.probes.drift.pretrain`).
+    ``out``: each unit's rows saved there as a shard as soon as it ends, and the units saved by an earlier
+    (interrupted) run with the same settings read back instead of run again (``fresh``: start over).
+    ``executor``: a ``concurrent.futures.Executor`` the units (and training runs) go to; ``None``: this process.
+    """
     import time
 
     from bkn.probes.results import DRIFT, environment
 
     config.validate()
-    probe = Probe(config, jobs=jobs)
+    env = environment()
+    probe = Probe(config, jobs=jobs, executor=executor, out=out, fresh=fresh)
     bar = None
     if progress:
         from bkn.probes.drift.progress import Progress
@@ -54,11 +62,10 @@ def run(config: ProbeConfig, progress: bool = False, jobs: int = 1):
         probe.progress = bar
     started = time.perf_counter()
     try:
-        rows = probe.run()
+        rows = probe.run(env)
     finally:
         if bar is not None:
             bar.close()
-    env = environment()
     frame = DRIFT.frame(rows, env)
     record = {
         **env,
@@ -69,5 +76,6 @@ def run(config: ProbeConfig, progress: bool = False, jobs: int = 1):
         "training": probe.training,
         "timings_s": {k: round(v, 3) for k, v in probe.timings.items()},
         "rows": len(frame),
+        "units": len(probe.units()),
     }
     return frame, record

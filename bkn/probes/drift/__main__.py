@@ -66,6 +66,10 @@ examples:
   python -m bkn.probes.drift                                  # the default probe (minutes)
   python -m bkn.probes.drift --full                           # the full sweep
   python -m bkn.probes.drift --methods bn,bkn-official --group-sizes 2,4 --seeds 0 --data digits
+  python -m bkn.probes.drift --full --executor dask:local --jobs 8   # the units on 8 Dask worker processes
+
+interrupted? Each unit's rows are saved in OUT/shards/drift/ as it ends: the same command again
+runs only the units not saved yet (--fresh starts over).
 """
 )
 
@@ -119,8 +123,9 @@ def parser() -> argparse.ArgumentParser:
         type=cli.positive_int,
         default=DEFAULT_JOBS,
         help="processes (one thread each) for the training runs the cache lacks, run before the units, which "
-        f"run in this process (default {DEFAULT_JOBS})",
+        f"run in this process (default {DEFAULT_JOBS}); with --executor local or dask:local, its processes",
     )
+    cli.add_sweep_flags(p, jobs="every unit in this process, the training runs in --jobs processes")
     return p
 
 
@@ -158,6 +163,12 @@ def config_from(args: argparse.Namespace) -> ProbeConfig:
     )
 
 
+def record_units(config: ProbeConfig) -> int:
+    from bkn.probes.drift import Probe
+
+    return len(Probe(config).units())
+
+
 def print_summary(frame, record: dict) -> None:
     from bkn.probes.drift import summary
 
@@ -191,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     try:
-        frame, record = run(config, progress=not args.no_progress, jobs=args.jobs)
+        with cli.open_executor(args) as executor:
+            frame, record = run(
+                config, not args.no_progress, args.jobs, out=args.out, executor=executor, fresh=args.fresh
+            )
     except ValueError as err:
         p.error(str(err))
     except KeyboardInterrupt:
-        print("\ninterrupted: nothing written; earlier results (if any) are left as they were", file=sys.stderr)
+        print(cli.interrupted(args.out, DRIFT, record_units(config)), file=sys.stderr)
         return 130
     record["arguments"] = {k: (str(v) if k == "out" else v) for k, v in vars(args).items()}
     record["argv"] = sys.argv[1:] if argv is None else list(argv)

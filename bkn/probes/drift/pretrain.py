@@ -7,7 +7,8 @@ weights cache (``--cache``) lacks in ``jobs`` spawned processes, one thread each
 caches them exactly as :func:`bkn.probes.drift.setups.trained_network` would in the
 probe's own process (same function, same seeds, same cache key); the sweep then reads
 them from the cache and records the training runs' records from here (``cached:
-false`` and their ``train_s``). Measuring stays in one process: only training is spread.
+false`` and their ``train_s``). With ``--executor`` the training runs go to the executor's
+workers instead, before the units.
 """
 
 from __future__ import annotations
@@ -35,25 +36,39 @@ def needed(wanted: list[tuple[str, str, "str | None"]], seed: int, cache: str) -
     return jobs
 
 
-def pretrain(jobs: list[Job], processes: int, progress=None) -> dict[tuple[str, str, "str | None"], dict]:
-    """Train and cache ``jobs`` in ``processes`` spawned processes; ``{(network, data, method): record}``.
+def pretrain(
+    jobs: list[Job], processes: int, progress=None, executor=None
+) -> dict[tuple[str, str, "str | None"], dict]:
+    """Train and cache ``jobs`` in ``processes`` spawned processes, or on ``executor`` (a
+    ``concurrent.futures.Executor``) when given; ``{(network, data, method): record}``.
 
     ``progress``: a :class:`~bkn.probes.drift.progress.Progress` (or None), told as each run ends.
     """
     records = {}
     if not jobs:
         return records
-    what = f"training {len(jobs)} network(s) in {min(processes, len(jobs))} processes (cached afterwards)"
+    where = "on the executor" if executor is not None else f"in {min(processes, len(jobs))} processes"
     if progress is not None:
-        progress.stage(what)
+        progress.stage(f"training {len(jobs)} network(s) {where} (cached afterwards)")
+    if executor is not None:
+        import concurrent.futures
+
+        finished = (f.result() for f in concurrent.futures.as_completed([executor.submit(_train, j) for j in jobs]))
+        for job, record in finished:
+            records[job[0], job[1], job[4]] = _told(progress, job, record)
+        return records
     context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
     with context.Pool(min(processes, len(jobs)), initializer=_init) as pool:
         for job, record in pool.imap_unordered(_train, jobs):
-            network, data, _, _, method = job
-            records[network, data, method] = record
-            if progress is not None:
-                progress.stage(f"trained {network} on {data} with {method or 'BN'} in {record['train_s']:.0f} s")
+            records[job[0], job[1], job[4]] = _told(progress, job, record)
     return records
+
+
+def _told(progress, job: Job, record: dict) -> dict:
+    network, data, _, _, method = job
+    if progress is not None:
+        progress.stage(f"trained {network} on {data} with {method or 'BN'} in {record.get('train_s', 0):.0f} s")
+    return record
 
 
 def _init() -> None:
@@ -67,6 +82,7 @@ def _init() -> None:
 
 def _train(job: Job) -> tuple[Job, dict]:
     network, data, seed, cache, method = job
+    _init()  # a worker of an executor had no initializer
     source = setups.load_source(data, network)
     _, record = setups.trained_network(
         network, source, seed, cache, method=registry.get(method) if method is not None else None

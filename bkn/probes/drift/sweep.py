@@ -11,14 +11,15 @@ under ``skipped``, never silently dropped.
 
 from __future__ import annotations
 
-import time
+import dataclasses
+import functools
+import pathlib
 from dataclasses import asdict, dataclass, field
 
-from torch import nn
-
 from bkn import methods as registry
-from bkn.probes.drift import methods, setups, units
-from bkn.probes.stats import is_batch_norm
+from bkn.probes import sweeps
+from bkn.probes.drift import methods, setups, units, worker
+from bkn.probes.drift.worker import check_network  # noqa: F401 (where it always was)
 
 
 @dataclass
@@ -64,15 +65,6 @@ class ProbeConfig:
         return units.Passes(self.burn_in, self.steps, self.batch_size)
 
 
-def check_network(model: nn.Module, name: str = "network") -> None:
-    """``ValueError`` unless ``model`` has a normalization layer with batch statistics."""
-    if not any(is_batch_norm(m) for m in model.modules()):
-        raise ValueError(
-            f"{name} ({type(model).__name__}) has no normalization layers with batch statistics "
-            f"(BatchNorm, ghost BN, BRN, BKN): there is nothing for the drift probe to measure"
-        )
-
-
 def check_group_sizes(data: str, source: setups.Source, group_sizes, batch_size: int) -> None:
     for n in group_sizes:
         needed = units.batch_for(n, batch_size)
@@ -99,12 +91,19 @@ def unit_methods(wanted, data: str) -> list[tuple[str, registry.Method | None]]:
 
 
 class Probe:
-    """Runs every unit of a :class:`ProbeConfig`; :meth:`run` returns tidy rows (without the environment)."""
+    """Runs every unit of a :class:`ProbeConfig`; :meth:`run` returns tidy rows (without the environment).
 
-    def __init__(self, config: ProbeConfig, progress=None, jobs: int = 1):
+    Each unit is an independent run (:mod:`bkn.probes.drift.worker`): in this process one after
+    the other, or on ``executor`` (any ``concurrent.futures.Executor``). With ``out``, each
+    unit's rows are saved as a shard the moment it ends and a rerun skips the units saved
+    already (:func:`bkn.probes.sweeps.execute`; ``fresh`` starts over).
+    """
+
+    def __init__(self, config: ProbeConfig, progress=None, jobs: int = 1, executor=None, out=None, fresh=False):
         config.validate()
         self.config = config
-        self.jobs = jobs  # processes for the training runs (bkn.probes.drift.pretrain); measuring uses one
+        self.jobs = jobs  # processes for the training runs (bkn.probes.drift.pretrain) when there is no executor
+        self.executor, self.out, self.fresh = executor, out, fresh
         self.pretrained: dict = {}  # (network, data, method name or None) -> the record of a run trained there
         self.wanted = set(methods.resolve(config.methods))
         self.progress = progress  # a bkn.probes.drift.progress.Progress, or None
@@ -129,123 +128,89 @@ class Probe:
         # The chain's weights define its truth: it has no trained state, only "init".
         return ["init"] if data == "synthetic" else list(self.config.states)
 
-    def run(self) -> list[dict]:
-        sources = {}
+    def runs(self, env: dict | None = None) -> list[sweeps.Run]:
+        """The units as :class:`bkn.probes.sweeps.Run`, keyed by what determines their rows and ``env``."""
+        import torch
+
+        from bkn.probes.results import DRIFT
+
+        env = env or {}
+        config = self.config
+        if self.executor is not None:  # workers elsewhere: the weights cache by its absolute path
+            config = dataclasses.replace(config, cache=str(pathlib.Path(config.cache).resolve()))
+        return [
+            sweeps.Run(
+                sweeps.run_key(worker.unit_key(self.config, unit, env, DRIFT.version)),
+                "/".join(map(str, unit[:3])) + f": {unit[3]}, {unit[4]}, n={unit[5]}, seed {unit[6]}",
+                (config, unit, torch.get_num_threads()),
+            )
+            for unit in self.units()
+        ]
+
+    def run(self, env: dict | None = None) -> list[dict]:
+        from bkn.probes.results import DRIFT
+
         for data, network in self.config.setups:  # every check before any work
-            sources[data, network] = setups.load_source(data, network)
-            check_group_sizes(data, sources[data, network], self.config.group_sizes, self.config.batch_size)
-        if self.jobs > 1:
-            self._pretrain()
+            source = setups.load_source(data, network)
+            check_group_sizes(data, source, self.config.group_sizes, self.config.batch_size)
+        runs = self.runs(env)
+        if self.out is not None and not self.fresh:
+            done = DRIFT.read_shards(self.out, [r.key for r in runs])
+            todo = [u for r, u in zip(runs, self.units()) if r.key not in done]
+        else:
+            todo = self.units()
+        if self.jobs > 1 or self.executor is not None:
+            self._pretrain({(u[0], u[1], u[2], u[3]) for u in todo})
+        task = functools.partial(worker.measure, progress=self.progress)
+        if self.executor is not None:  # the bar stays here
+            task = worker.measure
+        worker.forget()
+        try:
+            results = sweeps.execute(
+                runs, task, schema=DRIFT, out=self.out, executor=self.executor, fresh=self.fresh, on_done=self._done
+            )
+        finally:
+            worker.forget()
         rows: list[dict] = []
-        for (data, network), source in sources.items():
-            for state in self._states(data):
-                rows += self._run_setup(data, source, network, state)
+        seen = set()
+        for unit_rows, record in results:
+            rows += unit_rows
+            self.skipped += record.get("skipped", [])
+            for name, seconds in record.get("timings_s", {}).items():
+                self.timings[name] = self.timings.get(name, 0.0) + seconds
+            for trained in record.get("training", []):
+                key = tuple(trained.pop("key", [trained.get("cache")]))
+                if key in seen:
+                    continue
+                seen.add(key)
+                if trained["cached"] and key in self.pretrained:  # trained by this run, in another process
+                    trained = {**self.pretrained.pop(key), "process": "pretrain"}
+                self.training.append(trained)
         return rows
 
-    def _pretrain(self) -> None:
-        """The training runs the cache lacks, ``jobs`` at a time, before any unit."""
+    def _done(self, run: sweeps.Run, result, resumed: bool) -> None:
+        if self.progress is not None:
+            self.progress.update(1, resumed=resumed, label=run.label)
+
+    def _pretrain(self, todo: set) -> None:
+        """The training runs the cache lacks (for the units still to run), ``jobs`` at a time or on the
+        executor, before any unit."""
         from bkn.probes.drift import pretrain
 
         wanted = []
         for data, network in self.config.setups:
             for state in self._states(data):
-                if state == "trained":
+                if state == "trained" and any(u[:3] == (data, network, state) for u in todo):
                     wanted.append((network, data, None))
                 elif state == setups.OWN:
-                    wanted += [(network, data, m.name) for _, m in unit_methods(self.wanted, data) if m is not None]
+                    wanted += [
+                        (network, data, m.name)
+                        for name, m in unit_methods(self.wanted, data)
+                        if m is not None and (data, network, state, name) in todo
+                    ]
         jobs = pretrain.needed(wanted, self.config.weights_seed, self.config.cache)
-        if len(jobs) > 1:
-            self.pretrained = pretrain.pretrain(jobs, self.jobs, self.progress)
-
-    def _trained(self, source, network: str, method=None) -> nn.Module:
-        model, record = setups.trained_network(
-            network, source, self.config.weights_seed, self.config.cache, self.progress, method=method
-        )
-        key = (network, source.name, method.name if method is not None else None)
-        if record["cached"] and key in self.pretrained:  # trained by this run, in another process
-            record = {**self.pretrained.pop(key), "process": "pretrain"}
-        self.training.append(record)
-        return model
-
-    def _timed(self, name: str, started: float) -> None:
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
-
-    def _population(self, setup: str, key: str, source, model, per_sample: bool) -> dict:
-        started = time.perf_counter()
-        try:
-            return setups.population(source, model, per_sample=per_sample)
-        finally:
-            self._timed(f"{setup}/{key}", started)
-
-    def _run_setup(self, data: str, source: setups.Source, network: str, state: str) -> list[dict]:
-        setup = f"{data}/{network}/{state}"
-        own = state == setups.OWN
-        shared = shared_population = None
-        if not own:
-            self._status(f"{setup}: weights")
-            shared = (
-                setups.base_network(network, source, self.config.weights_seed)
-                if state == "init"
-                else self._trained(source, network)
-            )
-            check_network(shared, network)
-            self._status(f"{setup}: population statistics")
-            shared_population = self._population(setup, "population", source, shared, per_sample=False)
-        rows = []
-        for name, method in unit_methods(self.wanted, data):
-            where = dict(data=data, network=network, state=state)
-            base, pop = shared, shared_population
-            try:
-                if own and method is not None:
-                    self._status(f"{setup}: {name}: weights")
-                    base = self._trained(source, network, method)
-                if method is not None and (own or not method.uses_groups):
-                    # per-sample norms: their own statistics; trained-own: the method's own network
-                    self._status(f"{setup}: {name}: population statistics")
-                    template = base if own else setups.method_network(network, base, method, self.config.group_sizes[0])
-                    pop = self._population(setup, f"population-{name}", source, template, not method.uses_groups)
-            except ValueError as err:  # e.g. InstanceNorm on a 1x1 feature map
-                self._skip_method(where, name, f"population statistics: {err}")
-                continue
-            for mode in self.config.modes:
-                self._status(f"{setup}: {name}, {mode}")
-                for n in self.config.group_sizes:
-                    for seed in self.config.seeds:
-                        key = dict(**where, mode=mode, group_size=n, seed=seed)
-                        started = time.perf_counter()
-                        try:
-                            unit_rows = self._unit(source, network, base, name, method, n, seed, pop, mode)
-                        except ValueError as err:  # e.g. BN with one value per channel and group
-                            self.skipped.append({**key, "method": name, "reason": str(err)})
-                            unit_rows = []
-                        self._timed(f"{setup}/{name}/{mode}", started)
-                        rows += [{**key, **r} for r in unit_rows]
-                        if self.progress is not None:
-                            self.progress.update(1)
-        return rows
-
-    def _unit(self, source, network: str, base, name: str, method, n: int, seed: int, population, mode) -> list[dict]:
-        passes = self.config.passes
-        if method is None:
-            return units.floor_unit(source, population, n, seed, passes)
-        model = setups.method_network(network, base, method, n)
-        if method.uses_groups:
-            return units.batch_unit(model, name, source, population, n, seed, passes, self.wanted, mode)
-        return units.per_sample_unit(model, name, source, population, n, seed, passes, mode)
-
-    def _skip_method(self, setup: dict, name: str, reason: str) -> None:
-        for mode in self.config.modes:
-            for n in self.config.group_sizes:
-                for seed in self.config.seeds:
-                    self.skipped.append(
-                        {**setup, "mode": mode, "group_size": n, "seed": seed, "method": name, "reason": reason}
-                    )
-                    if self.progress is not None:
-                        self.progress.update(1)
-
-    def _status(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.stage(text)
+        if len(jobs) > 1 or (jobs and self.executor is not None):
+            self.pretrained = pretrain.pretrain(jobs, self.jobs, self.progress, self.executor)
 
 
 def config_record(config: ProbeConfig) -> dict:

@@ -15,7 +15,11 @@ scikit-learn's digits instead. Every run uses the same recipe
 lr 0.05 with cosine decay, 15 epochs) and the engine of :func:`bkn.probes.engine.train_epochs`.
 Runs are spread over ``--jobs`` worker processes (default 2, one thread each).
 
-Output, in ``--out`` (default ``results/convergence``), written atomically at the end:
+Output, in ``--out`` (default ``results/convergence``), written atomically at the end (each
+run's rows are saved as a shard under ``<out>/shards/training/`` as soon as it ends, so the
+same command run again after an interruption trains only the runs not saved yet;
+``--fresh`` starts over; ``--executor`` sends the runs to a Dask or SLURM cluster,
+:mod:`bkn.probes.sweeps`):
 
 * ``convergence.parquet`` (:data:`bkn.probes.results.TRAINING`): tidy, one row per data x
   network x method x group_size x seed x epoch x evaluation x metric, with ``batch_size``
@@ -45,9 +49,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import shutil
 import time
 
 from bkn import methods as registry
+from bkn.probes import sweeps
 from bkn.probes.training import networks
 from bkn.probes.training.runs import PRECISE, TrainConfig, make_model, train_model, train_run
 
@@ -135,16 +141,33 @@ def run(args: argparse.Namespace):
     runs = configs(args)
     env = environment()
     start = time.perf_counter()
-    if args.world_size > 1 and launch.launched_by_torchrun():
-        launcher, rows = "torchrun", launch.under_torchrun(args, runs)
-    elif args.world_size > 1:
-        launcher, rows = "spawn", launch.spawn(args, runs)
-    elif args.jobs > 1:
-        launcher, rows = f"{args.jobs} worker processes", launch.in_processes(args, runs)
+    keys = [sweeps.run_key(run_fields(config, args, env)) for config in runs]
+    if args.fresh:
+        shutil.rmtree(TRAINING.shard_folder(args.out), ignore_errors=True)
+    done = TRAINING.read_shards(args.out, keys)
+    pending = [(config, key) for config, key in zip(runs, keys) if key not in done]
+    todo, todo_keys = [c for c, _ in pending], [k for _, k in pending]
+    if args.world_size > 1:  # DDP: every worker trains every run; rank 0 saves each run's shard
+        if not todo:
+            launcher = "none (every run saved by an earlier run)"
+        elif launch.launched_by_torchrun():
+            launcher = "torchrun"
+            if launch.under_torchrun(args, todo, todo_keys) is None:
+                return None  # a torchrun worker other than rank 0: rank 0 writes
+        else:
+            launcher = "spawn"
+            launch.spawn(args, todo, todo_keys)
+        found = TRAINING.read_shards(args.out, keys)
+        sweeps.prune(TRAINING, args.out, keys)
+        rows = [row for key in keys for row in found[key][0].to_dict("records")]
     else:
-        launcher, rows = "single process", launch.train_runs(0, 1, args, runs)
-    if rows is None:
-        return None  # a torchrun worker other than rank 0: rank 0 writes
+        launcher = f"{args.executor} executor" if args.executor else "single process"
+        if not args.executor and args.jobs > 1:
+            launcher = f"{args.jobs} worker processes"
+        if launcher == "single process":  # this process is the worker: the data loaded above, the kernels now
+            launch._load_kernels()
+            launch._JOB.update(data=(train, test), key=launch._data_key(args))
+        rows = _sweep(args, runs, keys, launcher)
     duration = time.perf_counter() - start
     frame = TRAINING.frame(rows, env)
     recipe = dataclasses.asdict(runs[0])
@@ -156,6 +179,7 @@ def run(args: argparse.Namespace):
         "arguments": arguments,
         "recipe": recipe,
         "runs": len(runs),
+        "runs_from_earlier": len(done),  # read back from OUT/shards (an interrupted run resumed)
         "duration_s": round(duration, 1),
         "data": {
             "name": args.data,
@@ -186,6 +210,51 @@ def run(args: argparse.Namespace):
     }
     TRAINING.write(frame, meta, args.out)
     return frame
+
+
+def run_fields(config: TrainConfig, args: argparse.Namespace, env: dict) -> dict:
+    """Everything that determines a run's rows: its configuration, the data, the code and environment (commit,
+    torch, device, threads) and the schema version (its shard's name: :func:`bkn.probes.sweeps.run_key`)."""
+    from bkn.probes.results import ENVIRONMENT_COLUMNS, TRAINING
+
+    return {
+        "config": dataclasses.asdict(config),
+        "data": {"samples": args.samples if config.data == "mnist1d" else None, "seed": networks.DATA_SEED},
+        "environment": {k: env.get(k) for k in ENVIRONMENT_COLUMNS},
+        "schema": TRAINING.version,
+    }
+
+
+def _sweep(args: argparse.Namespace, runs: list[TrainConfig], keys: list[str], launcher: str) -> list[dict]:
+    """One worker: every run not saved yet in this process, on ``--jobs`` local processes or on ``--executor``,
+    each saved as a shard as it ends; the rows of every run in the runs' order."""
+    import contextlib
+
+    from bkn.probes import cli
+    from bkn.probes.results import TRAINING
+    from bkn.probes.training import launch
+    from bkn.probes.training.progress import Progress
+
+    progress = Progress(len(runs), enabled=not args.no_progress, concurrent=launcher != "single process")
+
+    def done(run: sweeps.Run, result, resumed: bool) -> None:
+        progress.finish(run.payload[1], result[0], resumed=resumed)
+
+    items = [sweeps.Run(key, "", (args, config)) for config, key in zip(runs, keys)]
+    if args.executor:
+        pool = cli.open_executor(args)
+    elif args.jobs > 1:
+        pool = sweeps.open_executor("local", args.jobs, launch._job_init, (args,))
+    else:
+        pool = contextlib.nullcontext(None)
+    try:
+        with pool as executor:
+            results = sweeps.execute(
+                items, launch.run_one, schema=TRAINING, out=args.out, executor=executor, on_done=done
+            )
+    finally:
+        progress.close()
+    return [row for rows, _ in results for row in rows]
 
 
 def _method_record(name: str) -> dict:

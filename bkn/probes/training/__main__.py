@@ -20,6 +20,7 @@ from bkn.probes.training import (
     QUICK,
     QUICK_WORKERS,
     WORKER_METHODS,
+    configs,
     launch,
     networks,
     run,
@@ -94,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
         f"or a collective waits that long (default {QUICK_TIMEOUT_S:.0f} with --quick, {FULL_TIMEOUT_S:.0f} "
         f"otherwise; at most {launch.COLLECTIVE_TIMEOUT_S:.0f} per collective under torchrun)",
     )
+    cli.add_sweep_flags(p, jobs="--jobs spawned processes (one worker) or the --world-size DDP workers")
     p.add_argument("--epochs", type=cli.positive_int, help=f"epochs per run (default {DEFAULT_EPOCHS})")
     p.add_argument(
         "--batch-size",
@@ -203,6 +205,11 @@ def _resolve_workers(args: argparse.Namespace) -> None:
         )
     if args.threads is None:
         args.threads = 2 if args.world_size == 1 and args.jobs == 1 else 1  # processes share the machine's cores
+    if args.executor and args.world_size > 1:
+        raise ValueError(
+            f"--executor {args.executor} with --world-size {args.world_size}: an executor runs each run in one "
+            "process; DDP runs go to their own workers (leave --executor out)"
+        )
     if args.timeout is None:
         args.timeout = QUICK_TIMEOUT_S if args.quick else FULL_TIMEOUT_S
 
@@ -248,10 +255,15 @@ def main(argv=None) -> int:
     except WorkerError as err:
         print(
             f"{p.prog}: error: the run on {args.world_size} workers failed, nothing was written "
-            f"(the files in {args.out} are as they were): {err}",
+            f"(the files in {args.out} are as they were, runs that finished are kept in its shards/): {err}",
             file=sys.stderr,
         )
         return 1
+    except KeyboardInterrupt:
+        from bkn.probes.results import TRAINING
+
+        print(cli.interrupted(args.out, TRAINING, len(configs(args))), file=sys.stderr)
+        return 130
     if frame is None:
         return 0  # a torchrun worker other than rank 0, which reports
     print()

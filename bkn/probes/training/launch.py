@@ -1,11 +1,13 @@
 """Where the training probe's runs execute: in this process, in parallel jobs, on K DDP workers, or under torchrun.
 
 * one worker (``--world-size 1``), ``--jobs 1``: every run in this process, one after the other;
-* one worker, ``--jobs J`` (default 2): :func:`in_processes` hands the runs to J spawned
-  processes (``--threads`` each, 1 by default), which load the data once and train one
-  run at a time; this process prints progress as runs finish and puts the rows back in
-  the runs' order, so the result does not depend on J or on which job ran what. A job
-  that raises stops the pool; the error propagates and nothing is written;
+* one worker, ``--jobs J`` (default 2), or ``--executor``: :func:`run_one` per run on J
+  spawned processes (``--threads`` each, 1 by default) or on the executor's workers
+  (:func:`bkn.probes.sweeps.execute`), which load the data once and train one run at a
+  time; this process prints progress as runs finish and puts the rows back in the runs'
+  order, so the result does not depend on J or on which job ran what. A job that raises
+  stops the sweep; the error propagates and the results file is not written (the runs
+  that finished are saved as shards);
 * ``--world-size K``: :func:`spawn` starts K processes with a process group on 127.0.0.1
   (:func:`bkn.probes.distributed.run`: gloo on the CPU, NCCL for CUDA, a finite timeout); each
   runs :func:`train_runs` and rank 0 sends its rows back. When a worker raises, dies or
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing
 import os
 
 from bkn.probes.training.progress import Progress
@@ -48,17 +49,19 @@ def backend(device: str = "cpu") -> str:
     return "nccl" if str(device).startswith("cuda") else "gloo"
 
 
-def spawn(args: argparse.Namespace, runs: list[TrainConfig]) -> list[dict]:
+def spawn(args: argparse.Namespace, runs: list[TrainConfig], keys: list[str] | None = None) -> list[dict]:
     """Every run on ``args.world_size`` spawned workers; rank 0's rows (WorkerError when a worker fails)."""
     from bkn.probes import distributed
 
     values = distributed.run(
-        train_runs, args.world_size, (args, runs), backend=backend(_device(args)), timeout_s=args.timeout
+        train_runs, args.world_size, (args, runs, keys), backend=backend(_device(args)), timeout_s=args.timeout
     )
     return values[0]
 
 
-def under_torchrun(args: argparse.Namespace, runs: list[TrainConfig]) -> list[dict] | None:
+def under_torchrun(
+    args: argparse.Namespace, runs: list[TrainConfig], keys: list[str] | None = None
+) -> list[dict] | None:
     """Every run as this torchrun worker; the rows on rank 0, ``None`` on the others."""
     import torch.distributed as dist
 
@@ -71,16 +74,19 @@ def under_torchrun(args: argparse.Namespace, runs: list[TrainConfig]) -> list[di
         timeout=datetime.timedelta(seconds=min(args.timeout, COLLECTIVE_TIMEOUT_S)),
     )
     try:
-        return train_runs(rank, world_size, args, runs)
+        return train_runs(rank, world_size, args, runs, keys)
     finally:
         dist.destroy_process_group()
 
 
-def train_runs(rank: int, world_size: int, args: argparse.Namespace, runs: list[TrainConfig]) -> list[dict] | None:
+def train_runs(
+    rank: int, world_size: int, args: argparse.Namespace, runs: list[TrainConfig], keys: list[str] | None = None
+) -> list[dict] | None:
     """One worker's part of the probe: every run in order; the rows on rank 0, ``None`` on the others.
 
     Loads the data itself (a spawned worker shares nothing with its parent) and reports
-    progress from rank 0 only.
+    progress from rank 0 only. With ``keys`` (the runs' :func:`bkn.probes.sweeps.run_key`), rank 0
+    saves each run's rows as a shard in ``args.out`` as soon as it ends.
     """
     import torch
 
@@ -94,6 +100,10 @@ def train_runs(rank: int, world_size: int, args: argparse.Namespace, runs: list[
         for config in runs:
             progress.start(config)
             run_rows = train_run(config, train, test, on_step)
+            if rank == 0 and keys is not None:
+                from bkn.probes.results import TRAINING
+
+                TRAINING.write_shard(args.out, keys[runs.index(config)], run_rows, {})
             progress.finish(config, run_rows)
             rows.extend(run_rows)
     finally:
@@ -101,22 +111,20 @@ def train_runs(rank: int, world_size: int, args: argparse.Namespace, runs: list[
     return rows if rank == 0 else None
 
 
-def in_processes(args: argparse.Namespace, runs: list[TrainConfig]) -> list[dict]:
-    """Every run on ``args.jobs`` spawned processes (one run at a time each); the rows in the runs' order."""
-    progress = Progress(len(runs), enabled=not args.no_progress, concurrent=True)
-    context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
-    by_index: dict[int, list[dict]] = {}
-    try:
-        with context.Pool(min(args.jobs, len(runs)), initializer=_job_init, initargs=(args,)) as pool:
-            for index, rows in pool.imap_unordered(_job_run, enumerate(runs)):
-                progress.finish(runs[index], rows)
-                by_index[index] = rows
-    finally:
-        progress.close()
-    return [row for index in range(len(runs)) for row in by_index[index]]
+def run_one(payload: tuple[argparse.Namespace, TrainConfig]) -> tuple[list[dict], dict]:
+    """One run in any process - this one, a local pool's, a Dask or SLURM worker: ``(rows, {})``. The data,
+    the threads and the compiled kernels are prepared on the process's first run (:func:`_job_init`)."""
+    args, config = payload
+    if _JOB.get("key") != _data_key(args):
+        _job_init(args)
+    return train_run(config, *_JOB["data"]), {}
 
 
 _JOB: dict = {}  # in a job process: its data, loaded once by _job_init
+
+
+def _data_key(args: argparse.Namespace) -> tuple:
+    return args.data, args.samples, args.image_size, args.threads
 
 
 def _job_init(args: argparse.Namespace) -> None:
@@ -125,11 +133,7 @@ def _job_init(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     _load_kernels()
     _JOB["data"] = _datasets(args)
-
-
-def _job_run(item: tuple[int, TrainConfig]) -> tuple[int, list[dict]]:
-    index, config = item
-    return index, train_run(config, *_JOB["data"])
+    _JOB["key"] = _data_key(args)
 
 
 def _datasets(args: argparse.Namespace):
