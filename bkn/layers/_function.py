@@ -39,6 +39,7 @@ import math
 
 import torch
 
+from .. import kernels as _kernels
 from . import _native
 from ._moments import (
     _bn_backward,
@@ -292,8 +293,15 @@ def normalize_with_stats(
     prior_mean, prior_var = prior if prior is not None else (None, None)
     obs_mean, obs_var = observed if observed is not None else (None, None)
     gain_tensor = gain if isinstance(gain, torch.Tensor) else None
+    backend = _kernels.backend_for(x)
+    if backend == "triton":  # the fused Triton kernels (bkn/kernels/triton_norm.py), imported on first use
+        from . import _triton_function
+
+        return _triton_function.normalize_with_stats(
+            x, weight, bias, prior, gain, observed, groups, eps, guard, running
+        )
     running_mean, running_var, steps, momentum = running if running is not None else (None, None, None, 0.0)
-    native = _native.load()
+    native = _native.load() if backend == "native" else None  # "torch": the Python Function below
     if native is not None:  # the same Function compiled (bkn/csrc/_function.cpp), if it takes these tensors
         out = native.kalman_norm(
             x,

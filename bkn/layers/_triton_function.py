@@ -1,0 +1,344 @@
+"""The grouped-statistics norms on the Triton kernels of ``bkn/kernels/triton_norm.py`` (docs/speed.md, "The GPU path").
+
+:func:`normalize_with_stats` and :func:`renorm_train` here return exactly what their torch
+references in ``_function.py`` and ``_renorm_function.py`` return; those call them when
+``bkn.kernels.backend_for(x)`` is ``"triton"``. A BKN (or ghost-BN) step is 3 launches forward
+(partial moments, finalize, normalize) and 3 backward (partial sums, coefficients, dx), BRN the
+same; no host sync: the guard, the step counter and ``1 / steps`` live on the device. The
+kernel module is imported on first use, so ``TRITON_INTERPRET`` is read then.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+
+from .. import kernels as _kernels
+from ._function import _as_dtype, _sum_to
+
+CPU_TILE = 256  # the interpreter's tile (tests lower it to exercise the merges of chunks)
+ROWS = 8  # rows of the forward workspace and of the backward's coefficient buffer
+
+
+def _module():
+    """The kernel module; a clear error when CPU tensors meet kernels defined outside the interpreter."""
+    from ..kernels import triton_norm
+
+    return triton_norm
+
+
+def _check_device(x: torch.Tensor):
+    tk = _module()
+    if x.device.type == "cpu" and not tk.INTERPRETED:
+        raise ValueError(
+            "the Triton kernels were defined without TRITON_INTERPRET=1 (bkn.kernels.triton_norm was first "
+            "imported without it), so they cannot run on CPU tensors: set TRITON_INTERPRET=1 before the first call"
+        )
+    return tk
+
+
+def _split(value: float) -> tuple[float, float]:
+    """``value`` as float32 ``(hi, lo)`` with ``hi + lo`` = value to ~48 bits (Triton passes floats as float32)."""
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > 3.0e38:
+        return value, 0.0
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, value - hi
+
+
+def _layout(t: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple[int, int, int, int]]:
+    """``(t, S1, S2, (sN, sC, s1, s2))``: the spatial dims of ``t`` as two strided dims (a copy if they cannot be)."""
+    dims = [(n, s) for n, s in zip(t.shape[2:], t.stride()[2:]) if n != 1]
+    merged: list[tuple[int, int]] = []
+    for n, s in dims:
+        if merged and merged[-1][1] == s * n:  # the outer dim steps over the inner one exactly
+            merged[-1] = (merged[-1][0] * n, s)
+        else:
+            merged.append((n, s))
+    if len(merged) > 2:
+        return _layout(t.contiguous())
+    merged = [(1, 0)] * (2 - len(merged)) + merged
+    (n1, s1), (n2, s2) = merged
+    return t, n1, n2, (t.stride(0), t.stride(1), s1, s2)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _plan(count: int, gc: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK, chunk, splits)``: tile size, values per program and programs per (group, channel) block.
+
+    On a GPU enough programs to fill it (about 2048 in all); in the interpreter (CPU) small
+    tiles and up to 3 chunks, so the tests exercise the merges at small shapes.
+    """
+    if device.type == "cpu":
+        block, most = CPU_TILE, 2
+    else:
+        block, most = min(1024, max(128, _pow2(count))), max(1, -(-2048 // gc))
+    splits = max(1, min(most, -(-count // block)))
+    chunk = -(-(-(-count // splits)) // block) * block
+    return block, chunk, -(-count // chunk)
+
+
+def _bstrides(t: torch.Tensor, groups: int, channels: int, what: str) -> tuple[int, int]:
+    """Strides (over groups, over channels) reading ``t`` broadcast to (G, C); 0 along broadcast dims."""
+    wrong = ValueError(f"{what}: expected a tensor broadcastable to ({groups}, {channels}), got {tuple(t.shape)}")
+    if t.dim() > 2:
+        raise wrong
+    shape = (1,) * (2 - t.dim()) + tuple(t.shape)
+    stride = (0,) * (2 - t.dim()) + tuple(t.stride())
+    if shape[0] not in (1, groups) or shape[1] not in (1, channels):
+        raise wrong
+    return (0 if shape[0] == 1 else stride[0]), (0 if shape[1] == 1 else stride[1])
+
+
+def _per_channel(t, channels: int, what: str):
+    if t is not None and (t.dim() != 1 or t.numel() != channels):
+        raise ValueError(f"{what}: the Triton kernels take None or shape ({channels},), got {tuple(t.shape)}")
+    return None if t is None else t.contiguous()
+
+
+def _stat_constexprs(x: torch.Tensor):
+    tk = _module()
+    stat = torch.promote_types(x.dtype, torch.float32)
+    return stat, tk.tl.float64 if stat == torch.float64 else tk.tl.float32
+
+
+def _moments(x, groups: int):
+    """Partial moments (launch 1); returns (x, S1, S2, strides, count, plan, partials)."""
+    tk = _check_device(x)
+    x, s1, s2, st = _layout(x)
+    count = (x.shape[0] // groups) * s1 * s2
+    gc = groups * x.shape[1]
+    block, chunk, splits = _plan(count, gc, x.device)
+    stat, STAT = _stat_constexprs(x)
+    ps = torch.empty(2 * gc * splits, dtype=stat, device=x.device)
+    g = x.shape[0] // groups
+    _kernels.launch(tk.stats_partial, (gc, splits), x, ps, x.shape[1], g, s1, s2, *st, count, chunk, splits,
+                    STAT=STAT, BLOCK=block)  # fmt: skip
+    return x, s1, s2, st, count, (block, chunk, splits), ps
+
+
+def _affine(x, s1, s2, st, groups, count, plan, w, scale_row):
+    """y = x * scale + shift (launch 3), in a fresh tensor of x's layout."""
+    tk = _module()
+    _, STAT = _stat_constexprs(x)
+    y = torch.empty_like(x)
+    _, ys1, ys2, yst = _layout(y)
+    block, chunk, splits = plan
+    gc = groups * x.shape[1]
+    _kernels.launch(tk.affine, (gc, splits), x, y, w, x.shape[1], x.shape[0] // groups, s1, s2, *st, *yst,
+                    count, chunk, SCALE_ROW=scale_row, STAT=STAT, BLOCK=block)  # fmt: skip
+    return y
+
+
+def _backward(ctx, dy, x, weight, w, dmean, dvar, prior):
+    """The 3 backward launches; returns (dx or None, the (8 * G * C,) coefficient buffer)."""
+    tk = _module()
+    groups, C = ctx.groups, x.shape[1]
+    gc = groups * C
+    stat, STAT = _stat_constexprs(x)
+    x, s1, s2, st = _layout(x)
+    count = (x.shape[0] // groups) * s1 * s2
+    block, chunk, splits = ctx.plan
+    g = x.shape[0] // groups
+    dst = None
+    if dy is not None:
+        dy, _, _, dst = _layout(dy)
+        ps = torch.empty(2 * gc * splits, dtype=stat, device=x.device)
+        _kernels.launch(tk.grad_partial, (gc, splits), x, dy, w, ps, C, g, s1, s2, *st, *dst, count, chunk, splits,
+                        MEAN_ROW=ctx.mean_row, STAT=STAT, BLOCK=block)  # fmt: skip
+    else:
+        ps = w
+    out = torch.empty(ROWS * gc, dtype=stat, device=x.device)
+    mp, vp, p, p_value, reduce_prior, guard = prior if prior is not None else (None, None, None, 0.0, False, False)
+    dm_st = _bstrides(dmean, groups, C, "posterior mean gradient") if dmean is not None else (0, 0)
+    dv_st = _bstrides(dvar, groups, C, "posterior variance gradient") if dvar is not None else (0, 0)
+    mp_st = _bstrides(mp, groups, C, "prior mean") if mp is not None else (0, 0)
+    vp_st = _bstrides(vp, groups, C, "prior variance") if vp is not None else (0, 0)
+    p_st = _bstrides(p, groups, C, "gain") if p is not None else (0, 0)
+    block_c = min(_pow2(C), 64 if x.device.type == "cpu" else 256)
+    dummy = w
+    _kernels.launch(
+        tk.grad_coefficients, (-(-C // block_c),),
+        ps, w, dummy if weight is None else weight, dummy if dmean is None else dmean,
+        dummy if dvar is None else dvar, dummy if mp is None else mp, dummy if vp is None else vp,
+        dummy if p is None else p, out, groups, C, count, splits, *dm_st, *dv_st, *mp_st, *vp_st, *p_st,
+        *_split(p_value), HAS_DY=dy is not None, HAS_WEIGHT=weight is not None, HAS_DM=dmean is not None,
+        HAS_DV=dvar is not None, HAS_PRIOR=prior is not None, GAIN_TENSOR=p is not None, HAS_GUARD=guard,
+        RENORM=ctx.renorm, REDUCE_PRIOR=reduce_prior, STAT=STAT, BLOCK_C=block_c,
+    )  # fmt: skip
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.empty_like(x)
+        _, _, _, ost = _layout(dx)
+        _kernels.launch(tk.input_grad, (gc, splits), x, x if dy is None else dy, dx, out, C, g, s1, s2, *st,
+                        *(dst or st), *ost, count, chunk, HAS_DY=dy is not None, STAT=STAT, BLOCK=block)  # fmt: skip
+    return dx, out
+
+
+def _rows(buffer: torch.Tensor, rows, groups: int, channels: int, first_group: bool = False):
+    """(G, C) views (or (C,) views of group 0) of rows of a (ROWS * G * C,) buffer: one op each."""
+    gc = groups * channels
+    if first_group:
+        return tuple(buffer.as_strided((channels,), (1,), r * gc) for r in rows)
+    return tuple(buffer.as_strided((groups, channels), (channels, 1), r * gc) for r in rows)
+
+
+class TritonNormalize(torch.autograd.Function):
+    """``_NormalizeWithStats`` (bkn/layers/_function.py) on the Triton kernels; same inputs and outputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, guard, running):
+        ctx.set_materialize_grads(False)
+        C = x.shape[1]
+        gc = groups * C
+        weight, bias = _per_channel(weight, C, "weight"), _per_channel(bias, C, "bias")
+        stat, STAT = _stat_constexprs(x)
+        given = obs_mean is not None
+        if given:
+            tk = _check_device(x)
+            xl, s1, s2, st = _layout(x)
+            count = (x.shape[0] // groups) * s1 * s2
+            plan = _plan(count, gc, x.device)
+            pm, pm2 = _as_dtype(obs_mean, stat).contiguous(), _as_dtype(obs_var, stat).contiguous()
+            chunk, splits = count, 1
+        else:
+            xl, s1, s2, st, count, plan, pm = _moments(x, groups)
+            tk, pm2 = _module(), pm
+            chunk, splits = plan[1], plan[2]
+        if gain is None:
+            gain = 0.0
+        has_prior = prior_mean is not None and not (isinstance(gain, float) and gain == 0.0)
+        gain_tensor = isinstance(gain, torch.Tensor)
+        has_guard = has_prior and math.isfinite(guard)
+        w = torch.empty(ROWS * gc, dtype=stat, device=x.device)
+        rm, rv, steps, momentum = running if running is not None else (None, None, None, 0.0)
+        if running is not None and momentum is None and steps is None:
+            raise ValueError("normalize_with_stats: momentum=None needs the step counter (running[2])")
+        mp_st = _bstrides(prior_mean, groups, C, "prior mean") if has_prior else (0, 0)
+        vp_st = _bstrides(prior_var, groups, C, "prior variance") if has_prior else (0, 0)
+        p_st = _bstrides(gain, groups, C, "gain") if has_prior and gain_tensor else (0, 0)
+        unbiased = count / (count - 1) if count > 1 else 1.0
+        block_c = min(_pow2(C), 64 if x.device.type == "cpu" else 1024)
+        d = w  # a stand-in for absent pointers (never read)
+        _kernels.launch(
+            tk.kalman_finalize, (1,),
+            pm, pm2, w, prior_mean if has_prior else d, prior_var if has_prior else d,
+            gain if has_prior and gain_tensor else d, d if weight is None else weight, d if bias is None else bias,
+            d if rm is None else rm, d if rv is None else rv, d if steps is None else steps,
+            groups, C, count, chunk, splits, *mp_st, *vp_st, *p_st,
+            *_split(0.0 if gain_tensor else gain), *_split(eps), *_split(guard * gc if has_guard else 0.0),
+            *_split(0.0 if momentum is None else momentum), *_split(unbiased),
+            OBS_GIVEN=given, HAS_PRIOR=has_prior, GAIN_TENSOR=gain_tensor, HAS_GUARD=has_guard,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=running is not None,
+            HAS_STEPS=steps is not None, MOMENTUM_NONE=momentum is None, STAT=STAT, BLOCK_C=block_c,
+        )  # fmt: skip
+        y = _affine(xl, s1, s2, st, groups, count, plan, w, 4)
+        ctx.save_for_backward(x, weight, prior_mean if has_prior else None, prior_var if has_prior else None,
+                              gain if has_prior and gain_tensor else None, w)  # fmt: skip
+        ctx.groups, ctx.plan, ctx.mean_row, ctx.renorm = groups, plan, 2, False
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.prior = (has_prior, 0.0 if gain_tensor else gain, has_guard)
+        ctx.shapes = tuple(
+            t.shape if isinstance(t, torch.Tensor) else None for t in (weight, bias, prior_mean, prior_var, gain)
+        )
+        obs_m, obs_v, mean, var = _rows(w, range(4), groups, C)
+        ctx.mark_non_differentiable(obs_m, obs_v)
+        return y, mean, var, obs_m, obs_v
+
+    @staticmethod
+    def backward(ctx, dy, dmean, dvar, _dobs_mean, _dobs_var):
+        x, weight, prior_mean, prior_var, gain, w = ctx.saved_tensors
+        has_prior, p_value, guard = ctx.prior
+        C = x.shape[1]
+        weight_shape, bias_shape, mean_shape, var_shape, gain_shape = ctx.shapes
+        prior = None
+        if has_prior:
+            reduce_prior = prior_mean.shape == (C,) and prior_var.shape == (C,)
+            prior = (prior_mean, prior_var, gain, p_value, reduce_prior, guard)
+        dx, out = _backward(ctx, dy, x, weight, w, dmean, dvar, prior)
+        grads = [None] * 12
+        grads[0] = dx
+        need = ctx.needs_input_grad
+        if need[1]:
+            grads[1] = _as_dtype(_rows(out, (3,), ctx.groups, C, True)[0], weight.dtype)
+        if need[2]:
+            grads[2] = _as_dtype(_rows(out, (4,), ctx.groups, C, True)[0], ctx.bias_dtype)
+        if has_prior:
+            dmp, dvp = _rows(out, (5, 6), ctx.groups, C, reduce_prior)
+            if need[3]:
+                grads[3] = _as_dtype(_sum_to(dmp, mean_shape), prior_mean.dtype)
+            if need[4]:
+                grads[4] = _as_dtype(_sum_to(dvp, var_shape), prior_var.dtype)
+            if need[5] and gain is not None:
+                grads[5] = _as_dtype(_sum_to(_rows(out, (7,), ctx.groups, C)[0], gain_shape), gain.dtype)
+        return tuple(grads)
+
+
+def normalize_with_stats(x, weight, bias, prior, gain, observed, groups, eps, guard, running):
+    """``bkn.layers._function.normalize_with_stats`` on the Triton kernels (same arguments and results)."""
+    prior_mean, prior_var = prior if prior is not None else (None, None)
+    obs_mean, obs_var = observed if observed is not None else (None, None)
+    return TritonNormalize.apply(
+        x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, float(guard), running
+    )
+
+
+class TritonRenorm(torch.autograd.Function):
+    """BRN's training step (``renorm_train``) on the Triton kernels: r and d constant, gamma and beta learned.
+
+    Returns ``y`` and the forward workspace (non-differentiable; rows m_o, v_o, sigma_B, r, d, ...).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mu, sigma, running_var, steps, momentum, rmax, dmax, eps, groups):
+        C = x.shape[1]
+        weight, bias = _per_channel(weight, C, "weight"), _per_channel(bias, C, "bias")
+        stat, STAT = _stat_constexprs(x)
+        xl, s1, s2, st, count, plan, ps = _moments(x, groups)
+        tk = _module()
+        w = torch.empty(ROWS * groups * C, dtype=stat, device=x.device)
+        rmax_t, dmax_t = isinstance(rmax, torch.Tensor), isinstance(dmax, torch.Tensor)
+        block_c = min(_pow2(C), 64 if x.device.type == "cpu" else 1024)
+        _kernels.launch(
+            tk.renorm_finalize, (1,),
+            ps, ps, w, w if weight is None else weight, w if bias is None else bias, mu, sigma, running_var, steps,
+            rmax if rmax_t else w, dmax if dmax_t else w, groups, C, count, plan[1], plan[2],
+            *_split(eps), *_split(0.0 if momentum is None else momentum),
+            *_split(0.0 if rmax_t else rmax), *_split(0.0 if dmax_t else dmax),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MOMENTUM_NONE=momentum is None,
+            RMAX_TENSOR=rmax_t, DMAX_TENSOR=dmax_t, STAT=STAT, BLOCK_C=block_c,
+        )  # fmt: skip
+        y = _affine(xl, s1, s2, st, groups, count, plan, w, 5)
+        ctx.save_for_backward(x, weight, w)
+        ctx.groups, ctx.plan, ctx.mean_row, ctx.renorm = groups, plan, 0, True
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(w)
+        return y, w
+
+    @staticmethod
+    def backward(ctx, dy, _dw):
+        x, weight, w = ctx.saved_tensors
+        C = x.shape[1]
+        dx, out = _backward(ctx, dy, x, weight, w, None, None, None)
+        grads = [dx] + [None] * 11
+        if ctx.needs_input_grad[1]:
+            grads[1] = _as_dtype(_rows(out, (3,), ctx.groups, C, True)[0], ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            grads[2] = _as_dtype(_rows(out, (4,), ctx.groups, C, True)[0], ctx.dtypes[1])
+        return tuple(grads)
+
+
+def renorm_train(x, weight, bias, running_mean, running_std, running_var, steps, momentum, rmax, dmax, eps, groups):
+    """``bkn.layers._renorm_function.renorm_train`` on the Triton kernels: ``(y, m_o, sigma_B, r, d)``, detached.
+
+    The statistics have shape (C,) for one group and (G, C) for several, as the reference's.
+    """
+    y, w = TritonRenorm.apply(
+        x, weight, bias, running_mean, running_std, running_var, steps, momentum, rmax, dmax, eps, groups
+    )
+    return (y, *_rows(w, (0, 2, 3, 4), groups, x.shape[1], first_group=groups == 1))
