@@ -13,16 +13,19 @@ so contiguous, channels_last and sliced inputs are read in place). A block is cu
   observation), the posterior, the running buffers (and the step counter), ``scale`` and
   ``shift``; :func:`renorm_finalize` the same for BRN (``r``, ``d`` and its running estimates);
 * :func:`affine`: ``y = x * scale + shift``;
-* backward: :func:`grad_partial` (``sum dy`` and ``sum dy (x - m)`` per chunk), then
-  :func:`grad_coefficients` (merges the chunks, the closed-form coefficients of
+* backward (``triton_norm_backward.py``): ``grad_partial`` (``sum dy`` and ``sum dy (x - m)``
+  per chunk), then ``grad_coefficients`` (merges the chunks, the closed-form coefficients of
   ``bkn/layers/_function.py`` with the gradients arriving at the posterior, the prior's and
-  gain's gradients, weight and bias gradients summed over groups), then :func:`input_grad`
+  gain's gradients, weight and bias gradients summed over groups), then ``input_grad``
   (``dx = ws dy + x_coef x + const``). Partial sums go to buffers reduced in order: no atomics,
   the results are deterministic.
 
 Python floats reach a Triton kernel as float32; the float64 path needs them exact, so each
 float parameter is passed as two float32 (``hi``, ``lo = v - hi``) and joined by :func:`_f64`.
-Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) is fixed
+The kernels call Triton's builtins only (``tl.reduce`` with a combine function of this module,
+not ``tl.sum`` or ``tl.zeros``, which triton defines as jit functions when it is imported): then
+they run in the interpreter even where triton was imported before ``TRITON_INTERPRET=1`` was set,
+as in a test process. Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) is fixed
 when this module is first imported (``INTERPRETED``). The launches (grid, block sizes) and the
 workspace layouts are in ``bkn/layers/_triton_function.py``.
 """
@@ -35,6 +38,17 @@ import triton.language as tl
 from . import interpreting
 
 INTERPRETED = interpreting()
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _total(a):
+    """Sum over axis 0 (``tl.sum`` is a jit function of triton's own: see the module docstring)."""
+    return tl.reduce(a, 0, _add)
 
 
 @triton.jit
@@ -71,9 +85,9 @@ def stats_partial(X, PS, C, g, S1, S2, sN, sC, s1, s2, count, chunk, splits, STA
         mask = k < end
         x = tl.load(X + _offsets(k, group, c, g, S1, S2, sN, sC, s1, s2), mask=mask, other=0.0).to(STAT)
         nb = tl.minimum(end - b, BLOCK).to(STAT)
-        bmean = tl.sum(x, 0) / nb
+        bmean = _total(x) / nb
         dev = tl.where(mask, x - bmean, 0.0)
-        bm2 = tl.sum(dev * dev, 0)
+        bm2 = _total(dev * dev)
         total = n_acc + nb
         delta = bmean - mean
         mean += delta * (nb / total)
@@ -146,7 +160,7 @@ def kalman_finalize(
             for gi in range(0, G):
                 _, vo = _merged(PM, PM2, gi * C + cs, cm, count, chunk, splits, OBS_GIVEN, STAT)
                 vp = tl.load(VP + gi * svg + cs * svc, mask=cm, other=0.0).to(STAT)
-                ratio += tl.sum(tl.where(cm, vp / tl.where(cm, vo, 1.0), 0.0), 0)
+                ratio += _total(tl.where(cm, vp / tl.where(cm, vo, 1.0), 0.0))
         use = ~(ratio.to(tl.float64) >= _f64(thr_hi, thr_lo))  # nan: kept, as the torch guard
     if HAS_RUNNING:
         factor = _running_factor(STEPS, mom_hi, mom_lo, HAS_STEPS, MOMENTUM_NONE)
@@ -154,8 +168,8 @@ def kalman_finalize(
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < C
-        sum_m = tl.zeros([BLOCK_C], STAT)
-        sum_v = tl.zeros([BLOCK_C], STAT)
+        sum_m = tl.full([BLOCK_C], 0.0, STAT)
+        sum_v = tl.full([BLOCK_C], 0.0, STAT)
         for gi in range(0, G):
             gc = gi * C + cs
             mo, vo = _merged(PM, PM2, gc, cm, count, chunk, splits, OBS_GIVEN, STAT)
@@ -217,10 +231,13 @@ def renorm_finalize(
     PM2 = PM + GC * splits
     eps = _f64(eps_hi, eps_lo)
     factor = _running_factor(STEPS, mom_hi, mom_lo, True, MOMENTUM_NONE)
-    if RMAX_TENSOR:
-        rmax = tl.load(RMAX).to(STAT)
+    if RMAX_TENSOR:  # 1 / rmax in the limit's dtype, as the torch reference computes it
+        rmax_t = tl.load(RMAX)
+        rmin = (1.0 / rmax_t).to(STAT)
+        rmax = rmax_t.to(STAT)
     else:
         rmax = _f64(rmax_hi, rmax_lo).to(STAT)
+        rmin = 1.0 / rmax
     if DMAX_TENSOR:
         dmax = tl.load(DMAX).to(STAT)
     else:
@@ -232,13 +249,13 @@ def renorm_finalize(
         sigma = tl.load(SIGMA + cs, mask=cm, other=1.0)
         mu_s = mu.to(STAT)
         sigma_s = sigma.to(STAT)
-        sum_m = tl.zeros([BLOCK_C], STAT)
-        sum_s = tl.zeros([BLOCK_C], STAT)
+        sum_m = tl.full([BLOCK_C], 0.0, STAT)
+        sum_s = tl.full([BLOCK_C], 0.0, STAT)
         for gi in range(0, G):
             gc = gi * C + cs
             mo, vo = _merged(PM, PM2, gc, cm, count, chunk, splits, False, STAT)
             std_b = tl.sqrt(vo + eps.to(STAT))
-            r = tl.minimum(tl.maximum(std_b / sigma_s, 1.0 / rmax), rmax)
+            r = tl.minimum(tl.maximum(std_b / sigma_s, rmin), rmax)
             d = tl.minimum(tl.maximum((mo - mu_s) / sigma_s, -dmax), dmax)
             inv_std = 1.0 / std_b
             scale = r * inv_std
@@ -289,157 +306,3 @@ def affine(
         x = tl.load(X + _offsets(k, group, c, g, S1, S2, sN, sC, s1, s2), mask=mask, other=0.0)
         y = x.to(STAT) * scale + shift
         tl.store(Y + _offsets(k, group, c, g, S1, S2, yN, yC, y1, y2), y.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def grad_partial(
-    X, DY, FW, PS, C, g, S1, S2, sN, sC, s1, s2, dN, dC, d1, d2, count, chunk, splits,
-    MEAN_ROW: tl.constexpr, STAT: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """PS (2, G*C, splits): per chunk sum(dy) and sum(dy * (x - m)) (centred by the mean m, FW row MEAN_ROW)."""
-    gc = tl.program_id(0)
-    sp = tl.program_id(1)
-    group = gc // C
-    c = gc - group * C
-    m = tl.load(FW + MEAN_ROW * tl.num_programs(0) + gc)
-    start = sp * chunk
-    end = tl.minimum(start + chunk, count)
-    acc1 = tl.zeros([BLOCK], STAT)
-    acc2 = tl.zeros([BLOCK], STAT)
-    for b in range(start, end, BLOCK):
-        k = b + tl.arange(0, BLOCK)
-        mask = k < end
-        x = tl.load(X + _offsets(k, group, c, g, S1, S2, sN, sC, s1, s2), mask=mask, other=0.0).to(STAT)
-        dy = tl.load(DY + _offsets(k, group, c, g, S1, S2, dN, dC, d1, d2), mask=mask, other=0.0).to(STAT)
-        acc1 += dy
-        acc2 += dy * tl.where(mask, x - m, 0.0)
-    GCS = tl.num_programs(0) * splits
-    tl.store(PS + gc * splits + sp, tl.sum(acc1, 0))
-    tl.store(PS + GCS + gc * splits + sp, tl.sum(acc2, 0))
-
-
-@triton.jit
-def grad_coefficients(
-    PS, FW, WEIGHT, DM, DV, MP, VP, P, OUT,  # pointers
-    G, C, count, splits,
-    dmg, dmc, dvg, dvc, smg, smc, svg, svc, spg, spc,
-    p_hi, p_lo,
-    HAS_DY: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DM: tl.constexpr, HAS_DV: tl.constexpr,
-    HAS_PRIOR: tl.constexpr, GAIN_TENSOR: tl.constexpr, HAS_GUARD: tl.constexpr, RENORM: tl.constexpr,
-    REDUCE_PRIOR: tl.constexpr, STAT: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """The backward's per-(group, channel) algebra (``_backward_coefficients`` in bkn/layers/_function.py).
-
-    FW: the forward's workspace (BKN rows: m_o 0, v_o 1, m 2, inv_std 6, use 7[0]; BRN: m_o 0,
-    r 3, d 4, inv_std 7, the mean m = m_o). OUT (8, G, C): ws, x_coef, const, dweight, dbias
-    (summed over groups into row [0, :]), d prior mean, d prior var (summed into row [0, :] if
-    REDUCE_PRIOR), d gain.
-    """
-    GC = G * C
-    inv_n = 1.0 / (count * tl.full([], 1.0, STAT))  # (an int argument is int32: 1.0 / count would be float32)
-    cb = tl.program_id(0)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = cs < C
-    if HAS_PRIOR and HAS_GUARD:
-        use = tl.load(FW + 7 * GC) != 0
-    dw_sum = tl.zeros([BLOCK_C], STAT)
-    db_sum = tl.zeros([BLOCK_C], STAT)
-    dmp_sum = tl.zeros([BLOCK_C], STAT)
-    dvp_sum = tl.zeros([BLOCK_C], STAT)
-    for gi in range(0, G):
-        gc = gi * C + cs
-        s1 = tl.zeros([BLOCK_C], STAT)
-        s2 = tl.zeros([BLOCK_C], STAT)
-        if HAS_DY:
-            for s in range(0, splits):
-                s1 += tl.load(PS + gc * splits + s, mask=cm, other=0.0)
-                s2 += tl.load(PS + GC * splits + gc * splits + s, mask=cm, other=0.0)
-        mo = tl.load(FW + gc, mask=cm, other=0.0)
-        if RENORM:
-            inv_std = tl.load(FW + 7 * GC + gc, mask=cm, other=0.0)
-        else:
-            inv_std = tl.load(FW + 6 * GC + gc, mask=cm, other=0.0)
-        s2 = s2 * inv_std  # sum(dy * xhat)
-        ws = inv_std
-        if HAS_WEIGHT:
-            ws = ws * tl.load(WEIGHT + cs, mask=cm, other=1.0).to(STAT)
-        if RENORM:
-            r = tl.load(FW + 3 * GC + gc, mask=cm, other=0.0)
-            ws = ws * r
-            dw_sum += r * s2 + tl.load(FW + 4 * GC + gc, mask=cm, other=0.0) * s1
-        else:
-            dw_sum += s2
-        db_sum += s1
-        dmean = -ws * s1
-        dvar = ws * inv_std * s2 * -0.5
-        if HAS_DM:
-            dmean += tl.load(DM + gi * dmg + cs * dmc, mask=cm, other=0.0).to(STAT)
-        if HAS_DV:
-            dvar += tl.load(DV + gi * dvg + cs * dvc, mask=cm, other=0.0).to(STAT)
-        dobs_mean = dmean
-        dobs_var = dvar
-        if HAS_PRIOR:
-            if GAIN_TENSOR:
-                p = tl.load(P + gi * spg + cs * spc, mask=cm, other=0.0).to(STAT)
-            else:
-                p = _f64(p_hi, p_lo).to(STAT)
-            mp = tl.load(MP + gi * smg + cs * smc, mask=cm, other=0.0).to(STAT)
-            vp = tl.load(VP + gi * svg + cs * svc, mask=cm, other=0.0).to(STAT)
-            vo = tl.load(FW + GC + gc, mask=cm, other=0.0)
-            d = mo - mp
-            cross = d * dvar * (2 * (p - p * p))
-            dobs_mean = dmean * (1 - p) + cross
-            dobs_var = dvar * (1 - p)
-            dgain = (vp - vo + d * d * (1 - 2 * p)) * dvar - d * dmean
-            dmp = dmean * p - cross
-            dvp = dvar * p
-            if HAS_GUARD:  # selected, not multiplied by p = 0: exact, and no 0 * inf
-                dobs_mean = tl.where(use, dobs_mean, dmean)
-                dobs_var = tl.where(use, dobs_var, dvar)
-                dgain = tl.where(use, dgain, 0.0)
-                dmp = tl.where(use, dmp, 0.0)
-                dvp = tl.where(use, dvp, 0.0)
-            tl.store(OUT + 7 * GC + gc, dgain, mask=cm)
-            if REDUCE_PRIOR:
-                dmp_sum += dmp
-                dvp_sum += dvp
-            else:
-                tl.store(OUT + 5 * GC + gc, dmp, mask=cm)
-                tl.store(OUT + 6 * GC + gc, dvp, mask=cm)
-        x_coef = dobs_var * (2.0 * inv_n)
-        const = dobs_mean * inv_n - x_coef * mo
-        tl.store(OUT + gc, ws, mask=cm)
-        tl.store(OUT + GC + gc, x_coef, mask=cm)
-        tl.store(OUT + 2 * GC + gc, const, mask=cm)
-    tl.store(OUT + 3 * GC + cs, dw_sum, mask=cm)
-    tl.store(OUT + 4 * GC + cs, db_sum, mask=cm)
-    if HAS_PRIOR and REDUCE_PRIOR:
-        tl.store(OUT + 5 * GC + cs, dmp_sum, mask=cm)
-        tl.store(OUT + 6 * GC + cs, dvp_sum, mask=cm)
-
-
-@triton.jit
-def input_grad(
-    X, DY, DX, COEF, C, g, S1, S2, sN, sC, s1, s2, dN, dC, d1, d2, oN, oC, o1, o2, count, chunk,
-    HAS_DY: tl.constexpr, STAT: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """dx = ws * dy + x_coef * x + const (COEF rows 0..2 of grad_coefficients' OUT)."""
-    gc = tl.program_id(0)
-    sp = tl.program_id(1)
-    GC = tl.num_programs(0)
-    group = gc // C
-    c = gc - group * C
-    ws = tl.load(COEF + gc)
-    x_coef = tl.load(COEF + GC + gc)
-    const = tl.load(COEF + 2 * GC + gc)
-    start = sp * chunk
-    end = tl.minimum(start + chunk, count)
-    for b in range(start, end, BLOCK):
-        k = b + tl.arange(0, BLOCK)
-        mask = k < end
-        x = tl.load(X + _offsets(k, group, c, g, S1, S2, sN, sC, s1, s2), mask=mask, other=0.0).to(STAT)
-        dx = x * x_coef + const
-        if HAS_DY:
-            dy = tl.load(DY + _offsets(k, group, c, g, S1, S2, dN, dC, d1, d2), mask=mask, other=0.0).to(STAT)
-            dx += ws * dy
-        tl.store(DX + _offsets(k, group, c, g, S1, S2, oN, oC, o1, o2), dx.to(DX.dtype.element_ty), mask=mask)

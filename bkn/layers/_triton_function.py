@@ -23,10 +23,16 @@ ROWS = 8  # rows of the forward workspace and of the backward's coefficient buff
 
 
 def _module():
-    """The kernel module; a clear error when CPU tensors meet kernels defined outside the interpreter."""
+    """The forward kernel module, imported on first use (``TRITON_INTERPRET`` is read then)."""
     from ..kernels import triton_norm
 
     return triton_norm
+
+
+def _backward_module():
+    from ..kernels import triton_norm_backward
+
+    return triton_norm_backward
 
 
 def _check_device(x: torch.Tensor):
@@ -48,20 +54,56 @@ def _split(value: float) -> tuple[float, float]:
     return hi, value - hi
 
 
-def _layout(t: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple[int, int, int, int]]:
-    """``(t, S1, S2, (sN, sC, s1, s2))``: the spatial dims of ``t`` as two strided dims (a copy if they cannot be)."""
-    dims = [(n, s) for n, s in zip(t.shape[2:], t.stride()[2:]) if n != 1]
-    merged: list[tuple[int, int]] = []
-    for n, s in dims:
-        if merged and merged[-1][1] == s * n:  # the outer dim steps over the inner one exactly
-            merged[-1] = (merged[-1][0] * n, s)
+def _groups(t: torch.Tensor) -> list[list[int]]:
+    """The spatial dims of ``t`` (size 1 dropped) in runs one stride walks (``stride[a] = stride[b] * size[b]``)."""
+    groups: list[list[int]] = []
+    for i in range(2, t.dim()):
+        n, s = t.shape[i], t.stride(i)
+        if n == 1:
+            continue
+        if groups and t.stride(groups[-1][-1]) == s * n:
+            groups[-1].append(i)
         else:
-            merged.append((n, s))
-    if len(merged) > 2:
-        return _layout(t.contiguous())
-    merged = [(1, 0)] * (2 - len(merged)) + merged
-    (n1, s1), (n2, s2) = merged
-    return t, n1, n2, (t.stride(0), t.stride(1), s1, s2)
+            groups.append([i])
+    return groups
+
+
+def _strides(t: torch.Tensor, groups: list[list[int]]) -> tuple[int, int, int, int] | None:
+    """``(sN, sC, s1, s2)`` of ``t`` viewed with the spatial runs ``groups``; None if its strides do not allow it."""
+    out = [t.stride(0), t.stride(1)]
+    for dims in groups:
+        if any(t.stride(a) != t.stride(b) * t.shape[b] for a, b in zip(dims, dims[1:])):
+            return None
+        out.append(t.stride(dims[-1]))
+    return tuple(out[:2] + [0] * (2 - len(groups)) + out[2:])
+
+
+def _layout(t: torch.Tensor):
+    """``(t, S1, S2, (sN, sC, s1, s2), groups)``: the spatial dims of ``t`` as two strided dims (a copy if they
+    cannot be); every other tensor of the op is read or written with the same ``groups`` (:func:`_like`)."""
+    groups = _groups(t)
+    if len(groups) > 2:
+        t = t.contiguous()
+        groups = _groups(t)
+    sizes = [math.prod(t.shape[i] for i in dims) for dims in groups]
+    return (t, *([1] * (2 - len(sizes)) + sizes), _strides(t, groups), groups)
+
+
+def _like(t: torch.Tensor, groups) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """``t`` (or a contiguous copy, where its strides do not fit ``groups``) and its strides in that view."""
+    st = _strides(t, groups)
+    if st is None:
+        t = t.contiguous()
+        st = _strides(t, groups)
+    return t, st
+
+
+def _fresh(x: torch.Tensor, groups) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """An uninitialised tensor like ``x`` (its layout where that fits ``groups``, else contiguous) and its strides."""
+    t = torch.empty_like(x)
+    if _strides(t, groups) is None:
+        t = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return t, _strides(t, groups)
 
 
 def _pow2(n: int) -> int:
@@ -110,7 +152,7 @@ def _stat_constexprs(x: torch.Tensor):
 def _moments(x, groups: int):
     """Partial moments (launch 1); returns (x, S1, S2, strides, count, plan, partials)."""
     tk = _check_device(x)
-    x, s1, s2, st = _layout(x)
+    x, s1, s2, st, layout = _layout(x)
     count = (x.shape[0] // groups) * s1 * s2
     gc = groups * x.shape[1]
     block, chunk, splits = _plan(count, gc, x.device)
@@ -119,15 +161,14 @@ def _moments(x, groups: int):
     g = x.shape[0] // groups
     _kernels.launch(tk.stats_partial, (gc, splits), x, ps, x.shape[1], g, s1, s2, *st, count, chunk, splits,
                     STAT=STAT, BLOCK=block)  # fmt: skip
-    return x, s1, s2, st, count, (block, chunk, splits), ps
+    return x, s1, s2, st, layout, count, (block, chunk, splits), ps
 
 
-def _affine(x, s1, s2, st, groups, count, plan, w, scale_row):
+def _affine(x, s1, s2, st, layout, groups, count, plan, w, scale_row):
     """y = x * scale + shift (launch 3), in a fresh tensor of x's layout."""
     tk = _module()
     _, STAT = _stat_constexprs(x)
-    y = torch.empty_like(x)
-    _, ys1, ys2, yst = _layout(y)
+    y, yst = _fresh(x, layout)
     block, chunk, splits = plan
     gc = groups * x.shape[1]
     _kernels.launch(tk.affine, (gc, splits), x, y, w, x.shape[1], x.shape[0] // groups, s1, s2, *st, *yst,
@@ -137,17 +178,17 @@ def _affine(x, s1, s2, st, groups, count, plan, w, scale_row):
 
 def _backward(ctx, dy, x, weight, w, dmean, dvar, prior):
     """The 3 backward launches; returns (dx or None, the (8 * G * C,) coefficient buffer)."""
-    tk = _module()
+    tk = _backward_module()
     groups, C = ctx.groups, x.shape[1]
     gc = groups * C
     stat, STAT = _stat_constexprs(x)
-    x, s1, s2, st = _layout(x)
+    x, s1, s2, st, layout = _layout(x)
     count = (x.shape[0] // groups) * s1 * s2
     block, chunk, splits = ctx.plan
     g = x.shape[0] // groups
     dst = None
     if dy is not None:
-        dy, _, _, dst = _layout(dy)
+        dy, dst = _like(dy, layout)
         ps = torch.empty(2 * gc * splits, dtype=stat, device=x.device)
         _kernels.launch(tk.grad_partial, (gc, splits), x, dy, w, ps, C, g, s1, s2, *st, *dst, count, chunk, splits,
                         MEAN_ROW=ctx.mean_row, STAT=STAT, BLOCK=block)  # fmt: skip
@@ -173,8 +214,7 @@ def _backward(ctx, dy, x, weight, w, dmean, dvar, prior):
     )  # fmt: skip
     dx = None
     if ctx.needs_input_grad[0]:
-        dx = torch.empty_like(x)
-        _, _, _, ost = _layout(dx)
+        dx, ost = _fresh(x, layout)
         _kernels.launch(tk.input_grad, (gc, splits), x, x if dy is None else dy, dx, out, C, g, s1, s2, *st,
                         *(dst or st), *ost, count, chunk, HAS_DY=dy is not None, STAT=STAT, BLOCK=block)  # fmt: skip
     return dx, out
@@ -201,13 +241,13 @@ class TritonNormalize(torch.autograd.Function):
         given = obs_mean is not None
         if given:
             tk = _check_device(x)
-            xl, s1, s2, st = _layout(x)
+            xl, s1, s2, st, layout = _layout(x)
             count = (x.shape[0] // groups) * s1 * s2
             plan = _plan(count, gc, x.device)
             pm, pm2 = _as_dtype(obs_mean, stat).contiguous(), _as_dtype(obs_var, stat).contiguous()
             chunk, splits = count, 1
         else:
-            xl, s1, s2, st, count, plan, pm = _moments(x, groups)
+            xl, s1, s2, st, layout, count, plan, pm = _moments(x, groups)
             tk, pm2 = _module(), pm
             chunk, splits = plan[1], plan[2]
         if gain is None:
@@ -237,7 +277,7 @@ class TritonNormalize(torch.autograd.Function):
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=running is not None,
             HAS_STEPS=steps is not None, MOMENTUM_NONE=momentum is None, STAT=STAT, BLOCK_C=block_c,
         )  # fmt: skip
-        y = _affine(xl, s1, s2, st, groups, count, plan, w, 4)
+        y = _affine(xl, s1, s2, st, layout, groups, count, plan, w, 4)
         ctx.save_for_backward(x, weight, prior_mean if has_prior else None, prior_var if has_prior else None,
                               gain if has_prior and gain_tensor else None, w)  # fmt: skip
         ctx.groups, ctx.plan, ctx.mean_row, ctx.renorm = groups, plan, 2, False
@@ -299,7 +339,7 @@ class TritonRenorm(torch.autograd.Function):
         C = x.shape[1]
         weight, bias = _per_channel(weight, C, "weight"), _per_channel(bias, C, "bias")
         stat, STAT = _stat_constexprs(x)
-        xl, s1, s2, st, count, plan, ps = _moments(x, groups)
+        xl, s1, s2, st, layout, count, plan, ps = _moments(x, groups)
         tk = _module()
         w = torch.empty(ROWS * groups * C, dtype=stat, device=x.device)
         rmax_t, dmax_t = isinstance(rmax, torch.Tensor), isinstance(dmax, torch.Tensor)
@@ -313,7 +353,7 @@ class TritonRenorm(torch.autograd.Function):
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MOMENTUM_NONE=momentum is None,
             RMAX_TENSOR=rmax_t, DMAX_TENSOR=dmax_t, STAT=STAT, BLOCK_C=block_c,
         )  # fmt: skip
-        y = _affine(xl, s1, s2, st, groups, count, plan, w, 5)
+        y = _affine(xl, s1, s2, st, layout, groups, count, plan, w, 5)
         ctx.save_for_backward(x, weight, w)
         ctx.groups, ctx.plan, ctx.mean_row, ctx.renorm = groups, plan, 0, True
         ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
