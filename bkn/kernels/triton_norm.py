@@ -70,7 +70,10 @@ def _offsets(k, group, c, g, S1, S2, sN, sC, s1, s2):
 
 
 @triton.jit
-def stats_partial(X, PS, C, g, S1, S2, sN, sC, s1, s2, count, chunk, splits, STAT: tl.constexpr, BLOCK: tl.constexpr):
+def stats_partial(
+    X, PS, PS_OFF, C, g, S1, S2, sN, sC, s1, s2, count, chunk, splits, STAT: tl.constexpr, BLOCK: tl.constexpr
+):
+    PS = PS + PS_OFF  # the partials live in the finalize's workspace, after its rows (one allocation)
     gc = tl.program_id(0)
     sp = tl.program_id(1)
     group = gc // C
@@ -136,7 +139,7 @@ def _running_factor(STEPS, mom_hi, mom_lo, HAS_STEPS: tl.constexpr, MOMENTUM_NON
 @triton.jit
 def kalman_finalize(
     PM, PM2, W, MP, VP, P, WEIGHT, BIAS, RM, RV, STEPS,  # pointers
-    G, C, count, chunk, splits,
+    G, C, count, chunk, splits, PS_OFF,
     smg, smc, svg, svc, spg, spc,  # strides of prior mean, var, gain over (G, C) (0: broadcast)
     p_hi, p_lo, eps_hi, eps_lo, thr_hi, thr_lo, mom_hi, mom_lo, unb_hi, unb_lo,
     OBS_GIVEN: tl.constexpr, HAS_PRIOR: tl.constexpr, GAIN_TENSOR: tl.constexpr, HAS_GUARD: tl.constexpr,
@@ -145,10 +148,11 @@ def kalman_finalize(
 ):  # fmt: skip
     """W (8, G, C): obs mean, obs var, mean, var, scale, shift, inv_std, use (W[7, 0, 0], 1 or 0).
 
-    PM: stats_partial's PS (PM2 unused), or with OBS_GIVEN the given (G, C) mean and var PM, PM2.
+    PM: stats_partial's PS (at PS_OFF; PM2 unused), or with OBS_GIVEN the given (G, C) mean and var PM, PM2.
     """
     GC = G * C
     if not OBS_GIVEN:
+        PM = PM + PS_OFF
         PM2 = PM + GC * splits
     eps = _f64(eps_hi, eps_lo).to(STAT)
     use = True
@@ -221,13 +225,14 @@ def _ema(RM, RV, cs, cm, mean, var, factor, unbiased):
 @triton.jit
 def renorm_finalize(
     PM, PM2, W, WEIGHT, BIAS, MU, SIGMA, RVAR, STEPS, RMAX, DMAX,  # pointers
-    G, C, count, chunk, splits,
+    G, C, count, chunk, splits, PS_OFF,
     eps_hi, eps_lo, mom_hi, mom_lo, rmax_hi, rmax_lo, dmax_hi, dmax_lo,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MOMENTUM_NONE: tl.constexpr,
     RMAX_TENSOR: tl.constexpr, DMAX_TENSOR: tl.constexpr, STAT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """BRN. W (8, G, C): m_o, v_o, sigma_B, r, d, scale, shift, 1 / sigma_B. Updates mu, sigma, running_var, steps."""
     GC = G * C
+    PM = PM + PS_OFF
     PM2 = PM + GC * splits
     eps = _f64(eps_hi, eps_lo)
     factor = _running_factor(STEPS, mom_hi, mom_lo, True, MOMENTUM_NONE)

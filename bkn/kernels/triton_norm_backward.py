@@ -18,10 +18,11 @@ from .triton_norm import _f64, _offsets, _total
 
 @triton.jit
 def grad_partial(
-    X, DY, FW, PS, C, g, S1, S2, sN, sC, s1, s2, dN, dC, d1, d2, count, chunk, splits,
+    X, DY, FW, PS, PS_OFF, C, g, S1, S2, sN, sC, s1, s2, dN, dC, d1, d2, count, chunk, splits,
     MEAN_ROW: tl.constexpr, STAT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """PS (2, G*C, splits): per chunk sum(dy) and sum(dy * (x - m)) (centred by the mean m, FW row MEAN_ROW)."""
+    PS = PS + PS_OFF
     gc = tl.program_id(0)
     sp = tl.program_id(1)
     group = gc // C
@@ -46,7 +47,7 @@ def grad_partial(
 @triton.jit
 def grad_coefficients(
     PS, FW, WEIGHT, DM, DV, MP, VP, P, OUT,  # pointers
-    G, C, count, splits,
+    G, C, count, splits, PS_OFF,
     dmg, dmc, dvg, dvc, smg, smc, svg, svc, spg, spc,
     p_hi, p_lo,
     HAS_DY: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DM: tl.constexpr, HAS_DV: tl.constexpr,
@@ -61,6 +62,7 @@ def grad_coefficients(
     REDUCE_PRIOR), d gain.
     """
     GC = G * C
+    PS = PS + PS_OFF
     inv_n = 1.0 / (count * tl.full([], 1.0, STAT))  # (an int argument is int32: 1.0 / count would be float32)
     cb = tl.program_id(0)
     cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)

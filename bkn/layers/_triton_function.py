@@ -145,23 +145,24 @@ def _per_channel(t, channels: int, what: str):
 
 def _stat_constexprs(x: torch.Tensor):
     tk = _module()
-    stat = torch.promote_types(x.dtype, torch.float32)
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32  # (torch.promote_types is an aten op)
     return stat, tk.tl.float64 if stat == torch.float64 else tk.tl.float32
 
 
 def _moments(x, groups: int):
-    """Partial moments (launch 1); returns (x, S1, S2, strides, count, plan, partials)."""
+    """Partial moments (launch 1) into a fresh workspace (ROWS + 2 splits, G, C): the finalize's ROWS rows, then
+    the partials (at ROWS * G * C). Returns (x, S1, S2, strides, groups of dims, count, plan, workspace)."""
     tk = _check_device(x)
     x, s1, s2, st, layout = _layout(x)
     count = (x.shape[0] // groups) * s1 * s2
     gc = groups * x.shape[1]
     block, chunk, splits = _plan(count, gc, x.device)
     stat, STAT = _stat_constexprs(x)
-    ps = torch.empty(2 * gc * splits, dtype=stat, device=x.device)
+    ws = torch.empty((ROWS + 2 * splits, groups, x.shape[1]), dtype=stat, device=x.device)
     g = x.shape[0] // groups
-    _kernels.launch(tk.stats_partial, (gc, splits), x, ps, x.shape[1], g, s1, s2, *st, count, chunk, splits,
-                    STAT=STAT, BLOCK=block)  # fmt: skip
-    return x, s1, s2, st, layout, count, (block, chunk, splits), ps
+    _kernels.launch(tk.stats_partial, (gc, splits), x, ws, ROWS * gc, x.shape[1], g, s1, s2, *st, count, chunk,
+                    splits, STAT=STAT, BLOCK=block)  # fmt: skip
+    return x, s1, s2, st, layout, count, (block, chunk, splits), ws
 
 
 def _affine(x, s1, s2, st, layout, groups, count, plan, w, scale_row):
@@ -177,7 +178,7 @@ def _affine(x, s1, s2, st, layout, groups, count, plan, w, scale_row):
 
 
 def _backward(ctx, dy, x, weight, w, dmean, dvar, prior):
-    """The 3 backward launches; returns (dx or None, the (8 * G * C,) coefficient buffer)."""
+    """The 3 backward launches; returns (dx or None, the coefficient buffer (ROWS (+ 2 splits), G, C))."""
     tk = _backward_module()
     groups, C = ctx.groups, x.shape[1]
     gc = groups * C
@@ -187,14 +188,12 @@ def _backward(ctx, dy, x, weight, w, dmean, dvar, prior):
     block, chunk, splits = ctx.plan
     g = x.shape[0] // groups
     dst = None
+    # one allocation: the coefficients' ROWS rows, then the partial sums (at ROWS * G * C)
+    out = torch.empty((ROWS + (2 * splits if dy is not None else 0), groups, C), dtype=stat, device=x.device)
     if dy is not None:
         dy, dst = _like(dy, layout)
-        ps = torch.empty(2 * gc * splits, dtype=stat, device=x.device)
-        _kernels.launch(tk.grad_partial, (gc, splits), x, dy, w, ps, C, g, s1, s2, *st, *dst, count, chunk, splits,
-                        MEAN_ROW=ctx.mean_row, STAT=STAT, BLOCK=block)  # fmt: skip
-    else:
-        ps = w
-    out = torch.empty(ROWS * gc, dtype=stat, device=x.device)
+        _kernels.launch(tk.grad_partial, (gc, splits), x, dy, w, out, ROWS * gc, C, g, s1, s2, *st, *dst, count,
+                        chunk, splits, MEAN_ROW=ctx.mean_row, STAT=STAT, BLOCK=block)  # fmt: skip
     mp, vp, p, p_value, reduce_prior, guard = prior if prior is not None else (None, None, None, 0.0, False, False)
     dm_st = _bstrides(dmean, groups, C, "posterior mean gradient") if dmean is not None else (0, 0)
     dv_st = _bstrides(dvar, groups, C, "posterior variance gradient") if dvar is not None else (0, 0)
@@ -205,9 +204,9 @@ def _backward(ctx, dy, x, weight, w, dmean, dvar, prior):
     dummy = w
     _kernels.launch(
         tk.grad_coefficients, (-(-C // block_c),),
-        ps, w, dummy if weight is None else weight, dummy if dmean is None else dmean,
+        out, w, dummy if weight is None else weight, dummy if dmean is None else dmean,
         dummy if dvar is None else dvar, dummy if mp is None else mp, dummy if vp is None else vp,
-        dummy if p is None else p, out, groups, C, count, splits, *dm_st, *dv_st, *mp_st, *vp_st, *p_st,
+        dummy if p is None else p, out, groups, C, count, splits, ROWS * gc, *dm_st, *dv_st, *mp_st, *vp_st, *p_st,
         *_split(p_value), HAS_DY=dy is not None, HAS_WEIGHT=weight is not None, HAS_DM=dmean is not None,
         HAS_DV=dvar is not None, HAS_PRIOR=prior is not None, GAIN_TENSOR=p is not None, HAS_GUARD=guard,
         RENORM=ctx.renorm, REDUCE_PRIOR=reduce_prior, STAT=STAT, BLOCK_C=block_c,
@@ -218,14 +217,6 @@ def _backward(ctx, dy, x, weight, w, dmean, dvar, prior):
         _kernels.launch(tk.input_grad, (gc, splits), x, x if dy is None else dy, dx, out, C, g, s1, s2, *st,
                         *(dst or st), *ost, count, chunk, HAS_DY=dy is not None, STAT=STAT, BLOCK=block)  # fmt: skip
     return dx, out
-
-
-def _rows(buffer: torch.Tensor, rows, groups: int, channels: int, first_group: bool = False):
-    """(G, C) views (or (C,) views of group 0) of rows of a (ROWS * G * C,) buffer: one op each."""
-    gc = groups * channels
-    if first_group:
-        return tuple(buffer.as_strided((channels,), (1,), r * gc) for r in rows)
-    return tuple(buffer.as_strided((groups, channels), (channels, 1), r * gc) for r in rows)
 
 
 class TritonNormalize(torch.autograd.Function):
@@ -246,16 +237,16 @@ class TritonNormalize(torch.autograd.Function):
             plan = _plan(count, gc, x.device)
             pm, pm2 = _as_dtype(obs_mean, stat).contiguous(), _as_dtype(obs_var, stat).contiguous()
             chunk, splits = count, 1
+            w = torch.empty((ROWS, groups, C), dtype=stat, device=x.device)
         else:
-            xl, s1, s2, st, layout, count, plan, pm = _moments(x, groups)
-            tk, pm2 = _module(), pm
+            xl, s1, s2, st, layout, count, plan, w = _moments(x, groups)
+            tk, pm, pm2 = _module(), w, w
             chunk, splits = plan[1], plan[2]
         if gain is None:
             gain = 0.0
         has_prior = prior_mean is not None and not (isinstance(gain, float) and gain == 0.0)
         gain_tensor = isinstance(gain, torch.Tensor)
         has_guard = has_prior and math.isfinite(guard)
-        w = torch.empty(ROWS * gc, dtype=stat, device=x.device)
         rm, rv, steps, momentum = running if running is not None else (None, None, None, 0.0)
         if running is not None and momentum is None and steps is None:
             raise ValueError("normalize_with_stats: momentum=None needs the step counter (running[2])")
@@ -270,7 +261,7 @@ class TritonNormalize(torch.autograd.Function):
             pm, pm2, w, prior_mean if has_prior else d, prior_var if has_prior else d,
             gain if has_prior and gain_tensor else d, d if weight is None else weight, d if bias is None else bias,
             d if rm is None else rm, d if rv is None else rv, d if steps is None else steps,
-            groups, C, count, chunk, splits, *mp_st, *vp_st, *p_st,
+            groups, C, count, chunk, splits, ROWS * gc, *mp_st, *vp_st, *p_st,
             *_split(0.0 if gain_tensor else gain), *_split(eps), *_split(guard * gc if has_guard else 0.0),
             *_split(0.0 if momentum is None else momentum), *_split(unbiased),
             OBS_GIVEN=given, HAS_PRIOR=has_prior, GAIN_TENSOR=gain_tensor, HAS_GUARD=has_guard,
@@ -286,7 +277,7 @@ class TritonNormalize(torch.autograd.Function):
         ctx.shapes = tuple(
             t.shape if isinstance(t, torch.Tensor) else None for t in (weight, bias, prior_mean, prior_var, gain)
         )
-        obs_m, obs_v, mean, var = _rows(w, range(4), groups, C)
+        obs_m, obs_v, mean, var = w.unbind(0)[:4]  # (one op)
         ctx.mark_non_differentiable(obs_m, obs_v)
         return y, mean, var, obs_m, obs_v
 
@@ -304,18 +295,19 @@ class TritonNormalize(torch.autograd.Function):
         grads = [None] * 12
         grads[0] = dx
         need = ctx.needs_input_grad
+        first = out.select(1, 0).unbind(0)  # (C,) rows: the sums over groups
         if need[1]:
-            grads[1] = _as_dtype(_rows(out, (3,), ctx.groups, C, True)[0], weight.dtype)
+            grads[1] = _as_dtype(first[3], weight.dtype)
         if need[2]:
-            grads[2] = _as_dtype(_rows(out, (4,), ctx.groups, C, True)[0], ctx.bias_dtype)
+            grads[2] = _as_dtype(first[4], ctx.bias_dtype)
         if has_prior:
-            dmp, dvp = _rows(out, (5, 6), ctx.groups, C, reduce_prior)
+            rows = first if reduce_prior else out.unbind(0)
             if need[3]:
-                grads[3] = _as_dtype(_sum_to(dmp, mean_shape), prior_mean.dtype)
+                grads[3] = _as_dtype(_sum_to(rows[5], mean_shape), prior_mean.dtype)
             if need[4]:
-                grads[4] = _as_dtype(_sum_to(dvp, var_shape), prior_var.dtype)
+                grads[4] = _as_dtype(_sum_to(rows[6], var_shape), prior_var.dtype)
             if need[5] and gain is not None:
-                grads[5] = _as_dtype(_sum_to(_rows(out, (7,), ctx.groups, C)[0], gain_shape), gain.dtype)
+                grads[5] = _as_dtype(_sum_to(out[7], gain_shape), gain.dtype)
         return tuple(grads)
 
 
@@ -339,15 +331,15 @@ class TritonRenorm(torch.autograd.Function):
         C = x.shape[1]
         weight, bias = _per_channel(weight, C, "weight"), _per_channel(bias, C, "bias")
         stat, STAT = _stat_constexprs(x)
-        xl, s1, s2, st, layout, count, plan, ps = _moments(x, groups)
+        ctx.set_materialize_grads(False)
+        xl, s1, s2, st, layout, count, plan, w = _moments(x, groups)
         tk = _module()
-        w = torch.empty(ROWS * groups * C, dtype=stat, device=x.device)
         rmax_t, dmax_t = isinstance(rmax, torch.Tensor), isinstance(dmax, torch.Tensor)
         block_c = min(_pow2(C), 64 if x.device.type == "cpu" else 1024)
         _kernels.launch(
             tk.renorm_finalize, (1,),
-            ps, ps, w, w if weight is None else weight, w if bias is None else bias, mu, sigma, running_var, steps,
-            rmax if rmax_t else w, dmax if dmax_t else w, groups, C, count, plan[1], plan[2],
+            w, w, w, w if weight is None else weight, w if bias is None else bias, mu, sigma, running_var, steps,
+            rmax if rmax_t else w, dmax if dmax_t else w, groups, C, count, plan[1], plan[2], ROWS * groups * C,
             *_split(eps), *_split(0.0 if momentum is None else momentum),
             *_split(0.0 if rmax_t else rmax), *_split(0.0 if dmax_t else dmax),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MOMENTUM_NONE=momentum is None,
@@ -363,13 +355,14 @@ class TritonRenorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dw):
         x, weight, w = ctx.saved_tensors
-        C = x.shape[1]
         dx, out = _backward(ctx, dy, x, weight, w, None, None, None)
         grads = [dx] + [None] * 11
-        if ctx.needs_input_grad[1]:
-            grads[1] = _as_dtype(_rows(out, (3,), ctx.groups, C, True)[0], ctx.dtypes[0])
-        if ctx.needs_input_grad[2]:
-            grads[2] = _as_dtype(_rows(out, (4,), ctx.groups, C, True)[0], ctx.dtypes[1])
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            first = out.select(1, 0).unbind(0)  # (C,) rows: the sums over groups
+            if ctx.needs_input_grad[1]:
+                grads[1] = _as_dtype(first[3], ctx.dtypes[0])
+            if ctx.needs_input_grad[2]:
+                grads[2] = _as_dtype(first[4], ctx.dtypes[1])
         return tuple(grads)
 
 
@@ -381,4 +374,5 @@ def renorm_train(x, weight, bias, running_mean, running_std, running_var, steps,
     y, w = TritonRenorm.apply(
         x, weight, bias, running_mean, running_std, running_var, steps, momentum, rmax, dmax, eps, groups
     )
-    return (y, *_rows(w, (0, 2, 3, 4), groups, x.shape[1], first_group=groups == 1))
+    rows = (w.select(1, 0) if groups == 1 else w).unbind(0)
+    return y, rows[0], rows[2], rows[3], rows[4]
