@@ -22,8 +22,8 @@ so contiguous, channels_last and sliced inputs are read in place). A block is cu
 
 Python floats reach a Triton kernel as float32; the float64 path needs them exact, so each
 float parameter is passed as two float32 (``hi``, ``lo = v - hi``) and joined by :func:`_f64`.
-The kernels call Triton's builtins only (``tl.reduce`` with a combine function of this module,
-not ``tl.sum`` or ``tl.zeros``, which triton defines as jit functions when it is imported): then
+The kernels call Triton's builtins only (``tl.reduce`` with ``tl.sum``'s combine function, not
+``tl.sum`` or ``tl.zeros``, which triton defines as jit functions when it is imported): then
 they run in the interpreter even where triton was imported before ``TRITON_INTERPRET=1`` was set,
 as in a test process. Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) is fixed
 when this module is first imported (``INTERPRETED``). The launches (grid, block sizes) and the
@@ -41,14 +41,10 @@ INTERPRETED = interpreting()
 
 
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
 def _total(a):
-    """Sum over axis 0 (``tl.sum`` is a jit function of triton's own: see the module docstring)."""
-    return tl.reduce(a, 0, _add)
+    """Sum over axis 0: ``tl.sum``'s own reduction called directly (``tl.sum`` is a jit function: see the module
+    docstring); the interpreter recognises its combine function and sums with numpy."""
+    return tl.reduce(a, 0, tl.standard._sum_combine)
 
 
 @triton.jit

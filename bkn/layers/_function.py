@@ -41,6 +41,8 @@ import torch
 
 from .. import kernels as _kernels
 from . import _native
+from ._grad_shapes import as_dtype as _as_dtype
+from ._grad_shapes import sum_to as _sum_to
 from ._moments import (
     _bn_backward,
     as_groups,
@@ -51,22 +53,6 @@ from ._moments import (
     reduce_dims,
     shifted_sums,
 )
-
-
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Reduce a (G, C) gradient to the shape of the input it belongs to ((C,), (G, C), 0-d)."""
-    if t.shape == shape:
-        return t
-    if t.dim() == len(shape) + 1 and t.shape[0] == 1 and t.shape[1:] == shape:
-        return t[0]
-    if len(shape) < t.dim():  # leading broadcast dims: sum_to_size needs equal rank
-        t = t.sum(list(range(t.dim() - len(shape))))
-    return t.sum_to_size(shape) if t.shape != shape else t
-
-
-def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
 
 # -- per-channel algebra (tensors of shape (G, C) or broadcastable to it) -------------------
 

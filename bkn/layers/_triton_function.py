@@ -16,7 +16,8 @@ import struct
 import torch
 
 from .. import kernels as _kernels
-from ._function import _as_dtype, _sum_to
+from ._grad_shapes import as_dtype as _as_dtype
+from ._grad_shapes import sum_to as _sum_to
 
 CPU_TILE = 256  # the interpreter's tile (tests lower it to exercise the merges of chunks)
 ROWS = 8  # rows of the forward workspace and of the backward's coefficient buffer
