@@ -151,7 +151,7 @@ def kalman_finalize(
         PM = PM + PS_OFF
         PM2 = PM + GC * splits
     eps = _f64(eps_hi, eps_lo).to(STAT)
-    use = True
+    use = tl.full([], 1, tl.int1)  # the prior is used unless the guard drops it
     if HAS_PRIOR and HAS_GUARD:
         ratio = tl.full([], 0.0, STAT)
         for c0 in range(0, C, BLOCK_C):
@@ -203,7 +203,7 @@ def kalman_finalize(
             sum_v += var
         if HAS_RUNNING:
             _ema(RM, RV, cs, cm, sum_m / G, sum_v / G, factor, unbiased)
-    tl.store(W + 7 * GC, tl.where(use, 1.0, 0.0).to(STAT))
+    tl.store(W + 7 * GC, use.to(STAT))
 
 
 @triton.jit
