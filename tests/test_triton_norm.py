@@ -302,3 +302,50 @@ def test_bkn_other_ranks(spatial, layout):
 )
 def test_brn_matrix(dtype, groups, tensor_limits, momentum, layout):
     _compare(_brn_step, dtype=dtype, groups=groups, tensor_limits=tensor_limits, momentum=momentum, layout=layout)
+
+
+def _given_moments_step(name, dtype, posterior_only):
+    """BKN given its observed moments (as the adaptive gain passes them); or only the posterior used downstream."""
+    from bkn.layers._moments import batch_moments
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=dtype).requires_grad_()
+    mp = torch.randn(3, generator=gen, dtype=dtype).requires_grad_()
+    vp = (torch.rand(3, generator=gen, dtype=dtype) + 0.5).requires_grad_()
+    w, b = torch.randn(3, generator=gen, dtype=dtype).requires_grad_(), torch.randn(3, generator=gen, dtype=dtype)
+    with torch.no_grad():
+        observed = batch_moments(x, 2)
+    with backend(name), kernels.count_launches() as launches:
+        y, mean, var, om, ov = normalize_with_stats(
+            x, w, b, prior=(mp, vp), gain=0.3, observed=None if posterior_only else observed, groups=2, guard=100.0
+        )
+        loss = (mean * 2).sum() + var.square().sum()
+        (loss if posterior_only else loss + y.sin().sum()).backward()
+    grads = [t.grad for t in (x, mp, vp, w)]  # w's: zeros where y is unused, as the reference's
+    return [y, mean, var, om, ov, *grads], launches
+
+
+@pytest.mark.parametrize("posterior_only", [False, True])
+def test_bkn_given_moments_or_only_the_posterior_used(posterior_only):
+    expected, _ = _given_moments_step("torch", torch.float64, posterior_only)
+    actual, launches = _given_moments_step("triton", torch.float64, posterior_only)
+    # given moments: no partial-moments launch; posterior only: no dy, so no partial-sums launch
+    assert sum(launches.values()) == 5 and ("stats_partial" in launches) == posterior_only
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, **TOL[torch.float64], msg=lambda m, i=i: f"output {i}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("groups", [1, 2])
+def test_brn_without_affine(groups):
+    def step(name, dtype):
+        gen = torch.Generator().manual_seed(2)
+        x = torch.randn(4, 3, 7, 7, generator=gen, dtype=dtype).requires_grad_()
+        mu, sigma = torch.full((3,), 0.5, dtype=dtype), torch.full((3,), 0.4, dtype=dtype)
+        rvar, steps = sigma * sigma, torch.tensor(0)
+        with backend(name), kernels.count_launches() as launches:
+            y, *stats = renorm_train(x, None, None, mu, sigma, rvar, steps, None, 2.0, 1.0, 1e-5, groups)
+            y.sin().sum().backward()
+        return [y, *stats, x.grad, mu, sigma, rvar, steps], launches
+
+    _compare(step, dtype=torch.float64)
