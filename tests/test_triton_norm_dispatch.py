@@ -37,8 +37,10 @@ def _measure(name: str, batch: int = 8) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_ghost_bn_step_on_triton():
-    """The fast one (a batch of 4 in ghost batches of 2): the interpreter runs every program in Python."""
+    """A batch of 4 in ghost batches of 2 (~9 s: the interpreter runs every program in Python; the default run's
+    fast equivalent is tests/test_triton_norm.py::test_no_host_sync_and_six_launches)."""
     result = _measure("bn", batch=4)
     assert result["syncs"] == 0, "\n\n".join(result["where"])
     assert result["launches_per_norm"] == 6  # partial moments, finalize, normalize; partial sums, coefficients, dx
