@@ -23,6 +23,8 @@ fallback. ``BKN_NATIVE=0`` (older switch) keeps meaning "no compiled CPU kernels
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import os
 
@@ -94,3 +96,42 @@ def backend_for(x: torch.Tensor) -> str:
         if not ok:
             raise ValueError(f"{ENV_SWITCH}=triton: {why}")
     return choice
+
+
+# -- the one door of every Triton launch: counted, and invisible to dispatch modes in the interpreter --
+
+_launch_counters: list = []
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Within the block, every Triton launch made through :func:`launch` is counted (by kernel name).
+
+    Yields a :class:`collections.Counter`; ``sum(counter.values())`` is the number of launches.
+    Blocks may nest (each counts what ran inside it).
+    """
+    counter: collections.Counter = collections.Counter()
+    _launch_counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _launch_counters.remove(counter)
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """Launch the Triton ``kernel`` on ``grid``; counted by any active :func:`count_launches`.
+
+    In the interpreter the launch copies its tensor arguments to host storages and back with
+    torch ops (an artifact of interpretation, absent on a GPU); they run with the dispatch
+    modes switched off, so an op counter sees a launch as a GPU would: no aten op.
+    """
+    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", repr(kernel))
+    for counter in _launch_counters:
+        counter[name] += 1
+    if interpreting():
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            kernel[grid](*args, **meta)
+        return
+    kernel[grid](*args, **meta)

@@ -39,7 +39,10 @@ import math
 
 import torch
 
+from .. import kernels as _kernels
 from . import _native
+from ._grad_shapes import as_dtype as _as_dtype
+from ._grad_shapes import sum_to as _sum_to
 from ._moments import (
     _bn_backward,
     as_groups,
@@ -50,22 +53,6 @@ from ._moments import (
     reduce_dims,
     shifted_sums,
 )
-
-
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Reduce a (G, C) gradient to the shape of the input it belongs to ((C,), (G, C), 0-d)."""
-    if t.shape == shape:
-        return t
-    if t.dim() == len(shape) + 1 and t.shape[0] == 1 and t.shape[1:] == shape:
-        return t[0]
-    if len(shape) < t.dim():  # leading broadcast dims: sum_to_size needs equal rank
-        t = t.sum(list(range(t.dim() - len(shape))))
-    return t.sum_to_size(shape) if t.shape != shape else t
-
-
-def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
 
 # -- per-channel algebra (tensors of shape (G, C) or broadcastable to it) -------------------
 
@@ -292,8 +279,15 @@ def normalize_with_stats(
     prior_mean, prior_var = prior if prior is not None else (None, None)
     obs_mean, obs_var = observed if observed is not None else (None, None)
     gain_tensor = gain if isinstance(gain, torch.Tensor) else None
+    backend = _kernels.backend_for(x)
+    if backend == "triton":  # the fused Triton kernels (bkn/kernels/triton_norm.py), imported on first use
+        from . import _triton_function
+
+        return _triton_function.normalize_with_stats(
+            x, weight, bias, prior, gain, observed, groups, eps, guard, running
+        )
     running_mean, running_var, steps, momentum = running if running is not None else (None, None, None, 0.0)
-    native = _native.load()
+    native = _native.load() if backend == "native" else None  # "torch": the Python Function below
     if native is not None:  # the same Function compiled (bkn/csrc/_function.cpp), if it takes these tensors
         out = native.kalman_norm(
             x,

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from .. import kernels as _kernels
 from . import _native
 from ._function import normalize_with_stats
 from ._moments import batch_moments, centred_var, ill_conditioned, shifted_sums
@@ -74,7 +75,14 @@ def renorm_train(x, weight, bias, running_mean, running_std, running_var, steps,
     ``running_var = sigma**2 - eps``. ``rmax``, ``dmax`` are floats or 0-d tensors (a
     scheduled layer's limits, computed on the device).
     """
-    if groups == 1:
+    backend = _kernels.backend_for(x)
+    if backend == "triton":  # the fused Triton kernels (bkn/kernels/triton_norm.py), imported on first use
+        from . import _triton_function
+
+        return _triton_function.renorm_train(
+            x, weight, bias, running_mean, running_std, running_var, steps, momentum, rmax, dmax, eps, groups
+        )
+    if groups == 1 and backend == "native":
         native = _native.load()
         if native is not None:  # the compiled Renorm, if it takes these tensors ([] if not)
             out = native.renorm(

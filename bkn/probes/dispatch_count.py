@@ -14,14 +14,20 @@ flag while it runs (:func:`bkn.layers._checks.checking`), which :class:`Dispatch
 
 The accelerator path: CPU float tensors normally take the compiled kernels of ``bkn/csrc``
 (:mod:`bkn.layers._native`); :func:`accelerator_path` switches them off for a block, so the
-CPU runs the Python Functions that CUDA tensors take. ``python -m bkn.probes.dispatch_count``
-prints the table of docs/speed.md.
+CPU runs the Python Functions that CUDA tensors took before the Triton kernels
+(``--backend torch``, the default). ``--backend triton`` runs the Triton kernels
+(``bkn/kernels/triton_norm*.py``) instead, on CPU tensors in Triton's interpreter
+(``TRITON_INTERPRET=1``, which ``main`` sets), and counts their launches
+(:func:`bkn.kernels.count_launches`) beside the aten ops: a Triton launch is one kernel, as
+an aten op is (at most) one. ``python -m bkn.probes.dispatch_count`` prints the table of
+docs/speed.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import traceback
 from collections import Counter
 
@@ -29,7 +35,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bkn import kernels
 from bkn.layers import _checks, _native
+
+BACKENDS = ("torch", "triton")
 
 SYNC_OPS = frozenset(
     getattr(torch.ops.aten, name).default
@@ -114,13 +123,38 @@ def _step(model: nn.Module, x, target, optimizer):
     return run
 
 
-def measure_method(name: str, batch: int = 8, group_size: int = 2, sgd: bool = False, stacks: bool = False) -> dict:
-    """Ops and host syncs of one training step of :func:`small_net` converted to method ``name``.
+@contextlib.contextmanager
+def backend(name: str):
+    """``BKN_BACKEND=name`` within the block (``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` already set)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    if name == "triton" and not kernels.interpreting():
+        raise ValueError(
+            f"backend triton on CPU tensors runs in Triton's interpreter: set {kernels.INTERPRET_SWITCH}=1 "
+            "before the first Triton kernel is defined (python -m bkn.probes.dispatch_count --backend triton does)"
+        )
+    saved = os.environ.get(kernels.ENV_SWITCH)
+    os.environ[kernels.ENV_SWITCH] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(kernels.ENV_SWITCH, None)
+        else:
+            os.environ[kernels.ENV_SWITCH] = saved
+
+
+def measure_method(
+    name: str, batch: int = 8, group_size: int = 2, sgd: bool = False, stacks: bool = False, backend_name="torch"
+) -> dict:
+    """Ops, Triton launches and host syncs of one training step of :func:`small_net` converted to method ``name``.
 
     The step is forward, cross-entropy, backward (and an SGD step if ``sgd``), on the accelerator
-    path (:func:`accelerator_path`), after one warm-up step (first-call work is not a step's).
-    Returns ``{"ops": total aten ops, "ops_per_norm": ..., "syncs": count, "where": [stacks]}``;
-    ``ops_per_norm`` = (the step's ops - the ops of the same step of the net with its norms
+    path (:func:`accelerator_path`) with the backend ``backend_name`` (``torch``: the Python
+    Functions; ``triton``: the Triton kernels), after one warm-up step (first-call work is not a
+    step's). Returns ``{"ops": total aten ops, "ops_per_norm": ..., "launches": Triton launches,
+    "launches_per_norm": ..., "per_norm": ops + launches per norm, "syncs": count, "where": [stacks]}``;
+    ``*_per_norm`` = (the step's count - that of the same step of the net with its norms
     replaced by ``nn.Identity``) / the number of norm layers (2).
     """
     import bkn.methods
@@ -136,15 +170,22 @@ def measure_method(name: str, batch: int = 8, group_size: int = 2, sgd: bool = F
             model = bkn.methods.get(name).convert(model, group_size=group_size)
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if sgd else None
-        with accelerator_path():
+        with accelerator_path(), backend(backend_name):
             step = _step(model, x, target, optimizer)
             step()  # warm-up
             model.zero_grad(set_to_none=True)
-            counts.append(count(step, stacks=stacks))
-    net, bare = counts
+            with kernels.count_launches() as launched:
+                counter = count(step, stacks=stacks)
+            counts.append((counter, sum(launched.values())))
+    (net, launches), (bare, bare_launches) = counts
+    ops_per_norm = (net.total - bare.total) / NORM_LAYERS
+    launches_per_norm = (launches - bare_launches) / NORM_LAYERS
     return {
         "ops": net.total,
-        "ops_per_norm": (net.total - bare.total) / NORM_LAYERS,
+        "ops_per_norm": ops_per_norm,
+        "launches": launches,
+        "launches_per_norm": launches_per_norm,
+        "per_norm": ops_per_norm + launches_per_norm,
         "syncs": len(net.syncs),
         "where": net.syncs,
     }
@@ -172,12 +213,24 @@ def main(argv=None) -> None:
     parser.add_argument("methods", nargs="*", help="registry methods (default: all)")
     parser.add_argument("--sgd", action="store_true", help="include an SGD step")
     parser.add_argument("--where", action="store_true", help="print the stack of each host sync")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="torch: the Python Functions (default); triton: the Triton kernels, here in Triton's interpreter",
+    )
     args = parser.parse_args(argv)
-    print(f"{'method':28s} {'ops/step':>9s} {'ops/norm':>9s} {'syncs':>6s}")
+    if args.backend == "triton":  # CPU tensors: the interpreter, on before the kernels are defined
+        os.environ[kernels.INTERPRET_SWITCH] = "1"
+    header = f"{'method':28s} {'ops/step':>9s} {'ops/norm':>9s} {'launches/norm':>14s} {'ops+launches/norm':>18s}"
+    print(f"{header} {'syncs':>6s}")
     with single_process_group():
         for name in args.methods or bkn.methods.names():
-            r = measure_method(name, sgd=args.sgd, stacks=args.where)
-            print(f"{name:28s} {r['ops']:9d} {r['ops_per_norm']:9.1f} {r['syncs']:6d}")
+            r = measure_method(name, sgd=args.sgd, stacks=args.where, backend_name=args.backend)
+            print(
+                f"{name:28s} {r['ops']:9d} {r['ops_per_norm']:9.1f} {r['launches_per_norm']:14.1f} "
+                f"{r['per_norm']:18.1f} {r['syncs']:6d}"
+            )
             if args.where:
                 for stack in r["where"]:
                     print("    " + stack.replace("\n", "\n    ") + "\n")
