@@ -23,7 +23,7 @@ atomics (each program owns what it writes; sums run in a fixed order):
   added to a gradient already there (the deferred weight gradient, in place or not).
 
 The launches (shapes, strides, block sizes) are in :mod:`bkn.kernels.triton_analytic_launch`; every one goes
-through :func:`_launch` here, which counts them (:data:`LAUNCHES`).
+through :func:`_launch` here, which counts them (:func:`bkn.kernels.count_launches`).
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ import math
 import triton
 import triton.language as tl
 
-LAUNCHES = 0  # kernel launches so far (this module's); see _launch
+from . import launch as _counted_launch
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch ``kernel`` on ``grid``, counting it in :data:`LAUNCHES` (the one place this module launches)."""
-    global LAUNCHES
-    LAUNCHES += 1
-    kernel[grid](*args, **kwargs)
+    """Launch ``kernel`` on ``grid`` through :func:`bkn.kernels.launch` (the one place this module launches), so
+    :func:`bkn.kernels.count_launches` counts it with the norms' launches."""
+    _counted_launch(kernel, grid, *args, **kwargs)
 
 
 _SQRT2 = tl.constexpr(math.sqrt(2.0))
