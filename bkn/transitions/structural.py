@@ -14,7 +14,8 @@ of the rest of the chain.
   from each element to its channel, to which the same op is applied); where the result is
   read as (batch, channels, positions) again, each new channel must come from one base channel
   (a channel shuffle does), else the rule is refused.
-* ``mul`` of two states (squeeze-and-excitation's ``x * s``): independent factors,
+* ``mul`` of two states where one is a gate, one value per sample and channel
+  (squeeze-and-excitation's ``x * s``): independent factors,
   ``E = ma mb``, ``Var = va vb + va mb^2 + vb ma^2``; the gate's own moments come from its branch
   (the spatial mean has variance ``v / positions``). ``mul``/``div``/``add`` with a number or a
   per-channel tensor: affine in each channel, exact.
@@ -114,25 +115,27 @@ def _layout(rule: str, state, args: tuple, kwargs: dict):
     return Layout(state.base, index)
 
 
-def _getitem(state, index):
-    if isinstance(state, (tuple, list)):  # an element of a split's or a chunk's result
-        return state[index]
+def _full_index(index, dims: int) -> tuple:
+    """``index`` as one entry per dimension (``...`` expanded, missing trailing entries ``:``)."""
     index = index if isinstance(index, tuple) else (index,)
-    if isinstance(state, Sample):
-        if index and index[0] != slice(None):
-            raise Unsupported(f"indexing the batch dimension with {index[0]!r}")
-        return Sample(state.value[index], state.draws)
-    state = _moments(state)
-    dims = 2 + len(state.spatial)
     if Ellipsis in index:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (dims - len(index) + 1) + index[at + 1 :]
-    index = index + (slice(None),) * (dims - len(index))
+    return index + (slice(None),) * (dims - len(index))
+
+
+def _getitem(state, index):
+    if isinstance(state, (tuple, list)):  # an element of a split's or a chunk's result
+        return state[index]
+    dims = state.value.dim() if isinstance(state, Sample) else 2 + len(_moments(state).spatial)
+    index = _full_index(index, dims)
     if len(index) != dims or index[0] != slice(None) or not all(isinstance(i, slice) for i in index):
         raise Unsupported(f"indexing {index!r} (slices of channels and positions are modelled)")
-    channels = index[1]
+    if isinstance(state, Sample):
+        return Sample(state.value[index], state.draws)
+    state = _moments(state)
     spatial = tuple(len(range(n)[s]) for n, s in zip(state.spatial, index[2:]))
-    return Moments(state.mean[..., channels], state.var[..., channels], spatial)
+    return Moments(state.mean[..., index[1]], state.var[..., index[1]], spatial)
 
 
 def _split(rule: str, state, sections, dim=0):
@@ -184,6 +187,11 @@ def _mul(a, b):
         c = _per_channel(b, a.channels)
         return Moments(a.mean * c, a.var * c * c, a.spatial)
     b = _moments(b)
+    if all(s and math.prod(s) != 1 for s in (a.spatial, b.spatial)):
+        raise Unsupported(
+            "a product of two activations at the same positions (correlated factors are not modelled in closed "
+            "form; a gate of one value per sample and channel is)"
+        )
     if a.channels != b.channels and 1 not in (a.channels, b.channels):
         raise Unsupported(f"product of {a.channels} and {b.channels} channels")
     mean = a.mean * b.mean
