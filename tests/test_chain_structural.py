@@ -153,6 +153,28 @@ def test_the_layers_after_each_op_use_a_prior(name, transition):
     assert model.bn0.posterior[0].requires_grad  # the prior's source is in the autograd graph
 
 
+class SelfGated(nn.Module):
+    """``x * sigmoid(x)`` written out: both factors at the same positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = _conv(3), nn.BatchNorm2d(C)
+        self.conv, self.bn1 = _conv(), nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        x = self.bn0(self.stem(x))
+        return self.bn1(self.conv(x * torch.sigmoid(x)))
+
+
+def test_a_product_of_correlated_factors_official_only():
+    """The surrogate goes through the product as the activations do; the closed form refuses it and says why."""
+    torch.manual_seed(0)
+    rows = {r["layer"]: r["last"] for r in bkn.prior_report(_trained(SelfGated(), "official"))}
+    assert rows["bn1"] == "prior used"
+    rows = {r["layer"]: r["last"] for r in bkn.prior_report(_trained(SelfGated(), "analytic"))}
+    assert rows["bn1"].startswith("no prior: cannot propagate through mul (a product of two activations at the same")
+
+
 def test_analytic_prior_through_a_channel_shuffle_is_the_permuted_relu_moments():
     torch.manual_seed(1)
     model = bkn.convert(Shuffle(groups=4), "bkn", transition="analytic", group_size=2, p=0.5)

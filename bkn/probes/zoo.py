@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import time
 
 import torch
@@ -194,7 +195,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     models = list(FAST) if args.fast else args.models
-    results = [measure(s, n, args.transition, args.seed) for s, n in models]
+    results = []
+    for i, (source, name) in enumerate(models):
+        results.append(measure(source, name, args.transition, args.seed))
+        r = results[-1]
+        line = f"[{i + 1}/{len(models)}] {source}:{name}: {r['used']}/{r['upstream']} ({r['seconds']} s)"
+        print(line, file=sys.stderr, flush=True)
     print(table(results, markdown=args.markdown))
     if args.json:
         from .results import write_json
