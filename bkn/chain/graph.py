@@ -60,6 +60,17 @@ _ACTIVATION_FUNCTIONS = {
     F.tanh: _activation(nn.Tanh),
 }
 _ACTIVATION_METHODS = {"sigmoid": _activation(nn.Sigmoid), "tanh": _activation(nn.Tanh)}
+# Pooling called as a function (``F.avg_pool2d(x, 5, stride=3)``, torchvision's inception and googlenet): the
+# module that computes the same, its arguments named in the function's order.
+_AVG_POOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_MAX_POOL = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+for _n, (_avg, _max, _adaptive) in enumerate(
+    ((nn.AvgPool1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d), (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)), 1
+):
+    _avg_names = _AVG_POOL[:5] if _n == 1 else _AVG_POOL  # AvgPool1d has no divisor_override
+    _ACTIVATION_FUNCTIONS[getattr(F, f"avg_pool{_n}d")] = _activation(_avg, *_avg_names)
+    _ACTIVATION_FUNCTIONS[getattr(F, f"max_pool{_n}d")] = _activation(_max, *_MAX_POOL[:5])  # no return_indices
+    _ACTIVATION_FUNCTIONS[getattr(F, f"adaptive_avg_pool{_n}d")] = _activation(_adaptive, "output_size")
 # Integer arithmetic on tensor sizes (``pad = x.shape[1] // 2`` for a zero-padding shortcut).
 _ARITH = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg}
 

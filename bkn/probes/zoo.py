@@ -157,14 +157,18 @@ def _short(reason: str) -> str:
     return reason.removeprefix("no prior: ").removeprefix("cannot propagate through ")
 
 
+def _reasons(reasons: dict) -> str:
+    return "; ".join(f"{_short(k)} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) or "-"
+
+
 def table(results: list[dict], markdown: bool = False) -> str:
     """The per-model table and the totals (coverage: used / norms with normalization upstream)."""
     head = ("model", "norms", "upstream", "prior used", "coverage", "reasons of the others (count)")
     lines = []
     for r in results:
-        why = "; ".join(f"{_short(k)} ({v})" for k, v in sorted(r["reasons"].items(), key=lambda kv: -kv[1]))
+        why = _reasons(r["reasons"])
         cover = r["used"] / r["upstream"] if r["upstream"] else 1.0
-        lines.append((f"{r['source']}:{r['model']}", r["norms"], r["upstream"], r["used"], f"{cover:.1%}", why or "-"))
+        lines.append((f"{r['source']}:{r['model']}", r["norms"], r["upstream"], r["used"], f"{cover:.1%}", why))
     norms, up, used = (sum(r[k] for r in results) for k in ("norms", "upstream", "used"))
     total = ("all", norms, up, used, f"{used / max(up, 1):.1%} ({used / max(norms, 1):.1%} of all norms)", "")
     lines.append(total)
@@ -173,6 +177,40 @@ def table(results: list[dict], markdown: bool = False) -> str:
         out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
         return "\n".join(out)
     return "\n".join("  ".join(str(c) for c in line) for line in [head, *lines])
+
+
+def compare(before: dict, after: dict) -> str:
+    """A markdown table of two runs' JSON (``--json``): per model, the coverage before and after, and the reasons
+    of the norms left without a prior after."""
+    old = {(r["source"], r["model"]): r for r in before["models"]}
+    head = ("model", "norms", "upstream", "prior used before", "prior used after", "reasons before", "reasons after")
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    totals = [0, 0, 0, 0]
+    for r in after["models"]:
+        b = old.get((r["source"], r["model"]))
+        if b is None or (b["norms"], b["upstream"]) != (r["norms"], r["upstream"]):
+            raise ValueError(f"zoo compare: {r['source']}:{r['model']} is missing or different in the before run")
+        why_before, why = (_reasons(x["reasons"]) for x in (b, r))
+        cells = (
+            f"{r['source']}:{r['model']}",
+            r["norms"],
+            r["upstream"],
+            f"{b['used']} ({b['used'] / r['upstream']:.0%})",
+            f"{r['used']} ({r['used'] / r['upstream']:.0%})",
+            why_before,
+            why,
+        )
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+        totals = [t + v for t, v in zip(totals, (r["norms"], r["upstream"], b["used"], r["used"]))]
+    norms, up, before_used, after_used = totals
+
+    def share(used: int) -> str:
+        return f"{used} ({used / up:.1%}; {used / norms:.1%} of all norms)"
+
+    out.append(
+        f"| all {len(after['models'])} models | {norms} | {up} | {share(before_used)} | {share(after_used)} | | |"
+    )
+    return "\n".join(out)
 
 
 def _models(text: str) -> list[tuple[str, str]]:
@@ -193,7 +231,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--json", help="write the rows to this JSON file (atomically)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print the markdown table of two --json runs"
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        import json
+        import pathlib
+
+        runs = [json.loads(pathlib.Path(p).read_text()) for p in args.compare]
+        print(compare(*runs))
+        return runs
     models = list(FAST) if args.fast else args.models
     results = []
     for i, (source, name) in enumerate(models):
