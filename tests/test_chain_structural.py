@@ -207,7 +207,23 @@ def _check_coverage(results):
 
 @pytest.mark.parametrize("source,name", zoo.FAST)
 def test_zoo_fast_subset_reaches_the_target(source, name):
+    pytest.importorskip(source)
     _check_coverage([zoo.measure(source, name)])
+
+
+def test_zoo_compare_table_and_model_list_errors():
+    def run(used, reasons):
+        return {
+            "models": [{"source": "timm", "model": "m", "norms": 5, "upstream": 4, "used": used, "reasons": reasons}]
+        }
+
+    table = zoo.compare(run(2, {"no prior: cannot propagate through mul (x)": 2}), run(4, {}))
+    assert "| timm:m | 5 | 4 | 2 (50%) | 4 (100%) | mul (x) (2) | - |" in table
+    assert "| all 1 models | 5 | 4 | 2 (50.0%; 40.0% of all norms) | 4 (100.0%; 80.0% of all norms) |" in table
+    with pytest.raises(ValueError, match="timm:m is missing or different"):
+        zoo.compare({"models": []}, run(4, {}))
+    with pytest.raises(SystemExit):
+        zoo.main(["--models", "resnet18"])  # no source: argparse names the expected form
 
 
 @pytest.mark.slow

@@ -13,7 +13,9 @@ norms that used a prior; norms without any normalization upstream (a network's f
 cannot have one and are counted apart.
 
 ``python -m bkn.probes.zoo`` prints the per-model table (``--markdown`` as a docs table,
-``--models`` a comma list of ``source:name``, ``--json PATH`` the rows, written atomically).
+``--models`` a comma list of ``source:name``, ``--json PATH`` the rows, written atomically);
+``--compare BEFORE AFTER`` prints the markdown table of two such JSON files side by side
+(docs/zoo.md).
 """
 
 from __future__ import annotations
