@@ -230,3 +230,14 @@ def test_zoo_compare_table_and_model_list_errors():
 def test_zoo_reaches_the_target_on_every_model():
     assert len(zoo.ZOO) >= 30
     _check_coverage([zoo.measure(source, name) for source, name in zoo.ZOO])
+
+
+def test_docs_zoo_table_is_the_compare_output_of_the_stored_runs():
+    """docs/zoo.md's table is what ``python -m bkn.probes.zoo --compare`` prints for docs/zoo/*.json: no hand-typed figure."""
+    import json
+    import pathlib
+
+    docs = pathlib.Path(__file__).resolve().parents[1] / "docs"
+    runs = [json.loads((docs / "zoo" / f"{name}.json").read_text()) for name in ("before", "after")]
+    assert zoo.compare(*runs) in (docs / "zoo.md").read_text()
+    assert len(runs[1]["models"]) == len(zoo.ZOO)
