@@ -233,7 +233,7 @@ def test_zoo_reaches_the_target_on_every_model():
 
 
 def test_docs_zoo_table_is_the_compare_output_of_the_stored_runs():
-    """docs/zoo.md's table is what ``python -m bkn.probes.zoo --compare`` prints for docs/zoo/*.json: no hand-typed figure."""
+    """docs/zoo.md's table is what ``python -m bkn.probes.zoo --compare`` prints for docs/zoo/*.json."""
     import json
     import pathlib
 
