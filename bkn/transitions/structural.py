@@ -69,7 +69,7 @@ class Layout:
         flat = index.reshape(index.shape[0], index.shape[1], -1)
         if flat.shape[-1] and not bool((flat == flat[..., :1]).all()):
             raise Unsupported("a reshape that mixes channels with positions")
-        channels = flat[0, :, 0]
+        channels = flat[0, :, 0].to(self.base.mean.device, non_blocking=True)
         mean, var = self.base.mean[..., channels], self.base.var[..., channels]
         return Moments(mean, var, tuple(index.shape[2:]))
 
@@ -107,7 +107,8 @@ def _layout(rule: str, state, args: tuple, kwargs: dict):
     if not isinstance(state, Layout):
         state = _moments(state)
         shape = (1, state.channels, *state.spatial)
-        index = torch.arange(state.channels, device=state.mean.device).view(1, -1, *(1,) * len(state.spatial))
+        # On the host whatever the device: a map of shapes, checked without waiting for the accelerator.
+        index = torch.arange(state.channels).view(1, -1, *(1,) * len(state.spatial))
         state = Layout(state, index.expand(shape))
     index = getattr(state.index, rule)(*_batch(args, 1), **kwargs)
     if index.dim() == 0 or index.shape[0] != 1:
