@@ -241,3 +241,23 @@ def test_docs_zoo_table_is_the_compare_output_of_the_stored_runs():
     runs = [json.loads((docs / "zoo" / f"{name}.json").read_text()) for name in ("before", "after")]
     assert zoo.compare(*runs) in (docs / "zoo.md").read_text()
     assert len(runs[1]["models"]) == len(zoo.ZOO)
+
+
+class PoolWithIndices(nn.Module):
+    """A module that returns a tuple (values, indices), and the getitem of its values."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = _conv(3), nn.BatchNorm2d(C)
+        self.pool, self.bn1 = nn.MaxPool2d(2, return_indices=True), nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        values, _ = self.pool(F.relu(self.bn0(self.stem(x))))
+        return self.bn1(values)
+
+
+def test_an_element_of_a_modules_tuple_output_never_breaks_the_step():
+    torch.manual_seed(0)
+    assert bkn.prior_report(_trained(PoolWithIndices(), "official"))[1]["last"] == "prior used"
+    last = bkn.prior_report(_trained(PoolWithIndices(), "analytic"))[1]["last"]  # moments: no tuple to index
+    assert last.startswith("no prior: cannot propagate through getitem (indexing (0,")

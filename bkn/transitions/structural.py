@@ -128,6 +128,11 @@ def _full_index(index, dims: int) -> tuple:
 def _getitem(state, index):
     if isinstance(state, (tuple, list)):  # an element of a split's or a chunk's result
         return state[index]
+    if isinstance(state, Sample) and isinstance(state.value, (tuple, list)):  # a module's tuple of surrogates
+        value = state.value[index]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise Unsupported(f"element {index!r} of a module's outputs is not activations")
+        return Sample(value, state.draws)
     dims = state.value.dim() if isinstance(state, Sample) else 2 + len(_moments(state).spatial)
     index = _full_index(index, dims)
     if len(index) != dims or index[0] != slice(None) or not all(isinstance(i, slice) for i in index):
@@ -336,7 +341,7 @@ def apply(transition, rule: str, args: tuple, kwargs: dict):
     raise :class:`Unsupported` naming the error, never the error itself: a prior is not worth a failed step."""
     try:
         return _apply(transition, rule, args, kwargs)
-    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as err:
         raise Unsupported(f"{rule} with these arguments ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
