@@ -53,7 +53,8 @@ class PreActNet(nn.Module):
 
 
 class WithUnsupportedOp(nn.Module):
-    """conv - bn - relu - sigmoid gate - conv - bn: the gate (x * sigmoid(x)) is not modelled."""
+    """conv - bn - relu - cumulative sum over the channels - conv - bn: the cumulative sum is not modelled
+    (it was ``x * sigmoid(x)``, which the official transition now takes through its surrogate)."""
 
     def __init__(self, c: int = 5):
         super().__init__()
@@ -63,7 +64,7 @@ class WithUnsupportedOp(nn.Module):
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
-        x = x * torch.sigmoid(x)
+        x = torch.cumsum(x, 1)
         x = F.relu(self.bn2(self.conv2(x)))
         return self.bn3(self.conv3(x))
 
@@ -182,13 +183,13 @@ def test_unsupported_op_says_no_prior_with_its_reason():
     torch.manual_seed(0)
     model = bkn.convert(WithUnsupportedOp(), "bkn", transition="analytic", group_size=2)
     plan = {r["layer"]: r["plan"] for r in bkn.prior_report(model)}
-    assert plan["bn2"].startswith("no prior: cannot propagate through mul")
+    assert plan["bn2"].startswith("no prior: cannot propagate through cumsum")
     _train_forward(model, (4, 3, 6, 6))
     rows = _assert_report_matches_layers(model)
-    assert rows["bn2"]["last"].startswith("no prior: cannot propagate through mul (call_function mul)")
+    assert rows["bn2"]["last"] == "no prior: cannot propagate through cumsum (call_function cumsum)"
     assert rows["bn3"]["last"] == "prior used"
     summary = bkn.prior_summary(model)
-    assert "no prior: cannot propagate through mul" in summary
+    assert "no prior: cannot propagate through cumsum" in summary
 
 
 def test_report_shows_a_planned_prior_that_did_not_happen():

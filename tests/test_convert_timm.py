@@ -95,8 +95,7 @@ def test_timm_sync_norm_act_converts_too():
 
 def test_timm_norm_act_chain_follows_the_activation():
     """A converted BatchNormAct2d's activation is part of the chain (ReLU in closed form, Hardswish by
-    quadrature); squeeze-and-excitation's multiplication is not modelled and the report says so;
-    the report matches prior_used."""
+    quadrature); squeeze-and-excitation's gate too (docs/design.md §5); the report matches prior_used."""
     model = bkn.convert(_timm("mobilenetv3_small_050"), "bkn", transition="analytic", group_size=2).train()
     model(torch.randn(4, 3, 64, 64)).sum().backward()
     rows = {r["layer"]: r for r in bkn.prior_report(model)}
@@ -107,8 +106,11 @@ def test_timm_norm_act_chain_follows_the_activation():
     assert "Hardswish(bn1.act)" in rows["blocks.0.0.bn1"]["path"]
     assert rows["blocks.1.0.bn2"]["last"] == "prior used"
     assert "ReLU(blocks.1.0.bn1.act)" in rows["blocks.1.0.bn2"]["path"]
-    assert rows["blocks.0.0.bn2"]["last"] == "no prior: cannot propagate through mul (call_function mul)"  # SE
-    assert sum(layer.prior_used for layer in layers.values()) >= 20
+    assert rows["blocks.0.0.bn2"]["last"] == "prior used"  # after squeeze-and-excitation's x * gate
+    assert (
+        "mul" in rows["blocks.0.0.bn2"]["path"] and "Hardsigmoid(blocks.0.0.se.gate)" in rows["blocks.0.0.bn2"]["path"]
+    )
+    assert sum(layer.prior_used for layer in layers.values()) == len(layers) - 1  # all but the stem's
 
 
 def test_timm_evonorm_model_left_untouched():

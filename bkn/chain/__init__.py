@@ -3,9 +3,10 @@
 A :class:`PriorChain` is built from a ``torch.fx`` trace of a model, kept as a flat
 table of :class:`_Op` (names, kinds and input names: no ``torch.fx`` objects, so a
 converted model deep-copies and pickles). For each BKN layer it knows the sub-graph
-between the layer and the normalization layers that feed it (convolutions, ReLUs,
-pooling, residual sums, channel padding and concatenation). When a BKN layer runs in
-training mode it asks the chain for its prior; the chain evaluates that sub-graph on
+between the layer and the normalization layers that feed it (convolutions, activations,
+pooling, residual sums, channel padding and concatenation, and the structural ops of
+:mod:`bkn.transitions.structural`: slices, splits, reshapes, gates, means, upsampling, drop-path).
+When a BKN layer runs in training mode it asks the chain for its prior; the chain evaluates that sub-graph on
 *states* (a Monte-Carlo surrogate or closed-form moments, see :mod:`bkn.transitions`)
 starting from the latest normalization posteriors of this same forward pass, memoising
 every node until the next forward. The latest posterior of a tensor is
@@ -24,7 +25,8 @@ last training forward (prior used or not, from where, and why not).
 
 The package, one job a module: :mod:`~bkn.chain.graph` (the traced graph as a flat table),
 :mod:`~bkn.chain.plan` (each layer's route and the report rows), :mod:`~bkn.chain.propagate`
-(the priors of a training forward), :mod:`~bkn.chain.hooks` (the hooks on the model) and
+(the priors of a training forward), :mod:`~bkn.chain.hooks` (the hooks on the model),
+:mod:`~bkn.chain.structural_ops` (which nodes have a structural rule) and
 :mod:`~bkn.chain.core` (:class:`PriorChain`, which combines them).
 """
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import transitions
+from .structural_ops import scalar_add, structural_call
 
 _ADD = {operator.add, operator.iadd, torch.add}
 _RELU = {F.relu, torch.relu, torch.relu_}
@@ -59,6 +60,17 @@ _ACTIVATION_FUNCTIONS = {
     F.tanh: _activation(nn.Tanh),
 }
 _ACTIVATION_METHODS = {"sigmoid": _activation(nn.Sigmoid), "tanh": _activation(nn.Tanh)}
+# Pooling called as a function (``F.avg_pool2d(x, 5, stride=3)``, torchvision's inception and googlenet): the
+# module that computes the same, its arguments named in the function's order.
+_AVG_POOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_MAX_POOL = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+for _n, (_avg, _max, _adaptive) in enumerate(
+    ((nn.AvgPool1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d), (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)), 1
+):
+    _avg_names = _AVG_POOL[:5] if _n == 1 else _AVG_POOL  # AvgPool1d has no divisor_override
+    _ACTIVATION_FUNCTIONS[getattr(F, f"avg_pool{_n}d")] = _activation(_avg, *_avg_names)
+    _ACTIVATION_FUNCTIONS[getattr(F, f"max_pool{_n}d")] = _activation(_max, *_MAX_POOL[:5])  # no return_indices
+    _ACTIVATION_FUNCTIONS[getattr(F, f"adaptive_avg_pool{_n}d")] = _activation(_adaptive, "output_size")
 # Integer arithmetic on tensor sizes (``pad = x.shape[1] // 2`` for a zero-padding shortcut).
 _ARITH = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg}
 
@@ -98,7 +110,20 @@ def _refs(value):
         return _Ref(value.name)
     if isinstance(value, (tuple, list)):
         return tuple(_refs(v) for v in value)
+    if isinstance(value, slice):
+        return slice(_refs(value.start), _refs(value.stop), _refs(value.step))
     return value
+
+
+class _Kinds:
+    """The kind of each node classified so far, by name (a view of the table, not a copy)."""
+
+    def __init__(self, ops: dict):
+        self.ops = ops
+
+    def get(self, name: str, default=None):
+        op = self.ops.get(name)
+        return default if op is None else op.kind
 
 
 class _GraphTable:
@@ -113,6 +138,8 @@ class _GraphTable:
             kind = "input"
         elif node.op == "output":
             kind = "output"
+        elif node.op == "get_attr":  # a tensor of the model (a functional convolution's weight, a scale)
+            return _Op(node.name, "attr", inputs, label, target=node.target)
         elif node.name in self.norm_nodes:
             kind = "norm"
             for attr in getattr(self.modules[node.target], "_bkn_post", ()):
@@ -121,6 +148,9 @@ class _GraphTable:
                     kind, why = "unsupported", f"its {attr} {type(post).__name__} is not modelled"
         elif node.op == "call_module":
             module = self.modules[node.target]
+            call = structural_call(node, self.modules, self._kinds(), _refs)
+            if call is not None:  # nn.Upsample
+                return _Op(node.name, "structural", inputs, label, target=call[0], args=call)
             if transitions.Analytic.supports(module):
                 kind = "module"
             else:
@@ -139,8 +169,9 @@ class _GraphTable:
                 value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
                 mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
                 pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-                if mode == "constant" and not value and isinstance(node.args[0], fx.Node):
-                    return _Op(node.name, "pad", inputs, label, args=(_Ref(node.args[0].name), _refs(pad)))
+                if isinstance(node.args[0], fx.Node) and not isinstance(value, fx.Node) and isinstance(mode, str):
+                    args = (_Ref(node.args[0].name), _refs(pad), mode, value or 0.0)
+                    return _Op(node.name, "pad", inputs, label, args=args)
                 return _Op(node.name, "unsupported", inputs, label, why=f"{mode} padding with value {value}")
             if target in _CAT:
                 tensors = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -148,6 +179,11 @@ class _GraphTable:
                 if dim == 1 and isinstance(tensors, (list, tuple)) and all(isinstance(t, fx.Node) for t in tensors):
                     return _Op(node.name, "cat", tuple(t.name for t in tensors), label)  # in order, repeats kept
                 return _Op(node.name, "unsupported", inputs, label, why=f"concatenation along dim {dim}, not channels")
+            call = structural_call(node, self.modules, self._kinds(), _refs)
+            if call is None and (target in _ADD or target in _ADD_METHODS):
+                call = scalar_add(node, self._kinds(), _refs)
+            if call is not None:
+                return _Op(node.name, "structural", inputs, label, target=call[0], args=call)
             build = (_ACTIVATION_METHODS if node.op == "call_method" else _ACTIVATION_FUNCTIONS).get(target)
             if build is not None and len(inputs) == 1 and isinstance(node.args[0], fx.Node):
                 try:
@@ -174,6 +210,9 @@ class _GraphTable:
             why = f"{node.op} {node.target}"
         target = node.target if node.op == "call_module" else ""
         return _Op(node.name, kind, inputs, label, target, start, why)
+
+    def _kinds(self) -> "_Kinds":
+        return _Kinds(self.ops)
 
     def _label(self, node: fx.Node) -> str:
         if node.op == "call_module":

@@ -63,7 +63,7 @@ class _Planning:
             if op.kind == "unsupported":
                 problems.append(f"cannot propagate through {op.label} ({op.why})")
                 continue
-            if op.kind not in ("size", "arith"):  # shape arithmetic: not an op on the statistics
+            if op.kind not in ("size", "arith", "attr"):  # shape arithmetic, the model's tensors: not ops on statistics
                 visited.append(name)
             stack.extend(op.inputs)
         position = {name: i for i, name in enumerate(self.ops)}

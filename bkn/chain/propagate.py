@@ -12,6 +12,7 @@ import operator
 from dataclasses import dataclass
 
 from .. import transitions
+from ..transitions import structural
 from ..transitions.analytic import Unsupported
 from .graph import _Op, _Ref
 from .plan import FIRST_LAYER, PART_INPUT
@@ -56,6 +57,11 @@ class _Propagation:
                     return prior
                 why += " (fallback: identity found no previous layer of the same width)"
             self._why[node_name] = why
+            return None
+        try:
+            state = structural.settle(state)
+        except Unsupported as err:
+            self._why[node_name] = f"no prior: cannot propagate through {err}"
             return None
         mean, var = self.transition.to_prior(state)
         if mean.shape[-1] != layer.num_features:
@@ -107,11 +113,22 @@ class _Propagation:
             raise Unsupported(f"cannot propagate through {op.label} ({op.why})")
         if kind in ("size", "arith", "pad"):
             return self._call(op)
+        if kind == "attr":  # a tensor of the model
+            owner, _, attr = op.target.rpartition(".")
+            return getattr(self.modules[owner], attr)
+        if kind == "structural":
+            return self._structural(op)
         inputs = [self._state(a) for a in op.inputs]
         for state in inputs:
             if isinstance(state, _Missing):
                 return state
         try:
+            for state in inputs:
+                if not isinstance(state, (transitions.Sample, transitions.Moments, structural.Layout)):
+                    raise Unsupported(f"an input that is a {type(state).__name__}, not activations")
+            if kind == "pass":  # contiguous, clone: a reshaped state stays one
+                return inputs[0]
+            inputs = [structural.settle(s) for s in inputs]
             return self._apply(op, inputs)
         except Unsupported as err:
             raise Unsupported(f"cannot propagate through {op.label} ({err})") from None
@@ -121,7 +138,22 @@ class _Propagation:
             return self._state(value.name)
         if isinstance(value, tuple):
             return tuple(self._resolve(v) for v in value)
+        if isinstance(value, slice):
+            return slice(self._resolve(value.start), self._resolve(value.stop), self._resolve(value.step))
         return value
+
+    def _structural(self, op: _Op):
+        """A slice, split, reshape, product, mean, upsampling, drop-path or functional convolution
+        (:mod:`bkn.transitions.structural`); its arguments may be states, sizes or the model's tensors."""
+        rule, args, kwargs = op.args
+        args, kwargs = self._resolve(args), {k: self._resolve(v) for k, v in kwargs}
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, _Missing):
+                return value
+        try:
+            return structural.apply(self.transition, rule, args, kwargs)
+        except Unsupported as err:
+            raise Unsupported(f"cannot propagate through {op.label} ({err})") from None
 
     def _call(self, op: _Op):
         """A size, integer arithmetic on sizes, or a zero padding (its amounts may be such values)."""
@@ -132,7 +164,9 @@ class _Propagation:
         try:
             if op.kind == "size":
                 state, dim = args[0], (args[1] if len(args) > 1 else None)
-                if isinstance(state, transitions.Sample):
+                if isinstance(state, structural.Layout):
+                    shape = state.shape
+                elif isinstance(state, transitions.Sample):
                     shape = (None, *state.value.shape[1:])
                 else:
                     shape = (None, state.channels, *state.spatial)  # the batch is not a statistic
@@ -141,12 +175,17 @@ class _Propagation:
                 if any(a is None for a in args):
                     raise Unsupported("arithmetic on the batch size")
                 return getattr(operator, op.target)(*args)
-            state, pad = args
+            state, pad, mode, value = args
+            state = structural.settle(state)
             if not all(isinstance(p, int) for p in pad):
                 raise Unsupported(f"padding amounts {pad}")
             rank = 1 + (len(state.value.shape) - 2 if isinstance(state, transitions.Sample) else len(state.spatial))
-            if len(pad) % 2 or len(pad) > 2 * rank or any(pad[: 2 * (rank - 1)]) or len(pad) < 2 * rank:
-                raise Unsupported(f"padding {tuple(pad)} of spatial positions (only channel padding is modelled)")
+            if len(pad) % 2 or len(pad) > 2 * rank:
+                raise Unsupported(f"padding {tuple(pad)} of a {rank + 1}-d activation")
+            if len(pad) <= 2 * (rank - 1):  # positions only
+                return structural.pad_spatial(state, tuple(pad), mode, value)
+            if any(pad[: 2 * (rank - 1)]) or mode != "constant" or value:
+                raise Unsupported(f"{mode} padding {tuple(pad)} with value {value} of channels and positions")
             return self.transition.pad_channels(state, pad[-2], pad[-1])
         except Unsupported as err:
             raise Unsupported(f"cannot propagate through {op.label} ({err})") from None
