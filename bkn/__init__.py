@@ -6,7 +6,7 @@
 * :mod:`bkn.norms` - the low-level constructor ``create(name, C, **options)``.
 * :func:`bkn.convert` - swap the BatchNorms of any model (torchvision ResNets...) and wire BKN priors;
   :func:`bkn.prior_summary` / :func:`bkn.prior_report` - each layer's planned prior and its last training forward;
-  :func:`bkn.conversion_report` - what converting to a rival (gn-ws, frn, evonorm-*) replaced.
+  :func:`bkn.conversion_report` - what any conversion replaced (norms, absorbed activations, convolutions).
 * :mod:`bkn.models` - the paper's CIFAR ResNet.
 
 The lab built on the library (population statistics, data sets, the training engine, the
@@ -38,7 +38,7 @@ _LAZY = {
     "convert": ("bkn.conversion", "convert"),
     "prior_summary": ("bkn.conversion", "prior_summary"),
     "prior_report": ("bkn.conversion", "prior_report"),
-    "conversion_report": ("bkn.rivals.conversion", "conversion_report"),
+    "conversion_report": ("bkn.replacements", "conversion_report"),
     **{
         f"{stem}{d}d": ("bkn.layers", f"{stem}{d}d")
         for stem in ("BatchKalmanNorm", "BatchRenorm", "GhostBatchNorm")

@@ -17,7 +17,9 @@ so it is either converted into an equivalent - timm's norm-activation layers
 does - or rejected with a ``TypeError`` naming the class, before anything is replaced.
 Other normalization layers (``GroupNorm``, timm's ``GroupNormAct``, EvoNorm...) are left
 untouched. The rivals ``gn-ws``, ``frn``, ``evonorm-b0`` and ``evonorm-s0`` also swap convolutions
-or absorb the activation after a norm: :mod:`bkn.rivals.conversion` (``bkn.conversion_report``).
+or absorb the activation after a norm: :mod:`bkn.rivals.conversion`. Every conversion attaches a
+:class:`bkn.replacements.ConversionReport` (``bkn.conversion_report(model)``): which module
+became which class (for BKN, each layer's planned prior as the note) and what could not be done.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import cross_iteration_conversion, norms
 from .chain import PriorChain, format_report
 from .layers import SyncBatchNorm
 from .norm_kinds import RIVAL_NORMS
+from .replacements import ConversionReport, attach
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CHAIN_OPTIONS = ("fallback", "surrogate_scale", "chain")
@@ -152,8 +155,11 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
         return rivals.convert(
             model, norm, layer_options, norm_kind=_norm_kind, tracer_cls=_Tracer, replace=_replacement
         )
-    if _norm_kind(model) is not None:
-        return _replacement(model, norm, layer_options)
+    if _norm_kind(model) is not None:  # a lone BatchNorm
+        new = _replacement(model, norm, layer_options)
+        report = ConversionReport(norm)
+        report.add("", "norm", type(model), type(new), "no prior chain: a lone layer" if norm == "bkn" else "")
+        return attach(new, report)
     targets = [name for name, m in model.named_modules() if _norm_kind(m) is not None]
     graph = None
     if norm == "bkn" and options.get("chain", True):
@@ -178,8 +184,24 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
         chain.attach(model)
         model._bkn_chain = chain
     if norm in cross_iteration_conversion.NORMS:  # centred convolutions (mabn), wiring (cbn): docs/design.md §16
-        cross_iteration_conversion.finish(model, norm, replaced)
-    return model
+        return cross_iteration_conversion.finish(model, norm, replaced)
+    return attach(model, _plain_report(model, norm, replaced, options))
+
+
+def _plain_report(model: nn.Module, norm: str, replaced: list[tuple[str, type]], options: dict) -> ConversionReport:
+    """Each BatchNorm and its new class; a BKN layer's note is its prior's plan (or why there is no chain)."""
+    notes = {}
+    if norm == "bkn":
+        chain = getattr(model, "_bkn_chain", None)
+        if chain is not None:
+            notes = {row["layer"]: row["plan"] for row in chain.report()}
+        else:
+            why = "chain=False" if not options.get("chain", True) else model._bkn_chain_error
+            notes = {name: f"no prior chain: {why}" for name, _ in replaced}
+    report = ConversionReport(norm)
+    for name, old in replaced:
+        report.add(name, "norm", old, type(model.get_submodule(name)), notes.get(name, ""))
+    return report
 
 
 def _report(model: nn.Module) -> tuple[list[dict] | None, str]:

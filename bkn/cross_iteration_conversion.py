@@ -13,15 +13,18 @@ docs/design.md §16. Both rivals need more than a norm in place of each BatchNor
   ``torch.fx`` graph (the norm's input must be a convolution module's output, with as many
   output channels as the norm has). A layer that cannot be wired (its input is a residual sum,
   a pooling, a concatenation, or the model does not trace) is plain BN on its group, and one
-  ``UserWarning`` names every such layer and why; :func:`replacements` lists them too.
+  ``UserWarning`` names every such layer and why; the conversion report lists them too.
 
 :func:`prepare` does both on a model built with the norm already in place (the probes' own
 networks); ``bkn.convert`` calls :func:`finish` after replacing the BatchNorms. Either attaches
-the listing that :func:`replacements` returns.
+a :class:`bkn.replacements.ConversionReport` (``bkn.conversion_report(model)``): each norm
+(role ``"norm"``; a CBN layer's note is its wiring) and each centred convolution (role ``"conv"``);
+its ``problems`` name the unwired CBN layers and the convolutions kept uncentred, and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -29,6 +32,7 @@ from torch import fx, nn
 
 from .layers.cross_iteration import _CrossIterationBatchNorm
 from .layers.mabn import CenteredConv1d, CenteredConv2d, CenteredConv3d, _MovingAverageBatchNorm
+from .replacements import ConversionReport, attach
 
 NORMS = ("mabn", "cbn")
 _CENTERED = {nn.Conv1d: CenteredConv1d, nn.Conv2d: CenteredConv2d, nn.Conv3d: CenteredConv3d}
@@ -55,14 +59,6 @@ def after_copy(bn: nn.Module, new: nn.Module) -> None:
             new.num_batches_tracked.zero_()
 
 
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _row(name: str, before: type, after: type, kind: str, note: str = "") -> dict:
-    return {"module": name, "before": _qualname(before), "after": _qualname(after), "kind": kind, "note": note}
-
-
 class _Tracer(fx.Tracer):
     def __init__(self, leaves: set[int]):
         super().__init__()
@@ -72,20 +68,19 @@ class _Tracer(fx.Tracer):
         return id(module) in self.leaves or super().is_leaf_module(module, qualified_name)
 
 
-def _centre_convolutions(model: nn.Module) -> list[dict]:
-    rows = []
+def _centre_convolutions(model: nn.Module, report: ConversionReport) -> None:
     for name, module in list(model.named_modules()):
         centred = _CENTERED.get(type(module))
         if centred is None:
             continue
         fan_in = module.weight[0].numel()
         if fan_in == 1:
-            kept = "kept: one weight per filter, centring would zero it"
-            rows.append(_row(name, type(module), type(module), "conv", kept))
+            report.problems.append(
+                f"convolution {name!r} kept as {type(module).__name__}: one weight per filter, centring would zero it"
+            )
             continue
         module.__class__ = centred  # same parameters, buffers, hooks and state_dict keys
-        rows.append(_row(name, _plain(centred), centred, "conv"))
-    return rows
+        report.add(name, "conv", _plain(centred), centred)
 
 
 def _plain(centred: type) -> type:
@@ -136,20 +131,20 @@ def _describe(source) -> str:
 
 def finish(model: nn.Module, norm: str, replaced: list[tuple[str, type]] = ()) -> nn.Module:
     """After ``bkn.convert`` replaced the BatchNorms ``replaced`` (``(name, old class)``) by ``norm``:
-    centre the convolutions (mabn) or wire the CBN layers (cbn); attach the listing; warn for unwired
-    CBN layers."""
-    rows = [_row(name, old, type(model.get_submodule(name)), "norm") for name, old in replaced]
+    centre the convolutions (mabn) or wire the CBN layers (cbn); attach the conversion report; warn for
+    unwired CBN layers."""
+    report, olds = ConversionReport(norm), dict(replaced)
+    for name, layer in model.named_modules():  # in module order; norms built in place (prepare): as themselves
+        if name in olds or isinstance(layer, (_CrossIterationBatchNorm, _MovingAverageBatchNorm)):
+            report.add(name, "norm", olds.get(name, type(layer)), type(layer))
     if norm == "mabn":
-        rows += _centre_convolutions(model)
+        _centre_convolutions(model, report)
     unwired = dict(_wire(model)) if norm == "cbn" else {}
-    listed = {row["module"] for row in rows}
-    for name, layer in model.named_modules():  # norms built in place (prepare): listed as themselves
-        if isinstance(layer, (_CrossIterationBatchNorm, _MovingAverageBatchNorm)) and name not in listed:
-            rows.append(_row(name, type(layer), type(layer), "norm"))
-    for row in rows:
-        layer = model.get_submodule(row["module"])
+    for i, row in enumerate(report.replaced):  # a CBN layer's note: its wiring
+        layer = model.get_submodule(row.module)
         if isinstance(layer, _CrossIterationBatchNorm):
-            row["note"] = layer.wiring
+            report.replaced[i] = dataclasses.replace(row, note=layer.wiring)
+    report.problems += [f"cbn layer {name!r} not wired: {why}" for name, why in unwired.items()]
     if unwired:
         names = "; ".join(f"{name}: {why}" for name, why in unwired.items())
         warnings.warn(
@@ -157,8 +152,7 @@ def finish(model: nn.Module, norm: str, replaced: list[tuple[str, type]] = ()) -
             f"with their current group only (plain BN, no cross-iteration statistics): {names}",
             stacklevel=3,
         )
-    model._bkn_replacements = rows
-    return model
+    return attach(model, report)
 
 
 def prepare(model: nn.Module, norm: str) -> nn.Module:
@@ -167,21 +161,3 @@ def prepare(model: nn.Module, norm: str) -> nn.Module:
     if norm in NORMS:
         finish(model, norm)
     return model
-
-
-def replacements(model: nn.Module) -> list[dict]:
-    """What the last conversion replaced: rows ``{module, before, after, kind, note}`` (``kind`` "norm" or
-    "conv"; ``note``: a CBN layer's wiring, a convolution kept and why). ``ValueError`` for a model that was
-    not converted to mabn or cbn."""
-    rows = getattr(model, "_bkn_replacements", None)
-    if rows is None:
-        raise ValueError("replacements: the model was not converted to 'mabn' or 'cbn' (no listing attached)")
-    return list(rows)
-
-
-def summary(model: nn.Module) -> str:
-    """:func:`replacements` as a printable table."""
-    rows = replacements(model)
-    short = [(r["module"], r["before"].rsplit(".", 1)[1], r["after"].rsplit(".", 1)[1], r["note"]) for r in rows]
-    width = max((len(s[0]) for s in short), default=6)
-    return "\n".join(f"{m:<{width}}  {b} -> {a}" + (f"  ({n})" if n else "") for m, b, a, n in short)

@@ -11,7 +11,8 @@ from drift_fixtures import synthetic_rows
 from test_suites import runnable
 from torch import nn
 
-from bkn import cross_iteration_conversion, methods
+import bkn
+from bkn import methods
 from bkn.layers import CenteredConv2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from bkn.probes.data import digits_dataset
 from bkn.probes.training import TrainConfig, make_model, train_run
@@ -39,39 +40,39 @@ def _step(model, size=32):
 
 
 def _check_listing(model, norm):
-    rows = cross_iteration_conversion.replacements(model)
-    norms_ = [r for r in rows if r["kind"] == "norm"]
-    convs = [r for r in rows if r["kind"] == "conv"]
+    report = bkn.conversion_report(model)
+    assert report.method == norm and report.problems == [] and {r.role for r in report.replaced} <= {"norm", "conv"}
+    norms_, convs = report.of("norm"), report.of("conv")
     modules = dict(model.named_modules())
-    assert norms_ and all(r["before"].endswith("BatchNorm2d") for r in norms_)
+    assert norms_ and all(r.old == "BatchNorm2d" for r in norms_)
     expected = MovingAverageBatchNorm2d if norm == "mabn" else CrossIterationBatchNorm2d
-    assert all(type(modules[r["module"]]) is expected for r in norms_)
+    assert all(type(modules[r.module]) is expected and r.new == expected.__name__ for r in norms_)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     plain_convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
     if norm == "mabn":  # every convolution centred (ResNet-18 and MobileNetV2 have no one-weight filters)
         assert plain_convs == [] and len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
-        assert all(r["after"].endswith("CenteredConv2d") for r in convs)
+        assert all(r.old == "Conv2d" and r.new == "CenteredConv2d" for r in convs)
     else:  # every CBN wired to the convolution that feeds it, named in the listing
         assert convs == []
         for r in norms_:
-            source = modules[r["module"]].source
-            assert r["note"].startswith("wired to ") and modules[r["note"].removeprefix("wired to ")] is source
-    return rows
+            source = modules[r.module].source
+            assert r.note.startswith("wired to ") and modules[r.note.removeprefix("wired to ")] is source
+    return report.replaced
 
 
 @pytest.mark.parametrize("norm", ["mabn", "cbn"])
 def test_convert_resnet18_lists_what_replaced_what_and_trains(norm):
     model = methods.get(norm).convert(_torchvision("resnet18"), group_size=2)
     rows = _check_listing(model, norm)
-    assert {"module": "bn1", "before": "torch.nn.modules.batchnorm.BatchNorm2d"}.items() <= rows[0].items()
+    assert (rows[0].module, rows[0].old) == ("bn1", "BatchNorm2d")
     if norm == "cbn":
-        assert rows[0]["note"] == "wired to conv1" and model.layer1[0].bn2.source is model.layer1[0].conv2
+        assert rows[0].note == "wired to conv1" and model.layer1[0].bn2.source is model.layer1[0].conv2
         assert model.layer2[0].downsample[1].source is model.layer2[0].downsample[0]
     else:
         assert type(model.conv1) is CenteredConv2d and model.bn1.running_var.eq(1).all()
     _step(model, size=16)
-    summary = cross_iteration_conversion.summary(model)
-    assert "layer4.1.bn2" in summary and "->" in summary
+    text = str(bkn.conversion_report(model))
+    assert "layer4.1.bn2" in text and "->" in text
 
 
 @pytest.mark.slow
@@ -99,8 +100,10 @@ def test_unwired_cbn_layers_are_named_in_a_warning_and_the_listing():
 
     with pytest.warns(UserWarning, match=r"1 layer\(s\) could not be wired.*bn2: its input is add"):
         model = methods.get("cbn").convert(Residual(), group_size=2)
-    rows = {r["module"]: r["note"] for r in cross_iteration_conversion.replacements(model)}
+    report = bkn.conversion_report(model)
+    rows = {r.module: r.note for r in report.replaced}
     assert rows["bn1"] == "wired to conv" and rows["bn2"].startswith("not wired: its input is add")
+    assert len(report.problems) == 1 and report.problems[0].startswith("cbn layer 'bn2' not wired: its input is add")
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     model.train()(x)
     seen = []
@@ -118,12 +121,17 @@ def test_mabn_conversion_keeps_one_weight_filters_and_carries_the_second_moment(
     model[1].running_mean.fill_(2.0)
     model[1].running_var.fill_(3.0)
     model = methods.get("mabn").convert(model, group_size=2)
-    rows = {r["module"]: r for r in cross_iteration_conversion.replacements(model)}
-    assert type(model[0]) is nn.Conv2d and rows["0"]["note"].startswith("kept: one weight per filter")
+    report = bkn.conversion_report(model)
+    assert [(r.module, r.role, r.new) for r in report.replaced] == [
+        ("1", "norm", "MovingAverageBatchNorm2d"),
+        ("2", "conv", "CenteredConv2d"),
+    ]
+    assert report.problems == ["convolution '0' kept as Conv2d: one weight per filter, centring would zero it"]
+    assert type(model[0]) is nn.Conv2d
     assert type(model[2]) is CenteredConv2d and set(model.state_dict()) >= {"0.weight", "2.weight", "1.running_var"}
     assert model[1].running_var.eq(7.0).all() and model[1].running_mean.eq(0).all() and model[1].momentum == 0.02
-    with pytest.raises(ValueError, match="not converted to 'mabn' or 'cbn'"):
-        cross_iteration_conversion.replacements(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"Linear carries no conversion report.*bkn.convert\(model, norm\)"):
+        bkn.conversion_report(nn.Linear(2, 2))
 
 
 def test_asv_layer_and_network_benchmarks_accept_them():
@@ -170,11 +178,12 @@ def test_training_probe_trains_them(method):
         rows = train_run(config, train, test)
     accuracy = [r["value"] for r in rows if r["metric"] == "test_acc"]
     assert accuracy and all(0 <= a <= 1 for a in accuracy)
-    listing = cross_iteration_conversion.replacements(model)
+    report = bkn.conversion_report(model)
     if method == "mabn":
-        convs = [r for r in listing if r["kind"] == "conv"]
-        assert convs and all(r["after"].endswith("CenteredConv2d") for r in convs)
-        assert all(r["after"].endswith("MovingAverageBatchNorm2d") for r in listing if r["kind"] == "norm")
+        convs = report.of("conv")
+        assert convs and all(r.new == "CenteredConv2d" for r in convs)
+        assert report.of("norm") and all(r.new == "MovingAverageBatchNorm2d" for r in report.of("norm"))
     else:
-        assert any(r["note"].startswith("wired to") for r in listing)
+        assert any(r.note.startswith("wired to") for r in report.replaced)
+        assert report.problems and all(p.startswith("cbn layer ") for p in report.problems)
         assert model.norm0.burnin == 8  # 2/3 of the 12 steps: the authors' 8 of 12 epochs

@@ -105,6 +105,7 @@ model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), t
 bkn.convert(model, "bkn", group_size=2, transition="analytic")
 model.train()(torch.randn(4, 3, 8, 8))
 bkn.prior_summary(model)
+bkn.conversion_report(model)
 """
 
 
@@ -131,7 +132,7 @@ def test_the_library_loads_none_of_the_lab():
     assert _matching(loaded, ("timm", "bkn.rivals.layers")) == []
 
 
-@pytest.mark.parametrize("module", ["bkn.methods", "bkn.probes.results"])
+@pytest.mark.parametrize("module", ["bkn.methods", "bkn.probes.results", "bkn.replacements"])
 def test_registry_and_results_load_no_torch(module):
     loaded = _loaded_after(f"import {module}")
     assert module in loaded

@@ -14,7 +14,7 @@
   A norm followed by anything else gets the rival without its nonlinearity. ReLU6 is absorbed too: the
   rival's nonlinearity replaces the pair, so MobileNetV2's cap at 6 goes (docs/design.md §15).
 
-Every replacement is listed in a :class:`ConversionReport` (``bkn.conversion_report(model)``);
+Every replacement is listed in a :class:`bkn.replacements.ConversionReport` (``bkn.conversion_report(model)``);
 what could not be done is a ``RivalConversionWarning`` naming the module (an untraceable model: no
 activation absorbed; a convolution left unstandardized), or an error before anything changes (a 3-d
 BatchNorm, which timm's 2-d layers can't replace).
@@ -22,7 +22,6 @@ BatchNorm, which timm's 2-d layers can't replace).
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections import Counter
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import norms
+from ..replacements import ConversionReport, Replacement, attach, conversion_report
 
 ACTIVATED = ("frn", "evonorm-b0", "evonorm-s0")  # rivals that replace norm -> activation
 _RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6"}
@@ -39,55 +39,6 @@ _RELU_METHODS = {"relu": "relu", "relu_": "relu"}
 
 class RivalConversionWarning(UserWarning):
     """Something ``bkn.convert`` could not do for a rival (the message names the module and why)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Replacement:
-    """One change: ``module`` (its name in the model) of class ``old`` became ``new``."""
-
-    module: str
-    role: str  # "norm", "activation" (absorbed into the norm before it) or "conv"
-    old: str
-    new: str
-    note: str = ""
-
-
-@dataclasses.dataclass
-class ConversionReport:
-    """What converting to ``method`` replaced, what it could not do, and whether the graph was rewritten."""
-
-    method: str
-    replaced: list = dataclasses.field(default_factory=list)
-    problems: list = dataclasses.field(default_factory=list)
-    graph_module: bool = False  # the returned model is a torch.fx.GraphModule (an activation call was removed)
-
-    def counts(self) -> Counter:
-        """``Counter`` of ``(role, old, new)``."""
-        return Counter((r.role, r.old, r.new) for r in self.replaced)
-
-    def rows(self) -> list[dict]:
-        return [dataclasses.asdict(r) for r in self.replaced]
-
-    def __str__(self) -> str:
-        lines = [f"bkn.convert to {self.method!r}: {len(self.replaced)} replacements"]
-        for r in self.replaced:
-            note = f"  ({r.note})" if r.note else ""
-            lines.append(f"  {r.role:<10} {r.module:<32} {r.old} -> {r.new}{note}")
-        if self.graph_module:
-            lines.append("  the model is a torch.fx.GraphModule: activation calls were removed from its graph")
-        lines += [f"  could not: {p}" for p in self.problems]
-        return "\n".join(lines)
-
-
-def conversion_report(model: nn.Module) -> ConversionReport:
-    """The report of the rival conversion that produced ``model``; ``ValueError`` for any other model."""
-    report = getattr(model, "_bkn_rival_report", None)
-    if report is None:
-        raise ValueError(
-            f"conversion_report: {type(model).__name__} was not converted to a rival "
-            f"(bkn.convert(model, one of {', '.join(('gn-ws',) + ACTIVATED)}))"
-        )
-    return report
 
 
 def _problem(report: ConversionReport, message: str) -> None:
@@ -208,8 +159,7 @@ def convert(model: nn.Module, norm: str, options: dict, *, norm_kind, tracer_cls
         else:
             new = _rival_layer(model, norm, options, apply_act=False)
         report.replaced.append(Replacement("", "norm", type(model).__name__, type(new).__name__, "no activation"))
-        new._bkn_rival_report = report
-        return new
+        return attach(new, report)
     targets = [(name, m) for name, m in model.named_modules() if norm_kind(m) is not None]
     three_d = [name for name, m in targets if isinstance(m, nn.BatchNorm3d)]
     if three_d:
@@ -220,8 +170,7 @@ def convert(model: nn.Module, norm: str, options: dict, *, norm_kind, tracer_cls
             new = replace(bn, "gn", options)
             _set(model, name, new)
             report.replaced.append(Replacement(name, "norm", type(bn).__name__, "GroupNorm"))
-        model._bkn_rival_report = report
-        return model
+        return attach(model, report)
     graph, absorb = _absorbable(model, targets, tracer_cls, report)
     for name, bn in targets:
         if norm_kind(bn) == "norm-act":  # timm's BatchNormAct2d: its own act may be absorbed
@@ -239,8 +188,7 @@ def convert(model: nn.Module, norm: str, options: dict, *, norm_kind, tracer_cls
         _set(model, name, new)
         report.replaced.append(Replacement(name, "norm", type(bn).__name__, type(new).__name__, note))
     if not absorb:
-        model._bkn_rival_report = report
-        return model
+        return attach(model, report)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     absorbed = Counter(n.target for n in absorb.values() if n.op == "call_module")
     in_place = {target for target, count in absorbed.items() if count == calls[target]}
@@ -257,14 +205,12 @@ def convert(model: nn.Module, norm: str, options: dict, *, norm_kind, tracer_cls
         graph.erase_node(node)
         rewrite = True
     if not rewrite:
-        model._bkn_rival_report = report
-        return model
+        return attach(model, report)
     graph.lint()
     new_model = fx.GraphModule(model, graph, class_name=type(model).__name__)
     new_model.train(model.training)
     report.graph_module = True
-    new_model._bkn_rival_report = report
-    return new_model
+    return attach(new_model, report)
 
 
 __all__ = ["ConversionReport", "Replacement", "RivalConversionWarning", "conversion_report", "convert"]
