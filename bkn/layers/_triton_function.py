@@ -335,6 +335,13 @@ class TritonRenorm(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         xl, s1, s2, st, layout, count, plan, w = _moments(x, groups)
         tk = _module()
+        scheduled = hasattr(rmax, "on_device")  # a RenormSchedule: the limits from the counter, in the kernel
+        if scheduled:
+            sched, rmax, dmax = rmax, 0.0, 0.0
+            schedule = (sched.warmup_steps, sched.rmax_steps, sched.dmax_steps,
+                        *_split(sched.rmax_max - 1.0), *_split(sched.dmax_max))  # fmt: skip
+        else:
+            schedule = (0, 0, 0, 0.0, 0.0, 0.0, 0.0)
         rmax_t, dmax_t = isinstance(rmax, torch.Tensor), isinstance(dmax, torch.Tensor)
         block_c = min(_pow2(C), 64 if x.device.type == "cpu" else 1024)
         _kernels.launch(
@@ -342,9 +349,9 @@ class TritonRenorm(torch.autograd.Function):
             w, w, w, w if weight is None else weight, w if bias is None else bias, mu, sigma, running_var, steps,
             rmax if rmax_t else w, dmax if dmax_t else w, groups, C, count, plan[1], plan[2], ROWS * groups * C,
             *_split(eps), *_split(0.0 if momentum is None else momentum),
-            *_split(0.0 if rmax_t else rmax), *_split(0.0 if dmax_t else dmax),
+            *_split(0.0 if rmax_t else rmax), *_split(0.0 if dmax_t else dmax), *schedule,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MOMENTUM_NONE=momentum is None,
-            RMAX_TENSOR=rmax_t, DMAX_TENSOR=dmax_t, STAT=STAT, BLOCK_C=block_c,
+            RMAX_TENSOR=rmax_t, DMAX_TENSOR=dmax_t, SCHEDULED=scheduled, STAT=STAT, BLOCK_C=block_c,
         )  # fmt: skip
         y = _affine(xl, s1, s2, st, layout, groups, count, plan, w, 5)
         ctx.save_for_backward(x, weight, w)
