@@ -206,6 +206,31 @@ def test_brn_schedule_from_the_counter_equals_the_torch_reference(schedule, step
     )  # a limit that binds: the kernel used this step's rmax
 
 
+@pytest.mark.parametrize("bad", [-1e-3, math.nan, math.inf, -math.inf, None])
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_prior_variance_checked_in_the_finalize_kernel(name, bad):
+    """check=label: a negative, infinite or NaN prior variance (in any (group, channel)) is a clear error on both
+    backends (on triton from the finalize kernel's flag); a valid one passes and gives the same outputs."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    var = torch.rand(2, 3, generator=gen, dtype=torch.float64) + 0.5
+    if bad is not None:
+        var[1, 2] = bad
+    prior = (torch.zeros(3, dtype=torch.float64), var)
+    with backend(name):
+
+        def run():
+            return normalize_with_stats(x, None, None, prior=prior, gain=0.5, groups=2, guard=math.inf, check="L")
+
+        if bad is None:
+            y = run()[0]
+            with backend("torch"):
+                torch.testing.assert_close(y, normalize_with_stats(x, None, None, prior=prior, gain=0.5, groups=2)[0])
+        else:
+            with pytest.raises(ValueError, match="L: expected a finite, non-negative prior variance"):
+                run()
+
+
 def test_bf16_input_statistics_in_float32():
     gen = torch.Generator().manual_seed(7)
     x64 = torch.randn(8, 3, 7, 7, generator=gen, dtype=torch.float64) * 2 + 100  # |mean| >> spread

@@ -139,10 +139,12 @@ def kalman_finalize(
     smg, smc, svg, svc, spg, spc,  # strides of prior mean, var, gain over (G, C) (0: broadcast)
     p_hi, p_lo, eps_hi, eps_lo, thr_hi, thr_lo, mom_hi, mom_lo, unb_hi, unb_lo,
     OBS_GIVEN: tl.constexpr, HAS_PRIOR: tl.constexpr, GAIN_TENSOR: tl.constexpr, HAS_GUARD: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_STEPS: tl.constexpr,
-    MOMENTUM_NONE: tl.constexpr, STAT: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHECK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    HAS_STEPS: tl.constexpr, MOMENTUM_NONE: tl.constexpr, STAT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """W (8, G, C): obs mean, obs var, mean, var, scale, shift, inv_std, use (W[7, 0, 0], 1 or 0).
+
+    CHECK: W[8, 0, 0] = 1 if every prior variance is finite and >= 0, else 0 (the caller's device check).
 
     PM: stats_partial's PS (at PS_OFF; PM2 unused), or with OBS_GIVEN the given (G, C) mean and var PM, PM2.
     """
@@ -165,6 +167,7 @@ def kalman_finalize(
     if HAS_RUNNING:
         factor = _running_factor(STEPS, mom_hi, mom_lo, HAS_STEPS, MOMENTUM_NONE)
         unbiased = _f64(unb_hi, unb_lo)
+    bad = tl.full([], 0, tl.int32)  # prior variances that are negative, infinite or NaN (CHECK)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < C
@@ -177,7 +180,11 @@ def kalman_finalize(
             var = vo
             if HAS_PRIOR:
                 mp = tl.load(MP + gi * smg + cs * smc, mask=cm, other=0.0).to(STAT)
-                vp = tl.load(VP + gi * svg + cs * svc, mask=cm, other=0.0).to(STAT)
+                vp_in = tl.load(VP + gi * svg + cs * svc, mask=cm, other=0.0)
+                if CHECK:  # in the prior's own dtype, as check_prior_var (NaN fails both comparisons)
+                    ok = (vp_in >= 0) & (vp_in < float("inf"))
+                    bad += tl.sum(tl.where(cm & ~ok, 1, 0).to(tl.int32), axis=0)
+                vp = vp_in.to(STAT)
                 if GAIN_TENSOR:
                     p = tl.load(P + gi * spg + cs * spc, mask=cm, other=0.0).to(STAT)
                 else:
@@ -204,6 +211,8 @@ def kalman_finalize(
         if HAS_RUNNING:
             _ema(RM, RV, cs, cm, sum_m / G, sum_v / G, factor, unbiased)
     tl.store(W + 7 * GC, use.to(STAT))
+    if CHECK:
+        tl.store(W + 8 * GC, tl.where(bad == 0, 1.0, 0.0).to(STAT))
 
 
 @triton.jit
