@@ -23,6 +23,7 @@ from bkn.layers._checks import device_check
 from bkn.layers._function import _gradient_sums
 from bkn.layers.renorm import RenormSchedule
 from bkn.probes.dispatch_count import (
+    NO_KERNEL_OPS,
     DispatchCounter,
     accelerator_path,
     count,
@@ -74,6 +75,21 @@ def test_counter_counts_a_known_op_sequence():
         a.neg()
     assert dict(counter.ops) == {"add": 1, "mul": 1, "sum": 1, "neg": 1}
     assert counter.total == 4 and counter.syncs == []
+
+
+def test_kernel_ops_leave_out_views_and_allocations():
+    """A known sequence: 4 views/metadata ops and 2 allocations launch nothing; the 3 arithmetic ops do."""
+    a = torch.ones(2, 3)
+    counter = DispatchCounter()
+    with counter:
+        v = a.view(3, 2).t().unsqueeze(0).detach()  # view, t, unsqueeze, detach
+        e, f = torch.empty(3), torch.empty_like(a)  # allocations
+        w = (v + 1).mul(2).sum()  # add, mul, sum
+    assert counter.total == 9
+    assert counter.kernel_total == 3, dict(counter.ops)
+    assert {"view", "t", "unsqueeze", "detach", "empty", "empty_like"} <= NO_KERNEL_OPS
+    assert not {"add", "mul", "sum", "clone", "copy_", "_local_scalar_dense"} & NO_KERNEL_OPS
+    del e, f, w
 
 
 def test_counter_counts_backward_ops():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from triton_interpret import interpreted
+from triton_interpreter import interpreted_kernels
 
 from bkn.transitions import convolution
 from bkn.transitions.activation_moments import _NormReluMoments, relu_moments
@@ -28,8 +28,8 @@ TOL = {torch.float64: dict(rtol=1e-12, atol=1e-13), torch.float32: dict(rtol=2e-
 
 @pytest.fixture
 def fns(monkeypatch):
-    interpreted(monkeypatch, "bkn.kernels.triton_analytic")
-    return importlib.import_module("bkn.kernels.triton_analytic_functions")
+    with interpreted_kernels(monkeypatch):
+        yield importlib.import_module("bkn.kernels.triton_analytic_functions")
 
 
 def _leaves(*tensors):

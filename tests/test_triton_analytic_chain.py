@@ -13,11 +13,12 @@ per step, counted by :func:`bkn.kernels.triton_analytic._launch`.
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
 from torch import nn
-from triton_interpret import interpreted
+from triton_interpreter import interpreted_kernels
 
 from bkn import methods
 from bkn.models.cifar_resnet import cifar_resnet
@@ -25,7 +26,8 @@ from bkn.models.cifar_resnet import cifar_resnet
 
 @pytest.fixture
 def kernels(monkeypatch):
-    return interpreted(monkeypatch, "bkn.kernels.triton_analytic")
+    with interpreted_kernels(monkeypatch):
+        yield importlib.import_module("bkn.kernels.triton_analytic")
 
 
 def _small_net() -> nn.Module:

@@ -20,6 +20,7 @@ from bkn import kernels
 from bkn.layers import _triton_function
 from bkn.layers._function import normalize_with_stats
 from bkn.layers._renorm_function import renorm_train
+from bkn.layers.renorm import RenormSchedule
 
 pytest.importorskip("triton")
 
@@ -154,7 +155,8 @@ def test_ghost_bn_matrix_small_tiles(monkeypatch, dtype, layout, groups):
     _compare(_ghost_step, dtype=dtype, layout=layout, shape=(8, 3, 7, 7), groups=groups)
 
 
-def _brn_step(name, *, dtype, groups, tensor_limits=False, momentum=0.1, layout="contiguous", spatial=(7, 7), seed=1):
+def _brn_step(name, *, dtype, groups, tensor_limits=False, momentum=0.1, layout="contiguous", spatial=(7, 7), seed=1,
+              schedule=None, step=5):  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     shape = (8, 3, *spatial)
     x = _layout(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype), layout).requires_grad_()
@@ -163,8 +165,10 @@ def _brn_step(name, *, dtype, groups, tensor_limits=False, momentum=0.1, layout=
     # running sigma far below the batch's spread and mu far from its mean: both clamps active
     mu = torch.tensor([2.0, 0.0, -0.05], dtype=dtype)
     sigma = torch.tensor([0.3, 1.0, 3.0], dtype=dtype)
-    rvar, steps = sigma * sigma, torch.tensor(5)
+    rvar, steps = sigma * sigma, torch.tensor(step)
     rmax, dmax = (torch.tensor(1.5), torch.tensor(0.5)) if tensor_limits else (1.5, 0.5)
+    if schedule is not None:  # the limits from the step counter (in the finalize kernel on triton)
+        rmax, dmax = schedule, None
     dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
     with backend(name), kernels.count_launches() as launches:
         y, mo, std_b, r, d = renorm_train(x, w, b, mu, sigma, rvar, steps, momentum, rmax, dmax, 1e-5, groups)
@@ -179,6 +183,52 @@ def test_brn_step_equals_the_torch_reference_with_the_clamps_active(groups, tens
     low = torch.tensor(1 / 1.5, dtype=torch.float32 if groups == 2 else torch.float64).to(r.dtype)  # 1 / rmax
     assert (r == 1.5).any() and (r == low).any() and (d.abs() == 0.5).any()  # clamped, both ways
     assert ((r > low) & (r < 1.5)).any()  # and one channel inside the limits
+
+
+@pytest.mark.parametrize(
+    "schedule,step,groups",
+    [
+        (RenormSchedule(warmup_steps=2, rmax_max=3.0, rmax_steps=12, dmax_max=5.0, dmax_steps=7), 1, 2),  # warm-up
+        (RenormSchedule(warmup_steps=2, rmax_max=3.0, rmax_steps=12, dmax_max=5.0, dmax_steps=7), 5, 1),  # ramps
+        (RenormSchedule(warmup_steps=2, rmax_max=3.0, rmax_steps=12, dmax_max=0.2, dmax_steps=7), 9, 2),  # d full
+        (RenormSchedule(warmup_steps=4, rmax_max=1.2, rmax_steps=4, dmax_max=0.3, dmax_steps=4), 5, 2),  # no ramp
+    ],
+)
+def test_brn_schedule_from_the_counter_equals_the_torch_reference(schedule, step, groups):
+    """The scheduled limits computed in the finalize kernel from the counter equal ``on_device``'s (torch path)."""
+    out = _compare(_brn_step, dtype=torch.float64, groups=groups, schedule=schedule, step=step)
+    r, d, steps = out[3], out[4], out[11]
+    rmax, dmax = schedule(step)  # the float schedule at the step before this one is counted
+    assert int(steps) == step + 1
+    assert r.max() <= rmax * (1 + 1e-6) and r.min() >= (1 / rmax) * (1 - 1e-6) and d.abs().max() <= dmax + 1e-12
+    assert torch.isclose(r.max(), torch.tensor(rmax, dtype=r.dtype)) or torch.isclose(
+        r.min(), torch.tensor(1 / rmax, dtype=r.dtype)
+    )  # a limit that binds: the kernel used this step's rmax
+
+
+@pytest.mark.parametrize("bad", [-1e-3, math.nan, math.inf, -math.inf, None])
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_prior_variance_checked_in_the_finalize_kernel(name, bad):
+    """check=label: a negative, infinite or NaN prior variance (in any (group, channel)) is a clear error on both
+    backends (on triton from the finalize kernel's flag); a valid one passes and gives the same outputs."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    var = torch.rand(2, 3, generator=gen, dtype=torch.float64) + 0.5
+    if bad is not None:
+        var[1, 2] = bad
+    prior = (torch.zeros(3, dtype=torch.float64), var)
+    with backend(name):
+
+        def run():
+            return normalize_with_stats(x, None, None, prior=prior, gain=0.5, groups=2, guard=math.inf, check="L")
+
+        if bad is None:
+            y = run()[0]
+            with backend("torch"):
+                torch.testing.assert_close(y, normalize_with_stats(x, None, None, prior=prior, gain=0.5, groups=2)[0])
+        else:
+            with pytest.raises(ValueError, match="L: expected a finite, non-negative prior variance"):
+                run()
 
 
 def test_bf16_input_statistics_in_float32():

@@ -5,6 +5,13 @@ are first imported. :func:`interpreted_kernels` sets ``TRITON_INTERPRET=1`` and 
 imports the kernel modules afresh under them, and afterwards restores the environment and the
 modules that were there before (or forgets the interpreted ones), so a later test in the same
 process (e.g. the CUDA tests) gets compiled kernels.
+
+triton's own library functions (``tl.sum``, ``tl.zeros``, ...) are jit functions too, defined
+when triton is first imported: where that happened before the switch was set (another test,
+``pytest.importorskip``), they are swapped for interpreted ones within the block.
+
+The one helper for every test that runs the kernels in the interpreter (the norms' and the
+analytic transition's).
 """
 
 from __future__ import annotations
@@ -36,9 +43,25 @@ def _kernel_modules() -> dict:
     return {name: module for name, module in sys.modules.items() if name.startswith(PREFIX)}
 
 
+def _interpret_library(patch) -> None:
+    """Swap triton's library jit functions defined without the interpreter for interpreted ones (``patch`` undoes)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for library in {tl, tl.core, tl.standard, tl.math}:
+        for attr, value in list(vars(library).items()):
+            if isinstance(value, JITFunction) and not isinstance(value, InterpretedFunction):
+                patch.setattr(library, attr, InterpretedFunction(value.fn))
+
+
 @contextlib.contextmanager
-def interpreted_kernels():
-    """Within the block: Triton's interpreter on, the ``triton`` backend chosen, kernel modules interpreted."""
+def interpreted_kernels(monkeypatch: pytest.MonkeyPatch | None = None):
+    """Within the block: Triton's interpreter on, the ``triton`` backend chosen, kernel modules interpreted.
+
+    ``monkeypatch``: a test's fixture, to record the environment changes in (so that the test's own
+    later ``setenv``/``delenv`` undo in the right order); by default a private one, undone on exit.
+    """
     pytest.importorskip("triton")
     import bkn.kernels as package
 
@@ -47,9 +70,10 @@ def interpreted_kernels():
     for name in before:  # defined without the interpreter perhaps: define them again under it
         del sys.modules[name]
         package.__dict__.pop(name[len("bkn.kernels.") :], None)
-    with pytest.MonkeyPatch.context() as patch:
+    with contextlib.nullcontext(monkeypatch) if monkeypatch is not None else pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
         patch.setenv("BKN_BACKEND", "triton")
+        _interpret_library(patch)
         try:
             yield
         finally:

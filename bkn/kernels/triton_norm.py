@@ -139,10 +139,12 @@ def kalman_finalize(
     smg, smc, svg, svc, spg, spc,  # strides of prior mean, var, gain over (G, C) (0: broadcast)
     p_hi, p_lo, eps_hi, eps_lo, thr_hi, thr_lo, mom_hi, mom_lo, unb_hi, unb_lo,
     OBS_GIVEN: tl.constexpr, HAS_PRIOR: tl.constexpr, GAIN_TENSOR: tl.constexpr, HAS_GUARD: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_STEPS: tl.constexpr,
-    MOMENTUM_NONE: tl.constexpr, STAT: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHECK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    HAS_STEPS: tl.constexpr, MOMENTUM_NONE: tl.constexpr, STAT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """W (8, G, C): obs mean, obs var, mean, var, scale, shift, inv_std, use (W[7, 0, 0], 1 or 0).
+
+    CHECK: W[8, 0, 0] = 1 if every prior variance is finite and >= 0, else 0 (the caller's device check).
 
     PM: stats_partial's PS (at PS_OFF; PM2 unused), or with OBS_GIVEN the given (G, C) mean and var PM, PM2.
     """
@@ -165,6 +167,7 @@ def kalman_finalize(
     if HAS_RUNNING:
         factor = _running_factor(STEPS, mom_hi, mom_lo, HAS_STEPS, MOMENTUM_NONE)
         unbiased = _f64(unb_hi, unb_lo)
+    bad = tl.full([], 0, tl.int32)  # prior variances that are negative, infinite or NaN (CHECK)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < C
@@ -177,7 +180,11 @@ def kalman_finalize(
             var = vo
             if HAS_PRIOR:
                 mp = tl.load(MP + gi * smg + cs * smc, mask=cm, other=0.0).to(STAT)
-                vp = tl.load(VP + gi * svg + cs * svc, mask=cm, other=0.0).to(STAT)
+                vp_in = tl.load(VP + gi * svg + cs * svc, mask=cm, other=0.0)
+                if CHECK:  # in the prior's own dtype, as check_prior_var (NaN fails both comparisons)
+                    ok = (vp_in >= 0) & (vp_in < float("inf"))
+                    bad += tl.sum(tl.where(cm & ~ok, 1, 0).to(tl.int32), axis=0)
+                vp = vp_in.to(STAT)
                 if GAIN_TENSOR:
                     p = tl.load(P + gi * spg + cs * spc, mask=cm, other=0.0).to(STAT)
                 else:
@@ -204,6 +211,8 @@ def kalman_finalize(
         if HAS_RUNNING:
             _ema(RM, RV, cs, cm, sum_m / G, sum_v / G, factor, unbiased)
     tl.store(W + 7 * GC, use.to(STAT))
+    if CHECK:
+        tl.store(W + 8 * GC, tl.where(bad == 0, 1.0, 0.0).to(STAT))
 
 
 @triton.jit
@@ -219,30 +228,55 @@ def _ema(RM, RV, cs, cm, mean, var, factor, unbiased):
 
 
 @triton.jit
+def _ramp(step, warmup, end):
+    """``RenormSchedule._tensor_ramp``: 0 up to ``warmup``, linear to 1 at ``end``, then 1 (float64 ``step``)."""
+    one = tl.full([], 1.0, tl.float64)  # (an int argument may be a constexpr: no .to)
+    w = warmup * one
+    e = end * one
+    linear = tl.where(step <= w, 0.0, tl.where(step >= e, 1.0, (step - w) / tl.maximum(e - w, one)))
+    return tl.where(e <= w, tl.where(step > w, 1.0, 0.0), linear).to(tl.float64)
+
+
+@triton.jit
 def renorm_finalize(
     PM, PM2, W, WEIGHT, BIAS, MU, SIGMA, RVAR, STEPS, RMAX, DMAX,  # pointers
     G, C, count, chunk, splits, PS_OFF,
     eps_hi, eps_lo, mom_hi, mom_lo, rmax_hi, rmax_lo, dmax_hi, dmax_lo,
+    warmup, rmax_end, dmax_end, rgain_hi, rgain_lo, dmaxmax_hi, dmaxmax_lo,  # RenormSchedule (SCHEDULED)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MOMENTUM_NONE: tl.constexpr,
-    RMAX_TENSOR: tl.constexpr, DMAX_TENSOR: tl.constexpr, STAT: tl.constexpr, BLOCK_C: tl.constexpr,
+    RMAX_TENSOR: tl.constexpr, DMAX_TENSOR: tl.constexpr, SCHEDULED: tl.constexpr, STAT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """BRN. W (8, G, C): m_o, v_o, sigma_B, r, d, scale, shift, 1 / sigma_B. Updates mu, sigma, running_var, steps."""
+    """BRN. W (8, G, C): m_o, v_o, sigma_B, r, d, scale, shift, 1 / sigma_B. Updates mu, sigma, running_var, steps.
+
+    SCHEDULED: rmax and dmax are ``RenormSchedule.on_device`` at the counter's value before this
+    step (float64, the same arithmetic), with ``rgain = rmax_max - 1`` and ``dmaxmax = dmax_max``.
+    """
     GC = G * C
     PM = PM + PS_OFF
     PM2 = PM + GC * splits
     eps = _f64(eps_hi, eps_lo)
+    if SCHEDULED:  # read before _running_factor counts the step
+        step = tl.load(STEPS).to(tl.float64)
+        rmax_s = 1.0 + _f64(rgain_hi, rgain_lo) * _ramp(step, warmup, rmax_end)
+        dmax_s = _f64(dmaxmax_hi, dmaxmax_lo) * _ramp(step, warmup, dmax_end)
     factor = _running_factor(STEPS, mom_hi, mom_lo, True, MOMENTUM_NONE)
-    if RMAX_TENSOR:  # 1 / rmax in the limit's dtype, as the torch reference computes it
+    if SCHEDULED:  # 1 / rmax in float64, then the statistics' dtype (as the reference with 0-d float64 limits)
+        rmin = (1.0 / rmax_s).to(STAT)
+        rmax = rmax_s.to(STAT)
+        dmax = dmax_s.to(STAT)
+    elif RMAX_TENSOR:  # 1 / rmax in the limit's dtype, as the torch reference computes it
         rmax_t = tl.load(RMAX)
         rmin = (1.0 / rmax_t).to(STAT)
         rmax = rmax_t.to(STAT)
     else:
         rmax = _f64(rmax_hi, rmax_lo).to(STAT)
         rmin = 1.0 / rmax
-    if DMAX_TENSOR:
-        dmax = tl.load(DMAX).to(STAT)
-    else:
-        dmax = _f64(dmax_hi, dmax_lo).to(STAT)
+    if not SCHEDULED:
+        if DMAX_TENSOR:
+            dmax = tl.load(DMAX).to(STAT)
+        else:
+            dmax = _f64(dmax_hi, dmax_lo).to(STAT)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < C

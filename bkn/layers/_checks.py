@@ -26,7 +26,7 @@ def checking() -> bool:
 
 
 def device_check(condition: torch.Tensor, message: str) -> None:
-    """Fail with ``message`` unless every element of the bool tensor ``condition`` is true.
+    """Fail with ``message`` unless every element of the tensor ``condition`` is true (non-zero).
 
     CUDA: ``torch._assert_async`` (no host sync; the error surfaces at the next sync).
     Elsewhere: ``ValueError(message)`` now. ``message`` should say what was wrong and what was
@@ -46,10 +46,14 @@ def device_check(condition: torch.Tensor, message: str) -> None:
         raise ValueError(message)
 
 
+def prior_var_message(label: str) -> str:
+    """The error of :func:`check_prior_var` (also raised from the Triton finalize kernel's flag)."""
+    return (
+        f"{label}: expected a finite, non-negative prior variance in every (group, channel), "
+        f"got a negative, infinite or NaN one"
+    )
+
+
 def check_prior_var(prior_var: torch.Tensor, label: str = "BatchKalmanNorm") -> None:
     """Every prior variance finite and >= 0 (a negative or NaN one would make the posterior NaN)."""
-    device_check(
-        (prior_var >= 0).logical_and_(prior_var.isfinite()),
-        f"{label}: expected a finite, non-negative prior variance in every (group, channel), "
-        f"got a negative, infinite or NaN one",
-    )
+    device_check((prior_var >= 0).logical_and_(prior_var.isfinite()), prior_var_message(label))

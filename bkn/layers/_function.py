@@ -40,7 +40,7 @@ import math
 import torch
 
 from .. import kernels as _kernels
-from . import _native
+from . import _checks, _native
 from ._grad_shapes import as_dtype as _as_dtype
 from ._grad_shapes import sum_to as _sum_to
 from ._moments import (
@@ -264,7 +264,7 @@ def _update_running(running, mean: torch.Tensor, var: torch.Tensor, count: int) 
 
 
 def normalize_with_stats(
-    x, weight, bias, prior=None, gain=None, observed=None, groups=1, eps=1e-5, guard=math.inf, running=None
+    x, weight, bias, prior=None, gain=None, observed=None, groups=1, eps=1e-5, guard=math.inf, running=None, check=None
 ):
     """Functional entry point; returns ``(y, post_mean, post_var, obs_mean, obs_var)``.
 
@@ -274,7 +274,10 @@ def normalize_with_stats(
     step (if the counter is not None) and updates the buffers in place with the posterior
     (EMA with factor ``momentum``, or ``1 / steps`` for ``momentum=None``, averaged over
     groups); ``observed`` optionally passes precomputed
-    ``batch_moments(x, groups)`` (treated as functions of ``x`` for gradients).
+    ``batch_moments(x, groups)`` (treated as functions of ``x`` for gradients). ``check`` (a
+    label, e.g. the layer's): the prior variance must be finite and >= 0
+    (:func:`~bkn.layers._checks.check_prior_var`; on the triton backend checked inside the
+    finalize kernel, one device check of its flag).
     """
     prior_mean, prior_var = prior if prior is not None else (None, None)
     obs_mean, obs_var = observed if observed is not None else (None, None)
@@ -284,8 +287,10 @@ def normalize_with_stats(
         from . import _triton_function
 
         return _triton_function.normalize_with_stats(
-            x, weight, bias, prior, gain, observed, groups, eps, guard, running
+            x, weight, bias, prior, gain, observed, groups, eps, guard, running, check
         )
+    if check is not None and prior_var is not None:
+        _checks.check_prior_var(prior_var.detach(), check)
     running_mean, running_var, steps, momentum = running if running is not None else (None, None, None, 0.0)
     native = _native.load() if backend == "native" else None  # "torch": the Python Function below
     if native is not None:  # the same Function compiled (bkn/csrc/_function.cpp), if it takes these tensors

@@ -73,9 +73,14 @@ def renorm_train(x, weight, bias, running_mean, running_std, running_var, steps,
     and ``sigma`` move towards the mean over groups of ``m_o`` and of ``sigma_B`` with
     the factor ``momentum`` (``1 / steps`` for ``momentum=None``), and
     ``running_var = sigma**2 - eps``. ``rmax``, ``dmax`` are floats or 0-d tensors (a
-    scheduled layer's limits, computed on the device).
+    scheduled layer's limits, computed on the device); or ``rmax`` is a
+    :class:`~bkn.layers.renorm.RenormSchedule` (``dmax`` None): the limits at the step counted
+    in ``steps`` before this one, ``rmax.on_device(steps)`` (the Triton kernel computes them
+    from the counter itself, in float64 as ``on_device`` does: no separate ops).
     """
     backend = _kernels.backend_for(x)
+    if hasattr(rmax, "on_device") and backend != "triton":
+        rmax, dmax = rmax.on_device(steps)  # before the step is counted
     if backend == "triton":  # the fused Triton kernels (bkn/kernels/triton_norm.py), imported on first use
         from . import _triton_function
 

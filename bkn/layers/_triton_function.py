@@ -16,11 +16,13 @@ import struct
 import torch
 
 from .. import kernels as _kernels
+from . import _checks
 from ._grad_shapes import as_dtype as _as_dtype
 from ._grad_shapes import sum_to as _sum_to
 
 CPU_TILE = 256  # the interpreter's tile (tests lower it to exercise the merges of chunks)
-ROWS = 8  # rows of the forward workspace and of the backward's coefficient buffer
+ROWS = 8  # rows of the backward's coefficient buffer
+FW_ROWS = ROWS + 1  # rows of the forward workspace: a finalize's 8, then BKN's prior check flag (W[8, 0, 0])
 
 
 def _module():
@@ -151,17 +153,17 @@ def _stat_constexprs(x: torch.Tensor):
 
 
 def _moments(x, groups: int):
-    """Partial moments (launch 1) into a fresh workspace (ROWS + 2 splits, G, C): the finalize's ROWS rows, then
-    the partials (at ROWS * G * C). Returns (x, S1, S2, strides, groups of dims, count, plan, workspace)."""
+    """Partial moments (launch 1) into a fresh workspace (FW_ROWS + 2 splits, G, C): the finalize's FW_ROWS rows,
+    then the partials (at FW_ROWS * G * C). Returns (x, S1, S2, strides, groups of dims, count, plan, workspace)."""
     tk = _check_device(x)
     x, s1, s2, st, layout = _layout(x)
     count = (x.shape[0] // groups) * s1 * s2
     gc = groups * x.shape[1]
     block, chunk, splits = _plan(count, gc, x.device)
     stat, STAT = _stat_constexprs(x)
-    ws = torch.empty((ROWS + 2 * splits, groups, x.shape[1]), dtype=stat, device=x.device)
+    ws = torch.empty((FW_ROWS + 2 * splits, groups, x.shape[1]), dtype=stat, device=x.device)
     g = x.shape[0] // groups
-    _kernels.launch(tk.stats_partial, (gc, splits), x, ws, ROWS * gc, x.shape[1], g, s1, s2, *st, count, chunk,
+    _kernels.launch(tk.stats_partial, (gc, splits), x, ws, FW_ROWS * gc, x.shape[1], g, s1, s2, *st, count, chunk,
                     splits, STAT=STAT, BLOCK=block)  # fmt: skip
     return x, s1, s2, st, layout, count, (block, chunk, splits), ws
 
@@ -224,7 +226,9 @@ class TritonNormalize(torch.autograd.Function):
     """``_NormalizeWithStats`` (bkn/layers/_function.py) on the Triton kernels; same inputs and outputs."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, guard, running):
+    def forward(
+        ctx, x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, guard, running, check
+    ):
         ctx.set_materialize_grads(False)
         C = x.shape[1]
         gc = groups * C
@@ -238,7 +242,7 @@ class TritonNormalize(torch.autograd.Function):
             plan = _plan(count, gc, x.device)
             pm, pm2 = _as_dtype(obs_mean, stat).contiguous(), _as_dtype(obs_var, stat).contiguous()
             chunk, splits = count, 1
-            w = torch.empty((ROWS, groups, C), dtype=stat, device=x.device)
+            w = torch.empty((FW_ROWS, groups, C), dtype=stat, device=x.device)
         else:
             xl, s1, s2, st, layout, count, plan, w = _moments(x, groups)
             tk, pm, pm2 = _module(), w, w
@@ -248,6 +252,8 @@ class TritonNormalize(torch.autograd.Function):
         has_prior = prior_mean is not None and not (isinstance(gain, float) and gain == 0.0)
         gain_tensor = isinstance(gain, torch.Tensor)
         has_guard = has_prior and math.isfinite(guard)
+        if check is not None and prior_var is not None and not has_prior:  # the kernel ignores this prior
+            _checks.check_prior_var(prior_var.detach(), check)
         rm, rv, steps, momentum = running if running is not None else (None, None, None, 0.0)
         if running is not None and momentum is None and steps is None:
             raise ValueError("normalize_with_stats: momentum=None needs the step counter (running[2])")
@@ -262,13 +268,16 @@ class TritonNormalize(torch.autograd.Function):
             pm, pm2, w, prior_mean if has_prior else d, prior_var if has_prior else d,
             gain if has_prior and gain_tensor else d, d if weight is None else weight, d if bias is None else bias,
             d if rm is None else rm, d if rv is None else rv, d if steps is None else steps,
-            groups, C, count, chunk, splits, ROWS * gc, *mp_st, *vp_st, *p_st,
+            groups, C, count, chunk, splits, FW_ROWS * gc, *mp_st, *vp_st, *p_st,
             *_split(0.0 if gain_tensor else gain), *_split(eps), *_split(guard * gc if has_guard else 0.0),
             *_split(0.0 if momentum is None else momentum), *_split(unbiased),
             OBS_GIVEN=given, HAS_PRIOR=has_prior, GAIN_TENSOR=gain_tensor, HAS_GUARD=has_guard,
+            CHECK=check is not None and has_prior,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=running is not None,
             HAS_STEPS=steps is not None, MOMENTUM_NONE=momentum is None, STAT=STAT, BLOCK_C=block_c,
         )  # fmt: skip
+        if check is not None and has_prior:  # the finalize's flag: 1 if every prior variance is finite and >= 0
+            _checks.device_check(w[ROWS, 0, 0], _checks.prior_var_message(check))
         y = _affine(xl, s1, s2, st, layout, groups, count, plan, w, 4)
         ctx.save_for_backward(x, weight, prior_mean if has_prior else None, prior_var if has_prior else None,
                               gain if has_prior and gain_tensor else None, w)  # fmt: skip
@@ -293,7 +302,7 @@ class TritonNormalize(torch.autograd.Function):
             reduce_prior = prior_mean.shape == (C,) and prior_var.shape == (C,)
             prior = (prior_mean, prior_var, gain, p_value, reduce_prior, guard)
         dx, out = _backward(ctx, dy, x, weight, w, dmean, dvar, prior)
-        grads = [None] * 12
+        grads = [None] * 13
         grads[0] = dx
         need = ctx.needs_input_grad
         first = out.select(1, 0).unbind(0)  # (C,) rows: the sums over groups
@@ -312,12 +321,16 @@ class TritonNormalize(torch.autograd.Function):
         return tuple(grads)
 
 
-def normalize_with_stats(x, weight, bias, prior, gain, observed, groups, eps, guard, running):
-    """``bkn.layers._function.normalize_with_stats`` on the Triton kernels (same arguments and results)."""
+def normalize_with_stats(x, weight, bias, prior, gain, observed, groups, eps, guard, running, check=None):
+    """``bkn.layers._function.normalize_with_stats`` on the Triton kernels (same arguments and results).
+
+    ``check`` (a label): the finalize kernel checks the prior variance (finite, >= 0) into a flag, and one
+    :func:`~bkn.layers._checks.device_check` reads it (``torch._assert_async`` on CUDA).
+    """
     prior_mean, prior_var = prior if prior is not None else (None, None)
     obs_mean, obs_var = observed if observed is not None else (None, None)
     return TritonNormalize.apply(
-        x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, float(guard), running
+        x, weight, bias, prior_mean, prior_var, gain, obs_mean, obs_var, groups, eps, float(guard), running, check
     )
 
 
@@ -335,16 +348,23 @@ class TritonRenorm(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         xl, s1, s2, st, layout, count, plan, w = _moments(x, groups)
         tk = _module()
+        scheduled = hasattr(rmax, "on_device")  # a RenormSchedule: the limits from the counter, in the kernel
+        if scheduled:
+            sched, rmax, dmax = rmax, 0.0, 0.0
+            schedule = (sched.warmup_steps, sched.rmax_steps, sched.dmax_steps,
+                        *_split(sched.rmax_max - 1.0), *_split(sched.dmax_max))  # fmt: skip
+        else:
+            schedule = (0, 0, 0, 0.0, 0.0, 0.0, 0.0)
         rmax_t, dmax_t = isinstance(rmax, torch.Tensor), isinstance(dmax, torch.Tensor)
         block_c = min(_pow2(C), 64 if x.device.type == "cpu" else 1024)
         _kernels.launch(
             tk.renorm_finalize, (1,),
             w, w, w, w if weight is None else weight, w if bias is None else bias, mu, sigma, running_var, steps,
-            rmax if rmax_t else w, dmax if dmax_t else w, groups, C, count, plan[1], plan[2], ROWS * groups * C,
+            rmax if rmax_t else w, dmax if dmax_t else w, groups, C, count, plan[1], plan[2], FW_ROWS * groups * C,
             *_split(eps), *_split(0.0 if momentum is None else momentum),
-            *_split(0.0 if rmax_t else rmax), *_split(0.0 if dmax_t else dmax),
+            *_split(0.0 if rmax_t else rmax), *_split(0.0 if dmax_t else dmax), *schedule,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MOMENTUM_NONE=momentum is None,
-            RMAX_TENSOR=rmax_t, DMAX_TENSOR=dmax_t, STAT=STAT, BLOCK_C=block_c,
+            RMAX_TENSOR=rmax_t, DMAX_TENSOR=dmax_t, SCHEDULED=scheduled, STAT=STAT, BLOCK_C=block_c,
         )  # fmt: skip
         y = _affine(xl, s1, s2, st, layout, groups, count, plan, w, 5)
         ctx.save_for_backward(x, weight, w)

@@ -38,7 +38,6 @@ from typing import Callable
 import torch
 
 from ._base import BatchStatNorm, Dims1d, Dims2d, Dims3d
-from ._checks import check_prior_var
 from ._function import normalize_with_stats
 from ._moments import batch_moments
 from .gain import GAIN_KINDS, AdaptiveGain, FixedGain, make_gain
@@ -156,8 +155,8 @@ class _BatchKalmanNorm(BatchStatNorm):
                     f"{self.label}: prior {name} must have shape ({c},) or "
                     f"({groups}, {c}) for {groups} group(s), got {tuple(shape)}"
                 )
-        # On the device (no host sync on CUDA): a negative or NaN prior variance would make the posterior NaN.
-        check_prior_var(var.detach(), self.label)
+        # The prior variance (a negative or NaN one would make the posterior NaN) is checked on the device in
+        # normalize_with_stats (check=label; in the Triton finalize kernel on that backend): no host sync on CUDA.
         if self.detach_prior:
             mean, var = mean.detach(), var.detach()
         return mean, var
@@ -200,6 +199,7 @@ class _BatchKalmanNorm(BatchStatNorm):
             eps=self.eps,
             guard=math.inf if one_value else self.guard,
             running=self._running_args(),
+            check=self.label,
         )
         self._set_stats(True, (mean, var), (obs_mean, obs_var))
         return y

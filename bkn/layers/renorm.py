@@ -309,7 +309,7 @@ class _BatchRenorm(BatchStatNorm):
 
         steps = self._buffers["num_batches_tracked"]
         if type(self.schedule) is RenormSchedule and steps is not None:
-            rmax, dmax = self.schedule.on_device(steps)  # no host sync; valid by construction
+            rmax, dmax = self.schedule, None  # from the counter on the device (renorm_train); valid by construction
         else:
             rmax, dmax = self.current_limits()  # a custom schedule is called with an int: a host read
         p, b = self._parameters, self._buffers

@@ -21,6 +21,12 @@ CPU runs the Python Functions that CUDA tensors took before the Triton kernels
 (:func:`bkn.kernels.count_launches`) beside the aten ops: a Triton launch is one kernel, as
 an aten op is (at most) one. ``python -m bkn.probes.dispatch_count`` prints the table of
 docs/speed.md.
+
+Not every aten op launches a GPU kernel: views and metadata ops (``view``, ``detach``,
+``transpose``, ``select``, ``unbind``, ...) only make a new tensor header, and ``empty*``
+allocations come from the caching allocator without a kernel. :data:`NO_KERNEL_OPS` is the one
+list of such ops; ``kernel ops`` are all the others (:func:`kernel_ops`), and the launches of a
+step on CUDA are its kernel ops plus its Triton launches. The raw op count is reported too.
 """
 
 from __future__ import annotations
@@ -46,6 +52,48 @@ SYNC_OPS = frozenset(
     if hasattr(torch.ops.aten, name)
 )
 
+# Aten ops that launch no GPU kernel on CUDA (by overload packet name): views and metadata ops
+# (a new tensor header over the same storage) and allocations (the caching allocator hands out
+# memory without a kernel). ``reshape``/``flatten`` are not listed: they decompose above the
+# dispatcher into a view (listed) or a copy (``clone``/``_unsafe_view`` of one: the copy counts).
+# ``_local_scalar_dense`` is not listed: it copies to the host (and is counted as a sync).
+NO_KERNEL_OPS = frozenset(
+    {
+        # views and metadata
+        "view",
+        "_unsafe_view",
+        "_reshape_alias",
+        "alias",
+        "detach",
+        "t",
+        "transpose",
+        "expand",
+        "as_strided",
+        "unsqueeze",
+        "squeeze",
+        "slice",
+        "select",
+        "permute",
+        "unbind",
+        "split",
+        "split_with_sizes",
+        "narrow",
+        "view_as_real",
+        "view_as_complex",
+        # allocations
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "new_empty",
+        "new_empty_strided",
+    }
+)
+
+
+def kernel_ops(ops: Counter) -> int:
+    """The ops in the ``name -> count`` counter ``ops`` that launch a GPU kernel (not in :data:`NO_KERNEL_OPS`)."""
+    return sum(n for name, n in ops.items() if name not in NO_KERNEL_OPS)
+
 
 class DispatchCounter(TorchDispatchMode):
     """Counts every aten op (``ops``, by name) and every host sync outside ``device_check`` (``syncs``).
@@ -63,6 +111,11 @@ class DispatchCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def kernel_total(self) -> int:
+        """The ops that launch a GPU kernel (:func:`kernel_ops`)."""
+        return kernel_ops(self.ops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket.__name__)] += 1
@@ -152,10 +205,12 @@ def measure_method(
     The step is forward, cross-entropy, backward (and an SGD step if ``sgd``), on the accelerator
     path (:func:`accelerator_path`) with the backend ``backend_name`` (``torch``: the Python
     Functions; ``triton``: the Triton kernels), after one warm-up step (first-call work is not a
-    step's). Returns ``{"ops": total aten ops, "ops_per_norm": ..., "launches": Triton launches,
-    "launches_per_norm": ..., "per_norm": ops + launches per norm, "syncs": count, "where": [stacks]}``;
-    ``*_per_norm`` = (the step's count - that of the same step of the net with its norms
-    replaced by ``nn.Identity``) / the number of norm layers (2).
+    step's). Returns ``{"ops": total aten ops, "ops_per_norm": ..., "kernel_ops_per_norm": the
+    ops that launch a kernel (:func:`kernel_ops`), "launches": Triton launches, "launches_per_norm":
+    ..., "per_norm": ops + launches per norm, "kernel_launches_per_norm": kernel ops + Triton
+    launches per norm, "syncs": count, "where": [stacks]}``; ``*_per_norm`` = (the step's count -
+    that of the same step of the net with its norms replaced by ``nn.Identity``) / the number of
+    norm layers (2).
     """
     import bkn.methods
 
@@ -180,9 +235,12 @@ def measure_method(
     (net, launches), (bare, bare_launches) = counts
     ops_per_norm = (net.total - bare.total) / NORM_LAYERS
     launches_per_norm = (launches - bare_launches) / NORM_LAYERS
+    kernel_ops_per_norm = (net.kernel_total - bare.kernel_total) / NORM_LAYERS
     return {
         "ops": net.total,
         "ops_per_norm": ops_per_norm,
+        "kernel_ops_per_norm": kernel_ops_per_norm,
+        "kernel_launches_per_norm": kernel_ops_per_norm + launches_per_norm,
         "launches": launches,
         "launches_per_norm": launches_per_norm,
         "per_norm": ops_per_norm + launches_per_norm,
@@ -222,14 +280,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.backend == "triton":  # CPU tensors: the interpreter, on before the kernels are defined
         os.environ[kernels.INTERPRET_SWITCH] = "1"
-    header = f"{'method':28s} {'ops/step':>9s} {'ops/norm':>9s} {'launches/norm':>14s} {'ops+launches/norm':>18s}"
+    header = (
+        f"{'method':28s} {'ops/step':>9s} {'ops/norm':>9s} {'kernel ops/norm':>16s} {'triton/norm':>12s} "
+        f"{'ops+triton/norm':>16s} {'launches/norm':>14s}"
+    )
     print(f"{header} {'syncs':>6s}")
     with single_process_group():
         for name in args.methods or bkn.methods.names():
             r = measure_method(name, sgd=args.sgd, stacks=args.where, backend_name=args.backend)
             print(
-                f"{name:28s} {r['ops']:9d} {r['ops_per_norm']:9.1f} {r['launches_per_norm']:14.1f} "
-                f"{r['per_norm']:18.1f} {r['syncs']:6d}"
+                f"{name:28s} {r['ops']:9d} {r['ops_per_norm']:9.1f} {r['kernel_ops_per_norm']:16.1f} "
+                f"{r['launches_per_norm']:12.1f} {r['per_norm']:16.1f} {r['kernel_launches_per_norm']:14.1f} "
+                f"{r['syncs']:6d}"
             )
             if args.where:
                 for stack in r["where"]:
