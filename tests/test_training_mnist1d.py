@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import random
 import socket
@@ -232,33 +233,47 @@ def test_jobs_give_the_rows_of_one_process_and_the_tables_per_network(tmp_path, 
     assert "with 2 jobs x 1 thread(s)" in printed
 
 
-class _PoolInThisProcess:
-    """A stand-in for the spawn context's Pool: the job initializer and runs in this process, the results
-    handed back in reverse order (the order of the rows must come from the runs, not from the pool)."""
+class _ExecutorInThisProcess(concurrent.futures.Executor):
+    """A stand-in for the spawned local pool (``bkn.probes.sweeps.open_executor("local", ...)``): the job
+    initializer and the runs in this process, the runs done in reverse order of submission once the sweep
+    waits (the order of the rows must come from the runs, not from the executor)."""
 
-    def __init__(self, processes, initializer, initargs):
-        self.processes = processes
+    def __init__(self, initializer, initargs):
         initializer(*initargs)
+        self.pending: list = []
 
-    def __enter__(self):
-        return self
+    def submit(self, fn, *args, **kwargs):
+        future = concurrent.futures.Future()
+        self.pending.append((future, fn, args, kwargs))
+        return future
 
-    def __exit__(self, *exc):
-        return False
-
-    def imap_unordered(self, fn, items):
-        return reversed([fn(item) for item in items])
+    def run_pending(self):
+        for future, fn, args, kwargs in reversed(self.pending):
+            future.set_result(fn(*args, **kwargs))
+        self.pending.clear()
 
 
 def test_jobs_in_this_process_give_the_rows_of_one_process(tmp_path, capsys, one_thread, monkeypatch):
     """The fast stand-in for the test above (slow: it spawns the job processes): ``--jobs 2`` with the
     pool run in this process, the jobs' results coming back out of order, gives the rows of ``--jobs 1``."""
-    from bkn.probes.training import launch
+    import contextlib
 
-    class Context:
-        Pool = _PoolInThisProcess
+    from bkn.probes import sweeps
 
-    monkeypatch.setattr(launch.multiprocessing, "get_context", lambda method: Context)
+    @contextlib.contextmanager
+    def in_this_process(spec, jobs, initializer=None, initargs=()):
+        assert spec == "local" and jobs == 2
+        executor = _ExecutorInThisProcess(initializer, initargs)
+        waiting = concurrent.futures.as_completed
+
+        def run_then_wait(futures, *args, **kwargs):  # the sweep waits: the runs happen now, last one first
+            executor.run_pending()
+            return waiting(futures, *args, **kwargs)
+
+        monkeypatch.setattr(concurrent.futures, "as_completed", run_then_wait)
+        yield executor
+
+    monkeypatch.setattr(sweeps, "open_executor", in_this_process)
     argv = ["--samples", "200", "--epochs", "1", "--seeds", "0", "--threads", "1", "--methods", "bn,gn"]
     argv += ["--group-sizes", "32", "--no-progress"]
     assert main([*argv, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
