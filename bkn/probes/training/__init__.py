@@ -159,7 +159,7 @@ def run(args: argparse.Namespace):
         "duration_s": round(duration, 1),
         "data": {
             "name": args.data,
-            "about": networks.DATA[args.data].about,
+            "about": networks.about(args.data),
             "train": len(train),
             "test": len(test),
             "sample_shape": list(train.images.shape[1:]),
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace):
             **({"generated_samples": args.samples} if args.data == "mnist1d" else {"image_size": args.image_size}),
         },
         "networks": {
-            n: {"about": networks.NETWORKS[n].about, "width": c.width, "depth": c.depth}
+            n: {"about": networks.about(n), "width": c.width, "depth": c.depth}
             for n, c in {c.network: c for c in runs}.items()
         },
         "jobs": args.jobs,
