@@ -49,6 +49,7 @@ PHOTO_CROPS = 1024
 DEFAULT_IMAGE_SIZE = 32
 DEFAULT_WORKERS = 2
 WORKERS_VARIABLE = "BKN_DATA_WORKERS"
+YOURS = "yours"  # results/yours/<run>/: where runs on your model and data go (the report reads them there)
 MODEL_HELP = "timm:NAME, torchvision:NAME or package.module:callable (pretrained=False; num_classes from the data)"
 DATA_HELP = "imagefolder:PATH, torchvision-dataset:NAME:ROOT (never downloaded), or a built-in set"
 
@@ -144,7 +145,7 @@ def slug(text: str) -> str:
     """A file-name-safe form of a key or model spec (the weights cache's file names)."""
     import hashlib
 
-    short = "".join(c if c.isalnum() or c in "-_." else "_" for c in label(text))[:40].strip("_")
+    short = _safe(label(text))[:40]
     return f"{short}-{hashlib.sha256(str(text).encode()).hexdigest()[:8]}"
 
 
@@ -175,10 +176,13 @@ def add_flags(parser, image_size: bool = True) -> None:
     )
 
 
-def user_setups(args, data: list[str], networks: list[str]) -> list[tuple[str, str]] | None:
+def user_setups(args, data: list[str], networks: list[str], folder: str) -> list[tuple[str, str]] | None:
     """``(data key, network)`` pairs when the command names the user's model or data (``None`` otherwise, the
     probe's own setups): each ``data`` value (a spec, or a built-in set with ``--model``) x the model (or
-    ``networks``); every one checked (files listed, the model built once): ``ValueError`` naming the problem."""
+    ``networks``); every one checked (files listed, the model built once): ``ValueError`` naming the problem.
+
+    An ``--out`` left at the probe's default (``results/<folder>``) becomes ``results/yours/<run>/<folder>``, where
+    the report finds it beside the built-in results (and a run on your data never replaces those)."""
     if not args.model and not any(is_data_spec(d) for d in data):
         return None
     set_workers(args.workers)
@@ -189,7 +193,14 @@ def user_setups(args, data: list[str], networks: list[str]) -> list[tuple[str, s
         for model in models:
             if is_model_spec(model):
                 build_model(model, num_classes(key), args.image_size)
+    if pathlib.Path(args.out) == pathlib.Path("results", folder):
+        run = "+".join(_safe(label(key)) for key in keys) + "-" + "+".join(_safe(m) for m in models)
+        args.out = pathlib.Path("results", YOURS, run, folder)
     return [(key, model) for key in keys for model in models]
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_")
 
 
 def _positive(text: str) -> int:

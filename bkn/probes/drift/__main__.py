@@ -130,7 +130,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from(args: argparse.Namespace) -> ProbeConfig:
-    user = sources.user_setups(args, list(args.data or ["photos"]), list(args.networks or ["cifar-resnet20"]))
+    data, nets = list(args.data or ["photos"]), list(args.networks or ["cifar-resnet20"])
+    user = sources.user_setups(args, data, nets, "accuracy")
     pairs = user or _built_in_setups(args)
     return ProbeConfig(
         setups=pairs,

@@ -198,7 +198,7 @@ def _your_setup(args: argparse.Namespace) -> bool:
         args.image_size = sources.DEFAULT_IMAGE_SIZE if (args.model or sources.is_data_spec(args.data)) else 16
     if args.model and args.networks:
         raise ValueError("--model and --networks: give one (--model names your network)")
-    setups = sources.user_setups(args, [args.data], list(args.networks or ["cifar-resnet"]))
+    setups = sources.user_setups(args, [args.data], list(args.networks or ["cifar-resnet"]), "convergence")
     if setups is None:
         return False
     args.data = setups[0][0]
