@@ -357,3 +357,15 @@ def test_the_report_adds_your_runs_beside_the_built_in_ones(tmp_path):
 def test_both_probes_run_on_timm_resnet18_and_the_report_shows_them(tmp_path):
     results, key = _both_probes(tmp_path, "timm:resnet18", 32)
     _report(results, key, "timm:resnet18", 32)
+
+
+def _load_in_a_pool_worker(key: str) -> int:
+    return len(sources.load(key, workers=2))
+
+
+def test_a_process_pools_worker_loads_without_dataloader_workers(tmp_path):
+    import multiprocessing
+
+    key = key_of(write_folder(tmp_path / "pets"), 8)
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # daemonic: may not start DataLoader workers
+        assert pool.apply(_load_in_a_pool_worker, (key,)) == 10

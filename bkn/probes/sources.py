@@ -264,6 +264,11 @@ def set_workers(count: int) -> None:
 
 
 def _workers(workers: int | None) -> int:
+    """The DataLoader workers: 0 inside a process pool's worker (a daemonic process may not start processes)."""
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        return 0
     return workers if workers is not None else int(os.environ.get(WORKERS_VARIABLE, DEFAULT_WORKERS))
 
 
