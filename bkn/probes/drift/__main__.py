@@ -66,6 +66,7 @@ examples:
   python -m bkn.probes.drift                                  # the default probe (minutes)
   python -m bkn.probes.drift --full                           # the full sweep
   python -m bkn.probes.drift --methods bn,bkn-official --group-sizes 2,4 --seeds 0 --data digits
+  python -m bkn.probes.drift --model timm:resnet18 --data imagefolder:PATH --image-size 32   # your model, your data
 """
 )
 

@@ -14,6 +14,8 @@ scikit-learn's digits instead. Every run uses the same recipe
 (:class:`~bkn.probes.training.runs.TrainConfig`: SGD, momentum 0.9, weight decay 5e-4,
 lr 0.05 with cosine decay, 15 epochs) and the engine of :func:`bkn.probes.engine.train_epochs`.
 Runs are spread over ``--jobs`` worker processes (default 2, one thread each).
+``--model`` and ``--data imagefolder:PATH`` (or ``torchvision-dataset:NAME:ROOT``) train your model on
+your images instead (:mod:`bkn.probes.sources`; docs/probes.md, "Your model, your data").
 
 Output, in ``--out`` (default ``results/convergence``), written atomically at the end:
 
