@@ -369,3 +369,23 @@ def test_a_process_pools_worker_loads_without_dataloader_workers(tmp_path):
     key = key_of(write_folder(tmp_path / "pets"), 8)
     with multiprocessing.get_context("fork").Pool(1) as pool:  # daemonic: may not start DataLoader workers
         assert pool.apply(_load_in_a_pool_worker, (key,)) == 10
+
+
+@pytest.mark.parametrize("method", ["bn", "bkn-official", "gn-ws", "mabn", "cbn"])
+def test_your_model_is_converted_per_method_once(method):
+    from bkn import cross_iteration_conversion
+    from bkn.probes.training.runs import TrainConfig, make_model
+
+    config = TrainConfig(
+        method=method, group_size=2, batch_size=8, data="digits#size=16", network="test_user_probes:tiny_net"
+    )
+    model = make_model(config, 3, 3, 10)
+    model(torch.randn(8, 3, 16, 16)).sum().backward()
+    norms = {"bn": "GhostBatchNorm2d", "bkn-official": "BatchKalmanNorm2d", "gn-ws": "GroupNorm"}
+    norms.update(mabn="MovingAverageBatchNorm2d", cbn="CrossIterationBatchNorm2d")
+    assert type(model[1]).__name__.startswith(norms[method])
+    if method == "bn":
+        assert model[1].group_size == 2  # ghost batches of 2, not torch's BN over the batch
+    if method in ("mabn", "cbn"):  # the listing of bkn.convert, not overwritten by a second pass
+        kinds = [row["kind"] for row in cross_iteration_conversion.replacements(model)]
+        assert kinds.count("norm") == 2 and kinds.count("conv") == (2 if method == "mabn" else 0)

@@ -151,6 +151,8 @@ def make_model(
         )
 
     model = method.network(build, config.group_size, total_steps=total_steps)  # the rivals: built with BN, converted
+    if hasattr(model, "_bkn_replacements"):  # converted to mabn / cbn by bkn.convert (your model): already done
+        return model
     return cross_iteration_conversion.prepare(model, method.norm)  # mabn, cbn: docs/design.md §16
 
 
