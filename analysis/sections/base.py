@@ -154,4 +154,5 @@ def provenance(probe: ProbeResults) -> str:
             parts.append(f"{key} {value}")
     if "duration_s" in meta:
         parts.append(f"took {float(meta['duration_s']):.0f} s")
-    return f"From {probe.path} ({'; '.join(parts) or 'no environment recorded'})."
+    yours = f" Your model and data: {', '.join(str(p) for p in probe.yours)}." if probe.yours else ""
+    return f"From {probe.path} ({'; '.join(parts) or 'no environment recorded'}).{yours}"

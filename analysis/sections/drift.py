@@ -17,6 +17,7 @@ from __future__ import annotations
 import pandas as pd
 
 from bkn.methods import EMA_SUFFIX, FLOOR, names
+from bkn.probes import sources
 from bkn.probes.results import DRIFT_METRICS
 
 from .. import plots
@@ -36,6 +37,7 @@ def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
     """Panel labels, and ``method`` as the legend shows it: ``<m>-ema`` is drawn as ``<m>`` (same colour),
     dashed (``estimates``: running (EMA) vs batch). The result's own name stays in ``result``."""
     frame = frame.copy()
+    frame["data"] = frame["data"].astype(str).map(sources.label)  # your data: imagefolder:NAME (S px)
     frame["result"] = frame["method"].astype(str)
     if "mode" not in frame.columns:
         frame["mode"] = "in-network"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bkn.probes import sources
 from bkn.probes.results import EVALUATIONS
 
 from .. import plots
@@ -41,6 +42,7 @@ def build_training(inputs: Inputs) -> Section:
     section.text(provenance(probe))
     for column in ("data", "network", "method", "metric", "evaluation"):
         frame[column] = frame[column].astype(str)
+    frame["data"] = frame["data"].map(sources.label)  # your data: imagefolder:NAME (S px)
     keys = ["data", "network", "method", "group_size", "seed", "evaluation", "metric"]
     last = frame.groupby(keys, observed=True)["epoch"].transform("max")
     final = frame[frame["epoch"] == last]

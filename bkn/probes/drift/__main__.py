@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from bkn.probes import cli
+from bkn.probes import cli, sources
 from bkn.probes.drift import methods, setups, units
 from bkn.probes.drift.sweep import ProbeConfig
 
@@ -67,6 +67,7 @@ examples:
   python -m bkn.probes.drift --full                           # the full sweep
   python -m bkn.probes.drift --methods bn,bkn-official --group-sizes 2,4 --seeds 0 --data digits
   python -m bkn.probes.drift --full --executor dask:local --jobs 8   # the units on 8 Dask worker processes
+  python -m bkn.probes.drift --model timm:resnet18 --data imagefolder:PATH --image-size 32   # your model, your data
 
 interrupted? Each unit's rows are saved in OUT/shards/drift/ as it ends: the same command again
 runs only the units not saved yet (--fresh starts over).
@@ -94,7 +95,12 @@ def parser() -> argparse.ArgumentParser:
         out="results/accuracy",
         check_methods=methods.resolve,
     )
-    p.add_argument("--data", type=cli.name_list, help=f"only setups on these data ({', '.join(setups.DATA)})")
+    p.add_argument(
+        "--data",
+        type=cli.name_list,
+        help=f"only setups on these data ({', '.join(setups.DATA)}); or your data: {sources.DATA_HELP}",
+    )
+    sources.add_flags(p)
     p.add_argument(
         "--networks", type=cli.name_list, help=f"only setups with these networks ({', '.join(setups.NETWORKS)})"
     )
@@ -130,6 +136,25 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from(args: argparse.Namespace) -> ProbeConfig:
+    data, nets = list(args.data or ["photos"]), list(args.networks or ["cifar-resnet20"])
+    user = sources.user_setups(args, data, nets, "accuracy")
+    pairs = user or _built_in_setups(args)
+    return ProbeConfig(
+        setups=pairs,
+        states=list(args.states or (list(setups.STATES) if args.full else DEFAULT_STATES)),
+        modes=list(args.modes or units.MODES),
+        methods=list(args.methods or (methods.FULL_METHODS if args.full else methods.DEFAULT_METHODS)),
+        group_sizes=list(args.group_sizes or (FULL_SIZES if args.full else DEFAULT_SIZES)),
+        seeds=list(args.seeds or (FULL_SEEDS if args.full else DEFAULT_SEEDS)),
+        batch_size=args.batch_size,
+        burn_in=args.burn_in,
+        steps=args.steps,
+        weights_seed=args.weights_seed,
+        cache=args.cache,
+    )
+
+
+def _built_in_setups(args: argparse.Namespace) -> list[tuple[str, str]]:
     pairs = FULL_SETUPS if (args.full or args.data or args.networks) else DEFAULT_SETUPS
     for name, known in (("data", setups.DATA), ("networks", setups.NETWORKS)):
         unknown = [v for v in (getattr(args, name) or []) if v not in known]
@@ -148,19 +173,7 @@ def config_from(args: argparse.Namespace) -> ProbeConfig:
             f"no setup matches --data {args.data} --networks {args.networks}; the setups are: "
             + ", ".join(f"{d}/{n}" for d, n in FULL_SETUPS)
         )
-    return ProbeConfig(
-        setups=pairs,
-        states=list(args.states or (list(setups.STATES) if args.full else DEFAULT_STATES)),
-        modes=list(args.modes or units.MODES),
-        methods=list(args.methods or (methods.FULL_METHODS if args.full else methods.DEFAULT_METHODS)),
-        group_sizes=list(args.group_sizes or (FULL_SIZES if args.full else DEFAULT_SIZES)),
-        seeds=list(args.seeds or (FULL_SEEDS if args.full else DEFAULT_SEEDS)),
-        batch_size=args.batch_size,
-        burn_in=args.burn_in,
-        steps=args.steps,
-        weights_seed=args.weights_seed,
-        cache=args.cache,
-    )
+    return pairs
 
 
 def record_units(config: ProbeConfig) -> int:

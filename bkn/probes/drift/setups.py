@@ -43,6 +43,7 @@ from bkn import cross_iteration_conversion
 from bkn import methods as registry
 from bkn.models import cifar_resnet
 from bkn.probes import engine as training
+from bkn.probes import sources
 from bkn.probes.data import Dataset, digits_dataset, photos_dataset
 from bkn.probes.results import atomic_path
 from bkn.probes.stats import population_statistics
@@ -94,6 +95,14 @@ def population(source: Source, model: nn.Module, per_sample: bool) -> dict:
 
 
 def check_pair(data: str, network: str) -> None:
+    """``ValueError`` unless ``data`` x ``network`` is a setup: a built-in pair, or a user setup (a data key of
+    :func:`bkn.probes.sources.data_key` with a ``--model`` spec or a built-in image network)."""
+    if sources.is_data_key(data):
+        if not (sources.is_model_spec(network) or network in ("cifar-resnet20", "resnet18")):
+            raise ValueError(f"network {network!r} does not run on images; give --model or cifar-resnet20, resnet18")
+        return
+    if sources.is_model_spec(network):
+        raise ValueError(f"--model {network}: give its data as a key of bkn.probes.sources.data_key, got {data!r}")
     if data not in DATA:
         raise ValueError(f"unknown data {data!r}; known: {', '.join(DATA)}")
     if network not in NETWORKS:
@@ -106,6 +115,8 @@ def check_pair(data: str, network: str) -> None:
 def load_source(data: str, network: str) -> Source:
     """The setup's data: the chain, all 1797 digits (3 channels), or the photograph crops."""
     check_pair(data, network)
+    if sources.is_data_key(data):  # the user's data (docs/probes.md, "Your model, your data")
+        return sources.load(data)
     side = INPUT_SIZE[(data, network)]
     if data == "synthetic":
         return ResidualGaussianChain(spatial=(side, side))
@@ -124,6 +135,8 @@ def base_network(network: str, source: Source, seed: int) -> nn.Module:
         return source.model()
     if network == "cifar-resnet20":
         return cifar_resnet(20, "bn", num_classes=source.num_classes)
+    if sources.is_model_spec(network):
+        return sources.build_model(network, source.num_classes, check=False)
     import torchvision
 
     return torchvision.models.resnet18(num_classes=source.num_classes)
@@ -175,11 +188,13 @@ def _cache_file(
     config = {
         "network": network,
         "data": data,
-        "input_size": INPUT_SIZE[(data, network)],
+        "input_size": INPUT_SIZE[(data, network)] if (data, network) in INPUT_SIZE else sources.parse_key(data).size,
         "seed": seed,
         "photo_crops": PHOTO_CROPS if data == "photos" else None,
         **TRAINING,
     }
+    if sources.is_data_key(data):
+        config["files"] = sources.fingerprint(data)
     if method is not None:  # trained with the method's own norms
         config["norm"] = method.norm
         config["method"] = method.name
@@ -187,6 +202,8 @@ def _cache_file(
         config["group_size"] = TRAIN_GROUP
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     who = f"-{method.name}" if method is not None else ""  # the BN network keeps its earlier file name
+    if sources.is_data_key(data):  # paths and specs: file-name-safe
+        network, data = sources.slug(network), sources.slug(data)
     return cache_dir / "accuracy" / f"{network}-{data}{who}-seed{seed}-{key}.pt", config
 
 

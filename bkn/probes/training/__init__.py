@@ -14,6 +14,8 @@ scikit-learn's digits instead. Every run uses the same recipe
 (:class:`~bkn.probes.training.runs.TrainConfig`: SGD, momentum 0.9, weight decay 5e-4,
 lr 0.05 with cosine decay, 15 epochs) and the engine of :func:`bkn.probes.engine.train_epochs`.
 Runs are spread over ``--jobs`` worker processes (default 2, one thread each).
+``--model`` and ``--data imagefolder:PATH`` (or ``torchvision-dataset:NAME:ROOT``) train your model on
+your images instead (:mod:`bkn.probes.sources`; docs/probes.md, "Your model, your data").
 
 Output, in ``--out`` (default ``results/convergence``), written atomically at the end (each
 run's rows are saved as a shard under ``<out>/shards/training/`` as soon as it ends, so the
@@ -183,7 +185,7 @@ def run(args: argparse.Namespace):
         "duration_s": round(duration, 1),
         "data": {
             "name": args.data,
-            "about": networks.DATA[args.data].about,
+            "about": networks.about(args.data),
             "train": len(train),
             "test": len(test),
             "sample_shape": list(train.images.shape[1:]),
@@ -191,7 +193,7 @@ def run(args: argparse.Namespace):
             **({"generated_samples": args.samples} if args.data == "mnist1d" else {"image_size": args.image_size}),
         },
         "networks": {
-            n: {"about": networks.NETWORKS[n].about, "width": c.width, "depth": c.depth}
+            n: {"about": networks.about(n), "width": c.width, "depth": c.depth}
             for n, c in {c.network: c for c in runs}.items()
         },
         "jobs": args.jobs,

@@ -17,6 +17,10 @@ Networks (``--networks``), each with the method's norm after every convolution:
   ResNet in 1-D (``depth`` 8, first stage ``width`` 16), BKN priors through the residual stream;
 * ``cifar-resnet`` (digits): :class:`bkn.models.CifarResNet`, the paper's CIFAR ResNet
   (``depth`` 8, ``width`` 16).
+
+Your model and data (``--model``, ``--data imagefolder:PATH`` ...; :mod:`bkn.probes.sources`): the data as
+a key (``imagefolder:/data/pets#size=32``), trained by ``cifar-resnet`` or the model spec (``timm:resnet18``),
+built with BatchNorm and converted to each method with ``bkn.convert``.
 """
 
 from __future__ import annotations
@@ -57,6 +61,15 @@ DATA_SEED = 0  # the data and its split are fixed; run seeds vary init, data ord
 
 def check(data: str, networks) -> None:
     """``ValueError`` naming the problem when ``data`` is unknown or a network does not train on it."""
+    from bkn.probes import sources
+
+    if sources.is_data_key(data):  # your data: images, for your model or the CIFAR ResNet
+        for network in networks:
+            if not (sources.is_model_spec(network) or network == "cifar-resnet"):
+                raise ValueError(f"network {network!r} does not train on images; give --model or cifar-resnet")
+        return
+    if any(sources.is_model_spec(n) for n in networks):
+        raise ValueError(f"--model: give its data as --data imagefolder:PATH (or another image set), not {data!r}")
     if data not in DATA:
         raise ValueError(f"unknown data set {data!r}; expected one of {', '.join(DATA)}")
     for network in networks:
@@ -71,6 +84,10 @@ def check(data: str, networks) -> None:
 
 def datasets(data: str, samples: int = DEFAULT_SAMPLES, image_size: int = 16):
     """The probe's fixed ``(train, test)`` split of ``data``."""
+    from bkn.probes import sources
+
+    if sources.is_data_key(data):
+        return sources.load_splits(data)
     check(data, ())
     if data == "mnist1d":
         from bkn.probes.data import Dataset, load_mnist1d
@@ -84,12 +101,29 @@ def datasets(data: str, samples: int = DEFAULT_SAMPLES, image_size: int = 16):
     return digits_dataset("train", image_size, 1, DATA_SEED), digits_dataset("test", image_size, 1, DATA_SEED)
 
 
+def default_width(network: str) -> int | None:
+    """The network's default width (``None`` for your model: its own)."""
+    return NETWORKS[network].width if network in NETWORKS else None
+
+
+def about(name: str) -> str:
+    """What a data set or network is, for meta.json."""
+    entry = DATA.get(name) or NETWORKS.get(name)
+    return entry.about if entry is not None else f"your data or model ({name}; bkn.probes.sources)"
+
+
 def build(
     network: str, norm: str, in_channels: int, length: int, num_classes: int, width: int | None, depth: int, **options
 ) -> nn.Module:
     """``network`` with ``norm`` (``options`` go to :func:`bkn.norms.create`); call after seeding."""
     from bkn.models import ConvNet1d, cifar_resnet, resnet1d
+    from bkn.probes import sources
 
+    if sources.is_model_spec(network):  # your model: built with BatchNorm, converted to ``norm``
+        from bkn.conversion import convert
+
+        model = sources.build_model(network, num_classes, check=False)
+        return model if norm == "bn" and not options else convert(model, norm, **options)
     check(NETWORKS[network].data if network in NETWORKS else "mnist1d", (network,))
     width = NETWORKS[network].width if width is None else width
     if network == "convnet":

@@ -86,13 +86,15 @@ class TrainConfig:
         registry.get(self.method)
         networks.check(self.data, (self.network,))
         if self.width is None:
-            object.__setattr__(self, "width", networks.NETWORKS[self.network].width)
+            object.__setattr__(self, "width", networks.default_width(self.network))
         if (self.depth - 2) % 6 or self.depth < 8:
             raise ValueError(f"TrainConfig: depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {self.depth!r}")
         if self.precise not in PRECISE:
             raise ValueError(f"TrainConfig: precise must be one of {', '.join(PRECISE)}, got {self.precise!r}")
         for name in ("epochs", "batch_size", "group_size", "width", "image_size", "eval_batch_size", "world_size"):
             value = getattr(self, name)
+            if name == "width" and value is None:  # your model: its own width
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
         if self.batch_size % self.world_size:
@@ -149,6 +151,8 @@ def make_model(
         )
 
     model = method.network(build, config.group_size, total_steps=total_steps)  # the rivals: built with BN, converted
+    if hasattr(model, "_bkn_replacements"):  # converted to mabn / cbn by bkn.convert (your model): already done
+        return model
     return cross_iteration_conversion.prepare(model, method.norm)  # mabn, cbn: docs/design.md §16
 
 

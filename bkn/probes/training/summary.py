@@ -18,6 +18,7 @@ import math
 import pandas as pd
 
 from bkn import methods as registry
+from bkn.probes import sources
 
 
 def _mean_std(values: pd.Series, scale: float, digits: int) -> str:
@@ -83,7 +84,7 @@ def summary(frame: pd.DataFrame) -> str:
         epoch = int(part.epoch.max())
         last = part[part.epoch == epoch]
         seeds = f"seeds {', '.join(map(str, sorted(part.seed.unique())))}"
-        where = f"{data}, {network}"
+        where = f"{sources.label(data)}, {network}"
         for evaluation, about in (
             ("running", "the methods' running estimates (GN, LN: per-sample statistics)"),
             ("population", "population statistics recomputed after training (PreciseBN)"),
