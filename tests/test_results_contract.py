@@ -52,6 +52,7 @@ def test_importing_the_report_builder_does_not_import_torch():
     assert run.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # ~19 s (a report built in a fresh process); the fast twin: the import test above
 def test_building_a_report_from_result_files_does_not_import_torch(tmp_path):
     af.write_asv_results(tmp_path / "asv", af.method_benches(), af.method_truth, commits=2, samples=5)
     af.write_probes(tmp_path / "results")

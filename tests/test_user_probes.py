@@ -373,7 +373,7 @@ def test_a_process_pools_worker_loads_without_dataloader_workers(tmp_path):
 
 @pytest.mark.parametrize("method", ["bn", "bkn-official", "gn-ws", "mabn", "cbn"])
 def test_your_model_is_converted_per_method_once(method):
-    from bkn import cross_iteration_conversion
+    import bkn
     from bkn.probes.training.runs import TrainConfig, make_model
 
     config = TrainConfig(
@@ -387,5 +387,5 @@ def test_your_model_is_converted_per_method_once(method):
     if method == "bn":
         assert model[1].group_size == 2  # ghost batches of 2, not torch's BN over the batch
     if method in ("mabn", "cbn"):  # the listing of bkn.convert, not overwritten by a second pass
-        kinds = [row["kind"] for row in cross_iteration_conversion.replacements(model)]
+        kinds = [row.role for row in bkn.conversion_report(model).replaced]
         assert kinds.count("norm") == 2 and kinds.count("conv") == (2 if method == "mabn" else 0)
