@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bkn import cross_iteration_conversion
+from bkn import cross_iteration_conversion, replacements
 from bkn import methods as registry
 from bkn.probes import engine as training
 from bkn.probes.data import Dataset
@@ -151,7 +151,7 @@ def make_model(
         )
 
     model = method.network(build, config.group_size, total_steps=total_steps)  # the rivals: built with BN, converted
-    if hasattr(model, "_bkn_replacements"):  # converted to mabn / cbn by bkn.convert (your model): already done
+    if hasattr(model, replacements.ATTRIBUTE):  # converted by bkn.convert (your model, the rivals): already done
         return model
     return cross_iteration_conversion.prepare(model, method.norm)  # mabn, cbn: docs/design.md §16
 
