@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from triton_interpreter import backend, interpreted_kernels
+from triton_interpreter import backend, compile_for_gpu, interpreted_kernels
 
 from bkn import kernels
 from bkn.layers import _triton_function
@@ -399,3 +399,15 @@ def test_brn_without_affine(groups):
         return [y, *stats, x.grad, mu, sigma, rvar, steps], launches
 
     _compare(step, dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a_gpu_target():
+    """Every kernel of the norms, in every variant of their launches (float32, bfloat16 and float64 inputs; with and
+    without prior, tensor or float gain, momentum or 1 / steps, BRN's limits and schedule, weight and bias), goes
+    through triton's compiler for CUDA sm_90 (no GPU needed): ``tests/triton_compile.py norm``."""
+    out = compile_for_gpu("norm")
+    assert out.count("ok ") == 88
+    for name in ("stats_partial", "kalman_finalize", "renorm_finalize", "affine", "grad_partial", "grad_coefficients",
+                 "input_grad"):  # fmt: skip
+        assert f" {name}: " in out

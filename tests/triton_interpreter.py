@@ -11,14 +11,17 @@ when triton is first imported: where that happened before the switch was set (an
 ``pytest.importorskip``), they are swapped for interpreted ones within the block.
 
 The one helper for every test that runs the kernels in the interpreter (the norms' and the
-analytic transition's).
+analytic transition's); :func:`compile_for_gpu` runs ``tests/triton_compile.py`` (the kernels
+compiled for CUDA sm_90, without the interpreter) for their slow tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +87,22 @@ def interpreted_kernels(monkeypatch: pytest.MonkeyPatch | None = None):
                 sys.modules[name] = module
                 if attrs[name] is not None:
                     setattr(package, name[len("bkn.kernels.") :], attrs[name])
+
+
+def compile_for_gpu(suite: str) -> str:
+    """Run ``tests/triton_compile.py suite`` in a fresh process without ``TRITON_INTERPRET``; its output.
+
+    Skips where triton or its CUDA backend is missing; fails if a kernel does not compile.
+    """
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no CUDA backend")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    run = subprocess.run(
+        [sys.executable, "tests/triton_compile.py", suite], cwd=root, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
