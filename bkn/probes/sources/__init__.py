@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import pathlib
 
+from ..cli import positive_int
 from .images import check_data, fingerprint, load, load_splits, num_classes, set_workers
 from .keys import (
     BUILT_IN,
@@ -95,14 +96,14 @@ def add_flags(parser, image_size: bool = True) -> None:
     if image_size:
         parser.add_argument(
             "--image-size",
-            type=_positive,
+            type=positive_int,
             default=DEFAULT_IMAGE_SIZE,
             help="your data (and the built-in sets with --model): images resized and centre-cropped to this side "
             "(default %(default)s)",
         )
-    parser.add_argument("--classes", type=_positive, help="your data: keep its first N classes (default all)")
+    parser.add_argument("--classes", type=positive_int, help="your data: keep its first N classes (default all)")
     parser.add_argument(
-        "--max-images", type=_positive, help="your data: at most this many images per split, a seeded subset"
+        "--max-images", type=positive_int, help="your data: at most this many images per split, a seeded subset"
     )
     parser.add_argument(
         "--workers",
@@ -135,17 +136,5 @@ def user_setups(args, data: list[str], networks: list[str], folder: str) -> list
     return [(key, model) for key in keys for model in models]
 
 
-def _positive(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _positive_or_zero(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive(text)
+    return 0 if text.strip() == "0" else positive_int(text)
