@@ -212,8 +212,9 @@ def test_jobs_give_the_rows_of_one_process_and_the_tables_per_network(tmp_path, 
     captured = capsys.readouterr()
     printed, err = captured.out, captured.err
     assert "\r" not in err
-    lines = [line for line in err.splitlines() if line.startswith("training probe:")]
-    assert len(lines) == 10 and all(" done, " in line and "s since the start)" in line for line in lines)
+    lines = [line for line in err.splitlines() if line.startswith("training probe [")]
+    assert len(lines) == 10 and all(" runs" in line and " elapsed" in line for line in lines), err
+    assert lines[-1].startswith("training probe [10/10 runs")
     assert any("convnet bkn-official g=2 seed=0: test_acc" in line for line in lines)
     assert main([*argv, "--jobs", "1", "--no-progress", "--out", str(tmp_path / "one")]) == 0
     two = TRAINING.read(tmp_path / "two" / TRAINING.file)
