@@ -46,8 +46,10 @@ from bkn.probes import engine as training
 from bkn.probes import sources
 from bkn.probes.data import Dataset, digits_dataset, photos_dataset
 from bkn.probes.results import atomic_path
-from bkn.probes.stats import population_statistics
+from bkn.probes.stats import is_batch_norm, population_statistics
 from bkn.probes.stats.residual_chain import ResidualChainNet, ResidualGaussianChain
+from bkn.replacements import ATTRIBUTE as REPORT
+from bkn.replacements import attach
 
 DATA = ("synthetic", "digits", "photos")
 NETWORKS = ("residual-chain", "cifar-resnet20", "resnet18")
@@ -145,7 +147,14 @@ def base_network(network: str, source: Source, seed: int) -> nn.Module:
 def method_network(
     network: str, base: nn.Module, method: registry.Method, group_size: int, total_steps: int | None = None
 ) -> nn.Module:
-    """``base`` with ``method``'s normalization layers (same weights), in training mode."""
+    """``base`` with ``method``'s normalization layers (same weights), in training mode.
+
+    A ``base`` that already holds them (the trained-own network, converted or prepared for ``method``) is
+    :func:`regroup`-ed, not converted again: converting finds no BatchNorm to replace, so it would keep the
+    training group (and fx cannot trace the rivals' layers, which warns).
+    """
+    if holds(base, method):  # a torch.fx GraphModule's deep copy drops the report: attached again
+        return regroup(attach(copy.deepcopy(base), getattr(base, REPORT)), method, group_size).train()
     options = method.layer_options(group_size, total_steps)
     if method.converts:  # the rivals (gn-ws, frn, evonorm-*): bkn.convert swaps convolutions or absorbs activations
         model = method.convert(copy.deepcopy(base), group_size, total_steps=total_steps)
@@ -160,6 +169,38 @@ def method_network(
         model = method.convert(copy.deepcopy(base), group_size, total_steps=total_steps)
         return model.train()
     return cross_iteration_conversion.prepare(model, method.norm).train()  # mabn, cbn: docs/design.md §16
+
+
+def holds(model: nn.Module, method: registry.Method) -> bool:
+    """Whether ``model`` already holds ``method``'s layers: ``bkn.convert`` or ``prepare`` made it for its norm."""
+    report = getattr(model, REPORT, None)
+    return report is not None and report.method == method.norm
+
+
+def regroup(model: nn.Module, method: registry.Method, group_size: int) -> nn.Module:
+    """``model``, which :func:`holds` ``method``'s layers, with each of them at normalization group ``group_size``
+    (in place; its modules stay what they are). ``ValueError`` naming the layer where that can't be done."""
+    method.layer_options(group_size)  # checks group_size
+    if not method.uses_groups:  # gn-ws, frn, evonorm-s0 (and gn, ln, in): per-sample norms, no group to set
+        return model
+    report = getattr(model, REPORT)
+    layers = {row.module: model.get_submodule(row.module) for row in report.of("norm")}
+    for name, layer in layers.items():  # BatchStatNorm (ghost BN, BRN, BKN, MABN, CBN), EvoNormB0: read per forward
+        if not hasattr(layer, "group_size"):
+            raise ValueError(
+                f"regroup to {method.name!r}: layer {name!r} ({type(layer).__name__}) has no group_size, so it "
+                f"can't be set to {group_size}; the network does not hold {method.name}'s layers"
+            )
+        layer.group_size = group_size
+    others = [
+        f"{name!r} ({type(m).__name__})" for name, m in model.named_modules() if is_batch_norm(m) and name not in layers
+    ]
+    if others:
+        raise ValueError(
+            f"regroup to {method.name!r}: batch-statistic layers {', '.join(others)} are not {method.name}'s "
+            f"(bkn.convert did not replace them), so their group can't be set to {group_size}"
+        )
+    return model
 
 
 def load_weights(model: nn.Module, state: dict) -> None:
