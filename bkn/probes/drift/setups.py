@@ -12,7 +12,8 @@ Setups (data x network) and input sizes:
 States: ``init`` (seeded initialisation), ``trained`` (a short seeded training run of
 the network with torch's BatchNorm by :func:`bkn.probes.engine.train_epochs`, the engine the
 training probe uses too) and ``trained-own`` (the same run with the measured method's own
-norms, at normalization group :data:`TRAIN_GROUP`); weights cached under
+norms, at normalization group :data:`TRAIN_GROUP`, then measured at each group size with its own layers
+regrouped: :func:`regroup`); weights cached under
 ``<cache>/accuracy/``, keyed by the whole configuration. In ``init`` and ``trained`` every
 method's network is built with the *same* weights: the CIFAR ResNet is constructed with
 the method's norm and loads the BN network's state dict; torchvision is converted with
