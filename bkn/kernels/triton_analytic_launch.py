@@ -52,54 +52,45 @@ def _elementwise_block(n: int) -> int:
     return min(_pow2(n), 1024)
 
 
-def relu_forward(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(E relu X, Var relu X)`` for ``X ~ N(mean, var)``, (G, C) each: one launch."""
+def _over_entries(kernel, var: torch.Tensor, inputs, rest, **meta) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of the elementwise ``kernel`` over the ``G * C`` entries of (G, C) ``var``; its two outputs.
+
+    The kernel's arguments: ``*inputs``, two fresh (G, C) outputs of ``var``'s dtype, ``G * C``, ``C``,
+    ``*rest``, then ``meta`` with ``DTYPE`` (from ``var``) and ``BLOCK`` (the grid covers the entries).
+    """
     G, C = var.shape
-    first = torch.empty((G, C), dtype=var.dtype, device=var.device)
-    out_var = torch.empty_like(first)
+    out_a = torch.empty((G, C), dtype=var.dtype, device=var.device)
+    out_b = torch.empty_like(out_a)
     block = _elementwise_block(G * C)
     kern._launch(
-        kern._relu_fwd,
+        kernel,
         (triton.cdiv(G * C, block),),
-        _arg(mean),
-        _arg(var),
-        first,
-        out_var,
+        *inputs,
+        out_a,
+        out_b,
         G * C,
         C,
-        *mean.stride(),
-        *var.stride(),
+        *rest,
+        **meta,
         DTYPE=_dtype(var),
         BLOCK=block,
     )
-    return first, out_var
+    return out_a, out_b
+
+
+def relu_forward(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E relu X, Var relu X)`` for ``X ~ N(mean, var)``, (G, C) each: one launch."""
+    return _over_entries(kern._relu_fwd, var, (_arg(mean), _arg(var)), (*mean.stride(), *var.stride()))
 
 
 def relu_backward(g_first, g_var, mean, var) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d mean, d var)`` of :func:`relu_forward`: one launch."""
-    G, C = var.shape
-    d_mean = torch.empty((G, C), dtype=var.dtype, device=var.device)
-    d_var = torch.empty_like(d_mean)
-    block = _elementwise_block(G * C)
-    kern._launch(
+    return _over_entries(
         kern._relu_bwd,
-        (triton.cdiv(G * C, block),),
-        g_first,
-        g_var,
-        _arg(mean),
-        _arg(var),
-        d_mean,
-        d_var,
-        G * C,
-        C,
-        *g_first.stride(),
-        *g_var.stride(),
-        *mean.stride(),
-        *var.stride(),
-        DTYPE=_dtype(var),
-        BLOCK=block,
+        var,
+        (g_first, g_var, _arg(mean), _arg(var)),
+        (*g_first.stride(), *g_var.stride(), *mean.stride(), *var.stride()),
     )
-    return d_mean, d_var
 
 
 def _extra_args(var, extra_mean, extra_var):
@@ -110,34 +101,14 @@ def _extra_args(var, extra_mean, extra_var):
 
 def norm_relu_forward(var, weight, bias, eps: float, extra_mean=None, extra_var=None):
     """Moments of ``relu`` of a norm's affine output (plus ``extra`` moments): one launch."""
-    G, C = var.shape
-    first = torch.empty((G, C), dtype=var.dtype, device=var.device)
-    out_var = torch.empty_like(first)
     em, ev, sem, sev, has_extra = _extra_args(var, extra_mean, extra_var)
-    block = _elementwise_block(G * C)
-    kern._launch(
+    return _over_entries(
         kern._norm_relu_fwd,
-        (triton.cdiv(G * C, block),),
-        _arg(var),
-        _arg(weight),
-        _arg(bias),
-        em,
-        ev,
-        first,
-        out_var,
-        G * C,
-        C,
-        *var.stride(),
-        weight.stride(0),
-        bias.stride(0),
-        *sem,
-        *sev,
-        *_eps_parts(eps),
+        var,
+        (_arg(var), _arg(weight), _arg(bias), em, ev),
+        (*var.stride(), weight.stride(0), bias.stride(0), *sem, *sev, *_eps_parts(eps)),
         HAS_EXTRA=has_extra,
-        DTYPE=_dtype(var),
-        BLOCK=block,
     )
-    return first, out_var
 
 
 def norm_relu_backward(g_first, g_var, var, weight, bias, eps: float, extra_mean=None, extra_var=None):
