@@ -111,16 +111,30 @@ def norm_relu_forward(var, weight, bias, eps: float, extra_mean=None, extra_var=
     )
 
 
-def norm_relu_backward(g_first, g_var, var, weight, bias, eps: float, extra_mean=None, extra_var=None):
-    """``(d var, d gamma, d beta, d extra_mean, d extra_var)`` of :func:`norm_relu_forward` (the last two
-    None without extra moments): one launch."""
+def _norm_relu_grad_outputs(var: torch.Tensor, has_extra: bool) -> tuple[torch.Tensor, ...]:
+    """Fresh ``(d var, d gamma, d beta, d extra_mean, d extra_var)`` of the norm-ReLU rule for (G, C) ``var``,
+    in the order its gradient kernels take them (``d var`` again in place of the extras' without extras)."""
     G, C = var.shape
     d_var = torch.empty((G, C), dtype=var.dtype, device=var.device)
     d_weight = torch.empty(C, dtype=var.dtype, device=var.device)
     d_bias = torch.empty_like(d_weight)
-    em, ev, sem, sev, has_extra = _extra_args(var, extra_mean, extra_var)
     d_em = torch.empty_like(d_var) if has_extra else d_var
     d_ev = torch.empty_like(d_var) if has_extra else d_var
+    return d_var, d_weight, d_bias, d_em, d_ev
+
+
+def _norm_relu_grads(outputs: tuple[torch.Tensor, ...], has_extra: bool) -> tuple:
+    """What the norm-ReLU gradient launches return: their outputs, the extras' None without extras."""
+    d_var, d_weight, d_bias, d_em, d_ev = outputs
+    return d_var, d_weight, d_bias, (d_em if has_extra else None), (d_ev if has_extra else None)
+
+
+def norm_relu_backward(g_first, g_var, var, weight, bias, eps: float, extra_mean=None, extra_var=None):
+    """``(d var, d gamma, d beta, d extra_mean, d extra_var)`` of :func:`norm_relu_forward` (the last two
+    None without extra moments): one launch."""
+    G, C = var.shape
+    em, ev, sem, sev, has_extra = _extra_args(var, extra_mean, extra_var)
+    outputs = _norm_relu_grad_outputs(var, has_extra)
     block = min(_pow2(C), 256)
     kern._launch(
         kern._norm_relu_bwd,
@@ -132,11 +146,7 @@ def norm_relu_backward(g_first, g_var, var, weight, bias, eps: float, extra_mean
         _arg(bias),
         em,
         ev,
-        d_var,
-        d_weight,
-        d_bias,
-        d_em,
-        d_ev,
+        *outputs,
         G,
         C,
         *g_first.stride(),
@@ -151,7 +161,7 @@ def norm_relu_backward(g_first, g_var, var, weight, bias, eps: float, extra_mean
         DTYPE=_dtype(var),
         BLOCK=block,
     )
-    return d_var, d_weight, d_bias, (d_em if has_extra else None), (d_ev if has_extra else None)
+    return _norm_relu_grads(outputs, has_extra)
 
 
 def _taps(weight: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
@@ -319,20 +329,16 @@ def conv_norm_relu_grads(s1, s2, g_mean, g_var, groups, var, weight, bias, eps: 
     after it (as :func:`conv_input_grads`), from the convolution's output gradients: one launch."""
     O, I = s1.shape
     G, c_in = var.shape
-    d_var = torch.empty((G, c_in), dtype=var.dtype, device=var.device)
-    d_weight = torch.empty(c_in, dtype=var.dtype, device=var.device)
-    d_bias = torch.empty_like(d_weight)
     em, ev, sem, sev, has_extra = _extra_args(var, extra_mean, extra_var)
-    d_em = torch.empty_like(d_var) if has_extra else d_var
-    d_ev = torch.empty_like(d_var) if has_extra else d_var
+    outputs = _norm_relu_grad_outputs(var, has_extra)
     bg = _pow2(G)
     bc = min(_pow2(c_in), 64 if interpreting() else 16)
     bo = min(_pow2(O // groups), max(1, _budget() // (bg * bc)))
     kern._launch(
         kern._conv_norm_relu_grads,
         (triton.cdiv(c_in, bc),),
-        s1, s2, g_mean, g_var, _arg(var), _arg(weight), _arg(bias), em, ev, d_var, d_weight, d_bias, d_em, d_ev,
+        s1, s2, g_mean, g_var, _arg(var), _arg(weight), _arg(bias), em, ev, *outputs,
         G, O, I, O // groups, c_in, *g_mean.stride(), *g_var.stride(), *var.stride(), weight.stride(0),
         bias.stride(0), *sem, *sev, *_eps_parts(eps), HAS_EXTRA=has_extra, DTYPE=_dtype(var), BG=bg, BO=bo, BC=bc,
     )  # fmt: skip
-    return d_var, d_weight, d_bias, (d_em if has_extra else None), (d_ev if has_extra else None)
+    return _norm_relu_grads(outputs, has_extra)
