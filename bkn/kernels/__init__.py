@@ -98,6 +98,19 @@ def backend_for(x: torch.Tensor) -> str:
     return choice
 
 
+def native_module(backend: str):
+    """The compiled CPU module (:func:`bkn.layers._native.load`) where ``backend`` is ``"native"``, else None.
+
+    None also when the kernels did not build or are switched off (``BKN_NATIVE=0``); the module's own
+    functions may still decline given tensors (they return an empty list), leaving them to ``torch``.
+    """
+    if backend != "native":
+        return None
+    from ..layers import _native  # on first use: importing this package loads no layer
+
+    return _native.load()
+
+
 # -- the one door of every Triton launch: counted, and invisible to dispatch modes in the interpreter --
 
 _launch_counters: list = []

@@ -52,54 +52,45 @@ def _elementwise_block(n: int) -> int:
     return min(_pow2(n), 1024)
 
 
-def relu_forward(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(E relu X, Var relu X)`` for ``X ~ N(mean, var)``, (G, C) each: one launch."""
+def _over_entries(kernel, var: torch.Tensor, inputs, rest, **meta) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of the elementwise ``kernel`` over the ``G * C`` entries of (G, C) ``var``; its two outputs.
+
+    The kernel's arguments: ``*inputs``, two fresh (G, C) outputs of ``var``'s dtype, ``G * C``, ``C``,
+    ``*rest``, then ``meta`` with ``DTYPE`` (from ``var``) and ``BLOCK`` (the grid covers the entries).
+    """
     G, C = var.shape
-    first = torch.empty((G, C), dtype=var.dtype, device=var.device)
-    out_var = torch.empty_like(first)
+    out_a = torch.empty((G, C), dtype=var.dtype, device=var.device)
+    out_b = torch.empty_like(out_a)
     block = _elementwise_block(G * C)
     kern._launch(
-        kern._relu_fwd,
+        kernel,
         (triton.cdiv(G * C, block),),
-        _arg(mean),
-        _arg(var),
-        first,
-        out_var,
+        *inputs,
+        out_a,
+        out_b,
         G * C,
         C,
-        *mean.stride(),
-        *var.stride(),
+        *rest,
+        **meta,
         DTYPE=_dtype(var),
         BLOCK=block,
     )
-    return first, out_var
+    return out_a, out_b
+
+
+def relu_forward(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E relu X, Var relu X)`` for ``X ~ N(mean, var)``, (G, C) each: one launch."""
+    return _over_entries(kern._relu_fwd, var, (_arg(mean), _arg(var)), (*mean.stride(), *var.stride()))
 
 
 def relu_backward(g_first, g_var, mean, var) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d mean, d var)`` of :func:`relu_forward`: one launch."""
-    G, C = var.shape
-    d_mean = torch.empty((G, C), dtype=var.dtype, device=var.device)
-    d_var = torch.empty_like(d_mean)
-    block = _elementwise_block(G * C)
-    kern._launch(
+    return _over_entries(
         kern._relu_bwd,
-        (triton.cdiv(G * C, block),),
-        g_first,
-        g_var,
-        _arg(mean),
-        _arg(var),
-        d_mean,
-        d_var,
-        G * C,
-        C,
-        *g_first.stride(),
-        *g_var.stride(),
-        *mean.stride(),
-        *var.stride(),
-        DTYPE=_dtype(var),
-        BLOCK=block,
+        var,
+        (g_first, g_var, _arg(mean), _arg(var)),
+        (*g_first.stride(), *g_var.stride(), *mean.stride(), *var.stride()),
     )
-    return d_mean, d_var
 
 
 def _extra_args(var, extra_mean, extra_var):
@@ -110,46 +101,40 @@ def _extra_args(var, extra_mean, extra_var):
 
 def norm_relu_forward(var, weight, bias, eps: float, extra_mean=None, extra_var=None):
     """Moments of ``relu`` of a norm's affine output (plus ``extra`` moments): one launch."""
-    G, C = var.shape
-    first = torch.empty((G, C), dtype=var.dtype, device=var.device)
-    out_var = torch.empty_like(first)
     em, ev, sem, sev, has_extra = _extra_args(var, extra_mean, extra_var)
-    block = _elementwise_block(G * C)
-    kern._launch(
+    return _over_entries(
         kern._norm_relu_fwd,
-        (triton.cdiv(G * C, block),),
-        _arg(var),
-        _arg(weight),
-        _arg(bias),
-        em,
-        ev,
-        first,
-        out_var,
-        G * C,
-        C,
-        *var.stride(),
-        weight.stride(0),
-        bias.stride(0),
-        *sem,
-        *sev,
-        *_eps_parts(eps),
+        var,
+        (_arg(var), _arg(weight), _arg(bias), em, ev),
+        (*var.stride(), weight.stride(0), bias.stride(0), *sem, *sev, *_eps_parts(eps)),
         HAS_EXTRA=has_extra,
-        DTYPE=_dtype(var),
-        BLOCK=block,
     )
-    return first, out_var
+
+
+def _norm_relu_grad_outputs(var: torch.Tensor, has_extra: bool) -> tuple[torch.Tensor, ...]:
+    """Fresh ``(d var, d gamma, d beta, d extra_mean, d extra_var)`` of the norm-ReLU rule for (G, C) ``var``,
+    in the order its gradient kernels take them (``d var`` again in place of the extras' without extras)."""
+    G, C = var.shape
+    d_var = torch.empty((G, C), dtype=var.dtype, device=var.device)
+    d_weight = torch.empty(C, dtype=var.dtype, device=var.device)
+    d_bias = torch.empty_like(d_weight)
+    d_em = torch.empty_like(d_var) if has_extra else d_var
+    d_ev = torch.empty_like(d_var) if has_extra else d_var
+    return d_var, d_weight, d_bias, d_em, d_ev
+
+
+def _norm_relu_grads(outputs: tuple[torch.Tensor, ...], has_extra: bool) -> tuple:
+    """What the norm-ReLU gradient launches return: their outputs, the extras' None without extras."""
+    d_var, d_weight, d_bias, d_em, d_ev = outputs
+    return d_var, d_weight, d_bias, (d_em if has_extra else None), (d_ev if has_extra else None)
 
 
 def norm_relu_backward(g_first, g_var, var, weight, bias, eps: float, extra_mean=None, extra_var=None):
     """``(d var, d gamma, d beta, d extra_mean, d extra_var)`` of :func:`norm_relu_forward` (the last two
     None without extra moments): one launch."""
     G, C = var.shape
-    d_var = torch.empty((G, C), dtype=var.dtype, device=var.device)
-    d_weight = torch.empty(C, dtype=var.dtype, device=var.device)
-    d_bias = torch.empty_like(d_weight)
     em, ev, sem, sev, has_extra = _extra_args(var, extra_mean, extra_var)
-    d_em = torch.empty_like(d_var) if has_extra else d_var
-    d_ev = torch.empty_like(d_var) if has_extra else d_var
+    outputs = _norm_relu_grad_outputs(var, has_extra)
     block = min(_pow2(C), 256)
     kern._launch(
         kern._norm_relu_bwd,
@@ -161,11 +146,7 @@ def norm_relu_backward(g_first, g_var, var, weight, bias, eps: float, extra_mean
         _arg(bias),
         em,
         ev,
-        d_var,
-        d_weight,
-        d_bias,
-        d_em,
-        d_ev,
+        *outputs,
         G,
         C,
         *g_first.stride(),
@@ -180,7 +161,7 @@ def norm_relu_backward(g_first, g_var, var, weight, bias, eps: float, extra_mean
         DTYPE=_dtype(var),
         BLOCK=block,
     )
-    return d_var, d_weight, d_bias, (d_em if has_extra else None), (d_ev if has_extra else None)
+    return _norm_relu_grads(outputs, has_extra)
 
 
 def _taps(weight: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
@@ -348,20 +329,16 @@ def conv_norm_relu_grads(s1, s2, g_mean, g_var, groups, var, weight, bias, eps: 
     after it (as :func:`conv_input_grads`), from the convolution's output gradients: one launch."""
     O, I = s1.shape
     G, c_in = var.shape
-    d_var = torch.empty((G, c_in), dtype=var.dtype, device=var.device)
-    d_weight = torch.empty(c_in, dtype=var.dtype, device=var.device)
-    d_bias = torch.empty_like(d_weight)
     em, ev, sem, sev, has_extra = _extra_args(var, extra_mean, extra_var)
-    d_em = torch.empty_like(d_var) if has_extra else d_var
-    d_ev = torch.empty_like(d_var) if has_extra else d_var
+    outputs = _norm_relu_grad_outputs(var, has_extra)
     bg = _pow2(G)
     bc = min(_pow2(c_in), 64 if interpreting() else 16)
     bo = min(_pow2(O // groups), max(1, _budget() // (bg * bc)))
     kern._launch(
         kern._conv_norm_relu_grads,
         (triton.cdiv(c_in, bc),),
-        s1, s2, g_mean, g_var, _arg(var), _arg(weight), _arg(bias), em, ev, d_var, d_weight, d_bias, d_em, d_ev,
+        s1, s2, g_mean, g_var, _arg(var), _arg(weight), _arg(bias), em, ev, *outputs,
         G, O, I, O // groups, c_in, *g_mean.stride(), *g_var.stride(), *var.stride(), weight.stride(0),
         bias.stride(0), *sem, *sev, *_eps_parts(eps), HAS_EXTRA=has_extra, DTYPE=_dtype(var), BG=bg, BO=bo, BC=bc,
     )  # fmt: skip
-    return d_var, d_weight, d_bias, (d_em if has_extra else None), (d_ev if has_extra else None)
+    return _norm_relu_grads(outputs, has_extra)

@@ -66,16 +66,28 @@ def _offsets(k, group, c, g, S1, S2, sN, sC, s1, s2):
 
 
 @triton.jit
-def stats_partial(
-    X, PS, PS_OFF, C, g, S1, S2, sN, sC, s1, s2, count, chunk, splits, STAT: tl.constexpr, BLOCK: tl.constexpr
-):
-    PS = PS + PS_OFF  # the partials live in the finalize's workspace, after its rows (one allocation)
+def _program_block(C, chunk, count):
+    """This program's share of the grid (axis 0: (group, channel) blocks, axis 1: their chunks).
+
+    Returns ``(gc, sp, GC, group, c, start, end)``: the block's index ``gc = group * C + c``, the chunk
+    ``sp``, the number of blocks ``GC``, and the chunk's values ``start .. end - 1`` of the block's ``count``.
+    """
     gc = tl.program_id(0)
     sp = tl.program_id(1)
+    GC = tl.num_programs(0)
     group = gc // C
     c = gc - group * C
     start = sp * chunk
     end = tl.minimum(start + chunk, count)
+    return gc, sp, GC, group, c, start, end
+
+
+@triton.jit
+def stats_partial(
+    X, PS, PS_OFF, C, g, S1, S2, sN, sC, s1, s2, count, chunk, splits, STAT: tl.constexpr, BLOCK: tl.constexpr
+):
+    PS = PS + PS_OFF  # the partials live in the finalize's workspace, after its rows (one allocation)
+    gc, sp, GC, group, c, start, end = _program_block(C, chunk, count)
     n_acc = tl.full([], 0.0, STAT)
     mean = tl.full([], 0.0, STAT)
     m2 = tl.full([], 0.0, STAT)
@@ -93,7 +105,7 @@ def stats_partial(
         m2 += bm2 + delta * delta * (n_acc * nb / total)
         n_acc = total
     tl.store(PS + gc * splits + sp, mean)  # PS (2, G*C, splits): means, then M2s
-    tl.store(PS + tl.num_programs(0) * splits + gc * splits + sp, m2)
+    tl.store(PS + GC * splits + gc * splits + sp, m2)
 
 
 @triton.jit
@@ -326,15 +338,9 @@ def affine(
     SCALE_ROW: tl.constexpr, STAT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """y = x * scale + shift per (group, channel) block (FW rows SCALE_ROW, SCALE_ROW + 1 of a finalize)."""
-    gc = tl.program_id(0)
-    sp = tl.program_id(1)
-    GC = tl.num_programs(0)
-    group = gc // C
-    c = gc - group * C
+    gc, sp, GC, group, c, start, end = _program_block(C, chunk, count)
     scale = tl.load(FW + SCALE_ROW * GC + gc)
     shift = tl.load(FW + (SCALE_ROW + 1) * GC + gc)
-    start = sp * chunk
-    end = tl.minimum(start + chunk, count)
     for b in range(start, end, BLOCK):
         k = b + tl.arange(0, BLOCK)
         mask = k < end

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_norm import _f64, _offsets, _total
+from .triton_norm import _f64, _offsets, _program_block, _total
 
 
 @triton.jit
@@ -23,13 +23,8 @@ def grad_partial(
 ):  # fmt: skip
     """PS (2, G*C, splits): per chunk sum(dy) and sum(dy * (x - m)) (centred by the mean m, FW row MEAN_ROW)."""
     PS = PS + PS_OFF
-    gc = tl.program_id(0)
-    sp = tl.program_id(1)
-    group = gc // C
-    c = gc - group * C
-    m = tl.load(FW + MEAN_ROW * tl.num_programs(0) + gc)
-    start = sp * chunk
-    end = tl.minimum(start + chunk, count)
+    gc, sp, GC, group, c, start, end = _program_block(C, chunk, count)
+    m = tl.load(FW + MEAN_ROW * GC + gc)
     acc1 = tl.full([BLOCK], 0.0, STAT)
     acc2 = tl.full([BLOCK], 0.0, STAT)
     for b in range(start, end, BLOCK):
@@ -39,9 +34,8 @@ def grad_partial(
         dy = tl.load(DY + _offsets(k, group, c, g, S1, S2, dN, dC, d1, d2), mask=mask, other=0.0).to(STAT)
         acc1 += dy
         acc2 += dy * tl.where(mask, x - m, 0.0)
-    GCS = tl.num_programs(0) * splits
     tl.store(PS + gc * splits + sp, _total(acc1))
-    tl.store(PS + GCS + gc * splits + sp, _total(acc2))
+    tl.store(PS + GC * splits + gc * splits + sp, _total(acc2))
 
 
 @triton.jit
@@ -151,16 +145,10 @@ def input_grad(
     HAS_DY: tl.constexpr, STAT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """dx = ws * dy + x_coef * x + const (COEF rows 0..2 of grad_coefficients' OUT)."""
-    gc = tl.program_id(0)
-    sp = tl.program_id(1)
-    GC = tl.num_programs(0)
-    group = gc // C
-    c = gc - group * C
+    gc, sp, GC, group, c, start, end = _program_block(C, chunk, count)
     ws = tl.load(COEF + gc)
     x_coef = tl.load(COEF + GC + gc)
     const = tl.load(COEF + 2 * GC + gc)
-    start = sp * chunk
-    end = tl.minimum(start + chunk, count)
     for b in range(start, end, BLOCK):
         k = b + tl.arange(0, BLOCK)
         mask = k < end

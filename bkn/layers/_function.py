@@ -40,7 +40,7 @@ import math
 import torch
 
 from .. import kernels as _kernels
-from . import _checks, _native
+from . import _checks
 from ._grad_shapes import as_dtype as _as_dtype
 from ._grad_shapes import sum_to as _sum_to
 from ._moments import (
@@ -292,7 +292,7 @@ def normalize_with_stats(
     if check is not None and prior_var is not None:
         _checks.check_prior_var(prior_var.detach(), check)
     running_mean, running_var, steps, momentum = running if running is not None else (None, None, None, 0.0)
-    native = _native.load() if backend == "native" else None  # "torch": the Python Function below
+    native = _kernels.native_module(backend)  # None for "torch": the Python Function below
     if native is not None:  # the same Function compiled (bkn/csrc/_function.cpp), if it takes these tensors
         out = native.kalman_norm(
             x,

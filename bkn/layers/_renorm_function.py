@@ -23,7 +23,6 @@ import math
 import torch
 
 from .. import kernels as _kernels
-from . import _native
 from ._function import normalize_with_stats
 from ._moments import batch_moments, centred_var, ill_conditioned, shifted_sums
 
@@ -87,24 +86,23 @@ def renorm_train(x, weight, bias, running_mean, running_std, running_var, steps,
         return _triton_function.renorm_train(
             x, weight, bias, running_mean, running_std, running_var, steps, momentum, rmax, dmax, eps, groups
         )
-    if groups == 1 and backend == "native":
-        native = _native.load()
-        if native is not None:  # the compiled Renorm, if it takes these tensors ([] if not)
-            out = native.renorm(
-                x,
-                weight,
-                bias,
-                running_mean,
-                running_std,
-                running_var,
-                steps,
-                math.nan if momentum is None else momentum,
-                float(rmax),  # a scheduled limit may be a 0-d tensor; the compiled path runs on the host
-                float(dmax),
-                eps,
-            )
-            if out:
-                return tuple(out)
+    native = _kernels.native_module(backend) if groups == 1 else None
+    if native is not None:  # the compiled Renorm, if it takes these tensors ([] if not)
+        out = native.renorm(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_std,
+            running_var,
+            steps,
+            math.nan if momentum is None else momentum,
+            float(rmax),  # a scheduled limit may be a 0-d tensor; the compiled path runs on the host
+            float(dmax),
+            eps,
+        )
+        if out:
+            return tuple(out)
     steps.add_(1)
     # momentum=None: 1 / steps as a float64 0-d tensor on the device (no host sync); ops with it
     # round as with the Python float it replaces.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..layers import _native
 
 
 def backend(x: torch.Tensor, compiled: bool = True) -> str:
@@ -22,7 +21,7 @@ def backend(x: torch.Tensor, compiled: bool = True) -> str:
 
 def native(x: torch.Tensor, compiled: bool = True):
     """The compiled CPU module where ``x``'s backend is ``native`` (and it built), else None."""
-    return _native.load() if backend(x, compiled) == "native" else None
+    return kernels.native_module(backend(x, compiled))
 
 
 def triton_functions():

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .. import kernels
 from ..layers import _native
 from . import _backend
 from .state import Moments, NormOutput, _LazyMoments, affine_output_moments
@@ -161,7 +162,7 @@ def norm_relu_moments(state: NormOutput, compiled: bool = True, extra: Moments |
         return _backend.triton_functions().norm_relu_moments(
             state.posterior_var, state.weight, state.bias, state.eps, extra_mean, extra_var
         )
-    native = _native.load() if which == "native" else None
+    native = kernels.native_module(which)
     if native is not None:  # [] where the kernels do not take these tensors
         out = native.norm_relu_moments(state.posterior_var, state.weight, state.bias, state.eps, extra_mean, extra_var)
         if out:

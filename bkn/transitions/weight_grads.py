@@ -47,7 +47,7 @@ import weakref
 
 import torch
 
-from ..layers import _native
+from .. import kernels
 from . import _backend
 from .convolution import _tap_sums_grad
 
@@ -158,7 +158,7 @@ def _add_rules(weight: torch.Tensor, grad: torch.Tensor, factors: list, in_place
     each (the C++ one, or the Triton one where ``bkn.kernels.backend_for`` says ``triton``), or the
     same sum in torch ops for a gradient it does not take (not contiguous)."""
     which = _backend.backend(weight)
-    native = _native.load() if which == "native" else None
+    native = kernels.native_module(which)
     for g_mean, mean, g_var, var in factors:
         total = None
         if which == "triton":
