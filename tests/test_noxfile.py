@@ -110,3 +110,40 @@ def test_the_main_job_runs_bench_both_probes_then_the_report(fake_env):
     assert modules == ["asv", "bkn.probes.drift"] + ["analysis.report", "bkn.probes.training"] + 2 * ["analysis.report"]
     assert "-m bkn.probes.training --quick" in calls
     assert calls[-1] == "-m analysis.report --fail-on-regression"
+
+
+def _main_benchmarks() -> tuple[str, ...]:
+    """noxfile's ``MAIN_BENCHMARKS``, evaluated from its own assignments (nox itself need not be installed)."""
+    import ast
+
+    tree = ast.parse((ROOT / "noxfile.py").read_text())
+    wanted = {"_DEFAULT_VARIANT", "MAIN_BENCHMARKS"}
+    body = [node for node in tree.body if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in wanted]
+    namespace: dict = {}
+    exec(compile(ast.Module(body=body, type_ignores=[]), "noxfile.py", "exec"), namespace)
+    return namespace["MAIN_BENCHMARKS"]
+
+
+def test_the_main_jobs_benchmark_filter_selects_float32_contiguous_forward_backward_and_the_copy():
+    """asv matches a parametrized benchmark's regex against ``name(repr(param), ...)`` (asv.benchmarks.Benchmarks):
+    the main job must select every method, group size and shape in float32/contiguous, and nothing else."""
+    import itertools
+    import re
+
+    from suites import bench_bandwidth, bench_layers
+
+    patterns = _main_benchmarks()
+
+    def selected(name: str, params) -> list[tuple]:
+        combos = itertools.product(*params)
+        return [c for c in combos if any(re.search(p, f"{name}({', '.join(map(repr, c))})") for p in patterns)]
+
+    layer = bench_layers.TimeForwardBackward
+    chosen = selected("bench_layers.TimeForwardBackward.time_forward_backward", layer.params)
+    every = list(itertools.product(*layer.params))
+    assert chosen == [c for c in every if c[-2:] == ("float32", "contiguous")]
+    assert {c[0] for c in chosen} == set(layer.params[0])  # every method, rivals included
+    copy = selected("bench_bandwidth.TimeCopy.time_copy", bench_bandwidth.TimeCopy.params)
+    assert copy and all(c[-2:] == ("float32", "contiguous") for c in copy)
+    assert not selected("bench_layers.TimeForwardTrain.time_forward_train", bench_layers.TimeForwardTrain.params)
+    assert any(re.search(p, "bench_layers.TrackThreads.track_threads") for p in patterns)
