@@ -118,7 +118,7 @@ def _main_benchmarks() -> tuple[str, ...]:
 
     tree = ast.parse((ROOT / "noxfile.py").read_text())
     wanted = {"_DEFAULT_VARIANT", "MAIN_BENCHMARKS"}
-    body = [node for node in tree.body if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in wanted]
+    body = [n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) in wanted]
     namespace: dict = {}
     exec(compile(ast.Module(body=body, type_ignores=[]), "noxfile.py", "exec"), namespace)
     return namespace["MAIN_BENCHMARKS"]
