@@ -6,13 +6,13 @@ method of :mod:`bkn.methods` but SyncBN (which needs workers) and IN: BN (ghost 
 BKN (official and analytic transitions, fixed p = 0.9 and adaptive gain), BRN (fixed
 limits, and the paper's schedule scaled to the run), MABN and CBN (their authors' warm-up and
 burn-in, docs/design.md §16) at every group size, and GN and LN (which have no group) once per
-seed; four seeds (:data:`DEFAULT_SEEDS`). Data and networks (:mod:`.networks`):
+seed; three seeds (:data:`DEFAULT_SEEDS`). Data and networks (:mod:`.networks`):
 MNIST-1D generated locally (5,000 samples, 4,000 train / 1,000 test), a Conv1d net
 (``convnet``) and a 1-D pre-activation ResNet-8 with BKN priors wired through its
 residual stream (``resnet1d``); ``--data digits`` trains the CIFAR ResNet-8 on
 scikit-learn's digits instead. Every run uses the same recipe
 (:class:`~bkn.probes.training.runs.TrainConfig`: SGD, momentum 0.9, weight decay 5e-4,
-lr 0.05 with cosine decay, 15 epochs) and the engine of :func:`bkn.probes.engine.train_epochs`.
+lr 0.05 with cosine decay, 10 epochs) and the engine of :func:`bkn.probes.engine.train_epochs`.
 Runs are spread over ``--jobs`` worker processes (default 2, one thread each).
 ``--model`` and ``--data imagefolder:PATH`` (or ``torchvision-dataset:NAME:ROOT``) train your model on
 your images instead (:mod:`bkn.probes.sources`; docs/probes.md, "Your model, your data").
@@ -65,11 +65,12 @@ __all__ = ["PRECISE", "TrainConfig", "make_model", "train_model", "train_run", "
 # official transition's ablations (bkn-official-affine, -relu-shortcut: drift-probe instruments; --methods adds them).
 DEFAULT_METHODS = registry.names(tag="training")
 DEFAULT_GROUP_SIZES = (2, 4, 8, 32)
-# Four seeds: what fits 25 minutes on the project's 2-core machine with the six rivals of issue 25 added (90 runs
-# per seed; docs/probes.md, "Cost"). Paired over seeds, the run's spread of paired differences needs far more seeds
-# to resolve a 0.5-point gap; the report's ranked table says which neighbouring ranks four resolve.
-DEFAULT_SEEDS = (0, 1, 2, 3)
-DEFAULT_EPOCHS = 15
+# Three seeds of 10 epochs: what fits 25 minutes on the project's 2-core machine with the six rivals of issue 25
+# (90 runs per seed; docs/probes.md, "Cost": four seeds of 15 epochs would take about 48 minutes). Paired over
+# seeds, the run's spread of paired differences needs far more seeds to resolve a 0.5-point gap; the report's
+# ranked table says which neighbouring ranks three resolve.
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LR = 0.05
 DEFAULT_JOBS = 2  # worker processes of one thread each: both cores of a 2-core machine
@@ -92,13 +93,18 @@ QUICK_WORKERS = {
 
 
 def configs(args: argparse.Namespace) -> list[TrainConfig]:
-    """Every run: per network, methods with groups at each group size, the others once (group = the SGD batch)."""
+    """Every run: per network, methods with groups at each group size, the others once (group = the SGD batch).
+
+    Seed-major, and the networks alternate within: an interrupted sweep holds whole seeds of every method, and
+    the progress line's time left (the mean run so far) is not fooled by a cheap network running first (the
+    1-D ResNet's runs cost about 2.7 times the Conv1d net's).
+    """
     out = []
-    for network in args.networks:
+    for seed in args.seeds:
         for method in args.methods:
             sizes = args.group_sizes if registry.get(method).uses_groups else (args.batch_size,)
             for group_size in sizes:
-                for seed in args.seeds:
+                for network in args.networks:
                     out.append(
                         TrainConfig(
                             method=method,
