@@ -301,7 +301,7 @@ def test_quick_defaults_and_explicit_options():
     assert str(args.out) == "results/convergence" and not args.no_progress
     assert resolve(parser().parse_args(["--jobs", "1"])).threads == 2  # one process: both cores
     full = resolve(parser().parse_args([]))
-    assert (full.batch_size, full.lr, full.epochs, full.samples) == (32, 0.05, 15, 5000)
+    assert (full.batch_size, full.lr, full.epochs, full.samples) == (32, 0.05, 10, 5000)
     runs = probe.configs(full)
     # every registry method but syncbn, in and the drift probe's transition ablations: the grouped ones x four
     # groups, the others once; every default seed; 2 networks
@@ -313,6 +313,9 @@ def test_quick_defaults_and_explicit_options():
     # BN, BKN x 4, BRN x 2, EvoNorm-B0, MABN, CBN; GN, LN, GN+WS, FRN, EvoNorm-S0
     assert grouped == 10 and others == 5
     assert len(runs) == (grouped * 4 + others) * len(probe.DEFAULT_SEEDS) * 2
+    # seed-major (an interrupted sweep holds whole seeds), the networks alternating run by run
+    assert [r.seed for r in runs] == sorted(r.seed for r in runs)
+    assert [r.network for r in runs[:4]] == ["convnet", "resnet1d"] * 2
     assert full.group_sizes == (2, 4, 8, 32) and full.networks == ("convnet", "resnet1d")
     digits = resolve(parser().parse_args(["--data", "digits", "--quick"]))
     assert digits.networks == ("cifar-resnet",)
