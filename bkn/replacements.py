@@ -13,6 +13,7 @@ that name would hide the function ``bkn.conversion_report``.)
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections import Counter
 
 ATTRIBUTE = "_bkn_conversion_report"  # where a converted model keeps its report
@@ -76,16 +77,34 @@ def _name(cls) -> str:
     return cls if isinstance(cls, str) else cls.__name__
 
 
+def _graph_meta(model) -> dict | None:
+    """A torch.fx GraphModule's ``meta`` dict, else None. Its deep copy rebuilds the module from the graph and
+    keeps no other attribute, but deep-copies ``meta`` (torch >= 2.1); torch.fx is only looked up, never imported."""
+    fx = sys.modules.get("torch.fx")
+    return model.meta if fx is not None and isinstance(model, fx.GraphModule) else None
+
+
 def attach(model, report: ConversionReport):
-    """Keep ``report`` on ``model`` (read by :func:`conversion_report`); returns ``model``."""
+    """Keep ``report`` on ``model`` (read by :func:`report_of`), also through a deep copy; returns ``model``."""
     setattr(model, ATTRIBUTE, report)
+    meta = _graph_meta(model)
+    if meta is not None:  # the rivals' conversion returns a GraphModule where it removed activation calls
+        meta[ATTRIBUTE] = report
     return model
+
+
+def report_of(model) -> ConversionReport | None:
+    """The report :func:`attach` kept on ``model`` (or on the model it was deep-copied from), else None."""
+    report = getattr(model, ATTRIBUTE, None)
+    if report is None:
+        report = (_graph_meta(model) or {}).get(ATTRIBUTE)
+    return report if isinstance(report, ConversionReport) else None
 
 
 def conversion_report(model) -> ConversionReport:
     """The report of the ``bkn.convert`` call that produced ``model``; ``ValueError`` for any other model."""
-    report = getattr(model, ATTRIBUTE, None)
-    if not isinstance(report, ConversionReport):
+    report = report_of(model)
+    if report is None:
         raise ValueError(
             f"conversion_report: this {type(model).__name__} carries no conversion report; it was not returned by "
             f"bkn.convert(model, norm) (or bkn.methods.get(name).convert(model)), nor prepared by "
@@ -94,4 +113,4 @@ def conversion_report(model) -> ConversionReport:
     return report
 
 
-__all__ = ["ATTRIBUTE", "ConversionReport", "Replacement", "attach", "conversion_report"]
+__all__ = ["ATTRIBUTE", "ConversionReport", "Replacement", "attach", "conversion_report", "report_of"]

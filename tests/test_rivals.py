@@ -3,6 +3,7 @@ bkn.convert swaps what it says on real networks (docs/design.md §15)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -237,6 +238,8 @@ def test_convert_absorbs_exactly_the_relus_that_follow_a_norm(name):
     model = bkn.convert(Block(), name, **({"group_size": 2} if name == "evonorm-b0" else {}))
     assert isinstance(model, torch.fx.GraphModule)  # the functional relu and the shared ReLU's first call
     report = bkn.conversion_report(model)
+    # a GraphModule's deep copy rebuilds it from the graph, dropping other attributes: the report survives it
+    assert bkn.conversion_report(copy.deepcopy(model)) == report
     notes = {r.module: r.note for r in report.replaced if r.role == "norm"}
     assert [m for m, note in notes.items() if note == "with nonlinearity"] == ["bn1", "bn3", "bn4"]
     assert {(r.old, r.new) for r in report.replaced if r.role == "activation"} == {

@@ -49,8 +49,7 @@ from bkn.probes.data import Dataset, digits_dataset, photos_dataset
 from bkn.probes.results import atomic_path
 from bkn.probes.stats import is_batch_norm, population_statistics
 from bkn.probes.stats.residual_chain import ResidualChainNet, ResidualGaussianChain
-from bkn.replacements import ATTRIBUTE as REPORT
-from bkn.replacements import attach
+from bkn.replacements import report_of
 
 DATA = ("synthetic", "digits", "photos")
 NETWORKS = ("residual-chain", "cifar-resnet20", "resnet18")
@@ -154,8 +153,8 @@ def method_network(
     :func:`regroup`-ed, not converted again: converting finds no BatchNorm to replace, so it would keep the
     training group (and fx cannot trace the rivals' layers, which warns).
     """
-    if holds(base, method):  # a torch.fx GraphModule's deep copy drops the report: attached again
-        return regroup(attach(copy.deepcopy(base), getattr(base, REPORT)), method, group_size).train()
+    if holds(base, method):
+        return regroup(copy.deepcopy(base), method, group_size).train()
     options = method.layer_options(group_size, total_steps)
     if method.converts:  # the rivals (gn-ws, frn, evonorm-*): bkn.convert swaps convolutions or absorbs activations
         model = method.convert(copy.deepcopy(base), group_size, total_steps=total_steps)
@@ -174,7 +173,7 @@ def method_network(
 
 def holds(model: nn.Module, method: registry.Method) -> bool:
     """Whether ``model`` already holds ``method``'s layers: ``bkn.convert`` or ``prepare`` made it for its norm."""
-    report = getattr(model, REPORT, None)
+    report = report_of(model)
     return report is not None and report.method == method.norm
 
 
@@ -184,7 +183,7 @@ def regroup(model: nn.Module, method: registry.Method, group_size: int) -> nn.Mo
     method.layer_options(group_size)  # checks group_size
     if not method.uses_groups:  # gn-ws, frn, evonorm-s0 (and gn, ln, in): per-sample norms, no group to set
         return model
-    report = getattr(model, REPORT)
+    report = report_of(model)
     layers = {row.module: model.get_submodule(row.module) for row in report.of("norm")}
     for name, layer in layers.items():  # BatchStatNorm (ghost BN, BRN, BKN, MABN, CBN), EvoNormB0: read per forward
         if not hasattr(layer, "group_size"):

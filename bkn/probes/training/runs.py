@@ -151,7 +151,7 @@ def make_model(
         )
 
     model = method.network(build, config.group_size, total_steps=total_steps)  # the rivals: built with BN, converted
-    if hasattr(model, replacements.ATTRIBUTE):  # converted by bkn.convert (your model, the rivals): already done
+    if replacements.report_of(model) is not None:  # converted by bkn.convert (your model, the rivals): already done
         return model
     return cross_iteration_conversion.prepare(model, method.norm)  # mabn, cbn: docs/design.md §16
 
